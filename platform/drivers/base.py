@@ -1,0 +1,64 @@
+"""The Driver interface: where replicas run. Only the controller calls a driver.
+
+Implementations: ``ProcessDriver`` (local processes) and ``DockerDriver`` (Docker
+Engine). Both pass one contract suite (tests/contract/test_driver.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torpor.model import Revision
+
+Progress = Callable[[str], None]
+
+
+class BuildError(Exception):
+    """Preparing a revision failed; the message is shown to the user."""
+
+
+@dataclass
+class Running:
+    """One replica as the driver sees it (used to adopt after a restart)."""
+
+    replica: str  # replica name (label torpor.replica)
+    function: str  # label torpor.function
+    revision: str  # label torpor.revision
+    driver_id: str  # pid / container id
+    endpoint: str  # host:port it serves on (published on 127.0.0.1)
+    alive: bool = True
+    exit_code: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    name: str
+
+    async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
+        """Make the revision runnable (build its image...). Returns the revision with
+        ``image`` filled in where the driver uses one. Raises BuildError."""
+        ...
+
+    async def start(self, revision: Revision, replica: str) -> Running:
+        """Start one replica; returns at once (readiness is the controller's probe)."""
+        ...
+
+    async def stop(self, running: Running, grace: float = 10.0) -> None:
+        """SIGTERM, wait up to ``grace`` s, then kill; remove what was started."""
+        ...
+
+    async def list(self) -> list[Running]:
+        """Every replica this driver started (in this run or an earlier one)."""
+        ...
+
+    def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+        """Lines of the replica's output."""
+        ...
+
+    async def remove(self, revision: Revision) -> None:
+        """Forget what ``prepare`` made (image of a deleted revision)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,227 @@
+"""The vocabulary of Torpor as plain dataclasses.
+
+Imports nothing of Torpor. Every record round-trips through ``to_dict``/``from_dict``
+(JSON-safe) so the stores can persist it and the API can serve it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+MiB = 1024 * 1024
+
+RevisionStatus = Literal["building", "ready", "failed", "retired"]
+ReplicaState = Literal["starting", "ready", "draining", "failed"]
+REPLICA_STATES: tuple[str, ...] = ("starting", "ready", "draining", "failed")
+
+
+@dataclass
+class Scale:
+    min: int = 0
+    max: int = 20
+    target: float = 10.0  # target in-flight requests per replica
+    concurrency: int = 0  # hard in-flight limit per replica; 0 = none
+    idle: float = 30.0  # seconds without traffic before scaling to zero
+    window: float = 60.0  # stable window, seconds; panic window is 10% of it
+
+
+@dataclass
+class Resources:
+    cpu: float = 0.5
+    memory: int = 256 * MiB  # bytes
+
+
+@dataclass
+class RolloutPolicy:
+    steps: list[int] = field(default_factory=lambda: [10, 25, 50, 100])
+    interval: float = 30.0  # seconds per step
+    max_error_ratio: float = 0.05  # 5xx / requests of the canary
+    max_p95_ratio: float = 2.0  # canary p95 may be at most this x stable p95
+    min_requests: int = 20  # canary requests needed per step before judging
+
+
+@dataclass
+class Spec:
+    name: str
+    handler: str | None = "handler:handle"
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 8080
+    timeout: float = 30.0
+    scale: Scale = field(default_factory=Scale)
+    resources: Resources = field(default_factory=Resources)
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spec:
+        d = dict(d)
+        d["scale"] = Scale(**d.get("scale", {}))
+        d["resources"] = Resources(**d.get("resources", {}))
+        d["rollout"] = RolloutPolicy(**d.get("rollout", {}))
+        return cls(**d)
+
+
+@dataclass
+class Revision:
+    name: str  # hello-00003
+    function: str
+    number: int
+    spec: Spec
+    source: str | None = None  # path of the immutable copy of the function folder
+    image: str | None = None  # built (or given) image, docker driver
+    status: RevisionStatus = "building"
+    reason: str = ""
+    created: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Revision:
+        d = dict(d)
+        d["spec"] = Spec.from_dict(d["spec"])
+        return cls(**d)
+
+
+@dataclass
+class TrafficTarget:
+    revision: str
+    percent: int
+    tag: str | None = None
+
+
+@dataclass
+class ScaleOverride:
+    """Operator-set bounds that apply without a new revision (``torpor scale``)."""
+
+    min: int | None = None
+    max: int | None = None
+    target: float | None = None
+    concurrency: int | None = None
+
+    def apply(self, s: Scale) -> Scale:
+        return Scale(
+            min=s.min if self.min is None else self.min,
+            max=s.max if self.max is None else self.max,
+            target=s.target if self.target is None else self.target,
+            concurrency=s.concurrency if self.concurrency is None else self.concurrency,
+            idle=s.idle,
+            window=s.window,
+        )
+
+
+@dataclass
+class Rollout:
+    to: str  # candidate revision
+    stable: str  # revision it replaces
+    steps: list[int]
+    step: int = 0  # index into steps
+    state: Literal["running", "paused", "promoted", "rolled_back", "aborted"] = "running"
+    step_started: float = field(default_factory=time.time)
+    reason: str = ""
+    policy: RolloutPolicy = field(default_factory=RolloutPolicy)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rollout:
+        d = dict(d)
+        d["policy"] = RolloutPolicy(**d.get("policy", {}))
+        return cls(**d)
+
+
+@dataclass
+class Function:
+    name: str
+    revisions: list[Revision] = field(default_factory=list)
+    traffic: list[TrafficTarget] = field(default_factory=list)
+    scale: ScaleOverride = field(default_factory=ScaleOverride)
+    rollout: Rollout | None = None
+    next_number: int = 1
+    created: float = field(default_factory=time.time)
+
+    def revision(self, name: str) -> Revision | None:
+        for r in self.revisions:
+            if r.name == name:
+                return r
+        return None
+
+    def latest(self) -> Revision | None:
+        return self.revisions[-1] if self.revisions else None
+
+    def routed(self) -> list[str]:
+        """Revisions reachable by clients: any traffic percent or a tag."""
+        return [t.revision for t in self.traffic if t.percent > 0 or t.tag]
+
+    def effective_scale(self, rev: Revision) -> Scale:
+        return self.scale.apply(rev.spec.scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revisions": [r.to_dict() for r in self.revisions],
+            "traffic": [asdict(t) for t in self.traffic],
+            "scale": asdict(self.scale),
+            "rollout": asdict(self.rollout) if self.rollout else None,
+            "next_number": self.next_number,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Function:
+        return cls(
+            name=d["name"],
+            revisions=[Revision.from_dict(r) for r in d.get("revisions", [])],
+            traffic=[TrafficTarget(**t) for t in d.get("traffic", [])],
+            scale=ScaleOverride(**d.get("scale") or {}),
+            rollout=Rollout.from_dict(d["rollout"]) if d.get("rollout") else None,
+            next_number=d.get("next_number", 1),
+            created=d.get("created", time.time()),
+        )
+
+
+@dataclass
+class Replica:
+    name: str  # hello-00003-r7f2a
+    function: str
+    revision: str
+    state: ReplicaState = "starting"
+    endpoint: str = ""  # host:port, set once the replica answers its health check
+    driver_id: str = ""  # pid or container id
+    started: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Replica:
+        return cls(**d)
+
+
+@dataclass
+class Event:
+    function: str
+    kind: str  # deploy, scale, replica, rollout, error...
+    message: str
+    time: float = field(default_factory=time.time)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Event:
+        return cls(**d)
+
+
+@dataclass
+class Change:
+    """A notification on the store's change feed."""
+
+    kind: Literal["function", "replica", "deleted"]
+    function: str

@@ -1,0 +1,64 @@
+"""The Store interface: desired state (functions), actual state (replicas), events,
+and a small message bus (change feed, pokes, stats) shared by every component.
+
+Two implementations satisfy it and pass one contract suite (tests/contract/test_store.py):
+``EmbeddedStore`` (in-process, durable in a state dir) and ``RedisStore``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from torpor.model import Event, Function, Replica
+
+# Channels on the bus.
+CHANGES = "changes"  # payload: {"kind": "function"|"replica"|"deleted", "function": name}
+POKES = "pokes"  # payload: {"function": name, "revision": rev}   gateway -> controller: "need a replica now"
+STATS = "stats"  # payload: gateway stats report, see torpor.gateway.stats
+
+Mutator = Callable[[Function | None], Function | None]
+
+
+class ConflictError(Exception):
+    """An optimistic update lost too many races."""
+
+
+class Store(Protocol):
+    # -- functions (desired state) --------------------------------------------------
+    async def get_function(self, name: str) -> Function | None: ...
+    async def list_functions(self) -> list[Function]: ...
+
+    async def update_function(self, name: str, mutate: Mutator) -> Function | None:
+        """Atomically read-modify-write one function.
+
+        ``mutate`` gets the current record (or None) and returns the new one, or None
+        to leave it unchanged. It may be called more than once (optimistic retry), so it
+        must be pure. Publishes a ``function`` change when something was written.
+        Returns the stored record after the call.
+        """
+        ...
+
+    async def delete_function(self, name: str) -> bool:
+        """Delete a function and its replicas' records; publish a ``deleted`` change."""
+        ...
+
+    # -- replicas (actual state, written by the controller only) --------------------
+    async def put_replica(self, replica: Replica) -> None: ...
+    async def delete_replica(self, function: str, name: str) -> None: ...
+    async def list_replicas(self, function: str | None = None) -> list[Replica]: ...
+
+    # -- events ----------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None: ...
+    async def list_events(self, function: str, limit: int = 50) -> list[Event]:
+        """Newest last."""
+        ...
+
+    # -- bus -------------------------------------------------------------------------
+    async def publish(self, channel: str, payload: dict[str, Any]) -> None: ...
+
+    def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
+        """Messages published on ``channel`` after the call, in order, until closed."""
+        ...
+
+    async def close(self) -> None: ...
