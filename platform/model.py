@@ -77,6 +77,8 @@ class Revision:
     status: RevisionStatus = "building"
     reason: str = ""
     created: float = field(default_factory=time.time)
+    on_ready: str = "promote"  # traffic once ready: "promote" (100%), "none", "canary:PCT"
+    tag: str | None = None  # tag to give it once ready
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
