@@ -1,1 +1,242 @@
-"""placeholder"""
+"""``torpor up``: the store, controller (with the autoscaler), API and gateway in one
+event loop. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
+requests, then the controller drains and stops every replica, then the API stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from torpor.api.app import ApiConfig, create_app
+from torpor.controller.reconcile import Controller, Settings
+from torpor.drivers.base import Driver
+from torpor.gateway.app import Gateway
+from torpor.store import open_store
+
+log = logging.getLogger("torpor")
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class UpError(Exception):
+    """A setting that stops the platform from starting (one line for the user)."""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("TORPOR_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "torpor"
+
+
+@dataclass
+class UpConfig:
+    driver: str = "auto"  # auto | process | docker
+    redis: str | None = None
+    host: str = "127.0.0.1"  # gateway bind address
+    port: int = 8080
+    api_host: str = "127.0.0.1"
+    api_port: int = 8081
+    token: str | None = None
+    state_dir: Path = field(default_factory=default_state_dir)
+    domain: str = "torpor.localhost"
+    max_replicas: int = 100
+    drain: float = 30.0
+    base_image: str | None = None
+    log_level: str = "warning"
+
+
+def read_token(token_file: str | None) -> str | None:
+    if token_file:
+        try:
+            tok = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise UpError(f"--token-file {token_file}: {e.strerror}") from e
+        if not tok:
+            raise UpError(f"--token-file {token_file} is empty")
+        return tok
+    return os.environ.get("TORPOR_TOKEN") or None
+
+
+def check_config(cfg: UpConfig) -> None:
+    if cfg.api_host not in LOOPBACK and not cfg.token:
+        raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN")
+    if cfg.token is not None and len(cfg.token) < 16:
+        raise UpError("the API token must be at least 16 characters")
+
+
+def docker_available() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        client.close()
+        return True
+    except Exception:
+        return False
+
+
+def make_driver(cfg: UpConfig) -> Driver:
+    choice = cfg.driver
+    if choice == "auto":
+        choice = "docker" if docker_available() else "process"
+    if choice == "docker":
+        if cfg.driver == "docker" and not docker_available():
+            raise UpError("--driver docker: no Docker Engine answers (is dockerd running?)")
+        from torpor.drivers.docker import DockerDriver
+
+        kwargs: dict[str, Any] = {}
+        if cfg.base_image:
+            kwargs["base_image"] = cfg.base_image
+        return DockerDriver(cfg.state_dir, **kwargs)
+    if choice == "process":
+        from torpor.drivers.process import ProcessDriver
+
+        return ProcessDriver(cfg.state_dir)
+    raise UpError(f"--driver {choice!r}: expected process, docker or auto")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `up` owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _uvicorn(app: Any, host: str, port: int, level: str) -> _Server:
+    config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_level=level,
+                            http="httptools", loop="none", timeout_keep_alive=75, server_header=False,
+                            date_header=False, timeout_graceful_shutdown=None)
+    return _Server(config)
+
+
+class Platform:
+    """All components wired together; ``run()`` until ``request_stop()``."""
+
+    def __init__(self, cfg: UpConfig) -> None:
+        check_config(cfg)
+        self.cfg = cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(redis_url=cfg.redis, state_dir=None if cfg.redis else cfg.state_dir)
+        self.driver = make_driver(cfg)
+        self.controller = Controller(self.store, self.driver, settings=Settings(
+            max_replicas=cfg.max_replicas, source_root=cfg.state_dir / "sources", drain_grace=cfg.drain))
+        self.gateway = Gateway(self.store, domain=cfg.domain)
+        gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+        api = create_app(self.store, ApiConfig(
+            state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
+            token=cfg.token, ready=self.controller.synced.is_set, logs=self.logs))
+        self.gateway_server = _uvicorn(self.gateway, cfg.host, cfg.port, cfg.log_level)
+        self.api_server = _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level)
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def logs(self, function: str, follow: bool, tail: int) -> AsyncIterator[str]:
+        runs = [r for r in await self.driver.list() if r.function == function]
+        if not follow:
+            for r in runs:
+                async for line in self.driver.logs(r, follow=False, tail=tail):
+                    yield f"[{r.replica}] {line}"
+            return
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        seen: set[str] = set()
+
+        async def pump(r: Any) -> None:
+            async for line in self.driver.logs(r, follow=True, tail=tail):
+                await queue.put(f"[{r.replica}] {line}")
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            while True:
+                for r in await self.driver.list():
+                    if r.function == function and r.replica not in seen and r.alive:
+                        seen.add(r.replica)
+                        tasks.append(asyncio.create_task(pump(r)))
+                try:
+                    yield await asyncio.wait_for(queue.get(), 1.0)
+                    while not queue.empty():
+                        yield queue.get_nowait()
+                except TimeoutError:
+                    continue
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def run(self, on_started: Callable[[Platform], None] | None = None) -> None:
+        await self.controller.start()
+        await self.gateway.start()
+        gw = asyncio.create_task(self.gateway_server.serve())
+        api = asyncio.create_task(self.api_server.serve())
+        try:
+            while not (self.gateway_server.started and self.api_server.started):
+                if gw.done() or api.done():
+                    raise UpError(f"could not listen on {self.cfg.host}:{self.cfg.port} or "
+                                  f"{self.cfg.api_host}:{self.cfg.api_port} (address in use?)")
+                await asyncio.sleep(0.01)
+            self.started.set()
+            if on_started:
+                on_started(self)
+            await self._stop.wait()
+        finally:
+            # 1. gateway: stop accepting, finish in-flight requests
+            self.gateway_server.should_exit = True
+            await asyncio.gather(gw, return_exceptions=True)
+            await self.gateway.stop(drain=self.cfg.drain)
+            # 2. replicas: drain and stop
+            await self.controller.stop(stop_replicas=True)
+            # 3. API and store
+            self.api_server.should_exit = True
+            await asyncio.gather(api, return_exceptions=True)
+            await self.driver.close()
+            await self.store.close()
+
+
+def run_up(cfg: UpConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        platform = Platform(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, platform.request_stop)
+
+        def started(p: Platform) -> None:
+            print(f"torpor up: driver={p.driver.name} store={'redis' if cfg.redis else 'embedded'} "
+                  f"state={cfg.state_dir}", file=sys.stderr, flush=True)
+            print(f"torpor up: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or /function/NAME/)",
+                  file=sys.stderr, flush=True)
+            print(f"torpor up: api     http://{cfg.api_host}:{cfg.api_port}/v1"
+                  + ("  (bearer token required)" if cfg.token else ""), file=sys.stderr, flush=True)
+
+        await platform.run(started)
+
+    try:
+        asyncio.run(main())
+    except UpError as e:
+        print(f"torpor up: {e}", file=sys.stderr)
+        return 2
+    return 0

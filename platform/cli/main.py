@@ -1,2 +1,367 @@
-def main() -> None:
+"""The ``torpor`` command line. Talks to the API over HTTP (and to the gateway for
+``invoke``); knows the API's contract and the spec, nothing else.
+
+Exit 0 on success; otherwise non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+DEFAULT_API = "http://127.0.0.1:8081"
+DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+SKIP = {".git", "__pycache__", ".deps", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+
+
+class CliError(Exception):
     pass
+
+
+def die(msg: str, code: int = 1) -> NoReturn:
+    print(f"torpor: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+class Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.ConnectError as e:
+            raise CliError(f"cannot reach the API at {self.url} ({e}); is `torpor up` running?") from e
+        except httpx.HTTPError as e:
+            raise CliError(f"API call {method} {path} failed: {e}") from e
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                msg = body.get("detail") or body.get("error")
+            except ValueError:
+                msg = r.text[:200]
+            raise CliError(f"{msg} (HTTP {r.status_code})")
+        ctype = r.headers.get("content-type", "")
+        return r.json() if ctype.startswith("application/json") else r.text
+
+
+def pack(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if any(part in SKIP for part in rel.parts) or path.is_symlink():
+                continue
+            tar.add(path, arcname=str(rel), recursive=False)
+    return buf.getvalue()
+
+
+def _ago(t: float) -> str:
+    s = max(0, int(time.time() - t))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+# -- commands ---------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from torpor.up import UpConfig, UpError, read_token, run_up
+
+    try:
+        token = read_token(args.token_file)
+    except UpError as e:
+        die(f"up: {e}", 2)
+    cfg = UpConfig(driver=args.driver, redis=args.redis, host=args.host, port=args.port, api_host=args.api_host,
+                   api_port=args.api_port, token=token, domain=args.domain, max_replicas=args.max_replicas,
+                   log_level=args.log_level, base_image=args.base_image)
+    if args.state_dir:
+        cfg.state_dir = Path(args.state_dir)
+    return run_up(cfg)
+
+
+def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
+    from torpor.spec import SpecError, load_spec
+
+    folder = Path(args.dir)
+    try:
+        spec = load_spec(folder)
+    except SpecError as e:
+        die(f"deploy: {e}")
+    params: dict[str, str] = {}
+    if args.canary is not None:
+        params["canary"] = str(args.canary)
+    if args.tag:
+        params["tag"] = args.tag
+    if args.no_traffic:
+        params["no_traffic"] = "1"
+    started = time.time() - 1
+    out = api.call("POST", "/v1/functions", params=params, content=pack(folder),
+                   headers={"content-type": "application/gzip"})
+    rev = out["revision"]
+    print(f"deploying {spec.name}: revision {rev}", file=sys.stderr)
+    seen = started
+    deadline = time.time() + args.wait
+    while time.time() < deadline:
+        ev = api.call("GET", f"/v1/functions/{spec.name}/events", params={"since": seen, "limit": 200})["events"]
+        for e in ev:
+            seen = max(seen, e["time"])
+            if e["kind"] in ("build", "error") or rev in e["message"]:
+                print(f"  {e['message']}", file=sys.stderr)
+        r = api.call("GET", f"/v1/functions/{spec.name}/revisions/{rev}")
+        if r["status"] == "ready":
+            fn = api.call("GET", f"/v1/functions/{spec.name}")
+            print(f"{rev} ready; traffic: " + ", ".join(
+                f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "") for t in fn["traffic"]),
+                file=sys.stderr)
+            print(fn["url"])
+            return 0
+        if r["status"] == "failed":
+            die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
+        time.sleep(0.2)
+    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {spec.name}`)")
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    gateway = (args.gateway or os.environ.get("TORPOR_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
+    domain = os.environ.get("TORPOR_DOMAIN", "torpor.localhost")
+    host = f"{args.tag}-{args.name}.{domain}" if args.tag else f"{args.name}.{domain}"
+    method = args.X or ("POST" if args.d is not None else "GET")
+    data = args.d.encode() if args.d is not None else None
+    if args.d is not None and args.d.startswith("@"):
+        data = Path(args.d[1:]).read_bytes()
+    path = args.path if args.path.startswith("/") else "/" + args.path
+    try:
+        with httpx.Client(timeout=args.timeout) as c:
+            r = c.request(method, gateway + path, content=data, headers={"Host": host})
+    except httpx.HTTPError as e:
+        die(f"invoke: {e}")
+    if args.verbose:
+        print(f"HTTP {r.status_code}", file=sys.stderr)
+        for k, v in r.headers.items():
+            print(f"{k}: {v}", file=sys.stderr)
+    sys.stdout.buffer.write(r.content)
+    sys.stdout.flush()
+    if r.status_code >= 400:
+        die(f"invoke: HTTP {r.status_code}")
+    return 0
+
+
+def cmd_ls(api: Api, args: argparse.Namespace) -> int:
+    fns = api.call("GET", "/v1/functions")["functions"]
+    if args.json:
+        print(json.dumps(fns, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'LATEST':<20} {'STATUS':<10} {'READY':>5}  TRAFFIC")
+    for f in fns:
+        traffic = ", ".join(f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"])
+        print(f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}")
+    return 0
+
+
+def cmd_describe(api: Api, args: argparse.Namespace) -> int:
+    fn = api.call("GET", f"/v1/functions/{args.name}", params={"events": 15})
+    if args.json:
+        print(json.dumps(fn, indent=2))
+        return 0
+    print(f"Name:     {fn['name']}\nURL:      {fn['url']}\n          {fn['path_url']}")
+    sc = fn.get("scale") or {}
+    if sc:
+        print(f"Scale:    min {sc['min']}  max {sc['max']}  target {sc['target']:g}  concurrency {sc['concurrency']}"
+              f"  idle {sc['idle']:g}s  window {sc['window']:g}s")
+    if fn.get("rollout"):
+        ro = fn["rollout"]
+        print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
+              f"({ro['steps'][min(ro['step'], len(ro['steps']) - 1)]}%)  {ro['state']}  {ro['reason']}")
+    print("\nRevisions:")
+    for r in reversed(fn["revisions"]):
+        tags = f" tags={','.join(r['tags'])}" if r["tags"] else ""
+        reason = f"  {r['reason'].splitlines()[0][:100]}" if r["reason"] else ""
+        print(f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}{tags}{reason}")
+    print("\nReplicas:")
+    if not fn["replicas"]:
+        print("  (none: scaled to zero)")
+    for r in fn["replicas"]:
+        print(f"  {r['name']:<28} {r['revision']:<20} {r['state']:<9} {r['endpoint'] or '-'}")
+    print("\nEvents:")
+    for e in fn.get("events", []):
+        first = e["message"].splitlines()[0][:140] if e["message"] else ""
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['kind']:<8} {first}")
+    return 0
+
+
+def cmd_delete(api: Api, args: argparse.Namespace) -> int:
+    api.call("DELETE", f"/v1/functions/{args.name}")
+    print(f"deleted {args.name}", file=sys.stderr)
+    return 0
+
+
+def cmd_logs(api: Api, args: argparse.Namespace) -> int:
+    params = {"follow": "1" if args.follow else "0", "tail": str(args.tail)}
+    try:
+        with api.client.stream("GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise CliError(f"{r.json().get('detail')} (HTTP {r.status_code})")
+            for chunk in r.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except httpx.ConnectError as e:
+        raise CliError(f"cannot reach the API at {api.url} ({e})") from e
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_traffic(api: Api, args: argparse.Namespace) -> int:
+    tags: dict[str, str] = {}
+    for t in args.tag or []:
+        rev, _, tag = t.partition("=")
+        if not tag:
+            die(f"traffic: --tag {t!r}: expected REV=TAG")
+        tags[rev] = tag
+    targets = []
+    for spec in args.split:
+        rev, _, pct = spec.partition("=")
+        if not pct.isdigit():
+            die(f"traffic: {spec!r}: expected REV=PERCENT")
+        targets.append({"revision": rev, "percent": int(pct), "tag": tags.pop(rev, None)})
+    targets += [{"revision": rev, "percent": 0, "tag": tag} for rev, tag in tags.items()]
+    out = api.call("PUT", f"/v1/functions/{args.name}/traffic", json={"traffic": targets})
+    print(", ".join(f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
+                    for t in out["traffic"]))
+    return 0
+
+
+def cmd_scale(api: Api, args: argparse.Namespace) -> int:
+    body = {k: getattr(args, k) for k in ("min", "max", "replicas", "target", "concurrency")
+            if getattr(args, k) is not None}
+    if not body:
+        die("scale: give at least one of --min --max --replicas --target --concurrency")
+    out = api.call("PATCH", f"/v1/functions/{args.name}/scale", json=body)
+    sc = out.get("scale") or {}
+    print(f"{args.name}: min {sc.get('min')} max {sc.get('max')} target {sc.get('target')} "
+          f"concurrency {sc.get('concurrency')}")
+    return 0
+
+
+def cmd_top(api: Api, args: argparse.Namespace) -> int:
+    gateway = (args.gateway or os.environ.get("TORPOR_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
+    from torpor.cli.top import run_top
+
+    return run_top(api, gateway, args.interval, args.once)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from torpor.drivers.baseimage import DEFAULT_BASE_IMAGE, build_base_image
+
+    name = args.name or os.environ.get("TORPOR_BASE_IMAGE") or DEFAULT_BASE_IMAGE
+    build_base_image(name=name, force=args.force)
+    print(name)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
+    p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="run the platform in the foreground")
+    up.add_argument("--driver", default="auto", choices=["auto", "process", "docker"])
+    up.add_argument("--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (distributed store)")
+    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    up.add_argument("--port", type=int, default=8080, help="gateway port")
+    up.add_argument("--api-host", default="127.0.0.1")
+    up.add_argument("--api-port", type=int, default=8081)
+    up.add_argument("--token-file", help="file holding the API bearer token (or env TORPOR_TOKEN)")
+    up.add_argument("--state-dir", help="where state persists (default ~/.local/share/torpor)")
+    up.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
+    up.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
+    up.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
+    up.add_argument("--log-level", default="warning")
+
+    d = sub.add_parser("deploy", help="build, create a revision, route traffic")
+    d.add_argument("dir", nargs="?", default=".")
+    d.add_argument("--canary", type=int, metavar="PCT")
+    d.add_argument("--tag")
+    d.add_argument("--no-traffic", action="store_true")
+    d.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the revision")
+
+    i = sub.add_parser("invoke", help="call a function through the gateway")
+    i.add_argument("name")
+    i.add_argument("-d", help="request body (@file reads a file)")
+    i.add_argument("--path", default="/")
+    i.add_argument("-X", help="method")
+    i.add_argument("--tag")
+    i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
+    i.add_argument("--timeout", type=float, default=60.0)
+    i.add_argument("-v", "--verbose", action="store_true")
+
+    ls = sub.add_parser("ls", help="list functions")
+    ls.add_argument("--json", action="store_true")
+    de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
+    de.add_argument("name")
+    de.add_argument("--json", action="store_true")
+    rm = sub.add_parser("delete", help="remove a function, its revisions and replicas")
+    rm.add_argument("name")
+    lg = sub.add_parser("logs", help="replica logs")
+    lg.add_argument("name")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.add_argument("--tail", type=int, default=200)
+    tr = sub.add_parser("traffic", help="set the traffic split: REV=PCT ...")
+    tr.add_argument("name")
+    tr.add_argument("split", nargs="+", metavar="REV=PCT")
+    tr.add_argument("--tag", action="append", metavar="REV=TAG")
+    sc = sub.add_parser("scale", help="change scaling without a new revision")
+    sc.add_argument("name")
+    sc.add_argument("--min", type=int)
+    sc.add_argument("--max", type=int)
+    sc.add_argument("--replicas", type=int, help="pin N replicas (0 holds the function at zero)")
+    sc.add_argument("--target", type=float)
+    sc.add_argument("--concurrency", type=int)
+    top = sub.add_parser("top", help="live table of replicas and concurrency")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true")
+    top.add_argument("--gateway")
+    im = sub.add_parser("images", help="images for the docker driver")
+    im_sub = im.add_subparsers(dest="images_cmd", required=True)
+    bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
+    bb.add_argument("--name")
+    bb.add_argument("--force", action="store_true")
+    return p
+
+
+API_COMMANDS = {
+    "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
+    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "up":
+            sys.exit(cmd_up(args))
+        if args.cmd == "invoke":
+            sys.exit(cmd_invoke(args))
+        if args.cmd == "images":
+            sys.exit(cmd_images(args))
+        api = Api(args.api, os.environ.get("TORPOR_TOKEN"))
+        sys.exit(API_COMMANDS[args.cmd](api, args))
+    except CliError as e:
+        die(f"{args.cmd}: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

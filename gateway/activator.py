@@ -1,0 +1,86 @@
+"""The activator: a bounded per-revision queue for requests that find no replica with room.
+
+A waiting request is handed a backend directly when one frees up or becomes ready, in
+arrival order. The first waiter at zero replicas pokes the control plane ("I need a
+replica of revision R now"); the queue length counts toward observed concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from torpor.gateway.balancer import Backend, Balancer
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Activator:
+    __slots__ = ("balancer", "waiters", "limit", "_poke", "_last_poke")
+
+    def __init__(self, balancer: Balancer, poke: Callable[[], None], limit: int = 1000) -> None:
+        self.balancer = balancer
+        self.waiters: deque[asyncio.Future[Backend]] = deque()
+        self.limit = limit
+        self._poke = poke
+        self._last_poke = 0.0
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    async def wait(self, timeout: float) -> Backend:
+        """Queue until a backend has room; raises QueueFull or asyncio.TimeoutError."""
+        if len(self.waiters) >= self.limit:
+            raise QueueFull
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Backend] = loop.create_future()
+        self.waiters.append(fut)
+        if not self.balancer.backends:
+            now = loop.time()
+            if now - self._last_poke > 0.5:
+                self._last_poke = now
+                self._poke()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # handed a backend just as we gave up: give it back
+                self.release(fut.result())
+            else:
+                try:
+                    self.waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self, b: Backend) -> None:
+        """A request on ``b`` finished: hand ``b`` to the next waiter if it has room."""
+        b.in_flight -= 1
+        if self.waiters and self.balancer.has_room(b):
+            self._hand(b)
+
+    def _hand(self, b: Backend) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                b.in_flight += 1
+                fut.set_result(b)
+                return
+
+    def dispatch(self) -> None:
+        """Backends changed (a replica became ready): drain the queue onto them."""
+        while self.waiters:
+            b = self.balancer.pick()
+            if b is None:
+                return
+            b.in_flight -= 1  # _hand counts it again
+            self._hand(b)
+
+    def fail_all(self, exc: BaseException) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)

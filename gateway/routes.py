@@ -1,0 +1,185 @@
+"""In-memory route table: host label -> function -> weighted revision -> balancer.
+
+Fed by the store's change feed; a warm request never waits on the control plane.
+A weighted pick is O(1): each function holds a 100-slot table of revisions built by
+smooth weighted round robin, walked by a counter, so the split is exact over every 100
+requests and interleaved within them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torpor.gateway.activator import Activator
+from torpor.gateway.balancer import Backend, Balancer
+from torpor.gateway.upstream import Pools
+from torpor.model import Function, Replica
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(eq=False)
+class RevisionStats:
+    """Counters the gateway keeps per revision (exported on /metrics and to the autoscaler)."""
+
+    requests: int = 0
+    by_class: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])  # index = status // 100
+    cold_starts: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.requests += 1
+        self.by_class[min(status // 100, 5)] += 1
+        self.latency_sum += seconds
+        counts = self.latency_counts
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+                return
+        counts[-1] += 1
+
+
+class RevisionRoute:
+    """Data-plane state of one revision; survives route rebuilds."""
+
+    __slots__ = (
+        "name", "function", "name_b", "timeout", "balancer", "activator", "stats",
+        "held_at_zero", "pinned",
+    )
+
+    def __init__(self, function: str, name: str, poke: Callable[[str, str], None], queue: int) -> None:
+        self.function = function
+        self.name = name
+        self.name_b = name.encode()
+        self.timeout = 30.0
+        self.balancer = Balancer()
+        self.activator = Activator(self.balancer, lambda: poke(function, name), queue)
+        self.stats = RevisionStats()
+        self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
+        self.pinned = False
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in self.balancer.backends)
+
+
+class FunctionRoute:
+    __slots__ = ("name", "slots", "counter", "tags")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.slots: list[RevisionRoute] = []
+        self.counter = 0
+        self.tags: dict[str, RevisionRoute] = {}
+
+    def pick(self) -> RevisionRoute | None:
+        slots = self.slots
+        if not slots:
+            return None
+        self.counter += 1
+        return slots[self.counter % len(slots)]
+
+
+def weighted_slots(weights: list[tuple[str, int]]) -> list[str]:
+    """100 slots (or sum of weights) distributed by smooth weighted round robin."""
+    weights = [(n, w) for n, w in weights if w > 0]
+    total = sum(w for _, w in weights)
+    current = {n: 0 for n, _ in weights}
+    out: list[str] = []
+    for _ in range(total):
+        for n, w in weights:
+            current[n] += w
+        best = max(weights, key=lambda nw: current[nw[0]])[0]
+        current[best] -= total
+        out.append(best)
+    return out
+
+
+class RouteTable:
+    def __init__(self, pools: Pools, poke: Callable[[str, str], None], queue: int = 1000) -> None:
+        self.pools = pools
+        self.poke = poke
+        self.queue = queue
+        self.functions: dict[str, FunctionRoute] = {}
+        self.hosts: dict[str, tuple[FunctionRoute, RevisionRoute | None]] = {}
+        self.revisions: dict[str, RevisionRoute] = {}
+
+    def lookup_host(self, label: str) -> tuple[FunctionRoute, RevisionRoute | None] | None:
+        return self.hosts.get(label)
+
+    def _revision(self, function: str, name: str) -> RevisionRoute:
+        rr = self.revisions.get(name)
+        if rr is None:
+            rr = self.revisions[name] = RevisionRoute(function, name, self.poke, self.queue)
+        return rr
+
+    def apply(self, name: str, fn: Function | None, replicas: list[Replica]) -> list[str]:
+        """Rebuild one function's routes; returns endpoints no longer used (pools to drop)."""
+        old = self.functions.pop(name, None)
+        if old is not None:
+            for host in [h for h, (f, _) in self.hosts.items() if f is old]:
+                del self.hosts[host]
+        dropped: list[str] = []
+        if fn is None:
+            for rev in [r for r in self.revisions.values() if r.function == name]:
+                dropped += self._set_backends(rev, [])
+                rev.activator.fail_all(LookupError(f"function {name} deleted"))
+                del self.revisions[rev.name]
+            return dropped
+        fr = FunctionRoute(name)
+        if old is not None:
+            fr.counter = old.counter
+        keep: set[str] = set()
+        weights = []
+        for t in fn.traffic:
+            rev = fn.revision(t.revision)
+            if rev is None:
+                continue
+            rr = self._revision(name, rev.name)
+            keep.add(rev.name)
+            weights.append((rev.name, t.percent))
+            if t.tag:
+                fr.tags[t.tag] = rr
+        by_name = {r.name: self.revisions[r.name] for r in fn.revisions if r.name in self.revisions}
+        fr.slots = [by_name[n] for n in weighted_slots(weights)]
+        for rev in fn.revisions:
+            rr = by_name.get(rev.name)
+            if rr is None:
+                continue
+            scale = fn.effective_scale(rev)
+            rr.timeout = rev.spec.timeout
+            rr.balancer.limit = scale.concurrency
+            rr.held_at_zero = scale.max == 0
+            ready = [r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint]
+            dropped += self._set_backends(rr, ready)
+        # revisions that left the function's routes keep serving in-flight requests only
+        for rev_name in [n for n, r in self.revisions.items() if r.function == name and n not in keep]:
+            rr = self.revisions.pop(rev_name)
+            dropped += self._set_backends(rr, [])
+            rr.activator.fail_all(LookupError(f"revision {rev_name} no longer routed"))
+        self.functions[name] = fr
+        self.hosts[name] = (fr, None)
+        for tag, rr in fr.tags.items():
+            self.hosts[f"{tag}-{name}"] = (fr, rr)
+        return dropped
+
+    def _set_backends(self, rr: RevisionRoute, ready: list[Replica]) -> list[str]:
+        current = {b.name: b for b in rr.balancer.backends}
+        wanted = {r.name: r for r in ready}
+        backends: list[Backend] = []
+        for r in ready:
+            b = current.get(r.name)
+            if b is None or b.endpoint != r.endpoint:
+                b = Backend(r.name, r.endpoint, self.pools.get(r.endpoint))
+            backends.append(b)
+        dropped = []
+        for n, b in current.items():
+            if n not in wanted:
+                b.active = False
+                dropped.append(b.endpoint)
+        rr.balancer.backends = backends
+        if backends and len(rr.activator):
+            rr.activator.dispatch()
+        return dropped

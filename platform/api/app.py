@@ -1,0 +1,437 @@
+"""The control API (JSON under /v1). Reads and writes desired state in the store; it
+never calls a driver. Errors are ``{"error": ..., "detail": ...}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from torpor.api.auth import BearerAuth
+from torpor.api.openapi import OPENAPI
+from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
+from torpor.spec import SpecError, load_spec, validate_name, validate_tag
+from torpor.store.base import Store
+
+MAX_UPLOAD = 200 * 1024 * 1024
+
+LogReader = Callable[[str, bool, int], AsyncIterator[str]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str = "", **extra: Any) -> None:
+        self.status, self.error, self.detail, self.extra = status, error, detail, extra
+
+
+@dataclass
+class ApiConfig:
+    state_dir: Path
+    gateway_url: str = "http://127.0.0.1:8080"
+    domain: str = "torpor.localhost"
+    max_replicas: int = 100
+    token: str | None = None
+    ready: Callable[[], bool] = lambda: True
+    logs: LogReader | None = None
+
+
+def _error(status: int, error: str, detail: str = "", **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+
+
+def function_url(cfg: ApiConfig, name: str) -> str:
+    scheme, _, hostport = cfg.gateway_url.partition("://")
+    port = hostport.rsplit(":", 1)[1] if ":" in hostport else ""
+    return f"{scheme}://{name}.{cfg.domain}" + (f":{port}" if port else "") + "/"
+
+
+def revision_view(fn: Function, rev: Revision) -> dict[str, Any]:
+    traffic = [t for t in fn.traffic if t.revision == rev.name]
+    return {
+        "name": rev.name,
+        "number": rev.number,
+        "status": rev.status,
+        "reason": rev.reason,
+        "created": rev.created,
+        "image": rev.image,
+        "traffic": sum(t.percent for t in traffic),
+        "tags": [t.tag for t in traffic if t.tag],
+        "spec": rev.spec.to_dict(),
+    }
+
+
+def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: list[Event] | None = None) -> dict[str, Any]:
+    latest = fn.latest()
+    scale = fn.effective_scale(latest) if latest else None
+    out: dict[str, Any] = {
+        "name": fn.name,
+        "url": function_url(cfg, fn.name),
+        "path_url": f"{cfg.gateway_url}/function/{fn.name}/",
+        "created": fn.created,
+        "revisions": [revision_view(fn, r) for r in fn.revisions],
+        "traffic": [asdict(t) for t in fn.traffic],
+        "replicas": [{"name": r.name, "revision": r.revision, "state": r.state, "endpoint": r.endpoint,
+                      "started": r.started} for r in replicas],
+        "scale": asdict(scale) if scale else None,
+        "scale_override": asdict(fn.scale),
+        "rollout": asdict(fn.rollout) if fn.rollout else None,
+    }
+    if events is not None:
+        out["events"] = [e.to_dict() for e in events]
+    return out
+
+
+def _safe_extract(data: bytes, dest: Path) -> None:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ApiError(400, "bad upload", f"body is not a valid tar archive of the function folder: {e}") from e
+
+
+def create_app(store: Store, cfg: ApiConfig) -> Any:
+    sources = cfg.state_dir / "sources"
+    registry = CollectorRegistry()
+    api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
+
+    async def get_fn(name: str) -> Function:
+        fn = await store.get_function(name)
+        if fn is None:
+            raise ApiError(404, "function not found", f"no function named {name[:63]!r}")
+        return fn
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "bad request", f"body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad request", "body must be a JSON object")
+        return body
+
+    # -- health ------------------------------------------------------------------------
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if cfg.ready():
+            return JSONResponse({"status": "ready"})
+        return _error(503, "not ready", "the controller has not synced yet")
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    # -- functions -----------------------------------------------------------------------
+    async def list_functions(request: Request) -> Response:
+        fns = await store.list_functions()
+        replicas = await store.list_replicas()
+        out = []
+        for fn in sorted(fns, key=lambda f: f.name):
+            mine = [r for r in replicas if r.function == fn.name]
+            latest = fn.latest()
+            out.append({
+                "name": fn.name,
+                "url": function_url(cfg, fn.name),
+                "latest": latest.name if latest else None,
+                "status": latest.status if latest else None,
+                "traffic": [asdict(t) for t in fn.traffic],
+                "replicas": sum(1 for r in mine if r.state == "ready"),
+            })
+        return JSONResponse({"functions": out})
+
+    async def get_function(request: Request) -> Response:
+        name = request.path_params["name"]
+        fn = await get_fn(name)
+        replicas = await store.list_replicas(name)
+        events = await store.list_events(name, limit=int(request.query_params.get("events", "20")))
+        return JSONResponse(function_view(cfg, fn, replicas, events))
+
+    async def delete_function(request: Request) -> Response:
+        name = request.path_params["name"]
+        await get_fn(name)
+        await store.delete_function(name)
+        return JSONResponse({"deleted": name})
+
+    async def deploy(request: Request) -> Response:
+        q = request.query_params
+        canary = q.get("canary")
+        tag = q.get("tag") or None
+        no_traffic = q.get("no_traffic", "").lower() in ("1", "true", "yes")
+        if tag is not None:
+            try:
+                validate_tag(tag, "tag")
+            except SpecError as e:
+                raise ApiError(400, "invalid tag", str(e), field="tag") from e
+        on_ready = "promote"
+        if canary is not None:
+            if not canary.isdigit() or not 1 <= int(canary) <= 99:
+                raise ApiError(400, "invalid canary", f"canary: expected a percent 1..99, got {canary[:10]!r}",
+                               field="canary")
+            on_ready = f"canary:{int(canary)}"
+        if no_traffic:
+            if canary is not None:
+                raise ApiError(400, "conflicting options", "--canary and --no-traffic exclude each other")
+            on_ready = "none"
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_UPLOAD:
+                raise ApiError(413, "upload too large", f"function folder over {MAX_UPLOAD // 2**20} MiB")
+        sources.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=sources))
+        try:
+            _safe_extract(bytes(data), tmp)
+            try:
+                spec = load_spec(tmp)
+            except SpecError as e:
+                raise ApiError(400, "invalid spec", str(e), field=e.path) from e
+            name = spec.name
+            dest = sources / name / uuid.uuid4().hex[:12]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        fn = await store.update_function(name, lambda cur: _add_revision(cur, name, spec, str(dest), on_ready, tag))
+        assert fn is not None
+        rev = fn.revisions[-1]
+        await store.add_event(Event(function=name, kind="deploy",
+                                    message=f"{rev.name} created ({on_ready}{', tag ' + tag if tag else ''})"))
+        return JSONResponse({"function": name, "revision": rev.name, "status": rev.status,
+                             "url": function_url(cfg, name), "path_url": f"{cfg.gateway_url}/function/{name}/"},
+                            status_code=201)
+
+    async def list_revisions(request: Request) -> Response:
+        fn = await get_fn(request.path_params["name"])
+        return JSONResponse({"revisions": [revision_view(fn, r) for r in fn.revisions]})
+
+    async def get_revision(request: Request) -> Response:
+        fn = await get_fn(request.path_params["name"])
+        rev = fn.revision(request.path_params["revision"])
+        if rev is None:
+            raise ApiError(404, "revision not found", f"{fn.name} has no revision {request.path_params['revision'][:80]!r}")
+        return JSONResponse(revision_view(fn, rev))
+
+    async def list_events(request: Request) -> Response:
+        name = request.path_params["name"]
+        await get_fn(name)
+        limit = request.query_params.get("limit", "50")
+        if not limit.isdigit():
+            raise ApiError(400, "bad request", "limit: expected a non-negative integer", field="limit")
+        since = float(request.query_params.get("since", "0") or 0)
+        events = [e for e in await store.list_events(name, int(limit)) if e.time > since]
+        return JSONResponse({"events": [e.to_dict() for e in events]})
+
+    async def logs(request: Request) -> Response:
+        name = request.path_params["name"]
+        await get_fn(name)
+        if cfg.logs is None:
+            raise ApiError(501, "logs unavailable", "this API process has no access to replica logs")
+        follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+        tail = int(request.query_params.get("tail", "200") or 200)
+        reader = cfg.logs
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for line in reader(name, follow, tail):
+                yield (line + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+    async def set_traffic(request: Request) -> Response:
+        name = request.path_params["name"]
+        fn = await get_fn(name)
+        body = await json_body(request)
+        targets = parse_traffic(fn, body.get("traffic"))
+
+        def mutate(cur: Function | None) -> Function | None:
+            if cur is None:
+                return None
+            cur.traffic = targets
+            if cur.rollout and cur.rollout.state in ("running", "paused"):
+                cur.rollout.state, cur.rollout.reason = "aborted", "traffic set by hand"
+            return cur
+
+        fn2 = await store.update_function(name, mutate)
+        if fn2 is None:
+            raise ApiError(404, "function not found", f"no function named {name!r}")
+        await store.add_event(Event(function=name, kind="traffic", message="traffic set by hand: " + ", ".join(
+            f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in targets)))
+        return JSONResponse({"traffic": [asdict(t) for t in fn2.traffic]})
+
+    async def set_scale(request: Request) -> Response:
+        name = request.path_params["name"]
+        fn = await get_fn(name)
+        body = await json_body(request)
+        new = parse_scale_patch(fn, body, cfg.max_replicas)
+        old = fn.scale
+
+        def mutate(cur: Function | None) -> Function | None:
+            if cur is None:
+                return None
+            cur.scale = new
+            return cur
+
+        fn2 = await store.update_function(name, mutate)
+        if fn2 is None:
+            raise ApiError(404, "function not found", f"no function named {name!r}")
+        who = request.client.host if request.client else "unknown"
+        await store.add_event(Event(function=name, kind="scale", message=(
+            f"scale set by hand from {who}: {_fmt_override(old)} -> {_fmt_override(new)}"),
+            data={"who": who, "old": asdict(old), "new": asdict(new), "time": time.time()}))
+        latest = fn2.latest()
+        return JSONResponse({"name": name, "scale_override": asdict(fn2.scale),
+                             "scale": asdict(fn2.effective_scale(latest)) if latest else None})
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/v1/openapi.json", openapi),
+        Route("/v1/functions", list_functions, methods=["GET"]),
+        Route("/v1/functions", deploy, methods=["POST"]),
+        Route("/v1/functions/{name}", get_function, methods=["GET"]),
+        Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
+        Route("/v1/functions/{name}/revisions", list_revisions, methods=["GET"]),
+        Route("/v1/functions/{name}/revisions/{revision}", get_revision, methods=["GET"]),
+        Route("/v1/functions/{name}/events", list_events, methods=["GET"]),
+        Route("/v1/functions/{name}/logs", logs, methods=["GET"]),
+        Route("/v1/functions/{name}/traffic", set_traffic, methods=["PUT"]),
+        Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
+    ]
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _error(exc.status, exc.error, exc.detail, **exc.extra)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, "not found" if exc.status_code == 404 else "http error", str(exc.detail))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(500, "internal error", type(exc).__name__)
+
+    app = Starlette(routes=routes, exception_handlers={
+        ApiError: api_error, HTTPException: http_error, Exception: server_error})
+
+    async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_counting(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                api_requests.labels(scope["method"], str(msg["status"])).inc()
+            await send(msg)
+
+        await app(scope, receive, send_counting)
+
+    return BearerAuth(counted, cfg.token) if cfg.token else counted
+
+
+def _add_revision(cur: Function | None, name: str, spec: Spec, source: str, on_ready: str, tag: str | None) -> Function:
+    fn = cur or Function(name=name)
+    number = fn.next_number
+    fn.next_number += 1
+    fn.revisions.append(Revision(name=f"{name}-{number:05d}", function=name, number=number, spec=spec,
+                                 source=source, on_ready=on_ready, tag=tag))
+    return fn
+
+
+def parse_traffic(fn: Function, raw: Any) -> list[TrafficTarget]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "invalid traffic", "traffic: expected a non-empty list of {revision, percent, tag}",
+                       field="traffic")
+    out: list[TrafficTarget] = []
+    tags: set[str] = set()
+    for i, t in enumerate(raw):
+        path = f"traffic[{i}]"
+        if not isinstance(t, dict) or set(t) - {"revision", "percent", "tag"}:
+            raise ApiError(400, "invalid traffic", f"{path}: expected an object with revision, percent, tag",
+                           field=path)
+        rev_name = t.get("revision")
+        rev = fn.revision(rev_name) if isinstance(rev_name, str) else None
+        if rev is None:
+            raise ApiError(400, "invalid traffic", f"{path}.revision: {str(rev_name)[:80]!r} is not a revision of {fn.name}",
+                           field=f"{path}.revision")
+        if rev.status != "ready":
+            raise ApiError(400, "invalid traffic", f"{path}.revision: {rev.name} is {rev.status}, not ready",
+                           field=f"{path}.revision")
+        pct = t.get("percent", 0)
+        if not isinstance(pct, int) or isinstance(pct, bool) or not 0 <= pct <= 100:
+            raise ApiError(400, "invalid traffic", f"{path}.percent: expected an integer 0..100", field=f"{path}.percent")
+        tag = t.get("tag")
+        if tag is not None:
+            try:
+                validate_tag(tag, f"{path}.tag")
+            except SpecError as e:
+                raise ApiError(400, "invalid traffic", str(e), field=e.path) from e
+            if tag in tags:
+                raise ApiError(400, "invalid traffic", f"{path}.tag: tag {tag!r} used twice", field=f"{path}.tag")
+            tags.add(tag)
+        out.append(TrafficTarget(rev.name, pct, tag))
+    total = sum(t.percent for t in out)
+    if total != 100:
+        raise ApiError(400, "invalid traffic", f"traffic: percents must sum to 100, got {total}", field="traffic")
+    return out
+
+
+def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOverride:
+    allowed = {"min", "max", "replicas", "target", "concurrency"}
+    unknown = set(body) - allowed
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ApiError(400, "invalid scale", f"{key[:40]}: unknown field; expected one of {', '.join(sorted(allowed))}",
+                       field=key)
+    vals: dict[str, Any] = {}
+    for key in ("min", "max", "replicas", "concurrency"):
+        v = body.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ApiError(400, "invalid scale", f"{key}: expected a non-negative integer, got {str(v)[:20]}", field=key)
+        if key != "concurrency" and v > cap:
+            raise ApiError(400, "invalid scale", f"{key}: {v} is above the platform's cap of {cap} replicas", field=key)
+        vals[key] = v
+    if body.get("target") is not None:
+        t = body["target"]
+        if not isinstance(t, int | float) or isinstance(t, bool) or t <= 0:
+            raise ApiError(400, "invalid scale", "target: expected a number > 0", field="target")
+        vals["target"] = float(t)
+    if "replicas" in vals:
+        if "min" in vals or "max" in vals:
+            raise ApiError(400, "invalid scale", "replicas: cannot be combined with min or max", field="replicas")
+        vals["min"] = vals["max"] = vals.pop("replicas")
+    new = ScaleOverride(**{**asdict(fn.scale), **vals})
+    if "max" in vals and "min" not in vals and new.min is not None and new.min > vals["max"]:
+        new.min = None if vals["max"] >= 1 else 0
+    latest = fn.latest()
+    if latest is not None:
+        eff = new.apply(latest.spec.scale)
+        if eff.min > eff.max:
+            raise ApiError(400, "invalid scale", f"min: {eff.min} is above max {eff.max}", field="min")
+    elif new.min is not None and new.max is not None and new.min > new.max:
+        raise ApiError(400, "invalid scale", f"min: {new.min} is above max {new.max}", field="min")
+    return new
+
+
+def _fmt_override(o: ScaleOverride) -> str:
+    parts = [f"{k}={v}" for k, v in asdict(o).items() if v is not None]
+    return "{" + ", ".join(parts) + "}" if parts else "{spec defaults}"
+

@@ -1,0 +1,83 @@
+"""The OpenAPI document served at /v1/openapi.json (kept by hand, next to the routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
+
+
+_ERRORS = {"400": _resp("bad input", _ERROR), "401": _resp("missing or wrong token", _ERROR),
+           "404": _resp("no such function", _ERROR)}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "Torpor control API", "version": "1"},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "detail"],
+                      "properties": {"error": {"type": "string"}, "detail": {"type": "string"},
+                                     "field": {"type": "string"}}},
+            "Traffic": {"type": "object", "required": ["revision", "percent"],
+                        "properties": {"revision": {"type": "string"}, "percent": {"type": "integer"},
+                                       "tag": {"type": "string", "nullable": True}}},
+            "Replica": {"type": "object", "properties": {
+                "name": {"type": "string"}, "revision": {"type": "string"},
+                "state": {"type": "string", "enum": ["starting", "ready", "draining", "failed"]},
+                "endpoint": {"type": "string"}}},
+            "Function": {"type": "object", "required": ["name", "revisions", "traffic", "replicas"], "properties": {
+                "name": {"type": "string"}, "url": {"type": "string"},
+                "revisions": {"type": "array", "items": {"type": "object"}},
+                "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}},
+                "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}}}},
+            "ScalePatch": {"type": "object", "properties": {
+                "min": {"type": "integer", "minimum": 0}, "max": {"type": "integer", "minimum": 0},
+                "replicas": {"type": "integer", "minimum": 0}, "target": {"type": "number"},
+                "concurrency": {"type": "integer", "minimum": 0}}},
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {"get": {"summary": "liveness", "security": [], "responses": {"200": _resp("alive")}}},
+        "/readyz": {"get": {"summary": "readiness", "security": [], "responses": {"200": _resp("ready")}}},
+        "/v1/functions": {
+            "get": {"summary": "list functions", "responses": {"200": _resp("functions")}},
+            "post": {"summary": "deploy: body is a (gzipped) tar of the function folder; creates a revision",
+                     "parameters": [
+                         {"name": "canary", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 99}},
+                         {"name": "tag", "in": "query", "schema": {"type": "string"}},
+                         {"name": "no_traffic", "in": "query", "schema": {"type": "boolean"}}],
+                     "requestBody": {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+                     "responses": {"201": _resp("revision created"), **_ERRORS}},
+        },
+        "/v1/functions/{name}": {
+            "parameters": [_NAME],
+            "get": {"summary": "one function", "responses": {
+                "200": _resp("function", {"$ref": "#/components/schemas/Function"}), **_ERRORS}},
+            "delete": {"summary": "delete a function, its revisions and replicas",
+                       "responses": {"200": _resp("deleted"), **_ERRORS}},
+        },
+        "/v1/functions/{name}/revisions": {"parameters": [_NAME], "get": {
+            "summary": "revisions", "responses": {"200": _resp("revisions"), **_ERRORS}}},
+        "/v1/functions/{name}/events": {"parameters": [_NAME], "get": {
+            "summary": "events, newest last", "responses": {"200": _resp("events"), **_ERRORS}}},
+        "/v1/functions/{name}/logs": {"parameters": [_NAME], "get": {
+            "summary": "replica logs (text); follow=1 streams",
+            "responses": {"200": {"description": "log lines", "content": {"text/plain": {}}}, **_ERRORS}}},
+        "/v1/functions/{name}/traffic": {"parameters": [_NAME], "put": {
+            "summary": "set the traffic split by hand",
+            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}}}}}}},
+            "responses": {"200": _resp("traffic"), **_ERRORS}}},
+        "/v1/functions/{name}/scale": {"parameters": [_NAME], "patch": {
+            "summary": "change scaling bounds without a new revision; replicas=N pins min=max=N",
+            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScalePatch"}}}},
+            "responses": {"200": _resp("new scale"), **_ERRORS}}},
+    },
+}

@@ -1,0 +1,51 @@
+"""The autoscaler's I/O shell: feeds gateway reports and pokes into the pure per-revision
+deciders (``decider.RevisionScaler``) and answers "how many replicas should R have now".
+
+The clock is injected; the controller calls ``decide`` on each reconcile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torpor.autoscaler.decider import Decision, RevisionScaler
+from torpor.model import Scale
+
+
+class Autoscaler:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.scalers: dict[str, RevisionScaler] = {}
+        self._scales: dict[str, Scale] = {}
+
+    def _scaler(self, revision: str, scale: Scale) -> RevisionScaler:
+        s = self.scalers.get(revision)
+        if s is None:
+            s = self.scalers[revision] = RevisionScaler(scale)
+            self._scales[revision] = scale
+        elif self._scales[revision] != scale:
+            s.update_scale(scale)
+            self._scales[revision] = scale
+        return s
+
+    def observe(self, report: dict[str, Any], scale_of: Callable[[str], Scale | None]) -> None:
+        """One gateway stats report (see torpor.gateway.stats.Sampler.collect)."""
+        now = self.clock()
+        source = str(report.get("gateway", ""))
+        for rev, r in report.get("revisions", {}).items():
+            scale = scale_of(rev)
+            if scale is None:
+                continue
+            self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
+
+    def poke(self, revision: str, scale: Scale) -> None:
+        self._scaler(revision, scale).poke(self.clock())
+
+    def decide(self, revision: str, scale: Scale, ready: int) -> Decision:
+        return self._scaler(revision, scale).decide(self.clock(), ready)
+
+    def forget(self, revision: str) -> None:
+        self.scalers.pop(revision, None)
+        self._scales.pop(revision, None)

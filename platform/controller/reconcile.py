@@ -1,0 +1,515 @@
+"""The controller: makes actual replicas match desired ones through a Driver.
+
+Level-triggered: every pass reads desired state (store) and actual state (driver +
+what it tracks), and acts on the difference. Woken at once by store changes and by
+gateway pokes ("a request is waiting at zero"), otherwise every ``tick`` seconds.
+Long work (builds, starts, drains) runs in tasks so a pass never blocks. On start-up
+it adopts replicas an earlier run left behind (by their labels) before acting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torpor.autoscaler.service import Autoscaler
+from torpor.drivers.base import BuildError, Driver, Running
+from torpor.model import Event, Function, Replica, Revision, Scale, TrafficTarget
+from torpor.store.base import CHANGES, POKES, STATS, Store
+
+log = logging.getLogger("torpor.controller")
+
+PROBE_PATH = b"/_torpor/health"
+
+
+@dataclass(eq=False)
+class Tracked:
+    replica: Replica
+    running: Running | None = None
+    task: asyncio.Task[None] | None = None
+    ready_since: float = 0.0
+
+
+@dataclass
+class RevisionState:
+    desired: int = 0
+    failures: int = 0  # consecutive replica failures (crash-loop backoff)
+    next_start: float = 0.0  # monotonic time before which no new replica starts
+    reason: str = ""
+
+
+@dataclass
+class Settings:
+    tick: float = 1.0
+    startup_timeout: float = 60.0
+    drain_grace: float = 30.0
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    max_replicas: int = 100  # platform cap (torpor up --max-replicas)
+    source_root: Path | None = None
+
+
+async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        w.write(b"GET " + PROBE_PATH + b" HTTP/1.1\r\nHost: torpor-probe\r\nConnection: close\r\n\r\n")
+        line = await asyncio.wait_for(r.readline(), timeout)
+        return line.startswith(b"HTTP/1.")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        w.close()
+
+
+class Controller:
+    def __init__(self, store: Store, driver: Driver, autoscaler: Autoscaler | None = None,
+                 settings: Settings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.driver = driver
+        self.autoscaler = autoscaler or Autoscaler(clock)
+        self.settings = settings or Settings()
+        self.clock = clock
+        self.tracked: dict[str, Tracked] = {}  # replica name -> tracked
+        self.revs: dict[str, RevisionState] = {}
+        self.functions: dict[str, Function] = {}  # last synced desired state
+        self.building: dict[str, asyncio.Task[None]] = {}
+        self.synced = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        changes = self.store.subscribe(CHANGES).__aiter__()
+        pokes = self.store.subscribe(POKES).__aiter__()
+        stats = self.store.subscribe(STATS).__aiter__()
+        await self._sync_functions()
+        await self._adopt()
+        self.synced.set()
+        self._tasks = [
+            asyncio.create_task(self._listen(changes, self._on_change), name="ctl-changes"),
+            asyncio.create_task(self._listen(pokes, self._on_poke), name="ctl-pokes"),
+            asyncio.create_task(self._listen(stats, self._on_stats), name="ctl-stats"),
+            asyncio.create_task(self._loop(), name="ctl-loop"),
+        ]
+
+    async def stop(self, stop_replicas: bool = True) -> None:
+        """Stop reconciling; drain and stop every replica unless told to leave them."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for t in list(self.building.values()):
+            t.cancel()
+        if stop_replicas:
+            await asyncio.gather(*(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
+                                 return_exceptions=True)
+        else:
+            for tr in self.tracked.values():
+                if tr.task:
+                    tr.task.cancel()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _listen(self, it: Any, handle: Callable[[dict[str, Any]], Any]) -> None:
+        async for msg in it:
+            try:
+                r = handle(msg)
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception:
+                log.exception("controller: handling %r failed", msg)
+
+    async def _on_change(self, msg: dict[str, Any]) -> None:
+        if msg.get("kind") == "replica":
+            return  # our own writes
+        name = msg["function"]
+        fn = await self.store.get_function(name)
+        if fn is None:
+            old = self.functions.pop(name, None)
+            if old is not None:
+                asyncio.ensure_future(self._forget_later(old))
+        else:
+            self.functions[name] = fn
+        self.wake()
+
+    def _on_poke(self, msg: dict[str, Any]) -> None:
+        fn = self.functions.get(msg.get("function", ""))
+        rev = fn.revision(msg.get("revision", "")) if fn else None
+        if fn is None or rev is None:
+            return
+        self.autoscaler.poke(rev.name, fn.effective_scale(rev))
+        self.wake()
+
+    def _on_stats(self, msg: dict[str, Any]) -> None:
+        self.autoscaler.observe(msg, self._scale_of)
+
+    def _scale_of(self, revision: str) -> Scale | None:
+        fn_name = revision.rsplit("-", 1)[0]
+        fn = self.functions.get(fn_name)
+        rev = fn.revision(revision) if fn else None
+        return fn.effective_scale(rev) if fn and rev else None
+
+    async def _sync_functions(self) -> None:
+        self.functions = {f.name: f for f in await self.store.list_functions()}
+
+    async def _loop(self) -> None:
+        delay = self.settings.tick
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                delay = self.settings.tick
+            except Exception:
+                log.exception("controller: reconcile failed; retrying with backoff")
+                delay = min(delay * 2, 10.0)
+
+    # -- adoption ------------------------------------------------------------------------
+    async def _adopt(self) -> None:
+        """Adopt replicas of routed revisions that an earlier run left; stop the rest."""
+        replicas_in_store = {r.name: r for r in await self.store.list_replicas()}
+        for running in await self.driver.list():
+            fn = self.functions.get(running.function)
+            rev = fn.revision(running.revision) if fn else None
+            keep = running.alive and fn is not None and rev is not None and rev.status == "ready"
+            if not keep:
+                await self.driver.stop(running, grace=1.0)
+                replicas_in_store.pop(running.replica, None)
+                await self.store.delete_replica(running.function, running.replica)
+                continue
+            rep = Replica(name=running.replica, function=running.function, revision=running.revision,
+                          state="starting", driver_id=running.driver_id)
+            tr = Tracked(replica=rep, running=running)
+            self.tracked[rep.name] = tr
+            replicas_in_store.pop(rep.name, None)
+            tr.task = asyncio.create_task(self._await_ready(tr, adopted=True))
+            await self._event(running.function, "replica", f"adopted {rep.name} ({running.endpoint})")
+        for stale in replicas_in_store.values():  # records without a process behind them
+            await self.store.delete_replica(stale.function, stale.name)
+
+    # -- reconcile -----------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        if self._stopping or not self.synced.is_set():
+            return
+        now = self.clock()
+        await self._check_alive()
+        live_revisions: set[str] = set()
+        for fn in list(self.functions.values()):
+            for rev in fn.revisions:
+                live_revisions.add(rev.name)
+                if rev.status == "building" and rev.name not in self.building and rev.image is None \
+                        and not self._replicas_of(rev.name):
+                    self.building[rev.name] = asyncio.create_task(self._build(fn.name, rev))
+                desired = self._desired(fn, rev, now)
+                self._converge(fn, rev, desired, now)
+        # replicas of revisions or functions that no longer exist
+        for tr in list(self.tracked.values()):
+            if tr.replica.revision not in live_revisions and tr.replica.state != "draining":
+                self._spawn_drain(tr, "revision deleted")
+        for rev_name in [r for r in self.revs if r not in live_revisions]:
+            del self.revs[rev_name]
+            self.autoscaler.forget(rev_name)
+
+    def _replicas_of(self, revision: str) -> list[Tracked]:
+        return [t for t in self.tracked.values() if t.replica.revision == revision]
+
+    def _desired(self, fn: Function, rev: Revision, now: float) -> int:
+        st = self.revs.setdefault(rev.name, RevisionState())
+        if rev.status == "building":
+            # verification: a built revision proves it starts before it gets traffic
+            return 1 if rev.image is not None else 0
+        if rev.status != "ready" or rev.name not in fn.routed():
+            return 0
+        scale = fn.effective_scale(rev)
+        ready = sum(1 for t in self._replicas_of(rev.name) if t.replica.state == "ready")
+        decision = self.autoscaler.decide(rev.name, scale, ready)
+        if decision.desired is None:
+            desired = st.desired if st.desired else len(
+                [t for t in self._replicas_of(rev.name) if t.replica.state in ("starting", "ready")])
+        else:
+            desired = decision.desired
+        desired = max(scale.min, min(desired, scale.max, self.settings.max_replicas))
+        if desired != st.desired:
+            msg = f"{rev.name}: desired {st.desired} -> {desired} ({decision.reason})"
+            asyncio.ensure_future(self._event(fn.name, "scale", msg, {
+                "revision": rev.name, "from": st.desired, "to": desired, "panic": decision.panic,
+                "stable": decision.stable, "panic_concurrency": decision.panicked, "reason": decision.reason}))
+            st.desired = desired
+        return desired
+
+    def _converge(self, fn: Function, rev: Revision, desired: int, now: float) -> None:
+        st = self.revs.setdefault(rev.name, RevisionState())
+        mine = self._replicas_of(rev.name)
+        live = [t for t in mine if t.replica.state in ("starting", "ready")]
+        if len(live) < desired:
+            if now < st.next_start:
+                return
+            for _ in range(desired - len(live)):
+                self._spawn_start(fn, rev)
+        elif len(live) > desired:
+            # stop the ones still starting first, then the newest ready ones
+            extra = sorted(live, key=lambda t: (t.replica.state == "ready", t.replica.started), reverse=False)
+            extra = [t for t in extra if t.replica.state == "starting"] + sorted(
+                [t for t in extra if t.replica.state == "ready"], key=lambda t: -t.replica.started)
+            for tr in extra[: len(live) - desired]:
+                self._spawn_drain(tr, f"scale down to {desired}")
+
+    # -- builds --------------------------------------------------------------------------
+    async def _build(self, fn_name: str, rev: Revision) -> None:
+        try:
+            await self._event(fn_name, "build", f"{rev.name}: building")
+            lines: list[str] = []
+
+            def progress(line: str) -> None:
+                lines.append(line)
+                asyncio.get_running_loop().call_soon_threadsafe(
+                    lambda: asyncio.ensure_future(self._event(fn_name, "build", line[:500])))
+
+            built = await self.driver.prepare(rev, progress)
+            image = built.image or ""
+            await self._set_revision(fn_name, rev.name, image=image, reason="starting its first replica")
+        except BuildError as e:
+            await self._fail_revision(fn_name, rev.name, f"build failed: {e}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # driver bug or engine down: same outcome for the user
+            log.exception("build of %s failed", rev.name)
+            await self._fail_revision(fn_name, rev.name, f"build failed: {type(e).__name__}: {e}")
+        finally:
+            self.building.pop(rev.name, None)
+            self.wake()
+
+    async def _set_revision(self, fn_name: str, rev_name: str, **changes: Any) -> Function | None:
+        def mutate(fn: Function | None) -> Function | None:
+            rev = fn.revision(rev_name) if fn else None
+            if fn is None or rev is None:
+                return None
+            if all(getattr(rev, k) == v for k, v in changes.items()):
+                return None
+            for k, v in changes.items():
+                setattr(rev, k, v)
+            return fn
+
+        fn = await self.store.update_function(fn_name, mutate)
+        if fn is not None:
+            self.functions[fn_name] = fn
+        return fn
+
+    async def _fail_revision(self, fn_name: str, rev_name: str, reason: str) -> None:
+        await self._set_revision(fn_name, rev_name, status="failed", reason=reason)
+        await self._event(fn_name, "error", f"{rev_name} failed: {reason}")
+
+    async def _revision_ready(self, fn_name: str, rev_name: str) -> None:
+        """First replica answered: the revision is ready; give it the traffic it asked for."""
+
+        def mutate(fn: Function | None) -> Function | None:
+            rev = fn.revision(rev_name) if fn else None
+            if fn is None or rev is None or rev.status != "building":
+                return None
+            rev.status, rev.reason = "ready", ""
+            apply_on_ready(fn, rev)
+            return fn
+
+        fn = await self.store.update_function(fn_name, mutate)
+        if fn is not None:
+            self.functions[fn_name] = fn
+            await self._event(fn_name, "deploy", f"{rev_name} is ready; traffic: " + ", ".join(
+                f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic))
+
+    # -- replicas --------------------------------------------------------------------------
+    def _spawn_start(self, fn: Function, rev: Revision) -> None:
+        name = f"{rev.name}-{secrets.token_hex(3)}"
+        rep = Replica(name=name, function=fn.name, revision=rev.name, state="starting")
+        tr = Tracked(replica=rep)
+        self.tracked[name] = tr
+        tr.task = asyncio.create_task(self._start(tr, rev))
+
+    async def _start(self, tr: Tracked, rev: Revision) -> None:
+        try:
+            tr.running = await self.driver.start(rev, tr.replica.name)
+        except Exception as e:
+            await self._replica_failed(tr, f"start failed: {e}")
+            return
+        tr.replica.driver_id = tr.running.driver_id
+        await self.store.put_replica(tr.replica)
+        await self._await_ready(tr)
+
+    async def _await_ready(self, tr: Tracked, adopted: bool = False) -> None:
+        assert tr.running is not None
+        endpoint = tr.running.endpoint
+        deadline = self.clock() + self.settings.startup_timeout
+        delay, checked = 0.002, self.clock()
+        while True:
+            if await probe_once(endpoint):
+                break
+            now = self.clock()
+            if now > deadline:
+                await self._replica_failed(tr, f"not ready within {self.settings.startup_timeout:g}s")
+                return
+            if now - checked > 0.25:
+                checked = now
+                if not await self._alive(tr.running):
+                    await self._replica_failed(tr, "exited before becoming ready")
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        tr.replica.state = "ready"
+        tr.replica.endpoint = endpoint
+        tr.ready_since = self.clock()
+        await self.store.put_replica(tr.replica)
+        fn = self.functions.get(tr.replica.function)
+        rev = fn.revision(tr.replica.revision) if fn else None
+        if rev is not None and rev.status == "building":
+            await self._revision_ready(fn.name, rev.name)  # type: ignore[union-attr]
+        if not adopted:
+            await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
+
+    async def _alive(self, running: Running) -> bool:
+        for r in await self.driver.list():
+            if r.replica == running.replica:
+                running.exit_code = r.exit_code
+                return r.alive
+        return False
+
+    async def _check_alive(self) -> None:
+        """Find replicas that died under us (crash, OOM, kill)."""
+        if not self.tracked:
+            return
+        seen = {r.replica: r for r in await self.driver.list()}
+        for tr in list(self.tracked.values()):
+            if tr.running is None or tr.replica.state != "ready":
+                continue
+            r = seen.get(tr.replica.name)
+            if r is None or not r.alive:
+                code = r.exit_code if r else None
+                await self._replica_failed(tr, f"exited (code {code})" if code is not None else "vanished")
+            elif self.clock() - tr.ready_since > 10:
+                self.revs.setdefault(tr.replica.revision, RevisionState()).failures = 0
+
+    async def _replica_failed(self, tr: Tracked, reason: str) -> None:
+        rep = tr.replica
+        st = self.revs.setdefault(rep.revision, RevisionState())
+        st.failures += 1
+        delay = min(self.settings.backoff_base * 2 ** (st.failures - 1), self.settings.backoff_max)
+        st.next_start = self.clock() + delay
+        st.reason = reason
+        tail = ""
+        if tr.running is not None:
+            tail = await self._log_tail(tr.running)
+            try:
+                await self.driver.stop(tr.running, grace=1.0)
+            except Exception:
+                log.exception("cleanup of %s failed", rep.name)
+        rep.state, rep.endpoint = "failed", ""
+        self.tracked.pop(rep.name, None)
+        await self.store.put_replica(rep)
+        asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: asyncio.ensure_future(
+            self._forget_failed(rep)))
+        msg = f"{rep.name} {reason}; next start in {delay:g}s" + (f"\n{tail}" if tail else "")
+        await self._event(rep.function, "replica", msg)
+        fn = self.functions.get(rep.function)
+        rev = fn.revision(rep.revision) if fn else None
+        if rev is not None and rev.status == "building":
+            await self._fail_revision(rep.function, rep.revision, f"replica {reason}" + (f": {tail}" if tail else ""))
+        self.wake()
+
+    async def _forget_failed(self, rep: Replica) -> None:
+        if rep.name not in self.tracked:
+            await self.store.delete_replica(rep.function, rep.name)
+
+    async def _log_tail(self, running: Running, lines: int = 8) -> str:
+        out: list[str] = []
+        try:
+            async for line in self.driver.logs(running, follow=False, tail=lines):
+                out.append(line)
+        except Exception:
+            return ""
+        return "\n".join(out[-lines:])
+
+    def _spawn_drain(self, tr: Tracked, reason: str) -> None:
+        tr.replica.state = "draining"
+        asyncio.ensure_future(self._drain(tr, reason))
+
+    async def _drain(self, tr: Tracked, reason: str) -> None:
+        """Take the replica out of rotation, let in-flight requests finish, stop it."""
+        rep = tr.replica
+        rep.state, endpoint = "draining", rep.endpoint
+        if tr.task and not tr.task.done():
+            tr.task.cancel()
+        await self.store.put_replica(rep)
+        if endpoint:
+            await asyncio.sleep(0.2)  # gateways drop it from rotation before the listener closes
+        grace = self.settings.drain_grace
+        fn = self.functions.get(rep.function)
+        rev = fn.revision(rep.revision) if fn else None
+        if rev is not None:
+            grace = max(grace, rev.spec.timeout)
+        try:
+            if tr.running is not None:
+                await self.driver.stop(tr.running, grace=grace)
+        finally:
+            self.tracked.pop(rep.name, None)
+            await self.store.delete_replica(rep.function, rep.name)
+        await self._event(rep.function, "replica", f"{rep.name} stopped: {reason}")
+
+    async def _event(self, function: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        await self.store.add_event(Event(function=function, kind=kind, message=message, data=data or {}))
+
+    # -- deletion ------------------------------------------------------------------------
+    async def _forget_later(self, fn: Function) -> None:
+        self.wake()
+        for _ in range(600):
+            if not any(t.replica.function == fn.name for t in self.tracked.values()):
+                break
+            await asyncio.sleep(0.1)
+        await self.forget_function(fn)
+        await self._event(fn.name, "delete", f"function {fn.name} deleted")
+
+    async def forget_function(self, fn: Function) -> None:
+        for rev in fn.revisions:
+            try:
+                await self.driver.remove(rev)
+            except Exception:
+                log.exception("removing %s failed", rev.name)
+        root = self.settings.source_root
+        if root is not None:
+            shutil.rmtree(root / fn.name, ignore_errors=True)
+
+
+def apply_on_ready(fn: Function, rev: Revision) -> None:
+    """Route a newly ready revision as its deploy asked (pure; used in a store mutator)."""
+    intent = rev.on_ready
+    if intent == "promote" or not fn.traffic:
+        tagged = [TrafficTarget(t.revision, 0, t.tag) for t in fn.traffic if t.tag and t.revision != rev.name]
+        fn.traffic = [TrafficTarget(rev.name, 100, rev.tag), *tagged]
+    elif intent.startswith("canary:"):
+        pct = int(intent.split(":", 1)[1])
+        stable = [t for t in fn.traffic if t.percent > 0]
+        rest = 100 - pct
+        new: list[TrafficTarget] = [TrafficTarget(rev.name, pct, rev.tag)]
+        total = sum(t.percent for t in stable) or 1
+        assigned = 0
+        for i, t in enumerate(stable):
+            share = rest - assigned if i == len(stable) - 1 else round(t.percent * rest / total)
+            assigned += share
+            new.append(TrafficTarget(t.revision, share, t.tag))
+        new += [TrafficTarget(t.revision, 0, t.tag) for t in fn.traffic if t.percent == 0 and t.tag]
+        fn.traffic = new
+    elif rev.tag:
+        fn.traffic = [t for t in fn.traffic if t.tag != rev.tag] + [TrafficTarget(rev.name, 0, rev.tag)]
