@@ -25,7 +25,7 @@ from starlette.routing import Route
 from torpor.api.auth import BearerAuth
 from torpor.api.openapi import OPENAPI
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
-from torpor.spec import SpecError, load_spec, validate_name, validate_tag
+from torpor.spec import SpecError, load_spec, validate_tag
 from torpor.store.base import Store
 
 MAX_UPLOAD = 200 * 1024 * 1024
