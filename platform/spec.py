@@ -1,0 +1,681 @@
+"""Parse and validate a function's ``torpor.yaml`` into a :class:`torpor.model.Spec`.
+
+Every refusal is a :class:`SpecError` naming the field's path (``scale.max``,
+``env.GREETING``, ``rollout.steps[2]``) and what was expected, so that ``torpor deploy``
+can print one precise line. Values echoed back in messages are truncated.
+
+Conventions:
+
+- A key whose value is null (``port:`` with nothing after it) is treated as absent and
+  takes its default; a null *section* (``scale:`` with every line commented out) is an
+  empty section. ``name`` is still required.
+- Integers must be real integers: booleans are refused, floats only when whole (``8.0``).
+- Durations are numbers of seconds or strings such as ``500ms``, ``30s``, ``2m``,
+  ``1h``, ``1m30s``, ``1.5s`` (units h, m, s, ms, largest first, each at most once).
+- Sizes are numbers of bytes or strings with a binary (``Ki Mi Gi Ti``) or decimal
+  (``k M G T``) suffix: ``256Mi``, ``1G``, ``100k``.
+
+Imports nothing of Torpor except :mod:`torpor.model`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import keyword
+import math
+import re
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from torpor.model import Resources, RolloutPolicy, Scale, Spec
+
+__all__ = [
+    "SpecError",
+    "format_duration",
+    "format_size",
+    "load_spec",
+    "parse_duration",
+    "parse_size",
+    "parse_spec",
+    "spec_to_yaml_dict",
+    "validate_name",
+    "validate_tag",
+]
+
+SPEC_FILES = ("torpor.yaml", "torpor.yml")
+MAX_SPEC_BYTES = 1024 * 1024  # a torpor.yaml larger than this is refused unread
+
+MAX_TIMEOUT = 600.0
+MIN_WINDOW = 6.0
+MAX_WINDOW = 3600.0
+MAX_SCALE = 1000
+MIN_MEMORY = 16 * 1024 * 1024
+RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
+
+TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout")
+SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
+RESOURCES_KEYS = ("cpu", "memory")
+ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
+
+_MAX_SHOWN = 60
+_MISSING: Any = object()
+
+
+class SpecError(ValueError):
+    """A refused spec. ``path`` names the field ("" for the whole document), ``expected``
+    says in words what would have been accepted.
+
+    ``str(err)`` is ``"<path>: expected <expected>, got <value>"`` (or
+    ``"<path>: <problem>; expected <expected>"``); for path "" the prefix is ``source``
+    (the file name) when known. ``source`` and ``line`` are set where they are known.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        expected: str,
+        got: Any = _MISSING,
+        *,
+        problem: str | None = None,
+        source: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.path = path
+        self.expected = expected
+        self.got: str | None = None if got is _MISSING else describe(got)
+        self.problem = problem
+        self.source = source
+        self.line = line
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.problem is not None:
+            body = f"{self.problem}; expected {self.expected}"
+        elif self.got is not None:
+            body = f"expected {self.expected}, got {self.got}"
+        else:
+            body = f"expected {self.expected}"
+        prefix = self.path or self.source
+        return f"{prefix}: {body}" if prefix else body
+
+
+def _truncate(text: str, limit: int = _MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(value: Any) -> str:
+    """A short, YAML-flavoured description of a user value for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if value.bit_length() > 190:  # ~57 digits; also avoids int->str digit limits
+            return "a very large integer"
+        return str(value)
+    if isinstance(value, float):
+        return _truncate(repr(value))
+    if isinstance(value, str):
+        return _truncate(repr(value))
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, _dt.datetime):
+        return "a timestamp"
+    if isinstance(value, _dt.date):
+        return "a date"
+    return f"a {type(value).__name__}"
+
+
+def _key_text(key: Any) -> str:
+    """A key as it appears in a path: plain when simple, quoted (and short) otherwise."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return _truncate(key)
+    if isinstance(key, str):
+        return _truncate(repr(key))
+    return describe(key)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{_key_text(key)}" if path else _key_text(key)
+
+
+# --- numbers ----------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_int(value: Any, path: str, expected: str) -> int:
+    if isinstance(value, bool):
+        raise SpecError(path, expected, value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise SpecError(path, expected, value)
+
+
+def _as_float(value: Any, path: str, expected: str) -> float:
+    if not _is_number(value):
+        raise SpecError(path, expected, value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int too large for a float
+        raise SpecError(path, expected, value) from None
+    if not math.isfinite(result):
+        raise SpecError(path, expected, value)
+    return result
+
+
+# --- durations --------------------------------------------------------------------------
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_DURATION_RE = re.compile(
+    rf"(?:{_NUM}h)?(?:{_NUM}m(?!s))?(?:{_NUM}s)?(?:{_NUM}ms)?",
+    re.ASCII,
+)
+_DURATION_WORDS = (
+    'a duration such as "30s", "500ms", "2m", "1h" or "1m30s" (or a number of seconds)'
+)
+
+
+def parse_duration(value: Any, path: str) -> float:
+    """Seconds from a number of seconds or a string like "500ms", "1m30s", "1.5s".
+
+    Refuses booleans, negatives, NaN/infinity, empty strings and anything else.
+    """
+    expected = "a non-negative " + _DURATION_WORDS.removeprefix("a ")
+    if _is_number(value):
+        seconds = _as_float(value, path, expected)
+        if seconds < 0:
+            raise SpecError(path, expected, value)
+        return seconds
+    if not isinstance(value, str):
+        raise SpecError(path, expected, value)
+    text = value.strip()
+    match = _DURATION_RE.fullmatch(text) if len(text) <= 100 else None
+    if not text or match is None or not any(match.groups()):
+        raise SpecError(path, expected, value)
+    h, m, s, ms = (float(g) if g else 0.0 for g in match.groups())
+    seconds = h * 3600 + m * 60 + s + ms / 1000
+    if not math.isfinite(seconds):
+        raise SpecError(path, expected, value)
+    return seconds
+
+
+def format_duration(seconds: float) -> str | float:
+    """A duration string ("30s", "1m30s", "500ms") that parses back to exactly ``seconds``;
+    the number itself when no such short string exists."""
+    candidates: list[str] = []
+    if float(seconds).is_integer() and seconds >= 0:
+        whole = int(seconds)
+        h, rest = divmod(whole, 3600)
+        m, s = divmod(rest, 60)
+        text = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not whole else "")
+        candidates.append(text)
+    elif 0 < seconds < 1 and float(seconds * 1000).is_integer():
+        candidates.append(f"{int(seconds * 1000)}ms")
+    if math.isfinite(seconds) and seconds >= 0:
+        candidates.append(f"{seconds!r}s")
+    for text in candidates:
+        try:
+            if parse_duration(text, "") == seconds:
+                return text
+        except SpecError:
+            continue
+    return seconds
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "k": 1000,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?", re.ASCII)
+_SIZE_WORDS = 'a size such as "256Mi", "1Gi", "512Ki", "128M" or "100k" (or a number of bytes)'
+
+
+def parse_size(value: Any, path: str) -> int:
+    """Bytes from a whole number of bytes or a string like "256Mi", "1G", "100k"."""
+    expected = "a non-negative " + _SIZE_WORDS.removeprefix("a ")
+    if _is_number(value):
+        size = _as_int(value, path, expected)
+        if size < 0:
+            raise SpecError(path, expected, value)
+        return size
+    if not isinstance(value, str):
+        raise SpecError(path, expected, value)
+    text = value.strip()
+    match = _SIZE_RE.fullmatch(text) if len(text) <= 100 else None
+    if match is None:
+        raise SpecError(path, expected, value)
+    number, unit = match.group(1), match.group(2) or ""
+    exact = Fraction(number) * _SIZE_UNITS[unit]
+    if exact.denominator != 1:
+        raise SpecError(path, "a whole number of bytes", value)
+    return int(exact)
+
+
+def format_size(size: int) -> str | int:
+    """The largest binary unit that divides ``size`` exactly ("256Mi"); bytes otherwise."""
+    if size > 0:
+        for unit in ("Ti", "Gi", "Mi", "Ki"):
+            factor = _SIZE_UNITS[unit]
+            if size % factor == 0:
+                return f"{size // factor}{unit}"
+    return size
+
+
+def _parse_cpu(value: Any, path: str) -> float:
+    expected = 'a number of CPUs > 0 such as 0.5 or 2, or millicores such as "500m"'
+    if isinstance(value, str):
+        text = value.strip()
+        if m := re.fullmatch(r"(\d{1,9})m", text, re.ASCII):
+            cpu = int(m.group(1)) / 1000
+        elif re.fullmatch(r"\d{1,9}(?:\.\d{1,9})?", text, re.ASCII):
+            cpu = float(text)
+        else:
+            raise SpecError(path, expected, value)
+    else:
+        cpu = _as_float(value, path, expected)
+    if cpu <= 0:
+        raise SpecError(path, expected, value)
+    return cpu
+
+
+# --- names ------------------------------------------------------------------------------
+
+_LABEL_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_LABEL_WORDS = (
+    "a DNS label: lowercase letters, digits and '-', 1-63 characters, "
+    "starting with a letter and not ending with '-'"
+)
+
+
+def validate_name(value: Any, path: str = "name") -> str:
+    """A function name: a DNS label (``hello``, ``resize-images``)."""
+    if not isinstance(value, str) or _LABEL_RE.fullmatch(value) is None:
+        raise SpecError(path, _LABEL_WORDS, value)
+    return value
+
+
+def validate_tag(value: Any, path: str = "tag") -> str:
+    """A traffic tag: same rules as a name, as it appears in ``TAG-NAME.domain``."""
+    return validate_name(value, path)
+
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_HANDLER_RE = re.compile(rf"({_IDENT}(?:\.{_IDENT})*):({_IDENT})", re.ASCII)
+_HANDLER_WORDS = 'module:function, such as "handler:handle" or "app.main:handle"'
+
+
+def _parse_handler(value: Any, path: str) -> str:
+    m = _HANDLER_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or any(keyword.iskeyword(part) for part in (*m.group(1).split("."), m.group(2))):
+        raise SpecError(path, _HANDLER_WORDS, value)
+    return value
+
+
+# Docker's reference grammar (distribution/reference), ASCII only.
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_RE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?",
+    re.ASCII,
+)
+_IMAGE_WORDS = 'an image reference such as "myorg/app:1.2" or "registry:5000/app@sha256:..."'
+
+
+def _parse_image(value: Any, path: str) -> str:
+    if not isinstance(value, str) or len(value) > 255 or _IMAGE_RE.fullmatch(value) is None:
+        raise SpecError(path, _IMAGE_WORDS, value)
+    return value
+
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+
+
+def _parse_env(value: Any, path: str) -> dict[str, str]:
+    section = _section(value, path, None)
+    env: dict[str, str] = {}
+    for key, raw in section.items():
+        if not isinstance(key, str):
+            raise SpecError(
+                path,
+                "variable names as strings (YAML reads unquoted yes/no/on/off as booleans "
+                "and digits as numbers; quote the name)",
+                key,
+                problem=f"key {describe(key)} is not a string",
+            )
+        key_path = _join(path, key)
+        if _ENV_NAME_RE.fullmatch(key) is None:
+            raise SpecError(
+                key_path, "a variable name: letters, digits and '_', not starting with a digit", key
+            )
+        if key in RESERVED_ENV:
+            raise SpecError(
+                key_path, "the `port:` key instead", problem=f"{key} is set by Torpor from `port`"
+            )
+        env[key] = _env_value(raw, key_path)
+    return env
+
+
+def _env_value(raw: Any, path: str) -> str:
+    expected = 'a string, number or boolean (quote other values: "...")'
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, int):
+        if raw.bit_length() > 10000:
+            raise SpecError(path, expected, raw)
+        return str(raw)
+    if isinstance(raw, float | str):
+        text = str(raw)
+        if "\x00" in text:
+            raise SpecError(path, "a string without NUL characters", raw)
+        return text
+    if isinstance(raw, _dt.date) and not isinstance(raw, _dt.datetime):
+        return raw.isoformat()
+    raise SpecError(path, expected, raw)
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+def _section(value: Any, path: str, keys: tuple[str, ...] | None) -> Mapping[Any, Any]:
+    """A mapping (null = empty). With ``keys``, unknown keys are refused by path."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        what = f"a mapping of {', '.join(keys)}" if keys else "a mapping"
+        raise SpecError(path, what, value)
+    if keys is not None:
+        for key in value:
+            if key not in keys:
+                hint = ""
+                if isinstance(key, str):
+                    close = difflib.get_close_matches(key, keys, n=1)
+                    hint = f" (did you mean {close[0]}?)" if close else ""
+                raise SpecError(
+                    _join(path, key), f"one of {', '.join(keys)}{hint}", problem="unknown key"
+                )
+    return value
+
+
+def _get(section: Mapping[Any, Any], key: str) -> Any:
+    """The value of ``key``; null counts as absent."""
+    value = section.get(key)
+    return _MISSING if value is None else value
+
+
+def _parse_scale(value: Any) -> Scale:
+    sec = _section(value, "scale", SCALE_KEYS)
+    d = Scale()
+    out = Scale()
+    if (v := _get(sec, "min")) is not _MISSING:
+        out.min = _as_int(v, "scale.min", f"an integer from 0 to {MAX_SCALE}")
+        if not 0 <= out.min <= MAX_SCALE:
+            raise SpecError("scale.min", f"an integer from 0 to {MAX_SCALE}", v)
+    if (v := _get(sec, "max")) is not _MISSING:
+        low = max(1, out.min)
+        expected = f"an integer >= scale.min ({out.min})" if out.min >= 1 else "an integer >= 1"
+        out.max = _as_int(v, "scale.max", f"an integer from {low} to {MAX_SCALE}")
+        if out.max < low:
+            raise SpecError("scale.max", expected, v)
+        if out.max > MAX_SCALE:
+            raise SpecError("scale.max", f"an integer <= {MAX_SCALE}", v)
+    elif out.min > d.max:
+        raise SpecError(
+            "scale.min", f"an integer <= scale.max ({d.max}, the default; raise scale.max)", out.min
+        )
+    if (v := _get(sec, "target")) is not _MISSING:
+        out.target = _as_float(v, "scale.target", "a number > 0 (in-flight requests per replica)")
+        if out.target <= 0:
+            raise SpecError("scale.target", "a number > 0 (in-flight requests per replica)", v)
+    if (v := _get(sec, "concurrency")) is not _MISSING:
+        words = "an integer >= 0 (0 = no limit)"
+        out.concurrency = _as_int(v, "scale.concurrency", words)
+        if out.concurrency < 0:
+            raise SpecError("scale.concurrency", words, v)
+    if (v := _get(sec, "idle")) is not _MISSING:
+        out.idle = parse_duration(v, "scale.idle")
+    if (v := _get(sec, "window")) is not _MISSING:
+        out.window = parse_duration(v, "scale.window")
+        if not MIN_WINDOW <= out.window <= MAX_WINDOW:
+            raise SpecError("scale.window", "a duration from 6s to 1h", v)
+    return out
+
+
+def _parse_resources(value: Any) -> Resources:
+    sec = _section(value, "resources", RESOURCES_KEYS)
+    out = Resources()
+    if (v := _get(sec, "cpu")) is not _MISSING:
+        out.cpu = _parse_cpu(v, "resources.cpu")
+    if (v := _get(sec, "memory")) is not _MISSING:
+        out.memory = parse_size(v, "resources.memory")
+        if out.memory < MIN_MEMORY:
+            raise SpecError("resources.memory", 'a size of at least "16Mi"', v)
+    return out
+
+
+def _parse_rollout(value: Any) -> RolloutPolicy:
+    sec = _section(value, "rollout", ROLLOUT_KEYS)
+    out = RolloutPolicy()
+    if (v := _get(sec, "steps")) is not _MISSING:
+        out.steps = _parse_steps(v, "rollout.steps")
+    if (v := _get(sec, "interval")) is not _MISSING:
+        out.interval = parse_duration(v, "rollout.interval")
+        if out.interval <= 0:
+            raise SpecError("rollout.interval", "a duration > 0", v)
+    if (v := _get(sec, "max_error_ratio")) is not _MISSING:
+        words = "a number from 0 to 1 (share of canary requests that may fail)"
+        out.max_error_ratio = _as_float(v, "rollout.max_error_ratio", words)
+        if not 0 <= out.max_error_ratio <= 1:
+            raise SpecError("rollout.max_error_ratio", words, v)
+    if (v := _get(sec, "max_p95_ratio")) is not _MISSING:
+        words = "a number >= 1 (canary p95 / stable p95)"
+        out.max_p95_ratio = _as_float(v, "rollout.max_p95_ratio", words)
+        if out.max_p95_ratio < 1:
+            raise SpecError("rollout.max_p95_ratio", words, v)
+    if (v := _get(sec, "min_requests")) is not _MISSING:
+        out.min_requests = _as_int(v, "rollout.min_requests", "an integer >= 0")
+        if out.min_requests < 0:
+            raise SpecError("rollout.min_requests", "an integer >= 0", v)
+    return out
+
+
+def _parse_steps(value: Any, path: str) -> list[int]:
+    words = "a list of percents from 1 to 100, strictly increasing, ending with 100"
+    if not isinstance(value, list) or not value:
+        raise SpecError(path, words, value)
+    steps: list[int] = []
+    for i, raw in enumerate(value):
+        item_path = f"{path}[{i}]"
+        step = _as_int(raw, item_path, "an integer percent from 1 to 100")
+        if not 1 <= step <= 100:
+            raise SpecError(item_path, "an integer percent from 1 to 100", raw)
+        if steps and step <= steps[-1]:
+            raise SpecError(item_path, f"a percent > {steps[-1]} (steps strictly increase)", raw)
+        steps.append(step)
+    if steps[-1] != 100:
+        raise SpecError(path, "a last step of 100", steps[-1])
+    return steps
+
+
+# --- the document -----------------------------------------------------------------------
+
+
+def parse_spec(data: Any, *, source: str = "torpor.yaml") -> Spec:
+    """Validate a parsed ``torpor.yaml`` mapping into a :class:`Spec`.
+
+    ``source`` names the document in messages about the document as a whole.
+    """
+    try:
+        return _parse_spec(data)
+    except SpecError as err:
+        if err.source is None:
+            err.source = source
+            err.args = (err._message(),)
+        raise
+
+
+def _parse_spec(data: Any) -> Spec:
+    if not isinstance(data, Mapping):
+        expected = "a mapping with at least `name:` at the top level"
+        if data is None:
+            raise SpecError("", expected, problem="the document is empty")
+        raise SpecError("", expected, data)
+    top = _section(data, "", TOP_KEYS)
+    if (raw_name := _get(top, "name")) is _MISSING:
+        raise SpecError("name", _LABEL_WORDS, problem="required")
+    spec = Spec(name=validate_name(raw_name, "name"))
+
+    handler = _get(top, "handler")
+    image = _get(top, "image")
+    if handler is not _MISSING and image is not _MISSING:
+        raise SpecError(
+            "image",
+            "either `handler:` (a source build) or `image:`, not both",
+            problem="handler and image are mutually exclusive",
+        )
+    if image is not _MISSING:
+        spec.image = _parse_image(image, "image")
+        spec.handler = None
+    elif handler is not _MISSING:
+        spec.handler = _parse_handler(handler, "handler")
+
+    if "env" in top:
+        spec.env = _parse_env(top["env"], "env")
+    if (v := _get(top, "port")) is not _MISSING:
+        spec.port = _as_int(v, "port", "an integer from 1 to 65535")
+        if not 1 <= spec.port <= 65535:
+            raise SpecError("port", "an integer from 1 to 65535", v)
+    if (v := _get(top, "timeout")) is not _MISSING:
+        spec.timeout = parse_duration(v, "timeout")
+        if not 0 < spec.timeout <= MAX_TIMEOUT:
+            raise SpecError("timeout", "a duration > 0 and <= 600s", v)
+    spec.scale = _parse_scale(top.get("scale"))
+    spec.resources = _parse_resources(top.get("resources"))
+    spec.rollout = _parse_rollout(top.get("rollout"))
+    return spec
+
+
+def load_spec(folder: str | Path, *, source: str | None = None) -> Spec:
+    """Read and validate ``torpor.yaml`` (or ``torpor.yml``) in ``folder``.
+
+    Messages name the file by its path, or by ``source`` when given (a server that
+    unpacked an upload into a temporary folder passes e.g. "torpor.yaml").
+    """
+    base = Path(folder)
+    shown = source if source is not None else str(base)
+    if not base.is_dir():
+        raise SpecError(
+            "", "a function folder holding torpor.yaml", problem=f"{shown} is not a folder"
+        )
+    found = [base / name for name in SPEC_FILES if (base / name).is_file()]
+    if not found:
+        missing = source if source is not None else str(base / SPEC_FILES[0])
+        raise SpecError(
+            "",
+            "a torpor.yaml (or torpor.yml) in the function folder",
+            problem=f"{missing} not found",
+        )
+    if len(found) > 1:
+        raise SpecError(
+            "",
+            "a single spec file; remove one of them",
+            problem=f"both torpor.yaml and torpor.yml exist in {shown}",
+        )
+    path = found[0]
+    source = str(path) if source is None else source
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(
+            "", "a readable file", problem=f"cannot read: {exc.strerror}", source=source
+        ) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError("", "a spec of at most 1 MiB", problem="file too large", source=source)
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise SpecError(
+            "",
+            "valid YAML",
+            problem=f"invalid YAML{where}: {what}",
+            source=source,
+            line=mark.line + 1 if mark else None,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(
+            "",
+            "valid UTF-8 YAML",
+            problem=f"invalid YAML: {_truncate(str(exc).splitlines()[0])}",
+            source=source,
+        ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer with thousands of digits
+        raise SpecError(
+            "",
+            "a spec PyYAML can load",
+            problem=f"invalid YAML: {_truncate(str(exc))}",
+            source=source,
+        ) from None
+    return parse_spec(data, source=source)
+
+
+# --- back to YAML -----------------------------------------------------------------------
+
+
+def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
+    """A plain mapping (safe for ``yaml.safe_dump``/JSON) that :func:`parse_spec` turns
+    back into an equal :class:`Spec`."""
+    out: dict[str, Any] = {"name": spec.name}
+    if spec.image:
+        out["image"] = spec.image
+    elif spec.handler:
+        out["handler"] = spec.handler
+    out["env"] = dict(spec.env)
+    out["port"] = spec.port
+    out["timeout"] = format_duration(spec.timeout)
+    s = spec.scale
+    out["scale"] = {
+        "min": s.min,
+        "max": s.max,
+        "target": s.target,
+        "concurrency": s.concurrency,
+        "idle": format_duration(s.idle),
+        "window": format_duration(s.window),
+    }
+    out["resources"] = {"cpu": spec.resources.cpu, "memory": format_size(spec.resources.memory)}
+    r = spec.rollout
+    out["rollout"] = {
+        "steps": list(r.steps),
+        "interval": format_duration(r.interval),
+        "max_error_ratio": r.max_error_ratio,
+        "max_p95_ratio": r.max_p95_ratio,
+        "min_requests": r.min_requests,
+    }
+    return out
