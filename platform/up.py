@@ -211,12 +211,13 @@ class Platform:
 def run_up(cfg: UpConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    try:
-        import uvloop
+    if os.environ.get("TORPOR_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
+            uvloop.install()
+        except ImportError:
+            pass
 
     async def main() -> None:
         platform = Platform(cfg)

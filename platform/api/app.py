@@ -199,7 +199,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         try:
             _safe_extract(bytes(data), tmp)
             try:
-                spec = load_spec(tmp)
+                spec = load_spec(tmp, source="torpor.yaml")
             except SpecError as e:
                 raise ApiError(400, "invalid spec", str(e), field=e.path) from e
             name = spec.name
