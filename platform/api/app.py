@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from torpor.api.auth import BearerAuth
 from torpor.api.openapi import OPENAPI
+from torpor.api.rollouts import rollout_routes
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.spec import SpecError, load_spec, validate_tag
 from torpor.store.base import Store
@@ -314,6 +315,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         Route("/v1/functions/{name}/logs", logs, methods=["GET"]),
         Route("/v1/functions/{name}/traffic", set_traffic, methods=["PUT"]),
         Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
+        *rollout_routes(store, ApiError),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:

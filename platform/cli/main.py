@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import httpx
 
+from torpor.cli.rollout import add_parsers
+
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 SKIP = {".git", "__pycache__", ".deps", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
@@ -337,10 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
     bb.add_argument("--name")
     bb.add_argument("--force", action="store_true")
+    API_COMMANDS.update(add_parsers(sub))
     return p
 
 
-API_COMMANDS = {
+API_COMMANDS: dict[str, Any] = {
     "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
     "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top,
 }

@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from torpor.autoscaler.service import Autoscaler
+from torpor.controller.retention import collectable
+from torpor.controller.rollout import Rollouts
+from torpor.controller.traffic import apply_on_ready
 from torpor.drivers.base import BuildError, Driver, Running
-from torpor.model import Event, Function, Replica, Revision, Scale, TrafficTarget
+from torpor.model import Event, Function, Replica, Revision, Scale
 from torpor.store.base import CHANGES, POKES, STATS, Store
 
 log = logging.getLogger("torpor.controller")
@@ -53,6 +56,7 @@ class Settings:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_replicas: int = 100  # platform cap (torpor up --max-replicas)
+    keep_revisions: int = 5  # retired revisions kept (with their images) before garbage collection
     source_root: Path | None = None
 
 
@@ -88,6 +92,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.rollouts = Rollouts(store, clock)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,6 +160,7 @@ class Controller:
 
     def _on_stats(self, msg: dict[str, Any]) -> None:
         self.autoscaler.observe(msg, self._scale_of)
+        self.rollouts.observe(msg)
 
     def _scale_of(self, revision: str) -> Scale | None:
         fn_name = revision.rsplit("-", 1)[0]
@@ -211,6 +217,10 @@ class Controller:
         await self._check_alive()
         live_revisions: set[str] = set()
         for fn in list(self.functions.values()):
+            if fn.rollout is not None and fn.rollout.state in ("running", "paused"):
+                await self.rollouts.reconcile(fn)
+            for rev_name in collectable(fn, self.settings.keep_revisions):
+                await self._collect_revision(fn, rev_name)
             for rev in fn.revisions:
                 live_revisions.add(rev.name)
                 if rev.status == "building" and rev.name not in self.building and rev.image is None \
@@ -472,6 +482,26 @@ class Controller:
         await self.store.add_event(Event(function=function, kind=kind, message=message, data=data or {}))
 
     # -- deletion ------------------------------------------------------------------------
+    async def _collect_revision(self, fn: Function, rev_name: str) -> None:
+        """Garbage-collect a retired revision: no traffic, no replicas left."""
+        if any(t.replica.revision == rev_name for t in self.tracked.values()):
+            return
+        rev = fn.revision(rev_name)
+
+        def mutate(cur: Function | None) -> Function | None:
+            if cur is None or cur.revision(rev_name) is None or rev_name in cur.routed():
+                return None
+            cur.revisions = [r for r in cur.revisions if r.name != rev_name]
+            return cur
+
+        new = await self.store.update_function(fn.name, mutate)
+        if new is not None and new.revision(rev_name) is None and rev is not None:
+            self.functions[fn.name] = new
+            await self.driver.remove(rev)
+            if rev.source and self.settings.source_root and Path(rev.source).is_relative_to(self.settings.source_root):
+                shutil.rmtree(rev.source, ignore_errors=True)
+            await self._event(fn.name, "gc", f"{rev_name} garbage-collected (retention keeps {self.settings.keep_revisions})")
+
     async def _forget_later(self, fn: Function) -> None:
         self.wake()
         for _ in range(600):
@@ -490,26 +520,3 @@ class Controller:
         root = self.settings.source_root
         if root is not None:
             shutil.rmtree(root / fn.name, ignore_errors=True)
-
-
-def apply_on_ready(fn: Function, rev: Revision) -> None:
-    """Route a newly ready revision as its deploy asked (pure; used in a store mutator)."""
-    intent = rev.on_ready
-    if intent == "promote" or not fn.traffic:
-        tagged = [TrafficTarget(t.revision, 0, t.tag) for t in fn.traffic if t.tag and t.revision != rev.name]
-        fn.traffic = [TrafficTarget(rev.name, 100, rev.tag), *tagged]
-    elif intent.startswith("canary:"):
-        pct = int(intent.split(":", 1)[1])
-        stable = [t for t in fn.traffic if t.percent > 0]
-        rest = 100 - pct
-        new: list[TrafficTarget] = [TrafficTarget(rev.name, pct, rev.tag)]
-        total = sum(t.percent for t in stable) or 1
-        assigned = 0
-        for i, t in enumerate(stable):
-            share = rest - assigned if i == len(stable) - 1 else round(t.percent * rest / total)
-            assigned += share
-            new.append(TrafficTarget(t.revision, share, t.tag))
-        new += [TrafficTarget(t.revision, 0, t.tag) for t in fn.traffic if t.percent == 0 and t.tag]
-        fn.traffic = new
-    elif rev.tag:
-        fn.traffic = [t for t in fn.traffic if t.tag != rev.tag] + [TrafficTarget(rev.name, 0, rev.tag)]

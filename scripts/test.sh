@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what the tests need (idempotent), then run the whole test suite.
+#   redis-server (real Redis for the store contract and distributed-mode tests),
+#   Docker Engine + the locally built base image (docker driver tests),
+#   nginx + wrk (benchmarks), the project itself with its test extras.
+# Runs as root on Debian/Ubuntu; extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "test.sh: apt-get install ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+PYTHON="$PYTHON" bash .ci/install-docker.sh
+
+exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
