@@ -1,0 +1,366 @@
+"""EmbeddedStore: the in-process store of ``torpor up``.
+
+- Functions are durable: one file per function, ``state_dir/functions/NAME.json``,
+  written atomically (temp file in the same folder, fsync, ``os.replace``, fsync of
+  the folder). They are loaded when the store is constructed.
+- Replicas are runtime state and live in memory only: after a restart the
+  controller re-adopts what still runs.
+- Events are kept in memory (the last ``EVENTS_KEPT`` per function) and appended to
+  ``state_dir/events.jsonl`` (no fsync: events are best effort). The file is reloaded
+  on start and compacted when it grows well beyond what is kept.
+- The bus is in-process pub/sub. ``subscribe`` returns a ``Subscription`` fed by an
+  unbounded queue; ``publish`` never blocks and never awaits subscribers.
+
+Every record is stored as its JSON text, exactly like the Redis store: whatever is
+returned is a fresh object (mutating it does not change the store), and a record
+that is not JSON-safe fails here as it would in distributed mode. ``state_dir=None``
+keeps everything in memory (unit tests).
+
+Function writes run synchronously on the event loop (a few small files, written on
+deploys and traffic changes, not on the request path); this keeps each write and the
+in-memory copy in step even if the caller is cancelled.
+
+One process per state dir: two stores on the same folder would overwrite each
+other's writes without noticing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any, TextIO
+
+from torpor.model import Event, Function, Replica
+from torpor.store import check_name
+from torpor.store.base import CHANGES, Mutator
+
+log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 200  # per function
+EVENTS_FILE = "events.jsonl"
+FUNCTIONS_DIR = "functions"
+_COMPACT_SLACK = 1000  # compact events.jsonl once it holds this many lines beyond 2x kept
+
+_END = None  # queue sentinel: the subscription is over
+
+
+class Subscription:
+    """Messages of one channel published after ``subscribe()`` returned, in order.
+
+    Use ``async for msg in sub`` (or ``async with store.subscribe(ch) as sub``).
+    ``aclose()`` ends it; so does dropping the last reference (the queue is then
+    unregistered) and closing the store (the iterator stops). ``ready()`` exists for
+    parity with the Redis store: here a subscription is active as soon as it exists.
+    """
+
+    def __init__(self, queues: set[asyncio.Queue[str | None]]) -> None:
+        self._queues = queues
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._closed = False
+        queues.add(self._queue)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self._close()
+            raise StopAsyncIteration
+        data: dict[str, Any] = json.loads(item)
+        return data
+
+    async def ready(self) -> None:
+        """Return once messages published from now on will be received (at once here)."""
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queues.discard(self._queue)
+            self._queue.put_nowait(_END)  # wake a consumer waiting in __anext__
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        queues = getattr(self, "_queues", None)
+        if queues is not None:
+            queues.discard(self._queue)
+
+
+class EmbeddedStore:
+    """In-process ``Store``; durable in ``state_dir`` (see the module docstring)."""
+
+    def __init__(self, state_dir: Path | str | None = None) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._functions: dict[str, str] = {}  # name -> JSON text
+        self._replicas: dict[str, dict[str, str]] = {}  # function -> replica -> JSON
+        self._events: dict[str, deque[str]] = {}  # function -> JSON lines, oldest first
+        self._channels: dict[str, set[asyncio.Queue[str | None]]] = {}
+        self._lock = asyncio.Lock()
+        self._events_file: TextIO | None = None
+        self._event_lines = 0  # lines in events.jsonl
+        self._closed = False
+        if self.state_dir is not None:
+            self._load(self.state_dir)
+
+    # -- loading and files -----------------------------------------------------------
+
+    def _fn_dir(self) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / FUNCTIONS_DIR
+
+    def _load(self, state_dir: Path) -> None:
+        fn_dir = state_dir / FUNCTIONS_DIR
+        fn_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(fn_dir.iterdir()):
+            if path.name.startswith("."):
+                if path.name.endswith(".tmp"):  # an interrupted write: the old file stands
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                continue
+            if path.suffix != ".json":
+                continue
+            try:
+                name = check_name(path.stem)
+                fn = Function.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                if fn.name != name:
+                    raise ValueError(f"file holds function {fn.name!r}")
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                log.error("skipping unreadable function file %s: %s", path, e)
+                continue
+            self._functions[name] = json.dumps(fn.to_dict())
+
+        for path in state_dir.glob(".events.*.tmp"):  # an interrupted compaction
+            with contextlib.suppress(OSError):
+                path.unlink()
+        events_path = state_dir / EVENTS_FILE
+        lines = 0
+        torn = False
+        if events_path.exists():
+            with events_path.open(encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    lines += 1
+                    torn = not line.endswith("\n")
+                    try:
+                        ev = Event.from_dict(json.loads(line))
+                    except (ValueError, TypeError, AttributeError):
+                        continue  # e.g. a line torn by a crash
+                    self._remember_event(ev.function, json.dumps(ev.to_dict()))
+        self._event_lines = lines
+        # Rewrite the file when it holds more than is kept, or ends in a torn line
+        # (the next append would be glued to it).
+        if torn or lines > self._events_kept():
+            self._compact_events()
+        else:
+            self._events_file = events_path.open("a", encoding="utf-8")
+
+    def _write_function_file(self, name: str, text: str) -> None:
+        fn_dir = self._fn_dir()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=fn_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, fn_dir / f"{name}.json")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(fn_dir)
+
+    def _delete_function_file(self, name: str) -> None:
+        fn_dir = self._fn_dir()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fn_dir / f"{name}.json")
+        _fsync_dir(fn_dir)
+
+    def _events_kept(self) -> int:
+        return sum(len(q) for q in self._events.values())
+
+    def _remember_event(self, function: str, text: str) -> None:
+        q = self._events.get(function)
+        if q is None:
+            q = self._events[function] = deque(maxlen=EVENTS_KEPT)
+        q.append(text)
+
+    def _compact_events(self) -> None:
+        """Rewrite events.jsonl with only the events kept in memory (atomically)."""
+        assert self.state_dir is not None
+        if self._events_file is not None:
+            self._events_file.close()
+            self._events_file = None
+        path = self.state_dir / EVENTS_FILE
+        fd, tmp = tempfile.mkstemp(prefix=".events.", suffix=".tmp", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for q in self._events.values():
+                    for text in q:
+                        f.write(text + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.state_dir)
+        self._event_lines = self._events_kept()
+        self._events_file = path.open("a", encoding="utf-8")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+
+    # -- functions -----------------------------------------------------------------------
+
+    async def get_function(self, name: str) -> Function | None:
+        self._check_open()
+        return _function(self._functions.get(name))
+
+    async def list_functions(self) -> list[Function]:
+        self._check_open()
+        return [Function.from_dict(json.loads(self._functions[n])) for n in sorted(self._functions)]
+
+    async def update_function(self, name: str, mutate: Mutator) -> Function | None:
+        self._check_open()
+        check_name(name)
+        async with self._lock:
+            current = self._functions.get(name)
+            new = mutate(_function(current))
+            if new is None:
+                return _function(current)
+            if new.name != name:
+                raise ValueError(f"mutator renamed function {name!r} to {new.name!r}")
+            text = json.dumps(new.to_dict())
+            if self.state_dir is not None:
+                self._write_function_file(name, text)
+            self._functions[name] = text
+        self._publish(CHANGES, {"kind": "function", "function": name})
+        return _function(text)
+
+    async def delete_function(self, name: str) -> bool:
+        self._check_open()
+        async with self._lock:
+            existed = name in self._functions
+            if existed and self.state_dir is not None:
+                self._delete_function_file(name)
+            self._functions.pop(name, None)
+            replicas = self._replicas.pop(name, None)
+        if existed or replicas:
+            self._publish(CHANGES, {"kind": "deleted", "function": name})
+        return existed
+
+    # -- replicas ------------------------------------------------------------------------
+
+    async def put_replica(self, replica: Replica) -> None:
+        self._check_open()
+        text = json.dumps(replica.to_dict())
+        self._replicas.setdefault(replica.function, {})[replica.name] = text
+        self._publish(CHANGES, {"kind": "replica", "function": replica.function})
+
+    async def delete_replica(self, function: str, name: str) -> None:
+        self._check_open()
+        by_name = self._replicas.get(function)
+        if by_name is None or by_name.pop(name, None) is None:
+            return
+        if not by_name:
+            del self._replicas[function]
+        self._publish(CHANGES, {"kind": "replica", "function": function})
+
+    async def list_replicas(self, function: str | None = None) -> list[Replica]:
+        self._check_open()
+        if function is not None:
+            groups = [self._replicas.get(function, {})]
+        else:
+            groups = [self._replicas[f] for f in sorted(self._replicas)]
+        return [Replica.from_dict(json.loads(g[n])) for g in groups for n in sorted(g)]
+
+    # -- events --------------------------------------------------------------------------
+
+    async def add_event(self, event: Event) -> None:
+        self._check_open()
+        text = json.dumps(event.to_dict())
+        self._remember_event(event.function, text)
+        if self._events_file is not None:
+            self._events_file.write(text + "\n")
+            self._events_file.flush()
+            self._event_lines += 1
+            if self._event_lines > 2 * self._events_kept() + _COMPACT_SLACK:
+                self._compact_events()
+
+    async def list_events(self, function: str, limit: int = 50) -> list[Event]:
+        """The last ``limit`` events of ``function``, newest last."""
+        self._check_open()
+        q = self._events.get(function)
+        if not q or limit <= 0:
+            return []
+        return [Event.from_dict(json.loads(t)) for t in list(q)[-limit:]]
+
+    # -- bus -----------------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: dict[str, Any]) -> None:
+        self._check_open()
+        self._publish(channel, payload)
+
+    def _publish(self, channel: str, payload: dict[str, Any]) -> None:
+        queues = self._channels.get(channel)
+        if not queues:
+            return
+        text = json.dumps(payload)  # each subscriber decodes its own copy
+        for q in list(queues):
+            q.put_nowait(text)
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Messages published on ``channel`` after this call, in order, until closed.
+
+        The subscription is registered before this returns, so a ``publish`` right
+        after ``subscribe()`` is received.
+        """
+        self._check_open()
+        queues = self._channels.get(channel)
+        if queues is None:
+            queues = self._channels[channel] = set()
+        return Subscription(queues)
+
+    async def close(self) -> None:
+        """End every subscription, close the events file. The store is unusable after."""
+        if self._closed:
+            return
+        self._closed = True
+        for queues in self._channels.values():
+            for q in list(queues):
+                q.put_nowait(_END)
+            queues.clear()
+        if self._events_file is not None:
+            self._events_file.close()
+            self._events_file = None
+
+
+def _function(text: str | None) -> Function | None:
+    return Function.from_dict(json.loads(text)) if text is not None else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,382 @@
+"""RedisStore: the shared store of distributed mode (``redis.asyncio``).
+
+Keys (``P`` is the prefix, ``torpor`` by default):
+
+- ``P:fn:NAME``         string, JSON of ``Function.to_dict()``
+- ``P:fns``             set of function names
+- ``P:replicas:FN``     hash, replica name -> JSON of ``Replica.to_dict()``
+- ``P:rfns``            set of function names that have (or had) replica records,
+                        so ``list_replicas()`` finds replicas of any function
+- ``P:events:FN``       list of JSON events, oldest first, capped at ``EVENTS_KEPT``
+
+``update_function`` is an optimistic WATCH/MULTI/EXEC transaction retried up to
+``MAX_ATTEMPTS`` times, then ``ConflictError``. The change message is PUBLISHed in
+the same transaction as the write.
+
+The bus is Redis pub/sub on channel ``P:CHANNEL`` with JSON payloads: at most once.
+Messages published while a subscriber's connection is being re-established are
+lost; redis-py re-subscribes by itself and a warning is logged. If the connection
+cannot be re-established the subscription's iterator raises the error.
+
+``subscribe()`` is synchronous (the ``Store`` protocol) but SUBSCRIBE needs a round
+trip, so each ``Subscription`` starts a small task that subscribes and then pumps
+messages into a queue. Ordering guarantees:
+
+- every operation of *this* store (read, write or publish) first waits until each
+  SUBSCRIBE started on it is confirmed by the server. So
+  ``sub = store.subscribe(ch); await store.publish(ch, m)`` always delivers ``m``, and
+  ``sub = store.subscribe(CHANGES); fns = await store.list_functions()`` misses no
+  change made by any process after the list was read;
+- to wait for the subscription without another operation, ``await sub.ready()`` (or
+  use ``async with store.subscribe(ch) as sub``, which waits on entering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import weakref
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from torpor.model import Event, Function, Replica
+from torpor.store import check_name
+from torpor.store.base import CHANGES, ConflictError, Mutator
+
+log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 200  # per function
+MAX_ATTEMPTS = 20  # optimistic update attempts before ConflictError
+SUBSCRIBE_TIMEOUT = 10.0  # seconds to get a SUBSCRIBE confirmed
+
+
+class _End:
+    """Queue item: the subscription is over (``error`` set if it failed)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class _SubState:
+    """What the pump task and the Subscription share (the task never holds the
+    Subscription itself, so dropping the Subscription lets it be collected)."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.queue: asyncio.Queue[dict[str, Any] | _End] = asyncio.Queue()
+        self.ready = asyncio.Event()  # set once SUBSCRIBE is confirmed, or failed
+        self.error: BaseException | None = None
+
+
+async def _pump(ps: Any, state: _SubState) -> None:
+    """Subscribe ``ps`` to ``state.channel`` and move its messages into the queue."""
+    end = _End()
+    try:
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await ps.subscribe(state.channel)
+                while True:
+                    msg = await ps.get_message(timeout=None)
+                    if msg is not None and msg["type"] == "subscribe":
+                        break
+        except TimeoutError as e:
+            raise TimeoutError(f"SUBSCRIBE {state.channel} not confirmed") from e
+        state.ready.set()
+        while True:
+            msg = await ps.get_message(timeout=None)
+            if msg is None:
+                continue
+            if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed
+                log.warning("pub/sub connection to %s was re-established; messages "
+                            "published meanwhile are lost", state.channel)
+                continue
+            if msg["type"] != "message":
+                continue
+            try:
+                payload = json.loads(msg["data"])
+            except ValueError:
+                log.warning("dropping non-JSON message on %s", state.channel)
+                continue
+            state.queue.put_nowait(payload)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        state.error = e
+        end = _End(e)
+    finally:
+        state.ready.set()  # settled: publishers stop waiting, ready() sees the error
+        state.queue.put_nowait(end)
+        with contextlib.suppress(Exception):
+            await ps.aclose()
+
+
+class Subscription:
+    """Messages of one channel, in order; see the module docstring for when they start.
+
+    ``async for msg in sub`` yields payload dicts; it stops after ``aclose()`` or the
+    store's ``close()``, and raises if the connection is lost for good. Dropping the
+    last reference also ends the subscription (its connection goes back to the pool).
+    """
+
+    def __init__(self, store: RedisStore, channel: str) -> None:
+        self._state = _SubState(channel)
+        self._closed = False
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._task = loop.create_task(_pump(store._redis.pubsub(), self._state))
+        store._track(self, self._state, self._task)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._state.queue.get()
+        if isinstance(item, _End):
+            self._closed = True
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        return item
+
+    async def ready(self) -> None:
+        """Return once the server confirmed the SUBSCRIBE (raise if it failed)."""
+        await self._state.ready.wait()
+        if self._state.error is not None:
+            raise self._state.error
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if not self._task.done():
+            self._task.cancel()
+            self._state.ready.set()  # in case the task is cancelled before it ever ran
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._state.queue.put_nowait(_End())  # wake a consumer waiting in __anext__
+
+    async def __aenter__(self) -> Subscription:
+        await self.ready()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done() and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                task.cancel()
+                self._state.ready.set()
+
+
+class RedisStore:
+    """``Store`` on Redis; see the module docstring for keys and bus semantics."""
+
+    def __init__(self, url: str, prefix: str = "torpor") -> None:
+        self.url = url
+        self.prefix = prefix
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unready: set[_SubState] = set()
+        self._closed = False
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _fn_key(self, name: str) -> str:
+        return f"{self.prefix}:fn:{name}"
+
+    def _replicas_key(self, function: str) -> str:
+        return f"{self.prefix}:replicas:{function}"
+
+    def _events_key(self, function: str) -> str:
+        return f"{self.prefix}:events:{function}"
+
+    def _channel(self, channel: str) -> str:
+        return f"{self.prefix}:{channel}"
+
+    @property
+    def _fns_key(self) -> str:
+        return f"{self.prefix}:fns"
+
+    @property
+    def _rfns_key(self) -> str:
+        return f"{self.prefix}:rfns"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+
+    async def _enter(self) -> None:
+        """Every operation starts here: refuse a closed store, and let any SUBSCRIBE
+        started on this store be confirmed first. So ``sub = subscribe(ch)`` followed
+        by any read or write on this store is ordered after the subscription: the
+        usual "subscribe, then list" resync has no gap, even against other processes.
+        """
+        self._check_open()
+        if self._unready:
+            await self._wait_subscriptions()
+
+    # -- functions -----------------------------------------------------------------------
+
+    async def get_function(self, name: str) -> Function | None:
+        await self._enter()
+        return _function(await self._redis.get(self._fn_key(name)))
+
+    async def list_functions(self) -> list[Function]:
+        await self._enter()
+        names = sorted(map(_str, await self._redis.smembers(self._fns_key)))
+        if not names:
+            return []
+        texts = await self._redis.mget([self._fn_key(n) for n in names])
+        return [Function.from_dict(json.loads(t)) for t in texts if t is not None]
+
+    async def update_function(self, name: str, mutate: Mutator) -> Function | None:
+        await self._enter()
+        check_name(name)
+        key = self._fn_key(name)
+        change = json.dumps({"kind": "function", "function": name})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for attempt in range(MAX_ATTEMPTS):
+                try:
+                    await pipe.watch(key)
+                    current = await pipe.get(key)
+                    new = mutate(_function(current))
+                    if new is None:
+                        await pipe.unwatch()
+                        return _function(current)
+                    if new.name != name:
+                        raise ValueError(f"mutator renamed function {name!r} to {new.name!r}")
+                    text = json.dumps(new.to_dict())
+                    pipe.multi()
+                    pipe.set(key, text)
+                    pipe.sadd(self._fns_key, name)
+                    pipe.publish(self._channel(CHANGES), change)
+                    await pipe.execute()
+                    return _function(text)
+                except WatchError:
+                    # Someone else wrote it first: back off a little, then retry.
+                    await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
+        raise ConflictError(f"update of function {name!r} lost {MAX_ATTEMPTS} races")
+
+    async def delete_function(self, name: str) -> bool:
+        await self._enter()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._fn_key(name))
+            pipe.srem(self._fns_key, name)
+            pipe.delete(self._replicas_key(name))
+            pipe.srem(self._rfns_key, name)
+            fn_deleted, _, replicas_deleted, _ = await pipe.execute()
+        if fn_deleted or replicas_deleted:
+            await self.publish(CHANGES, {"kind": "deleted", "function": name})
+        return bool(fn_deleted)
+
+    # -- replicas ------------------------------------------------------------------------
+
+    async def put_replica(self, replica: Replica) -> None:
+        await self._enter()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._replicas_key(replica.function), replica.name,
+                      json.dumps(replica.to_dict()))
+            pipe.sadd(self._rfns_key, replica.function)
+            pipe.publish(self._channel(CHANGES),
+                         json.dumps({"kind": "replica", "function": replica.function}))
+            await pipe.execute()
+
+    async def delete_replica(self, function: str, name: str) -> None:
+        await self._enter()
+        if await self._redis.hdel(self._replicas_key(function), name):
+            await self.publish(CHANGES, {"kind": "replica", "function": function})
+
+    async def list_replicas(self, function: str | None = None) -> list[Replica]:
+        await self._enter()
+        if function is not None:
+            functions = [function]
+        else:
+            functions = sorted(map(_str, await self._redis.smembers(self._rfns_key)))
+        if not functions:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for f in functions:
+                pipe.hgetall(self._replicas_key(f))
+            groups: list[dict[str, str]] = await pipe.execute()
+        return [Replica.from_dict(json.loads(g[n])) for g in groups for n in sorted(g)]
+
+    # -- events --------------------------------------------------------------------------
+
+    async def add_event(self, event: Event) -> None:
+        await self._enter()
+        key = self._events_key(event.function)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(event.to_dict()))
+            pipe.ltrim(key, -EVENTS_KEPT, -1)
+            await pipe.execute()
+
+    async def list_events(self, function: str, limit: int = 50) -> list[Event]:
+        """The last ``limit`` events of ``function``, newest last."""
+        await self._enter()
+        if limit <= 0:  # LRANGE -0 -1 would mean "everything"
+            return []
+        texts = await self._redis.lrange(self._events_key(function), -limit, -1)
+        return [Event.from_dict(json.loads(t)) for t in texts]
+
+    # -- bus -----------------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: dict[str, Any]) -> None:
+        await self._enter()
+        text = json.dumps(payload)
+        await self._redis.publish(self._channel(channel), text)
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Messages published on ``channel`` after this call, in order, until closed.
+
+        Publishes made through this store are ordered after the SUBSCRIBE; for
+        publishers elsewhere, ``await sub.ready()`` first (see the module docstring).
+        Must be called with an event loop running.
+        """
+        self._check_open()
+        return Subscription(self, self._channel(channel))
+
+    def _track(self, sub: Subscription, state: _SubState, task: asyncio.Task[None]) -> None:
+        self._subs.add(sub)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._unready = {s for s in self._unready if not s.ready.is_set()}
+        self._unready.add(state)
+
+    async def _wait_subscriptions(self) -> None:
+        """Wait until every SUBSCRIBE started on this store is confirmed (or failed)."""
+        if not self._unready:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT + 1):
+                for state in list(self._unready):
+                    await state.ready.wait()
+        self._unready = {s for s in self._unready if not s.ready.is_set()}
+
+    async def close(self) -> None:
+        """End every subscription and close the connection pool."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            await sub.aclose()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+
+def _function(text: str | bytes | None) -> Function | None:
+    return Function.from_dict(json.loads(text)) if text is not None else None
+
+
+def _str(value: str | bytes) -> str:
+    """Redis replies are str (decode_responses=True); this tells the type checker."""
+    return value if isinstance(value, str) else value.decode()
