@@ -96,16 +96,14 @@ class Controller:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        changes = self.store.subscribe(CHANGES).__aiter__()
-        pokes = self.store.subscribe(POKES).__aiter__()
-        stats = self.store.subscribe(STATS).__aiter__()
+        subs = {ch: self.store.subscribe(ch) for ch in (CHANGES, POKES, STATS)}
         await self._sync_functions()
         await self._adopt()
         self.synced.set()
         self._tasks = [
-            asyncio.create_task(self._listen(changes, self._on_change), name="ctl-changes"),
-            asyncio.create_task(self._listen(pokes, self._on_poke), name="ctl-pokes"),
-            asyncio.create_task(self._listen(stats, self._on_stats), name="ctl-stats"),
+            asyncio.create_task(self._listen(CHANGES, subs[CHANGES], self._on_change), name="ctl-changes"),
+            asyncio.create_task(self._listen(POKES, subs[POKES], self._on_poke), name="ctl-pokes"),
+            asyncio.create_task(self._listen(STATS, subs[STATS], self._on_stats), name="ctl-stats"),
             asyncio.create_task(self._loop(), name="ctl-loop"),
         ]
 
@@ -128,14 +126,28 @@ class Controller:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _listen(self, it: Any, handle: Callable[[dict[str, Any]], Any]) -> None:
-        async for msg in it:
+    async def _listen(self, channel: str, sub: Any, handle: Callable[[dict[str, Any]], Any]) -> None:
+        """Feed ``handle`` from a bus channel; resubscribe (and resync) if the bus fails."""
+        while True:
             try:
-                r = handle(msg)
-                if asyncio.iscoroutine(r):
-                    await r
+                async for msg in sub:
+                    try:
+                        r = handle(msg)
+                        if asyncio.iscoroutine(r):
+                            await r
+                    except Exception:
+                        log.exception("controller: handling %r failed", msg)
+                if self._stopping:
+                    return
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                log.exception("controller: handling %r failed", msg)
+                log.exception("controller: %s subscription failed; resubscribing", channel)
+            await asyncio.sleep(1.0)
+            sub = self.store.subscribe(channel)
+            if channel == CHANGES:
+                await self._sync_functions()
+                self.wake()
 
     async def _on_change(self, msg: dict[str, Any]) -> None:
         if msg.get("kind") == "replica":
@@ -254,7 +266,7 @@ class Controller:
                 [t for t in self._replicas_of(rev.name) if t.replica.state in ("starting", "ready")])
         else:
             desired = decision.desired
-        desired = max(scale.min, min(desired, scale.max, self.settings.max_replicas))
+        desired = min(max(desired, scale.min), scale.max, self.settings.max_replicas)  # max wins
         if desired != st.desired:
             msg = f"{rev.name}: desired {st.desired} -> {desired} ({decision.reason})"
             asyncio.ensure_future(self._event(fn.name, "scale", msg, {
