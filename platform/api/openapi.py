@@ -12,6 +12,22 @@ def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
 
 
+_ROLLOUT_VIEW: dict[str, Any] = {"type": "object", "properties": {
+    "rollout": {"type": "object", "nullable": True, "properties": {
+        "to": {"type": "string"}, "stable": {"type": "string"},
+        "steps": {"type": "array", "items": {"type": "integer"}}, "step": {"type": "integer"},
+        "state": {"type": "string", "enum": ["running", "paused", "promoted", "rolled_back", "aborted"]},
+        "step_started": {"type": "number"}, "reason": {"type": "string"}, "policy": {"type": "object"}}},
+    "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}},
+    "revision": {"type": "string"}}}
+_ROLLOUT_START: dict[str, Any] = {"type": "object", "required": ["to"], "properties": {
+    "to": {"type": "string"},
+    "steps": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}},
+    "interval": {"oneOf": [{"type": "number"}, {"type": "string"}]},
+    "max_error_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+    "max_p95_ratio": {"type": "number", "minimum": 1},
+    "min_requests": {"type": "integer", "minimum": 0}}}
+
 _ERRORS = {"400": _resp("bad input", _ERROR), "401": _resp("missing or wrong token", _ERROR),
            "404": _resp("no such function", _ERROR)}
 
@@ -79,5 +95,22 @@ OPENAPI: dict[str, Any] = {
             "summary": "change scaling bounds without a new revision; replicas=N pins min=max=N",
             "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScalePatch"}}}},
             "responses": {"200": _resp("new scale"), **_ERRORS}}},
+        "/v1/functions/{name}/rollout": {"parameters": [_NAME], "get": {
+            "summary": "the rollout (or null) and the traffic table",
+            "responses": {"200": _resp("rollout", _ROLLOUT_VIEW), **_ERRORS}}, "post": {
+            "summary": "start a rollout to a ready revision; policy fields default to its torpor.yaml rollout section",
+            "requestBody": {"content": {"application/json": {"schema": _ROLLOUT_START}}},
+            "responses": {"201": _resp("rollout started", _ROLLOUT_VIEW), **_ERRORS,
+                          "409": _resp("a rollout is running, or nothing to replace", _ERROR)}}},
+        "/v1/functions/{name}/rollout/{action}": {"parameters": [_NAME, {
+            "name": "action", "in": "path", "required": True,
+            "schema": {"type": "string", "enum": ["pause", "resume", "promote", "abort"]}}], "post": {
+            "summary": "pause, resume (the step is measured afresh), promote (100% now) or abort (back to stable)",
+            "responses": {"200": _resp("rollout", _ROLLOUT_VIEW), **_ERRORS,
+                          "409": _resp("no running or paused rollout", _ERROR)}}},
+        "/v1/functions/{name}/rollback": {"parameters": [_NAME], "post": {
+            "summary": "all traffic back to the previous stable revision (ends a running rollout as rolled_back)",
+            "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_ERRORS,
+                          "409": _resp("no earlier ready revision", _ERROR)}}},
     },
 }

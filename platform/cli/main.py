@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from torpor.cli.rollout import add_parsers
+from torpor.cli.rollout import add_parsers, watch
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -84,7 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         die(f"up: {e}", 2)
     cfg = UpConfig(driver=args.driver, redis=args.redis, host=args.host, port=args.port, api_host=args.api_host,
                    api_port=args.api_port, token=token, domain=args.domain, max_replicas=args.max_replicas,
-                   log_level=args.log_level, base_image=args.base_image)
+                   log_level=args.log_level, base_image=args.base_image, keep_revisions=args.keep_revisions)
     if args.state_dir:
         cfg.state_dir = Path(args.state_dir)
     return run_up(cfg)
@@ -125,6 +125,8 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
                 f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "") for t in fn["traffic"]),
                 file=sys.stderr)
             print(fn["url"])
+            if args.canary is not None and not args.no_watch:
+                return watch(api, spec.name, to=rev)
             return 0
         if r["status"] == "failed":
             die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", help="where state persists (default ~/.local/share/torpor)")
     up.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     up.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
+    up.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
     up.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
     up.add_argument("--log-level", default="warning")
 
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--canary", type=int, metavar="PCT")
     d.add_argument("--tag")
     d.add_argument("--no-traffic", action="store_true")
+    d.add_argument("--no-watch", action="store_true", help="with --canary: return once ready, leave the rollout running")
     d.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the revision")
 
     i = sub.add_parser("invoke", help="call a function through the gateway")
