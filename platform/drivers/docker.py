@@ -1,0 +1,643 @@
+"""The ``docker`` driver: each replica is a container on the local Docker Engine.
+
+Source functions are built into ``torpor/fn-NAME:REVISION`` from a locally built base
+image (see ``baseimage.py``; nothing is pulled). Dependencies from ``requirements.txt``
+are installed on the host with pip (containers cannot reach PyPI) and copied into the
+image at ``/fn/.deps``. Replicas run as uid 65534 on a read-only root file system with
+no capabilities, memory/CPU/pid limits, no volumes, and publish their port on
+127.0.0.1 only.
+
+Containers carry the labels ``torpor.function``, ``torpor.revision``,
+``torpor.replica``, ``torpor.managed=true`` and ``torpor.instance`` (derived from the
+state directory), so a new driver on the same state directory adopts what an earlier
+one started and two Torpor installations on one engine never touch each other's
+replicas. The Docker SDK is blocking: every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
+from torpor.model import Revision
+
+MANAGED = "torpor.managed"
+INSTANCE = "torpor.instance"
+USER = "65534:65534"
+PIDS_LIMIT = 256
+TMPFS = {"/tmp": "rw,size=64m"}
+# Never copied from a function folder into its image.
+_SKIP = {".git", "__pycache__", ".deps", ".venv", "venv", ".mypy_cache", ".pytest_cache"}
+
+# The image of a source function. ``{...}`` are filled in by ``dockerfile()``.
+DOCKERFILE = """\
+FROM {base}
+COPY torpor/ /torpor/
+COPY fn/ /fn/
+ENV TORPOR_DIR=/fn \\
+    TORPOR_HANDLER={handler} \\
+    TORPOR_HOST=0.0.0.0 \\
+    PORT={port} \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+WORKDIR /fn
+USER {user}
+EXPOSE {port}
+CMD ["python3", "/torpor/server.py"]
+"""
+
+
+def dockerfile(base: str, handler: str, port: int) -> str:
+    return DOCKERFILE.format(base=base, handler=json.dumps(handler), port=int(port), user=USER)
+
+
+def runtime_server() -> Path:
+    """Path of the stand-alone runtime (``torpor.runtime.server``) without importing it."""
+    spec = importlib.util.find_spec("torpor.runtime.server")
+    if spec is not None and spec.origin:
+        return Path(spec.origin)
+    return Path(__file__).resolve().parent.parent / "runtime" / "server.py"
+
+
+def image_name(revision: Revision) -> str:
+    """The tag a source revision is built as: ``torpor/fn-NAME:REVISION`` (lowercase)."""
+    return f"torpor/fn-{revision.function}:{revision.name}".lower()
+
+
+def instance_id(state_dir: Path) -> str:
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def engine_reachable(timeout: float = 3.0) -> bool:
+    """True if a Docker Engine answers a ping (``DOCKER_HOST`` or the default socket)."""
+    try:
+        client = docker.from_env(timeout=int(max(1, timeout)))
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _tail(lines: Iterable[str], n: int = 8) -> str:
+    kept = [line for line in lines if line.strip()]
+    return "\n".join(kept[-n:])
+
+
+def _exit_code(status: str) -> int | None:
+    m = re.match(r"Exited \((-?\d+)\)", status or "")
+    return int(m.group(1)) if m else None
+
+
+def check_requirements(text: str) -> None:
+    """Refuse what would let a function's requirements.txt reach beyond PyPI packages.
+
+    pip runs on the host, as the platform's user: options (``--index-url``, ``-e``,
+    ``-r other``, ``--no-binary``...), URLs and local paths are refused; names, extras,
+    version specifiers, markers and ``--hash`` are accepted. Set ``TORPOR_PIP_TRUSTED=1``
+    to lift this (and the wheels-only rule) for code you trust.
+    """
+    logical: list[tuple[int, str]] = []
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not buf:
+            start = n
+        line = re.sub(r"(^|\s)#.*$", "", raw)
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        logical.append((start, buf + line))
+        buf = ""
+    if buf:
+        logical.append((start, buf))
+    for n, line in logical:
+        line = line.strip()
+        if not line:
+            continue
+        req, *opts = re.split(r"\s+(?=-)", line)
+        where = f"requirements.txt line {n}"
+        if req.startswith("-"):
+            raise BuildError(
+                f"{where}: pip option {req.split()[0]!r} is not accepted: list package names "
+                "and versions only (TORPOR_PIP_TRUSTED=1 lifts this for trusted code)"
+            )
+        for opt in opts:
+            if not opt.startswith("--hash"):
+                raise BuildError(f"{where}: only --hash may follow a requirement, not {opt!r}")
+        name_part = req.split(";", 1)[0]
+        if "://" in name_part or "@" in name_part or "/" in name_part or "\\" in name_part:
+            raise BuildError(
+                f"{where}: URLs, direct references and paths are not accepted ({req!r}): "
+                "list package names and versions from the package index"
+            )
+        if name_part.startswith((".", "~")):
+            raise BuildError(f"{where}: local paths are not accepted ({req!r})")
+
+
+def _pip_trusted() -> bool:
+    return os.environ.get("TORPOR_PIP_TRUSTED", "").lower() in ("1", "true", "yes")
+
+
+def _make_readable(root: Path) -> None:
+    """The image runs as uid 65534: everything copied in must be world-readable."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+            extra = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+            if stat.S_ISDIR(mode) or mode & stat.S_IXUSR:
+                extra |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+            p.chmod(stat.S_IMODE(mode) | extra)
+
+
+class DockerDriver:
+    name = "docker"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        base_image: str | None = None,
+        host: str = "127.0.0.1",
+        client: docker.DockerClient | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.base_image = base_image or base_image_name()
+        self.host = host
+        self.endpoint_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.instance = instance_id(self.state_dir)
+        self._client = client
+        self._base_lock = asyncio.Lock()
+        self._base_python: str | None = None
+
+    # -- plumbing --------------------------------------------------------------------------
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = docker.from_env(timeout=120)
+        return self._client
+
+    async def ping(self) -> None:
+        """Raise if the engine does not answer."""
+        await asyncio.to_thread(self.client.ping)
+
+    def _labels(self, revision: Revision, replica: str | None = None) -> dict[str, str]:
+        labels = {
+            MANAGED: "true",
+            INSTANCE: self.instance,
+            "torpor.function": revision.function,
+            "torpor.revision": revision.name,
+        }
+        if replica is not None:
+            labels["torpor.replica"] = replica
+        return labels
+
+    # -- build -----------------------------------------------------------------------------
+    async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
+        loop = asyncio.get_running_loop()
+
+        def say(line: str) -> None:  # callable from worker threads; runs on the loop
+            if progress is not None:
+                loop.call_soon_threadsafe(progress, line)
+
+        spec = revision.spec
+        if spec.image:
+            try:
+                await asyncio.to_thread(self.client.images.get, spec.image)
+            except docker.errors.ImageNotFound:
+                raise BuildError(
+                    f"image {spec.image} not found locally (no registry is reachable: "
+                    f"build or load it with `docker build`/`docker load` first)"
+                ) from None
+            except docker.errors.DockerException as e:
+                raise BuildError(f"Docker Engine error while looking up {spec.image}: {e}") from e
+            revision.image = spec.image
+            return revision
+
+        if not revision.source or not Path(revision.source).is_dir():
+            raise BuildError(f"source folder {revision.source!r} is missing")
+        await self._ensure_base(say)
+        tag = image_name(revision)
+        work = self.state_dir / "docker-build"
+        work.mkdir(parents=True, exist_ok=True)
+        ctx = Path(tempfile.mkdtemp(prefix=f"{revision.name}-", dir=work))
+        try:
+            await asyncio.to_thread(self._context, revision, ctx, say)
+            await asyncio.to_thread(self._build, revision, ctx, tag, say)
+        finally:
+            shutil.rmtree(ctx, ignore_errors=True)
+        revision.image = tag
+        return revision
+
+    async def _ensure_base(self, say: Callable[[str], None]) -> None:
+        async with self._base_lock:
+            try:
+                await asyncio.to_thread(self.client.images.get, self.base_image)
+                return
+            except docker.errors.ImageNotFound:
+                pass
+            except docker.errors.DockerException as e:
+                raise BuildError(f"Docker Engine not reachable: {e}") from e
+            can_build = (
+                self.base_image == "torpor/python-base:bookworm"
+                and shutil.which("debootstrap") is not None
+                and os.geteuid() == 0
+            )
+            if not can_build:
+                raise BuildError(
+                    f"base image {self.base_image} not found locally: build it with "
+                    "`python -m torpor.drivers.baseimage` (debootstrap, as root) or set "
+                    "TORPOR_BASE_IMAGE to an image you have (e.g. python:3.12-slim)"
+                )
+            say(f"base image {self.base_image} missing: building it once (about a minute)")
+            try:
+                await asyncio.to_thread(build_base_image, self.base_image, say)
+            except BaseImageError as e:
+                raise BuildError(str(e)) from e
+
+    def _python_of_base(self) -> str:
+        """``X.Y`` of the base image's python3 (cached); pip installs deps for it."""
+        if self._base_python is None:
+            out = self.client.containers.run(
+                self.base_image,
+                ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                remove=True,
+                network_disabled=True,
+                user=USER,
+            )
+            self._base_python = out.decode().strip()
+        return self._base_python
+
+    def _context(self, revision: Revision, ctx: Path, say: Callable[[str], None]) -> None:
+        src = Path(revision.source or "")
+        server = runtime_server()
+        if not server.is_file():
+            raise BuildError(f"runtime {server} is missing")
+        (ctx / "torpor").mkdir()
+        shutil.copy2(server, ctx / "torpor" / "server.py")
+        shutil.copytree(
+            src,
+            ctx / "fn",
+            symlinks=True,  # never dereference a link to a host file
+            ignore=lambda _d, names: [n for n in names if n in _SKIP or n.endswith(".pyc")],
+        )
+        req = src / "requirements.txt"
+        if req.is_file() and req.read_text().strip():
+            self._pip(req, ctx / "fn" / ".deps", say)
+        _make_readable(ctx)
+        (ctx / "Dockerfile").write_text(
+            dockerfile(self.base_image, revision.spec.handler or "handler:handle", revision.spec.port)
+        )
+
+    def _pip(self, req: Path, target: Path, say: Callable[[str], None]) -> None:
+        trusted = _pip_trusted()
+        if not trusted:
+            check_requirements(req.read_text())
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+            "--no-warn-script-location", "--progress-bar", "off", "--target", str(target),
+        ]
+        if not trusted:
+            # Wheels only: building an sdist runs its setup code on the host.
+            cmd.append("--only-binary=:all:")
+        try:
+            base_py = self._python_of_base()
+        except docker.errors.DockerException as e:
+            raise BuildError(f"cannot run the base image {self.base_image}: {e}") from e
+        host_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        if base_py and base_py != host_py:
+            # Cross-version install: wheels only, for the image's interpreter.
+            cmd += ["--python-version", base_py]
+            if trusted:
+                cmd.append("--only-binary=:all:")  # required by --python-version
+        cmd += ["-r", str(req)]
+        say(f"pip install -r requirements.txt (for python {base_py or host_py}, on the host)")
+        lines: list[str] = []
+        with subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=req.parent,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                lines.append(line)
+                say(line)
+        if proc.returncode != 0:
+            raise BuildError(
+                f"pip install -r requirements.txt failed (exit {proc.returncode}):\n{_tail(lines)}"
+            )
+
+    def _build(self, revision: Revision, ctx: Path, tag: str, say: Callable[[str], None]) -> None:
+        say(f"building image {tag} from {self.base_image}")
+        lines: list[str] = []
+        try:
+            for chunk in self.client.api.build(
+                path=str(ctx),
+                tag=tag,
+                labels=self._labels(revision),
+                rm=True,
+                forcerm=True,
+                pull=False,
+                decode=True,
+            ):
+                if "stream" in chunk:
+                    for line in str(chunk["stream"]).splitlines():
+                        if line.strip():
+                            lines.append(line)
+                            say(line)
+                if "error" in chunk:
+                    detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
+                    raise BuildError(f"docker build of {tag} failed: {detail}\n{_tail(lines)}")
+        except docker.errors.DockerException as e:
+            raise BuildError(f"docker build of {tag} failed: {e}\n{_tail(lines)}") from e
+
+    async def remove(self, revision: Revision) -> None:
+        if revision.spec.image:
+            return  # the user's image, not ours
+        tag = image_name(revision)
+
+        def rm() -> None:
+            try:
+                image = self.client.images.get(tag)
+                owner = image.labels.get(INSTANCE)
+                if owner and owner != self.instance:
+                    return  # built by another Torpor installation on this engine
+                self.client.images.remove(tag, force=True)
+            except docker.errors.ImageNotFound:
+                pass
+            except docker.errors.APIError as e:
+                if e.status_code != 404:
+                    raise
+
+        await asyncio.to_thread(rm)
+
+    # -- replicas --------------------------------------------------------------------------
+    async def start(self, revision: Revision, replica: str) -> Running:
+        image = revision.image or revision.spec.image
+        if not image:
+            raise BuildError(f"revision {revision.name} has no image: prepare it first")
+        spec = revision.spec
+        env = {
+            **spec.env,
+            "PORT": str(spec.port),
+            "TORPOR_FUNCTION": revision.function,
+            "TORPOR_REVISION": revision.name,
+            "TORPOR_REPLICA": replica,
+        }
+        if not spec.image:
+            env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo
+        kwargs: dict[str, Any] = dict(
+            name=f"torpor-{replica}",
+            labels=self._labels(revision, replica),
+            environment=env,
+            ports={f"{spec.port}/tcp": (self.host, None)},
+            user=USER,
+            read_only=True,
+            tmpfs=dict(TMPFS),
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            privileged=False,
+            pids_limit=PIDS_LIMIT,
+        )
+        if spec.resources.cpu > 0:
+            kwargs["nano_cpus"] = max(1_000_000, int(spec.resources.cpu * 1e9))
+        if spec.resources.memory > 0:
+            kwargs["mem_limit"] = int(spec.resources.memory)
+
+        def create() -> Any:
+            # create + start rather than containers.run, which would try to pull a
+            # missing image (no registry here) and leave a half-made container behind.
+            try:
+                return self.client.containers.create(image, **kwargs)
+            except docker.errors.ImageNotFound:
+                raise BuildError(
+                    f"image {image} of {revision.name} not found locally: prepare it again"
+                ) from None
+            except docker.errors.APIError as e:
+                if e.status_code != 409:
+                    raise
+            self._remove_stale(kwargs["name"])  # a leftover of the same name
+            return self.client.containers.create(image, **kwargs)
+
+        def run() -> Running:
+            container = create()
+            try:
+                container.start()
+                container.reload()
+            except BaseException:
+                try:
+                    container.remove(force=True)
+                except docker.errors.DockerException:
+                    pass
+                raise
+            return self._running(container.attrs)
+
+        return await asyncio.to_thread(run)
+
+    def _remove_stale(self, name: str) -> None:
+        """A container of the same name is left over: remove it if it is ours."""
+        try:
+            old = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        if old.labels.get(INSTANCE) != self.instance:
+            raise RuntimeError(f"container {name} exists and was not started by this Torpor")
+        old.remove(force=True)
+
+    def _endpoint(self, ports: Any) -> str:
+        """``host:port`` from inspect data (dict) or list data (list of dicts)."""
+        if isinstance(ports, dict):
+            for bindings in ports.values():
+                for b in bindings or []:
+                    if b.get("HostPort"):
+                        return f"{self.endpoint_host}:{b['HostPort']}"
+        elif isinstance(ports, list):
+            for p in ports:
+                if p.get("PublicPort"):
+                    return f"{self.endpoint_host}:{p['PublicPort']}"
+        return ""
+
+    def _running(self, attrs: dict[str, Any]) -> Running:
+        """From ``docker inspect`` output."""
+        labels = dict(attrs.get("Config", {}).get("Labels") or {})
+        state = attrs.get("State", {})
+        alive = state.get("Status") == "running"
+        return Running(
+            replica=labels.get("torpor.replica", ""),
+            function=labels.get("torpor.function", ""),
+            revision=labels.get("torpor.revision", ""),
+            driver_id=attrs["Id"],
+            endpoint=self._endpoint(attrs.get("NetworkSettings", {}).get("Ports")),
+            alive=alive,
+            exit_code=None if alive else state.get("ExitCode"),
+            labels=labels,
+        )
+
+    async def list(self) -> list[Running]:
+        def ls() -> list[Running]:
+            rows = self.client.api.containers(
+                all=True, filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}"]}
+            )
+            out = []
+            for row in rows:
+                labels = dict(row.get("Labels") or {})
+                alive = row.get("State") == "running"
+                code = None if alive else _exit_code(row.get("Status", ""))
+                if not alive and code is None:
+                    try:
+                        code = self.client.api.inspect_container(row["Id"])["State"]["ExitCode"]
+                    except docker.errors.NotFound:
+                        continue
+                out.append(
+                    Running(
+                        replica=labels.get("torpor.replica", ""),
+                        function=labels.get("torpor.function", ""),
+                        revision=labels.get("torpor.revision", ""),
+                        driver_id=row["Id"],
+                        endpoint=self._endpoint(row.get("Ports")),
+                        alive=alive,
+                        exit_code=code,
+                        labels=labels,
+                    )
+                )
+            return sorted(out, key=lambda r: r.replica)
+
+        return await asyncio.to_thread(ls)
+
+    async def stop(self, running: Running, grace: float = 10.0) -> None:
+        ref = running.driver_id or f"torpor-{running.replica}"
+
+        def stop() -> None:
+            try:
+                container = self.client.containers.get(ref)
+            except docker.errors.NotFound:
+                return
+            try:
+                container.stop(timeout=max(0, math.ceil(grace)))
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as e:
+                if e.status_code not in (304, 404, 409):
+                    raise
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                # 409: removal already in progress (a concurrent stop)
+                if e.status_code not in (404, 409):
+                    raise
+
+        await asyncio.to_thread(stop)
+
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(maxsize=1000)
+        ref = running.driver_id or f"torpor-{running.replica}"
+        box: dict[str, Any] = {}
+        stopped = threading.Event()
+
+        def put(item: str | BaseException | None) -> None:
+            """Hand one item to the consumer; waits while its queue is full."""
+            if stopped.is_set():
+                return
+            try:
+                fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            except RuntimeError:  # the loop is gone
+                stopped.set()
+                return
+            while not stopped.is_set():
+                try:
+                    fut.result(timeout=1.0)
+                    return
+                except TimeoutError:
+                    continue
+                except Exception:
+                    break
+            fut.cancel()
+            stopped.set()
+
+        def pump() -> None:
+            try:
+                stream = self.client.api.logs(
+                    ref, stdout=True, stderr=True, stream=True, follow=follow,
+                    tail=tail if tail else 0,
+                )
+                box["stream"] = stream
+                if stopped.is_set():
+                    stream.close()
+                    return
+                decoder = io.IncrementalNewlineDecoder(None, translate=True)
+                buf = ""
+                for chunk in stream:
+                    buf += decoder.decode(chunk.decode("utf-8", errors="replace"))
+                    *done, buf = buf.split("\n")
+                    for line in done:
+                        put(line)
+                    if stopped.is_set():
+                        break
+                if buf:
+                    put(buf)
+            except docker.errors.NotFound:
+                pass
+            except BaseException as e:
+                if not stopped.is_set():
+                    put(e)
+            finally:
+                put(None)
+
+        thread = threading.Thread(target=pump, name=f"logs-{running.replica}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stopped.set()
+            stream = box.get("stream")
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+            while not queue.empty():  # unblock a pump waiting on a full queue
+                queue.get_nowait()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await asyncio.to_thread(client.close)
+

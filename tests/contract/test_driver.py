@@ -1,0 +1,312 @@
+"""One contract for every driver: ``process`` and ``docker`` (``-m docker`` / ``-m "not docker"``).
+
+Each test deploys a tiny function folder (written into tmp_path) as a revision, starts
+replicas through the driver and talks to them over loopback HTTP. The docker variant
+FAILS (never skips) when no Docker Engine answers: CI installs one with
+.ci/install-docker.sh. Everything a test starts or builds is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from torpor.drivers.base import Running
+from torpor.model import Revision, Spec
+
+HANDLER = """\
+import os
+import time
+
+print("torpor-test: handler imported", flush=True)
+
+
+def handle(request):
+    if request.path == "/slow":
+        print("torpor-test: slow started", flush=True)
+        time.sleep(2.0)
+        return "slow done"
+    if request.path == "/env":
+        return os.environ.get("GREETING", "<unset>")
+    if request.path == "/log":
+        print("torpor-test: logged a line", flush=True)
+        return "logged"
+    return "hello from torpor"
+"""
+
+BROKEN = """\
+raise RuntimeError("this module fails to import")
+
+
+def handle(request):
+    return "never"
+"""
+
+HEALTH_TIMEOUT = 30.0
+
+
+class Harness:
+    """A driver plus bookkeeping so that every test cleans up after itself."""
+
+    def __init__(self, kind: str, tmp: Path, make: Callable[[Path], Any]) -> None:
+        self.kind = kind
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.make = make
+        self.driver = make(self.state)
+        self.drivers = [self.driver]
+        self.prepared: list[Revision] = []
+        self._n = 0
+
+    def new_driver(self) -> Any:
+        """Another driver instance on the same state directory (a restarted controller)."""
+        d = self.make(self.state)
+        self.drivers.append(d)
+        return d
+
+    def revision(self, handler: str = HANDLER, env: dict[str, str] | None = None) -> Revision:
+        self._n += 1
+        fn = f"ct-{uuid.uuid4().hex[:8]}"
+        src = self.tmp / f"src{self._n}"
+        src.mkdir()
+        (src / "handler.py").write_text(handler)
+        (src / "torpor.yaml").write_text(f"name: {fn}\nhandler: handler:handle\n")
+        rev_dir = self.tmp / f"rev{self._n}"  # the immutable copy a deploy makes
+        shutil.copytree(src, rev_dir)
+        spec = Spec(name=fn, handler="handler:handle", env=dict(env or {}))
+        return Revision(name=f"{fn}-00001", function=fn, number=1, spec=spec, source=str(rev_dir))
+
+    async def prepare(self, rev: Revision) -> Revision:
+        self.prepared.append(rev)
+        return await self.driver.prepare(rev, progress=lambda _line: None)
+
+    async def start(self, rev: Revision, replica: str | None = None) -> Running:
+        replica = replica or f"{rev.name}-r{uuid.uuid4().hex[:5]}"
+        return await self.driver.start(rev, replica)
+
+    async def up(self, **kw: Any) -> tuple[Revision, Running]:
+        rev = await self.prepare(self.revision(**kw))
+        running = await self.start(rev)
+        await wait_healthy(running.endpoint)
+        return rev, running
+
+    async def cleanup(self) -> None:
+        for d in self.drivers:
+            for r in await d.list():
+                await d.stop(r, grace=0)
+        for rev in self.prepared:
+            await self.driver.remove(rev)
+        for d in self.drivers:
+            await d.close()
+
+
+def _process(state: Path) -> Any:
+    from torpor.drivers.process import ProcessDriver
+
+    return ProcessDriver(state)
+
+
+def _docker(state: Path) -> Any:
+    import docker
+
+    from torpor.drivers.baseimage import BaseImageError, build_base_image
+    from torpor.drivers.docker import DockerDriver
+
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.close()
+    except Exception as e:
+        pytest.fail(f"Docker Engine unreachable ({e}); install and start it: .ci/install-docker.sh")
+    try:
+        build_base_image(progress=lambda _line: None)  # no-op when present
+    except BaseImageError as e:
+        pytest.fail(f"base image unavailable: {e}")
+    return DockerDriver(state)
+
+
+@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
+async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    make = _process if request.param == "process" else _docker
+    harness = Harness(request.param, tmp_path, make)
+    try:
+        yield harness
+    finally:
+        await harness.cleanup()
+
+
+async def wait_healthy(endpoint: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    assert endpoint, "replica has no endpoint"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: object = None
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while loop.time() < deadline:
+            try:
+                r = await client.get(f"http://{endpoint}/_torpor/health", timeout=2.0)
+                if r.status_code == 200:
+                    return
+                last = r.status_code
+            except httpx.TransportError as e:
+                last = repr(e)
+            await asyncio.sleep(0.05)
+    pytest.fail(f"{endpoint} not healthy within {timeout}s (last: {last})")
+
+
+async def get(endpoint: str, path: str = "/", timeout: float = 10.0) -> httpx.Response:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        return await client.get(f"http://{endpoint}{path}", timeout=timeout)
+
+
+async def refuses(endpoint: str, timeout: float = 10.0) -> bool:
+    """True once nothing serves on ``endpoint`` (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            await get(endpoint, "/_torpor/health", timeout=1.0)
+        except httpx.TransportError:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def wait_for_log(driver: Any, running: Running, text: str, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        lines = [line async for line in driver.logs(running, tail=100)]
+        if any(text in line for line in lines):
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{text!r} not in the logs of {running.replica} within {timeout}s")
+
+
+async def find(driver: Any, replica: str) -> Running | None:
+    for r in await driver.list():
+        if r.replica == replica:
+            return r
+    return None
+
+
+async def test_start_serves_the_handler(h: Harness) -> None:
+    rev, running = await h.up()
+    assert running.function == rev.function
+    assert running.revision == rev.name
+    assert running.endpoint.startswith("127.0.0.1:")
+    assert running.driver_id
+    r = await get(running.endpoint)
+    assert r.status_code == 200
+    assert r.text == "hello from torpor"
+
+
+async def test_env_from_spec_reaches_the_handler(h: Harness) -> None:
+    _, running = await h.up(env={"GREETING": "bonjour"})
+    r = await get(running.endpoint, "/env")
+    assert r.status_code == 200
+    assert r.text == "bonjour"
+
+
+async def test_list_shows_the_replica_with_its_labels(h: Harness) -> None:
+    rev, running = await h.up()
+    found = await find(h.driver, running.replica)
+    assert found is not None
+    assert (found.function, found.revision, found.replica) == (
+        rev.function,
+        rev.name,
+        running.replica,
+    )
+    assert found.alive
+    assert found.exit_code is None
+    assert found.endpoint == running.endpoint
+    assert found.driver_id == running.driver_id
+
+
+async def test_stop_removes_the_replica_and_its_endpoint(h: Harness) -> None:
+    _, running = await h.up()
+    await h.driver.stop(running, grace=5)
+    found = await find(h.driver, running.replica)
+    assert found is None or not found.alive
+    assert await refuses(running.endpoint)
+    await h.driver.stop(running, grace=5)  # idempotent
+
+
+async def test_stop_drains_an_in_flight_request(h: Harness) -> None:
+    _, running = await h.up()
+    slow = asyncio.create_task(get(running.endpoint, "/slow", timeout=20.0))
+    await wait_for_log(h.driver, running, "torpor-test: slow started")  # in the handler now
+    await h.driver.stop(running, grace=10)
+    r = await asyncio.wait_for(slow, 20.0)
+    assert r.status_code == 200
+    assert r.text == "slow done"
+    assert await refuses(running.endpoint)
+
+
+async def test_a_handler_that_fails_to_import_exits(h: Harness) -> None:
+    rev = await h.prepare(h.revision(handler=BROKEN))
+    running = await h.start(rev)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HEALTH_TIMEOUT
+    found = await find(h.driver, running.replica)
+    while loop.time() < deadline and found is not None and found.alive:
+        await asyncio.sleep(0.1)
+        found = await find(h.driver, running.replica)
+    assert found is not None, "an exited replica stays listed until stopped"
+    assert not found.alive
+    assert found.exit_code is not None and found.exit_code != 0
+    await h.driver.stop(found, grace=1)
+    assert await find(h.driver, running.replica) is None
+
+
+async def test_a_new_driver_adopts_what_the_first_started(h: Harness) -> None:
+    rev, running = await h.up()
+    second = h.new_driver()
+    found = await find(second, running.replica)
+    assert found is not None
+    assert found.alive
+    assert (found.function, found.revision) == (rev.function, rev.name)
+    assert found.endpoint == running.endpoint
+    r = await get(found.endpoint)
+    assert r.text == "hello from torpor"
+    await second.stop(found, grace=5)
+    assert await refuses(running.endpoint)
+    gone = await find(h.driver, running.replica)
+    assert gone is None or not gone.alive
+
+
+async def test_logs_tail_and_follow(h: Harness) -> None:
+    _, running = await h.up()
+
+    async def collect(follow: bool, until: str) -> list[str]:
+        lines: list[str] = []
+        gen = h.driver.logs(running, follow=follow, tail=50)
+        try:
+            async for line in gen:
+                lines.append(line)
+                if until in line:
+                    break
+        finally:
+            await gen.aclose()
+        return lines
+
+    lines = await asyncio.wait_for(collect(False, "handler imported"), 15)
+    assert any("torpor-test: handler imported" in line for line in lines)
+
+    follower = asyncio.create_task(collect(True, "logged a line"))
+    await asyncio.sleep(0.3)
+    assert (await get(running.endpoint, "/log")).text == "logged"
+    lines = await asyncio.wait_for(follower, 15)
+    assert any("torpor-test: logged a line" in line for line in lines)
+
+
+async def test_remove_is_idempotent(h: Harness) -> None:
+    rev = await h.prepare(h.revision())
+    await h.driver.remove(rev)
+    await h.driver.remove(rev)
