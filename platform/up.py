@@ -227,9 +227,12 @@ def run_up(cfg: UpConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, platform.request_stop)
 
+        reason = "" if cfg.driver != "auto" else (
+            " (a Docker Engine answers)" if platform.driver.name == "docker" else " (no Docker Engine answers)")
+        print(f"torpor up: driver={platform.driver.name}{reason} store={'redis' if cfg.redis else 'embedded'} "
+              f"state={cfg.state_dir}", file=sys.stderr, flush=True)
+
         def started(p: Platform) -> None:
-            print(f"torpor up: driver={p.driver.name} store={'redis' if cfg.redis else 'embedded'} "
-                  f"state={cfg.state_dir}", file=sys.stderr, flush=True)
             print(f"torpor up: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or /function/NAME/)",
                   file=sys.stderr, flush=True)
             print(f"torpor up: api     http://{cfg.api_host}:{cfg.api_port}/v1"

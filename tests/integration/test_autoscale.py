@@ -43,8 +43,9 @@ def _watch_ready(t: Torpor, name: str, samples: list[tuple[float, int]], stop: t
         time.sleep(0.25)
 
 
-def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: Path) -> None:
-    with torpor_up(tmp_path / "state") as t:
+@pytest.mark.parametrize("driver", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: Path, driver: str) -> None:
+    with torpor_up(tmp_path / "state", driver=driver) as t:
         t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
                                scale={"target": 5, "max": 20, "idle": "4s", "window": "10s"}))
         t.wait_for(lambda: not t.function("slow")["replicas"], 30, "start from zero")
