@@ -23,10 +23,16 @@ How a step is judged (``judge``):
 3. The canary's p95 latency above ``max_p95_ratio`` x the stable revision's p95: roll
    back. Both p95s are estimated from the gateway's latency buckets (linear within a
    bucket, as Prometheus' ``histogram_quantile``); the stable p95 counts as at least
-   ``P95_FLOOR`` so that differences below the histogram's resolution never breach. The
-   latency check needs a baseline: ``min_requests`` stable requests this step.
-4. The step's ``interval`` not yet over, or no latency baseline yet: wait.
+   ``P95_FLOOR`` so that differences below the histogram's resolution never breach.
+   Each p95 needs ``min_requests`` latency samples this step.
+4. The step's ``interval`` not yet over, or too few latency samples yet: wait.
 5. Otherwise: advance (a step of 100 % promotes).
+
+Warm-up: latency is only sampled from a gateway's report when that gateway also had a
+ready replica of the revision in its previous report. A canary that starts at zero is
+not judged on its cold start (which its stable rival, already warm, does not pay);
+its requests and 5xx count from the first one, so a canary that never becomes ready
+(its requests end as 503/504) is still rolled back.
 """
 
 from __future__ import annotations
@@ -56,13 +62,20 @@ class StepStats:
     errors: int = 0  # 5xx, the gateway's own 503/504 included
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
-    def add(self, report: dict[str, Any]) -> None:
-        """One revision's entry of a gateway report (``Sampler.collect``)."""
+    def add(self, report: dict[str, Any], latency: bool = True) -> None:
+        """One revision's entry of a gateway report (``Sampler.collect``); its latency
+        buckets only if ``latency`` (not a cold-start period)."""
         self.requests += int(report.get("requests", 0) or 0)
         self.errors += int(report.get("errors", 0) or 0)
         lat = report.get("latency") or []
-        for i, n in enumerate(lat[: len(self.latency)]):
-            self.latency[i] += int(n)
+        if latency:
+            for i, n in enumerate(lat[: len(self.latency)]):
+                self.latency[i] += int(n)
+
+    @property
+    def samples(self) -> int:
+        """Requests with a latency sample."""
+        return sum(self.latency)
 
     @property
     def error_ratio(self) -> float:
@@ -112,16 +125,19 @@ def judge(policy: RolloutPolicy, canary: StepStats, stable: StepStats, step_age:
         return Verdict("rollback", f"5xx ratio {ratio:.1%} > {policy.max_error_ratio:.1%} "
                                    f"({canary.errors} of {canary.requests} canary requests)")
     cp95, sp95 = canary.p95(), stable.p95()
-    baseline = stable.requests >= need and sp95 is not None
-    if baseline and cp95 is not None and sp95 is not None:
+    measured = canary.samples >= need and cp95 is not None
+    baseline = stable.samples >= need and sp95 is not None
+    if measured and baseline and cp95 is not None and sp95 is not None:
         limit = policy.max_p95_ratio * max(sp95, floor)
         if cp95 > limit:
             return Verdict("rollback", f"p95 {_fmt_s(cp95)} > {policy.max_p95_ratio:g} x stable p95 "
-                                       f"{_fmt_s(sp95)} ({canary.requests} canary requests)")
+                                       f"{_fmt_s(sp95)} ({canary.samples} canary requests timed)")
     if step_age < policy.interval:
         return Verdict("wait", f"healthy so far; {policy.interval - step_age:.0f}s of the interval left")
+    if not measured:
+        return Verdict("wait", f"{canary.samples}/{need} canary requests timed (warming up)")
     if not baseline:
-        return Verdict("wait", f"{stable.requests}/{need} stable requests for a p95 baseline")
+        return Verdict("wait", f"{stable.samples}/{need} stable requests for a p95 baseline")
     assert cp95 is not None and sp95 is not None
     return Verdict("advance", f"5xx {ratio:.1%} of {canary.requests}, p95 {_fmt_s(cp95)} vs stable {_fmt_s(sp95)}")
 
@@ -153,16 +169,23 @@ class Rollouts:
         self.stats: dict[str, StepStats] = {}  # revision -> current step's stats
         self.watching: dict[str, _Watch] = {}  # function -> the step being measured
         self.last: dict[str, Verdict] = {}  # function -> last verdict (for describe/debugging)
+        self.warm: dict[tuple[str, str], bool] = {}  # (gateway, revision) -> had a ready replica last report
 
     def observe(self, report: dict[str, Any]) -> None:
         """One gateway stats report (torpor.gateway.stats.Sampler.collect)."""
         revisions = report.get("revisions")
         if not isinstance(revisions, dict) or not self.stats:
             return
+        gateway = str(report.get("gateway", ""))
+        for k in [k for k in self.warm if k[0] == gateway and k[1] not in revisions]:
+            del self.warm[k]  # no entry: no replica, no traffic at that gateway
         for name, entry in revisions.items():
             st = self.stats.get(name)
-            if st is not None and isinstance(entry, dict):
-                st.add(entry)
+            if st is None or not isinstance(entry, dict):
+                continue
+            ready = bool(entry.get("ready"))
+            st.add(entry, latency=ready and self.warm.get((gateway, name), False))
+            self.warm[(gateway, name)] = ready
 
     def _watch(self, fn: Function, ro: Rollout) -> bool:
         """Track ``ro``'s current step; True when it is a step not measured before."""
@@ -172,17 +195,19 @@ class Rollouts:
             w.seen = now
             return False
         if w is not None:
-            self._unwatch_revisions(w.key)
+            self._unwatch_revisions(w.key, keep={ro.to, ro.stable})
         self.watching[fn.name] = _Watch(_key(ro), now)
         self.stats[ro.to] = StepStats()
         self.stats[ro.stable] = StepStats()
         return True
 
-    def _unwatch_revisions(self, key: Key) -> None:
-        busy = {r for w in self.watching.values() if w.key != key for r in w.key[:2]}
+    def _unwatch_revisions(self, key: Key, keep: set[str] | None = None) -> None:
+        busy = {r for w in self.watching.values() if w.key != key for r in w.key[:2]} | (keep or set())
         for rev in key[:2]:
             if rev not in busy:
                 self.stats.pop(rev, None)
+                for k in [k for k in self.warm if k[1] == rev]:
+                    del self.warm[k]
 
     def forget(self, function: str) -> None:
         w = self.watching.pop(function, None)

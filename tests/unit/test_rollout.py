@@ -67,6 +67,9 @@ ROWS = [
     Row("no stable baseline: no latency verdict, wait", stats(100, at=5.0), stats(5), 30, "wait",
         "5/20 stable requests"),
     Row("no stable baseline but errors: roll back anyway", stats(100, errors=50), stats(0), 1, "rollback", "5xx"),
+    Row("cold canary: enough requests, too few timed", StepStats(40, 0, stats(5).latency), stats(400), 30,
+        "wait", "5/20 canary requests timed (warming up)"),
+    Row("cold canary with errors rolls back", StepStats(40, 10, [0] * NB), stats(400), 1, "rollback", "25.0%"),
     Row("min_requests 0 still needs one request", stats(0), stats(0), 100, "wait", "0/1",
         RolloutPolicy(min_requests=0, interval=1)),
     Row("zero error budget: one 5xx rolls back", stats(20, errors=1), stats(100), 0, "rollback", "5.0% > 0.0%",
@@ -126,13 +129,16 @@ def rev(n: int, name: str = "fn") -> Revision:
     return Revision(name=f"{name}-{n:05d}", function=name, number=n, spec=Spec(name=name), status="ready")
 
 
-def report(revisions: dict[str, tuple[int, int, float]]) -> dict[str, object]:
+def report(revisions: dict[str, tuple[int, int, float]], ready: int | dict[str, int] = 1,
+           gateway: str = "gw-1") -> dict[str, object]:
     out = {}
     for name, (req, err, at) in revisions.items():
         lat = [0] * NB
         lat[bucket_of(at)] = req
-        out[name] = {"function": "fn", "requests": req, "errors": err, "latency": lat, "concurrency": 1.0}
-    return {"gateway": "gw-1", "time": 0.0, "revisions": out}
+        n = ready.get(name, 1) if isinstance(ready, dict) else ready
+        out[name] = {"function": "fn", "requests": req, "errors": err, "latency": lat, "concurrency": 1.0,
+                     "ready": n, "queued": 0}
+    return {"gateway": gateway, "time": 0.0, "revisions": out}
 
 
 class Clock:
@@ -168,6 +174,7 @@ async def test_healthy_rollout_steps_then_promotes() -> None:
     fn = await current(store)
     assert [(t.revision, t.percent) for t in fn.traffic] == [("fn-00002", 25), ("fn-00001", 75)]
     await ro.reconcile(fn)  # first sight: measuring step 1
+    ro.observe(report({"fn-00002": (12, 0, 0.04), "fn-00001": (36, 0, 0.04)}))  # warm-up: not timed
     ro.observe(report({"fn-00002": (12, 0, 0.04), "fn-00001": (36, 0, 0.04)}))
     await ro.reconcile(fn)
     assert (await current(store)).rollout.step == 0  # type: ignore[union-attr]  # interval not over
@@ -237,6 +244,9 @@ async def test_paused_rollout_waits_and_a_restart_measures_the_step_afresh() -> 
     assert (await current(store)).rollout.step == 0  # type: ignore[union-attr]
     fresh.observe(report({"fn-00002": (10, 0, 0.04), "fn-00001": (30, 0, 0.04)}))
     await fresh.reconcile(await current(store))
+    assert (await current(store)).rollout.step == 0  # type: ignore[union-attr]  # warming up: nothing timed
+    fresh.observe(report({"fn-00002": (10, 0, 0.04), "fn-00001": (30, 0, 0.04)}))
+    await fresh.reconcile(await current(store))
     assert (await current(store)).rollout.step == 1  # type: ignore[union-attr]  # step age was already past
 
 
@@ -257,3 +267,44 @@ async def test_a_rollout_changed_by_hand_is_left_alone() -> None:
     fn = await current(store)
     assert fn.rollout is not None and fn.rollout.state == "aborted"
     assert ro.watching == {}
+
+
+async def test_cold_start_latency_is_not_judged_but_its_errors_are() -> None:
+    wall = Clock()
+    store, ro = await setup(RolloutPolicy(steps=[25, 100], interval=0, min_requests=10, max_p95_ratio=2), wall)
+    fn = await current(store)
+    await ro.reconcile(fn)
+    # the canary wakes from zero: its first reports are slow, the stable one is warm
+    ro.observe(report({"fn-00001": (30, 0, 0.04)}))
+    ro.observe(report({"fn-00002": (10, 0, 2.0), "fn-00001": (30, 0, 0.04)}, ready={"fn-00002": 0}))
+    ro.observe(report({"fn-00002": (10, 0, 0.9), "fn-00001": (30, 0, 0.04)}))  # became ready within this one
+    assert ro.stats["fn-00002"].requests == 20 and ro.stats["fn-00002"].samples == 0
+    await ro.reconcile(fn)
+    assert ro.last["fn"].action == "wait" and "warming up" in ro.last["fn"].reason
+    ro.observe(report({"fn-00002": (10, 0, 0.04), "fn-00001": (30, 0, 0.04)}))
+    await ro.reconcile(fn)
+    assert (await current(store)).rollout.state == "promoted"  # type: ignore[union-attr]
+    # a canary that never becomes ready is rolled back on its 503/504s
+    store, ro = await setup(RolloutPolicy(steps=[25, 100], interval=60, min_requests=10), wall)
+    fn = await current(store)
+    await ro.reconcile(fn)
+    for _ in range(3):
+        ro.observe(report({"fn-00002": (5, 5, 5.0)}, ready=0))
+    await ro.reconcile(fn)
+    fn = await current(store)
+    assert fn.rollout is not None and fn.rollout.state == "rolled_back" and "5xx ratio 100.0%" in fn.rollout.reason
+
+
+async def test_warmth_is_per_gateway() -> None:
+    wall = Clock()
+    store, ro = await setup(RolloutPolicy(steps=[25, 100], interval=0, min_requests=1), wall)
+    await ro.reconcile(await current(store))
+    ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="a"))
+    ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="b"))
+    assert ro.stats["fn-00002"].samples == 0
+    ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="a"))
+    assert ro.stats["fn-00002"].samples == 1
+    ro.observe(report({}, gateway="a"))  # no entry: a lost its replicas
+    ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="a"))
+    ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="b"))
+    assert ro.stats["fn-00002"].samples == 2 and ro.stats["fn-00002"].requests == 5
