@@ -23,6 +23,7 @@ from torpor.drivers.base import BuildError, Progress, Running
 from torpor.model import Revision
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
+ZYGOTE = RUNTIME.with_name("zygote.py")
 
 
 def _free_port(host: str) -> int:
@@ -46,12 +47,18 @@ def _proc_start_time(pid: int) -> str | None:
 class ProcessDriver:
     name = "process"
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", python: str = sys.executable) -> None:
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", python: str = sys.executable,
+                 zygote: bool = True) -> None:
         self.dir = Path(state_dir) / "replicas"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.python = python
+        self.use_zygote = zygote
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zygote_lock = asyncio.Lock()
+        # short path: AF_UNIX paths are limited to ~107 bytes
+        self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -108,11 +115,31 @@ class ProcessDriver:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        log = open(self.dir / f"{replica}.log", "ab")  # noqa: SIM115 - handed to the child
+        log_path = self.dir / f"{replica}.log"
+        (self.dir / f"{replica}.exit").unlink(missing_ok=True)
+        pid = await self._spawn_forked(replica, revision.source, env, log_path) if self.use_zygote else None
+        if pid is None:
+            pid = self._spawn(revision.source, env, log_path)
+        record = {
+            "replica": replica,
+            "function": revision.function,
+            "revision": revision.name,
+            "pid": pid,
+            "start_time": _proc_start_time(pid),
+            "endpoint": f"{self.host}:{port}",
+            "started": time.time(),
+        }
+        tmp = self.dir / f".{replica}.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.dir / f"{replica}.json")
+        return self._running(record)
+
+    def _spawn(self, cwd: str, env: dict[str, str], log_path: Path) -> int:
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
                 [self.python, "-s", str(RUNTIME)],
-                cwd=revision.source,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -123,19 +150,47 @@ class ProcessDriver:
         finally:
             log.close()
         self._children[proc.pid] = proc
-        record = {
-            "replica": replica,
-            "function": revision.function,
-            "revision": revision.name,
-            "pid": proc.pid,
-            "start_time": _proc_start_time(proc.pid),
-            "endpoint": f"{self.host}:{port}",
-            "started": time.time(),
-        }
-        tmp = self.dir / f".{replica}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.dir / f"{replica}.json")
-        return self._running(record)
+        return proc.pid
+
+    async def _ensure_zygote(self) -> bool:
+        async with self._zygote_lock:
+            if self._zygote is not None and self._zygote.poll() is None:
+                return True
+            self._zygote_sock.unlink(missing_ok=True)
+            log = open(self.dir.parent / "zygote.log", "ab")  # noqa: SIM115
+            try:
+                self._zygote = subprocess.Popen(
+                    [self.python, "-s", str(ZYGOTE), str(self._zygote_sock)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True,
+                )
+            finally:
+                log.close()
+            for _ in range(500):  # ~5 s
+                if self._zygote_sock.exists():
+                    return True
+                if self._zygote.poll() is not None:
+                    break
+                await asyncio.sleep(0.01)
+            self.use_zygote = False  # fall back to plain spawns for good
+            return False
+
+    async def _spawn_forked(self, replica: str, cwd: str, env: dict[str, str], log_path: Path) -> int | None:
+        """Fork the replica from the zygote; None if the zygote is unavailable."""
+        if not await self._ensure_zygote():
+            return None
+        req = {"replica": replica, "cwd": cwd, "env": env, "log": str(log_path),
+               "exit": str(self.dir / f"{replica}.exit")}
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
+            writer.write(json.dumps(req).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            reply = json.loads(line)
+            return int(reply["pid"])
+        except (OSError, ValueError, KeyError, TimeoutError):
+            return None
 
     def _running(self, data: dict[str, object]) -> Running:
         alive = self._alive(data)
@@ -143,6 +198,11 @@ class ProcessDriver:
         child = self._children.get(int(data["pid"]))  # type: ignore[call-overload]
         if child is not None and not alive:
             code = child.poll()
+        elif not alive:
+            try:
+                code = int((self.dir / f"{data['replica']}.exit").read_text())
+            except (OSError, ValueError):
+                code = None
         labels = {
             "torpor.function": str(data["function"]),
             "torpor.revision": str(data["revision"]),
@@ -169,6 +229,7 @@ class ProcessDriver:
 
     def _forget(self, replica: str) -> None:
         (self.dir / f"{replica}.json").unlink(missing_ok=True)
+        (self.dir / f"{replica}.exit").unlink(missing_ok=True)
 
     async def list(self) -> list[Running]:
         out = []
@@ -234,6 +295,13 @@ class ProcessDriver:
     async def close(self) -> None:
         for child in self._children.values():
             child.poll()
+        if self._zygote is not None and self._zygote.poll() is None:
+            self._zygote.terminate()
+            try:
+                await asyncio.to_thread(self._zygote.wait, 5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+        self._zygote_sock.unlink(missing_ok=True)
 
     async def purge(self) -> None:
         """Remove every record and log (tests)."""
