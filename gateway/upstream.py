@@ -1,0 +1,840 @@
+"""Pooled keep-alive HTTP/1.1 client for the gateway's hot path.
+
+One ``UpstreamPool`` per replica endpoint (``host:port``) keeps idle keep-alive
+connections; ``proxy`` forwards one ASGI http request over one of them and streams
+the response back to the ASGI ``send``. Responses are parsed by
+``httptools.HttpResponseParser`` inside an ``asyncio.Protocol`` (callbacks, no
+StreamReader): on a warm connection a small request costs one ``write``, one wake-up
+and two ``send`` calls.
+
+Failure contract (what the caller sees):
+
+- ``NotSent`` is raised when nothing reached the upstream (connect refused, connect
+  timeout, a reset before the first byte was written, a closed pool). Nothing has been
+  sent to the client; retry on another replica, passing ``exc.first_chunk`` as
+  ``first_chunk`` (the body message this call already pulled from ``receive``).
+- A reused idle connection that dies before any response byte is retried once on a
+  fresh connection when that is safe: the request had no body or an idempotent method
+  and its whole body is still in memory. A POST/PATCH whose bytes were written is
+  never resent.
+- No response head within ``timeout`` seconds after the request was fully sent: a 504
+  JSON body ``{"error": "upstream timeout", ...}`` with ``Retry-After: 1``.
+- The upstream fails after the request was sent and before the response head (closed,
+  reset, unparsable response): a 503 JSON body ``{"error": "replica failed", ...}``
+  with ``Retry-After: 1``.
+- The upstream fails or stalls for ``timeout`` seconds mid-body, after the head went
+  to the client: the status can no longer change, so ``proxy`` raises
+  ``ConnectionResetError`` without sending a final body message. The ASGI server then
+  closes the client connection and the client sees a truncated response (never a
+  silently complete one, never a hang).
+- The client goes away (``http.disconnect`` from ``receive``, or ``send`` raising): the
+  upstream connection is closed, never pooled (unless the upstream's response had
+  already arrived whole, keep-alive: then the connection is clean and is pooled). If
+  nothing was sent yet ``proxy`` returns 499 (nginx's "client closed request") without
+  sending; an exception raised by ``send`` propagates.
+
+The disconnect is noticed while a request body is being streamed and while a
+response body is being streamed; a client that leaves while the upstream is still
+computing the response head is noticed when the head arrives.
+
+Hop-by-hop headers (Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
+Transfer-Encoding, Upgrade and every header named in Connection) are removed in both
+directions. ``Expect`` is removed from requests too: the ASGI server already answered
+``100-continue`` to the client and the body is sent without waiting. Responses 1xx
+are skipped; on 204/304 ``Content-Length`` is dropped (there is no body to match it).
+Trailers of chunked responses are dropped.
+
+The gateway's uvicorn should run with ``server_header=False, date_header=False`` so
+that the replica's own ``Server``/``Date`` headers are not duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from typing import Any, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+__all__ = ["NotSent", "Pools", "UpstreamPool", "proxy"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+
+class NotSent(Exception):
+    """No byte of the request reached the upstream (connect refused/reset before write);
+    safe to retry on another replica.
+
+    ``first_chunk`` is the first ``http.request`` message of the body if ``proxy`` had
+    it (passed in or pulled from ``receive``); hand it to the next ``proxy`` call.
+    """
+
+    def __init__(self, message: str, first_chunk: Message | None = None) -> None:
+        super().__init__(message)
+        self.first_chunk = first_chunk
+
+
+# ---------------------------------------------------------------------------
+# Constants computed once.
+
+_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers that need a look: hop-by-hop, framing, Host, Expect.
+_REQ_SPECIAL = _HOP | {b"content-length", b"host", b"expect"}
+# Response headers that need a look.
+_RESP_SPECIAL = _HOP | {b"content-length"}
+# Connection tokens that name nothing to strip beyond _HOP, or name headers that must
+# never be stripped on a peer's say-so: removing Content-Length from a request whose
+# body is forwarded would desynchronise the upstream connection (request smuggling).
+_IGNORED_CONN_TOKENS = frozenset({b"close", b"keep-alive", b"", b"content-length", b"host"}) | _HOP
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_METHODS = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+_HTTP11 = b" HTTP/1.1\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_READ_HIGH = 256 * 1024  # pause reading the upstream above this many buffered bytes
+_BIG_WRITE = 64 * 1024  # above this, head and body go out as two writes (no copy)
+_CLIENT_GONE = 499
+_TICK = 0.05  # timeout resolution: a timeout fires within _TICK s after it is due
+
+_JSON_HEADERS: Headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+
+
+def _json_error(status: int, error: str, detail: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": error, "detail": detail}).encode()
+
+
+# ---------------------------------------------------------------------------
+# The connection: an asyncio protocol that parses responses with httptools.
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = (
+        "loop",
+        "pool",
+        "transport",
+        "parser",
+        "alive",
+        "active",
+        "waiter",
+        "drain_waiter",
+        "write_paused",
+        "read_paused",
+        "deadline",
+        # per response
+        "status",
+        "headers",
+        "conn_tokens",
+        "framed",
+        "head_done",
+        "complete",
+        "keep_alive",
+        "chunks",
+        "buffered",
+        "got_bytes",
+        "error",
+        "timed_out",
+        "info",
+        "head_only",
+        "parser_dirty",
+        # per request
+        "body_done",
+        "client_gone",
+    )
+
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
+        # Keep the loop: in Python 3.11 every asyncio.get_running_loop() is a getpid().
+        self.loop = loop
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.alive = False
+        self.active = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.write_paused = False
+        self.read_paused = False
+        self.deadline = 0.0  # loop.time() at which the wait times out; 0 = none
+        self.parser_dirty = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.conn_tokens: list[bytes] | None = None
+        self.framed = False
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.got_bytes = False
+        self.error: str | None = None
+        self.timed_out = False
+        self.info = False
+        self.head_only = False
+        self.body_done = True
+        self.client_gone = False
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.alive = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # pragma: no cover - not TCP
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # bytes on an idle connection: the upstream is confused
+            self.alive = False
+            self.abort()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._fail("replica answered with a protocol upgrade")
+        except HttpParserError as exc:
+            self._fail(f"invalid HTTP response from replica ({exc})")
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        if not self.active:
+            self.pool._forget(self)
+        elif not self.complete:
+            if (
+                exc is None
+                and self.head_done
+                and not self.framed
+                and self.error is None
+                and not self.client_gone
+            ):
+                # A body delimited by the upstream closing cleanly (no length, not chunked);
+                # a reset (exc set) is a failure, not the end of the body.
+                self.complete = True
+                self.keep_alive = False
+            elif self.error is None:
+                self.error = "replica closed the connection"
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        w = self.drain_waiter
+        if w is not None:
+            self.drain_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response to one request: never reuse
+            self.keep_alive = False
+            self.error = "replica sent more than one response"
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in _RESP_SPECIAL:
+            if name == b"content-length":
+                self.framed = True
+            elif name == b"transfer-encoding":
+                if value.rstrip().lower().endswith(b"chunked"):
+                    self.framed = True
+                return
+            elif name == b"connection":
+                if self.conn_tokens is None:
+                    self.conn_tokens = []
+                self.conn_tokens.append(value)
+                return
+            else:
+                return
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # 1xx interim response: skip it, the real one follows
+            self.info = True
+            self.headers = []
+            self.conn_tokens = None
+            self.framed = False
+            return
+        self.status = status
+        if self.conn_tokens is not None:
+            named = _connection_names(self.conn_tokens)
+            if named:
+                self.headers = [h for h in self.headers if h[0] not in named]
+        if status in _NO_BODY_STATUS:
+            self.headers = [h for h in self.headers if h[0] != b"content-length"]
+        self.head_done = True
+        if self.head_only:  # HEAD: llhttp does not know, so the message ends here
+            self.keep_alive = self.parser.should_keep_alive()
+            self.complete = True
+            self.parser_dirty = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.head_only:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _READ_HIGH and not self.read_paused and self.body_done:
+            # Only while the request body is not being sent: pausing then could
+            # deadlock an upstream that writes before it reads.
+            self.read_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self.info:
+            self.info = False
+            return
+        if self.complete:
+            return
+        self.keep_alive = self.parser.should_keep_alive()
+        self.complete = True
+
+    # -- helpers used by proxy() --------------------------------------------
+
+    def _fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why
+        self.keep_alive = False
+        self.abort()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+        w = self.drain_waiter
+        if w is not None:
+            self.drain_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _on_timeout(self) -> None:
+        self.deadline = 0.0
+        self.timed_out = True
+        self._wake()
+
+    def expire_in(self, timeout: float) -> None:
+        """Time the current wait out after ``timeout`` s (checked by the pool's sweeper)."""
+        self.deadline = self.loop.time() + timeout
+        self.pool._watch(self)
+
+    def arm(self, timeout: float) -> None:
+        """Start the response timeout (the request has been fully sent)."""
+        if not self.deadline and not self.head_done:
+            self.expire_in(timeout)
+
+    def disarm(self) -> None:
+        if self.deadline:
+            self.deadline = 0.0
+            self.pool._waiting.discard(self)
+
+    async def wait(self) -> None:
+        fut = self.loop.create_future()
+        self.waiter = fut
+        await fut
+
+    async def drain(self) -> None:
+        fut = self.loop.create_future()
+        self.drain_waiter = fut
+        await fut
+
+    def resume_reading(self) -> None:
+        self.read_paused = False
+        self.buffered = 0
+        if self.alive:
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.abort()
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def start(self, head_only: bool) -> None:
+        self.active = True
+        if self.parser_dirty:
+            self.parser = HttpResponseParser(self)
+            self.parser_dirty = False
+        self.head_only = head_only
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and self.keep_alive
+            and self.body_done
+            and self.alive
+            and self.error is None
+            and not self.client_gone
+        )
+
+
+def _connection_names(tokens: list[bytes]) -> frozenset[bytes]:
+    names = set()
+    for value in tokens:
+        for tok in value.split(b","):
+            tok = tok.strip().lower()
+            if tok not in _IGNORED_CONN_TOKENS:
+                names.add(tok)
+    return frozenset(names)
+
+
+# ---------------------------------------------------------------------------
+# Pools.
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one endpoint ``host:port`` (LIFO)."""
+
+    def __init__(self, endpoint: str, *, max_idle: int = 64, connect_timeout: float = 2.0) -> None:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"endpoint must be host:port, got {endpoint!r}")
+        self.endpoint = endpoint
+        self.host = host[1:-1] if host.startswith("[") else host
+        self.port = int(port)
+        self.host_header = endpoint.encode()
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self._idle: list[_Conn] = []
+        self._closed = False
+        # Timeouts: one sweeper per pool checks the deadlines of waiting connections
+        # every _TICK s, instead of a call_later()/cancel() pair per request.
+        self._waiting: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def close(self) -> None:
+        """Close idle connections; in-flight ones close when their response is done."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _take(self) -> _Conn | None:
+        """The most recently used idle connection that is still open, if any."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.alive:
+                return conn
+        return None
+
+    async def _connect(self) -> _Conn:
+        if self._closed:
+            raise NotSent(f"pool for {self.endpoint} is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                transport, conn = await loop.create_connection(
+                    lambda: _Conn(self, loop), self.host, self.port
+                )
+        except TimeoutError:
+            raise NotSent(f"connect to {self.endpoint} timed out") from None
+        except OSError as exc:
+            raise NotSent(f"connect to {self.endpoint} failed: {exc}") from None
+        if conn.transport is None:  # in case a loop delivers connection_made late
+            conn.transport = transport
+            conn.alive = not transport.is_closing()
+        return conn
+
+    def _release(self, conn: _Conn) -> None:
+        conn.disarm()
+        conn.active = False
+        if conn.reusable and not self._closed and len(self._idle) < self.max_idle:
+            if conn.read_paused:
+                conn.resume_reading()
+            conn.reset()
+            self._idle.append(conn)
+        else:
+            conn.alive = False
+            conn.abort()
+
+    def _watch(self, conn: _Conn) -> None:
+        self._waiting.add(conn)
+        if self._sweeper is None:
+            self._sweeper = conn.loop.call_later(_TICK, self._sweep, conn.loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting = self._waiting
+        if not waiting:
+            self._sweeper = None
+            return
+        now = loop.time()
+        for conn in [c for c in waiting if c.deadline <= now]:
+            waiting.discard(conn)
+            conn._on_timeout()
+        self._sweeper = loop.call_later(_TICK, self._sweep, loop)
+
+    def _forget(self, conn: _Conn) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+
+class Pools:
+    """Registry endpoint -> UpstreamPool, a pool created on first use."""
+
+    def __init__(self, *, max_idle: int = 64, connect_timeout: float = 2.0) -> None:
+        self._pools: dict[str, UpstreamPool] = {}
+        self._max_idle = max_idle
+        self._connect_timeout = connect_timeout
+
+    def get(self, endpoint: str) -> UpstreamPool:
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = UpstreamPool(
+                endpoint, max_idle=self._max_idle, connect_timeout=self._connect_timeout
+            )
+        return pool
+
+    def __contains__(self, endpoint: object) -> bool:
+        return endpoint in self._pools
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._pools))
+
+    async def discard(self, endpoint: str) -> None:
+        pool = self._pools.pop(endpoint, None)
+        if pool is not None:
+            await pool.close()
+
+    async def close(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.close()
+
+
+# ---------------------------------------------------------------------------
+# proxy()
+
+
+def _request_head(
+    scope: Scope, pool: UpstreamPool, extra: Iterable[tuple[bytes, bytes]]
+) -> tuple[list[bytes], bool, bool]:
+    """Encode method, target and end-to-end headers (without framing headers).
+
+    Returns (parts, has_length, has_te): has_length when the client sent a
+    Content-Length (and it is kept in parts), has_te when it sent Transfer-Encoding.
+    """
+    method = scope["method"]
+    raw_path = scope.get("raw_path")
+    if raw_path is None:
+        from urllib.parse import quote
+
+        raw_path = quote(scope["path"]).encode("ascii")
+    qs = scope.get("query_string")
+    target = raw_path + b"?" + qs if qs else raw_path
+    parts = [_METHODS.get(method) or method.encode("ascii"), b" ", target, _HTTP11]
+    has_length = has_te = has_host = False
+    conn_tokens: list[bytes] | None = None
+    for name, value in scope["headers"]:
+        name = name.lower()  # ASGI servers lowercase names; framing must not rely on it
+        if name in _REQ_SPECIAL:
+            if name == b"host":
+                has_host = True
+            elif name == b"content-length":
+                has_length = True
+            elif name == b"transfer-encoding":
+                has_te = True
+                continue
+            elif name == b"connection":
+                if conn_tokens is None:
+                    conn_tokens = []
+                conn_tokens.append(value)
+                continue
+            else:
+                continue
+        parts.append(name + b": " + value + b"\r\n")
+    if conn_tokens is not None:
+        named = _connection_names(conn_tokens)
+        if named:
+            parts = parts[:4] + [p for p in parts[4:] if p.split(b":", 1)[0] not in named]
+    if has_te and has_length:  # both: Transfer-Encoding wins (RFC 9112 6.3); drop the length
+        parts = parts[:4] + [p for p in parts[4:] if not p.startswith(b"content-length:")]
+        has_length = False
+    if not has_host:
+        parts.append(b"host: " + pool.host_header + b"\r\n")
+    for name, value in extra:
+        parts.append(name + b": " + value + b"\r\n")
+    return parts, has_length, has_te
+
+
+async def _send_error(
+    send: Send, status: int, error: str, detail: str, add: Iterable[tuple[bytes, bytes]]
+) -> int:
+    status, body = _json_error(status, error, detail)
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *add]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return status
+
+
+async def _pump_body(conn: _Conn, receive: Receive, chunked: bool, timeout: float) -> None:
+    """Stream the rest of the request body, then watch for the client leaving."""
+    try:
+        await _pump_body_inner(conn, receive, chunked, timeout)
+    except Exception:  # receive() failed: the rest of the body will never come
+        conn.client_gone = True
+        conn.abort()
+
+
+async def _pump_body_inner(conn: _Conn, receive: Receive, chunked: bool, timeout: float) -> None:
+    transport = conn.transport
+    assert transport is not None
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            conn.client_gone = True
+            conn.abort()
+            return
+        if not conn.alive or conn.complete:
+            return
+        body = msg.get("body", b"")
+        more = msg.get("more_body", False)
+        if chunked:
+            if body:
+                transport.write(b"%x\r\n" % len(body) + body + b"\r\n")
+            if not more:
+                transport.write(_LAST_CHUNK)
+        elif body:
+            transport.write(body)
+        if not more:
+            break
+        if conn.write_paused:
+            await conn.drain()
+            if not conn.alive or conn.complete:
+                return
+    conn.body_done = True
+    conn.arm(timeout)
+    await _watch_disconnect(conn, receive)
+
+
+async def _watch_disconnect(conn: _Conn, receive: Receive) -> None:
+    """Abort the upstream connection when the client leaves.
+
+    Once the body is read, receive() blocks until the client disconnects. The one
+    http.request message a body-less request still has to give is skipped; a server
+    that keeps answering at once would make this spin, so then watching just stops.
+    """
+    try:
+        for _ in range(2):
+            if (await receive())["type"] == "http.disconnect":
+                break
+        else:
+            return
+    except Exception:  # a receive() that fails is a client we cannot serve either
+        pass
+    conn.client_gone = True
+    conn.abort()
+
+
+async def proxy(
+    pool: UpstreamPool,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    timeout: float,
+    add_request_headers: Iterable[tuple[bytes, bytes]] = (),
+    add_response_headers: Iterable[tuple[bytes, bytes]] = (),
+    first_chunk: Message | None = None,
+) -> int:
+    """Forward one ASGI http request to ``pool``'s endpoint and stream the response.
+
+    Returns the status sent to the client (499 if the client left before anything was
+    sent). Raises ``NotSent`` (nothing sent anywhere: retry elsewhere) and, after the
+    response head was sent, ``ConnectionResetError`` when the upstream fails mid-body.
+    """
+    method: str = scope["method"]
+    parts, has_length, has_te = _request_head(scope, pool, add_request_headers)
+
+    # The first body message decides the framing.
+    body = b""
+    more = False
+    if first_chunk is None and (has_length or has_te):
+        first_chunk = await receive()
+    if first_chunk is not None:
+        if first_chunk["type"] != "http.request":
+            return _CLIENT_GONE
+        body = first_chunk.get("body", b"")
+        more = first_chunk.get("more_body", False)
+    has_body = bool(body) or more
+    chunked = False
+    if not has_length:
+        if more:
+            parts.append(_CHUNKED)
+            chunked = True
+            if body:
+                body = b"%x\r\n" % len(body) + body + b"\r\n"
+        elif body or has_te:
+            parts.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    if len(body) <= _BIG_WRITE:
+        head, body = head + body, b""
+
+    retried = False
+    while True:
+        conn = None if retried else pool._take()  # a retry always gets a fresh connection
+        reused = conn is not None
+        if conn is None:
+            try:
+                conn = await pool._connect()
+            except NotSent as exc:
+                exc.first_chunk = first_chunk
+                raise
+        conn.start(method == "HEAD")
+        transport = conn.transport
+        assert transport is not None
+        transport.write(head)
+        if body:
+            transport.write(body)
+        if transport.is_closing():
+            # The write failed at once: not a byte reached the upstream.
+            pool._release(conn)
+            if retried or not reused:
+                raise NotSent(f"connection to {pool.endpoint} reset", first_chunk)
+            retried = True
+            continue
+        pump: asyncio.Task[None] | None = None
+        if more:
+            conn.body_done = False
+            pump = conn.loop.create_task(_pump_body(conn, receive, chunked, timeout))
+        else:
+            conn.arm(timeout)
+        while not conn.head_done and conn.alive and not conn.timed_out and conn.error is None:
+            conn.waiter = fut = conn.loop.create_future()  # (conn.wait(), inlined)
+            await fut
+        if conn.head_done:
+            break
+        # No response head.
+        if pump is not None:
+            pump.cancel()
+        client_gone = conn.client_gone
+        timed_out = conn.timed_out
+        got_bytes = conn.got_bytes
+        error = conn.error or "replica closed the connection"
+        pool._release(conn)  # not reusable: it is closed
+        if client_gone:
+            return _CLIENT_GONE
+        if timed_out:
+            return await _send_error(
+                send,
+                504,
+                "upstream timeout",
+                f"the replica did not start a response within {timeout:g} s",
+                add_response_headers,
+            )
+        if (
+            reused
+            and not retried
+            and not got_bytes
+            and not more
+            and (not has_body or method in _IDEMPOTENT)
+        ):
+            retried = True
+            continue
+        return await _send_error(send, 503, "replica failed", error, add_response_headers)
+
+    conn.disarm()
+    status = conn.status
+    headers = conn.headers
+    if add_response_headers:
+        headers.extend(add_response_headers)
+    ok = False
+    watcher = pump
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        while True:
+            chunks = conn.chunks
+            if conn.complete:
+                # Everything is here: free the connection before the last send.
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                conn.chunks = []
+                if watcher is not None:
+                    watcher.cancel()
+                    watcher = None
+                pool._release(conn)
+                ok = True
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+                return status
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                conn.chunks = []
+                if conn.read_paused:
+                    conn.resume_reading()
+                else:
+                    conn.buffered = 0
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if watcher is None:
+                    watcher = conn.loop.create_task(_watch_disconnect(conn, receive))
+                continue
+            if conn.client_gone:
+                return status
+            if not conn.alive or conn.error is not None:
+                raise ConnectionResetError(
+                    f"replica failed mid-response: {conn.error or 'connection closed'}"
+                )
+            conn.timed_out = False
+            conn.expire_in(timeout)
+            try:
+                await conn.wait()
+            finally:
+                conn.disarm()
+            if conn.timed_out and not conn.chunks and not conn.complete:
+                raise ConnectionResetError(f"replica sent nothing for {timeout:g} s mid-response")
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if not ok:
+            pool._release(conn)
