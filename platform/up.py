@@ -56,6 +56,7 @@ class UpConfig:
     keep_revisions: int = 5  # retired revisions kept before garbage collection
     drain: float = 30.0
     base_image: str | None = None
+    pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
     log_level: str = "warning"
 
 
@@ -135,7 +136,7 @@ class Platform:
         self.store = open_store(redis_url=cfg.redis, state_dir=None if cfg.redis else cfg.state_dir)
         self.driver = make_driver(cfg)
         self.controller = Controller(self.store, self.driver, settings=Settings(
-            max_replicas=cfg.max_replicas, source_root=cfg.state_dir / "sources", drain_grace=cfg.drain,
+            max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources", drain_grace=cfg.drain,
             keep_revisions=max(cfg.keep_revisions, 0)))
         self.gateway = Gateway(self.store, domain=cfg.domain)
         gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"

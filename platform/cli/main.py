@@ -84,7 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         die(f"up: {e}", 2)
     cfg = UpConfig(driver=args.driver, redis=args.redis, host=args.host, port=args.port, api_host=args.api_host,
                    api_port=args.api_port, token=token, domain=args.domain, max_replicas=args.max_replicas,
-                   log_level=args.log_level, base_image=args.base_image, keep_revisions=args.keep_revisions)
+                   log_level=args.log_level, base_image=args.base_image, keep_revisions=args.keep_revisions,
+                   pause_idle=args.pause_idle)
     if args.state_dir:
         cfg.state_dir = Path(args.state_dir)
     return run_up(cfg)
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
     up.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
     up.add_argument("--log-level", default="warning")
+    up.add_argument("--pause-idle", type=float, default=float(os.environ.get("TORPOR_PAUSE_IDLE", "0")),
+                    metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
+                    "long for a fast wake before removing it; 0 = off")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic")
     d.add_argument("dir", nargs="?", default=".")

@@ -56,6 +56,7 @@ class Settings:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_replicas: int = 100  # platform cap (torpor up --max-replicas)
+    pause_for: float = 0.0  # keep a replica scaled to zero paused this long before removing it (0 = off)
     keep_revisions: int = 5  # retired revisions kept (with their images) before garbage collection
     source_root: Path | None = None
 
@@ -85,6 +86,7 @@ class Controller:
         self.settings = settings or Settings()
         self.clock = clock
         self.tracked: dict[str, Tracked] = {}  # replica name -> tracked
+        self.parked: dict[str, tuple[Tracked, float]] = {}  # paused replicas -> (tracked, paused at)
         self.revs: dict[str, RevisionState] = {}
         self.functions: dict[str, Function] = {}  # last synced desired state
         self.building: dict[str, asyncio.Task[None]] = {}
@@ -116,8 +118,9 @@ class Controller:
         for t in list(self.building.values()):
             t.cancel()
         if stop_replicas:
+            parked = [self._expire_parked(name, "platform stopping") for name in list(self.parked)]
             await asyncio.gather(*(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
-                                 return_exceptions=True)
+                                 *parked, return_exceptions=True)
         else:
             for tr in self.tracked.values():
                 if tr.task:
@@ -202,7 +205,10 @@ class Controller:
     async def _adopt(self) -> None:
         """Adopt replicas of routed revisions that an earlier run left; stop the rest."""
         replicas_in_store = {r.name: r for r in await self.store.list_replicas()}
+        unpause = getattr(self.driver, "unpause", None)
         for running in await self.driver.list():
+            if unpause is not None and running.alive:
+                await unpause(running)  # a replica left paused by an earlier run
             fn = self.functions.get(running.function)
             rev = fn.revision(running.revision) if fn else None
             keep = running.alive and fn is not None and rev is not None and rev.status == "ready"
@@ -240,6 +246,9 @@ class Controller:
                     self.building[rev.name] = asyncio.create_task(self._build(fn.name, rev))
                 desired = self._desired(fn, rev, now)
                 self._converge(fn, rev, desired, now)
+        for name, (tr, since) in list(self.parked.items()):
+            if now - since > self.settings.pause_for or tr.replica.revision not in live_revisions:
+                asyncio.ensure_future(self._expire_parked(name, "paused too long"))
         # replicas of revisions or functions that no longer exist
         for tr in list(self.tracked.values()):
             if tr.replica.revision not in live_revisions and tr.replica.state != "draining":
@@ -289,8 +298,13 @@ class Controller:
             extra = sorted(live, key=lambda t: (t.replica.state == "ready", t.replica.started), reverse=False)
             extra = [t for t in extra if t.replica.state == "starting"] + sorted(
                 [t for t in extra if t.replica.state == "ready"], key=lambda t: -t.replica.started)
+            park = desired == 0 and self.settings.pause_for > 0 and hasattr(self.driver, "pause")
             for tr in extra[: len(live) - desired]:
-                self._spawn_drain(tr, f"scale down to {desired}")
+                if park and tr.replica.state == "ready":
+                    tr.replica.state = "draining"
+                    asyncio.ensure_future(self._park(tr))
+                else:
+                    self._spawn_drain(tr, f"scale down to {desired}")
 
     # -- builds --------------------------------------------------------------------------
     async def _build(self, fn_name: str, rev: Revision) -> None:
@@ -356,6 +370,13 @@ class Controller:
 
     # -- replicas --------------------------------------------------------------------------
     def _spawn_start(self, fn: Function, rev: Revision) -> None:
+        parked = [p for p in self.parked.values() if p[0].replica.revision == rev.name]
+        if parked:
+            tr = max(parked, key=lambda p: p[1])[0]
+            del self.parked[tr.replica.name]
+            self.tracked[tr.replica.name] = tr
+            tr.task = asyncio.create_task(self._unpark(tr))
+            return
         name = f"{rev.name}-{secrets.token_hex(3)}"
         rep = Replica(name=name, function=fn.name, revision=rev.name, state="starting")
         tr = Tracked(replica=rep)
@@ -464,6 +485,49 @@ class Controller:
         except Exception:
             return ""
         return "\n".join(out[-lines:])
+
+    async def _park(self, tr: Tracked) -> None:
+        """Scale to zero by freezing: out of rotation, then paused (memory kept, no CPU)."""
+        rep = tr.replica
+        await self.store.put_replica(rep)  # draining: gateways stop routing to it
+        await asyncio.sleep(0.2)
+        try:
+            assert tr.running is not None
+            await self.driver.pause(tr.running)  # type: ignore[attr-defined]
+        except Exception as e:
+            log.warning("pausing %s failed (%s); stopping it instead", rep.name, e)
+            await self._drain(tr, "scale down to 0")
+            return
+        self.tracked.pop(rep.name, None)
+        await self.store.delete_replica(rep.function, rep.name)
+        self.parked[rep.name] = (tr, self.clock())
+        await self._event(rep.function, "replica", f"{rep.name} paused (scaled to zero; kept up to "
+                                                   f"{self.settings.pause_for:g}s for a fast wake)")
+
+    async def _unpark(self, tr: Tracked) -> None:
+        rep = tr.replica
+        rep.state, rep.endpoint = "starting", ""
+        try:
+            assert tr.running is not None
+            await self.driver.unpause(tr.running)  # type: ignore[attr-defined]
+        except Exception as e:
+            await self._replica_failed(tr, f"unpause failed: {e}")
+            return
+        await self.store.put_replica(rep)
+        await self._await_ready(tr, adopted=True)
+        await self._event(rep.function, "replica", f"{rep.name} unpaused, ready at {rep.endpoint}")
+
+    async def _expire_parked(self, name: str, reason: str) -> None:
+        item = self.parked.pop(name, None)
+        if item is None:
+            return
+        tr = item[0]
+        assert tr.running is not None
+        try:
+            await self.driver.unpause(tr.running)  # type: ignore[attr-defined]
+            await self.driver.stop(tr.running, grace=self.settings.drain_grace)
+        finally:
+            await self._event(tr.replica.function, "replica", f"{tr.replica.name} stopped: {reason}")
 
     def _spawn_drain(self, tr: Tracked, reason: str) -> None:
         tr.replica.state = "draining"

@@ -557,6 +557,23 @@ class DockerDriver:
 
         await asyncio.to_thread(stop)
 
+    async def pause(self, running: Running) -> None:
+        """Freeze the container (cgroup freezer: no CPU, memory kept)."""
+        ref = running.driver_id or f"torpor-{running.replica}"
+        await asyncio.to_thread(lambda: self.client.api.pause(ref))
+
+    async def unpause(self, running: Running) -> None:
+        ref = running.driver_id or f"torpor-{running.replica}"
+
+        def unpause() -> None:
+            try:
+                self.client.api.unpause(ref)
+            except docker.errors.APIError as e:
+                if e.status_code not in (404, 409):  # 409: not paused
+                    raise
+
+        await asyncio.to_thread(unpause)
+
     async def logs(
         self, running: Running, follow: bool = False, tail: int = 200
     ) -> AsyncIterator[str]:

@@ -269,6 +269,19 @@ class ProcessDriver:
                 pass
         self._forget(running.replica)
 
+    async def pause(self, running: Running) -> None:
+        """SIGSTOP the replica's process group: no CPU, memory kept."""
+        try:
+            os.killpg(int(running.driver_id), signal.SIGSTOP)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def unpause(self, running: Running) -> None:
+        try:
+            os.killpg(int(running.driver_id), signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
         path = self.dir / f"{running.replica}.log"
         if not path.exists():
