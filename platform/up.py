@@ -122,7 +122,7 @@ class _Server(uvicorn.Server):
 def _uvicorn(app: Any, host: str, port: int, level: str) -> _Server:
     config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_level=level,
                             http="httptools", loop="none", timeout_keep_alive=75, server_header=False,
-                            date_header=False, timeout_graceful_shutdown=None)
+                            date_header=False, proxy_headers=False, timeout_graceful_shutdown=None)
     return _Server(config)
 
 
