@@ -177,6 +177,7 @@ class Gateway:
 
     async def _serve(self, rr: RevisionRoute, scope: Scope, receive: Any, send: Any) -> int:
         cold = False
+        first_chunk: dict[str, Any] | None = None
         b = rr.balancer.pick()
         deadline = time.monotonic() + rr.timeout
         for _attempt in range(MAX_ATTEMPTS):
@@ -202,8 +203,10 @@ class Gateway:
                     b.pool, scope, receive, send,
                     timeout=max(deadline - time.monotonic(), 0.001),
                     add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
+                    first_chunk=first_chunk,
                 )
-            except NotSent:
+            except NotSent as e:
+                first_chunk = e.first_chunk
                 # the replica is gone (crashed/draining): take it out of rotation, try another
                 if b in rr.balancer.backends:
                     rr.balancer.backends.remove(b)
