@@ -145,9 +145,10 @@ class RouteTable:
         by_name = {r.name: self.revisions[r.name] for r in fn.revisions if r.name in self.revisions}
         fr.slots = [by_name[n] for n in weighted_slots(weights)]
         for rev in fn.revisions:
-            rr = by_name.get(rev.name)
-            if rr is None:
+            found = by_name.get(rev.name)
+            if found is None or rev.name not in keep:
                 continue
+            rr = found
             scale = fn.effective_scale(rev)
             rr.timeout = rev.spec.timeout
             rr.balancer.limit = scale.concurrency

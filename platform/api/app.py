@@ -337,7 +337,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
             await app(scope, receive, send)
             return
 
-        async def send_counting(msg: dict[str, Any]) -> None:
+        async def send_counting(msg: Any) -> None:
             if msg["type"] == "http.response.start":
                 api_requests.labels(scope["method"], str(msg["status"])).inc()
             await send(msg)

@@ -115,10 +115,10 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
     deadline = time.time() + args.wait
     while time.time() < deadline:
         ev = api.call("GET", f"/v1/functions/{spec.name}/events", params={"since": seen, "limit": 200})["events"]
-        for e in ev:
-            seen = max(seen, e["time"])
-            if e["kind"] in ("build", "error") or rev in e["message"]:
-                print(f"  {e['message']}", file=sys.stderr)
+        for item in ev:
+            seen = max(seen, item["time"])
+            if item["kind"] in ("build", "error") or rev in item["message"]:
+                print(f"  {item['message']}", file=sys.stderr)
         r = api.call("GET", f"/v1/functions/{spec.name}/revisions/{rev}")
         if r["status"] == "ready":
             fn = api.call("GET", f"/v1/functions/{spec.name}")

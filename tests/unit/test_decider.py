@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from torpor.autoscaler.decider import Decision, RevisionScaler
 from torpor.model import Scale
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from torpor.autoscaler.windows import TimedWindow
 
 Rec = tuple[float, float, str]  # (now, value, source)
