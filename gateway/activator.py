@@ -38,13 +38,19 @@ class Activator:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Backend] = loop.create_future()
         self.waiters.append(fut)
-        if not self.balancer.backends:
-            now = loop.time()
-            if now - self._last_poke > 0.5:
-                self._last_poke = now
-                self._poke()
+        deadline = loop.time() + timeout
         try:
-            return await asyncio.wait_for(fut, timeout)
+            while True:
+                if not self.balancer.backends:
+                    self.poke_now(loop.time())
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    # wake every second to poke again: a lost poke must not strand the queue
+                    return await asyncio.wait_for(asyncio.shield(fut), min(remaining, 1.0))
+                except TimeoutError:
+                    continue
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # handed a backend just as we gave up: give it back
@@ -55,6 +61,12 @@ class Activator:
                 except ValueError:
                     pass
             raise
+
+    def poke_now(self, now: float) -> None:
+        """Ask the control plane for a replica (at most twice a second)."""
+        if now - self._last_poke > 0.5:
+            self._last_poke = now
+            self._poke()
 
     def release(self, b: Backend) -> None:
         """A request on ``b`` finished: hand ``b`` to the next waiter if it has room."""
