@@ -221,7 +221,14 @@ class Rollouts:
             self.forget(name)
 
     async def reconcile(self, fn: Function) -> None:
-        """Advance, promote or roll back ``fn.rollout`` (running or paused)."""
+        """Advance, promote or roll back ``fn.rollout`` (running or paused). Never raises:
+        a rollout that cannot be judged must not stop the controller's pass."""
+        try:
+            await self._reconcile(fn)
+        except Exception:
+            log.exception("rollout of %s: reconcile failed; retrying next pass", fn.name)
+
+    async def _reconcile(self, fn: Function) -> None:
         self._expire()
         cur = await self.store.get_function(fn.name)  # the controller's copy may lag our own writes
         ro = cur.rollout if cur is not None else None

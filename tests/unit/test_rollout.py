@@ -4,9 +4,12 @@ buckets, and the Rollouts shell over a real (in-memory) EmbeddedStore with a fak
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import httpx
 import pytest
 
+from torpor.api.app import ApiConfig, create_app
 from torpor.controller.rollout import P95_FLOOR, Rollouts, StepStats, judge, quantile
 from torpor.controller.traffic import start_rollout
 from torpor.gateway.routes import LATENCY_BUCKETS
@@ -308,3 +311,59 @@ async def test_warmth_is_per_gateway() -> None:
     ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="a"))
     ro.observe(report({"fn-00002": (1, 0, 0.04)}, gateway="b"))
     assert ro.stats["fn-00002"].samples == 2 and ro.stats["fn-00002"].requests == 5
+
+
+# -- the API ----------------------------------------------------------------------------------
+async def test_rollout_api_validates_and_acts(tmp_path: Path) -> None:
+    store = EmbeddedStore()
+
+    def create(cur: Function | None) -> Function:
+        return Function(name="fn", revisions=[rev(1), rev(2), rev(3)], traffic=[TrafficTarget("fn-00001", 100)],
+                        next_number=4)
+
+    await store.update_function("fn", create)
+    app = create_app(store, ApiConfig(state_dir=tmp_path))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+        url = "/v1/functions/fn/rollout"
+        assert (await c.get(url)).json() == {"rollout": None, "traffic": [
+            {"revision": "fn-00001", "percent": 100, "tag": None}]}
+        for body, field_name in [({"to": "fn-00009"}, "to"), ({"to": "fn-00002", "steps": [10, 50]}, "steps"),
+                                 ({"to": "fn-00002", "interval": "soon"}, "interval"),
+                                 ({"to": "fn-00002", "interval": 0}, "interval"),
+                                 ({"to": "fn-00002", "max_error_ratio": 2}, "max_error_ratio"),
+                                 ({"to": "fn-00002", "max_p95_ratio": 0.5}, "max_p95_ratio"),
+                                 ({"to": "fn-00002", "min_requests": -1}, "min_requests"),
+                                 ({"to": "fn-00002", "min_requests": True}, "min_requests"),
+                                 ({"to": "fn-00002", "color": "red"}, "color")]:
+            r = await c.post(url, json=body)
+            assert r.status_code == 400 and r.json()["field"] == field_name, (body, r.text)
+        assert (await c.post(url, content=b"[1]")).status_code == 400
+        assert (await c.post(url, json={"to": "fn-00001"})).status_code == 409  # already has all traffic
+        assert (await c.post(url + "/pause")).status_code == 409  # nothing to pause
+        r = await c.post(url, json={"to": "fn-00002", "steps": [20, 100], "interval": "1m30s", "min_requests": 7,
+                                    "max_error_ratio": 0.1, "max_p95_ratio": 3})
+        assert r.status_code == 201, r.text
+        ro = r.json()["rollout"]
+        assert (ro["to"], ro["stable"], ro["steps"], ro["state"]) == ("fn-00002", "fn-00001", [20, 100], "running")
+        assert ro["policy"] == {"steps": [20, 100], "interval": 90.0, "max_error_ratio": 0.1, "max_p95_ratio": 3.0,
+                                "min_requests": 7}
+        assert (await c.post(url, json={"to": "fn-00003"})).status_code == 409  # one at a time
+        assert (await c.post(url + "/pause")).json()["rollout"]["state"] == "paused"
+        assert (await c.post(url + "/pause")).status_code == 409
+        before = (await c.get(url)).json()["rollout"]["step_started"]
+        resumed = (await c.post(url + "/resume")).json()["rollout"]
+        assert resumed["state"] == "running" and resumed["step_started"] >= before
+        assert (await c.post(url + "/bogus")).status_code == 404
+        r = await c.post(url + "/abort")
+        assert r.json()["rollout"]["state"] == "aborted"
+        assert r.json()["traffic"] == [{"revision": "fn-00001", "percent": 100, "tag": None}]
+        r = await c.post("/v1/functions/fn/rollback")
+        assert r.status_code == 409  # nothing older than fn-00001
+        await c.post(url, json={"to": "fn-00003", "steps": [50, 100]})
+        r = await c.post(url + "/promote")
+        assert r.json()["traffic"] == [{"revision": "fn-00003", "percent": 100, "tag": None}]
+        r = await c.post("/v1/functions/fn/rollback")
+        assert r.status_code == 200 and r.json()["revision"] == "fn-00001"
+        assert (await c.post("/v1/functions/nope/rollback")).status_code == 404
+        kinds = [e.message for e in await store.list_events("fn") if e.kind == "rollout"]
+        assert any("started" in m for m in kinds) and any("rolled back to fn-00001 by hand" in m for m in kinds)
