@@ -126,25 +126,45 @@ def _uvicorn(app: Any, host: str, port: int, level: str) -> _Server:
     return _Server(config)
 
 
-class Platform:
-    """All components wired together; ``run()`` until ``request_stop()``."""
+ALL = frozenset({"api", "controller", "gateway"})
 
-    def __init__(self, cfg: UpConfig) -> None:
+
+class Platform:
+    """The components wired together; ``run()`` until ``request_stop()``.
+
+    ``torpor up`` runs all three in one event loop. Distributed mode runs one per process
+    (``torpor gateway`` / ``controller`` / ``api``) on a shared Redis store.
+    """
+
+    def __init__(self, cfg: UpConfig, components: frozenset[str] = ALL) -> None:
         check_config(cfg)
+        if components != ALL and not cfg.redis:
+            raise UpError(f"{'/'.join(sorted(components))} alone needs a shared store: give --redis URL")
         self.cfg = cfg
+        self.components = components
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(redis_url=cfg.redis, state_dir=None if cfg.redis else cfg.state_dir)
-        self.driver = make_driver(cfg)
-        self.controller = Controller(self.store, self.driver, settings=Settings(
-            max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources", drain_grace=cfg.drain,
-            keep_revisions=max(cfg.keep_revisions, 0)))
-        self.gateway = Gateway(self.store, domain=cfg.domain)
-        gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-        api = create_app(self.store, ApiConfig(
-            state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
-            token=cfg.token, ready=self.controller.synced.is_set, logs=self.logs))
-        self.gateway_server = _uvicorn(self.gateway, cfg.host, cfg.port, cfg.log_level)
-        self.api_server = _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level)
+        self.driver: Driver | None = None
+        self.controller: Controller | None = None
+        self.gateway: Gateway | None = None
+        self.servers: list[tuple[str, _Server, str]] = []
+        if "controller" in components:
+            self.driver = make_driver(cfg)
+            self.controller = Controller(self.store, self.driver, settings=Settings(
+                max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
+                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
+        if "gateway" in components:
+            self.gateway = Gateway(self.store, domain=cfg.domain)
+            self.servers.append(("gateway", _uvicorn(self.gateway, cfg.host, cfg.port, cfg.log_level),
+                                 f"{cfg.host}:{cfg.port}"))
+        if "api" in components:
+            gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+            ready = self.controller.synced.is_set if self.controller else (lambda: True)
+            api = create_app(self.store, ApiConfig(
+                state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
+                token=cfg.token, ready=ready, logs=self.logs if self.driver else None))
+            self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
+                                 f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -152,23 +172,25 @@ class Platform:
         self._stop.set()
 
     async def logs(self, function: str, follow: bool, tail: int) -> AsyncIterator[str]:
-        runs = [r for r in await self.driver.list() if r.function == function]
+        driver = self.driver
+        assert driver is not None
+        runs = [r for r in await driver.list() if r.function == function]
         if not follow:
             for r in runs:
-                async for line in self.driver.logs(r, follow=False, tail=tail):
+                async for line in driver.logs(r, follow=False, tail=tail):
                     yield f"[{r.replica}] {line}"
             return
         queue: asyncio.Queue[str] = asyncio.Queue()
         seen: set[str] = set()
 
         async def pump(r: Any) -> None:
-            async for line in self.driver.logs(r, follow=True, tail=tail):
+            async for line in driver.logs(r, follow=True, tail=tail):
                 await queue.put(f"[{r.replica}] {line}")
 
         tasks: list[asyncio.Task[None]] = []
         try:
             while True:
-                for r in await self.driver.list():
+                for r in await driver.list():
                     if r.function == function and r.replica not in seen and r.alive:
                         seen.add(r.replica)
                         tasks.append(asyncio.create_task(pump(r)))
@@ -183,35 +205,41 @@ class Platform:
                 t.cancel()
 
     async def run(self, on_started: Callable[[Platform], None] | None = None) -> None:
-        await self.controller.start()
-        await self.gateway.start()
-        gw = asyncio.create_task(self.gateway_server.serve())
-        api = asyncio.create_task(self.api_server.serve())
+        if self.controller:
+            await self.controller.start()
+        if self.gateway:
+            await self.gateway.start()
+        tasks = {name: asyncio.create_task(server.serve()) for name, server, _ in self.servers}
         try:
-            while not (self.gateway_server.started and self.api_server.started):
-                if gw.done() or api.done():
-                    raise UpError(f"could not listen on {self.cfg.host}:{self.cfg.port} or "
-                                  f"{self.cfg.api_host}:{self.cfg.api_port} (address in use?)")
+            while not all(server.started for _, server, _ in self.servers):
+                for name, _server, addr in self.servers:
+                    if tasks[name].done():
+                        raise UpError(f"{name}: could not listen on {addr} (address in use?)")
                 await asyncio.sleep(0.01)
             self.started.set()
             if on_started:
                 on_started(self)
             await self._stop.wait()
         finally:
+            servers = {name: server for name, server, _ in self.servers}
             # 1. gateway: stop accepting, finish in-flight requests
-            self.gateway_server.should_exit = True
-            await asyncio.gather(gw, return_exceptions=True)
-            await self.gateway.stop(drain=self.cfg.drain)
-            # 2. replicas: drain and stop
-            await self.controller.stop(stop_replicas=True)
+            if "gateway" in servers and self.gateway:
+                servers["gateway"].should_exit = True
+                await asyncio.gather(tasks["gateway"], return_exceptions=True)
+                await self.gateway.stop(drain=self.cfg.drain)
+            # 2. replicas: drain and stop (a controller alone leaves them for the next one to adopt)
+            if self.controller:
+                await self.controller.stop(stop_replicas=self.components == ALL)
             # 3. API and store
-            self.api_server.should_exit = True
-            await asyncio.gather(api, return_exceptions=True)
-            await self.driver.close()
+            if "api" in servers:
+                servers["api"].should_exit = True
+                await asyncio.gather(tasks["api"], return_exceptions=True)
+            if self.driver:
+                await self.driver.close()
             await self.store.close()
 
 
-def run_up(cfg: UpConfig) -> int:
+def run_up(cfg: UpConfig, components: frozenset[str] = ALL) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     if os.environ.get("TORPOR_LOOP", "uvloop") == "uvloop":
@@ -222,28 +250,35 @@ def run_up(cfg: UpConfig) -> int:
         except ImportError:
             pass
 
+    name = "up" if components == ALL else next(iter(components))
+
     async def main() -> None:
-        platform = Platform(cfg)
+        platform = Platform(cfg, components)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, platform.request_stop)
-
-        reason = "" if cfg.driver != "auto" else (
-            " (a Docker Engine answers)" if platform.driver.name == "docker" else " (no Docker Engine answers)")
-        print(f"torpor up: driver={platform.driver.name}{reason} store={'redis' if cfg.redis else 'embedded'} "
-              f"state={cfg.state_dir}", file=sys.stderr, flush=True)
+        store = "redis" if cfg.redis else "embedded"
+        if platform.driver is not None:
+            reason = "" if cfg.driver != "auto" else (
+                " (a Docker Engine answers)" if platform.driver.name == "docker" else " (no Docker Engine answers)")
+            print(f"torpor {name}: driver={platform.driver.name}{reason} store={store} state={cfg.state_dir}",
+                  file=sys.stderr, flush=True)
 
         def started(p: Platform) -> None:
-            print(f"torpor up: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or /function/NAME/)",
-                  file=sys.stderr, flush=True)
-            print(f"torpor up: api     http://{cfg.api_host}:{cfg.api_port}/v1"
-                  + ("  (bearer token required)" if cfg.token else ""), file=sys.stderr, flush=True)
+            if p.gateway is not None:
+                print(f"torpor {name}: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or "
+                      "/function/NAME/)", file=sys.stderr, flush=True)
+            if "api" in p.components:
+                print(f"torpor {name}: api     http://{cfg.api_host}:{cfg.api_port}/v1"
+                      + ("  (bearer token required)" if cfg.token else ""), file=sys.stderr, flush=True)
+            if p.driver is None and p.gateway is None:
+                print(f"torpor {name}: ready (store={store})", file=sys.stderr, flush=True)
 
         await platform.run(started)
 
     try:
         asyncio.run(main())
     except UpError as e:
-        print(f"torpor up: {e}", file=sys.stderr)
+        print(f"torpor {name}: {e}", file=sys.stderr)
         return 2
     return 0

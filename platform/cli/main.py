@@ -76,19 +76,20 @@ def _ago(t: float) -> str:
 
 # -- commands ---------------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from torpor.up import UpConfig, UpError, read_token, run_up
+    from torpor.up import ALL, UpConfig, UpError, read_token, run_up
 
+    component = args.cmd if args.cmd in ALL else None
     try:
-        token = read_token(args.token_file)
+        token = read_token(getattr(args, "token_file", None))
     except UpError as e:
-        die(f"up: {e}", 2)
-    cfg = UpConfig(driver=args.driver, redis=args.redis, host=args.host, port=args.port, api_host=args.api_host,
-                   api_port=args.api_port, token=token, domain=args.domain, max_replicas=args.max_replicas,
-                   log_level=args.log_level, base_image=args.base_image, keep_revisions=args.keep_revisions,
-                   pause_idle=args.pause_idle)
-    if args.state_dir:
-        cfg.state_dir = Path(args.state_dir)
-    return run_up(cfg)
+        die(f"{args.cmd}: {e}", 2)
+    cfg = UpConfig(redis=args.redis, state_dir=Path(args.state_dir) if args.state_dir else UpConfig().state_dir,
+                   token=token, log_level=args.log_level)
+    for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
+                "keep_revisions", "pause_idle"):
+        if hasattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    return run_up(cfg, frozenset({component}) if component else ALL)
 
 
 def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
@@ -281,22 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the platform in the foreground")
-    up.add_argument("--driver", default="auto", choices=["auto", "process", "docker"])
-    up.add_argument("--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (distributed store)")
-    up.add_argument("--host", default="127.0.0.1", help="gateway bind address")
-    up.add_argument("--port", type=int, default=8080, help="gateway port")
-    up.add_argument("--api-host", default="127.0.0.1")
-    up.add_argument("--api-port", type=int, default=8081)
-    up.add_argument("--token-file", help="file holding the API bearer token (or env TORPOR_TOKEN)")
-    up.add_argument("--state-dir", help="where state persists (default ~/.local/share/torpor)")
-    up.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
-    up.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
-    up.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
-    up.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
-    up.add_argument("--log-level", default="warning")
-    up.add_argument("--pause-idle", type=float, default=float(os.environ.get("TORPOR_PAUSE_IDLE", "0")),
-                    metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
-                    "long for a fast wake before removing it; 0 = off")
+    gw = sub.add_parser("gateway", help="run one gateway (distributed mode: needs --redis)")
+    ctl = sub.add_parser("controller", help="run the controller and autoscaler (distributed mode: needs --redis)")
+    ap = sub.add_parser("api", help="run the control API (distributed mode: needs --redis)")
+    for sp in (up, gw, ctl, ap):
+        sp.add_argument("--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)")
+        sp.add_argument("--state-dir", help="where state persists (default ~/.local/share/torpor)")
+        sp.add_argument("--log-level", default="warning")
+        sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
+    for sp in (up, ctl):
+        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker"])
+        sp.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
+        sp.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
+        sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
+        sp.add_argument("--pause-idle", type=float, default=float(os.environ.get("TORPOR_PAUSE_IDLE", "0")),
+                        metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
+                        "long for a fast wake before removing it; 0 = off")
+    for sp in (up, gw, ap):
+        sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+        sp.add_argument("--port", type=int, default=8080, help="gateway port")
+    for sp in (up, ap):
+        sp.add_argument("--api-host", default="127.0.0.1")
+        sp.add_argument("--api-port", type=int, default=8081)
+        sp.add_argument("--token-file", help="file holding the API bearer token (or env TORPOR_TOKEN)")
+    ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic")
     d.add_argument("dir", nargs="?", default=".")
@@ -360,7 +369,7 @@ API_COMMANDS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "up":
+        if args.cmd in ("up", "gateway", "controller", "api"):
             sys.exit(cmd_up(args))
         if args.cmd == "invoke":
             sys.exit(cmd_invoke(args))
