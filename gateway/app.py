@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 from torpor.gateway.activator import QueueFull
-from torpor.gateway.routes import RevisionRoute, RouteTable
+from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
 from torpor.gateway.upstream import NotSent, Pools, proxy
 from torpor.store.base import CHANGES, POKES, STATS, Store
@@ -168,14 +168,15 @@ class Gateway:
         start = time.perf_counter()
         status = 500
         try:
-            status = await self._serve(rr, scope, receive, send)
+            status = await self._serve(fr, rr, found[1] is not None, scope, receive, send)
         finally:
             rr.stats.observe(status, time.perf_counter() - start)
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
 
-    async def _serve(self, rr: RevisionRoute, scope: Scope, receive: Any, send: Any) -> int:
+    async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
+                     send: Any) -> int:
         cold = False
         first_chunk: dict[str, Any] | None = None
         b = rr.balancer.pick()
@@ -195,7 +196,16 @@ class Gateway:
                     return await send_json(send, 504, {"error": "no replica ready in time",
                         "detail": f"{rr.name} had no ready replica within {rr.timeout:g}s"}, 1)
                 except LookupError as e:
-                    return await send_json(send, 503, {"error": "revision gone", "detail": str(e)}, 1)
+                    # the revision left the traffic table while we queued (rollback, promote):
+                    # re-pick from the function's current table rather than fail
+                    current = self.table.functions.get(fr.name)
+                    nxt = current.pick() if current is not None and not tagged else None
+                    if nxt is None or nxt is rr:
+                        return await send_json(send, 503, {"error": "revision gone", "detail": str(e)}, 1)
+                    fr, rr = current, nxt  # type: ignore[assignment]
+                    b = rr.balancer.pick()
+                    cold = False
+                    continue
             if cold:
                 rr.stats.cold_starts += 1
             try:

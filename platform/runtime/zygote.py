@@ -93,8 +93,16 @@ def serve(path: str) -> None:
     os.chmod(path, 0o600)
     listener.listen(64)
     print(f"torpor-zygote: ready on {path}", flush=True)
+    parent = os.getppid()
+    listener.settimeout(1.0)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the driver died (kill -9): don't linger
+                return
+            continue
+        conn.settimeout(None)
         with conn:
             try:
                 line = conn.makefile("rb").readline()
