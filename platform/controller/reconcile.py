@@ -208,7 +208,10 @@ class Controller:
         unpause = getattr(self.driver, "unpause", None)
         for running in await self.driver.list():
             if unpause is not None and running.alive:
-                await unpause(running)  # a replica left paused by an earlier run
+                try:
+                    await unpause(running)  # a replica left paused by an earlier run
+                except Exception as e:
+                    log.warning("could not unpause %s: %s", running.replica, e)
             fn = self.functions.get(running.function)
             rev = fn.revision(running.revision) if fn else None
             keep = running.alive and fn is not None and rev is not None and rev.status == "ready"

@@ -567,9 +567,12 @@ class DockerDriver:
 
         def unpause() -> None:
             try:
-                self.client.api.unpause(ref)
+                if self.client.api.inspect_container(ref)["State"].get("Paused"):
+                    self.client.api.unpause(ref)
+            except docker.errors.NotFound:
+                pass
             except docker.errors.APIError as e:
-                if e.status_code not in (404, 409):  # 409: not paused
+                if "is not paused" not in str(e):  # a race with another unpause
                     raise
 
         await asyncio.to_thread(unpause)

@@ -57,8 +57,28 @@ def plain_image(engine):
         pass
 
 
-def containers(engine, function: str) -> list:
-    return engine.containers.list(all=True, filters={"label": f"torpor.function={function}"})
+@pytest.fixture(autouse=True)
+def _cleanup(engine, tmp_path: Path):
+    """Whatever a failed test left running on the engine goes (containers and images of its state dir)."""
+    yield
+    from torpor.drivers.docker import INSTANCE, instance_id
+
+    mine = {"label": f"{INSTANCE}={instance_id(tmp_path / 'state')}"}
+    for c in engine.containers.list(all=True, filters=mine):
+        c.remove(force=True)
+    for img in engine.images.list(filters=mine):
+        try:
+            engine.images.remove(img.id, force=True)
+        except docker.errors.DockerException:
+            pass
+
+
+def containers(engine, function: str, state: Path) -> list:
+    """This installation's containers of ``function`` (other runs may share the engine)."""
+    from torpor.drivers.docker import INSTANCE, instance_id
+
+    return engine.containers.list(all=True, filters={"label": [f"torpor.function={function}",
+                                                              f"{INSTANCE}={instance_id(state)}"]})
 
 
 def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path, engine, plain_image) -> None:
@@ -72,7 +92,7 @@ def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path
         for name, body in (("hello", "hello, world!\n"), ("plain", "plain image says hi\n")):
             r = t.request(name)
             assert r.status_code == 200 and r.text == body
-            [c] = [c for c in containers(engine, name) if c.status == "running"]
+            [c] = [c for c in containers(engine, name, t.state_dir) if c.status == "running"]
             labels = c.labels
             assert labels["torpor.function"] == name
             assert labels["torpor.revision"] == f"{name}-00001"
@@ -85,9 +105,9 @@ def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path
                 assert all(b["HostIp"] == "127.0.0.1" for b in binding)
             mounts = [m.get("Source", "") for m in c.attrs.get("Mounts", [])]
             assert not any("docker.sock" in m for m in mounts)
-        assert engine.containers.get(containers(engine, "hello")[0].id).attrs["HostConfig"]["Memory"] == 128 * 2**20
+        assert engine.containers.get(containers(engine, "hello", t.state_dir)[0].id).attrs["HostConfig"]["Memory"] == 128 * 2**20
         # idle -> no container; the next request cold-starts one
-        t.wait_for(lambda: not [c for c in containers(engine, "hello")], 40, "hello containers gone after idle")
+        t.wait_for(lambda: not [c for c in containers(engine, "hello", t.state_dir)], 40, "hello containers gone after idle")
         r = t.request("hello", "/?name=again")
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
         logs = t.cli("logs", "hello").stdout
@@ -101,18 +121,18 @@ def test_kill_9_then_restart_keeps_exactly_the_expected_containers(tmp_path: Pat
         t.deploy(function_copy(tmp_path, "hello"))
         t.cli("scale", "hello", "--replicas", "2")
         t.wait_for(lambda: len(t.ready_replicas("hello")) == 2, 60, "2 ready replicas")
-        before = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello"))
+        before = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello", state))
         assert len(before) == 2
     finally:
         t.stop(signal.SIGKILL)
-    assert len(containers(engine, "hello")) == 2, "containers must outlive a kill -9 of torpor up"
+    assert len(containers(engine, "hello", state)) == 2, "containers must outlive a kill -9 of torpor up"
     with torpor_up(state, driver="docker") as t2:
         t2.wait_for(lambda: len(t2.ready_replicas("hello")) == 2, 60, "adopted replicas ready")
         time.sleep(2)  # a few reconcile passes: nothing new may start
-        after = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello"))
+        after = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello", state))
         assert after == before
         assert t2.request("hello").status_code == 200
-    assert containers(engine, "hello") == [], "torpor up's clean shutdown leaves no container"
+    assert containers(engine, "hello", state) == [], "torpor up's clean shutdown leaves no container"
 
 
 def test_broken_build_leaves_previous_revision_serving(tmp_path: Path, engine) -> None:
@@ -143,8 +163,11 @@ def test_delete_removes_containers_and_images(tmp_path: Path, engine) -> None:
     with torpor_up(tmp_path / "state", driver="docker") as t:
         t.deploy(function_copy(tmp_path, "echo"))
         assert t.request("echo", "/", "POST", content=b"x").status_code == 200
-        images = engine.images.list(filters={"label": "torpor.function=echo"})
+        from torpor.drivers.docker import INSTANCE, instance_id
+
+        mine = {"label": ["torpor.function=echo", f"{INSTANCE}={instance_id(t.state_dir)}"]}
+        images = engine.images.list(filters=mine)
         assert images
         t.cli("delete", "echo")
-        t.wait_for(lambda: not containers(engine, "echo"), 30, "containers removed")
-        t.wait_for(lambda: not engine.images.list(filters={"label": "torpor.function=echo"}), 30, "images removed")
+        t.wait_for(lambda: not containers(engine, "echo", t.state_dir), 30, "containers removed")
+        t.wait_for(lambda: not engine.images.list(filters=mine), 30, "images removed")

@@ -30,8 +30,11 @@ def test_idle_replica_is_paused_then_woken_then_removed(tmp_path: Path, driver: 
         else:
             import docker
 
+            from torpor.drivers.docker import INSTANCE, instance_id
+
             client = docker.from_env()
-            [c] = client.containers.list(all=True, filters={"label": "torpor.function=slow"})
+            mine = {"label": ["torpor.function=slow", f"{INSTANCE}={instance_id(t.state_dir)}"]}
+            [c] = client.containers.list(all=True, filters=mine)
             assert c.status == "paused"
         r = t.request("slow")
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
