@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+from time import perf_counter
 from typing import Any
 
 from torpor.gateway.activator import QueueFull
@@ -54,8 +55,7 @@ class Gateway:
         self.synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._labels: dict[bytes, str] = {}  # Host header -> label (memo)
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str) -> None:
@@ -70,9 +70,10 @@ class Gateway:
 
     async def stop(self, drain: float = 30.0) -> None:
         """Wait for in-flight requests (bounded), then stop background work."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), drain)
-        except TimeoutError:
+        deadline = time.monotonic() + drain
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
             log.warning("gateway: %d requests still in flight after %.0fs", self.in_flight, drain)
         for t in self._tasks:
             t.cancel()
@@ -125,9 +126,10 @@ class Gateway:
             if k == b"host":
                 host = v
                 break
-        label = host.decode("latin-1").split(":", 1)[0].lower()
-        if label.endswith(self.suffix):
-            label = label[: -len(self.suffix)]
+        label = self._labels.get(host)
+        if label is None:
+            label = self._label(host)
+        if label:
             found = self.table.hosts.get(label)
             if found is None:
                 await send_json(send, 404, {"error": "function not found", "detail": f"no function or tag {label[:63]!r}"})
@@ -164,16 +166,23 @@ class Gateway:
                 await send_json(send, 503, {"error": "no traffic", "detail": f"function {fr.name} has no revision with traffic"}, 5)
                 return
         self.in_flight += 1
-        self._idle.clear()
-        start = time.perf_counter()
+        start = perf_counter()
         status = 500
         try:
             status = await self._serve(fr, rr, found[1] is not None, scope, receive, send)
         finally:
-            rr.stats.observe(status, time.perf_counter() - start)
+            rr.stats.observe(status, perf_counter() - start)
             self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+
+    def _label(self, host: bytes) -> str:
+        """The function/tag label of a Host header ('' when not under our domain); memoised,
+        bounded (clients choose Host values)."""
+        name = host.decode("latin-1").split(":", 1)[0].lower()
+        label = name[: -len(self.suffix)] if name.endswith(self.suffix) else ""
+        if len(self._labels) >= 4096:
+            self._labels.clear()
+        self._labels[host] = label
+        return label
 
     async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
                      send: Any) -> int:

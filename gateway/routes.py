@@ -8,6 +8,7 @@ requests and interleaved within them.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,12 +34,7 @@ class RevisionStats:
         self.requests += 1
         self.by_class[min(status // 100, 5)] += 1
         self.latency_sum += seconds
-        counts = self.latency_counts
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                counts[i] += 1
-                return
-        counts[-1] += 1
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 class RevisionRoute:

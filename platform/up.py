@@ -22,6 +22,7 @@ from torpor.api.app import ApiConfig, create_app
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
+from torpor.gateway.server import Server as GatewayServer
 from torpor.store import open_store
 
 log = logging.getLogger("torpor")
@@ -147,7 +148,7 @@ class Platform:
         self.driver: Driver | None = None
         self.controller: Controller | None = None
         self.gateway: Gateway | None = None
-        self.servers: list[tuple[str, _Server, str]] = []
+        self.servers: list[tuple[str, _Server | GatewayServer, str]] = []
         if "controller" in components:
             self.driver = make_driver(cfg)
             self.controller = Controller(self.store, self.driver, settings=Settings(
@@ -155,7 +156,7 @@ class Platform:
                 drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
         if "gateway" in components:
             self.gateway = Gateway(self.store, domain=cfg.domain)
-            self.servers.append(("gateway", _uvicorn(self.gateway, cfg.host, cfg.port, cfg.log_level),
+            self.servers.append(("gateway", GatewayServer(self.gateway, cfg.host, cfg.port),
                                  f"{cfg.host}:{cfg.port}"))
         if "api" in components:
             gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
