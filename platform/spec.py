@@ -376,6 +376,11 @@ def _parse_env(value: Any, path: str) -> dict[str, str]:
             raise SpecError(
                 key_path, "the `port:` key instead", problem=f"{key} is set by Torpor from `port`"
             )
+        if key.startswith("TORPOR_"):
+            raise SpecError(
+                key_path, "a name without the TORPOR_ prefix",
+                problem="TORPOR_* variables configure the runtime and are set by Torpor",
+            )
         env[key] = _env_value(raw, key_path)
     return env
 

@@ -814,3 +814,9 @@ def test_load_spec_yaml_quirks(tmp_path: Path) -> None:
     spec = load_spec(tmp_path)
     assert spec.env == {"DEBUG": "true", "V": "1.10"}
     assert spec.timeout == 90.0
+
+
+def test_torpor_prefixed_env_is_reserved() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "f", "env": {"TORPOR_HOST": "0.0.0.0"}})
+    assert err.value.path == "env.TORPOR_HOST"
