@@ -118,7 +118,8 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
         ev = api.call("GET", f"/v1/functions/{spec.name}/events", params={"since": seen, "limit": 200})["events"]
         for item in ev:
             seen = max(seen, item["time"])
-            if item["kind"] in ("build", "error") or rev in item["message"]:
+            of_rev = item.get("data", {}).get("revision", rev) == rev
+            if of_rev and (item["kind"] in ("build", "error") or rev in item["message"]):
                 print(f"  {item['message']}", file=sys.stderr)
         r = api.call("GET", f"/v1/functions/{spec.name}/revisions/{rev}")
         if r["status"] == "ready":

@@ -312,13 +312,13 @@ class Controller:
     # -- builds --------------------------------------------------------------------------
     async def _build(self, fn_name: str, rev: Revision) -> None:
         try:
-            await self._event(fn_name, "build", f"{rev.name}: building")
+            await self._event(fn_name, "build", f"{rev.name}: building", {"revision": rev.name})
             lines: list[str] = []
 
             def progress(line: str) -> None:
                 lines.append(line)
                 asyncio.get_running_loop().call_soon_threadsafe(
-                    lambda: asyncio.ensure_future(self._event(fn_name, "build", line[:500])))
+                    lambda: asyncio.ensure_future(self._event(fn_name, "build", line[:500], {"revision": rev.name})))
 
             built = await self.driver.prepare(rev, progress)
             image = built.image or ""
