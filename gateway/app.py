@@ -196,6 +196,7 @@ class Gateway:
                     return await send_json(send, 503, {"error": "scaled to zero",
                         "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)"}, 30)
                 cold = cold or not rr.balancer.backends
+                self.table.hot.add(rr.name)
                 try:
                     b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001))
                 except QueueFull:

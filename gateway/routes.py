@@ -101,6 +101,7 @@ class RouteTable:
         self.functions: dict[str, FunctionRoute] = {}
         self.hosts: dict[str, tuple[FunctionRoute, RevisionRoute | None]] = {}
         self.revisions: dict[str, RevisionRoute] = {}
+        self.hot: set[str] = set()  # revisions that queued a request since the sampler last looked
 
     def lookup_host(self, label: str) -> tuple[FunctionRoute, RevisionRoute | None] | None:
         return self.hosts.get(label)

@@ -25,6 +25,7 @@ class Sampler:
     def __init__(self, table: RouteTable) -> None:
         self.table = table
         self._last: dict[str, tuple[int, int, list[int]]] = {}
+        self._reported: set[str] = set()  # revisions active in the last report
 
     async def run(self, publish: Callable[[dict[str, dict[str, Any]]], Awaitable[None]]) -> None:
         per_report = round(REPORT_EVERY / SAMPLE_EVERY)
@@ -32,8 +33,16 @@ class Sampler:
         while True:
             sums: dict[str, float] = {}
             next_at = loop.time()
+            # sample only revisions that can have requests (replicas or a queue), chosen once
+            # per report: the sampler's cost must not grow with the number of idle functions
+            active = [(n, r) for n, r in self.table.revisions.items() if r.balancer.backends or len(r.activator)]
             for _ in range(per_report):
-                for name, rr in self.table.revisions.items():
+                if self.table.hot:  # revisions whose requests started queueing since
+                    names = {n for n, _ in active}
+                    active += [(n, self.table.revisions[n]) for n in self.table.hot
+                               if n not in names and n in self.table.revisions]
+                    self.table.hot.clear()
+                for name, rr in active:
                     c = rr.in_flight + len(rr.activator)
                     if c or name in sums:
                         sums[name] = sums.get(name, 0.0) + c
@@ -44,12 +53,19 @@ class Sampler:
     def collect(self, sums: dict[str, float], samples: int) -> dict[str, dict[str, Any]]:
         """One report: every revision with replicas, queue or traffic since the last one."""
         out: dict[str, dict[str, Any]] = {}
+        reported = self._reported
+        self._reported = set()
         for name, rr in self.table.revisions.items():
             st = rr.stats
             prev_req, prev_err, prev_lat = self._last.get(name, (0, 0, [0] * len(st.latency_counts)))
             requests = st.requests - prev_req
-            if not (requests or name in sums or rr.balancer.backends or len(rr.activator)):
+            active = requests or name in sums or rr.balancer.backends or len(rr.activator)
+            # one trailing report after a revision goes quiet, so that the autoscaler's last
+            # word from this gateway is "0 in flight", not a stale sample
+            if not active and name not in reported:
                 continue
+            if active:
+                self._reported.add(name)
             self._last[name] = (st.requests, st.by_class[5], list(st.latency_counts))
             out[name] = {
                 "function": rr.function,

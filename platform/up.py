@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,9 @@ def run_up(cfg: UpConfig, components: frozenset[str] = ALL) -> int:
     async def main() -> None:
         platform = Platform(cfg, components)
         loop = asyncio.get_running_loop()
+        # driver calls (Docker SDK) run in threads: enough of them that a burst of starts
+        # does not queue behind listings
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="torpor"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, platform.request_stop)
         store = "redis" if cfg.redis else "embedded"

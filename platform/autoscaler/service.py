@@ -19,6 +19,7 @@ class Autoscaler:
         self.clock = clock
         self.scalers: dict[str, RevisionScaler] = {}
         self._scales: dict[str, Scale] = {}
+        self.fresh: set[str] = set()  # revisions with a report or poke since their last decision
 
     def _scaler(self, revision: str, scale: Scale) -> RevisionScaler:
         s = self.scalers.get(revision)
@@ -39,13 +40,17 @@ class Autoscaler:
             if scale is None:
                 continue
             self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
+            self.fresh.add(rev)
 
     def poke(self, revision: str, scale: Scale) -> None:
         self._scaler(revision, scale).poke(self.clock())
+        self.fresh.add(revision)
 
     def decide(self, revision: str, scale: Scale, ready: int) -> Decision:
+        self.fresh.discard(revision)
         return self._scaler(revision, scale).decide(self.clock(), ready)
 
     def forget(self, revision: str) -> None:
         self.scalers.pop(revision, None)
         self._scales.pop(revision, None)
+        self.fresh.discard(revision)

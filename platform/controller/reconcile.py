@@ -37,6 +37,7 @@ class Tracked:
     replica: Replica
     running: Running | None = None
     task: asyncio.Task[None] | None = None
+    starting: asyncio.Future[Running] | None = None  # driver.start in progress
     ready_since: float = 0.0
 
 
@@ -95,6 +96,8 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.rollouts = Rollouts(store, clock)
+        self._listing: asyncio.Future[list[Running]] | None = None
+        self._listed_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -237,11 +240,14 @@ class Controller:
         now = self.clock()
         await self._check_alive()
         live_revisions: set[str] = set()
-        for fn in list(self.functions.values()):
+        for i, fn in enumerate(list(self.functions.values())):
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # a pass over many functions must not stall the shared loop
             if fn.rollout is not None and fn.rollout.state in ("running", "paused"):
                 await self.rollouts.reconcile(fn)
-            for rev_name in collectable(fn, self.settings.keep_revisions):
-                await self._collect_revision(fn, rev_name)
+            if len(fn.revisions) > self.settings.keep_revisions:
+                for rev_name in collectable(fn, self.settings.keep_revisions):
+                    await self._collect_revision(fn, rev_name)
             for rev in fn.revisions:
                 live_revisions.add(rev.name)
                 if rev.status == "building" and rev.name not in self.building and rev.image is None \
@@ -271,6 +277,9 @@ class Controller:
         if rev.status != "ready" or rev.name not in fn.routed():
             return 0
         scale = fn.effective_scale(rev)
+        if st.desired == 0 and scale.min == 0 and rev.name not in self.autoscaler.fresh \
+                and not self._replicas_of(rev.name):
+            return 0  # at rest: nothing new to decide on (keeps a pass cheap with many idle functions)
         ready = sum(1 for t in self._replicas_of(rev.name) if t.replica.state == "ready")
         decision = self.autoscaler.decide(rev.name, scale, ready)
         if decision.desired is None:
@@ -388,11 +397,14 @@ class Controller:
 
     async def _start(self, tr: Tracked, rev: Revision) -> None:
         try:
-            tr.running = await self.driver.start(rev, tr.replica.name)
+            starting: asyncio.Future[Running] = asyncio.ensure_future(self.driver.start(rev, tr.replica.name))
+            tr.starting = starting
+            running: Running = await asyncio.shield(starting)
+            tr.running = running
         except Exception as e:
             await self._replica_failed(tr, f"start failed: {e}")
             return
-        tr.replica.driver_id = tr.running.driver_id
+        tr.replica.driver_id = running.driver_id
         await self.store.put_replica(tr.replica)
         await self._await_ready(tr)
 
@@ -427,8 +439,18 @@ class Controller:
         if not adopted:
             await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
 
+    async def _list(self) -> list[Running]:
+        """driver.list(), shared by concurrent callers and reused for 0.2 s: many replicas
+        starting at once must not queue one listing each in front of their own starts."""
+        now = self.clock()
+        if self._listing is not None and (not self._listing.done() or now - self._listed_at < 0.2):
+            return await asyncio.shield(self._listing)
+        self._listed_at = now
+        self._listing = asyncio.ensure_future(self.driver.list())
+        return await asyncio.shield(self._listing)
+
     async def _alive(self, running: Running) -> bool:
-        for r in await self.driver.list():
+        for r in await self._list():
             if r.replica == running.replica:
                 running.exit_code = r.exit_code
                 return r.alive
@@ -438,7 +460,7 @@ class Controller:
         """Find replicas that died under us (crash, OOM, kill)."""
         if not self.tracked:
             return
-        seen = {r.replica: r for r in await self.driver.list()}
+        seen = {r.replica: r for r in await self._list()}
         for tr in list(self.tracked.values()):
             if tr.running is None or tr.replica.state != "ready":
                 continue
@@ -542,14 +564,22 @@ class Controller:
         rep.state, endpoint = "draining", rep.endpoint
         if tr.task and not tr.task.done():
             tr.task.cancel()
+        if tr.running is None and tr.starting is not None:
+            # a start still in the driver: wait for it, or its container/process would be orphaned
+            try:
+                tr.running = await asyncio.wait_for(asyncio.shield(tr.starting), 120)
+            except Exception:
+                tr.running = None
         await self.store.put_replica(rep)
         if endpoint:
             await asyncio.sleep(0.2)  # gateways drop it from rotation before the listener closes
-        grace = self.settings.drain_grace
-        fn = self.functions.get(rep.function)
-        rev = fn.revision(rep.revision) if fn else None
-        if rev is not None:
-            grace = max(grace, rev.spec.timeout)
+            grace = self.settings.drain_grace
+            fn = self.functions.get(rep.function)
+            rev = fn.revision(rep.revision) if fn else None
+            if rev is not None:
+                grace = max(grace, rev.spec.timeout)
+        else:
+            grace = 1.0  # never served a request: nothing to drain (and it may not handle SIGTERM yet)
         try:
             if tr.running is not None:
                 await self.driver.stop(tr.running, grace=grace)

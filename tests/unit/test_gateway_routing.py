@@ -113,3 +113,18 @@ async def test_activator_times_out_and_fails_all() -> None:
     act.fail_all(LookupError("gone"))
     with pytest.raises(LookupError):
         await task
+
+
+def test_sampler_sends_one_trailing_zero_report_after_a_revision_goes_quiet() -> None:
+    from torpor.gateway.stats import Sampler
+
+    table = RouteTable(Pools(), lambda f, r: None)
+    fn = _fn([TrafficTarget("f-00001", 100)], n=1)
+    table.apply("f", fn, [_ready("f-00001", 1)])
+    sampler = Sampler(table)
+    first = sampler.collect({"f-00001": 30.0}, 10)  # 3 in flight on average
+    assert first["f-00001"]["concurrency"] == 3.0
+    table.apply("f", fn, [])  # the replica went away within the report period
+    trailing = sampler.collect({}, 10)
+    assert trailing["f-00001"]["concurrency"] == 0.0 and trailing["f-00001"]["ready"] == 0
+    assert "f-00001" not in sampler.collect({}, 10)  # then silence: no report for an idle revision
