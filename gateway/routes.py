@@ -42,7 +42,7 @@ class RevisionRoute:
 
     __slots__ = (
         "name", "function", "name_b", "timeout", "balancer", "activator", "stats",
-        "held_at_zero", "pinned",
+        "held_at_zero",
     )
 
     def __init__(self, function: str, name: str, poke: Callable[[str, str], None], queue: int) -> None:
@@ -54,7 +54,6 @@ class RevisionRoute:
         self.activator = Activator(self.balancer, lambda: poke(function, name), queue)
         self.stats = RevisionStats()
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
-        self.pinned = False
 
     @property
     def in_flight(self) -> int:

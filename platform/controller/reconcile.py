@@ -307,9 +307,8 @@ class Controller:
                 self._spawn_start(fn, rev)
         elif len(live) > desired:
             # stop the ones still starting first, then the newest ready ones
-            extra = sorted(live, key=lambda t: (t.replica.state == "ready", t.replica.started), reverse=False)
-            extra = [t for t in extra if t.replica.state == "starting"] + sorted(
-                [t for t in extra if t.replica.state == "ready"], key=lambda t: -t.replica.started)
+            extra = [t for t in live if t.replica.state == "starting"] + sorted(
+                [t for t in live if t.replica.state == "ready"], key=lambda t: -t.replica.started)
             park = desired == 0 and self.settings.pause_for > 0 and hasattr(self.driver, "pause")
             for tr in extra[: len(live) - desired]:
                 if park and tr.replica.state == "ready":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -315,8 +314,3 @@ class ProcessDriver:
             except subprocess.TimeoutExpired:
                 self._zygote.kill()
         self._zygote_sock.unlink(missing_ok=True)
-
-    async def purge(self) -> None:
-        """Remove every record and log (tests)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
