@@ -182,3 +182,23 @@ def test_redis_store_end_to_end(tmp_path: Path, redis_url: str) -> None:
     with torpor_up(tmp_path / "state2", redis=redis_url) as t:
         # desired state lives in Redis: a fresh state dir still knows the function
         assert [f["name"] for f in httpx.get(f"{t.api}/v1/functions").json()["functions"]] == ["hello"]
+
+
+def test_logs_show_replica_output_and_follow_streams_new_lines(up: Torpor, tmp_path: Path) -> None:
+    folder = function_copy(tmp_path, "echo")
+    (folder / "handler.py").write_text(
+        "def handle(request):\n    print('handled', request.query.get('n'), flush=True)\n    return 'ok'\n")
+    up.deploy(folder)
+    assert up.request("echo", "/?n=first").status_code == 200
+    out = up.cli("logs", "echo").stdout
+    assert "torpor-runtime: serving" in out and "handled first" in out
+    lines: list[str] = []
+    with httpx.stream("GET", f"{up.api}/v1/functions/echo/logs", params={"follow": "1", "tail": "0"},
+                      timeout=10) as r:
+        assert r.status_code == 200
+        up.request("echo", "/?n=second")
+        for line in r.iter_lines():
+            lines.append(line)
+            if "handled second" in line:
+                break
+    assert any("handled second" in ln for ln in lines)
