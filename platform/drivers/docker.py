@@ -53,7 +53,9 @@ _SKIP = {".git", "__pycache__", ".deps", ".venv", "venv", ".mypy_cache", ".pytes
 DOCKERFILE = """\
 FROM {base}
 COPY torpor/ /torpor/
+RUN python3 -m compileall -q /torpor
 COPY fn/ /fn/
+RUN python3 -m compileall -q /fn || true
 ENV TORPOR_DIR=/fn \\
     TORPOR_HANDLER={handler} \\
     TORPOR_HOST=0.0.0.0 \\
@@ -64,7 +66,7 @@ ENV TORPOR_DIR=/fn \\
 WORKDIR /fn
 USER {user}
 EXPOSE {port}
-CMD ["python3", "/torpor/server.py"]
+CMD ["python3", "-c", "import sys; sys.path.insert(0, '/torpor'); import server; sys.exit(server.main())"]
 """
 
 

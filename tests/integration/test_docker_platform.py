@@ -66,9 +66,9 @@ def _cleanup(engine, tmp_path: Path):
     mine = {"label": f"{INSTANCE}={instance_id(tmp_path / 'state')}"}
     for c in engine.containers.list(all=True, filters=mine):
         c.remove(force=True)
-    for img in engine.images.list(filters=mine):
+    for img in engine.api.images(filters=mine):
         try:
-            engine.images.remove(img.id, force=True)
+            engine.images.remove(img["Id"], force=True)
         except docker.errors.DockerException:
             pass
 
@@ -166,8 +166,8 @@ def test_delete_removes_containers_and_images(tmp_path: Path, engine) -> None:
         from torpor.drivers.docker import INSTANCE, instance_id
 
         mine = {"label": ["torpor.function=echo", f"{INSTANCE}={instance_id(t.state_dir)}"]}
-        images = engine.images.list(filters=mine)
+        images = engine.api.images(filters=mine)  # low-level: no inspect race with the removal
         assert images
         t.cli("delete", "echo")
         t.wait_for(lambda: not containers(engine, "echo", t.state_dir), 30, "containers removed")
-        t.wait_for(lambda: not engine.images.list(filters=mine), 30, "images removed")
+        t.wait_for(lambda: not engine.api.images(filters=mine), 30, "images removed")
