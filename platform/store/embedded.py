@@ -235,7 +235,13 @@ class EmbeddedStore:
 
     async def list_functions(self) -> list[Function]:
         self._check_open()
-        return [Function.from_dict(json.loads(self._functions[n])) for n in sorted(self._functions)]
+        texts = [self._functions[n] for n in sorted(self._functions)]
+        out: list[Function] = []
+        for i in range(0, len(texts), 100):
+            if i:
+                await asyncio.sleep(0)  # decoding 1,000s of records must not stall the shared loop
+            out += [Function.from_dict(json.loads(t)) for t in texts[i : i + 100]]
+        return out
 
     async def update_function(self, name: str, mutate: Mutator) -> Function | None:
         self._check_open()
