@@ -252,7 +252,7 @@ def parse_wrk(out: str) -> dict[str, float]:
     return result
 
 
-def wrk(port: int, duration: float, connections: int, pid: int | None = None) -> dict[str, float]:
+def wrk(port: int, duration: float, connections: int, pid: int | None = None, path: str = "/") -> dict[str, float]:
     cpu0 = cpu_seconds(pid) if pid else None
     out = subprocess.run(
         [
@@ -261,7 +261,7 @@ def wrk(port: int, duration: float, connections: int, pid: int | None = None) ->
             f"-c{connections}",
             f"-d{duration:g}s",
             "--latency",
-            f"http://127.0.0.1:{port}/",
+            f"http://127.0.0.1:{port}{path}",
         ],
         check=True,
         capture_output=True,

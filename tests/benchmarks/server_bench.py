@@ -40,14 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from proxy_bench import (  # noqa: E402
     NGINX_CONF,
-    cpu_seconds,
     free_port,
     hello_app,
     loop_name,
     make_proxy_app,
     nginx_worker,
-    parse_wrk,
     started,
+    wrk,
 )
 
 FUNCTION = "hello"
@@ -214,10 +213,10 @@ def main() -> int:
                 proc = stack.enter_context(started(cmd, port))
                 targets[kind] = (port, proc.pid, GATEWAY_PATH if kind.startswith("gw-") else "/")
             for port, _, path in targets.values():  # warm up connections, pools and caches
-                wrk_path(port, path, 1, args.connections)
+                wrk(port, 1, args.connections, path=path)
             for _ in range(args.rounds):
                 for name, (port, pid, path) in targets.items():
-                    r = wrk_path(port, path, args.duration, args.connections, pid)
+                    r = wrk(port, args.duration, args.connections, pid, path=path)
                     runs.setdefault(name, []).append(r)
                     cpu = f"  cpu {r['cpu_us']:6.1f} us/req" if "cpu_us" in r else ""
                     print(
@@ -265,32 +264,6 @@ def main() -> int:
                 f"cpu/request {med[a]['cpu_us'] / med[b]['cpu_us']:.2f}x"
             )
     return 0
-
-
-def wrk_path(
-    port: int, path: str, duration: float, connections: int, pid: int | None = None
-) -> dict[str, float]:
-    """proxy_bench.wrk with a request path."""
-    cpu0 = cpu_seconds(pid) if pid else None
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t2",
-            f"-c{connections}",
-            f"-d{duration:g}s",
-            "--latency",
-            f"http://127.0.0.1:{port}{path}",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=duration + 30,
-    ).stdout
-    result = parse_wrk(out)
-    cpu1 = cpu_seconds(pid) if pid else None
-    if cpu0 is not None and cpu1 is not None and result["requests"]:
-        result["cpu_us"] = (cpu1 - cpu0) * 1e6 / result["requests"]
-    return result
 
 
 if __name__ == "__main__":
