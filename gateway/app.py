@@ -16,6 +16,7 @@ import time
 import uuid
 from time import perf_counter
 from typing import Any
+from urllib.parse import quote
 
 from torpor.gateway.activator import QueueFull
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
@@ -144,7 +145,12 @@ class Gateway:
                     return
                 scope = dict(scope)
                 scope["path"] = "/" + rest
-                scope["raw_path"] = ("/" + rest).encode()
+                # strip the prefix from the raw (still percent-encoded) path: re-encoding the
+                # decoded one would send spaces or %2F as-is to the replica
+                raw: bytes = scope.get("raw_path") or path.encode()
+                prefix = b"/function/" + name.encode()
+                scope["raw_path"] = (raw[len(prefix):] or b"/") if raw.startswith(prefix) \
+                    else quote("/" + rest).encode()
             elif path in ("/healthz", "/readyz"):
                 await send_json(send, 200, {"status": "ok"})
                 return

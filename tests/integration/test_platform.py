@@ -32,6 +32,8 @@ def test_deploy_then_invoke_by_host_and_by_path(up: Torpor, tmp_path: Path) -> N
     assert r.headers["x-torpor-cold-start"] in ("true", "false")
     r = httpx.get(f"{up.gateway}/function/hello/?name=bo", timeout=30)
     assert r.status_code == 200 and r.text == "hello, bo!\n"
+    r = httpx.get(f"{up.gateway}/function/hello", timeout=30)  # no trailing slash
+    assert r.status_code == 200
     out = up.cli("invoke", "hello", "--path", "/?name=cli")
     assert out.stdout == "hello, cli!\n"
     fn = up.function("hello")
@@ -66,6 +68,9 @@ def test_two_mib_post_body_arrives_intact(up: Torpor, tmp_path: Path) -> None:
     assert got["length"] == len(body)
     assert got["sha256"] == hashlib.sha256(body).hexdigest()
     assert got["method"] == "POST" and got["path"] == "/upload" and got["query"] == {"x": "1"}
+    # path routing keeps the percent-encoding of what follows the function name
+    r = httpx.post(f"{up.gateway}/function/echo/a%20b/c%2Fd?q=1", content=b"x", timeout=30)
+    assert r.status_code == 200 and r.json()["path"] == "/a b/c/d" and r.json()["query"] == {"q": "1"}
 
     def chunks():
         for i in range(0, len(body), 65536):
