@@ -39,6 +39,7 @@ class Tracked:
     task: asyncio.Task[None] | None = None
     starting: asyncio.Future[Running] | None = None  # driver.start in progress
     ready_since: float = 0.0
+    started_at: float = 0.0  # when driver.start returned (0 for adopted replicas)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Controller:
         self._stopping = False
         self.rollouts = Rollouts(store, clock)
         self._listing: asyncio.Future[list[Running]] | None = None
-        self._listed_at = 0.0
+        self._listed_at = 0.0  # when self._listing was asked for
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -400,6 +401,7 @@ class Controller:
             tr.starting = starting
             running: Running = await asyncio.shield(starting)
             tr.running = running
+            tr.started_at = self.clock()
         except Exception as e:
             await self._replica_failed(tr, f"start failed: {e}")
             return
@@ -423,7 +425,7 @@ class Controller:
                 return
             if now - checked > 0.25:
                 checked = now
-                if not await self._alive(tr.running):
+                if not await self._alive(tr.running, since=started):
                     await self._replica_failed(tr, "exited before becoming ready")
                     return
             await asyncio.sleep(delay)
@@ -438,18 +440,22 @@ class Controller:
         if not adopted:
             await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
 
-    async def _list(self) -> list[Running]:
+    async def _list(self, since: float = 0.0) -> tuple[float, list[Running]]:
         """driver.list(), shared by concurrent callers and reused for 0.2 s: many replicas
-        starting at once must not queue one listing each in front of their own starts."""
+        starting at once must not queue one listing each in front of their own starts.
+        Returns when the listing was asked for with what it found. A listing asked for
+        before ``since`` is not reused: a replica started after it began may be missing
+        from it, which must not read as "vanished"."""
         now = self.clock()
-        if self._listing is not None and (not self._listing.done() or now - self._listed_at < 0.2):
-            return await asyncio.shield(self._listing)
-        self._listed_at = now
-        self._listing = asyncio.ensure_future(self.driver.list())
-        return await asyncio.shield(self._listing)
+        if (self._listing is None or self._listed_at < since
+                or (self._listing.done() and now - self._listed_at >= 0.2)):
+            self._listed_at = now
+            self._listing = asyncio.ensure_future(self.driver.list())
+        at = self._listed_at
+        return at, await asyncio.shield(self._listing)
 
-    async def _alive(self, running: Running) -> bool:
-        for r in await self._list():
+    async def _alive(self, running: Running, since: float = 0.0) -> bool:
+        for r in (await self._list(since))[1]:
             if r.replica == running.replica:
                 running.exit_code = r.exit_code
                 return r.alive
@@ -459,10 +465,11 @@ class Controller:
         """Find replicas that died under us (crash, OOM, kill)."""
         if not self.tracked:
             return
-        seen = {r.replica: r for r in await self._list()}
+        listed_at, listing = await self._list()
+        seen = {r.replica: r for r in listing}
         for tr in list(self.tracked.values()):
-            if tr.running is None or tr.replica.state != "ready":
-                continue
+            if tr.running is None or tr.replica.state != "ready" or tr.started_at > listed_at:
+                continue  # not ready, or started after the listing began: judged next time
             r = seen.get(tr.replica.name)
             if r is None or not r.alive:
                 code = r.exit_code if r else None

@@ -1,0 +1,127 @@
+"""Fault drills on the process driver: a replica killed under load, a replica that crash-loops.
+
+The brief's bar: a request accepted by the gateway gets the function's response or a clear
+503/504 with Retry-After, never a dropped connection or a bare 502, also when a replica
+dies; and a crashing replica is restarted with exponential backoff, never in a tight loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from platform_proc import DOMAIN, Torpor, function_copy, torpor_up
+
+pytestmark = pytest.mark.slow
+
+
+def replica_pid(t: Torpor, replica: str) -> int:
+    """The pid the process driver recorded for ``replica`` (its state file)."""
+    return int(json.loads((t.state_dir / "replicas" / f"{replica}.json").read_text())["pid"])
+
+
+def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(tmp_path: Path) -> None:
+    with torpor_up(tmp_path / "state") as t:
+        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "20", "FAIL_RATE": "0"},
+                               scale={"min": 2, "max": 2}))
+        before = t.wait_for(lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"), 15,
+                            "2 ready replicas")
+        victim = before[0]["name"]
+
+        outcomes: list[tuple[int, str, str | None]] = []  # (status, replica or error, retry-after)
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=t.gateway, headers={"Host": f"slow.{DOMAIN}"}, timeout=30) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.get("/")
+                    except httpx.HTTPError as e:  # a dropped connection: the defect we look for
+                        errors.append(repr(e))
+                        continue
+                    who = r.json().get("replica", "") if r.status_code == 200 else r.text
+                    outcomes.append((r.status_code, who, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for th in threads:
+            th.start()
+        try:
+            time.sleep(1.0)
+            served_before_kill = len(outcomes)
+            os.kill(replica_pid(t, victim), signal.SIGKILL)
+            time.sleep(3.0)
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(30)
+
+        assert errors == [], f"connections dropped: {errors[:3]}"
+        assert served_before_kill > 20, "the load never got going"
+        statuses = {status for status, _, _ in outcomes}
+        assert statuses <= {200, 503}, f"unexpected statuses {statuses}"
+        failed = [o for o in outcomes if o[0] != 200]
+        # only requests in flight on the victim when it died may fail (8 clients at most),
+        # each with a clear 503 + Retry-After; the rest went to the surviving replica
+        assert len(failed) <= 8, failed
+        assert all(retry is not None for _, _, retry in failed), failed
+        after_kill = outcomes[served_before_kill:]
+        assert sum(1 for s, _, _ in after_kill if s == 200) > 20, "the survivor did not keep serving"
+
+        # the controller notices the death and replaces the replica
+        now = t.wait_for(lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"), 20,
+                         "a replacement replica")
+        assert victim not in {r["name"] for r in now}
+        events = [e["message"] for e in t.function("slow")["events"]]
+        assert any(victim in m and "exited" in m for m in events), events
+        assert t.request("slow").status_code == 200
+
+
+CRASHY = """\
+import os
+import threading
+
+threading.Timer(float(os.environ.get("LIVE_S", "0.3")), os._exit, (3,)).start()
+
+
+def handle(request):
+    return "alive for a moment\\n"
+"""
+
+
+def test_a_crash_looping_replica_is_restarted_with_exponential_backoff(tmp_path: Path) -> None:
+    with torpor_up(tmp_path / "state") as t:
+        # a healthy revision first, so the crash-looping one is not refused at verification
+        fn = function_copy(tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1},
+                           env={"LIVE_S": "600"})
+        (fn / "handler.py").write_text(CRASHY)
+        t.deploy(fn)
+        t.wait_for(lambda: t.ready_replicas("crashy"), 15, "a ready replica")
+        # now every replica lives ~1 s after import, then exits with code 3
+        fn2 = function_copy(tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1},
+                            env={"LIVE_S": "1.0"})
+        (fn2 / "handler.py").write_text(CRASHY)
+        t.deploy(fn2)
+        started = time.monotonic()
+
+        def delays() -> list[float]:
+            msgs = [e["message"] for e in t.function("crashy")["events"] if e["kind"] == "replica"]
+            return [float(m) for msg in msgs if "exited (code 3)" in msg
+                    for m in re.findall(r"next start in ([0-9.]+)s", msg)]
+
+        got = t.wait_for(lambda: len(delays()) >= 4 and delays(), 40, "four crash events")
+        elapsed = time.monotonic() - started
+        # each restart waits twice as long as the one before: 0.5, 1, 2, 4 ... (capped)
+        assert got[:4] == [0.5, 1.0, 2.0, 4.0], (got, t.function("crashy")["events"])
+        assert all(b >= a for a, b in zip(got, got[1:], strict=False)), got
+        # four crashes of a ~1 s replica with 0.5+1+2 s of backoff between take > 6 s:
+        # a tight loop would have crashed dozens of times in that span
+        assert elapsed > 6.0
+        assert len(got) <= 6, f"too many restarts in {elapsed:.1f}s: {got}"
