@@ -1,6 +1,6 @@
 """The ``docker`` driver: each replica is a container on the local Docker Engine.
 
-Source functions are built into ``torpor/fn-NAME:REVISION`` from a locally built base
+Source functions are built into ``torpor/fn-NAME:REVISION-INSTANCE`` from a locally built base
 image (see ``baseimage.py``; nothing is pulled). Dependencies from ``requirements.txt``
 are installed on the host with pip (containers cannot reach PyPI) and copied into the
 image at ``/fn/.deps``. Replicas run as uid 65534 on a read-only root file system with
@@ -82,9 +82,11 @@ def runtime_server() -> Path:
     return Path(__file__).resolve().parent.parent / "runtime" / "server.py"
 
 
-def image_name(revision: Revision) -> str:
-    """The tag a source revision is built as: ``torpor/fn-NAME:REVISION`` (lowercase)."""
-    return f"torpor/fn-{revision.function}:{revision.name}".lower()
+def image_name(revision: Revision, instance: str) -> str:
+    """The tag a source revision is built as: ``torpor/fn-NAME:REVISION-INSTANCE``
+    (lowercase). The installation's id in the tag keeps two installations on one engine
+    from re-tagging (and on deletion removing) each other's images of a same-named function."""
+    return f"torpor/fn-{revision.function}:{revision.name}-{instance[:8]}".lower()
 
 
 def instance_id(state_dir: Path) -> str:
@@ -242,7 +244,7 @@ class DockerDriver:
         if not revision.source or not Path(revision.source).is_dir():
             raise BuildError(f"source folder {revision.source!r} is missing")
         await self._ensure_base(say)
-        tag = image_name(revision)
+        tag = image_name(revision, self.instance)
         work = self.state_dir / "docker-build"
         work.mkdir(parents=True, exist_ok=True)
         ctx = Path(tempfile.mkdtemp(prefix=f"{revision.name}-", dir=work))
@@ -383,7 +385,7 @@ class DockerDriver:
     async def remove(self, revision: Revision) -> None:
         if revision.spec.image:
             return  # the user's image, not ours
-        tag = image_name(revision)
+        tag = image_name(revision, self.instance)
 
         def rm() -> None:
             try:

@@ -41,7 +41,7 @@ from proxy_bench import NGINX_CONF, cpu_seconds, nginx_worker, parse_wrk, starte
 __all__ = [
     "DOMAIN", "ROOT", "Torpor", "function_copy", "free_port", "cpu_seconds", "header",
     "wrk", "nginx_proxy", "ttfb", "poll_200", "rss_kb", "descendants", "pct", "stats_ms",
-    "platform", "set_scale", "hold_then_release", "docker_cleanup", "unique", "py_spy_top",
+    "platform", "set_scale", "hold_then_release", "docker_cleanup", "py_spy_top",
     "replica_pid", "loadavg", "cmdline", "median", "stop_pid",
 ]
 
@@ -242,19 +242,11 @@ def replica_pid(state_dir: Path, replica: str) -> int | None:
 # The platform.
 
 
-def unique(name: str) -> str:
-    """A function name no other installation on this Docker Engine uses: images are
-    tagged ``torpor/fn-NAME:REVISION`` engine-wide, so a plain ``hello`` would overwrite
-    (and on delete remove) another installation's image of ``hello``."""
-    return f"{name}-b{os.urandom(2).hex()}"
-
-
 @contextlib.contextmanager
 def platform(tmp: Path, driver: str = "process", extra: list[str] | None = None,
              label: str = "state") -> Iterator[Torpor]:
-    """A running ``torpor up`` (harness), stopped on exit; with docker, any container of
-    this installation still there afterwards is removed, and so are images of the
-    functions deployed on it."""
+    """A running ``torpor up`` (harness), stopped on exit; with docker, any container or
+    image of this installation still there afterwards is removed."""
     state = tmp / label
     t = Torpor(state, driver=driver, extra=extra)
     try:
@@ -262,27 +254,24 @@ def platform(tmp: Path, driver: str = "process", extra: list[str] | None = None,
         yield t
     finally:
         if t.proc is not None:
-            names: list[str] = []
-            with contextlib.suppress(Exception):
-                names = [f["name"] for f in httpx.get(f"{t.api}/v1/functions", timeout=10).json()["functions"]]
             t.stop()
             if driver == "docker":
-                docker_cleanup(state, names)
+                docker_cleanup(state)
 
 
-def docker_cleanup(state_dir: Path, functions: list[str]) -> None:
+def docker_cleanup(state_dir: Path) -> None:
     from torpor.drivers.docker import instance_id
 
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=torpor.instance={instance_id(state_dir)}"],
+    label = f"label=torpor.instance={instance_id(state_dir)}"
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", label],
                          capture_output=True, text=True, timeout=60).stdout.split()
     if ids:
         print(f"   clean-up: removing {len(ids)} leftover container(s)")
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
-    for fn in functions:
-        imgs = subprocess.run(["docker", "images", "-q", f"torpor/fn-{fn}"], capture_output=True, text=True,
-                              timeout=60).stdout.split()
-        if imgs:
-            subprocess.run(["docker", "rmi", "-f", *set(imgs)], capture_output=True, timeout=120)
+    imgs = subprocess.run(["docker", "images", "-q", "--filter", label], capture_output=True, text=True,
+                          timeout=60).stdout.split()
+    if imgs:
+        subprocess.run(["docker", "rmi", "-f", *set(imgs)], capture_output=True, timeout=120)
 
 
 def set_scale(t: Torpor, name: str, **body: int) -> None:

@@ -43,7 +43,6 @@ from _common import (
     loadavg,
     pct,
     platform,
-    unique,
 )
 
 STEADY_FOR = 3.0
@@ -149,7 +148,7 @@ def steady(samples: list[tuple[float, int, int]], until: float) -> tuple[float |
 
 
 def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, Any]:
-    name = "slow" if driver == "process" else unique("slow")
+    name = "slow"
     folder = function_copy(tmp, "slow", name=name, env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
                            scale={"target": 5, "max": 30})
     with platform(tmp, driver, label=f"burst-{driver}") as t:

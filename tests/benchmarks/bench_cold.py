@@ -58,7 +58,6 @@ from _common import (
     poll_200,
     stats_ms,
     ttfb,
-    unique,
 )
 
 SERVER = ROOT / "platform" / "runtime" / "server.py"
@@ -155,7 +154,7 @@ def docker_gone(name: str) -> bool:
 
 
 def run_cold(tmp: Path, driver: str, runs: int) -> dict[str, list[float]]:
-    name = "hello" if driver == "process" else unique("hello")
+    name = "hello"
     folder = function_copy(tmp, "hello", name=name, scale={"idle": "1s"})
     out: dict[str, list[float]] = {"cold": [], "ready": [], "bare": [], "sdk": [], "flaps": []}
     with platform(tmp, driver, label=f"cold-{driver}") as t:
@@ -260,7 +259,7 @@ class BarePaused:
 
 
 def run_paused(tmp: Path, driver: str, runs: int) -> dict[str, list[float]]:
-    name = "hello" if driver == "process" else unique("hello")
+    name = "hello"
     folder = function_copy(tmp, "hello", name=name, scale={"idle": "1s"})
     out: dict[str, list[float]] = {"wake": [], "unpaused": [], "not_woken": [], "bare": []}
     with platform(tmp, driver, extra=["--pause-idle", "300"], label=f"paused-{driver}") as t:

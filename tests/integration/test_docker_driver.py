@@ -195,8 +195,8 @@ async def test_container_is_locked_down(env: Env) -> None:
 
 async def test_built_image_is_labelled(env: Env) -> None:
     rev = await env.prepare(env.revision())
-    assert rev.image == image_name(rev)
-    assert rev.image == f"torpor/fn-{rev.function}:{rev.name}"
+    assert rev.image == image_name(rev, env.driver.instance)
+    assert rev.image == f"torpor/fn-{rev.function}:{rev.name}-{env.driver.instance[:8]}"
     img = env.engine.images.get(rev.image)
     assert img.labels["torpor.function"] == rev.function
     assert img.labels["torpor.revision"] == rev.name
@@ -307,6 +307,24 @@ async def test_drivers_on_other_state_dirs_do_not_see_each_other(env: Env, tmp_p
     try:
         assert running.replica not in [r.replica for r in await other.list()]
     finally:
+        await other.close()
+
+
+async def test_two_installations_build_the_same_revision_into_their_own_images(env: Env, tmp_path: Path) -> None:
+    rev = await env.prepare(env.revision())
+    other = DockerDriver(tmp_path / "other-state")
+    twin = Revision(name=rev.name, function=rev.function, number=1, spec=rev.spec, source=rev.source)
+    try:
+        await other.prepare(twin, progress=lambda _line: None)
+        assert twin.image and rev.image and twin.image != rev.image
+        await other.remove(twin)  # the other installation deletes its function...
+        with pytest.raises(docker.errors.ImageNotFound):
+            env.engine.images.get(twin.image)
+        env.engine.images.get(rev.image)  # ...and ours keeps its image
+        running = await env.up(rev)
+        assert running.endpoint
+    finally:
+        await other.remove(twin)
         await other.close()
 
 
