@@ -1,4 +1,5 @@
-"""slow: sleeps (async), then says which replica answered.
+"""slow: sleeps (async), then says which replica answered and how many requests it was
+serving at once when this one arrived (``in_flight``, this one included).
 
 Env: SLEEP_MS (default 100) and FAIL_RATE (0..1, that fraction of requests get a 500).
 Query: ?ms=N sleeps N ms instead, ?status=N answers with status N, ?fail=PCT answers 500
@@ -17,6 +18,7 @@ FAIL_RATE = float(os.environ.get("FAIL_RATE") or 0)
 MAX_MS = 600_000.0
 PID = os.getpid()
 HOSTNAME = socket.gethostname()
+in_flight = 0  # requests inside handle() right now, in this replica
 
 
 def _number(query, name, default, low, high):
@@ -30,6 +32,15 @@ def _number(query, name, default, low, high):
 
 
 async def handle(request):
+    global in_flight
+    in_flight += 1
+    try:
+        return await _handle(request, in_flight)
+    finally:
+        in_flight -= 1
+
+
+async def _handle(request, concurrent):
     query = request.query
     try:
         ms = _number(query, "ms", SLEEP_MS, 0, MAX_MS)
@@ -50,5 +61,6 @@ async def handle(request):
         "slept_ms": ms,
         "status": status,
         "failed": failed,
+        "in_flight": concurrent,  # this request included
     }
     return Response(body, status=status)

@@ -93,3 +93,32 @@ def test_gateway_metrics_parse_and_carry_the_series(tmp_path: Path) -> None:
         assert hist and hist[0].value >= 3
         top = t.cli("top", "--once").stdout
         assert "slow-00001" in top and "IN-FLIGHT" in top
+
+
+def test_hard_concurrency_limit_queues_excess_requests_instead_of_piling_on(tmp_path: Path) -> None:
+    """``scale.concurrency: 1`` with at most 2 replicas: 8 concurrent requests of 400 ms
+    each. No replica ever serves two at once (the handler reports how many it was
+    serving when each arrived); the excess waits in the activator queue and is served
+    in turn, so all 8 succeed, spread over both replicas."""
+    with torpor_up(tmp_path / "state") as t:
+        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "400", "FAIL_RATE": "0"},
+                               scale={"min": 2, "max": 2, "target": 1, "concurrency": 1}))
+        t.wait_for(lambda: len(t.ready_replicas("slow")) == 2, 15, "2 ready replicas")
+        results: list[httpx.Response] = []
+
+        def call() -> None:
+            results.append(t.request("slow", timeout=30))
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        t0 = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        elapsed = time.monotonic() - t0
+        assert [r.status_code for r in results] == [200] * 8, [r.text for r in results]
+        bodies = [r.json() for r in results]
+        assert max(b["in_flight"] for b in bodies) == 1, bodies
+        assert {b["replica"] for b in bodies} == {r["name"] for r in t.ready_replicas("slow")}
+        # 8 requests, 2 at a time, 400 ms each: served in 4 waves, not all at once
+        assert elapsed >= 1.5, f"8 requests finished in {elapsed:.2f}s: the limit did not hold"
