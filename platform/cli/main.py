@@ -192,7 +192,10 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     for r in reversed(fn["revisions"]):
         tags = f" tags={','.join(r['tags'])}" if r["tags"] else ""
         reason = f"  {r['reason'].splitlines()[0][:100]}" if r["reason"] else ""
-        print(f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}{tags}{reason}")
+        reps = [x for x in fn["replicas"] if x["revision"] == r["name"]]
+        ready = sum(1 for x in reps if x["state"] == "ready")
+        print(f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}"
+              f"  replicas {ready}/{len(reps)} ready{tags}{reason}")
     print("\nReplicas:")
     if not fn["replicas"]:
         print("  (none: scaled to zero)")

@@ -151,8 +151,8 @@ def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path
     bad = up.cli("traffic", "hello", "hello-00009=100", check=False)
     assert bad.returncode != 0 and "hello-00009" in bad.stderr
     desc = up.cli("describe", "hello").stdout
-    assert re.search(rf"hello-00002\s+ready\s+{split[1]}%", desc), desc
-    assert re.search(rf"hello-00001\s+ready\s+{split[0]}%", desc), desc
+    assert re.search(rf"hello-00002\s+ready\s+{split[1]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc), desc
+    assert re.search(rf"hello-00001\s+ready\s+{split[0]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc), desc
 
 
 def test_tags_reach_their_revision_even_at_zero_percent(up: Torpor, tmp_path: Path) -> None:
