@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
 from torpor.gateway.server import Server as GatewayServer
+from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.store import open_store
 
 log = logging.getLogger("torpor")
@@ -164,7 +166,7 @@ class Platform:
             ready = self.controller.synced.is_set if self.controller else (lambda: True)
             api = create_app(self.store, ApiConfig(
                 state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
-                token=cfg.token, ready=ready, logs=self.logs if self.driver else None))
+                token=cfg.token, ready=ready, logs=self._log_reader()))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
                                  f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
@@ -172,6 +174,12 @@ class Platform:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _log_reader(self) -> LogReader:
+        """Logs through the driver here, or (an API alone) from the controller over the bus."""
+        if self.driver is not None:
+            return functools.partial(local_reader, self.logs)
+        return functools.partial(remote_reader, self.store)
 
     async def logs(self, function: str, follow: bool, tail: int) -> AsyncIterator[str]:
         driver = self.driver
@@ -207,8 +215,11 @@ class Platform:
                 t.cancel()
 
     async def run(self, on_started: Callable[[Platform], None] | None = None) -> None:
+        log_server: asyncio.Task[None] | None = None
         if self.controller:
             await self.controller.start()
+            if self.cfg.redis:  # API processes elsewhere ask this one for replica logs
+                log_server = asyncio.create_task(LogServer(self.store, self.logs).run())
         if self.gateway:
             await self.gateway.start()
         tasks = {name: asyncio.create_task(server.serve()) for name, server, _ in self.servers}
@@ -236,6 +247,9 @@ class Platform:
             if "api" in servers:
                 servers["api"].should_exit = True
                 await asyncio.gather(tasks["api"], return_exceptions=True)
+            if log_server is not None:
+                log_server.cancel()
+                await asyncio.gather(log_server, return_exceptions=True)
             if self.driver:
                 await self.driver.close()
             await self.store.close()

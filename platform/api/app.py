@@ -25,13 +25,13 @@ from starlette.routing import Route
 from torpor.api.auth import BearerAuth
 from torpor.api.openapi import OPENAPI
 from torpor.api.rollouts import rollout_routes
+from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.spec import SpecError, load_spec, validate_tag
 from torpor.store.base import Store
 
 MAX_UPLOAD = 200 * 1024 * 1024
 
-LogReader = Callable[[str, bool, int], AsyncIterator[str]]
 
 
 class ApiError(Exception):
@@ -246,11 +246,16 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if cfg.logs is None:
             raise ApiError(501, "logs unavailable", "this API process has no access to replica logs")
         follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
-        tail = int(request.query_params.get("tail", "200") or 200)
-        reader = cfg.logs
+        raw_tail = request.query_params.get("tail", "200") or "200"
+        if not raw_tail.isdigit():
+            raise ApiError(400, "bad request", "tail: expected a non-negative integer", field="tail")
+        try:
+            source = await cfg.logs(name, follow, int(raw_tail))
+        except LogsUnavailable as e:
+            raise ApiError(503, "logs unavailable", str(e)) from None
 
         async def lines() -> AsyncIterator[bytes]:
-            async for line in reader(name, follow, tail):
+            async for line in source:
                 yield (line + "\n").encode()
 
         return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")

@@ -85,7 +85,8 @@ OPENAPI: dict[str, Any] = {
             "summary": "events, newest last", "responses": {"200": _resp("events"), **_ERRORS}}},
         "/v1/functions/{name}/logs": {"parameters": [_NAME], "get": {
             "summary": "replica logs (text); follow=1 streams",
-            "responses": {"200": {"description": "log lines", "content": {"text/plain": {}}}, **_ERRORS}}},
+            "responses": {"200": {"description": "log lines", "content": {"text/plain": {}}}, **_ERRORS,
+                          "503": _resp("no controller answered (distributed mode)", _ERROR)}}},
         "/v1/functions/{name}/traffic": {"parameters": [_NAME], "put": {
             "summary": "set the traffic split by hand",
             "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {

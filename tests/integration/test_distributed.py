@@ -1,5 +1,5 @@
 """Distributed mode: one controller, one API and two gateways as separate processes
-sharing a real Redis. Pokes, stats and route changes all cross Redis."""
+sharing a real Redis. Pokes, stats, route changes and replica logs all cross Redis."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def test_controller_api_and_two_gateways_share_redis(tmp_path: Path, redis_url: 
             time.sleep(0.2)
         r = httpx.get(f"http://127.0.0.1:{gw2}/", headers=headers, timeout=30)
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
+        # replica logs: the API process has no driver; it asks the controller over Redis
+        r = httpx.get(f"{api}/v1/functions/slow/logs", params={"tail": "50"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert "torpor-runtime: serving handler:handle" in r.text
+        assert all(line.startswith("[slow-00001-") for line in r.text.splitlines()), r.text
+        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "logs", "slow"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "serving handler:handle" in out.stdout, out.stderr
         # one gateway goes away; the other keeps serving
         procs[2].terminate()
         procs[2].wait(30)
