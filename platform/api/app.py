@@ -33,7 +33,6 @@ from torpor.store.base import Store
 MAX_UPLOAD = 200 * 1024 * 1024
 
 
-
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str = "", **extra: Any) -> None:
         self.status, self.error, self.detail, self.extra = status, error, detail, extra
