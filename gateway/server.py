@@ -72,6 +72,8 @@ from httptools import (
     parse_url,
 )
 
+from torpor.gateway.flow import WriteFlow
+
 __all__ = ["Server"]
 
 log = logging.getLogger("torpor.gateway.server")
@@ -415,7 +417,7 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(WriteFlow, asyncio.Protocol):
     __slots__ = (
         "server",
         "loop",
@@ -433,8 +435,6 @@ class _Conn(asyncio.Protocol):
         "active",
         "queue",
         "read_paused",
-        "write_paused",
-        "drain_waiter",
         "closing",
         "pending_error",
         "idle_since",
@@ -464,8 +464,7 @@ class _Conn(asyncio.Protocol):
         self.active: _Cycle | None = None  # the request whose response is being made
         self.queue: collections.deque[_Cycle] = collections.deque()  # pipelined
         self.read_paused = False
-        self.write_paused = False
-        self.drain_waiter: asyncio.Future[None] | None = None
+        WriteFlow.__init__(self)
         self.closing = False  # close after the current response
         self.pending_error: bytes | None = None  # to write after the current response
         self.idle_since = server.now
@@ -520,25 +519,10 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.conns.discard(self)
         self._gone()
-        w = self.drain_waiter
-        if w is not None:
-            self.drain_waiter = None
-            if not w.done():
-                w.set_result(None)
+        self.release_drain()
         # break the reference cycles (parser -> self, cycle -> self) for refcounting
         self.parser = None  # type: ignore[assignment]
         self.parsing = self.active = None
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        w = self.drain_waiter
-        if w is not None:
-            self.drain_waiter = None
-            if not w.done():
-                w.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -634,12 +618,6 @@ class _Conn(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.transport.is_closing():
             self.transport.write(data)
-
-    async def drain(self) -> None:
-        w = self.drain_waiter
-        if w is None:
-            w = self.drain_waiter = self.loop.create_future()
-        await w
 
     def maybe_resume(self, cycle: _Cycle) -> None:
         """Resume reading for ``cycle``'s body, unless a pipelined request is waiting."""

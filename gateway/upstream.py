@@ -58,6 +58,8 @@ from typing import Any, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from torpor.gateway.flow import WriteFlow
+
 __all__ = ["NotSent", "Pools", "UpstreamPool", "proxy"]
 
 Scope = MutableMapping[str, Any]
@@ -126,7 +128,7 @@ def _json_error(status: int, error: str, detail: str) -> tuple[int, bytes]:
 # The connection: an asyncio protocol that parses responses with httptools.
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(WriteFlow, asyncio.Protocol):
     __slots__ = (
         "loop",
         "pool",
@@ -135,8 +137,6 @@ class _Conn(asyncio.Protocol):
         "alive",
         "active",
         "waiter",
-        "drain_waiter",
-        "write_paused",
         "read_paused",
         "deadline",
         # per response
@@ -169,8 +169,7 @@ class _Conn(asyncio.Protocol):
         self.alive = False
         self.active = False
         self.waiter: asyncio.Future[None] | None = None
-        self.drain_waiter: asyncio.Future[None] | None = None
-        self.write_paused = False
+        WriteFlow.__init__(self)
         self.read_paused = False
         self.deadline = 0.0  # loop.time() at which the wait times out; 0 = none
         self.parser_dirty = False
@@ -246,17 +245,6 @@ class _Conn(asyncio.Protocol):
             elif self.error is None:
                 self.error = "replica closed the connection"
         self._wake()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        w = self.drain_waiter
-        if w is not None:
-            self.drain_waiter = None
-            if not w.done():
-                w.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -339,11 +327,7 @@ class _Conn(asyncio.Protocol):
             self.waiter = None
             if not w.done():
                 w.set_result(None)
-        w = self.drain_waiter
-        if w is not None:
-            self.drain_waiter = None
-            if not w.done():
-                w.set_result(None)
+        self.release_drain()
 
     def _on_timeout(self) -> None:
         self.deadline = 0.0
@@ -368,11 +352,6 @@ class _Conn(asyncio.Protocol):
     async def wait(self) -> None:
         fut = self.loop.create_future()
         self.waiter = fut
-        await fut
-
-    async def drain(self) -> None:
-        fut = self.loop.create_future()
-        self.drain_waiter = fut
         await fut
 
     def resume_reading(self) -> None:
