@@ -191,7 +191,7 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     print("\nRevisions:")
     for r in reversed(fn["revisions"]):
         tags = f" tags={','.join(r['tags'])}" if r["tags"] else ""
-        reason = f"  {r['reason'].splitlines()[0][:100]}" if r["reason"] else ""
+        reason = f"  {r['reason'].splitlines()[0][:200]}" if r["reason"] else ""
         reps = [x for x in fn["replicas"] if x["revision"] == r["name"]]
         ready = sum(1 for x in reps if x["state"] == "ready")
         print(f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}"

@@ -496,12 +496,14 @@ class Controller:
         await self.store.put_replica(rep)
         asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: asyncio.ensure_future(
             self._forget_failed(rep)))
-        msg = f"{rep.name} {reason}; next start in {delay:g}s" + (f"\n{tail}" if tail else "")
-        await self._event(rep.function, "replica", msg)
+        # the log's last line (usually the exception) leads; the tail follows for context
+        last = f": {tail.strip().splitlines()[-1].strip()[:200]}" if tail.strip() else ""
+        full = f"\n{tail}" if tail else ""
+        await self._event(rep.function, "replica", f"{rep.name} {reason}; next start in {delay:g}s{last}{full}")
         fn = self.functions.get(rep.function)
         rev = fn.revision(rep.revision) if fn else None
         if rev is not None and rev.status == "building":
-            await self._fail_revision(rep.function, rep.revision, f"replica {reason}" + (f": {tail}" if tail else ""))
+            await self._fail_revision(rep.function, rep.revision, f"replica {reason}{last}{full}")
         self.wake()
 
     async def _forget_failed(self, rep: Replica) -> None:

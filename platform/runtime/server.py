@@ -1047,10 +1047,10 @@ def main(t0: float | None = None) -> int:
         reconfigure(line_buffering=True)  # handler prints reach the logs promptly
     try:
         handler = load_handler(cfg.handler)
-    except (Exception, SystemExit):
+    except (Exception, SystemExit) as exc:
         traceback.print_exc()
         print(
-            f"torpor-runtime: cannot load handler {cfg.handler} from {cfg.dir}",
+            f"torpor-runtime: {type(exc).__name__}: {exc} (loading handler {cfg.handler} from {cfg.dir})",
             file=sys.stderr,
             flush=True,
         )

@@ -135,3 +135,29 @@ def test_a_crash_looping_replica_is_restarted_with_exponential_backoff(tmp_path:
         # a tight loop would have crashed dozens of times in that span
         assert elapsed > 6.0
         assert len(got) <= 6, f"too many restarts in {elapsed:.1f}s: {got}"
+
+
+def test_a_revision_that_dies_at_import_fails_and_the_previous_one_keeps_serving(tmp_path: Path) -> None:
+    """The process driver's side of the Docker test of the same name: the verification
+    replica of a revision whose handler raises at import exits, the revision is marked
+    failed with the error, and traffic never leaves the previous revision."""
+    with torpor_up(tmp_path / "state") as t:
+        t.deploy(function_copy(tmp_path, "hello"))
+        crash = function_copy(tmp_path, "hello")
+        (crash / "handler.py").write_text("raise RuntimeError('boom at import')\n")
+        r = t.cli("deploy", str(crash), check=False)
+        assert r.returncode != 0 and "failed" in r.stderr
+        fn = t.function("hello")
+        rev2 = fn["revisions"][1]
+        assert rev2["status"] == "failed" and "boom at import" in rev2["reason"], rev2
+        assert fn["traffic"] == [{"revision": "hello-00001", "percent": 100, "tag": None}]
+        assert "boom at import" in t.cli("describe", "hello").stdout
+        r = t.request("hello")
+        assert r.status_code == 200 and r.headers["x-torpor-revision"] == "hello-00001"
+        # its replica shows as failed for a while, then goes; a failed revision is not retried
+        failed = [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"]
+        assert all(x["state"] == "failed" for x in failed), failed
+        t.wait_for(lambda: not [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"],
+                   15, "the failed replica's record to go")
+        time.sleep(1.5)
+        assert not [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"]
