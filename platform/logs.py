@@ -34,6 +34,7 @@ LOGS = "logs"  # the request channel; answers go to logs:ID
 KEEPALIVE = 5.0  # seconds between an API's keep-alives while following
 LEASE = 3 * KEEPALIVE  # a follow session without a keep-alive for this long ends
 BATCH = 64  # lines per answer message at most
+TAIL_STALL = 30.0  # seconds without a message before a (non-follow) tail gives up
 
 LineSource = Callable[[str, bool, int], AsyncIterator[str]]
 """(function, follow, tail) -> the lines of its replicas (``Platform.logs``)."""
@@ -82,7 +83,15 @@ async def remote_reader(store: Store, function: str, follow: bool, tail: int,
 async def _lines(store: Store, sub: AsyncIterator[dict[str, Any]], rid: str, follow: bool) -> AsyncIterator[str]:
     keepalive = asyncio.create_task(_keep_alive(store, rid)) if follow else None
     try:
-        async for msg in sub:
+        while True:
+            try:
+                # a tail that stalls this long means its controller is gone; a follow may idle
+                msg = await asyncio.wait_for(anext(sub), None if follow else TAIL_STALL)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield f"[torpor] log stream: no answer from the controller for {TAIL_STALL:g}s"
+                return
             for line in msg.get("lines") or ():
                 yield str(line)
             if msg.get("end"):

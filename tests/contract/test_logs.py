@@ -126,3 +126,22 @@ async def test_a_follower_that_vanishes_is_ended_after_its_lease(store: Store, m
         await asyncio.wait_for(until(lambda: not server.sessions), WAIT)
     finally:
         task.cancel()
+
+
+async def test_a_tail_whose_controller_dies_mid_stream_ends_instead_of_hanging(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logbus, "TAIL_STALL", 0.5)
+    requests = store.subscribe(logbus.LOGS)
+
+    async def half_a_controller() -> None:  # answers "start" and one batch, then is gone
+        msg = await anext(aiter(requests))
+        await store.publish(logbus.answer_channel(msg["id"]), {"start": True})
+        await store.publish(logbus.answer_channel(msg["id"]), {"lines": ["only line"]})
+
+    task = asyncio.create_task(half_a_controller())
+    try:
+        got = await asyncio.wait_for(collect(await remote_reader(store, "hello", False, 10)), WAIT)
+        assert got[0] == "only line" and "no answer from the controller" in got[-1]
+    finally:
+        task.cancel()
+        await requests.aclose()  # type: ignore[attr-defined]
