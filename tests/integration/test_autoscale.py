@@ -43,6 +43,24 @@ def _watch_ready(t: Torpor, name: str, samples: list[tuple[float, int]], stop: t
         time.sleep(0.25)
 
 
+def _ready_count_over_time(t: Torpor, name: str, since: float) -> list[tuple[float, int]]:
+    """(seconds after ``since``, ready replicas) at each replica event since then."""
+    events = httpx.get(f"{t.api}/v1/functions/{name}/events", params={"limit": "200"}, timeout=30).json()["events"]
+    count, out = 0, []
+    for e in sorted(events, key=lambda e: e["time"]):
+        if e["kind"] != "replica" or e["time"] < since:
+            continue
+        first = e["message"].splitlines()[0]
+        if " ready at " in first:
+            count += 1
+        elif any(word in first for word in (" stopped: ", " exited", " vanished", " paused ")):
+            count -= 1
+        else:
+            continue
+        out.append((e["time"] - since, count))
+    return out
+
+
 @pytest.mark.parametrize("driver", ["process", pytest.param("docker", marks=pytest.mark.docker)])
 def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: Path, driver: str) -> None:
     with torpor_up(tmp_path / "state", driver=driver) as t:
@@ -53,6 +71,7 @@ def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: P
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_ready, args=(t, "slow", samples, stop), daemon=True)
         watcher.start()
+        burst_start = time.time()
         try:
             result = _burst(t, "slow", CLIENTS, BURST_SECONDS)
             burst_end = samples[-1][0] if samples else BURST_SECONDS
@@ -63,8 +82,11 @@ def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: P
             watcher.join(5)
         assert result["requests"] > 2000, f"load too light to mean anything:\n{result['output']}"
         assert result["non_2xx"] == 0 and result["socket_errors"] == 0, f"requests failed:\n{result['output']}"
-        within_10s = [n for ts, n in samples if ts <= 10.0]
-        assert max(within_10s) >= 8, f"ready replicas within 10 s peaked at {max(within_10s)}: {samples[:40]}"
+        # the climb, from the controller's own record: each replica's "ready at" event (the
+        # API polled under this load answers late, so its samples would lag the truth)
+        climb = _ready_count_over_time(t, "slow", burst_start)
+        reached_8 = next((ts for ts, n in climb if n >= 8), None)
+        assert reached_8 is not None and reached_8 <= 10.0, f"ready replicas over time: {climb}"
         peak = max(n for _, n in samples)
         after = [n for ts, n in samples if ts > burst_end]
         assert after and after[-1] == 0
