@@ -23,13 +23,11 @@ Not a test: figures vary with the machine; compare the ratios.
 from __future__ import annotations
 
 import argparse
-import http.client
 import importlib.util
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,37 +37,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import free_port, poll_200
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "platform" / "runtime" / "server.py"
 HELLO = ROOT / "functions" / "hello"
 DEADLINE = 10.0  # s for one start to answer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def first_200(port: int, path: str, proc: Any, t0: float) -> float:
     """Poll until GET path answers 200; -> seconds since t0. ``proc`` has ``poll()``."""
-    deadline = t0 + DEADLINE
-    while time.perf_counter() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status == 200:
-                return time.perf_counter() - t0
-        except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}") from None
-            time.sleep(0.0005)
-        finally:
-            conn.close()
-    raise RuntimeError(f"no 200 on {path} within {DEADLINE}s")
+    return poll_200(port, path, t0, alive=lambda: proc.poll() is None, limit=DEADLINE)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
