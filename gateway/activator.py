@@ -2,7 +2,11 @@
 
 A waiting request is handed a backend directly when one frees up or becomes ready, in
 arrival order. The first waiter at zero replicas pokes the control plane ("I need a
-replica of revision R now"); the queue length counts toward observed concurrency.
+replica of revision R now"), with the queue's length; while no replica is ready it
+pokes again every half second, and at once each time the queue has doubled since the
+last poke, so that a burst arriving at zero is sized in milliseconds, not at the next
+stats report (Knative's activator likewise reports at once on a cold start). The queue
+length also counts toward the observed concurrency of the periodic reports.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ class QueueFull(Exception):
 
 
 class Activator:
-    __slots__ = ("balancer", "waiters", "limit", "_poke", "_last_poke")
+    __slots__ = ("balancer", "waiters", "limit", "_poke", "_last_poke", "_poked_len")
 
-    def __init__(self, balancer: Balancer, poke: Callable[[], None], limit: int = 1000) -> None:
+    def __init__(self, balancer: Balancer, poke: Callable[[int], None], limit: int = 1000) -> None:
         self.balancer = balancer
         self.waiters: deque[asyncio.Future[Backend]] = deque()
         self.limit = limit
-        self._poke = poke
+        self._poke = poke  # called with the number of waiting requests
         self._last_poke = 0.0
+        self._poked_len = 0  # queue length the last poke carried
 
     def __len__(self) -> int:
         return len(self.waiters)
@@ -63,10 +68,13 @@ class Activator:
             raise
 
     def poke_now(self, now: float) -> None:
-        """Ask the control plane for a replica (at most twice a second)."""
-        if now - self._last_poke > 0.5:
+        """Ask the control plane for replicas: every half second, or sooner once the
+        queue has doubled since the last poke (1, 2, 4, ... waiting requests)."""
+        n = len(self.waiters)
+        if now - self._last_poke > 0.5 or n >= 2 * self._poked_len:
             self._last_poke = now
-            self._poke()
+            self._poked_len = n
+            self._poke(n)
 
     def release(self, b: Backend) -> None:
         """A request on ``b`` finished: hand ``b`` to the next waiter if it has room."""

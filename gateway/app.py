@@ -59,8 +59,9 @@ class Gateway:
         self._labels: dict[bytes, str] = {}  # Host header -> label (memo)
 
     # -- control-plane side ---------------------------------------------------------------
-    def _poke(self, function: str, revision: str) -> None:
-        asyncio.ensure_future(self.store.publish(POKES, {"function": function, "revision": revision}))
+    def _poke(self, function: str, revision: str, queued: int) -> None:
+        asyncio.ensure_future(self.store.publish(
+            POKES, {"function": function, "revision": revision, "queued": queued, "gateway": self.id}))
 
     async def start(self) -> None:
         self._tasks = [

@@ -45,13 +45,13 @@ class RevisionRoute:
         "held_at_zero",
     )
 
-    def __init__(self, function: str, name: str, poke: Callable[[str, str], None], queue: int) -> None:
+    def __init__(self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int) -> None:
         self.function = function
         self.name = name
         self.name_b = name.encode()
         self.timeout = 30.0
         self.balancer = Balancer()
-        self.activator = Activator(self.balancer, lambda: poke(function, name), queue)
+        self.activator = Activator(self.balancer, lambda queued: poke(function, name, queued), queue)
         self.stats = RevisionStats()
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
 
@@ -93,7 +93,7 @@ def weighted_slots(weights: list[tuple[str, int]]) -> list[str]:
 
 
 class RouteTable:
-    def __init__(self, pools: Pools, poke: Callable[[str, str], None], queue: int = 1000) -> None:
+    def __init__(self, pools: Pools, poke: Callable[[str, str, int], None], queue: int = 1000) -> None:
         self.pools = pools
         self.poke = poke
         self.queue = queue

@@ -12,7 +12,10 @@ How a decision is made (``RevisionScaler.decide``):
 2. No data in the stable window (gateways silent) -> ``desired=None`` ("keep what
    runs"), never zero. Two exceptions, so that decide agrees with the controller:
    a request that woke the revision at zero (``poke``) asks for 1, and a replica
-   count outside ``[min, max]`` is brought back inside the bounds.
+   count outside ``[min, max]`` is brought back inside the bounds. A poke that
+   carries the gateway's queue length at zero is also a concurrency sample of that
+   gateway (as Knative's activator reports at once on a cold start): 60 requests
+   waiting with target 5 ask for 12 replicas at once, through the panic rule.
 3. Rate limits, relative to ``ready``: up to ``ceil(1000 x ready)``; down to no less
    than ``ceil(ready / 2)``. From zero there is no up limit (what is needed).
 4. Panic. The threshold is ``desired_panic >= 2 x max(ready, 1)``. With replicas
@@ -47,6 +50,7 @@ from torpor.model import Scale
 
 PANIC_WINDOW_FRACTION = 0.1  # panic window = 10 % of the stable window
 PANIC_THRESHOLD = 2.0  # desired_panic / ready that starts panic mode (200 %)
+MAX_QUEUED_SAMPLE = 1e6  # a poke's queue length is capped at this (it comes off the bus)
 MAX_SCALE_UP_RATE = 1000.0  # at most this x ready per decision
 MAX_SCALE_DOWN_RATE = 2.0  # at least ready / this per decision
 GRANULARITY = 1.0  # bucket size, seconds
@@ -140,9 +144,15 @@ class RevisionScaler:
         if self._poked_at is not None and now >= self._poked_at:
             self._poked_at = None  # reports speak for the woken request from here on
 
-    def poke(self, now: float) -> None:
-        """A request arrived while the revision had no ready replica: activity now."""
+    def poke(self, now: float, queued: float = 0.0, source: str = "") -> None:
+        """A request arrived while the revision had no ready replica: activity now. A
+        gateway's ``queued`` requests (waiting at zero) are a concurrency sample of that
+        gateway right now, so a burst is sized before the next periodic report."""
         self._seen(now)
+        if math.isfinite(now) and math.isfinite(queued) and queued > 0:
+            queued = min(float(queued), MAX_QUEUED_SAMPLE)
+            self._stable.record(now, queued, source)
+            self._panic.record(now, queued, source)
         self._active(now)
         if self._poked_at is None or now > self._poked_at:
             self._poked_at = now

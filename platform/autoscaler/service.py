@@ -42,8 +42,9 @@ class Autoscaler:
             self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
             self.fresh.add(rev)
 
-    def poke(self, revision: str, scale: Scale) -> None:
-        self._scaler(revision, scale).poke(self.clock())
+    def poke(self, revision: str, scale: Scale, queued: float = 0.0, source: str = "") -> None:
+        """A gateway has ``queued`` requests waiting for a replica of ``revision``."""
+        self._scaler(revision, scale).poke(self.clock(), queued, source)
         self.fresh.add(revision)
 
     def decide(self, revision: str, scale: Scale, ready: int) -> Decision:

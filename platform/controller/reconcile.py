@@ -174,7 +174,11 @@ class Controller:
         rev = fn.revision(msg.get("revision", "")) if fn else None
         if fn is None or rev is None:
             return
-        self.autoscaler.poke(rev.name, fn.effective_scale(rev))
+        try:
+            queued = float(msg.get("queued") or 0)
+        except (TypeError, ValueError):
+            queued = 0.0
+        self.autoscaler.poke(rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", "")))
         self.wake()
 
     def _on_stats(self, msg: dict[str, Any]) -> None:

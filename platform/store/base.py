@@ -14,7 +14,7 @@ from torpor.model import Event, Function, Replica
 
 # Channels on the bus.
 CHANGES = "changes"  # payload: {"kind": "function"|"replica"|"deleted", "function": name}
-POKES = "pokes"  # payload: {"function": name, "revision": rev}   gateway -> controller: "need a replica now"
+POKES = "pokes"  # payload: {"function", "revision", "queued": n, "gateway": id}   gateway -> controller: "need replicas now"
 STATS = "stats"  # payload: gateway stats report, see torpor.gateway.stats
 
 Mutator = Callable[[Function | None], Function | None]

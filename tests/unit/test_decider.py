@@ -32,7 +32,7 @@ class Scenario:
     name: str
     checks: list[Check]
     samples: list[Sample] | list[SourcedSample] = field(default_factory=list)
-    pokes: list[float] = field(default_factory=list)
+    pokes: list[float] | list[tuple[float, float, str]] = field(default_factory=list)  # t or (t, queued, gateway)
     scale: dict[str, Any] = field(default_factory=dict)
     reason: dict[float, str] = field(default_factory=dict)  # t -> substring of the reason
 
@@ -42,7 +42,9 @@ def run(sc: Scenario) -> list[Decision]:
     events: list[tuple[float, int, Any]] = []
     for t, c, r, *src in sc.samples:
         events.append((t, 0, ("record", c, r, src[0] if src else "")))
-    events += [(t, 0, ("poke",)) for t in sc.pokes]
+    for pk in sc.pokes:
+        t, queued, source = pk if isinstance(pk, tuple) else (pk, 0.0, "")
+        events.append((t, 0, ("poke", queued, source)))
     events += [(t, 1, ("decide", i)) for i, (t, *_rest) in enumerate(sc.checks)]
     events.sort(key=lambda e: (e[0], e[1]))
     out: list[Decision] = []
@@ -50,7 +52,7 @@ def run(sc: Scenario) -> list[Decision]:
         if ev[0] == "record":
             s.record(t, ev[1], ev[2], ev[3])
         elif ev[0] == "poke":
-            s.poke(t)
+            s.poke(t, ev[1], ev[2])
         else:
             _, ready, desired, panic = sc.checks[ev[1]]
             d = s.decide(t, ready)
@@ -330,6 +332,31 @@ SCENARIOS = [
             (11.75, 1, 1, False),
             (12.75, 1, 0, False),
         ],
+    ),
+    Scenario(
+        "pokes carrying the queue at zero size a burst at once: 60 waiting / target 5 -> 12, panic",
+        scale={"target": 5},
+        pokes=[(100.0, 1, "gw"), (100.01, 2, "gw"), (100.02, 4, "gw"), (100.05, 60, "gw")],
+        checks=[(100.0, 0, 1, False), (100.05, 0, 12, True)],
+        reason={100.05: "panic: 6s avg 60.0 >= 2x ready 0 (needs 12)"},
+    ),
+    Scenario(
+        "queued pokes from two gateways add up",
+        scale={"target": 5},
+        pokes=[(50.0, 20, "gw-a"), (50.1, 20, "gw-b")],
+        checks=[(50.25, 0, 8, True)],
+    ),
+    Scenario(
+        "a queued poke is a sample, not a verdict: the next report in its bucket replaces it",
+        scale={"target": 5, "window": 10},
+        pokes=[(20.1, 60, "gw")],
+        samples=[(20.5, 5.0, 50, "gw")],
+        checks=[(20.75, 0, 1, False)],
+    ),
+    Scenario(
+        "a queue of 1 is a plain wake: 1 replica, no panic",
+        pokes=[(7.0, 1, "gw")],
+        checks=[(7.0, 0, 1, False), (7.5, 1, 1, False)],
     ),
     Scenario(
         "poke while held at zero by max 0: bounds win",

@@ -42,7 +42,7 @@ def _ready(rev: str, i: int) -> Replica:
 
 def test_route_table_split_tags_and_backends() -> None:
     pokes: list[tuple[str, str]] = []
-    table = RouteTable(Pools(), lambda f, r: pokes.append((f, r)))
+    table = RouteTable(Pools(), lambda f, r, q: pokes.append((f, r)))
     fn = _fn([TrafficTarget("f-00001", 90), TrafficTarget("f-00002", 10, "canary")])
     table.apply("f", fn, [_ready("f-00001", 1), _ready("f-00002", 2),
                           Replica(name="x", function="f", revision="f-00001", state="starting")])
@@ -84,10 +84,10 @@ def test_balancer_least_in_flight_and_hard_limit() -> None:
 async def test_activator_queues_pokes_and_hands_out_in_order() -> None:
     bal = Balancer(limit=1)
     pokes: list[int] = []
-    act = Activator(bal, lambda: pokes.append(1), limit=3)
+    act = Activator(bal, pokes.append, limit=3)
     waiters = [asyncio.create_task(act.wait(5)) for _ in range(3)]
     await asyncio.sleep(0.01)
-    assert len(act) == 3 and pokes == [1]  # one poke, not one per request
+    assert len(act) == 3 and pokes == [1, 2]  # with the queue length; not one per request
     with pytest.raises(QueueFull):
         await act.wait(5)
     a = _backend("a")
@@ -103,8 +103,18 @@ async def test_activator_queues_pokes_and_hands_out_in_order() -> None:
     assert a.in_flight == 0 and len(act) == 0
 
 
+async def test_activator_pokes_again_each_time_the_queue_doubles() -> None:
+    pokes: list[int] = []
+    act = Activator(Balancer(), pokes.append, limit=1000)
+    waiters = [asyncio.create_task(act.wait(5)) for _ in range(100)]
+    await asyncio.sleep(0.01)
+    assert pokes == [1, 2, 4, 8, 16, 32, 64]  # 7 pokes for 100 requests, sized as they grow
+    act.fail_all(LookupError("done"))
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
 async def test_activator_times_out_and_fails_all() -> None:
-    act = Activator(Balancer(), lambda: None)
+    act = Activator(Balancer(), lambda _n: None)
     with pytest.raises(TimeoutError):
         await act.wait(0.05)
     assert len(act) == 0
