@@ -30,6 +30,7 @@ from torpor.store.base import CHANGES, POKES, STATS, Store
 log = logging.getLogger("torpor.controller")
 
 PROBE_PATH = b"/_torpor/health"
+HEAD_START = 0.5  # s a revision's first replica from zero starts alone (unless ready sooner)
 
 
 @dataclass(eq=False)
@@ -308,6 +309,16 @@ class Controller:
         if len(live) < desired:
             if now < st.next_start:
                 return
+            if not any(t.replica.state == "ready" for t in live):
+                # from zero the first replica gets a head start: the rest follow once it is
+                # ready or HEAD_START s after the driver started it, so they do not compete
+                # with it (a Docker engine starts containers a few at a time, slower each,
+                # and the first queued request waits for the first replica)
+                if any(t.running is None or now - t.started_at < HEAD_START for t in live):
+                    return
+                if not live:
+                    self._spawn_start(fn, rev)
+                    return
             for _ in range(desired - len(live)):
                 self._spawn_start(fn, rev)
         elif len(live) > desired:
@@ -406,6 +417,7 @@ class Controller:
             running: Running = await asyncio.shield(starting)
             tr.running = running
             tr.started_at = self.clock()
+            asyncio.get_running_loop().call_later(HEAD_START, self.wake)  # replicas held back behind it
         except Exception as e:
             await self._replica_failed(tr, f"start failed: {e}")
             return
