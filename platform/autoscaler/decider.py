@@ -6,7 +6,7 @@ caller's monotonic clock) and ``decide`` takes the number of *ready* replicas.
 How a decision is made (``RevisionScaler.decide``):
 
 1. Windows. Gateway reports go into a stable window (``scale.window``, 60 s) and a
-   panic window (10 % of it, 6 s), 1 s buckets, summed over gateways, averaged over
+   panic window (10 % of it, 6 s; at least 2 s), 1 s buckets, summed over gateways, averaged over
    the buckets that have data. ``desired_stable = ceil(stable_avg / target)``,
    ``desired_panic = ceil(panic_avg / target)``.
 2. No data in the stable window (gateways silent) -> ``desired=None`` ("keep what
@@ -54,6 +54,14 @@ MAX_QUEUED_SAMPLE = 1e6  # a poke's queue length is capped at this (it comes off
 MAX_SCALE_UP_RATE = 1000.0  # at most this x ready per decision
 MAX_SCALE_DOWN_RATE = 2.0  # at least ready / this per decision
 GRANULARITY = 1.0  # bucket size, seconds
+MIN_PANIC_WINDOW = 2 * GRANULARITY  # two report periods (see panic_window)
+
+
+def panic_window(window: float) -> float:
+    """10 % of the stable window, but at least two buckets: gateways report once a
+    second, so a one-bucket window is empty whenever a decision falls just before that
+    second's report, and a burst would be judged on the stable average alone."""
+    return max(window * PANIC_WINDOW_FRACTION, MIN_PANIC_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class RevisionScaler:
         _validate(scale)
         self._scale = scale
         self._stable = TimedWindow(scale.window, GRANULARITY)
-        self._panic = TimedWindow(scale.window * PANIC_WINDOW_FRACTION, GRANULARITY)
+        self._panic = TimedWindow(panic_window(scale.window), GRANULARITY)
         self._first_seen: float | None = None  # first `now` given to any method
         self._last_activity: float | None = None
         self._poked_at: float | None = None  # a poke not yet followed by a report
@@ -116,7 +124,7 @@ class RevisionScaler:
         _validate(scale)
         if scale.window != self._scale.window:
             self._stable.resize(scale.window)
-            self._panic.resize(scale.window * PANIC_WINDOW_FRACTION)
+            self._panic.resize(panic_window(scale.window))
         self._scale = scale
 
     def _seen(self, now: float) -> None:

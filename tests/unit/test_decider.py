@@ -334,6 +334,14 @@ SCENARIOS = [
         ],
     ),
     Scenario(
+        "short window: the panic window keeps two buckets, so a decision just after a second"
+        " boundary (before that second's report) still sees the burst",
+        scale={"window": 10},  # 10 % would be a single 1 s bucket
+        samples=steady(0, 5, 0) + steady(5, 6, 60),
+        checks=[(6.1, 1, 6, True)],
+        reason={6.1: "panic: 2s avg 60.0 >= 2x ready 1 (needs 6)"},
+    ),
+    Scenario(
         "pokes carrying the queue at zero size a burst at once: 60 waiting / target 5 -> 12, panic",
         scale={"target": 5},
         pokes=[(100.0, 1, "gw"), (100.01, 2, "gw"), (100.02, 4, "gw"), (100.05, 60, "gw")],
