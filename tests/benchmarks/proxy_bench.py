@@ -252,6 +252,22 @@ def parse_wrk(out: str) -> dict[str, float]:
     return result
 
 
+def tools_present() -> bool:
+    """wrk and nginx are on PATH (else say which is missing)."""
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found on PATH", file=sys.stderr)
+            return False
+    return True
+
+
+def print_header(args: argparse.Namespace) -> None:
+    print(
+        f"loop={loop_name()}  wrk -t2 -c{args.connections} -d{args.duration:g}s  "
+        f"{args.rounds} interleaved round(s)  cpus={os.cpu_count()}"
+    )
+
+
 def wrk(port: int, duration: float, connections: int, pid: int | None = None, path: str = "/") -> dict[str, float]:
     cpu0 = cpu_seconds(pid) if pid else None
     out = subprocess.run(
@@ -292,19 +308,14 @@ def main() -> int:
         serve(args.serve, args.port, args.upstream)
         return 0
 
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found on PATH", file=sys.stderr)
-            return 2
+    if not tools_present():
+        return 2
 
     me = [sys.executable, os.path.abspath(__file__)]
     up_port = free_port()
     upstream = f"127.0.0.1:{up_port}"
     tmp = tempfile.mkdtemp(prefix="torpor-bench-")
-    print(
-        f"loop={loop_name()}  wrk -t2 -c{args.connections} -d{args.duration:g}s  "
-        f"{args.rounds} interleaved round(s)  cpus={os.cpu_count()}"
-    )
+    print_header(args)
     runs: dict[str, list[dict[str, float]]] = {}
     try:
         with ExitStack() as stack:

@@ -45,7 +45,9 @@ from proxy_bench import (  # noqa: E402
     loop_name,
     make_proxy_app,
     nginx_worker,
+    print_header,
     started,
+    tools_present,
     wrk,
 )
 
@@ -173,19 +175,14 @@ def main() -> int:
         serve(args.serve, args.port, args.upstream or "")
         return 0
 
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None:
-            print(f"{tool} not found on PATH", file=sys.stderr)
-            return 2
+    if not tools_present():
+        return 2
 
     me = [sys.executable, os.path.abspath(__file__)]
     up_port = free_port()
     upstream = f"127.0.0.1:{up_port}"
     tmp = tempfile.mkdtemp(prefix="torpor-server-bench-")
-    print(
-        f"loop={loop_name()}  wrk -t2 -c{args.connections} -d{args.duration:g}s  "
-        f"{args.rounds} interleaved round(s)  cpus={os.cpu_count()}"
-    )
+    print_header(args)
     kinds = ["uvicorn", "torpor"] + (["gw-uvicorn", "gw-torpor"] if args.gateway else [])
     if args.only:
         wanted = set(args.only.split(","))
