@@ -98,3 +98,58 @@ def redis_url(redis_server: str) -> str:
     finally:
         client.close()
     return redis_server
+
+
+# -- the security suite (`pytest -m security`) --------------------------------------------
+# Every regression test of an attack is marked ``@pytest.mark.security``; the first line of
+# its docstring names the attack, and ``attack.ended("...")`` records how it ended (the
+# status and reason the platform answered). The run closes with a table of both.
+
+
+class AttackRecord:
+    def __init__(self, item: pytest.Item) -> None:
+        self._item = item
+
+    def ended(self, how: str) -> None:
+        """Record how the attack ended, e.g. ``"400 invalid upload: ../x escapes"``."""
+        self._item.user_properties.append(("attack_ended", str(how)[:160]))
+
+
+@pytest.fixture
+def attack(request: pytest.FixtureRequest) -> AttackRecord:
+    return AttackRecord(request.node)
+
+
+_security_rows: list[tuple[str, str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "security" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        ended = "; ".join(v for k, v in report.user_properties if k == "attack_ended")
+        _security_rows.append((report.nodeid, report.outcome, ended))
+
+
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
+    if not _security_rows:
+        return
+    write = terminalreporter.write_line  # type: ignore[attr-defined]
+    write("")
+    write("attacks tried (pytest -m security)")
+    write(f"{'result':<7} {'attack':<70} how it ended")
+    for nodeid, outcome, ended in _security_rows:
+        attack_name = _attack_names.get(nodeid, nodeid.rsplit("::", 1)[-1])
+        write(f"{outcome:<7} {attack_name[:70]:<70} {ended or '-'}")
+
+
+_attack_names: dict[str, str] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if item.get_closest_marker("security") is None:
+        return
+    fn = getattr(item, "function", None)
+    doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
+    _attack_names[item.nodeid] = doc[0].strip() if doc else item.name
