@@ -107,8 +107,25 @@ class Torpor:
         headers = {"Host": host, **kw.pop("headers", {})}
         return httpx.request(method, self.gateway + path, headers=headers, timeout=timeout, **kw)
 
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """Headers for a direct call to this platform's API: the bearer token from
+        ``TORPOR_TOKEN`` in this platform's env, else the one ``torpor up`` wrote to
+        ``STATE_DIR/token``; none if neither exists. Use on every direct API call."""
+        token = self.env.get("TORPOR_TOKEN")
+        path = self.state_dir / "token"
+        if not token and path.is_file():
+            token = path.read_text().strip()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def api_call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """``method`` on ``API + path`` with :attr:`api_headers` (plus any ``headers=``)."""
+        headers = {**self.api_headers, **kw.pop("headers", {})}
+        kw.setdefault("timeout", 10)
+        return httpx.request(method, self.api + path, headers=headers, **kw)
+
     def function(self, name: str) -> dict[str, Any]:
-        r = httpx.get(f"{self.api}/v1/functions/{name}", timeout=10)
+        r = self.api_call("GET", f"/v1/functions/{name}")
         r.raise_for_status()
         return dict(r.json())
 
