@@ -37,6 +37,8 @@ _SECRET: dict[str, Any] = {"type": "object", "required": ["name", "version", "up
 _ERRORS = {"400": _resp("bad input", _ERROR), "401": _resp("missing or wrong token", _ERROR),
            "404": _resp("no such function", _ERROR)}
 
+_SECRET_ERRORS = {**_ERRORS, "404": _resp("no such secret", _ERROR)}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "Torpor control API", "version": "1"},
@@ -122,21 +124,21 @@ OPENAPI: dict[str, Any] = {
         "/v1/secrets": {"get": {
             "summary": "every secret's name, version, update time and the functions using it (never a value)",
             "responses": {"200": _resp("secrets", {"type": "object", "properties": {
-                "secrets": {"type": "array", "items": _SECRET}}}), **_ERRORS}}},
+                "secrets": {"type": "array", "items": _SECRET}}}), **_SECRET_ERRORS}}},
         "/v1/secrets/{name}": {
             "parameters": [_SECRET_NAME],
             "get": {"summary": "one secret's metadata (never its value)",
-                    "responses": {"200": _resp("secret", _SECRET), **_ERRORS}},
+                    "responses": {"200": _resp("secret", _SECRET), **_SECRET_ERRORS}},
             "put": {"summary": "create or replace a secret; the body is the raw value: UTF-8 text without NUL, "
                                "1 byte to 64 KiB. Takes effect for replicas started afterwards",
                     "requestBody": {"required": True, "content": {
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                    "responses": {"200": _resp("replaced", _SECRET), "201": _resp("created", _SECRET), **_ERRORS,
+                    "responses": {"200": _resp("replaced", _SECRET), "201": _resp("created", _SECRET), **_SECRET_ERRORS,
                                   "413": _resp("value over 64 KiB", _ERROR),
                                   "415": _resp("body not sent as application/octet-stream", _ERROR)}},
             "delete": {"summary": "delete a secret; refused while a function uses it unless force=true",
                        "parameters": [{"name": "force", "in": "query", "schema": {"type": "boolean"}}],
-                       "responses": {"200": _resp("deleted"), **_ERRORS,
+                       "responses": {"200": _resp("deleted"), **_SECRET_ERRORS,
                                      "409": _resp("in use: used_by names the functions", _ERROR)}},
         },
     },

@@ -3,7 +3,9 @@ real replicas that see them as env, and every surface checked for the value."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from platform_proc import Torpor, torpor_up
 pytestmark = pytest.mark.slow
 
 HANDLER = """\
+import base64
 import hashlib
+import json
 import os
 
 
@@ -105,7 +109,7 @@ def test_replicas_get_the_secret_as_env_and_new_replicas_get_a_new_value(up: Tor
 @pytest.mark.security
 def test_a_secret_value_is_never_shown_back(up: Torpor, tmp_path: Path, attack) -> None:
     """Read a secret's value back through the API, the CLI, events, errors and the platform's log"""
-    value = "Vx9-never-shown-" + tmp_path.name[-6:]
+    value = "Vx9-never-shown-" + os.urandom(4).hex()
     out = secret_cli(up, "secret", "set", "api-token", stdin=value.encode())
     shown = [out.stdout, out.stderr]
     up.deploy(function_dir(tmp_path, "leak", secrets="{DB_PASSWORD: api-token}"))
@@ -152,6 +156,44 @@ def test_deploying_a_spec_that_names_an_unknown_secret_is_refused(up: Torpor, tm
     attack.ended("400 unknown secret: secrets.DB_PASSWORD: no secret named 'no-such-secret'")
 
 
+def test_a_crashing_replica_that_prints_its_secret_is_redacted_in_events(up: Torpor, tmp_path: Path) -> None:
+    value = "Printed-at-import-" + os.urandom(4).hex()
+    secret_cli(up, "secret", "set", "crash-pw", stdin=value.encode())
+    d = function_dir(tmp_path, "crash", secrets="{DB_PASSWORD: crash-pw}")
+    (d / "handler.py").write_text(
+        "import os\nprint('connecting with password=' + os.environ['DB_PASSWORD'], flush=True)\n"
+        "raise RuntimeError('db refused password ' + os.environ['DB_PASSWORD'])\n")
+    r = up.cli("deploy", str(d), check=False)
+    assert r.returncode != 0 and "failed" in r.stderr
+    rev = up.function("crash")["revisions"][0]
+    assert rev["status"] == "failed"
+    assert "RuntimeError: db refused password ***" in rev["reason"]
+    shown = (r.stderr + rev["reason"] + up.api_call("GET", "/v1/functions/crash/events?limit=200").text
+             + up.cli("describe", "crash").stdout)
+    assert value not in shown  # (the replica's own log file is the function's output, kept as printed)
+
+
+def test_on_redis_the_value_is_under_its_own_key_and_replicas_see_it(tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    value = "redis-Secret-value-" + os.urandom(4).hex()
+    with torpor_up(tmp_path / "state", redis=redis_url) as t:
+        secret_cli(t, "secret", "set", "db-password", stdin=value.encode())
+        t.deploy(function_dir(tmp_path, "rsec"))
+        r = t.request("rsec")
+        assert r.status_code == 200 and r.json()["sha256"] == sha(value)
+        assert value.encode() not in t.api_call("GET", "/v1/functions/rsec").content
+    client = redis.Redis.from_url(redis_url)
+    try:
+        doc = json.loads(client.get("torpor:fn:rsec") or b"")
+        assert doc["revisions"][0]["spec"]["secrets"] == {"DB_PASSWORD": "db-password"}
+        assert value.encode() not in client.get("torpor:fn:rsec")
+        stored = client.hgetall("torpor:secret:db-password")
+        assert base64.b64decode(stored[b"value"]) == value.encode() and stored[b"version"] == b"1"
+    finally:
+        client.close()
+
+
 @pytest.mark.docker
 def test_docker_replicas_get_the_secret_as_env(tmp_path: Path) -> None:
     import docker
@@ -162,7 +204,7 @@ def test_docker_replicas_get_the_secret_as_env(tmp_path: Path) -> None:
     engine.ping()  # fails (not skips) without an engine
     state = tmp_path / "state"
     mine = {"label": f"{INSTANCE}={instance_id(state)}"}
-    value = "docker-Secret-value-" + tmp_path.name[-6:]
+    value = "docker-Secret-value-" + os.urandom(4).hex()
     try:
         with torpor_up(state, driver="docker") as t:
             secret_cli(t, "secret", "set", "db-password", stdin=value.encode())
