@@ -53,6 +53,7 @@ class Spec:
     scale: Scale = field(default_factory=Scale)
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    secrets: dict[str, str] = field(default_factory=dict)  # env name -> secret name, never a value
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +220,18 @@ class Event:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         return cls(**d)
+
+
+@dataclass
+class SecretInfo:
+    """What may be said about a secret: never its value."""
+
+    name: str
+    version: int = 1  # 1 on creation, +1 on every set
+    updated: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass

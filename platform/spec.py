@@ -44,6 +44,7 @@ __all__ = [
     "parse_spec",
     "spec_to_yaml_dict",
     "validate_name",
+    "validate_secret_name",
     "validate_tag",
 ]
 
@@ -57,7 +58,7 @@ MAX_SCALE = 1000
 MIN_MEMORY = 16 * 1024 * 1024
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 
-TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout")
+TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout", "secrets")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
 RESOURCES_KEYS = ("cpu", "memory")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
@@ -321,6 +322,20 @@ def validate_tag(value: Any, path: str = "tag") -> str:
     return validate_name(value, path)
 
 
+_SECRET_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_SECRET_WORDS = (
+    "a secret name: lowercase letters, digits and '-', 1-63 characters, "
+    "starting and ending with a letter or digit"
+)
+
+
+def validate_secret_name(value: Any, path: str = "name") -> str:
+    """A secret name: an RFC 1123 DNS label (``db-password``, ``2fa-seed``)."""
+    if not isinstance(value, str) or _SECRET_RE.fullmatch(value) is None:
+        raise SpecError(path, _SECRET_WORDS, value)
+    return value
+
+
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _HANDLER_RE = re.compile(rf"({_IDENT}(?:\.{_IDENT})*):({_IDENT})", re.ASCII)
 _HANDLER_WORDS = 'module:function, such as "handler:handle" or "app.main:handle"'
@@ -383,6 +398,35 @@ def _parse_env(value: Any, path: str) -> dict[str, str]:
             )
         env[key] = _env_value(raw, key_path)
     return env
+
+
+def _parse_secrets(value: Any, path: str, env: Mapping[str, str]) -> dict[str, str]:
+    """``secrets:`` maps env names to secret names; it never holds a value. The names
+    follow the ``env:`` rules, may not repeat an ``env:`` key, and may not be reserved
+    (``PORT``, ``TORPOR_*``, ``K_*``)."""
+    section = _section(value, path, None)
+    out: dict[str, str] = {}
+    for key, raw in section.items():
+        if not isinstance(key, str):
+            raise SpecError(path, "variable names as strings", key,
+                            problem=f"key {describe(key)} is not a string")
+        key_path = _join(path, key)
+        if _ENV_NAME_RE.fullmatch(key) is None:
+            raise SpecError(
+                key_path, "a variable name: letters, digits and '_', not starting with a digit", key
+            )
+        if key in RESERVED_ENV or key.startswith(("TORPOR_", "K_")):
+            raise SpecError(key_path, "a variable name Torpor does not set",
+                            problem=f"{key} is reserved (PORT, TORPOR_* and K_* are set by Torpor)")
+        if key in env:
+            raise SpecError(key_path, "a variable set either in `env:` or in `secrets:`",
+                            problem=f"{key} is also set in env")
+        if not isinstance(raw, str) or _SECRET_RE.fullmatch(raw) is None:
+            # not echoed: a value pasted here by mistake must not be printed back
+            raise SpecError(key_path, _SECRET_WORDS,
+                            problem="not a secret name (secrets: maps to names, never to values)")
+        out[key] = raw
+    return out
 
 
 def _env_value(raw: Any, path: str) -> str:
@@ -581,6 +625,8 @@ def _parse_spec(data: Any) -> Spec:
     spec.scale = _parse_scale(top.get("scale"))
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
+    if "secrets" in top:
+        spec.secrets = _parse_secrets(top["secrets"], "secrets", spec.env)
     return spec
 
 
@@ -663,6 +709,7 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     elif spec.handler:
         out["handler"] = spec.handler
     out["env"] = dict(spec.env)
+    out["secrets"] = dict(spec.secrets)
     out["port"] = spec.port
     out["timeout"] = format_duration(spec.timeout)
     s = spec.scale

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from torpor.api.auth import BearerAuth
 from torpor.api.openapi import OPENAPI
 from torpor.api.rollouts import rollout_routes
+from torpor.api.secrets import secret_routes
 from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.spec import SpecError, load_spec, validate_tag
@@ -123,6 +124,18 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
             raise ApiError(400, "bad request", "body must be a JSON object")
         return body
 
+    async def check_secrets(spec: Spec) -> None:
+        """400 naming each secret the spec maps that does not exist (``field``: the first)."""
+        if not spec.secrets:
+            return
+        known = {s.name for s in await store.list_secrets()}
+        missing = [(env, spec.secrets[env]) for env in sorted(spec.secrets) if spec.secrets[env] not in known]
+        if missing:
+            detail = "; ".join(f"secrets.{env}: no secret named {name!r}" for env, name in missing)
+            hint = f"`torpor secret set {missing[0][1]}`" if len(missing) == 1 else "`torpor secret set NAME`"
+            raise ApiError(400, "unknown secret", f"{detail}; set it first with {hint}",
+                           field=f"secrets.{missing[0][0]}")
+
     # -- health ------------------------------------------------------------------------
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -202,6 +215,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                 spec = load_spec(tmp, source="torpor.yaml")
             except SpecError as e:
                 raise ApiError(400, "invalid spec", str(e), field=e.path) from e
+            await check_secrets(spec)
             name = spec.name
             dest = sources / name / uuid.uuid4().hex[:12]
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +334,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         Route("/v1/functions/{name}/traffic", set_traffic, methods=["PUT"]),
         Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
         *rollout_routes(store, ApiError),
+        *secret_routes(store, ApiError),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:

@@ -28,8 +28,16 @@ _ROLLOUT_START: dict[str, Any] = {"type": "object", "required": ["to"], "propert
     "max_p95_ratio": {"type": "number", "minimum": 1},
     "min_requests": {"type": "integer", "minimum": 0}}}
 
+_SECRET_NAME = {"name": "name", "in": "path", "required": True,
+                "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}
+_SECRET: dict[str, Any] = {"type": "object", "required": ["name", "version", "updated", "used_by"], "properties": {
+    "name": {"type": "string"}, "version": {"type": "integer", "minimum": 1}, "updated": {"type": "number"},
+    "used_by": {"type": "array", "items": {"type": "string"}}}}
+
 _ERRORS = {"400": _resp("bad input", _ERROR), "401": _resp("missing or wrong token", _ERROR),
            "404": _resp("no such function", _ERROR)}
+
+_SECRET_ERRORS = {**_ERRORS, "404": _resp("no such secret", _ERROR)}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -113,5 +121,25 @@ OPENAPI: dict[str, Any] = {
             "summary": "all traffic back to the previous stable revision (ends a running rollout as rolled_back)",
             "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_ERRORS,
                           "409": _resp("no earlier ready revision", _ERROR)}}},
+        "/v1/secrets": {"get": {
+            "summary": "every secret's name, version, update time and the functions using it (never a value)",
+            "responses": {"200": _resp("secrets", {"type": "object", "properties": {
+                "secrets": {"type": "array", "items": _SECRET}}}), **_SECRET_ERRORS}}},
+        "/v1/secrets/{name}": {
+            "parameters": [_SECRET_NAME],
+            "get": {"summary": "one secret's metadata (never its value)",
+                    "responses": {"200": _resp("secret", _SECRET), **_SECRET_ERRORS}},
+            "put": {"summary": "create or replace a secret; the body is the raw value: UTF-8 text without NUL, "
+                               "1 byte to 64 KiB. Takes effect for replicas started afterwards",
+                    "requestBody": {"required": True, "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "responses": {"200": _resp("replaced", _SECRET), "201": _resp("created", _SECRET), **_SECRET_ERRORS,
+                                  "413": _resp("value over 64 KiB", _ERROR),
+                                  "415": _resp("body not sent as application/octet-stream", _ERROR)}},
+            "delete": {"summary": "delete a secret; refused while a function uses it unless force=true",
+                       "parameters": [{"name": "force", "in": "query", "schema": {"type": "boolean"}}],
+                       "responses": {"200": _resp("deleted"), **_SECRET_ERRORS,
+                                     "409": _resp("in use: used_by names the functions", _ERROR)}},
+        },
     },
 }

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import httpx
 
 from torpor.cli.rollout import add_parsers, watch
+from torpor.cli.secret import add_parsers as add_secret_parsers
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -184,6 +185,9 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     if sc:
         print(f"Scale:    min {sc['min']}  max {sc['max']}  target {sc['target']:g}  concurrency {sc['concurrency']}"
               f"  idle {sc['idle']:g}s  window {sc['window']:g}s")
+    latest = fn["revisions"][-1]["spec"] if fn["revisions"] else {}
+    if latest.get("secrets"):  # names only: the API never returns a value
+        print("Secrets:  " + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items())))
     if fn.get("rollout"):
         ro = fn["rollout"]
         print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
@@ -361,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--name")
     bb.add_argument("--force", action="store_true")
     API_COMMANDS.update(add_parsers(sub))
+    API_COMMANDS.update(add_secret_parsers(sub))
     return p
 
 

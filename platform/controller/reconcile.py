@@ -25,7 +25,8 @@ from torpor.controller.rollout import Rollouts
 from torpor.controller.traffic import apply_on_ready
 from torpor.drivers.base import BuildError, Driver, Running
 from torpor.model import Event, Function, Replica, Revision, Scale
-from torpor.store.base import CHANGES, POKES, STATS, Store
+from torpor.secret import MissingSecret, SecretValueError, redact, resolve
+from torpor.store.base import CHANGES, POKES, SECRETS, STATS, Store
 
 log = logging.getLogger("torpor.controller")
 
@@ -103,7 +104,7 @@ class Controller:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        subs = {ch: self.store.subscribe(ch) for ch in (CHANGES, POKES, STATS)}
+        subs = {ch: self.store.subscribe(ch) for ch in (CHANGES, POKES, STATS, SECRETS)}
         await self._sync_functions()
         await self._adopt()
         self.synced.set()
@@ -111,6 +112,7 @@ class Controller:
             asyncio.create_task(self._listen(CHANGES, subs[CHANGES], self._on_change), name="ctl-changes"),
             asyncio.create_task(self._listen(POKES, subs[POKES], self._on_poke), name="ctl-pokes"),
             asyncio.create_task(self._listen(STATS, subs[STATS], self._on_stats), name="ctl-stats"),
+            asyncio.create_task(self._listen(SECRETS, subs[SECRETS], self._on_secret), name="ctl-secrets"),
             asyncio.create_task(self._loop(), name="ctl-loop"),
         ]
 
@@ -185,6 +187,18 @@ class Controller:
     def _on_stats(self, msg: dict[str, Any]) -> None:
         self.autoscaler.observe(msg, self._scale_of)
         self.rollouts.observe(msg)
+
+    def _on_secret(self, msg: dict[str, Any]) -> None:
+        """A secret was set: revisions held back because it was missing start again now
+        (running replicas keep the env they started with)."""
+        if msg.get("kind") != "set":
+            return
+        for fn in self.functions.values():
+            for rev in fn.revisions:
+                st = self.revs.get(rev.name)
+                if st is not None and st.failures and msg.get("name") in rev.spec.secrets.values():
+                    st.failures, st.next_start = 0, 0.0
+        self.wake()
 
     def _scale_of(self, revision: str) -> Scale | None:
         fn_name = revision.rsplit("-", 1)[0]
@@ -412,7 +426,14 @@ class Controller:
 
     async def _start(self, tr: Tracked, rev: Revision) -> None:
         try:
-            starting: asyncio.Future[Running] = asyncio.ensure_future(self.driver.start(rev, tr.replica.name))
+            # read at each start: a changed secret reaches the replicas started after it
+            secret_env = await resolve(self.store, rev.spec) if rev.spec.secrets else None
+        except (MissingSecret, SecretValueError) as e:
+            await self._replica_failed(tr, f"start failed: {e}")
+            return
+        try:
+            starting: asyncio.Future[Running] = asyncio.ensure_future(
+                self.driver.start(rev, tr.replica.name, secret_env=secret_env))
             tr.starting = starting
             running: Running = await asyncio.shield(starting)
             tr.running = running
@@ -512,6 +533,9 @@ class Controller:
         await self.store.put_replica(rep)
         asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: asyncio.ensure_future(
             self._forget_failed(rep)))
+        values = await self._secret_values(rep.function, rep.revision)
+        if values:  # the replica's output or a driver's error may quote one
+            reason, tail = redact(reason, values), redact(tail, values)
         # the log's last line (usually the exception) leads; the tail follows for context
         last = f": {tail.strip().splitlines()[-1].strip()[:200]}" if tail.strip() else ""
         full = f"\n{tail}" if tail else ""
@@ -521,6 +545,20 @@ class Controller:
         if rev is not None and rev.status == "building":
             await self._fail_revision(rep.function, rep.revision, f"replica {reason}{last}{full}")
         self.wake()
+
+    async def _secret_values(self, function: str, revision: str) -> list[str]:
+        """The values of a revision's secrets that exist now (to redact them)."""
+        fn = self.functions.get(function)
+        rev = fn.revision(revision) if fn else None
+        out: list[str] = []
+        for name in rev.spec.secrets.values() if rev else ():
+            try:
+                value = await self.store.get_secret(name)
+            except Exception:
+                continue
+            if value is not None:
+                out.append(value.decode("utf-8", errors="replace"))
+        return out
 
     async def _forget_failed(self, rep: Replica) -> None:
         if rep.name not in self.tracked:

@@ -6,7 +6,7 @@ Engine). Both pass one contract suite (tests/contract/test_driver.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,8 +41,13 @@ class Driver(Protocol):
         ``image`` filled in where the driver uses one. Raises BuildError."""
         ...
 
-    async def start(self, revision: Revision, replica: str) -> Running:
-        """Start one replica; returns at once (readiness is the controller's probe)."""
+    async def start(self, revision: Revision, replica: str,
+                    secret_env: Mapping[str, str] | None = None) -> Running:
+        """Start one replica; returns at once (readiness is the controller's probe).
+
+        ``secret_env`` is the env the revision's ``secrets:`` resolve to (the controller
+        reads the values from the store just before): set it in the replica's env like
+        ``spec.env``, and never write it to a record, a label, a log or an error."""
         ...
 
     async def stop(self, running: Running, grace: float = 10.0) -> None:

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -403,13 +403,15 @@ class DockerDriver:
         await asyncio.to_thread(rm)
 
     # -- replicas --------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str) -> Running:
+    async def start(self, revision: Revision, replica: str,
+                    secret_env: Mapping[str, str] | None = None) -> Running:
         image = revision.image or revision.spec.image
         if not image:
             raise BuildError(f"revision {revision.name} has no image: prepare it first")
         spec = revision.spec
         env = {
             **spec.env,
+            **(secret_env or {}),  # Docker keeps env in the container's config: `docker inspect` shows it
             "PORT": str(spec.port),
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from torpor.drivers.base import BuildError, Progress, Running
@@ -95,7 +95,8 @@ class ProcessDriver:
             log.unlink(missing_ok=True)
 
     # -- replicas ------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str) -> Running:
+    async def start(self, revision: Revision, replica: str,
+                    secret_env: Mapping[str, str] | None = None) -> Running:
         if not revision.source:
             raise BuildError("revision has no source folder")
         port = _free_port(self.host)
@@ -104,6 +105,7 @@ class ProcessDriver:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             **spec.env,
+            **(secret_env or {}),
             "PORT": str(port),
             "TORPOR_HOST": self.host,
             "TORPOR_HANDLER": spec.handler or "handler:handle",

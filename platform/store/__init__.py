@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from torpor.store.base import CHANGES, POKES, STATS, ConflictError, Mutator, Store
+from torpor.store.base import CHANGES, POKES, SECRETS, STATS, ConflictError, Mutator, Store
 
 __all__ = [
     "CHANGES",
     "POKES",
+    "SECRETS",
     "STATS",
     "ConflictError",
     "Mutator",
@@ -32,10 +33,11 @@ __all__ = [
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is usable as a function's store key, else raise ValueError."""
+def check_name(name: str, kind: str = "function") -> str:
+    """Return ``name`` if it is usable as a store key (of a function, or of ``kind``),
+    else raise ValueError."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"invalid function name for the store: {name!r}")
+        raise ValueError(f"invalid {kind} name for the store: {name!r}")
     return name
 
 

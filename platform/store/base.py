@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from torpor.model import Event, Function, Replica
+from torpor.model import Event, Function, Replica, SecretInfo
 
 # Channels on the bus.
 CHANGES = "changes"  # payload: {"kind": "function"|"replica"|"deleted", "function": name}
 POKES = "pokes"  # payload: {"function", "revision", "queued": n, "gateway": id}   gateway -> controller: "need replicas now"
 STATS = "stats"  # payload: gateway stats report, see torpor.gateway.stats
+SECRETS = "secrets"  # payload: {"kind": "set"|"deleted", "name": secret, "version": n}, never a value
 
 Mutator = Callable[[Function | None], Function | None]
 
@@ -52,6 +53,24 @@ class Store(Protocol):
     async def add_event(self, event: Event) -> None: ...
     async def list_events(self, function: str, limit: int = 50) -> list[Event]:
         """Newest last."""
+        ...
+
+    # -- secrets (kept apart from functions; values never in a document or a message) --
+    async def put_secret(self, name: str, value: bytes) -> SecretInfo:
+        """Create or replace secret ``name`` (version 1, then +1 per set); publish
+        ``{"kind": "set", "name", "version"}`` on ``SECRETS``. Returns its metadata."""
+        ...
+
+    async def get_secret(self, name: str) -> bytes | None:
+        """The value, exactly as put; None if there is no such secret."""
+        ...
+
+    async def delete_secret(self, name: str) -> bool:
+        """Remove it; publish ``{"kind": "deleted", "name"}`` on ``SECRETS`` if it existed."""
+        ...
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        """Every secret's metadata, sorted by name; never a value."""
         ...
 
     # -- bus -------------------------------------------------------------------------

@@ -8,6 +8,10 @@
 - Events are kept in memory (the last ``EVENTS_KEPT`` per function) and appended to
   ``state_dir/events.jsonl`` (no fsync: events are best effort). The file is reloaded
   on start and compacted when it grows well beyond what is kept.
+- Secrets are durable and kept apart from functions: one file per secret,
+  ``state_dir/secrets/NAME.json`` (the folder mode 0700, each file 0600, written
+  atomically like a function file), holding the value (base64) and its metadata.
+  No function file, event or bus message ever holds a value.
 - The bus is in-process pub/sub. ``subscribe`` returns a ``Subscription`` fed by an
   unbounded queue; ``publish`` never blocks and never awaits subscribers.
 
@@ -27,24 +31,28 @@ other's writes without noticing.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
 import os
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
-from torpor.model import Event, Function, Replica
+from torpor.model import Event, Function, Replica, SecretInfo
 from torpor.store import check_name
-from torpor.store.base import CHANGES, Mutator
+from torpor.store.base import CHANGES, SECRETS, Mutator
 
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 200  # per function
 EVENTS_FILE = "events.jsonl"
 FUNCTIONS_DIR = "functions"
+SECRETS_DIR = "secrets"
 _COMPACT_SLACK = 1000  # compact events.jsonl once it holds this many lines beyond 2x kept
 
 _END = None  # queue sentinel: the subscription is over
@@ -108,6 +116,7 @@ class EmbeddedStore:
     def __init__(self, state_dir: Path | str | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self._functions: dict[str, str] = {}  # name -> JSON text
+        self._secrets: dict[str, tuple[SecretInfo, bytes]] = {}  # name -> (metadata, value)
         self._replicas: dict[str, dict[str, str]] = {}  # function -> replica -> JSON
         self._events: dict[str, deque[str]] = {}  # function -> JSON lines, oldest first
         self._channels: dict[str, set[asyncio.Queue[str | None]]] = {}
@@ -145,6 +154,8 @@ class EmbeddedStore:
                 continue
             self._functions[name] = json.dumps(fn.to_dict())
 
+        self._load_secrets(state_dir / SECRETS_DIR)
+
         for path in state_dir.glob(".events.*.tmp"):  # an interrupted compaction
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -168,6 +179,44 @@ class EmbeddedStore:
             self._compact_events()
         else:
             self._events_file = events_path.open("a", encoding="utf-8")
+
+    def _load_secrets(self, sec_dir: Path) -> None:
+        sec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(sec_dir, 0o700)  # also tightens a folder made by hand or by an older run
+        for path in sorted(sec_dir.iterdir()):
+            if path.name.startswith("."):
+                if path.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                continue
+            if path.suffix != ".json":
+                continue
+            try:
+                os.chmod(path, 0o600)
+                name = check_name(path.stem, "secret")
+                d = json.loads(path.read_text(encoding="utf-8"))
+                info = SecretInfo(name=name, version=int(d["version"]), updated=float(d["updated"]))
+                value = base64.b64decode(d["value"], validate=True)
+            except (OSError, ValueError, TypeError, KeyError, binascii.Error) as e:
+                # the error names the file only: a decoding error could quote the content
+                log.error("skipping unreadable secret file %s (%s)", path, type(e).__name__)
+                continue
+            self._secrets[name] = (info, value)
+
+    def _write_private_file(self, folder: Path, name: str, text: str) -> None:
+        """Atomically replace ``folder/name`` with ``text``, mode 0600 (mkstemp's)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
 
     def _write_function_file(self, name: str, text: str) -> None:
         fn_dir = self._fn_dir()
@@ -317,6 +366,45 @@ class EmbeddedStore:
         if not q or limit <= 0:
             return []
         return [Event.from_dict(json.loads(t)) for t in list(q)[-limit:]]
+
+    # -- secrets -------------------------------------------------------------------------
+
+    async def put_secret(self, name: str, value: bytes) -> SecretInfo:
+        self._check_open()
+        check_name(name, "secret")
+        value = bytes(value)
+        async with self._lock:
+            old = self._secrets.get(name)
+            info = SecretInfo(name=name, version=old[0].version + 1 if old else 1, updated=time.time())
+            if self.state_dir is not None:
+                text = json.dumps({"name": name, "version": info.version, "updated": info.updated,
+                                   "value": base64.b64encode(value).decode("ascii")})
+                self._write_private_file(self.state_dir / SECRETS_DIR, f"{name}.json", text)
+            self._secrets[name] = (info, value)
+        self._publish(SECRETS, {"kind": "set", "name": name, "version": info.version})
+        return SecretInfo(**info.to_dict())
+
+    async def get_secret(self, name: str) -> bytes | None:
+        self._check_open()
+        item = self._secrets.get(name)
+        return item[1] if item is not None else None
+
+    async def delete_secret(self, name: str) -> bool:
+        self._check_open()
+        async with self._lock:
+            existed = self._secrets.pop(name, None) is not None
+            if existed and self.state_dir is not None:
+                sec_dir = self.state_dir / SECRETS_DIR
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sec_dir / f"{name}.json")
+                _fsync_dir(sec_dir)
+        if existed:
+            self._publish(SECRETS, {"kind": "deleted", "name": name})
+        return existed
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        self._check_open()
+        return [SecretInfo(**self._secrets[n][0].to_dict()) for n in sorted(self._secrets)]
 
     # -- bus -----------------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ Keys (``P`` is the prefix, ``torpor`` by default):
 - ``P:rfns``            set of function names that have (or had) replica records,
                         so ``list_replicas()`` finds replicas of any function
 - ``P:events:FN``       list of JSON events, oldest first, capped at ``EVENTS_KEPT``
+- ``P:secret:NAME``     hash: ``value`` (base64), ``version``, ``updated``; kept apart
+                        from the function documents, never in a bus message
+- ``P:secretnames``     set of secret names
 
 ``update_function`` is an optimistic WATCH/MULTI/EXEC transaction retried up to
 ``MAX_ATTEMPTS`` times, then ``ConflictError``. The change message is PUBLISHed in
@@ -34,19 +37,21 @@ messages into a queue. Ordering guarantees:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import random
+import time
 import weakref
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from torpor.model import Event, Function, Replica
+from torpor.model import Event, Function, Replica, SecretInfo
 from torpor.store import check_name
-from torpor.store.base import CHANGES, ConflictError, Mutator
+from torpor.store.base import CHANGES, SECRETS, ConflictError, Mutator
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +202,13 @@ class RedisStore:
     def _events_key(self, function: str) -> str:
         return f"{self.prefix}:events:{function}"
 
+    def _secret_key(self, name: str) -> str:
+        return f"{self.prefix}:secret:{name}"
+
+    @property
+    def _secrets_key(self) -> str:
+        return f"{self.prefix}:secretnames"
+
     def _channel(self, channel: str) -> str:
         return f"{self.prefix}:{channel}"
 
@@ -324,6 +336,49 @@ class RedisStore:
             return []
         texts = await self._redis.lrange(self._events_key(function), -limit, -1)
         return [Event.from_dict(json.loads(t)) for t in texts]
+
+    # -- secrets -------------------------------------------------------------------------
+
+    async def put_secret(self, name: str, value: bytes) -> SecretInfo:
+        await self._enter()
+        check_name(name, "secret")
+        key = self._secret_key(name)
+        updated = time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "version", 1)
+            pipe.hset(key, mapping={"value": base64.b64encode(bytes(value)).decode("ascii"),
+                                    "updated": repr(updated)})
+            pipe.sadd(self._secrets_key, name)
+            version, *_ = await pipe.execute()
+        await self.publish(SECRETS, {"kind": "set", "name": name, "version": int(version)})
+        return SecretInfo(name=name, version=int(version), updated=updated)
+
+    async def get_secret(self, name: str) -> bytes | None:
+        await self._enter()
+        text = await self._redis.hget(self._secret_key(name), "value")
+        return base64.b64decode(text) if text is not None else None
+
+    async def delete_secret(self, name: str) -> bool:
+        await self._enter()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._secret_key(name))
+            pipe.srem(self._secrets_key, name)
+            deleted, _ = await pipe.execute()
+        if deleted:
+            await self.publish(SECRETS, {"kind": "deleted", "name": name})
+        return bool(deleted)
+
+    async def list_secrets(self) -> list[SecretInfo]:
+        await self._enter()
+        names = sorted(map(_str, await self._redis.smembers(self._secrets_key)))
+        if not names:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hmget(self._secret_key(n), ["version", "updated"])  # never the value
+            rows: list[list[str | None]] = await pipe.execute()
+        return [SecretInfo(name=n, version=int(v), updated=float(u))
+                for n, (v, u) in zip(names, rows, strict=True) if v is not None and u is not None]
 
     # -- bus -----------------------------------------------------------------------------
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
+import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from torpor.model import (
 )
 from torpor.store import embedded as embedded_mod
 from torpor.store import open_store
-from torpor.store.base import CHANGES, POKES, ConflictError, Store
+from torpor.store.base import CHANGES, POKES, SECRETS, ConflictError, Store
 from torpor.store.embedded import EmbeddedStore
 from torpor.store.redis import MAX_ATTEMPTS, RedisStore
 
@@ -367,6 +370,57 @@ async def test_a_dropped_subscription_is_removed(store: Store) -> None:
             await asyncio.sleep(0.01)
 
 
+# -- secrets -----------------------------------------------------------------------------
+
+VALUE = b"s3cr3t-\xff\x00-value"  # the store keeps bytes exactly, even ones the API refuses
+
+
+async def test_secrets_put_get_list_delete(store: Store) -> None:
+    assert await store.list_secrets() == []
+    assert await store.get_secret("db-password") is None
+    first = await store.put_secret("db-password", VALUE)
+    assert (first.name, first.version) == ("db-password", 1) and first.updated > 0
+    assert await store.get_secret("db-password") == VALUE
+    second = await store.put_secret("db-password", b"other")
+    assert second.version == 2 and second.updated >= first.updated
+    assert await store.get_secret("db-password") == b"other"
+    await store.put_secret("api-key", b"k")
+    listed = await store.list_secrets()
+    assert [(s.name, s.version) for s in listed] == [("api-key", 1), ("db-password", 2)]
+    assert not any(hasattr(s, "value") for s in listed)
+    assert await store.delete_secret("db-password") is True
+    assert await store.delete_secret("db-password") is False
+    assert await store.get_secret("db-password") is None
+    assert [s.name for s in await store.list_secrets()] == ["api-key"]
+    again = await store.put_secret("db-password", b"new")  # a recreated secret starts over
+    assert again.version == 1
+
+
+async def test_secret_names_are_checked(store: Store) -> None:
+    for bad in ("../x", "", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="secret name"):
+            await store.put_secret(bad, b"v")
+    assert await store.list_secrets() == []
+
+
+async def test_secrets_are_apart_from_functions_and_messages_hold_no_value(store: Store) -> None:
+    async with store.subscribe(SECRETS) as sub, store.subscribe(CHANGES) as changes:
+        await store.put_secret("db-password", VALUE)
+        await store.put_secret("db-password", VALUE)
+        await store.delete_secret("db-password")
+        await store.delete_secret("db-password")  # nothing to delete: no message
+        await store.put_secret("api-key", b"k")
+        got = [await recv(sub) for _ in range(4)]
+        await store.update_function("hello", create("hello"))
+        first_change = await recv(changes)
+    assert got == [{"kind": "set", "name": "db-password", "version": 1},
+                   {"kind": "set", "name": "db-password", "version": 2},
+                   {"kind": "deleted", "name": "db-password"},
+                   {"kind": "set", "name": "api-key", "version": 1}]
+    assert first_change == {"kind": "function", "function": "hello"}  # secrets are not function changes
+    assert await store.list_functions() == [Function(name="hello", created=(await store.list_functions())[0].created)]
+
+
 # -- copies ------------------------------------------------------------------------------
 
 
@@ -421,6 +475,55 @@ async def test_open_store_picks_the_implementation(tmp_path: Path, redis_url: st
 
 
 # -- EmbeddedStore only ----------------------------------------------------------------------
+
+
+@pytest.mark.security
+async def test_embedded_secret_files_are_private(tmp_path: Path, attack: Any) -> None:
+    """Read another user's secret from the state dir (world-readable files)"""
+    old_umask = os.umask(0o022)  # the usual umask: a plain open() would make 0644
+    try:
+        store = EmbeddedStore(tmp_path)
+        await store.put_secret("db-password", b"hunter2-hunter2")
+        await store.put_secret("db-password", b"hunter2-hunter3")  # a replace keeps the mode
+        await store.close()
+    finally:
+        os.umask(old_umask)
+    folder = tmp_path / "secrets"
+    files = list(folder.iterdir())
+    assert [f.name for f in files] == ["db-password.json"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    for path in tmp_path.rglob("*"):  # the value is in that one file only
+        if path.is_file() and path != files[0]:
+            assert b"hunter2" not in path.read_bytes(), path
+    # a folder loosened by hand is tightened again on start
+    os.chmod(folder, 0o755)
+    os.chmod(files[0], 0o644)
+    again = EmbeddedStore(tmp_path)
+    try:
+        assert await again.get_secret("db-password") == b"hunter2-hunter3"
+        assert [(s.name, s.version) for s in await again.list_secrets()] == [("db-password", 2)]
+    finally:
+        await again.close()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    attack.ended("refused by the file system: secrets/ is 0700, secrets/db-password.json 0600")
+
+
+async def test_embedded_skips_a_corrupt_secret_file_without_quoting_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (folder / "bad.json").write_text('{"value": "hunter2-not-base64!", "version": 1, "updated": 1}')
+    (folder / ".ok.json.123.tmp").write_text("torn")
+    store = EmbeddedStore(tmp_path)
+    try:
+        assert await store.list_secrets() == []
+    finally:
+        await store.close()
+    assert "bad.json" in caplog.text and "hunter2" not in caplog.text
+    assert not (folder / ".ok.json.123.tmp").exists()
+
 
 
 async def test_embedded_survives_a_restart(tmp_path: Path) -> None:
@@ -547,6 +650,42 @@ async def test_embedded_publish_never_waits_for_a_slow_subscriber() -> None:
 
 
 # -- RedisStore only -------------------------------------------------------------------------
+
+
+@pytest.mark.security
+async def test_redis_function_documents_hold_no_secret_value(redis_url: str, attack: Any) -> None:
+    """Read a secret's value out of the function documents and the change feed in Redis"""
+    store = RedisStore(redis_url, prefix="tp")
+    spec = Spec(name="hello", secrets={"DB_PASSWORD": "db-password"})
+    sub = store.subscribe(CHANGES)
+    try:
+        await store.put_secret("db-password", b"hunter2-in-redis")
+        await store.update_function("hello", lambda cur: Function(name="hello", revisions=[
+            Revision(name="hello-00001", function="hello", number=1, spec=spec)]))
+        await store.add_event(Event("hello", "deploy", "m"))
+        change = await recv(sub)
+    finally:
+        await sub.aclose()
+        await store.close()
+    assert "hunter2" not in json.dumps(change)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        holding = []
+        for key in r.scan_iter("tp:*"):
+            kind = r.type(key)
+            content: Any = (r.get(key) if kind == b"string" else r.hgetall(key) if kind == b"hash"
+                            else r.smembers(key) if kind == b"set" else r.lrange(key, 0, -1))
+            dump = repr(content)
+            if "hunter2" in dump or base64.b64encode(b"hunter2-in-redis").decode() in dump:
+                holding.append(key.decode())
+        doc = json.loads(r.get("tp:fn:hello") or b"")
+        assert doc["revisions"][0]["spec"]["secrets"] == {"DB_PASSWORD": "db-password"}
+        assert r.smembers("tp:secretnames") == {b"db-password"}
+    finally:
+        r.close()
+    assert holding == ["tp:secret:db-password"]  # the value is under its own key only
+    attack.ended("the value is only under tp:secret:db-password; the function document holds the name")
+
 
 
 async def test_redis_key_layout(redis_url: str) -> None:
