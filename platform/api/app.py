@@ -108,7 +108,7 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
         out["events"] = [e.to_dict() for e in events]
     problems = non_finite({k: out[k] for k in ("scale", "scale_override", "revisions", "rollout")})
     if problems:  # stored before numbers were checked: shown as null, named here
-        out["problems"] = [f"{p} is not a finite number (set it again: torpor scale {fn.name} ...)"
+        out["problems"] = [f"{p} is not a finite number (stored before numbers were checked; shown as null)"
                            for p in problems]
     return out
 
