@@ -184,7 +184,7 @@ class Controller:
         try:
             self.autoscaler.poke(rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", "")))
         except Exception as e:  # e.g. a scale stored before it was validated: this function's problem alone
-            self._function_failed(fn.name, e, f"waking {rev.name}")
+            self._function_failed(fn.name, e, "waking")
             return
         self.wake()
 

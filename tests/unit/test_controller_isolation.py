@@ -118,7 +118,7 @@ async def test_a_poke_for_a_poisoned_function_is_reported_and_stats_for_others_s
     ctl._on_poke({"function": "abad", "revision": "abad-00001", "queued": 1, "gateway": "g"})
     await asyncio.sleep(0.01)
     errors = await _events(store, "abad", "error")
-    assert len(errors) == 1 and errors[0].startswith("controller: waking abad-00001 abad failed: ValueError")
+    assert len(errors) == 1 and errors[0].startswith("controller: waking abad failed: ValueError")
     # one gateway report carrying both: the good revision is still recorded
     report = {"gateway": "g", "revisions": {
         "abad-00001": {"concurrency": 3.0, "requests": 3},
