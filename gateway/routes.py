@@ -4,6 +4,13 @@ Fed by the store's change feed; a warm request never waits on the control plane.
 A weighted pick is O(1): each function holds a 100-slot table of revisions built by
 smooth weighted round robin, walked by a counter, so the split is exact over every 100
 requests and interleaved within them.
+
+Host labels: a function ``NAME`` is at ``NAME``, its tag ``TAG`` at ``TAG-NAME``. If two
+claim one label (tag ``canary`` of ``hello`` and a function ``canary-hello``: the API
+refuses that, but a store may hold it from before), the label resolves the same way
+whatever order the changes arrived in: the function of that name wins; between tags of
+two functions, the function whose name sorts first. The loser takes the label back as
+soon as the winner lets go of it.
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ class RouteTable:
         self.queue = queue
         self.functions: dict[str, FunctionRoute] = {}
         self.hosts: dict[str, tuple[FunctionRoute, RevisionRoute | None]] = {}
+        self.tag_claims: dict[str, set[str]] = {}  # tag host label -> functions with a tag there
         self.revisions: dict[str, RevisionRoute] = {}
         self.hot: set[str] = set()  # revisions that queued a request since the sampler last looked
 
@@ -114,15 +122,24 @@ class RouteTable:
     def apply(self, name: str, fn: Function | None, replicas: list[Replica]) -> list[str]:
         """Rebuild one function's routes; returns endpoints no longer used (pools to drop)."""
         old = self.functions.pop(name, None)
+        affected = {name}  # labels whose owner may change
         if old is not None:
-            for host in [h for h, (f, _) in self.hosts.items() if f is old]:
-                del self.hosts[host]
+            for tag in old.tags:
+                label = f"{tag}-{name}"
+                affected.add(label)
+                claims = self.tag_claims.get(label)
+                if claims is not None:
+                    claims.discard(name)
+                    if not claims:
+                        del self.tag_claims[label]
         dropped: list[str] = []
         if fn is None:
             for rev in [r for r in self.revisions.values() if r.function == name]:
                 dropped += self._set_backends(rev, [])
                 rev.activator.fail_all(LookupError(f"function {name} deleted"))
                 del self.revisions[rev.name]
+            for label in affected:
+                self._resolve(label)
             return dropped
         fr = FunctionRoute(name)
         if old is not None:
@@ -157,10 +174,28 @@ class RouteTable:
             dropped += self._set_backends(rr, [])
             rr.activator.fail_all(LookupError(f"revision {rev_name} no longer routed"))
         self.functions[name] = fr
-        self.hosts[name] = (fr, None)
-        for tag, rr in fr.tags.items():
-            self.hosts[f"{tag}-{name}"] = (fr, rr)
+        for tag in fr.tags:
+            label = f"{tag}-{name}"
+            self.tag_claims.setdefault(label, set()).add(name)
+            affected.add(label)
+        for label in affected:
+            self._resolve(label)
         return dropped
+
+    def _resolve(self, label: str) -> None:
+        """Who answers at ``label``: the function of that name, else the tag of the claiming
+        function whose name sorts first, else nobody (see the module docstring)."""
+        fr = self.functions.get(label)
+        if fr is not None:
+            self.hosts[label] = (fr, None)
+            return
+        for owner in sorted(self.tag_claims.get(label, ())):
+            ofr = self.functions.get(owner)
+            rr = ofr.tags.get(label[: -len(owner) - 1]) if ofr is not None else None
+            if ofr is not None and rr is not None:
+                self.hosts[label] = (ofr, rr)
+                return
+        self.hosts.pop(label, None)
 
     def _set_backends(self, rr: RevisionRoute, ready: list[Replica]) -> list[str]:
         current = {b.name: b for b in rr.balancer.backends}

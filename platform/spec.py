@@ -14,6 +14,35 @@ Conventions:
   ``1h``, ``1m30s``, ``1.5s`` (units h, m, s, ms, largest first, each at most once).
 - Sizes are numbers of bytes or strings with a binary (``Ki Mi Gi Ti``) or decimal
   (``k M G T``) suffix: ``256Mi``, ``1G``, ``100k``.
+- Every number is finite and bounded. NaN, infinities (YAML ``.nan``, ``.inf``), floats
+  that overflow, integers with hundreds of digits and booleans where a number is expected
+  are refused with the field's path, like any value out of range.
+
+The bounds (the constants below; the control API applies the same ones):
+
+=========================  ===================================================
+field                      accepted
+=========================  ===================================================
+``port``                   integer 1..65535
+``timeout``                duration, 0 < t <= 600s (``MAX_TIMEOUT``)
+``scale.min``              integer 0..1000 (``MAX_SCALE``), <= ``scale.max``
+``scale.max``              integer 1..1000, >= ``scale.min``; and at most the
+                           platform's cap (``torpor up --max-replicas``) when
+                           the deploy names one: above it is refused, an
+                           omitted ``max`` takes min(20, cap)
+``scale.target``           number, 0 < target <= 10000 (``MAX_TARGET``)
+``scale.concurrency``      integer 0..10000 (``MAX_CONCURRENCY``; 0 = no limit)
+``scale.idle``             duration 0..24h (``MAX_IDLE``)
+``scale.window``           duration 6s..1h (``MIN_WINDOW``, ``MAX_WINDOW``)
+``resources.cpu``          1m..64 CPUs (``MIN_CPU``, ``MAX_CPU``) in whole
+                           millicores: 0.5, 2, "250m" (not 0.0005)
+``resources.memory``       size 16Mi..64Gi (``MIN_MEMORY``, ``MAX_MEMORY``)
+``rollout.steps``          1..100 percents, strictly increasing, ending at 100
+``rollout.interval``       duration, 0 < interval <= 24h (``MAX_INTERVAL``)
+``rollout.max_error_ratio`` number 0..1
+``rollout.max_p95_ratio``  number 1..1000 (``MAX_P95_RATIO``)
+``rollout.min_requests``   integer 0..1000000 (``MAX_MIN_REQUESTS``)
+=========================  ===================================================
 
 Imports nothing of Torpor except :mod:`torpor.model`.
 """
@@ -51,11 +80,21 @@ __all__ = [
 SPEC_FILES = ("torpor.yaml", "torpor.yml")
 MAX_SPEC_BYTES = 1024 * 1024  # a torpor.yaml larger than this is refused unread
 
-MAX_TIMEOUT = 600.0
-MIN_WINDOW = 6.0
+# -- bounds: the one table of every number a spec (and the API) accepts; see the docstring
+MAX_TIMEOUT = 600.0  # timeout: (0, 600s]
+MAX_SCALE = 1000  # scale.min / scale.max: 0..1000
+MAX_TARGET = 10_000.0  # scale.target: (0, 10000]
+MAX_CONCURRENCY = 10_000  # scale.concurrency: 0..10000
+MAX_IDLE = 86_400.0  # scale.idle: 0..24h
+MIN_WINDOW = 6.0  # scale.window: 6s..1h
 MAX_WINDOW = 3600.0
-MAX_SCALE = 1000
-MIN_MEMORY = 16 * 1024 * 1024
+MIN_CPU = 0.001  # resources.cpu: 1m..64, whole millicores
+MAX_CPU = 64.0
+MIN_MEMORY = 16 * 1024 * 1024  # resources.memory: 16Mi..64Gi
+MAX_MEMORY = 64 * 1024**3
+MAX_INTERVAL = 86_400.0  # rollout.interval: (0, 24h]
+MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
+MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 
 TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout", "secrets")
@@ -285,7 +324,8 @@ def format_size(size: int) -> str | int:
 
 
 def _parse_cpu(value: Any, path: str) -> float:
-    expected = 'a number of CPUs > 0 such as 0.5 or 2, or millicores such as "500m"'
+    expected = ('a number of CPUs from 0.001 to 64 in whole millicores, such as 0.5 or 2, '
+                'or millicores such as "500m"')
     if isinstance(value, str):
         text = value.strip()
         if m := re.fullmatch(r"(\d{1,9})m", text, re.ASCII):
@@ -296,7 +336,9 @@ def _parse_cpu(value: Any, path: str) -> float:
             raise SpecError(path, expected, value)
     else:
         cpu = _as_float(value, path, expected)
-    if cpu <= 0:
+    # Docker gets nano-CPUs (cpu * 1e9): a value below 1m or above the machine sizes any
+    # engine accepts would be refused there, or overflow, on every start
+    if not MIN_CPU <= cpu <= MAX_CPU or abs(cpu * 1000 - round(cpu * 1000)) > 1e-6:
         raise SpecError(path, expected, value)
     return cpu
 
@@ -476,37 +518,52 @@ def _get(section: Mapping[Any, Any], key: str) -> Any:
     return _MISSING if value is None else value
 
 
-def _parse_scale(value: Any) -> Scale:
+def _parse_scale(value: Any, cap: int = MAX_SCALE) -> Scale:
+    """The ``scale:`` section; ``cap`` is the platform's replica cap (at most MAX_SCALE)."""
     sec = _section(value, "scale", SCALE_KEYS)
+    cap = max(1, min(cap, MAX_SCALE))
+    capped = cap < MAX_SCALE
+    cap_words = f"the platform's cap of {cap} replicas (torpor up --max-replicas)"
     d = Scale()
     out = Scale()
     if (v := _get(sec, "min")) is not _MISSING:
-        out.min = _as_int(v, "scale.min", f"an integer from 0 to {MAX_SCALE}")
+        out.min = _as_int(v, "scale.min", f"an integer from 0 to {cap}")
         if not 0 <= out.min <= MAX_SCALE:
             raise SpecError("scale.min", f"an integer from 0 to {MAX_SCALE}", v)
+        if out.min > cap:
+            raise SpecError("scale.min", f"an integer <= {cap}",
+                            problem=f"{describe(v)} is above {cap_words}")
     if (v := _get(sec, "max")) is not _MISSING:
         low = max(1, out.min)
         expected = f"an integer >= scale.min ({out.min})" if out.min >= 1 else "an integer >= 1"
-        out.max = _as_int(v, "scale.max", f"an integer from {low} to {MAX_SCALE}")
+        out.max = _as_int(v, "scale.max", f"an integer from {low} to {cap}")
         if out.max < low:
             raise SpecError("scale.max", expected, v)
         if out.max > MAX_SCALE:
             raise SpecError("scale.max", f"an integer <= {MAX_SCALE}", v)
-    elif out.min > d.max:
-        raise SpecError(
-            "scale.min", f"an integer <= scale.max ({d.max}, the default; raise scale.max)", out.min
-        )
+        if out.max > cap:
+            raise SpecError("scale.max", f"an integer from {low} to {cap}",
+                            problem=f"{describe(v)} is above {cap_words}")
+    else:
+        out.max = min(d.max, cap)  # an omitted max is the default, within the cap
+        if out.min > out.max:
+            where = f"{cap_words}; lower scale.min" if capped and d.max > cap \
+                else f"{d.max}, the default; raise scale.max"
+            raise SpecError("scale.min", f"an integer <= scale.max ({where})", out.min)
     if (v := _get(sec, "target")) is not _MISSING:
-        out.target = _as_float(v, "scale.target", "a number > 0 (in-flight requests per replica)")
-        if out.target <= 0:
-            raise SpecError("scale.target", "a number > 0 (in-flight requests per replica)", v)
+        words = f"a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
+        out.target = _as_float(v, "scale.target", words)
+        if not 0 < out.target <= MAX_TARGET:
+            raise SpecError("scale.target", words, v)
     if (v := _get(sec, "concurrency")) is not _MISSING:
-        words = "an integer >= 0 (0 = no limit)"
+        words = f"an integer from 0 to {MAX_CONCURRENCY} (0 = no limit)"
         out.concurrency = _as_int(v, "scale.concurrency", words)
-        if out.concurrency < 0:
+        if not 0 <= out.concurrency <= MAX_CONCURRENCY:
             raise SpecError("scale.concurrency", words, v)
     if (v := _get(sec, "idle")) is not _MISSING:
         out.idle = parse_duration(v, "scale.idle")
+        if out.idle > MAX_IDLE:
+            raise SpecError("scale.idle", "a duration from 0 to 24h", v)
     if (v := _get(sec, "window")) is not _MISSING:
         out.window = parse_duration(v, "scale.window")
         if not MIN_WINDOW <= out.window <= MAX_WINDOW:
@@ -521,8 +578,8 @@ def _parse_resources(value: Any) -> Resources:
         out.cpu = _parse_cpu(v, "resources.cpu")
     if (v := _get(sec, "memory")) is not _MISSING:
         out.memory = parse_size(v, "resources.memory")
-        if out.memory < MIN_MEMORY:
-            raise SpecError("resources.memory", 'a size of at least "16Mi"', v)
+        if not MIN_MEMORY <= out.memory <= MAX_MEMORY:
+            raise SpecError("resources.memory", 'a size from "16Mi" to "64Gi"', v)
     return out
 
 
@@ -533,22 +590,23 @@ def _parse_rollout(value: Any) -> RolloutPolicy:
         out.steps = _parse_steps(v, "rollout.steps")
     if (v := _get(sec, "interval")) is not _MISSING:
         out.interval = parse_duration(v, "rollout.interval")
-        if out.interval <= 0:
-            raise SpecError("rollout.interval", "a duration > 0", v)
+        if not 0 < out.interval <= MAX_INTERVAL:
+            raise SpecError("rollout.interval", "a duration > 0 and <= 24h", v)
     if (v := _get(sec, "max_error_ratio")) is not _MISSING:
         words = "a number from 0 to 1 (share of canary requests that may fail)"
         out.max_error_ratio = _as_float(v, "rollout.max_error_ratio", words)
         if not 0 <= out.max_error_ratio <= 1:
             raise SpecError("rollout.max_error_ratio", words, v)
     if (v := _get(sec, "max_p95_ratio")) is not _MISSING:
-        words = "a number >= 1 (canary p95 / stable p95)"
+        words = f"a number from 1 to {MAX_P95_RATIO:g} (canary p95 / stable p95)"
         out.max_p95_ratio = _as_float(v, "rollout.max_p95_ratio", words)
-        if out.max_p95_ratio < 1:
+        if not 1 <= out.max_p95_ratio <= MAX_P95_RATIO:
             raise SpecError("rollout.max_p95_ratio", words, v)
     if (v := _get(sec, "min_requests")) is not _MISSING:
-        out.min_requests = _as_int(v, "rollout.min_requests", "an integer >= 0")
-        if out.min_requests < 0:
-            raise SpecError("rollout.min_requests", "an integer >= 0", v)
+        words = f"an integer from 0 to {MAX_MIN_REQUESTS}"
+        out.min_requests = _as_int(v, "rollout.min_requests", words)
+        if not 0 <= out.min_requests <= MAX_MIN_REQUESTS:
+            raise SpecError("rollout.min_requests", words, v)
     return out
 
 
@@ -573,13 +631,15 @@ def _parse_steps(value: Any, path: str) -> list[int]:
 # --- the document -----------------------------------------------------------------------
 
 
-def parse_spec(data: Any, *, source: str = "torpor.yaml") -> Spec:
+def parse_spec(data: Any, *, source: str = "torpor.yaml", max_replicas: int | None = None) -> Spec:
     """Validate a parsed ``torpor.yaml`` mapping into a :class:`Spec`.
 
     ``source`` names the document in messages about the document as a whole.
+    ``max_replicas`` is the platform's cap (``torpor up --max-replicas``): a ``scale.min``
+    or ``scale.max`` above it is refused, an omitted ``scale.max`` becomes min(20, cap).
     """
     try:
-        return _parse_spec(data)
+        return _parse_spec(data, MAX_SCALE if max_replicas is None else max_replicas)
     except SpecError as err:
         if err.source is None:
             err.source = source
@@ -587,7 +647,7 @@ def parse_spec(data: Any, *, source: str = "torpor.yaml") -> Spec:
         raise
 
 
-def _parse_spec(data: Any) -> Spec:
+def _parse_spec(data: Any, cap: int) -> Spec:
     if not isinstance(data, Mapping):
         expected = "a mapping with at least `name:` at the top level"
         if data is None:
@@ -622,7 +682,7 @@ def _parse_spec(data: Any) -> Spec:
         spec.timeout = parse_duration(v, "timeout")
         if not 0 < spec.timeout <= MAX_TIMEOUT:
             raise SpecError("timeout", "a duration > 0 and <= 600s", v)
-    spec.scale = _parse_scale(top.get("scale"))
+    spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
     if "secrets" in top:
@@ -630,11 +690,12 @@ def _parse_spec(data: Any) -> Spec:
     return spec
 
 
-def load_spec(folder: str | Path, *, source: str | None = None) -> Spec:
+def load_spec(folder: str | Path, *, source: str | None = None, max_replicas: int | None = None) -> Spec:
     """Read and validate ``torpor.yaml`` (or ``torpor.yml``) in ``folder``.
 
     Messages name the file by its path, or by ``source`` when given (a server that
     unpacked an upload into a temporary folder passes e.g. "torpor.yaml").
+    ``max_replicas``: the platform's replica cap, as in :func:`parse_spec`.
     """
     base = Path(folder)
     shown = source if source is not None else str(base)
@@ -694,7 +755,7 @@ def load_spec(folder: str | Path, *, source: str | None = None) -> Spec:
             problem=f"invalid YAML: {_truncate(str(exc))}",
             source=source,
         ) from None
-    return parse_spec(data, source=source)
+    return parse_spec(data, source=source, max_replicas=max_replicas)
 
 
 # --- back to YAML -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
 from torpor.gateway.server import Server as GatewayServer
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
+from torpor.spec import MAX_IDLE, MAX_SCALE
 from torpor.store import open_store
 
 log = logging.getLogger("torpor")
@@ -81,6 +82,10 @@ def check_config(cfg: UpConfig) -> None:
         raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN")
     if cfg.token is not None and len(cfg.token) < 16:
         raise UpError("the API token must be at least 16 characters")
+    if not 1 <= cfg.max_replicas <= MAX_SCALE:
+        raise UpError(f"--max-replicas {cfg.max_replicas}: expected an integer from 1 to {MAX_SCALE}")
+    if not 0 <= cfg.pause_idle <= MAX_IDLE:  # NaN fails it too
+        raise UpError(f"--pause-idle {cfg.pause_idle}: expected seconds from 0 to {MAX_IDLE:g}")
 
 
 def docker_available() -> bool:

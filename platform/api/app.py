@@ -5,6 +5,7 @@ never calls a driver. Errors are ``{"error": ..., "detail": ...}`` with a 4xx/5x
 from __future__ import annotations
 
 import io
+import math
 import shutil
 import tarfile
 import tempfile
@@ -19,19 +20,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from torpor.api import hosts
 from torpor.api.auth import BearerAuth
+from torpor.api.jsonsafe import BadJson, loads, non_finite
+from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
 from torpor.api.openapi import OPENAPI
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
 from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
-from torpor.spec import SpecError, load_spec, validate_tag
+from torpor.spec import (
+    MAX_CONCURRENCY,
+    MAX_SCALE,
+    MAX_TARGET,
+    SpecError,
+    describe,
+    load_spec,
+    validate_tag,
+)
 from torpor.store.base import Store
 
 MAX_UPLOAD = 200 * 1024 * 1024
+MAX_EVENTS_LIMIT = 1000  # ?limit= of /events and ?events= of a function
+MAX_LOG_TAIL = 100_000  # ?tail= of /logs
 
 
 class ApiError(Exception):
@@ -93,7 +107,37 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
     }
     if events is not None:
         out["events"] = [e.to_dict() for e in events]
+    problems = non_finite({k: out[k] for k in ("scale", "scale_override", "revisions", "rollout")})
+    if problems:  # stored before numbers were checked: shown as null, named here
+        out["problems"] = [f"{p} is not a finite number (stored before numbers were checked; shown as null)"
+                           for p in problems]
     return out
+
+
+def query_int(request: Request, name: str, default: int, high: int) -> int:
+    """``?name=`` as an integer 0..high (ASCII digits only); 400 naming it otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) > high:
+        raise ApiError(400, "bad request", f"{name}: expected an integer from 0 to {high}, got {raw[:20]!r}",
+                       field=name)
+    return int(raw)
+
+
+def query_time(request: Request, name: str) -> float:
+    """``?name=`` as a Unix time (a finite number >= 0; 0 when absent)."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw) if len(raw) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, "bad request", f"{name}: expected a Unix time (a number of seconds >= 0), "
+                                           f"got {raw[:20]!r}", field=name)
+    return value
 
 
 def _safe_extract(data: bytes, dest: Path) -> None:
@@ -117,9 +161,10 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
     async def json_body(request: Request) -> dict[str, Any]:
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, "bad request", f"body is not valid JSON: {e}") from e
+            body = loads(await request.body())
+        except BadJson as e:
+            extra = {"field": e.field} if e.field else {}
+            raise ApiError(400, "bad request", str(e), **extra) from None
         if not isinstance(body, dict):
             raise ApiError(400, "bad request", "body must be a JSON object")
         return body
@@ -173,7 +218,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         name = request.path_params["name"]
         fn = await get_fn(name)
         replicas = await store.list_replicas(name)
-        events = await store.list_events(name, limit=int(request.query_params.get("events", "20")))
+        events = await store.list_events(name, limit=query_int(request, "events", 20, MAX_EVENTS_LIMIT))
         return JSONResponse(function_view(cfg, fn, replicas, events))
 
     async def delete_function(request: Request) -> Response:
@@ -194,7 +239,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                 raise ApiError(400, "invalid tag", str(e), field="tag") from e
         on_ready = "promote"
         if canary is not None:
-            if not canary.isdigit() or not 1 <= int(canary) <= 99:
+            if not (canary.isascii() and canary.isdigit()) or len(canary) > 2 or not 1 <= int(canary) <= 99:
                 raise ApiError(400, "invalid canary", f"canary: expected a percent 1..99, got {canary[:10]!r}",
                                field="canary")
             on_ready = f"canary:{int(canary)}"
@@ -212,11 +257,14 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         try:
             _safe_extract(bytes(data), tmp)
             try:
-                spec = load_spec(tmp, source="torpor.yaml")
+                spec = load_spec(tmp, source="torpor.yaml", max_replicas=cfg.max_replicas)
             except SpecError as e:
                 raise ApiError(400, "invalid spec", str(e), field=e.path) from e
             await check_secrets(spec)
             name = spec.name
+            clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
+            if clash is not None:
+                raise ApiError(400, "host clash", clash.message, field=clash.field)
             dest = sources / name / uuid.uuid4().hex[:12]
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp.rename(dest)
@@ -246,11 +294,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
     async def list_events(request: Request) -> Response:
         name = request.path_params["name"]
         await get_fn(name)
-        limit = request.query_params.get("limit", "50")
-        if not limit.isdigit():
-            raise ApiError(400, "bad request", "limit: expected a non-negative integer", field="limit")
-        since = float(request.query_params.get("since", "0") or 0)
-        events = [e for e in await store.list_events(name, int(limit)) if e.time > since]
+        limit = query_int(request, "limit", 50, MAX_EVENTS_LIMIT)
+        since = query_time(request, "since")
+        events = [e for e in await store.list_events(name, limit) if e.time > since]
         return JSONResponse({"events": [e.to_dict() for e in events]})
 
     async def logs(request: Request) -> Response:
@@ -259,11 +305,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if cfg.logs is None:
             raise ApiError(501, "logs unavailable", "this API process has no access to replica logs")
         follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
-        raw_tail = request.query_params.get("tail", "200") or "200"
-        if not raw_tail.isdigit():
-            raise ApiError(400, "bad request", "tail: expected a non-negative integer", field="tail")
+        tail = query_int(request, "tail", 200, MAX_LOG_TAIL)
         try:
-            source = await cfg.logs(name, follow, int(raw_tail))
+            source = await cfg.logs(name, follow, tail)
         except LogsUnavailable as e:
             raise ApiError(503, "logs unavailable", str(e)) from None
 
@@ -278,6 +322,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         fn = await get_fn(name)
         body = await json_body(request)
         targets = parse_traffic(fn, body.get("traffic"))
+        clash = hosts.traffic_clash(await store.list_functions(), fn, targets, cfg.domain)
+        if clash is not None:
+            raise ApiError(400, "host clash", clash.message, field=clash.field)
 
         def mutate(cur: Function | None) -> Function | None:
             if cur is None:
@@ -414,32 +461,52 @@ def parse_traffic(fn: Function, raw: Any) -> list[TrafficTarget]:
 
 
 def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOverride:
+    """The override a ``PATCH /scale`` body asks for; 400 naming the field otherwise.
+
+    Bounds (those of torpor.yaml, see torpor.spec): min, max and replicas 0..cap (the
+    platform's ``--max-replicas``, at most 1000), concurrency 0..10000, target a number
+    > 0 and <= 10000. A value above the cap is refused, never capped.
+    """
     allowed = {"min", "max", "replicas", "target", "concurrency"}
     unknown = set(body) - allowed
     if unknown:
         key = sorted(unknown)[0]
         raise ApiError(400, "invalid scale", f"{key[:40]}: unknown field; expected one of {', '.join(sorted(allowed))}",
                        field=key)
+    cap = min(cap, MAX_SCALE)
     vals: dict[str, Any] = {}
     for key in ("min", "max", "replicas", "concurrency"):
         v = body.get(key)
         if v is None:
             continue
+        high = MAX_CONCURRENCY if key == "concurrency" else cap
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ApiError(400, "invalid scale", f"{key}: expected a non-negative integer, got {str(v)[:20]}", field=key)
+            raise ApiError(400, "invalid scale", f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
+                           field=key)
         if key != "concurrency" and v > cap:
-            raise ApiError(400, "invalid scale", f"{key}: {v} is above the platform's cap of {cap} replicas", field=key)
+            raise ApiError(400, "invalid scale", f"{key}: {describe(v)} is above the platform's cap of {cap} "
+                                                 "replicas (torpor up --max-replicas)", field=key)
+        if v > high:
+            raise ApiError(400, "invalid scale", f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
+                           field=key)
         vals[key] = v
     if body.get("target") is not None:
         t = body["target"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or t <= 0:
-            raise ApiError(400, "invalid scale", "target: expected a number > 0", field="target")
+        words = f"target: expected a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
+        if not isinstance(t, int | float) or isinstance(t, bool):
+            raise ApiError(400, "invalid scale", f"{words}, got {describe(t)}", field="target")
+        # compared as given (NaN and infinities fail it), before float(): an int too
+        # large for a float must not overflow
+        if not 0 < t <= MAX_TARGET:
+            raise ApiError(400, "invalid scale", f"{words}, got {describe(t)}", field="target")
         vals["target"] = float(t)
     if "replicas" in vals:
         if "min" in vals or "max" in vals:
             raise ApiError(400, "invalid scale", "replicas: cannot be combined with min or max", field="replicas")
         vals["min"] = vals["max"] = vals.pop("replicas")
     new = ScaleOverride(**{**asdict(fn.scale), **vals})
+    if new.target is not None and not 0 < new.target <= MAX_TARGET:
+        new.target = None  # stored before targets were checked (NaN): back to the spec's
     if "max" in vals and "min" not in vals and new.min is not None and new.min > vals["max"]:
         new.min = None if vals["max"] >= 1 else 0
     latest = fn.latest()

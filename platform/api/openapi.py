@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torpor.spec import MAX_CONCURRENCY, MAX_MIN_REQUESTS, MAX_P95_RATIO, MAX_SCALE, MAX_TARGET
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -25,8 +27,8 @@ _ROLLOUT_START: dict[str, Any] = {"type": "object", "required": ["to"], "propert
     "steps": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 100}},
     "interval": {"oneOf": [{"type": "number"}, {"type": "string"}]},
     "max_error_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-    "max_p95_ratio": {"type": "number", "minimum": 1},
-    "min_requests": {"type": "integer", "minimum": 0}}}
+    "max_p95_ratio": {"type": "number", "minimum": 1, "maximum": MAX_P95_RATIO},
+    "min_requests": {"type": "integer", "minimum": 0, "maximum": MAX_MIN_REQUESTS}}}
 
 _SECRET_NAME = {"name": "name", "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}}
@@ -61,9 +63,12 @@ OPENAPI: dict[str, Any] = {
                 "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}},
                 "replicas": {"type": "array", "items": {"$ref": "#/components/schemas/Replica"}}}},
             "ScalePatch": {"type": "object", "properties": {
-                "min": {"type": "integer", "minimum": 0}, "max": {"type": "integer", "minimum": 0},
-                "replicas": {"type": "integer", "minimum": 0}, "target": {"type": "number"},
-                "concurrency": {"type": "integer", "minimum": 0}}},
+                # min/max/replicas: also at most the platform's --max-replicas (400 naming it)
+                "min": {"type": "integer", "minimum": 0, "maximum": MAX_SCALE},
+                "max": {"type": "integer", "minimum": 0, "maximum": MAX_SCALE},
+                "replicas": {"type": "integer", "minimum": 0, "maximum": MAX_SCALE},
+                "target": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": MAX_TARGET},
+                "concurrency": {"type": "integer", "minimum": 0, "maximum": MAX_CONCURRENCY}}},
         },
     },
     "security": [{"bearer": []}],

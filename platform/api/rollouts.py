@@ -17,12 +17,22 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from torpor.api.jsonsafe import BadJson, loads
+from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
 from torpor.controller import traffic
 from torpor.model import Event, Function, Rollout, RolloutPolicy
-from torpor.spec import SpecError, parse_duration, validate_name
+from torpor.spec import (
+    MAX_INTERVAL,
+    MAX_MIN_REQUESTS,
+    MAX_P95_RATIO,
+    SpecError,
+    describe,
+    parse_duration,
+    validate_name,
+)
 from torpor.store.base import Store
 
 ACTIONS = ("pause", "resume", "promote", "abort")
@@ -38,7 +48,9 @@ def _view(fn: Function) -> dict[str, Any]:
 
 
 def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> RolloutPolicy:
-    """``base`` with the body's policy fields applied (validated as in torpor.yaml)."""
+    """``base`` with the body's policy fields applied, validated with the bounds of
+    torpor.yaml (torpor.spec): interval (0, 24h], max_error_ratio 0..1, max_p95_ratio
+    1..1000, min_requests 0..10^6."""
     out = replace(base, steps=list(base.steps))
     if body.get("steps") is not None:
         problem = traffic.validate_steps(body["steps"])
@@ -50,25 +62,27 @@ def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> Rollo
             out.interval = parse_duration(body["interval"], "interval")
         except SpecError as e:
             raise error(400, "invalid rollout", str(e), field="interval") from e
-        if out.interval <= 0:
-            raise error(400, "invalid rollout", "interval: expected a duration > 0", field="interval")
+        if not 0 < out.interval <= MAX_INTERVAL:
+            raise error(400, "invalid rollout", "interval: expected a duration > 0 and <= 24h", field="interval")
 
     def number(key: str, low: float, high: float, words: str) -> float | None:
         v = body.get(key)
         if v is None:
             return None
+        # compared as given (NaN fails it), before float(): a huge int must not overflow
         if not isinstance(v, int | float) or isinstance(v, bool) or not low <= v <= high:
-            raise error(400, "invalid rollout", f"{key}: expected {words}, got {str(v)[:20]}", field=key)
+            raise error(400, "invalid rollout", f"{key}: expected {words}, got {describe(v)}", field=key)
         return float(v)
 
     if (v := number("max_error_ratio", 0.0, 1.0, "a number from 0 to 1")) is not None:
         out.max_error_ratio = v
-    if (v := number("max_p95_ratio", 1.0, float("inf"), "a number >= 1")) is not None:
+    if (v := number("max_p95_ratio", 1.0, MAX_P95_RATIO, f"a number from 1 to {MAX_P95_RATIO:g}")) is not None:
         out.max_p95_ratio = v
     mr = body.get("min_requests")
     if mr is not None:
-        if not isinstance(mr, int) or isinstance(mr, bool) or mr < 0:
-            raise error(400, "invalid rollout", f"min_requests: expected an integer >= 0, got {str(mr)[:20]}",
+        if not isinstance(mr, int) or isinstance(mr, bool) or not 0 <= mr <= MAX_MIN_REQUESTS:
+            raise error(400, "invalid rollout",
+                        f"min_requests: expected an integer from 0 to {MAX_MIN_REQUESTS}, got {describe(mr)}",
                         field="min_requests")
         out.min_requests = mr
     return out
@@ -92,9 +106,10 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
         if not raw.strip():
             return {}
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as e:
-            raise error(400, "bad request", f"body is not valid JSON: {e}") from e
+            body = loads(raw)
+        except BadJson as e:
+            extra = {"field": e.field} if e.field else {}
+            raise error(400, "bad request", str(e), **extra) from None
         if not isinstance(body, dict):
             raise error(400, "bad request", "body must be a JSON object")
         return body

@@ -6,12 +6,15 @@ The clock is injected; the controller calls ``decide`` on each reconcile.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from torpor.autoscaler.decider import Decision, RevisionScaler
 from torpor.model import Scale
+
+log = logging.getLogger("torpor.autoscaler")
 
 
 class Autoscaler:
@@ -32,14 +35,23 @@ class Autoscaler:
         return s
 
     def observe(self, report: dict[str, Any], scale_of: Callable[[str], Scale | None]) -> None:
-        """One gateway stats report (see torpor.gateway.stats.Sampler.collect)."""
+        """One gateway stats report (see torpor.gateway.stats.Sampler.collect).
+
+        Each revision's entry stands alone: one the decider refuses (a scale stored before
+        it was validated, a malformed entry) is skipped, and the others are still recorded.
+        The controller reports the refused scale when it decides on that revision.
+        """
         now = self.clock()
         source = str(report.get("gateway", ""))
         for rev, r in report.get("revisions", {}).items():
-            scale = scale_of(rev)
-            if scale is None:
+            try:
+                scale = scale_of(rev)
+                if scale is None:
+                    continue
+                self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
+            except (ValueError, TypeError, KeyError, OverflowError) as e:
+                log.debug("autoscaler: skipping %s in a report: %s", rev, e)
                 continue
-            self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
             self.fresh.add(rev)
 
     def poke(self, revision: str, scale: Scale, queued: float = 0.0, source: str = "") -> None:

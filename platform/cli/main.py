@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from torpor.cli.rollout import add_parsers, watch
+from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
 
 DEFAULT_API = "http://127.0.0.1:8081"
@@ -182,12 +182,18 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
         return 0
     print(f"Name:     {fn['name']}\nURL:      {fn['url']}\n          {fn['path_url']}")
     sc = fn.get("scale") or {}
+
+    def num(v: Any) -> str:
+        return "?" if v is None else f"{v:g}"  # null: a stored number that is not finite (see Problems)
+
     if sc:
-        print(f"Scale:    min {sc['min']}  max {sc['max']}  target {sc['target']:g}  concurrency {sc['concurrency']}"
-              f"  idle {sc['idle']:g}s  window {sc['window']:g}s")
+        print(f"Scale:    min {sc['min']}  max {sc['max']}  target {num(sc['target'])}  concurrency {sc['concurrency']}"
+              f"  idle {num(sc['idle'])}s  window {num(sc['window'])}s")
     latest = fn["revisions"][-1]["spec"] if fn["revisions"] else {}
     if latest.get("secrets"):  # names only: the API never returns a value
         print("Secrets:  " + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items())))
+    for problem in fn.get("problems", []):
+        print(f"Problem:  {problem}")
     if fn.get("rollout"):
         ro = fn["rollout"]
         print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
@@ -303,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
         sp.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
         sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
-        sp.add_argument("--pause-idle", type=float, default=float(os.environ.get("TORPOR_PAUSE_IDLE", "0")),
+        sp.add_argument("--pause-idle", type=finite_float, default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
                         metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
                         "long for a fast wake before removing it; 0 = off")
     for sp in (up, gw, ap):
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tag")
     d.add_argument("--no-traffic", action="store_true")
     d.add_argument("--no-watch", action="store_true", help="with --canary: return once ready, leave the rollout running")
-    d.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the revision")
+    d.add_argument("--wait", type=finite_float, default=600.0, help="seconds to wait for the revision")
 
     i = sub.add_parser("invoke", help="call a function through the gateway")
     i.add_argument("name")
@@ -330,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-X", help="method")
     i.add_argument("--tag")
     i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
-    i.add_argument("--timeout", type=float, default=60.0)
+    i.add_argument("--timeout", type=finite_float, default=60.0)
     i.add_argument("-v", "--verbose", action="store_true")
 
     ls = sub.add_parser("ls", help="list functions")
@@ -353,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--min", type=int)
     sc.add_argument("--max", type=int)
     sc.add_argument("--replicas", type=int, help="pin N replicas (0 holds the function at zero)")
-    sc.add_argument("--target", type=float)
+    sc.add_argument("--target", type=finite_float)
     sc.add_argument("--concurrency", type=int)
     top = sub.add_parser("top", help="live table of replicas and concurrency")
-    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--interval", type=finite_float, default=1.0)
     top.add_argument("--once", action="store_true")
     top.add_argument("--gateway")
     im = sub.add_parser("images", help="images for the docker driver")

@@ -14,6 +14,7 @@ the rollout runs in the controller.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,17 @@ ACTIVE = ("running", "paused")
 def _fail(msg: str) -> NoReturn:
     print(f"torpor: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan``, ``inf`` and ``1e999`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}: expected a finite number")
+    return value
 
 
 def _steps(text: str) -> list[int]:
@@ -156,12 +168,12 @@ def add_parsers(sub: Any) -> dict[str, Callable[[Any, argparse.Namespace], int]]
     acts.add_argument("--abort", action="store_true", help="stop; all traffic back to the stable revision")
     ro.add_argument("--steps", type=_steps, metavar="P,P,...", help="percents per step, ending with 100")
     ro.add_argument("--interval", metavar="DURATION", help="minimum time per step (30s, 2m)")
-    ro.add_argument("--max-error-ratio", type=float, metavar="F", help="canary 5xx/requests that rolls back")
-    ro.add_argument("--max-p95-ratio", type=float, metavar="F", help="canary p95 / stable p95 that rolls back")
+    ro.add_argument("--max-error-ratio", type=finite_float, metavar="F", help="canary 5xx/requests that rolls back")
+    ro.add_argument("--max-p95-ratio", type=finite_float, metavar="F", help="canary p95 / stable p95 that rolls back")
     ro.add_argument("--min-requests", type=int, metavar="N", help="canary requests per step before judging")
     ro.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
     ro.add_argument("--no-watch", action="store_true", help="with --to: start it and return")
-    ro.add_argument("--timeout", type=float, metavar="S", help="stop watching after S seconds (exit 1)")
+    ro.add_argument("--timeout", type=finite_float, metavar="S", help="stop watching after S seconds (exit 1)")
     rb = sub.add_parser("rollback", help="all traffic back to the previous stable revision")
     rb.add_argument("name")
     return {"rollout": cmd_rollout, "rollback": cmd_rollback}

@@ -32,6 +32,7 @@ log = logging.getLogger("torpor.controller")
 
 PROBE_PATH = b"/_torpor/health"
 HEAD_START = 0.5  # s a revision's first replica from zero starts alone (unless ready sooner)
+ERROR_EVENT_EVERY = 30.0  # s: at most one `error` event per failing function this often (and only a new message)
 
 
 @dataclass(eq=False)
@@ -101,6 +102,7 @@ class Controller:
         self.rollouts = Rollouts(store, clock)
         self._listing: asyncio.Future[list[Running]] | None = None
         self._listed_at = 0.0  # when self._listing was asked for
+        self._failing: dict[str, tuple[str, float, str]] = {}  # function -> (last error reported, when, doing)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,12 +183,18 @@ class Controller:
             queued = float(msg.get("queued") or 0)
         except (TypeError, ValueError):
             queued = 0.0
-        self.autoscaler.poke(rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", "")))
+        try:
+            self.autoscaler.poke(rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", "")))
+        except Exception as e:  # e.g. a scale stored before it was validated: this function's problem alone
+            self._function_failed(fn.name, e, "waking")
+            return
         self.wake()
 
     def _on_stats(self, msg: dict[str, Any]) -> None:
-        self.autoscaler.observe(msg, self._scale_of)
-        self.rollouts.observe(msg)
+        try:
+            self.autoscaler.observe(msg, self._scale_of)
+        finally:
+            self.rollouts.observe(msg)
 
     def _on_secret(self, msg: dict[str, Any]) -> None:
         """A secret was set: revisions held back because it was missing start again now
@@ -263,18 +271,10 @@ class Controller:
         for i, fn in enumerate(list(self.functions.values())):
             if i % 100 == 99:
                 await asyncio.sleep(0)  # a pass over many functions must not stall the shared loop
-            if fn.rollout is not None and fn.rollout.state in ("running", "paused"):
-                await self.rollouts.reconcile(fn)
-            if len(fn.revisions) > self.settings.keep_revisions:
-                for rev_name in collectable(fn, self.settings.keep_revisions):
-                    await self._collect_revision(fn, rev_name)
-            for rev in fn.revisions:
-                live_revisions.add(rev.name)
-                if rev.status == "building" and rev.name not in self.building and rev.image is None \
-                        and not self._replicas_of(rev.name):
-                    self.building[rev.name] = asyncio.create_task(self._build(fn.name, rev))
-                desired = self._desired(fn, rev, now)
-                self._converge(fn, rev, desired, now)
+            live_revisions.update(rev.name for rev in fn.revisions)  # even if its step fails below
+            await self._reconcile_isolated(fn, now)
+        for name in [n for n in self._failing if n not in self.functions]:
+            del self._failing[name]
         for name, (tr, since) in list(self.parked.items()):
             if now - since > self.settings.pause_for or tr.replica.revision not in live_revisions:
                 asyncio.ensure_future(self._expire_parked(name, "paused too long"))
@@ -285,6 +285,57 @@ class Controller:
         for rev_name in [r for r in self.revs if r not in live_revisions]:
             del self.revs[rev_name]
             self.autoscaler.forget(rev_name)
+
+    async def _reconcile_isolated(self, fn: Function, now: float) -> None:
+        """One function's step of the pass. Its failure is its own: logged, reported as an
+        ``error`` event (see ``_function_failed``), retried on the next pass, and the pass
+        goes on with the other functions."""
+        try:
+            await self._reconcile_function(fn, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._function_failed(fn.name, e, "reconciling")
+            return
+        failing = self._failing.get(fn.name)
+        if failing is not None and failing[2] == "reconciling":
+            del self._failing[fn.name]
+            log.warning("controller: %s reconciles again", fn.name)
+            asyncio.ensure_future(self._event_quietly(fn.name, "controller", f"controller: reconciling {fn.name} "
+                                                                             "works again"))
+
+    async def _reconcile_function(self, fn: Function, now: float) -> None:
+        if fn.rollout is not None and fn.rollout.state in ("running", "paused"):
+            await self.rollouts.reconcile(fn)
+        if len(fn.revisions) > self.settings.keep_revisions:
+            for rev_name in collectable(fn, self.settings.keep_revisions):
+                await self._collect_revision(fn, rev_name)
+        for rev in fn.revisions:
+            if rev.status == "building" and rev.name not in self.building and rev.image is None \
+                    and not self._replicas_of(rev.name):
+                self.building[rev.name] = asyncio.create_task(self._build(fn.name, rev))
+            desired = self._desired(fn, rev, now)
+            self._converge(fn, rev, desired, now)
+
+    def _function_failed(self, name: str, exc: Exception, doing: str) -> None:
+        """Report a failure of one function: an ``error`` event naming the exception, at
+        most once per ERROR_EVENT_EVERY seconds and only when the message is new (a
+        failure that repeats every pass is reported once, not once a tick)."""
+        message = f"controller: {doing} {name} failed: {type(exc).__name__}: {exc}"[:500]
+        now = self.clock()
+        last = self._failing.get(name)
+        if last is not None and (last[0] == message or now - last[1] < ERROR_EVENT_EVERY):
+            return
+        self._failing[name] = (message, now, doing)
+        log.error("%s (other functions are not affected; retrying)", message, exc_info=exc)
+        asyncio.ensure_future(self._event_quietly(name, "error", message + "; retrying on every pass",
+                                                  {"error": type(exc).__name__, "doing": doing}))
+
+    async def _event_quietly(self, function: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        try:
+            await self._event(function, kind, message, data)
+        except Exception:
+            log.exception("controller: recording an event for %s failed", function)
 
     def _replicas_of(self, revision: str) -> list[Tracked]:
         return [t for t in self.tracked.values() if t.replica.revision == revision]

@@ -18,7 +18,8 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 def test_scale_pins_holds_at_zero_and_releases(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with torpor_up(state, extra=["--max-replicas", "10"]) as t:
-        t.deploy(function_copy(tmp_path, "hello", scale={"idle": "2s"}))
+        # scale.max within the platform cap (--max-replicas 10): above it a deploy is refused
+        t.deploy(function_copy(tmp_path, "hello", scale={"idle": "2s", "max": 10}))
         # pin 3 with no traffic at all
         t.cli("scale", "hello", "--replicas", "3")
         t.wait_for(lambda: len(t.ready_replicas("hello")) == 3, 5, "3 ready replicas")
@@ -74,7 +75,7 @@ def test_bad_scale_input_is_refused_and_changes_nothing(tmp_path: Path, body: di
 def shared_up(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("scale-bad")
     with torpor_up(tmp / "state", extra=["--max-replicas", "10"]) as t:
-        t.deploy(function_copy(tmp, "hello"))
+        t.deploy(function_copy(tmp, "hello", scale={"max": 10}))
         yield t
 
 
