@@ -53,7 +53,9 @@ class Torpor:
         self.redis = redis
         self.extra = extra or []
         self.api_host = api_host
-        self.env = {**os.environ, "TORPOR_API": self.api, "TORPOR_GATEWAY": self.gateway, **(env or {})}
+        # TORPOR_STATE_DIR: CLI calls find the token `torpor up` wrote to STATE_DIR/token
+        self.env = {**os.environ, "TORPOR_API": self.api, "TORPOR_GATEWAY": self.gateway,
+                    "TORPOR_STATE_DIR": str(state_dir), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"torpor-up-{self.port}.log"
 
