@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from torpor.api.app import ApiConfig, create_app
+from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_create, token_path
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
@@ -38,12 +39,8 @@ class UpError(Exception):
     """A setting that stops the platform from starting (one line for the user)."""
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get("TORPOR_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "torpor"
+def _csv_env(name: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in os.environ.get(name, "").split(",") if x.strip())
 
 
 @dataclass
@@ -54,7 +51,10 @@ class UpConfig:
     port: int = 8080
     api_host: str = "127.0.0.1"
     api_port: int = 8081
-    token: str | None = None
+    token: str | None = None  # given (TORPOR_TOKEN / --token-file); None: STATE_DIR/token
+    token_source: str = ""  # where the token came from, for messages (never the token)
+    api_allowed_hosts: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_HOSTS"))
+    api_allowed_origins: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_ORIGINS"))
     state_dir: Path = field(default_factory=default_state_dir)
     domain: str = "torpor.localhost"
     max_replicas: int = 100
@@ -65,27 +65,41 @@ class UpConfig:
     log_level: str = "warning"
 
 
-def read_token(token_file: str | None) -> str | None:
-    if token_file:
-        try:
-            tok = Path(token_file).read_text().strip()
-        except OSError as e:
-            raise UpError(f"--token-file {token_file}: {e.strerror}") from e
-        if not tok:
-            raise UpError(f"--token-file {token_file} is empty")
-        return tok
-    return os.environ.get("TORPOR_TOKEN") or None
+def read_token(token_file: str | None) -> tuple[str, str] | None:
+    """(token, where it came from) given by ``TORPOR_TOKEN`` (it wins) or ``--token-file``;
+    None if neither: the API then uses ``STATE_DIR/token``."""
+    try:
+        tok = given_token(token_file)
+    except TokenError as e:
+        raise UpError(str(e)) from e
+    return (tok.value, tok.source) if tok else None
 
 
-def check_config(cfg: UpConfig) -> None:
+def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
+    if "api" not in components:
+        return
     if cfg.api_host not in LOOPBACK and not cfg.token:
-        raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN")
+        raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN "
+                      f"(the generated {token_path(cfg.state_dir)} serves loopback only)")
     if cfg.token is not None and len(cfg.token) < 16:
         raise UpError("the API token must be at least 16 characters")
     if not 1 <= cfg.max_replicas <= MAX_SCALE:
         raise UpError(f"--max-replicas {cfg.max_replicas}: expected an integer from 1 to {MAX_SCALE}")
     if not 0 <= cfg.pause_idle <= MAX_IDLE:  # NaN fails it too
         raise UpError(f"--pause-idle {cfg.pause_idle}: expected seconds from 0 to {MAX_IDLE:g}")
+
+
+def api_token(cfg: UpConfig) -> tuple[str, str]:
+    """(token, source): the given one, else ``STATE_DIR/token`` (generated if missing)."""
+    if cfg.token:
+        return cfg.token, cfg.token_source or "the given token"
+    try:
+        tok = load_or_create(cfg.state_dir)
+    except TokenError as e:
+        raise UpError(str(e)) from e
+    except OSError as e:
+        raise UpError(f"cannot write the API token to {token_path(cfg.state_dir)}: {e.strerror}") from e
+    return tok.value, f"{tok.source} ({'new, ' if tok.generated else ''}the CLI reads it)"
 
 
 def docker_available() -> bool:
@@ -146,12 +160,14 @@ class Platform:
     """
 
     def __init__(self, cfg: UpConfig, components: frozenset[str] = ALL) -> None:
-        check_config(cfg)
+        check_config(cfg, components)
         if components != ALL and not cfg.redis:
             raise UpError(f"{'/'.join(sorted(components))} alone needs a shared store: give --redis URL")
         self.cfg = cfg
         self.components = components
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.state_dir.exists():
+            cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.token_source = ""
         self.store = open_store(redis_url=cfg.redis, state_dir=None if cfg.redis else cfg.state_dir)
         self.driver: Driver | None = None
         self.controller: Controller | None = None
@@ -169,9 +185,11 @@ class Platform:
         if "api" in components:
             gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
             ready = self.controller.synced.is_set if self.controller else (lambda: True)
+            token, self.token_source = api_token(cfg)  # written before the API listens
             api = create_app(self.store, ApiConfig(
-                state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
-                token=cfg.token, ready=ready, logs=self._log_reader()))
+                state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
+                max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
+                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader()))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
                                  f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
@@ -293,8 +311,8 @@ def run_up(cfg: UpConfig, components: frozenset[str] = ALL) -> int:
                 print(f"torpor {name}: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or "
                       "/function/NAME/)", file=sys.stderr, flush=True)
             if "api" in p.components:
-                print(f"torpor {name}: api     http://{cfg.api_host}:{cfg.api_port}/v1"
-                      + ("  (bearer token required)" if cfg.token else ""), file=sys.stderr, flush=True)
+                print(f"torpor {name}: api     http://{cfg.api_host}:{cfg.api_port}/v1  (bearer token: "
+                      f"{p.token_source})", file=sys.stderr, flush=True)
             if p.driver is None and p.gateway is None:
                 print(f"torpor {name}: ready (store={store})", file=sys.stderr, flush=True)
 

@@ -43,8 +43,9 @@ class Torpor:
 
     def __init__(self, state_dir: Path, *, driver: str = "process", redis: str | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 api_host: str = "127.0.0.1") -> None:
+                 api_host: str = "127.0.0.1", state_dir_flag: bool = True) -> None:
         self.state_dir = state_dir
+        self.state_dir_flag = state_dir_flag  # False: `up` finds it through TORPOR_STATE_DIR alone
         self.port = free_port()
         self.api_port = free_port()
         self.api = f"http://127.0.0.1:{self.api_port}"
@@ -53,13 +54,16 @@ class Torpor:
         self.redis = redis
         self.extra = extra or []
         self.api_host = api_host
-        self.env = {**os.environ, "TORPOR_API": self.api, "TORPOR_GATEWAY": self.gateway, **(env or {})}
+        # TORPOR_STATE_DIR: CLI calls find the token `torpor up` wrote to STATE_DIR/token
+        self.env = {**os.environ, "TORPOR_API": self.api, "TORPOR_GATEWAY": self.gateway,
+                    "TORPOR_STATE_DIR": str(state_dir), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"torpor-up-{self.port}.log"
 
     def start(self, wait: float = 30.0) -> Torpor:
-        cmd = [sys.executable, "-m", "torpor.cli.main", "up", "--driver", self.driver, "--state-dir",
-               str(self.state_dir), "--port", str(self.port), "--api-port", str(self.api_port),
+        cmd = [sys.executable, "-m", "torpor.cli.main", "up", "--driver", self.driver,
+               *(["--state-dir", str(self.state_dir)] if self.state_dir_flag else []),
+               "--port", str(self.port), "--api-port", str(self.api_port),
                "--api-host", self.api_host, "--log-level", "warning", *self.extra]
         if self.redis:
             cmd += ["--redis", self.redis]

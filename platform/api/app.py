@@ -1,5 +1,10 @@
 """The control API (JSON under /v1). Reads and writes desired state in the store; it
 never calls a driver. Errors are ``{"error": ..., "detail": ...}`` with a 4xx/5xx status.
+
+Every request first passes :class:`~torpor.api.guard.BrowserGuard` (Host, Origin and
+Content-Type checks, with the body types declared in ``REQUEST_BODIES`` below), then
+:class:`~torpor.api.auth.BearerAuth` (a bearer token on everything but /healthz and
+/readyz). There is no way to build the app without a token.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from starlette.routing import Route
 
 from torpor.api import hosts
 from torpor.api.auth import BearerAuth
+from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
-from torpor.api.openapi import OPENAPI
+from torpor.api.openapi import JSON_TYPES, OPENAPI, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
 from torpor.logs import LogReader, LogsUnavailable
@@ -47,6 +53,20 @@ MAX_UPLOAD = 200 * 1024 * 1024
 MAX_EVENTS_LIMIT = 1000  # ?limit= of /events and ?events= of a function
 MAX_LOG_TAIL = 100_000  # ?tail= of /logs
 
+# The request body types each state-changing route accepts (the guard answers 415 to any
+# other, and to a body without a Content-Type; a request with no body needs none). ``()``:
+# no body. Never text/plain, forms or multipart: a web page can send those without a
+# CORS preflight. /v1/openapi.json documents the same types (tests check they agree).
+REQUEST_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("POST", "/v1/functions"): TARBALL_TYPES,
+    ("DELETE", "/v1/functions/{name}"): (),
+    ("PUT", "/v1/functions/{name}/traffic"): JSON_TYPES,
+    ("PATCH", "/v1/functions/{name}/scale"): JSON_TYPES,
+    ("POST", "/v1/functions/{name}/rollout"): JSON_TYPES,
+    ("POST", "/v1/functions/{name}/rollout/{action}"): JSON_TYPES,  # body optional
+    ("POST", "/v1/functions/{name}/rollback"): JSON_TYPES,  # body optional
+}
+
 
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str = "", **extra: Any) -> None:
@@ -56,10 +76,13 @@ class ApiError(Exception):
 @dataclass
 class ApiConfig:
     state_dir: Path
+    token: str  # bearer token every route but /healthz and /readyz requires
     gateway_url: str = "http://127.0.0.1:8080"
     domain: str = "torpor.localhost"
     max_replicas: int = 100
-    token: str | None = None
+    bind_host: str = "127.0.0.1"  # decides the Host names answered to (torpor.api.guard.HostPolicy)
+    allowed_hosts: tuple[str, ...] = ()  # more Host names (--api-allowed-hosts)
+    allowed_origins: tuple[str, ...] = ()  # Origins a browser may call from (--api-allowed-origins)
     ready: Callable[[], bool] = lambda: True
     logs: LogReader | None = None
 
@@ -149,6 +172,8 @@ def _safe_extract(data: bytes, dest: Path) -> None:
 
 
 def create_app(store: Store, cfg: ApiConfig) -> Any:
+    if not cfg.token:
+        raise ValueError("the control API needs a bearer token")
     sources = cfg.state_dir / "sources"
     registry = CollectorRegistry()
     api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
@@ -410,7 +435,10 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
         await app(scope, receive, send_counting)
 
-    return BearerAuth(counted, cfg.token) if cfg.token else counted
+    bodies = BodyRules(REQUEST_BODIES)
+    bodies.check_covers(routes)
+    return BrowserGuard(BearerAuth(counted, cfg.token), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
+                        bodies=bodies, allowed_origins=cfg.allowed_origins)
 
 
 def _add_revision(cur: Function | None, name: str, spec: Spec, source: str, on_ready: str, tag: str | None) -> Function:

@@ -1,4 +1,8 @@
-"""The OpenAPI document served at /v1/openapi.json (kept by hand, next to the routes)."""
+"""The OpenAPI document served at /v1/openapi.json (kept by hand, next to the routes).
+
+Request body types match ``REQUEST_BODIES`` in :mod:`torpor.api.app` (a unit test
+checks it); any other type is answered 415.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +40,20 @@ _SECRET: dict[str, Any] = {"type": "object", "required": ["name", "version", "up
     "name": {"type": "string"}, "version": {"type": "integer", "minimum": 1}, "updated": {"type": "number"},
     "used_by": {"type": "array", "items": {"type": "string"}}}}
 
+# The request body types (REQUEST_BODIES in torpor.api.app refers to these).
+JSON_TYPES = ("application/json",)
+TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
+
+
+def _body(types: tuple[str, ...], schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {t: {"schema": schema} for t in types}}
+
+
 _ERRORS = {"400": _resp("bad input", _ERROR), "401": _resp("missing or wrong token", _ERROR),
-           "404": _resp("no such function", _ERROR)}
+           "403": _resp("a browser's cross-origin request (Origin or Sec-Fetch-Site)", _ERROR),
+           "404": _resp("no such function", _ERROR),
+           "421": _resp("a Host this API does not answer to (DNS rebinding)", _ERROR)}
+_WRITE_ERRORS = {**_ERRORS, "415": _resp("a request body type this route does not accept", _ERROR)}
 
 _SECRET_ERRORS = {**_ERRORS, "404": _resp("no such secret", _ERROR)}
 
@@ -82,15 +98,16 @@ OPENAPI: dict[str, Any] = {
                          {"name": "canary", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 99}},
                          {"name": "tag", "in": "query", "schema": {"type": "string"}},
                          {"name": "no_traffic", "in": "query", "schema": {"type": "boolean"}}],
-                     "requestBody": {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
-                     "responses": {"201": _resp("revision created"), **_ERRORS}},
+                     "requestBody": _body(TARBALL_TYPES, {"type": "string", "format": "binary"}),
+                     "responses": {"201": _resp("revision created"), **_WRITE_ERRORS,
+                                   "413": _resp("upload too large", _ERROR)}},
         },
         "/v1/functions/{name}": {
             "parameters": [_NAME],
             "get": {"summary": "one function", "responses": {
                 "200": _resp("function", {"$ref": "#/components/schemas/Function"}), **_ERRORS}},
-            "delete": {"summary": "delete a function, its revisions and replicas",
-                       "responses": {"200": _resp("deleted"), **_ERRORS}},
+            "delete": {"summary": "delete a function, its revisions and replicas (no request body)",
+                       "responses": {"200": _resp("deleted"), **_WRITE_ERRORS}},
         },
         "/v1/functions/{name}/revisions": {"parameters": [_NAME], "get": {
             "summary": "revisions", "responses": {"200": _resp("revisions"), **_ERRORS}}},
@@ -102,29 +119,31 @@ OPENAPI: dict[str, Any] = {
                           "503": _resp("no controller answered (distributed mode)", _ERROR)}}},
         "/v1/functions/{name}/traffic": {"parameters": [_NAME], "put": {
             "summary": "set the traffic split by hand",
-            "requestBody": {"content": {"application/json": {"schema": {"type": "object", "properties": {
-                "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}}}}}}},
-            "responses": {"200": _resp("traffic"), **_ERRORS}}},
+            "requestBody": _body(JSON_TYPES, {"type": "object", "properties": {
+                "traffic": {"type": "array", "items": {"$ref": "#/components/schemas/Traffic"}}}}),
+            "responses": {"200": _resp("traffic"), **_WRITE_ERRORS}}},
         "/v1/functions/{name}/scale": {"parameters": [_NAME], "patch": {
             "summary": "change scaling bounds without a new revision; replicas=N pins min=max=N",
-            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ScalePatch"}}}},
-            "responses": {"200": _resp("new scale"), **_ERRORS}}},
+            "requestBody": _body(JSON_TYPES, {"$ref": "#/components/schemas/ScalePatch"}),
+            "responses": {"200": _resp("new scale"), **_WRITE_ERRORS}}},
         "/v1/functions/{name}/rollout": {"parameters": [_NAME], "get": {
             "summary": "the rollout (or null) and the traffic table",
             "responses": {"200": _resp("rollout", _ROLLOUT_VIEW), **_ERRORS}}, "post": {
             "summary": "start a rollout to a ready revision; policy fields default to its torpor.yaml rollout section",
-            "requestBody": {"content": {"application/json": {"schema": _ROLLOUT_START}}},
-            "responses": {"201": _resp("rollout started", _ROLLOUT_VIEW), **_ERRORS,
+            "requestBody": _body(JSON_TYPES, _ROLLOUT_START),
+            "responses": {"201": _resp("rollout started", _ROLLOUT_VIEW), **_WRITE_ERRORS,
                           "409": _resp("a rollout is running, or nothing to replace", _ERROR)}}},
         "/v1/functions/{name}/rollout/{action}": {"parameters": [_NAME, {
             "name": "action", "in": "path", "required": True,
             "schema": {"type": "string", "enum": ["pause", "resume", "promote", "abort"]}}], "post": {
             "summary": "pause, resume (the step is measured afresh), promote (100% now) or abort (back to stable)",
-            "responses": {"200": _resp("rollout", _ROLLOUT_VIEW), **_ERRORS,
+            "requestBody": _body(JSON_TYPES, {"type": "object"}, required=False),
+            "responses": {"200": _resp("rollout", _ROLLOUT_VIEW), **_WRITE_ERRORS,
                           "409": _resp("no running or paused rollout", _ERROR)}}},
         "/v1/functions/{name}/rollback": {"parameters": [_NAME], "post": {
             "summary": "all traffic back to the previous stable revision (ends a running rollout as rolled_back)",
-            "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_ERRORS,
+            "requestBody": _body(JSON_TYPES, {"type": "object"}, required=False),
+            "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_WRITE_ERRORS,
                           "409": _resp("no earlier ready revision", _ERROR)}}},
         "/v1/secrets": {"get": {
             "summary": "every secret's name, version, update time and the functions using it (never a value)",

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import httpx
 
+from torpor.apitoken import client_token, default_state_dir, token_path
 from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
 
@@ -35,11 +36,42 @@ def die(msg: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def api_token(api_url: str, state_dir: Path) -> tuple[str | None, str]:
+    """(token to send, a hint for a 401 saying where it was looked for): ``TORPOR_TOKEN``,
+    else ``STATE_DIR/token``, which goes only to an API on loopback (it is this machine's)."""
+    path = token_path(state_dir)
+    if os.environ.get("TORPOR_TOKEN"):
+        return client_token(state_dir), "the API refused TORPOR_TOKEN"
+    if (httpx.URL(api_url).host or "").strip("[]") not in LOOPBACK_HOSTS:
+        return None, f"set TORPOR_TOKEN for an API beyond loopback ({path} is sent only to an API on loopback)"
+    token = client_token(state_dir)
+    if token is None:
+        return None, (f"TORPOR_TOKEN is unset and {path} is missing or unreadable; set TORPOR_TOKEN, or give "
+                      "--state-dir / TORPOR_STATE_DIR as `torpor up` had it")
+    return token, (f"the API refused the token in {path}; set TORPOR_TOKEN, or give --state-dir / "
+                   "TORPOR_STATE_DIR as `torpor up` had it")
+
+
 class Api:
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, token_hint: str = "") -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        self.token_hint = token_hint
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60.0)
+
+    def failure(self, r: httpx.Response) -> CliError:
+        """The one-line error for a 4xx/5xx answer (with where the token was looked for on 401)."""
+        try:
+            body = r.json()
+            msg = body.get("detail") or body.get("error")
+        except ValueError:
+            msg = r.text[:200]
+        if r.status_code == 401 and self.token_hint:
+            msg = f"{msg}; {self.token_hint}"
+        return CliError(f"{msg} (HTTP {r.status_code})")
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -49,12 +81,7 @@ class Api:
         except httpx.HTTPError as e:
             raise CliError(f"API call {method} {path} failed: {e}") from e
         if r.status_code >= 400:
-            try:
-                body = r.json()
-                msg = body.get("detail") or body.get("error")
-            except ValueError:
-                msg = r.text[:200]
-            raise CliError(f"{msg} (HTTP {r.status_code})")
+            raise self.failure(r)
         ctype = r.headers.get("content-type", "")
         return r.json() if ctype.startswith("application/json") else r.text
 
@@ -81,16 +108,26 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     component = args.cmd if args.cmd in ALL else None
     try:
-        token = read_token(getattr(args, "token_file", None))
+        given = read_token(getattr(args, "token_file", None)) if args.cmd in ("up", "api") else None
     except UpError as e:
         die(f"{args.cmd}: {e}", 2)
-    cfg = UpConfig(redis=args.redis, state_dir=Path(args.state_dir) if args.state_dir else UpConfig().state_dir,
-                   token=token, log_level=args.log_level)
+    cfg = UpConfig(redis=args.redis, state_dir=_state_dir(args), log_level=args.log_level)
+    if given:
+        cfg.token, cfg.token_source = given
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
+    for key in ("api_allowed_hosts", "api_allowed_origins"):
+        if getattr(args, key, None) is not None:
+            setattr(cfg, key, tuple(x.strip() for x in getattr(args, key).split(",") if x.strip()))
     return run_up(cfg, frozenset({component}) if component else ALL)
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """``--state-dir`` (after or before the command), else TORPOR_STATE_DIR, else the default."""
+    given = getattr(args, "state_dir", None) or getattr(args, "global_state_dir", None)
+    return Path(given) if given else default_state_dir()
 
 
 def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
@@ -230,7 +267,7 @@ def cmd_logs(api: Api, args: argparse.Namespace) -> int:
         with api.client.stream("GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
-                raise CliError(f"{r.json().get('detail')} (HTTP {r.status_code})")
+                raise api.failure(r)
             for chunk in r.iter_text():
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -293,6 +330,9 @@ def cmd_images(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
+    p.add_argument("--state-dir", dest="global_state_dir", metavar="DIR",
+                   help="state directory of `torpor up`, whose token file the CLI sends when TORPOR_TOKEN is "
+                   "unset (env TORPOR_STATE_DIR; default ~/.local/share/torpor)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the platform in the foreground")
@@ -301,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("api", help="run the control API (distributed mode: needs --redis)")
     for sp in (up, gw, ctl, ap):
         sp.add_argument("--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)")
-        sp.add_argument("--state-dir", help="where state persists (default ~/.local/share/torpor)")
+        sp.add_argument("--state-dir", help="where state persists (env TORPOR_STATE_DIR; default "
+                        "~/.local/share/torpor)")
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
@@ -318,7 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (up, ap):
         sp.add_argument("--api-host", default="127.0.0.1")
         sp.add_argument("--api-port", type=int, default=8081)
-        sp.add_argument("--token-file", help="file holding the API bearer token (or env TORPOR_TOKEN)")
+        sp.add_argument("--token-file", help="file holding the API bearer token (env TORPOR_TOKEN overrides; "
+                        "default STATE_DIR/token, generated at first start)")
+        sp.add_argument("--api-allowed-hosts", metavar="NAMES",
+                        help="comma-separated extra Host names the API answers to, name or name:port; * = any "
+                        "(env TORPOR_API_ALLOWED_HOSTS)")
+        sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
+                        help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
+                        "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic")
@@ -390,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(cmd_invoke(args))
         if args.cmd == "images":
             sys.exit(cmd_images(args))
-        api = Api(args.api, os.environ.get("TORPOR_TOKEN"))
+        token, hint = api_token(args.api, _state_dir(args))
+        api = Api(args.api, token, hint)
         sys.exit(API_COMMANDS[args.cmd](api, args))
     except CliError as e:
         die(f"{args.cmd}: {e}")

@@ -33,7 +33,6 @@ for _p in (str(TESTS), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import httpx  # noqa: E402
 from helpers import free_port  # noqa: E402
 from platform_proc import DOMAIN, Torpor, function_copy  # noqa: E402
 from proxy_bench import NGINX_CONF, cpu_seconds, nginx_worker, parse_wrk, started  # noqa: E402
@@ -275,7 +274,7 @@ def docker_cleanup(state_dir: Path) -> None:
 
 
 def set_scale(t: Torpor, name: str, **body: int) -> None:
-    r = httpx.patch(f"{t.api}/v1/functions/{name}/scale", json=body, timeout=30)
+    r = t.api_call("PATCH", f"/v1/functions/{name}/scale", json=body, timeout=30)
     r.raise_for_status()
 
 

@@ -118,7 +118,7 @@ def run_burst(port: int, host: str, clients: int, duration: float, t0: float) ->
 
 
 def _sample(t: Torpor, name: str, t0: float, samples: list[tuple[float, int, int]], stop: threading.Event) -> None:
-    with httpx.Client(timeout=5) as c:
+    with httpx.Client(timeout=5, headers=t.api_headers) as c:
         while not stop.is_set():
             try:
                 reps = c.get(f"{t.api}/v1/functions/{name}").json()["replicas"]
@@ -167,8 +167,8 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
             finally:
                 stop.set()
                 watcher.join(10)
-            r = httpx.get(f"{t.api}/v1/functions/{name}/events", params={"since": wall0 - 1, "limit": 1000},
-                          timeout=10)
+            r = t.api_call("GET", f"/v1/functions/{name}/events", params={"since": wall0 - 1, "limit": 1000},
+                           timeout=10)
             events = [(e["time"] - wall0, e["kind"], e["message"]) for e in r.json()["events"]]
         finally:
             if driver == "docker":

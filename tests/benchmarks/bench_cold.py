@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from _common import (
     DOMAIN,
     ROOT,
@@ -67,7 +66,7 @@ PATH = "/?name=bench"
 
 
 def events_since(t: Torpor, name: str, since: float) -> list[dict[str, Any]]:
-    r = httpx.get(f"{t.api}/v1/functions/{name}/events", params={"since": since, "limit": 200}, timeout=10)
+    r = t.api_call("GET", f"/v1/functions/{name}/events", params={"since": since, "limit": 200}, timeout=10)
     r.raise_for_status()
     return list(r.json()["events"])
 

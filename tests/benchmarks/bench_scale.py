@@ -86,7 +86,7 @@ def deploy_many(t: Torpor, tmp: Path, n: int, budget: float, window: int = 16) -
     failed: list[str] = []
     t0 = time.monotonic()
     last_print = t0
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, headers=t.api_headers) as c:
         i = 0
         while True:
             out_of_time = time.monotonic() - t0 > budget
@@ -163,7 +163,7 @@ def measure(t: Torpor, label: str, hello_endpoint: str, rpid: int | None, args: 
     lag = loop_lag(t.port, 5.0)
     m["lag_p50"], m["lag_p99"], m["lag_max"] = pct(lag, 50), pct(lag, 99), max(lag)
     # API latency
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, headers=t.api_headers) as c:
         for what, url in (("list_ms", f"{t.api}/v1/functions"), ("get_ms", f"{t.api}/v1/functions/hello")):
             samples = []
             for _ in range(20):
@@ -250,7 +250,7 @@ def main() -> int:
             zy = zygote_of(t.proc.pid)
 
             def settled() -> bool:
-                with httpx.Client(timeout=60) as c:
+                with httpx.Client(timeout=60, headers=t.api_headers) as c:
                     fns = list_functions(c, t)
                 others = sum(f["replicas"] for f in fns if f["name"] != "hello")
                 return others == 0 and (zy is None or len(descendants(zy)) <= 1)
@@ -266,7 +266,7 @@ def main() -> int:
                 print("   " + prof.replace("\n", "\n   "))
 
                 def lists() -> None:
-                    with httpx.Client(timeout=60) as c:
+                    with httpx.Client(timeout=60, headers=t.api_headers) as c:
                         end = time.monotonic() + args.profile
                         while time.monotonic() < end:
                             list_functions(c, t)

@@ -45,7 +45,7 @@ def _watch_ready(t: Torpor, name: str, samples: list[tuple[float, int]], stop: t
 
 def _ready_count_over_time(t: Torpor, name: str, since: float) -> list[tuple[float, int]]:
     """(seconds after ``since``, ready replicas) at each replica event since then."""
-    events = httpx.get(f"{t.api}/v1/functions/{name}/events", params={"limit": "200"}, timeout=30).json()["events"]
+    events = t.api_call("GET", f"/v1/functions/{name}/events", params={"limit": "200"}, timeout=30).json()["events"]
     count, out = 0, []
     for e in sorted(events, key=lambda e: e["time"]):
         if e["kind"] != "replica" or e["time"] < since:

@@ -48,8 +48,11 @@ def test_controller_api_and_two_gateways_share_redis(tmp_path: Path, redis_url: 
         api = f"http://127.0.0.1:{api_port}"
         for url in (f"{api}/healthz", f"http://127.0.0.1:{gw1}/healthz", f"http://127.0.0.1:{gw2}/healthz"):
             _wait_http(url, procs, log)
+        # the API wrote its token to STATE_DIR/token before answering /healthz
+        auth = {"Authorization": f"Bearer {(state / 'token').read_text().strip()}"}
         folder = function_copy(tmp_path, "slow", scale={"idle": "2s"}, env={"SLEEP_MS": "1", "FAIL_RATE": "0"})
-        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "deploy", str(folder)],
+        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "--state-dir", str(state),
+                              "deploy", str(folder)],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         headers = {"Host": f"slow.{DOMAIN}"}
@@ -58,17 +61,18 @@ def test_controller_api_and_two_gateways_share_redis(tmp_path: Path, redis_url: 
             assert r.status_code == 200 and r.headers["x-torpor-revision"] == "slow-00001"
         # idle -> zero, then a cold start through the second gateway: its poke crosses Redis
         deadline = time.monotonic() + 30
-        while httpx.get(f"{api}/v1/functions/slow", timeout=5).json()["replicas"]:
+        while httpx.get(f"{api}/v1/functions/slow", headers=auth, timeout=5).json()["replicas"]:
             assert time.monotonic() < deadline, "no scale to zero"
             time.sleep(0.2)
         r = httpx.get(f"http://127.0.0.1:{gw2}/", headers=headers, timeout=30)
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
         # replica logs: the API process has no driver; it asks the controller over Redis
-        r = httpx.get(f"{api}/v1/functions/slow/logs", params={"tail": "50"}, timeout=30)
+        r = httpx.get(f"{api}/v1/functions/slow/logs", params={"tail": "50"}, headers=auth, timeout=30)
         assert r.status_code == 200, r.text
         assert "torpor-runtime: serving handler:handle" in r.text
         assert all(line.startswith("[slow-00001-") for line in r.text.splitlines()), r.text
-        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "logs", "slow"],
+        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "--state-dir", str(state),
+                              "logs", "slow"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "serving handler:handle" in out.stdout, out.stderr
         # one gateway goes away; the other keeps serving

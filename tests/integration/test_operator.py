@@ -64,7 +64,7 @@ def test_bad_scale_input_is_refused_and_changes_nothing(tmp_path: Path, body: di
                                                         shared_up: Torpor) -> None:
     t = shared_up
     before = t.function("hello")["scale"]
-    r = httpx.patch(f"{t.api}/v1/functions/hello/scale", json=body, timeout=10)
+    r = t.api_call("PATCH", "/v1/functions/hello/scale", json=body, timeout=10)
     assert 400 <= r.status_code < 500
     err = r.json()
     assert err["field"] == field and field in err["detail"]
@@ -80,7 +80,7 @@ def shared_up(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_scale_unknown_function_is_404(shared_up: Torpor) -> None:
-    r = httpx.patch(f"{shared_up.api}/v1/functions/ghost/scale", json={"max": 2}, timeout=10)
+    r = shared_up.api_call("PATCH", "/v1/functions/ghost/scale", json={"max": 2}, timeout=10)
     assert r.status_code == 404 and r.json()["error"] == "function not found"
     out = shared_up.cli("scale", "ghost", "--max", "2", check=False)
     assert out.returncode != 0 and "ghost" in out.stderr

@@ -53,7 +53,7 @@ def test_unknown_function_is_a_json_404(up: Torpor) -> None:
     assert r.json()["error"] == "function not found"
     r = httpx.get(f"{up.gateway}/function/nope/x", timeout=5)
     assert r.status_code == 404 and "error" in r.json()
-    r = httpx.get(f"{up.api}/v1/functions/nope", timeout=5)
+    r = up.api_call("GET", "/v1/functions/nope", timeout=5)
     assert r.status_code == 404 and r.json()["error"] == "function not found"
     bad = up.cli("invoke", "nope", check=False)
     assert bad.returncode != 0 and "404" in bad.stderr
@@ -88,11 +88,12 @@ def test_bad_spec_is_refused_with_its_field_named(up: Torpor, tmp_path: Path) ->
     # the API refuses it too (a client that skips the CLI's own check)
     from torpor.cli.main import pack
 
-    resp = httpx.post(f"{up.api}/v1/functions", content=pack(folder), timeout=10)
+    resp = up.api_call("POST", "/v1/functions", content=pack(folder), headers={"Content-Type": "application/gzip"},
+                       timeout=10)
     assert resp.status_code == 400
     assert resp.json()["field"] == "scale.max"
     assert "bad-one" not in up.cli("ls").stdout
-    r = httpx.get(f"{up.api}/v1/functions/bad-one", timeout=5)
+    r = up.api_call("GET", "/v1/functions/bad-one", timeout=5)
     assert r.status_code == 404
 
 
@@ -177,7 +178,7 @@ def test_delete_removes_function_and_replicas(up: Torpor, tmp_path: Path) -> Non
     up.cli("delete", "hello")
     assert up.request("hello").status_code == 404
     up.wait_for(lambda: not list((up.state_dir / "replicas").glob("*.json")), 20, "replicas stopped")
-    assert httpx.get(f"{up.api}/v1/functions/hello", timeout=5).status_code == 404
+    assert up.api_call("GET", "/v1/functions/hello", timeout=5).status_code == 404
 
 
 def test_redis_store_end_to_end(tmp_path: Path, redis_url: str) -> None:
@@ -186,7 +187,7 @@ def test_redis_store_end_to_end(tmp_path: Path, redis_url: str) -> None:
         assert t.request("hello").text == "hello, world!\n"
     with torpor_up(tmp_path / "state2", redis=redis_url) as t:
         # desired state lives in Redis: a fresh state dir still knows the function
-        assert [f["name"] for f in httpx.get(f"{t.api}/v1/functions").json()["functions"]] == ["hello"]
+        assert [f["name"] for f in t.api_call("GET", "/v1/functions").json()["functions"]] == ["hello"]
 
 
 def test_logs_show_replica_output_and_follow_streams_new_lines(up: Torpor, tmp_path: Path) -> None:
@@ -199,7 +200,7 @@ def test_logs_show_replica_output_and_follow_streams_new_lines(up: Torpor, tmp_p
     assert "torpor-runtime: serving" in out and "handled first" in out
     lines: list[str] = []
     with httpx.stream("GET", f"{up.api}/v1/functions/echo/logs", params={"follow": "1", "tail": "0"},
-                      timeout=10) as r:
+                      headers=up.api_headers, timeout=10) as r:
         assert r.status_code == 200
         up.request("echo", "/?n=second")
         for line in r.iter_lines():

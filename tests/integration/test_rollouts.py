@@ -105,12 +105,12 @@ class Load:
 
 
 def rollout_of(t: Torpor, name: str) -> dict[str, Any]:
-    return httpx.get(f"{t.api}/v1/functions/{name}/rollout", timeout=10).json()
+    return t.api_call("GET", f"/v1/functions/{name}/rollout", timeout=10).json()
 
 
 def rollout_events(t: Torpor, name: str, since: float = 0.0) -> list[str]:
-    ev = httpx.get(f"{t.api}/v1/functions/{name}/events", params={"limit": 200, "since": since},
-                   timeout=10).json()["events"]
+    ev = t.api_call("GET", f"/v1/functions/{name}/events", params={"limit": 200, "since": since},
+                    timeout=10).json()["events"]
     return [e["message"] for e in ev if e["kind"] == "rollout"]
 
 
@@ -320,7 +320,7 @@ def test_rollout_controls_pause_resume_promote_abort_and_rollback(up: Torpor, tm
     assert ro["state"] == "rolled_back" and ro["reason"] == "rolled back by hand"
     assert traffic(up, "slow") == [("slow-00001", 100, None)]
     assert up.cli("rollback", "slow", check=False).returncode != 0  # nothing older than slow-00001
-    spec = httpx.get(f"{up.api}/v1/openapi.json", timeout=5).json()
+    spec = up.api_call("GET", "/v1/openapi.json", timeout=5).json()
     assert "/v1/functions/{name}/rollout" in spec["paths"] and "/v1/functions/{name}/rollback" in spec["paths"]
 
 
@@ -338,6 +338,6 @@ def test_retired_revisions_are_garbage_collected_beyond_the_retention(tmp_path: 
         t.wait_for(lambda: names() == ["hello-00001", "hello-00003", "hello-00004"], 30, "hello-00002 collected")
         sources = list((tmp_path / "state" / "sources" / "hello").iterdir())
         assert len(sources) == 3
-        events = httpx.get(f"{t.api}/v1/functions/hello/events", params={"limit": 200}, timeout=5).json()["events"]
+        events = t.api_call("GET", "/v1/functions/hello/events", params={"limit": 200}, timeout=5).json()["events"]
         assert any(e["kind"] == "gc" and "hello-00002" in e["message"] for e in events)
         assert t.request("hello", tag="pinned").text == "v1, world!\n"

@@ -322,8 +322,9 @@ async def test_rollout_api_validates_and_acts(tmp_path: Path) -> None:
                         next_number=4)
 
     await store.update_function("fn", create)
-    app = create_app(store, ApiConfig(state_dir=tmp_path))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+    app = create_app(store, ApiConfig(state_dir=tmp_path, token="unit-test-token-0123456789"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
+                                 headers={"Authorization": "Bearer unit-test-token-0123456789"}) as c:
         url = "/v1/functions/fn/rollout"
         assert (await c.get(url)).json() == {"rollout": None, "traffic": [
             {"revision": "fn-00001", "percent": 100, "tag": None}]}
@@ -337,7 +338,7 @@ async def test_rollout_api_validates_and_acts(tmp_path: Path) -> None:
                                  ({"to": "fn-00002", "color": "red"}, "color")]:
             r = await c.post(url, json=body)
             assert r.status_code == 400 and r.json()["field"] == field_name, (body, r.text)
-        assert (await c.post(url, content=b"[1]")).status_code == 400
+        assert (await c.post(url, content=b"[1]", headers={"Content-Type": "application/json"})).status_code == 400
         assert (await c.post(url, json={"to": "fn-00001"})).status_code == 409  # already has all traffic
         assert (await c.post(url + "/pause")).status_code == 409  # nothing to pause
         r = await c.post(url, json={"to": "fn-00002", "steps": [20, 100], "interval": "1m30s", "min_requests": 7,
