@@ -33,7 +33,7 @@ from torpor.api.auth import BearerAuth
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
-from torpor.api.openapi import JSON_TYPES, OPENAPI, TARBALL_TYPES
+from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
 from torpor.logs import LogReader, LogsUnavailable
@@ -65,6 +65,8 @@ REQUEST_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/functions/{name}/rollout"): JSON_TYPES,
     ("POST", "/v1/functions/{name}/rollout/{action}"): JSON_TYPES,  # body optional
     ("POST", "/v1/functions/{name}/rollback"): JSON_TYPES,  # body optional
+    ("PUT", "/v1/secrets/{name}"): SECRET_TYPES,  # the raw value
+    ("DELETE", "/v1/secrets/{name}"): (),
 }
 
 

@@ -42,6 +42,7 @@ _SECRET: dict[str, Any] = {"type": "object", "required": ["name", "version", "up
 
 # The request body types (REQUEST_BODIES in torpor.api.app refers to these).
 JSON_TYPES = ("application/json",)
+SECRET_TYPES = ("application/octet-stream",)
 TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
 
 
@@ -155,14 +156,14 @@ OPENAPI: dict[str, Any] = {
                     "responses": {"200": _resp("secret", _SECRET), **_SECRET_ERRORS}},
             "put": {"summary": "create or replace a secret; the body is the raw value: UTF-8 text without NUL, "
                                "1 byte to 64 KiB. Takes effect for replicas started afterwards",
-                    "requestBody": {"required": True, "content": {
-                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "requestBody": _body(SECRET_TYPES, {"type": "string", "format": "binary"}),
                     "responses": {"200": _resp("replaced", _SECRET), "201": _resp("created", _SECRET), **_SECRET_ERRORS,
                                   "413": _resp("value over 64 KiB", _ERROR),
                                   "415": _resp("body not sent as application/octet-stream", _ERROR)}},
             "delete": {"summary": "delete a secret; refused while a function uses it unless force=true",
                        "parameters": [{"name": "force", "in": "query", "schema": {"type": "boolean"}}],
                        "responses": {"200": _resp("deleted"), **_SECRET_ERRORS,
+                                     "415": _WRITE_ERRORS["415"],
                                      "409": _resp("in use: used_by names the functions", _ERROR)}},
         },
     },

@@ -23,6 +23,7 @@ from torpor.cli.main import pack
 from torpor.model import Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.store.embedded import EmbeddedStore
 
+TOKEN = "numbers-api-test-token-0123456789"
 CAP = 10  # the platform's --max-replicas here
 
 
@@ -45,8 +46,9 @@ class Api:
     def c(self) -> TestClient:
         if self._client is None:
             self.store = EmbeddedStore(self.state)
-            app = create_app(self.store, ApiConfig(state_dir=self.state, max_replicas=CAP))
-            self._client = TestClient(app, raise_server_exceptions=False).__enter__()
+            app = create_app(self.store, ApiConfig(state_dir=self.state, max_replicas=CAP, token=TOKEN))
+            self._client = TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1",
+                                      headers={"Authorization": f"Bearer {TOKEN}"}).__enter__()
         return self._client
 
     def deploy(self, folder: Path, **params: str) -> Any:

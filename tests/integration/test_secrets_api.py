@@ -18,6 +18,7 @@ from torpor.store.redis import RedisStore
 
 VALUE = "hunter2-correct-horse-battery"
 OCTET = {"content-type": "application/octet-stream"}
+TOKEN = "secrets-api-test-token-0123456789"
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -32,8 +33,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture
 async def api(store: Store, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(store, ApiConfig(state_dir=tmp_path / "api"))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+    app = create_app(store, ApiConfig(state_dir=tmp_path / "api", token=TOKEN))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
+                                 headers={"Authorization": f"Bearer {TOKEN}"}) as c:
         yield c
 
 

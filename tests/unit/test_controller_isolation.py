@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
@@ -25,7 +25,8 @@ class RecordingDriver:
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
         return revision
 
-    async def start(self, revision: Revision, replica: str) -> Running:
+    async def start(self, revision: Revision, replica: str,
+                    secret_env: Mapping[str, str] | None = None) -> Running:
         self.started.append(revision.name)
         raise RuntimeError("no engine here")
 
