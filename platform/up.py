@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from torpor.api.app import ApiConfig, create_app
+from torpor.archive import ArchiveLimits
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
@@ -61,6 +62,7 @@ class UpConfig:
     drain: float = 30.0
     base_image: str | None = None
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API)
     log_level: str = "warning"
 
 
@@ -166,7 +168,7 @@ class Platform:
             ready = self.controller.synced.is_set if self.controller else (lambda: True)
             api = create_app(self.store, ApiConfig(
                 state_dir=cfg.state_dir, gateway_url=gateway_url, domain=cfg.domain, max_replicas=cfg.max_replicas,
-                token=cfg.token, ready=ready, logs=self._log_reader()))
+                token=cfg.token, ready=ready, logs=self._log_reader(), limits=cfg.limits))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
                                  f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
