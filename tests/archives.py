@@ -95,3 +95,32 @@ def gzip_bomb(size: int, name: str = "big.bin") -> bytes:
         left -= n
     out.append(comp.flush())
     return b"".join(out)
+
+
+def sdist(marker: str, name: str = "p", version: str = "1.0") -> bytes:
+    """An sdist ``NAME-VERSION.tar.gz`` whose in-tree build backend writes ``marker``
+    the moment pip imports it (no setuptools needed, nothing downloaded): if the file
+    appears, the upload's code ran on the host."""
+    backend = (
+        "import pathlib\n"
+        f"pathlib.Path({marker!r}).write_text('built on the host')\n"
+        "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+        "def get_requires_for_build_sdist(config_settings=None):\n    return []\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        "    raise RuntimeError('this sdist only proves that it was built')\n"
+    )
+    pyproject = ('[build-system]\nrequires = []\nbuild-backend = "evil_backend"\nbackend-path = ["."]\n'
+                 f'[project]\nname = "{name}"\nversion = "{version}"\n')
+    top = f"{name}-{version}"
+    return tar([
+        M(f"{top}/pyproject.toml", data=pyproject.encode()),
+        M(f"{top}/evil_backend.py", data=backend.encode()),
+        M(f"{top}/PKG-INFO", data=f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()),
+    ])
+
+
+def pip_shadow(marker: str) -> dict[str, str]:
+    """Files of a ``pip`` package in the upload: it runs if pip is started with the
+    upload's folder on ``sys.path`` (``python -m pip`` from that directory)."""
+    code = f"import pathlib\npathlib.Path({marker!r}).write_text('the upload ran as pip')\n"
+    return {"pip/__init__.py": code, "pip/__main__.py": code}
