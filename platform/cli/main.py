@@ -106,10 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     if hasattr(args, "max_upload"):
-        from torpor.archive import ArchiveLimits
-
-        cfg.limits = ArchiveLimits(max_upload=args.max_upload, max_unpacked=args.max_unpacked,
-                                   max_members=args.max_members, max_depth=args.max_depth)
+        cfg.limits = upload_limits(args)
     return run_up(cfg, frozenset({component}) if component else ALL)
 
 
@@ -318,6 +315,14 @@ def _count_arg(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text[:40]!r}")
     return int(text)
+
+
+def upload_limits(args: argparse.Namespace) -> Any:
+    """The ``ArchiveLimits`` of ``--max-upload/--max-unpacked/--max-members/--max-depth``."""
+    from torpor.archive import ArchiveLimits
+
+    return ArchiveLimits(max_upload=args.max_upload, max_unpacked=args.max_unpacked,
+                         max_members=args.max_members, max_depth=args.max_depth)
 
 
 def add_upload_limits(sp: argparse.ArgumentParser) -> None:
