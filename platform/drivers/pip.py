@@ -193,6 +193,8 @@ def install(requirements: Sequence[str], target: Path, *, python: str = sys.exec
     a worker thread). Raises BuildError with pip's last lines on failure."""
     if not requirements:
         return
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise BuildError(f"{target.name} must be a folder of the function, not a link or a file")
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="torpor-pip-") as work:

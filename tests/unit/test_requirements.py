@@ -138,3 +138,16 @@ def test_pip_reads_no_configuration_and_builds_nothing(tmp_path: Path, monkeypat
     assert cmd[cmd.index("--index-url") + 1] == "https://mirror.example/simple"
     assert os.environ["PIP_INDEX_URL"]  # untouched for the platform itself
     attack.ended("pip: -I --isolated --only-binary=:all:, env scrubbed")
+
+
+def test_pip_never_installs_through_a_linked_target(tmp_path: Path) -> None:
+    # Defence in depth: uploads can no longer carry links, but a source folder unpacked
+    # before this check (or by other means) might.
+    from torpor.drivers.pip import install
+
+    host = tmp_path / "host-folder"
+    host.mkdir()
+    (tmp_path / ".deps").symlink_to(host)
+    with pytest.raises(BuildError, match="not a link or a file"):
+        install(["six"], tmp_path / ".deps", say=lambda _line: None)
+    assert list(host.iterdir()) == []
