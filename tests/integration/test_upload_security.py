@@ -57,7 +57,8 @@ def attempt(t: Torpor, body: bytes | object, status: int, *fragments: str) -> di
     after = snapshot(t.state_dir)
     assert after == before, f"the state directory changed: {set(after) ^ set(before)}"
     sources = t.state_dir / "sources"
-    assert not [p for p in sources.iterdir() if p.name.startswith(".upload-")] if sources.exists() else True
+    leftovers = [p.name for p in sources.iterdir() if p.name.startswith(".upload-")] if sources.exists() else []
+    assert leftovers == [], f"temporary upload folders left: {leftovers}"
     assert t.api_call("GET", "/v1/functions").json()["functions"] == []
     return dict(err)
 
