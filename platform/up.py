@@ -22,6 +22,7 @@ import uvicorn
 
 from torpor.api.app import ApiConfig, create_app
 from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_create, token_path
+from torpor.archive import ArchiveLimits
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import Gateway
@@ -62,6 +63,7 @@ class UpConfig:
     drain: float = 30.0
     base_image: str | None = None
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API)
     log_level: str = "warning"
 
 
@@ -189,7 +191,7 @@ class Platform:
             api = create_app(self.store, ApiConfig(
                 state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
                 max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
-                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader()))
+                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
                                  f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()

@@ -9,17 +9,16 @@ Content-Type checks, with the body types declared in ``REQUEST_BODIES`` below), 
 
 from __future__ import annotations
 
-import io
+import asyncio
 import math
 import shutil
-import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
@@ -36,6 +35,8 @@ from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN
 from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
+from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
+from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.spec import (
@@ -49,7 +50,7 @@ from torpor.spec import (
 )
 from torpor.store.base import Store
 
-MAX_UPLOAD = 200 * 1024 * 1024
+SPOOL_BATCH = 1024 * 1024  # bytes of request body gathered before a write to the spool file
 MAX_EVENTS_LIMIT = 1000  # ?limit= of /events and ?events= of a function
 MAX_LOG_TAIL = 100_000  # ?tail= of /logs
 
@@ -87,6 +88,7 @@ class ApiConfig:
     allowed_origins: tuple[str, ...] = ()  # Origins a browser may call from (--api-allowed-origins)
     ready: Callable[[], bool] = lambda: True
     logs: LogReader | None = None
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload
 
 
 def _error(status: int, error: str, detail: str = "", **extra: Any) -> JSONResponse:
@@ -165,12 +167,44 @@ def query_time(request: Request, name: str) -> float:
     return value
 
 
-def _safe_extract(data: bytes, dest: Path) -> None:
+async def _spool(request: Request, out: IO[bytes], cap: int) -> int:
+    """Copy the request body to ``out``; 413 as soon as it passes ``cap`` bytes (the rest
+    is never read). Holds at most ``SPOOL_BATCH`` bytes of it in memory."""
+    size = 0
+    pending = bytearray()
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, "upload too large",
+                           f"the upload is over the {human_size(cap)} cap on compressed size")
+        pending += chunk
+        if len(pending) >= SPOOL_BATCH:
+            await asyncio.to_thread(out.write, pending)
+            pending = bytearray()
+    if pending:
+        await asyncio.to_thread(out.write, pending)
+    await asyncio.to_thread(out.flush)
+    return size
+
+
+def _unpack(body: IO[bytes], dest: Path, limits: ArchiveLimits, max_replicas: int) -> Spec:
+    """Extract the spooled upload into ``dest`` and check it: the spec, and for source
+    functions requirements.txt. Blocking: runs in a worker thread."""
+    body.seek(0)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ApiError(400, "bad upload", f"body is not a valid tar archive of the function folder: {e}") from e
+        extract(body, dest, limits)
+    except ArchiveError as e:
+        raise ApiError(e.status, "upload too large" if e.status == 413 else "bad upload", e.reason) from None
+    try:
+        spec = load_spec(dest, source="torpor.yaml", max_replicas=max_replicas)
+    except SpecError as e:
+        raise ApiError(400, "invalid spec", str(e), field=e.path) from e
+    if not spec.image:
+        try:
+            read_requirements(dest)
+        except RequirementsError as e:
+            raise ApiError(400, "invalid requirements", str(e), field=e.field) from None
+    return spec
 
 
 def create_app(store: Store, cfg: ApiConfig) -> Any:
@@ -274,30 +308,30 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
             if canary is not None:
                 raise ApiError(400, "conflicting options", "--canary and --no-traffic exclude each other")
             on_ready = "none"
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_UPLOAD:
-                raise ApiError(413, "upload too large", f"function folder over {MAX_UPLOAD // 2**20} MiB")
+        limits = cfg.limits
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_upload:
+            raise ApiError(413, "upload too large", f"the upload is {human_size(int(declared))}, over the "
+                           f"{human_size(limits.max_upload)} cap on compressed size")
         sources.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=sources))
-        try:
-            _safe_extract(bytes(data), tmp)
+        # The body goes to an unnamed file (O_TMPFILE) and is unpacked from there in a
+        # worker thread, into a private directory renamed into place only once it passed.
+        with tempfile.TemporaryFile(prefix=".upload-", dir=sources) as body:
+            await _spool(request, body, limits.max_upload)
+            tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=sources))
             try:
-                spec = load_spec(tmp, source="torpor.yaml", max_replicas=cfg.max_replicas)
-            except SpecError as e:
-                raise ApiError(400, "invalid spec", str(e), field=e.path) from e
-            await check_secrets(spec)
-            name = spec.name
-            clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
-            if clash is not None:
-                raise ApiError(400, "host clash", clash.message, field=clash.field)
-            dest = sources / name / uuid.uuid4().hex[:12]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                spec = await asyncio.to_thread(_unpack, body, tmp, limits, cfg.max_replicas)
+                await check_secrets(spec)
+                name = spec.name
+                clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
+                if clash is not None:
+                    raise ApiError(400, "host clash", clash.message, field=clash.field)
+                dest = sources / name / uuid.uuid4().hex[:12]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(dest)
+            finally:
+                if tmp.exists():
+                    await asyncio.to_thread(shutil.rmtree, tmp, True)
         fn = await store.update_function(name, lambda cur: _add_revision(cur, name, spec, str(dest), on_ready, tag))
         assert fn is not None
         rev = fn.revisions[-1]

@@ -13,6 +13,7 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -86,12 +87,27 @@ class Api:
         return r.json() if ctype.startswith("application/json") else r.text
 
 
-def pack(folder: Path) -> bytes:
+def pack(folder: Path, warn: Callable[[str], None] | None = None) -> bytes:
+    """The folder as a tar.gz of its regular files and folders (what the API accepts).
+
+    Symbolic links and special files (FIFOs, sockets, devices) are left out, each with a
+    warning through ``warn``: the platform refuses them, and shipping a link's target
+    instead could upload files from outside the folder. Folders in ``SKIP`` are left out
+    silently."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if any(part in SKIP for part in rel.parts) or path.is_symlink():
+            if any(part in SKIP for part in rel.parts):
+                continue
+            if path.is_symlink():
+                if warn:
+                    warn(f"skipping symlink {rel} -> {os.readlink(path)}: the platform accepts regular "
+                         "files and folders only (copy the target into the folder to ship it)")
+                continue
+            if not (path.is_file() or path.is_dir()):
+                if warn:
+                    warn(f"skipping {rel}: not a regular file or folder")
                 continue
             tar.add(path, arcname=str(rel), recursive=False)
     return buf.getvalue()
@@ -121,6 +137,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     for key in ("api_allowed_hosts", "api_allowed_origins"):
         if getattr(args, key, None) is not None:
             setattr(cfg, key, tuple(x.strip() for x in getattr(args, key).split(",") if x.strip()))
+    if hasattr(args, "max_upload"):
+        cfg.limits = upload_limits(args)
     return run_up(cfg, frozenset({component}) if component else ALL)
 
 
@@ -146,7 +164,8 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
     if args.no_traffic:
         params["no_traffic"] = "1"
     started = time.time() - 1
-    out = api.call("POST", "/v1/functions", params=params, content=pack(folder),
+    body = pack(folder, warn=lambda msg: print(f"torpor: deploy: {msg}", file=sys.stderr))
+    out = api.call("POST", "/v1/functions", params=params, content=body,
                    headers={"content-type": "application/gzip"})
     rev = out["revision"]
     print(f"deploying {spec.name}: revision {rev}", file=sys.stderr)
@@ -327,6 +346,45 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------
+def _size_arg(text: str) -> int:
+    from torpor.spec import SpecError, parse_size
+
+    try:
+        size = parse_size(text, "size")
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64Mi, 1Gi or 512Ki, got {text[:40]!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text[:40]!r}")
+    return size
+
+
+def _count_arg(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text[:40]!r}")
+    return int(text)
+
+
+def upload_limits(args: argparse.Namespace) -> Any:
+    """The ``ArchiveLimits`` of ``--max-upload/--max-unpacked/--max-members/--max-depth``."""
+    from torpor.archive import ArchiveLimits
+
+    return ArchiveLimits(max_upload=args.max_upload, max_unpacked=args.max_unpacked,
+                         max_members=args.max_members, max_depth=args.max_depth)
+
+
+def add_upload_limits(sp: argparse.ArgumentParser) -> None:
+    """The caps on a deploy's upload (``torpor.archive.ArchiveLimits``), env defaults."""
+    env = os.environ.get
+    sp.add_argument("--max-upload", type=_size_arg, default=env("TORPOR_MAX_UPLOAD", "64Mi"), metavar="SIZE",
+                    help="largest deploy upload, compressed (env TORPOR_MAX_UPLOAD; default 64Mi)")
+    sp.add_argument("--max-unpacked", type=_size_arg, default=env("TORPOR_MAX_UNPACKED", "256Mi"), metavar="SIZE",
+                    help="largest function folder once unpacked (env TORPOR_MAX_UNPACKED; default 256Mi)")
+    sp.add_argument("--max-members", type=_count_arg, default=env("TORPOR_MAX_MEMBERS", "10000"), metavar="N",
+                    help="most files and folders in an upload (env TORPOR_MAX_MEMBERS; default 10000)")
+    sp.add_argument("--max-depth", type=_count_arg, default=env("TORPOR_MAX_DEPTH", "32"), metavar="N",
+                    help="deepest path in an upload, in folders (env TORPOR_MAX_DEPTH; default 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
@@ -367,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
+        add_upload_limits(sp)
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic")

@@ -3,7 +3,9 @@
 Source functions are built into ``torpor/fn-NAME:REVISION-INSTANCE`` from a locally built base
 image (see ``baseimage.py``; nothing is pulled). Dependencies from ``requirements.txt``
 are installed on the host with pip (containers cannot reach PyPI) and copied into the
-image at ``/fn/.deps``. Replicas run as uid 65534 on a read-only root file system with
+image at ``/fn/.deps``: names from the package index only, binary wheels only, pip run
+from an empty directory with a scrubbed environment (``pip.py``), so nothing of the
+upload is built or run on the host. Replicas run as uid 65534 on a read-only root file system with
 no capabilities, memory/CPU/pid limits, no volumes, and publish their port on
 127.0.0.1 only.
 
@@ -26,7 +28,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from torpor.drivers import pip
 from torpor.drivers.base import BuildError, Progress, Running
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
 from torpor.model import Revision
@@ -113,55 +115,6 @@ def _tail(lines: Iterable[str], n: int = 8) -> str:
 def _exit_code(status: str) -> int | None:
     m = re.match(r"Exited \((-?\d+)\)", status or "")
     return int(m.group(1)) if m else None
-
-
-def check_requirements(text: str) -> None:
-    """Refuse what would let a function's requirements.txt reach beyond PyPI packages.
-
-    pip runs on the host, as the platform's user: options (``--index-url``, ``-e``,
-    ``-r other``, ``--no-binary``...), URLs and local paths are refused; names, extras,
-    version specifiers, markers and ``--hash`` are accepted. Set ``TORPOR_PIP_TRUSTED=1``
-    to lift this (and the wheels-only rule) for code you trust.
-    """
-    logical: list[tuple[int, str]] = []
-    buf, start = "", 0
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not buf:
-            start = n
-        line = re.sub(r"(^|\s)#.*$", "", raw)
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        logical.append((start, buf + line))
-        buf = ""
-    if buf:
-        logical.append((start, buf))
-    for n, line in logical:
-        line = line.strip()
-        if not line:
-            continue
-        req, *opts = re.split(r"\s+(?=-)", line)
-        where = f"requirements.txt line {n}"
-        if req.startswith("-"):
-            raise BuildError(
-                f"{where}: pip option {req.split()[0]!r} is not accepted: list package names "
-                "and versions only (TORPOR_PIP_TRUSTED=1 lifts this for trusted code)"
-            )
-        for opt in opts:
-            if not opt.startswith("--hash"):
-                raise BuildError(f"{where}: only --hash may follow a requirement, not {opt!r}")
-        name_part = req.split(";", 1)[0]
-        if "://" in name_part or "@" in name_part or "/" in name_part or "\\" in name_part:
-            raise BuildError(
-                f"{where}: URLs, direct references and paths are not accepted ({req!r}): "
-                "list package names and versions from the package index"
-            )
-        if name_part.startswith((".", "~")):
-            raise BuildError(f"{where}: local paths are not accepted ({req!r})")
-
-
-def _pip_trusted() -> bool:
-    return os.environ.get("TORPOR_PIP_TRUSTED", "").lower() in ("1", "true", "yes")
 
 
 def _make_readable(root: Path) -> None:
@@ -308,55 +261,27 @@ class DockerDriver:
             symlinks=True,  # never dereference a link to a host file
             ignore=lambda _d, names: [n for n in names if n in _SKIP or n.endswith(".pyc")],
         )
-        req = src / "requirements.txt"
-        if req.is_file() and req.read_text().strip():
-            self._pip(req, ctx / "fn" / ".deps", say)
+        requirements = pip.read_requirements(src)  # before anything runs: a bad line is a BuildError
+        if requirements:
+            self._pip(requirements, ctx / "fn" / ".deps", say)
         _make_readable(ctx)
         (ctx / "Dockerfile").write_text(
             dockerfile(self.base_image, revision.spec.handler or "handler:handle", revision.spec.port)
         )
 
-    def _pip(self, req: Path, target: Path, say: Callable[[str], None]) -> None:
-        trusted = _pip_trusted()
-        if not trusted:
-            check_requirements(req.read_text())
-        cmd = [
-            sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
-            "--no-warn-script-location", "--progress-bar", "off", "--target", str(target),
-        ]
-        if not trusted:
-            # Wheels only: building an sdist runs its setup code on the host.
-            cmd.append("--only-binary=:all:")
+    def _pip(self, requirements: list[str], target: Path, say: Callable[[str], None]) -> None:
+        """Install the (validated) requirements for the base image's python, on the host:
+        wheels only, from an empty directory (``torpor.drivers.pip``)."""
         try:
             base_py = self._python_of_base()
         except docker.errors.DockerException as e:
             raise BuildError(f"cannot run the base image {self.base_image}: {e}") from e
         host_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        if base_py and base_py != host_py:
-            # Cross-version install: wheels only, for the image's interpreter.
-            cmd += ["--python-version", base_py]
-            if trusted:
-                cmd.append("--only-binary=:all:")  # required by --python-version
-        cmd += ["-r", str(req)]
-        say(f"pip install -r requirements.txt (for python {base_py or host_py}, on the host)")
-        lines: list[str] = []
-        with subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=req.parent,
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip()
-                lines.append(line)
-                say(line)
-        if proc.returncode != 0:
-            raise BuildError(
-                f"pip install -r requirements.txt failed (exit {proc.returncode}):\n{_tail(lines)}"
-            )
+        # Cross-version install: wheels for the image's interpreter.
+        cross = base_py if base_py and base_py != host_py else None
+        say(f"pip install -r requirements.txt (for python {base_py or host_py}, on the host, wheels only)")
+        pip.install(requirements, target, python=sys.executable, python_version=cross,
+                    cache_dir=self.state_dir / "pip-cache", say=say)
 
     def _build(self, revision: Revision, ctx: Path, tag: str, say: Callable[[str], None]) -> None:
         say(f"building image {tag} from {self.base_image}")

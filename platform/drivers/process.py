@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from torpor.drivers import pip
 from torpor.drivers.base import BuildError, Progress, Running
 from torpor.model import Revision
 
@@ -68,19 +69,15 @@ class ProcessDriver:
             )
         if not revision.source or not Path(revision.source).is_dir():
             raise BuildError(f"source folder {revision.source!r} is missing")
-        req = Path(revision.source) / "requirements.txt"
-        if req.is_file() and req.read_text().strip():
-            deps = Path(revision.source) / ".deps"
-            cmd = [self.python, "-m", "pip", "install", "--quiet", "--target", str(deps), "-r", str(req)]
+        requirements = await asyncio.to_thread(pip.read_requirements, revision.source)
+        if requirements:
+            # The function's own code runs on the host by design, but installing its
+            # dependencies still builds nothing: index names, wheels only (pip.py). Quiet:
+            # pip's output shows only if it fails.
             if progress:
-                progress("installing requirements.txt")
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-            out, _ = await proc.communicate()
-            if proc.returncode != 0:
-                tail = "\n".join(out.decode(errors="replace").strip().splitlines()[-5:])
-                raise BuildError(f"pip install -r requirements.txt failed: {tail}")
+                progress("installing requirements.txt (wheels only)")
+            await asyncio.to_thread(pip.install, requirements, Path(revision.source) / ".deps",
+                                    python=self.python, cache_dir=self.dir.parent / "pip-cache")
         return revision
 
     async def remove(self, revision: Revision) -> None:

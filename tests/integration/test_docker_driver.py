@@ -17,6 +17,7 @@ import docker
 import docker.errors
 import httpx
 import pytest
+from archives import pip_shadow, sdist
 
 from torpor.drivers.base import BuildError, Running
 from torpor.drivers.baseimage import BaseImageError, build_base_image, debian_mirror
@@ -209,12 +210,48 @@ async def test_missing_image_is_a_build_error(env: Env) -> None:
 
 
 async def test_bad_requirements_is_a_build_error_with_the_reason(env: Env) -> None:
-    rev = env.revision(requirements="this is not ! a valid requirement ===\n")
+    rev = env.revision(requirements="six\nthis is not ! a valid requirement ===\n")
+    with pytest.raises(BuildError) as err:
+        await env.prepare(rev)
+    msg = str(err.value)
+    assert msg.startswith("requirements.txt:2: 'this is not ! a valid requirement ==='"), msg
+    assert "not a valid requirement" in msg and "expected a package name" in msg
+    rev = env.revision(requirements="this-package-does-not-exist-torpor==0.0.1\n")
     with pytest.raises(BuildError) as err:
         await env.prepare(rev)
     msg = str(err.value)
     assert "pip install -r requirements.txt failed" in msg
-    assert "Invalid requirement" in msg or "invalid" in msg.lower()
+    assert "No matching distribution" in msg or "Could not find a version" in msg, msg
+
+
+@pytest.mark.security
+async def test_an_sdist_shipped_in_the_upload_is_never_built_on_the_host(env: Env, attack) -> None:
+    """Deploy (docker driver) with requirements.txt p-1.0.tar.gz, an sdist of the upload."""
+    marker = env.tmp / "built-on-host"
+    rev = env.revision(requirements="p-1.0.tar.gz\n")
+    assert rev.source
+    (Path(rev.source) / "p-1.0.tar.gz").write_bytes(sdist(str(marker)))
+    with pytest.raises(BuildError) as err:
+        await env.prepare(rev)
+    assert str(err.value).startswith("requirements.txt:1: 'p-1.0.tar.gz': a file name"), err.value
+    assert not marker.exists(), "the upload's build backend ran on the host"
+    attack.ended(f"BuildError {str(err.value)[:120]}")
+
+
+@pytest.mark.security
+async def test_a_pip_module_in_the_upload_never_runs_on_the_host(env: Env, attack) -> None:
+    """Deploy (docker driver) a folder holding pip/__main__.py, so `python -m pip` from it runs it."""
+    marker = env.tmp / "ran-on-host"
+    rev = env.revision(requirements="six\n")
+    assert rev.source
+    for name, code in pip_shadow(str(marker)).items():
+        (Path(rev.source) / name).parent.mkdir(exist_ok=True)
+        (Path(rev.source) / name).write_text(code)
+    lines: list[str] = []
+    rev = await env.prepare(rev, lines)
+    assert not marker.exists(), "the upload's pip package ran on the host"
+    assert any("Successfully installed six" in line for line in lines), lines[-5:]
+    attack.ended("built with the real pip from an empty directory; the upload's pip/ never ran")
 
 
 async def test_requirements_may_not_point_beyond_the_package_index(env: Env) -> None:
