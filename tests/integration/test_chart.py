@@ -360,6 +360,7 @@ def test_bundled_redis_is_a_persistent_appendonly_statefulset(docs: list[Doc]) -
     args = c["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--dir") + 1] == "/data"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"  # refuse writes, never drop state
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert env_of(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "torpor-redis", "key": "password"}
     assert re.fullmatch(r"[A-Za-z0-9]{40}", secret_value(one(docs, "Secret", "torpor-redis"), "password"))
