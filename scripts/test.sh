@@ -2,7 +2,9 @@
 # Install what the tests need (idempotent), then run the whole test suite.
 #   redis-server (real Redis for the store contract and distributed-mode tests),
 #   Docker Engine + the locally built base image (docker driver tests),
-#   nginx + wrk (benchmarks), the project itself with its test extras.
+#   nginx + wrk (benchmarks), Go with sprig and sigs.k8s.io/yaml (the offline chart
+#   renderer behind scripts/render-chart when helm is absent), shellcheck (script
+#   lint), the project itself with its test extras.
 # Runs as root on Debian/Ubuntu; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,10 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || need+=(golang-github-masterminds-sprig-dev)
+[ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || need+=(golang-k8s-sigs-yaml-dev)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "test.sh: apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
