@@ -17,9 +17,15 @@
   installed (it only matches ``torpor*`` interfaces) and is added again when missing.
   ``TORPOR_DOCKER_HOST_ACCESS=1`` leaves it out, for functions that must call a service
   on the host.
-- Egress beyond the host (the internet, other machines) is left as Docker routes it, as
-  Knative does by default: calling an external API is a normal thing for a function.
-  The networks are IPv4 only (Docker disables IPv6 inside their containers).
+- No link-local destinations (169.254.0.0/16: a cloud's instance metadata service, which
+  hands out the machine's credentials): one rule in ``DOCKER-USER``, ``-i torpor+ -d
+  169.254.0.0/16 -j DROP``, installed with the one above (and also with
+  ``TORPOR_DOCKER_HOST_ACCESS=1``).
+- Other egress (the internet, other machines) is left as Docker routes it, as Knative
+  does by default: calling an external API is a normal thing for a function. A Redis or
+  API on *another* machine is therefore reachable unless that machine or a
+  ``DOCKER-USER`` rule refuses it. The networks are IPv4 only (Docker disables IPv6
+  inside their containers).
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ FIREWALL_RULE = [
     "-m", "comment", "--comment", FIREWALL_COMMENT,
     "-j", "DROP",
 ]
+METADATA_COMMENT = "torpor: containers may not reach link-local addresses (instance metadata)"
+METADATA_RULE = [
+    "-i", f"{BRIDGE_PREFIX}+", "-d", "169.254.0.0/16",
+    "-m", "comment", "--comment", METADATA_COMMENT,
+    "-j", "DROP",
+]
 
 
 def network_name(instance: str, function: str) -> str:
@@ -65,25 +77,45 @@ def host_access_allowed() -> bool:
     return os.environ.get("TORPOR_DOCKER_HOST_ACCESS", "").lower() in ("1", "true", "yes")
 
 
-def ensure_host_firewall(iptables: str | None = None) -> str | None:
-    """Install the INPUT rule if it is missing; ``None`` when it is in place, else why not."""
-    binary = iptables or shutil.which("iptables") or ("/usr/sbin/iptables" if os.path.exists("/usr/sbin/iptables") else None)
+def _iptables() -> str | None:
+    found = shutil.which("iptables")
+    if found:
+        return found
+    return "/usr/sbin/iptables" if os.path.exists("/usr/sbin/iptables") else None
+
+
+def ensure_rule(chain: str, rule: list[str], iptables: str | None = None) -> str | None:
+    """Insert ``rule`` first in ``chain`` unless it is there; ``None`` once it is, else why not."""
+    binary = iptables or _iptables()
     if binary is None:
         return "iptables is not installed"
     if os.geteuid() != 0:
         return "the platform does not run as root"
     try:
-        check = subprocess.run([binary, "-w", "5", "-C", "INPUT", *FIREWALL_RULE],
+        check = subprocess.run([binary, "-w", "5", "-C", chain, *rule],
                                capture_output=True, text=True, timeout=15)
         if check.returncode == 0:
             return None
-        add = subprocess.run([binary, "-w", "5", "-I", "INPUT", "1", *FIREWALL_RULE],
+        add = subprocess.run([binary, "-w", "5", "-I", chain, "1", *rule],
                              capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{binary} failed: {e}"
     if add.returncode != 0:
-        return f"{binary} -I INPUT failed: {(add.stderr or add.stdout).strip()[:200]}"
+        return f"{binary} -I {chain} failed: {(add.stderr or add.stdout).strip()[:200]}"
     return None
+
+
+def ensure_host_firewall(iptables: str | None = None) -> str | None:
+    """The INPUT rule: containers on torpor bridges open no connection to this host."""
+    return ensure_rule("INPUT", FIREWALL_RULE, iptables)
+
+
+def ensure_metadata_block(iptables: str | None = None) -> str | None:
+    """The DOCKER-USER rule (FORWARD if Docker made no DOCKER-USER chain): no link-local."""
+    problem = ensure_rule("DOCKER-USER", METADATA_RULE, iptables)
+    if problem and "DOCKER-USER" in problem:
+        problem = ensure_rule("FORWARD", METADATA_RULE, iptables)
+    return problem
 
 
 class Networks:
@@ -138,6 +170,10 @@ class Networks:
         if self._firewall_checked:
             return
         self._firewall_checked = True
+        metadata = ensure_metadata_block()
+        if metadata:
+            log.warning("docker driver: containers can reach link-local addresses such as a "
+                        "cloud's metadata service (%s)", metadata)
         if host_access_allowed():
             self.firewall_problem = "TORPOR_DOCKER_HOST_ACCESS=1"
             return

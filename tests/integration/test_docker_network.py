@@ -27,7 +27,7 @@ import pytest
 from torpor.drivers.base import Running
 from torpor.drivers.baseimage import BaseImageError, build_base_image
 from torpor.drivers.docker import DockerDriver
-from torpor.drivers.dockernet import FIREWALL_RULE, network_name
+from torpor.drivers.dockernet import FIREWALL_RULE, METADATA_RULE, network_name
 from torpor.model import Revision, Spec
 
 pytestmark = pytest.mark.docker
@@ -284,8 +284,11 @@ async def test_close_prunes_networks_left_empty(env: Env) -> None:
 
 
 async def test_the_host_firewall_rule_is_installed(env: Env) -> None:
-    """Root with iptables (as here and in CI): the INPUT rule is in place after a start."""
+    """Root with iptables (as here and in CI): the INPUT and the link-local rules are in
+    place after a start (the metadata address itself is never probed: not ours)."""
     await env.up(await env.revision())
     r = subprocess.run(["iptables", "-w", "5", "-C", "INPUT", *FIREWALL_RULE], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["iptables", "-w", "5", "-C", "DOCKER-USER", *METADATA_RULE], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert env.driver.networks.firewall_problem is None
