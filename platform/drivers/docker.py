@@ -7,7 +7,8 @@ image at ``/fn/.deps``: names from the package index only, binary wheels only, p
 from an empty directory with a scrubbed environment (``pip.py``), so nothing of the
 upload is built or run on the host. Replicas run as uid 65534 on a read-only root file system with
 no capabilities, memory/CPU/pid limits, no volumes, and publish their port on
-127.0.0.1 only.
+127.0.0.1 only. Each function's replicas sit on a bridge network of their own with
+inter-container traffic off, and cannot open connections to the host (``dockernet.py``).
 
 Containers carry the labels ``torpor.function``, ``torpor.revision``,
 ``torpor.replica``, ``torpor.managed=true`` and ``torpor.instance`` (derived from the
@@ -23,6 +24,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -41,7 +43,10 @@ import docker.errors
 from torpor.drivers import pip
 from torpor.drivers.base import BuildError, Progress, Running
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
+from torpor.drivers.dockernet import Networks
 from torpor.model import Revision
+
+log = logging.getLogger("torpor")
 
 MANAGED = "torpor.managed"
 INSTANCE = "torpor.instance"
@@ -149,6 +154,7 @@ class DockerDriver:
         self._client = client
         self._base_lock = asyncio.Lock()
         self._base_python: str | None = None
+        self.networks = Networks(lambda: self.client, self.instance)
 
     # -- plumbing --------------------------------------------------------------------------
     @property
@@ -308,6 +314,10 @@ class DockerDriver:
             raise BuildError(f"docker build of {tag} failed: {e}\n{_tail(lines)}") from e
 
     async def remove(self, revision: Revision) -> None:
+        try:  # the function's network, once none of its containers is left
+            await asyncio.to_thread(self.networks.remove_if_unused, revision.function)
+        except docker.errors.DockerException as e:
+            log.warning("removing the network of %s failed: %s", revision.function, e)
         if revision.spec.image:
             return  # the user's image, not ours
         tag = image_name(revision, self.instance)
@@ -365,6 +375,7 @@ class DockerDriver:
         def create() -> Any:
             # create + start rather than containers.run, which would try to pull a
             # missing image (no registry here) and leave a half-made container behind.
+            kwargs["network"] = self.networks.ensure(revision.function)
             try:
                 return self.client.containers.create(image, **kwargs)
             except docker.errors.ImageNotFound:
@@ -377,7 +388,7 @@ class DockerDriver:
             self._remove_stale(kwargs["name"])  # a leftover of the same name
             return self.client.containers.create(image, **kwargs)
 
-        def run() -> Running:
+        def run_once() -> Running:
             container = create()
             try:
                 container.start()
@@ -389,6 +400,16 @@ class DockerDriver:
                     pass
                 raise
             return self._running(container.attrs)
+
+        def run() -> Running:
+            try:
+                return run_once()
+            except docker.errors.NotFound as e:
+                if isinstance(e, docker.errors.ImageNotFound) or "network" not in str(e).lower():
+                    raise
+            # the network was removed under us (emptied by a remove() or a prune): again
+            self.networks.forget(revision.function)
+            return run_once()
 
         return await asyncio.to_thread(run)
 
@@ -588,6 +609,10 @@ class DockerDriver:
 
     async def close(self) -> None:
         if self._client is not None:
+            try:  # networks left empty (their replicas stopped): adopted ones stay
+                await asyncio.to_thread(self.networks.prune)
+            except docker.errors.DockerException as e:
+                log.warning("pruning empty networks failed: %s", e)
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
 

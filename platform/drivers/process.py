@@ -3,6 +3,17 @@
 Replicas run in their own session so they outlive a ``kill -9`` of ``torpor up``; each
 writes a record (``state_dir/replicas/NAME.json``, the process driver's "labels") so a
 new driver instance finds, adopts or stops them. Output goes to ``NAME.log`` beside it.
+
+What a replica gets and what it does not (the process driver runs trusted code: it is no
+sandbox). A replica's environment is exactly its own: the spec's ``env`` plus ``PORT``,
+``TORPOR_*``, ``PATH``, ``LANG``, ``HOME``; nothing of the platform's environment reaches
+it. The zygote is exec'd with a minimal environment (``PATH``, ``LANG``, an empty
+``HOME``, ``PYTHON*`` flags), so ``/proc/self/environ`` of a forked replica (which shows
+the zygote's start-up block, not ``os.environ``) and ``/proc/<zygote>/environ`` hold
+nothing of it either. Each replica has a private, empty ``HOME`` and ``TMPDIR``
+(``state_dir/homes/NAME``, removed when it stops), and resource limits from
+:func:`replica_rlimits`. Not isolated: the user id, the file system and the network are
+the platform's own.
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +33,61 @@ from pathlib import Path
 
 from torpor.drivers import pip
 from torpor.drivers.base import BuildError, Progress, Running
-from torpor.model import Revision
+from torpor.model import MiB, Revision
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
 ZYGOTE = RUNTIME.with_name("zygote.py")
+
+# -- resource limits of a process replica ---------------------------------------------------
+NOFILE = 4096  # open files (soft = hard)
+BASE_DATA = 64 * MiB  # interpreter + runtime + stdlib imports: about 22 MiB measured, x3
+DEFAULT_THREADS = 64  # the runtime's handler threads (TORPOR_THREADS)
+
+
+def _thread_stack() -> int:
+    """The stack glibc reserves for each new thread: RLIMIT_STACK's soft value (8 MiB on
+    most systems), 32 MiB when unlimited (glibc's default on x86-64)."""
+    soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return 32 * MiB if soft == resource.RLIM_INFINITY or soft <= 0 else int(soft)
+
+
+def replica_rlimits(memory: int, threads: int = DEFAULT_THREADS) -> dict[str, tuple[int, int]]:
+    """The rlimits a process replica runs under: ``{"RLIMIT_X": (soft, hard)}``.
+
+    - ``RLIMIT_DATA`` (private writable memory: heap, anonymous mmaps, thread stacks) =
+      ``memory`` + ``threads`` x the thread stack + ``BASE_DATA``: an allocation beyond it
+      raises ``MemoryError`` in the handler (the request gets a 500, the replica keeps
+      serving). Thread stacks count in full although they are mostly untouched (64
+      threads x 8 MiB = 512 MiB of the 832 MiB a 256Mi function gets), so the limit bounds
+      a replica's memory rather than enforcing ``memory`` exactly. ``RLIMIT_AS`` is not
+      used: 64 threads with their malloc arenas reserve about 1.5 GiB of address space
+      for 18 MiB resident.
+    - ``RLIMIT_NOFILE`` = 4096, ``RLIMIT_CORE`` = 0 (no core dumps of a replica's memory).
+    - No ``RLIMIT_NPROC``: it counts every process of the user (the platform's too) and
+      does not apply to root; no ``RLIMIT_FSIZE``: it would stop a long-lived replica's
+      own log, and not bound the disk used.
+    """
+    limits: dict[str, tuple[int, int]] = {"RLIMIT_CORE": (0, 0)}
+    hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = NOFILE if hard_nofile == resource.RLIM_INFINITY else min(NOFILE, int(hard_nofile))
+    limits["RLIMIT_NOFILE"] = (nofile, nofile)
+    if memory > 0:
+        data = int(memory) + max(1, threads) * _thread_stack() + BASE_DATA
+        limits["RLIMIT_DATA"] = (data, data)
+    return limits
+
+
+def _threads(env: dict[str, str]) -> int:
+    raw = env.get("TORPOR_THREADS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_THREADS
+
+
+def _apply_rlimits(pid: int, limits: dict[str, tuple[int, int]]) -> None:
+    for name, value in limits.items():
+        try:
+            resource.prlimit(pid, getattr(resource, name), value)
+        except (OSError, ValueError):  # gone already, or a limit this system refuses
+            pass
 
 
 def _free_port(host: str) -> int:
@@ -59,6 +123,7 @@ class ProcessDriver:
         self._zygote_lock = asyncio.Lock()
         # short path: AF_UNIX paths are limited to ~107 bytes
         self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
+        self.homes = Path(state_dir) / "homes"  # a private, empty HOME per replica
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -98,9 +163,12 @@ class ProcessDriver:
             raise BuildError("revision has no source folder")
         port = _free_port(self.host)
         spec = revision.spec
+        home = self._home(replica)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": home,
+            "TMPDIR": home,
             **spec.env,
             **(secret_env or {}),
             "PORT": str(port),
@@ -113,11 +181,14 @@ class ProcessDriver:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        limits = replica_rlimits(spec.resources.memory, _threads(env))
         log_path = self.dir / f"{replica}.log"
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
-        pid = await self._spawn_forked(replica, revision.source, env, log_path) if self.use_zygote else None
+        pid = None
+        if self.use_zygote:
+            pid = await self._spawn_forked(replica, revision.source, env, log_path, limits)
         if pid is None:
-            pid = self._spawn(revision.source, env, log_path)
+            pid = self._spawn(revision.source, env, log_path, limits)
         record = {
             "replica": replica,
             "function": revision.function,
@@ -132,7 +203,32 @@ class ProcessDriver:
         os.replace(tmp, self.dir / f"{replica}.json")
         return self._running(record)
 
-    def _spawn(self, cwd: str, env: dict[str, str], log_path: Path) -> int:
+    def _home(self, replica: str) -> str:
+        """A fresh, empty, private directory for the replica's HOME and TMPDIR."""
+        home = self.homes / replica
+        shutil.rmtree(home, ignore_errors=True)
+        self.homes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        home.mkdir(mode=0o700)
+        return str(home)
+
+    def _zygote_env(self) -> dict[str, str]:
+        """The zygote's whole environment: nothing of the platform's (its token, store
+        URL, cloud keys...), since every forked replica's ``/proc/self/environ`` is this."""
+        home = self.homes / ".zygote"
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(home),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _spawn(self, cwd: str, env: dict[str, str], log_path: Path,
+               limits: dict[str, tuple[int, int]]) -> int:
+        """A plain ``python server.py`` with exactly ``env``; rlimits are set with
+        prlimit(2) as soon as it is exec'd, before the runtime imports the handler
+        (not preexec_fn: it can deadlock in a process with threads)."""
         log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
@@ -147,6 +243,7 @@ class ProcessDriver:
             )
         finally:
             log.close()
+        _apply_rlimits(proc.pid, limits)
         self._children[proc.pid] = proc
         return proc.pid
 
@@ -159,6 +256,7 @@ class ProcessDriver:
             try:
                 self._zygote = subprocess.Popen(
                     [self.python, "-s", str(ZYGOTE), str(self._zygote_sock)],
+                    env=self._zygote_env(), cwd=str(self.homes / ".zygote"),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True, close_fds=True,
                 )
@@ -173,12 +271,13 @@ class ProcessDriver:
             self.use_zygote = False  # fall back to plain spawns for good
             return False
 
-    async def _spawn_forked(self, replica: str, cwd: str, env: dict[str, str], log_path: Path) -> int | None:
+    async def _spawn_forked(self, replica: str, cwd: str, env: dict[str, str], log_path: Path,
+                            limits: dict[str, tuple[int, int]]) -> int | None:
         """Fork the replica from the zygote; None if the zygote is unavailable."""
         if not await self._ensure_zygote():
             return None
         req = {"replica": replica, "cwd": cwd, "env": env, "log": str(log_path),
-               "exit": str(self.dir / f"{replica}.exit")}
+               "exit": str(self.dir / f"{replica}.exit"), "limits": limits}
         try:
             reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
             writer.write(json.dumps(req).encode() + b"\n")
@@ -228,6 +327,7 @@ class ProcessDriver:
     def _forget(self, replica: str) -> None:
         (self.dir / f"{replica}.json").unlink(missing_ok=True)
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
+        shutil.rmtree(self.homes / replica, ignore_errors=True)
 
     async def list(self) -> list[Running]:
         out = []

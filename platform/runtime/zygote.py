@@ -4,7 +4,15 @@ imports (~3-12 ms to ready instead of ~50-80 ms).
 
 Standard library only, like server.py beside it. Run as ``python3 zygote.py SOCKET``.
 Protocol: one JSON line per connection on the Unix socket
-``{"replica", "cwd", "env", "log", "exit"}`` -> ``{"pid": N}`` (or ``{"error": ...}``).
+``{"replica", "cwd", "env", "log", "exit", "limits"}`` -> ``{"pid": N}`` (or
+``{"error": ...}``); ``limits`` is ``{"RLIMIT_X": [soft, hard]}``, set in the child
+right after the fork, before the runtime imports the handler.
+
+The driver starts the zygote with a minimal environment: a forked child's
+``/proc/self/environ`` is the zygote's start-up block whatever ``os.environ`` says, so
+that block must hold nothing a replica may not read. The child's ``os.environ`` is then
+exactly the requested ``env``.
+
 The zygote reaps its children and writes each exit code to the ``exit`` path, so the
 driver can report why a replica died. Children run in their own session: they outlive
 the zygote (and ``torpor up``), and are adopted by the next run like any replica.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -56,6 +65,20 @@ def _reap(signum: int = 0, frame: object = None) -> None:
                 pass
 
 
+def _limit(limits: object) -> None:
+    if not isinstance(limits, dict):
+        return
+    for name, value in limits.items():
+        which = getattr(resource, str(name), None) if str(name).startswith("RLIMIT_") else None
+        if which is None:
+            continue
+        try:
+            soft, hard = value
+            resource.setrlimit(which, (int(soft), int(hard)))
+        except (OSError, ValueError, TypeError) as e:
+            print(f"torpor-zygote: {name}={value!r} not set: {e}", file=sys.stderr, flush=True)
+
+
 def _child(req: dict[str, object], t0: float) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
@@ -66,6 +89,7 @@ def _child(req: dict[str, object], t0: float) -> None:
     os.dup2(log, 2)
     os.close(log)
     os.close(null)
+    _limit(req.get("limits"))
     env = req["env"]
     assert isinstance(env, dict)
     os.environ.clear()
