@@ -39,7 +39,9 @@ computing the response head is noticed when the head arrives.
 
 Hop-by-hop headers (Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
 Transfer-Encoding, Upgrade and every header named in Connection) are removed in both
-directions. ``Expect`` is removed from requests too: the ASGI server already answered
+directions. The client's forwarding headers (``Forwarded``, ``X-Forwarded-For``,
+``-Host``, ``-Proto``) are never passed on: whoever calls ``proxy`` sets them in
+``add_request_headers`` from what it saw (``torpor.gateway.forwarded``). ``Expect`` is removed from requests too: the ASGI server already answered
 ``100-continue`` to the client and the body is sent without waiting. Responses 1xx
 are skipped; on 204/304 ``Content-Length`` is dropped (there is no body to match it).
 Trailers of chunked responses are dropped.
@@ -59,6 +61,7 @@ from typing import Any, cast
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from torpor.gateway.flow import WriteFlow
+from torpor.gateway.forwarded import FORWARDING_HEADERS
 
 __all__ = ["NotSent", "Pools", "UpstreamPool", "proxy"]
 
@@ -96,8 +99,8 @@ _HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers that need a look: hop-by-hop, framing, Host, Expect.
-_REQ_SPECIAL = _HOP | {b"content-length", b"host", b"expect"}
+# Request headers that need a look: hop-by-hop, framing, Host, Expect, forwarding.
+_REQ_SPECIAL = _HOP | FORWARDING_HEADERS | {b"content-length", b"host", b"expect"}
 # Response headers that need a look.
 _RESP_SPECIAL = _HOP | {b"content-length"}
 # Connection tokens that name nothing to strip beyond _HOP, or name headers that must

@@ -55,9 +55,10 @@ MIN_WINDOW = 6.0
 MAX_WINDOW = 3600.0
 MAX_SCALE = 1000
 MIN_MEMORY = 16 * 1024 * 1024
+MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 
-TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout")
+TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
 RESOURCES_KEYS = ("cpu", "memory")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
@@ -578,6 +579,10 @@ def _parse_spec(data: Any) -> Spec:
         spec.timeout = parse_duration(v, "timeout")
         if not 0 < spec.timeout <= MAX_TIMEOUT:
             raise SpecError("timeout", "a duration > 0 and <= 600s", v)
+    if (v := _get(top, "max_body")) is not _MISSING:
+        spec.max_body = parse_size(v, "max_body")
+        if not 1 <= spec.max_body <= MAX_BODY:
+            raise SpecError("max_body", 'a size from 1 byte to "1Gi"', v)
     spec.scale = _parse_scale(top.get("scale"))
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
@@ -665,6 +670,7 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     out["env"] = dict(spec.env)
     out["port"] = spec.port
     out["timeout"] = format_duration(spec.timeout)
+    out["max_body"] = format_size(spec.max_body)
     s = spec.scale
     out["scale"] = {
         "min": s.min,
