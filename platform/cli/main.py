@@ -86,7 +86,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = UpConfig(redis=args.redis, state_dir=Path(args.state_dir) if args.state_dir else UpConfig().state_dir,
                    token=token, log_level=args.log_level)
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
-                "keep_revisions", "pause_idle"):
+                "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
+                "body_timeout", "write_timeout", "max_connections", "max_buffered"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     return run_up(cfg, frozenset({component}) if component else ALL)
@@ -280,6 +281,41 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------
+def _size_arg(value: str) -> int:
+    from torpor.spec import SpecError, parse_size
+
+    try:
+        return parse_size(value, "size")
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256Mi or 1Gi, got {value!r}") from e
+
+
+def _gateway_limits(sp: argparse.ArgumentParser) -> None:
+    """The gateway's bounds on what one client can hold (`torpor up` and `torpor gateway`)."""
+    env = os.environ.get
+    g = sp.add_argument_group("gateway limits (each also from the environment variable named)")
+    g.add_argument("--trusted-proxies", default=env("TORPOR_TRUSTED_PROXIES", ""), metavar="CIDR,...",
+                   help="peers whose Forwarded/X-Forwarded-* headers are appended to rather than replaced "
+                   "(TORPOR_TRUSTED_PROXIES; default: none, not even loopback)")
+    g.add_argument("--graceful-timeout", type=float, default=env("TORPOR_GRACEFUL_TIMEOUT", "30"),
+                   metavar="SECONDS", help="on SIGTERM, in-flight requests get this long, then are cut off "
+                   "(TORPOR_GRACEFUL_TIMEOUT; default 30)")
+    g.add_argument("--head-timeout", type=float, default=env("TORPOR_HEAD_TIMEOUT", "10"), metavar="SECONDS",
+                   help="a request head must arrive whole within this, else 408 (TORPOR_HEAD_TIMEOUT; default 10)")
+    g.add_argument("--body-timeout", type=float, default=env("TORPOR_BODY_TIMEOUT", "30"), metavar="SECONDS",
+                   help="silence allowed while a request body is coming, else 408 (TORPOR_BODY_TIMEOUT; "
+                   "default 30)")
+    g.add_argument("--write-timeout", type=float, default=env("TORPOR_WRITE_TIMEOUT", "30"), metavar="SECONDS",
+                   help="a client that reads nothing of its response for this long is disconnected "
+                   "(TORPOR_WRITE_TIMEOUT; default 30)")
+    g.add_argument("--max-connections", type=int, default=env("TORPOR_MAX_CONNECTIONS", "10000"), metavar="N",
+                   help="open client connections; beyond: 503 + Retry-After (TORPOR_MAX_CONNECTIONS; "
+                   "default 10000)")
+    g.add_argument("--max-buffered", type=_size_arg, default=env("TORPOR_MAX_BUFFERED", "256Mi"), metavar="SIZE",
+                   help="request body bytes the gateway holds at once, all requests; beyond: 503 + "
+                   "Retry-After (TORPOR_MAX_BUFFERED; default 256Mi)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
@@ -305,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
+    for sp in (up, gw):
+        _gateway_limits(sp)
     for sp in (up, ap):
         sp.add_argument("--api-host", default="127.0.0.1")
         sp.add_argument("--api-port", type=int, default=8081)
