@@ -318,7 +318,7 @@ class Gateway:
     async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
                      send: Any, host: bytes, first_chunk: dict[str, Any] | None) -> int:
         cold = False
-        forwarding = self.forwarding.headers(scope, host)
+        forwarding = self.forwarding.lines(scope, host)
         b = rr.balancer.pick()
         deadline = time.monotonic() + rr.timeout
         for _attempt in range(MAX_ATTEMPTS):
@@ -358,7 +358,7 @@ class Gateway:
                 status = await proxy(
                     b.pool, scope, receive, send,
                     timeout=max(deadline - time.monotonic(), 0.001),
-                    add_request_headers=forwarding,
+                    add_request_lines=forwarding,
                     add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
                     first_chunk=first_chunk,
                 )

@@ -2,7 +2,8 @@
 ``X-Forwarded-Host`` and ``X-Forwarded-Proto``, from what the gateway saw itself.
 
     fwd = Forwarding(parse_trusted_proxies("10.0.0.0/8, 192.168.1.7"))
-    extra = fwd.headers(scope, host)   # -> add_request_headers of upstream.proxy()
+    fwd.headers(scope, host)  # [(b"forwarded", b"for=..."), (b"x-forwarded-for", ...), ...]
+    fwd.lines(scope, host)    # the same, encoded: add_request_lines of upstream.proxy()
 
 The peer is the socket's (``scope["client"]``), the host the request's ``Host`` header,
 the protocol ``http`` (the gateway has no TLS). ``upstream.proxy()`` never forwards the
@@ -18,8 +19,9 @@ client's own forwarding headers, so what the replica reads is:
   (the first proxy knows what the client asked for), ours set when they sent none.
 
 An IPv6 peer is quoted and bracketed (``for="[::1]"``); an IPv4-mapped one
-(``::ffff:10.1.2.3``, a dual-stack listener) is written and judged as IPv4. Per request
-this costs a dict lookup (peers are memoised, bounded) and a few concatenations.
+(``::ffff:10.1.2.3``, a dual-stack listener) is written and judged as IPv4. On the hot
+path (an untrusted peer) ``lines`` is one dict lookup: the encoded lines are memoised
+per (peer, Host), bounded.
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ class Forwarding:
     def __init__(self, trusted: Iterable[Network] = ()) -> None:
         self.trusted = tuple(trusted)
         self._peers: dict[str, _Peer] = {}
+        self._lines: dict[tuple[str, bytes], bytes] = {}  # untrusted (peer, host) -> lines
+
+    def lines(self, scope: MutableMapping[str, Any], host: bytes) -> bytes:
+        """``headers(scope, host)`` as header lines, each ending in CRLF."""
+        client = scope.get("client")
+        key = (client[0] if client else "", host)
+        got = self._lines.get(key)
+        if got is not None:
+            return got
+        out = b"".join([name + b": " + value + b"\r\n" for name, value in self.headers(scope, host)])
+        if not self._peers[key[0]].trusted:  # (headers() remembered the peer)
+            if len(self._lines) >= _MEMO:
+                self._lines.clear()
+            self._lines[key] = out
+        return out
 
     def _peer(self, host: str) -> _Peer:
         try:

@@ -541,7 +541,7 @@ class Pools:
 
 
 def _request_head(
-    scope: Scope, pool: UpstreamPool, extra: Iterable[tuple[bytes, bytes]]
+    scope: Scope, pool: UpstreamPool, extra: Iterable[tuple[bytes, bytes]], lines: bytes = b""
 ) -> tuple[list[bytes], bool, bool]:
     """Encode method, target and end-to-end headers (without framing headers).
 
@@ -588,6 +588,8 @@ def _request_head(
         parts.append(b"host: " + pool.host_header + b"\r\n")
     for name, value in extra:
         parts.append(name + b": " + value + b"\r\n")
+    if lines:
+        parts.append(lines)
     return parts, has_length, has_te
 
 
@@ -668,17 +670,21 @@ async def proxy(
     *,
     timeout: float,
     add_request_headers: Iterable[tuple[bytes, bytes]] = (),
+    add_request_lines: bytes = b"",
     add_response_headers: Iterable[tuple[bytes, bytes]] = (),
     first_chunk: Message | None = None,
 ) -> int:
     """Forward one ASGI http request to ``pool``'s endpoint and stream the response.
+
+    ``add_request_lines`` is more request headers, already encoded (``name: value``
+    lines, each ending in CRLF, as ``Forwarding.lines`` makes them).
 
     Returns the status sent to the client (499 if the client left before anything was
     sent). Raises ``NotSent`` (nothing sent anywhere: retry elsewhere) and, after the
     response head was sent, ``ConnectionResetError`` when the upstream fails mid-body.
     """
     method: str = scope["method"]
-    parts, has_length, has_te = _request_head(scope, pool, add_request_headers)
+    parts, has_length, has_te = _request_head(scope, pool, add_request_headers, add_request_lines)
 
     # The first body message decides the framing.
     body = b""

@@ -2,10 +2,10 @@
 the activator queue, and forwarding headers from what the gateway saw itself.
 
 The real ``torpor.gateway.server.Server`` on real loopback ports, alone or in front of
-the real ``Gateway`` app, whose replica is another ``Server`` running a recording app;
-then the whole chain on a real ``torpor up`` (marked slow). Deadlines are set small here
-(fractions of a second) so that nothing waits long; the tests assert what happens,
-never how fast.
+the real ``Gateway`` app, whose replica is another ``Server`` running a recording app
+(the whole chain on a real ``torpor up``: test_gateway_limits_up.py). Deadlines are set
+small here (fractions of a second) so that nothing waits long; the tests assert what
+happens, never how fast.
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from platform_proc import Torpor, function_copy, torpor_up
 
 from torpor.gateway.app import Gateway
 from torpor.gateway.forwarded import parse_trusted_proxies
@@ -41,12 +37,21 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every async test here runs on both loops (the gateway runs on uvloop)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 # ---------------------------------------------------------------------------
 # Helpers.
 
 
 async def read_body(receive: Receive) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     while True:
         msg = await receive()
         if msg["type"] != "http.request":
@@ -398,6 +403,25 @@ async def test_chunked_body_over_max_body_is_413_and_never_reaches_the_replica(a
     attack.ended("413 once the body passed max_body (1000 B); the replica never saw it")
 
 
+async def test_a_413_reaches_a_client_that_sends_its_body_regardless() -> None:
+    # No Expect: 100-continue, the body follows the head at once (as curl does for small
+    # uploads): the answer comes while bytes are still arriving, and must not be lost to
+    # a reset. The server half-closes and drops the rest (lingering close).
+    async with gateway(Spec(name="fn", max_body=1000)) as env:
+        for _ in range(3):
+            raw = await Raw.connect(env.port)
+            raw.writer.write(b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n"
+                             % (4 * MiB) + b"x" * (4 * MiB))
+            status, headers, _ = await raw.response()
+            assert status == 413 and headers[b"connection"] == b"close"
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(raw.writer.drain(), TIMEOUT)  # the server reads and drops the rest
+            assert await raw.closed_by_server()
+            await raw.close()
+        assert env.replica.calls == []
+        await until(lambda: not env.server.conns, "lingering connections closed")
+
+
 async def test_oversized_chunked_body_at_zero_wakes_nothing() -> None:
     async with gateway(Spec(name="fn", max_body=100), ready=False) as env:
         raw = await Raw.connect(env.port)
@@ -528,89 +552,3 @@ async def test_path_routing_forwards_the_host_the_client_used() -> None:
         assert seen["forwarded"] == [f'for=127.0.0.1;host="{host}";proto=http']
         assert seen["x-forwarded-host"] == [host] and r.json()["path"] == "/who"
 
-
-# ---------------------------------------------------------------------------
-# End to end: a real `torpor up`, real replicas.
-
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Torpor]:
-    """One `torpor up` for the end-to-end tests below; 127.0.0.2 is a trusted proxy."""
-    tmp = tmp_path_factory.mktemp("limits")
-    with torpor_up(tmp / "state", extra=["--trusted-proxies", "127.0.0.2/32"]) as t:
-        t.tmp = tmp  # type: ignore[attr-defined]
-        yield t
-
-
-@pytest.mark.slow
-@pytest.mark.security
-def test_e2e_oversized_body_to_a_function_at_zero_is_413_and_wakes_nothing(up: Torpor, attack: Any) -> None:
-    """POST a body over the function's max_body to a function at zero, to wake it for nothing"""
-    up.deploy(function_copy(up.tmp, "echo", max_body="1Ki", scale={"idle": "2s"}))  # type: ignore[attr-defined]
-    up.wait_for(lambda: not up.function("echo")["replicas"], 30, "echo at zero")
-    r = up.request("echo", "/", "POST", content=b"x" * 4096)
-    assert r.status_code == 413 and r.json()["field"] == "max_body" and "1Ki" in r.json()["detail"]
-    assert up.function("echo")["replicas"] == []
-    metrics = httpx.get(f"{up.gateway}/metrics", timeout=5).text
-    assert 'torpor_queued_requests{function="echo",revision="echo-00001"} 0.0' in metrics
-    assert not [m for m in metrics.splitlines() if m.startswith("torpor_requests_total{") and '"echo"' in m]
-    # the next request is the one that wakes it; a body within the limit goes through whole
-    r2 = up.request("echo", "/", "POST", content=b"y" * 1000)
-    assert r2.status_code == 200 and r2.json()["length"] == 1000
-    assert r2.headers["x-torpor-cold-start"] == "true"
-    attack.ended(f"413 {r.json()['error']} (max_body 1Ki); still 0 replicas, nothing queued")
-
-
-@pytest.mark.slow
-def test_e2e_a_max_body_above_the_runtime_default_reaches_the_handler(up: Torpor) -> None:
-    up.deploy(function_copy(up.tmp, "hello", max_body="40Mi"))  # type: ignore[attr-defined]
-    r = up.request("hello", "/?name=big", "POST", content=b"z" * (33 * MiB))  # the runtime's own default: 32Mi
-    assert r.status_code == 200 and r.text == "hello, big!\n"
-
-
-@pytest.mark.slow
-@pytest.mark.security
-def test_e2e_spoofed_x_forwarded_for_is_replaced_and_a_trusted_proxy_appended(up: Torpor, attack: Any) -> None:
-    """Send X-Forwarded-For: 1.2.3.4 through torpor up, to pose as another client to the function"""
-    up.deploy(function_copy(up.tmp, "echo"))  # type: ignore[attr-defined]
-    spoof = {"X-Forwarded-For": "1.2.3.4", "Forwarded": "for=1.2.3.4", "X-Forwarded-Proto": "https"}
-    seen = up.request("echo", "/", headers=spoof).json()["headers"]
-    assert seen["x-forwarded-for"] == "127.0.0.1" and seen["x-forwarded-proto"] == "http"
-    assert seen["forwarded"] == 'for=127.0.0.1;host="echo.torpor.localhost";proto=http'
-    # from 127.0.0.2, the configured trusted proxy: its chain is appended to
-    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30) as client:
-        via = client.get(up.gateway + "/", headers={"Host": "echo.torpor.localhost", **spoof}).json()["headers"]
-    assert via["x-forwarded-for"] == "1.2.3.4, 127.0.0.2" and via["x-forwarded-proto"] == "https"
-    assert via["forwarded"] == 'for=1.2.3.4, for=127.0.0.2;host="echo.torpor.localhost";proto=http'
-    attack.ended(f"replaced: the function saw X-Forwarded-For {seen['x-forwarded-for']}")
-
-
-@pytest.mark.slow
-@pytest.mark.security
-def test_e2e_sigterm_returns_within_the_graceful_timeout_while_clients_hold_connections(
-        tmp_path: Path, attack: Any) -> None:
-    """Hold connections open (a half-sent upload, a log stream, an idle one) so that torpor up never stops"""
-    t = Torpor(tmp_path / "state", extra=["--graceful-timeout", "1"]).start()
-    held: list[socket.socket] = []
-    try:
-        t.deploy(function_copy(tmp_path, "hello"))
-        assert t.request("hello").status_code == 200
-        upload = socket.create_connection(("127.0.0.1", t.port), timeout=10)
-        upload.sendall(b"POST / HTTP/1.1\r\nHost: hello.torpor.localhost\r\nContent-Length: 100000\r\n\r\n"
-                       + b"u" * 1000)
-        idle = socket.create_connection(("127.0.0.1", t.port), timeout=10)
-        logs = socket.create_connection(("127.0.0.1", t.api_port), timeout=10)
-        auth = "".join(f"{k}: {v}\r\n" for k, v in t.api_headers.items()).encode()
-        logs.sendall(b"GET /v1/functions/hello/logs?follow=true HTTP/1.1\r\nHost: api\r\n" + auth + b"\r\n")
-        assert logs.recv(12) == b"HTTP/1.1 200"  # the stream has begun
-        held += [upload, idle, logs]
-        assert t.proc is not None
-        t.proc.send_signal(signal.SIGTERM)
-        code = t.proc.wait(timeout=40)  # without a bound: forever (the upload never ends)
-        assert code == 0
-        assert list((t.state_dir / "replicas").glob("*.json")) == []
-    finally:
-        for s in held:
-            s.close()
-        t.stop(signal.SIGKILL)
-    attack.ended("torpor up exited 0 after SIGTERM: what was left was cut off after --graceful-timeout 1")

@@ -154,3 +154,14 @@ async def test_a_backend_handed_as_the_client_leaves_is_given_back() -> None:
     with pytest.raises(ClientGone):
         await waiter
     assert b.in_flight == 0 and len(act) == 0
+
+
+def test_lines_encode_the_headers_and_memoise_untrusted_peers_only() -> None:
+    fwd = Forwarding(parse_trusted_proxies("10.0.0.0/8"))
+    lines = fwd.lines(_scope("127.0.0.1", SPOOF), b"h")
+    assert lines == b"".join(n + b": " + v + b"\r\n" for n, v in fwd.headers(_scope("127.0.0.1"), b"h"))
+    assert fwd.lines(_scope("127.0.0.1"), b"h") is lines  # memoised: the client's headers play no part
+    first = fwd.lines(_scope("10.0.0.1", [(b"x-forwarded-for", b"1.1.1.1")]), b"h")
+    second = fwd.lines(_scope("10.0.0.1", [(b"x-forwarded-for", b"2.2.2.2")]), b"h")
+    assert b"x-forwarded-for: 1.1.1.1, 10.0.0.1\r\n" in first
+    assert b"x-forwarded-for: 2.2.2.2, 10.0.0.1\r\n" in second  # a trusted peer's chain: per request
