@@ -7,19 +7,29 @@ pokes again every half second, and at once each time the queue has doubled since
 last poke, so that a burst arriving at zero is sized in milliseconds, not at the next
 stats report (Knative's activator likewise reports at once on a cold start). The queue
 length also counts toward the observed concurrency of the periodic reports.
+
+A waiter whose client leaves (``gone`` completes) leaves the queue at once: it is not
+handed a backend later, and it no longer counts in the queue length that pokes and
+reports carry.
 """
 
 from __future__ import annotations
 
 import asyncio
+from asyncio import FIRST_COMPLETED
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from torpor.gateway.balancer import Backend, Balancer
 
 
 class QueueFull(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client of a queued request went away; the request left the queue."""
 
 
 class Activator:
@@ -36,14 +46,16 @@ class Activator:
     def __len__(self) -> int:
         return len(self.waiters)
 
-    async def wait(self, timeout: float) -> Backend:
-        """Queue until a backend has room; raises QueueFull or asyncio.TimeoutError."""
+    async def wait(self, timeout: float, gone: asyncio.Future[Any] | None = None) -> Backend:
+        """Queue until a backend has room; raises QueueFull, asyncio.TimeoutError, or
+        ClientGone as soon as ``gone`` (the client left) completes."""
         if len(self.waiters) >= self.limit:
             raise QueueFull
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Backend] = loop.create_future()
         self.waiters.append(fut)
         deadline = loop.time() + timeout
+        waits: set[asyncio.Future[Any]] = {fut} if gone is None else {fut, gone}
         try:
             while True:
                 if not self.balancer.backends:
@@ -51,11 +63,12 @@ class Activator:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise TimeoutError
-                try:
-                    # wake every second to poke again: a lost poke must not strand the queue
-                    return await asyncio.wait_for(asyncio.shield(fut), min(remaining, 1.0))
-                except TimeoutError:
-                    continue
+                # wake every second to poke again: a lost poke must not strand the queue
+                await asyncio.wait(waits, timeout=min(remaining, 1.0), return_when=FIRST_COMPLETED)
+                if gone is not None and gone.done():
+                    raise ClientGone
+                if fut.done():
+                    return fut.result()
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # handed a backend just as we gave up: give it back

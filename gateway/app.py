@@ -4,6 +4,22 @@ Hot path: one dict lookup for the host, an O(1) weighted pick, a least-in-flight
 the revision's replicas, then the pooled upstream proxy. No logging, no regex, no
 control-plane round trip. The route table is kept current by ``sync()`` (store change
 feed); ``report()`` sends concurrency stats to the autoscaler once a second.
+
+Request bodies are read whole before the request counts anywhere. A ``Content-Length``
+over the revision's ``max_body`` is answered 413 at once; a chunked body is read up to
+``max_body`` and answered 413 past it. Only a complete body is dispatched: a client
+that uploads slowly holds no replica slot, no activator place, no in-flight count the
+autoscaler sees, and never wakes a function at zero (the server's ``body_timeout``
+ends its upload). Bodies being read or waiting for a replica take at most
+``max_buffered`` bytes in all (256 MiB); past that: 503 with ``Retry-After``. These
+answers say ``Connection: close`` (the rest of the body is not read) and are not
+counted in the revision's stats. (Knative's queue-proxy likewise counts a request from
+its dispatch; nginx buffers request bodies by default, as Lambda does.)
+
+A request whose client leaves while it waits in the activator leaves the queue at once
+and is neither sent to a replica nor counted. Every proxied request carries
+``Forwarded`` / ``X-Forwarded-*`` headers built by ``torpor.gateway.forwarded`` from
+the socket's peer; the client's own are replaced unless the peer is a trusted proxy.
 """
 
 from __future__ import annotations
@@ -14,14 +30,18 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from time import perf_counter
 from typing import Any
 from urllib.parse import quote
 
-from torpor.gateway.activator import QueueFull
+from torpor.gateway.activator import ClientGone, QueueFull
+from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
 from torpor.gateway.upstream import NotSent, Pools, proxy
+from torpor.model import MiB
+from torpor.spec import format_size
 from torpor.store.base import CHANGES, POKES, STATS, Store
 
 log = logging.getLogger("torpor.gateway")
@@ -32,20 +52,43 @@ H_REVISION = b"x-torpor-revision"
 H_COLD = b"x-torpor-cold-start"
 TRUE, FALSE = b"true", b"false"
 MAX_ATTEMPTS = 3
+MAX_BUFFERED = 256 * MiB  # request body bytes held by the gateway at once, all requests
+_LOOK = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_NOT_COUNTED = 0  # _serve's status for a request that left the queue: no stats
 
 
-async def send_json(send: Any, status: int, body: dict[str, Any], retry_after: int | None = None) -> int:
+async def send_json(send: Any, status: int, body: dict[str, Any], retry_after: int | None = None,
+                    close: bool = False) -> int:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
     return status
 
 
+async def _until_disconnect(receive: Any) -> None:
+    """Return once the client has gone. Called with the body already read, ``receive()``
+    blocks until then (a body-less request still gives one empty ``http.request``)."""
+    for _ in range(2):
+        if (await receive())["type"] == "http.disconnect":
+            return
+    await asyncio.get_running_loop().create_future()  # a server that never says: wait on
+
+
+class _Refused(Exception):
+    """A request body the gateway will not take; ``answer`` is sent instead."""
+
+    def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+
 class Gateway:
-    def __init__(self, store: Store, *, domain: str = "torpor.localhost", queue: int = 1000) -> None:
+    def __init__(self, store: Store, *, domain: str = "torpor.localhost", queue: int = 1000,
+                 max_buffered: int = MAX_BUFFERED, trusted_proxies: Iterable[Network] = ()) -> None:
         self.store = store
         self.domain = domain
         self.suffix = "." + domain
@@ -57,6 +100,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.in_flight = 0
         self._labels: dict[bytes, str] = {}  # Host header -> label (memo)
+        self.max_buffered = max_buffered
+        self.buffered = 0  # request body bytes held now (being read or waiting to be sent)
+        self.forwarding = Forwarding(trusted_proxies)
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str, queued: int) -> None:
@@ -124,10 +170,17 @@ class Gateway:
                 await self._lifespan(receive, send)
             return
         host = b""
+        length: bytes | None = None
+        chunked = False
         for k, v in scope["headers"]:
-            if k == b"host":
-                host = v
-                break
+            if k in _LOOK:
+                if k == b"host":
+                    if not host:
+                        host = v
+                elif k == b"content-length":
+                    length = v
+                else:
+                    chunked = True
         label = self._labels.get(host)
         if label is None:
             label = self._label(host)
@@ -172,14 +225,85 @@ class Gateway:
             if rr is None:
                 await send_json(send, 503, {"error": "no traffic", "detail": f"function {fr.name} has no revision with traffic"}, 5)
                 return
-        self.in_flight += 1
-        start = perf_counter()
-        status = 500
+        first: dict[str, Any] | None = None
+        held = 0  # body bytes this request holds of max_buffered
         try:
-            status = await self._serve(fr, rr, found[1] is not None, scope, receive, send)
+            if length is not None or chunked:
+                try:
+                    first, held = await self._read_body(rr, length, receive)
+                except _Refused as r:
+                    await send_json(send, r.status, r.body, r.retry_after, close=True)
+                    return
+                if first is None:
+                    return  # the client left during its upload
+            self.in_flight += 1
+            start = perf_counter()
+            status = 500
+            try:
+                status = await self._serve(fr, rr, found[1] is not None, scope, receive, send, host, first)
+            finally:
+                if status:
+                    rr.stats.observe(status, perf_counter() - start)
+                self.in_flight -= 1
         finally:
-            rr.stats.observe(status, perf_counter() - start)
-            self.in_flight -= 1
+            if held:
+                self.buffered -= held
+
+    async def _read_body(self, rr: RevisionRoute, length: bytes | None,
+                         receive: Any) -> tuple[dict[str, Any] | None, int]:
+        """The whole body as one ``http.request`` message (None: the client left) and the
+        bytes it holds of ``max_buffered``; raises _Refused."""
+        limit = rr.max_body
+        held = 0
+        if length is not None:
+            try:
+                n = int(length)  # (this gateway's server lets digits through only)
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise _Refused(400, {"error": "bad request", "detail": "invalid Content-Length"})
+            if n > limit:
+                raise _Refused(413, {"error": "request body too large", "field": "max_body",
+                                     "detail": f"Content-Length {n} is over {rr.function}'s max_body "
+                                               f"({format_size(limit)})"})
+            if n > self.max_buffered:
+                raise _Refused(413, {"error": "request body too large",
+                                     "detail": f"Content-Length {n} is over the gateway's body buffer "
+                                               f"({format_size(self.max_buffered)})"})
+            if self.buffered + n > self.max_buffered:
+                raise _Refused(503, {"error": "overloaded",
+                                     "detail": "the gateway's request body buffer is full"}, 1)
+            held = n
+            self.buffered += n
+        try:
+            parts: list[bytes] = []
+            got = 0
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    self.buffered -= held
+                    return None, 0
+                chunk = msg.get("body", b"")
+                if chunk:
+                    got += len(chunk)
+                    if got > held:  # chunked: held grows with what arrives
+                        if got > limit:
+                            raise _Refused(413, {"error": "request body too large", "field": "max_body",
+                                                 "detail": f"the body is over {rr.function}'s max_body "
+                                                           f"({format_size(limit)})"})
+                        self.buffered += got - held
+                        held = got
+                        if self.buffered > self.max_buffered:
+                            raise _Refused(503, {"error": "overloaded",
+                                                 "detail": "the gateway's request body buffer is full"}, 1)
+                    parts.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+        except BaseException:
+            self.buffered -= held
+            raise
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        return {"type": "http.request", "body": body, "more_body": False}, held
 
     def _label(self, host: bytes) -> str:
         """The function/tag label of a Host header ('' when not under our domain); memoised,
@@ -192,9 +316,9 @@ class Gateway:
         return label
 
     async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
-                     send: Any) -> int:
+                     send: Any, host: bytes, first_chunk: dict[str, Any] | None) -> int:
         cold = False
-        first_chunk: dict[str, Any] | None = None
+        forwarding = self.forwarding.lines(scope, host)
         b = rr.balancer.pick()
         deadline = time.monotonic() + rr.timeout
         for _attempt in range(MAX_ATTEMPTS):
@@ -204,8 +328,11 @@ class Gateway:
                         "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)"}, 30)
                 cold = cold or not rr.balancer.backends
                 self.table.hot.add(rr.name)
+                gone = asyncio.ensure_future(_until_disconnect(receive))
                 try:
-                    b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001))
+                    b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001), gone)
+                except ClientGone:
+                    return _NOT_COUNTED  # left the queue: not sent, not counted
                 except QueueFull:
                     return await send_json(send, 503, {"error": "overloaded",
                         "detail": f"activator queue for {rr.name} is full"}, 1)
@@ -223,12 +350,15 @@ class Gateway:
                     b = rr.balancer.pick()
                     cold = False
                     continue
+                finally:
+                    gone.cancel()
             if cold:
                 rr.stats.cold_starts += 1
             try:
                 status = await proxy(
                     b.pool, scope, receive, send,
                     timeout=max(deadline - time.monotonic(), 0.001),
+                    add_request_lines=forwarding,
                     add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
                     first_chunk=first_chunk,
                 )

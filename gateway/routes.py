@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from torpor.gateway.activator import Activator
 from torpor.gateway.balancer import Backend, Balancer
 from torpor.gateway.upstream import Pools
-from torpor.model import Function, Replica
+from torpor.model import DEFAULT_MAX_BODY, Function, Replica
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -48,7 +48,7 @@ class RevisionRoute:
     """Data-plane state of one revision; survives route rebuilds."""
 
     __slots__ = (
-        "name", "function", "name_b", "timeout", "balancer", "activator", "stats",
+        "name", "function", "name_b", "timeout", "max_body", "balancer", "activator", "stats",
         "held_at_zero",
     )
 
@@ -57,6 +57,7 @@ class RevisionRoute:
         self.name = name
         self.name_b = name.encode()
         self.timeout = 30.0
+        self.max_body = DEFAULT_MAX_BODY  # the revision's spec.max_body (bytes)
         self.balancer = Balancer()
         self.activator = Activator(self.balancer, lambda queued: poke(function, name, queued), queue)
         self.stats = RevisionStats()
@@ -164,6 +165,7 @@ class RouteTable:
             rr = found
             scale = fn.effective_scale(rev)
             rr.timeout = rev.spec.timeout
+            rr.max_body = rev.spec.max_body
             rr.balancer.limit = scale.concurrency
             rr.held_at_zero = scale.max == 0
             ready = [r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint]

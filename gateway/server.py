@@ -24,11 +24,12 @@ What it does, and what it leaves out on purpose (the gateway does not need it):
   whatever the app sends (and need no framing, so they keep the connection).
 - Keep-alive per HTTP/1.1: ``Connection: close`` from the client or the app, HTTP/1.0,
   a request the parser cannot continue after (upgrade), or shutdown end the connection
-  after the response. Idle keep-alive connections close after ``keep_alive`` seconds
-  (checked by one sweeper per server, resolution ~1 s; a request head that has not
-  arrived whole by then counts as idle too).
+  after the response.
 - Pipelining: requests are answered in order; while one is in progress, reading stops
-  once the next request has begun.
+  once the next request has begun. Requests already parsed while one is in progress
+  (a client can send many in one packet) are held up to ``max_pipeline`` (16); the one
+  after that is not read: the held ones are answered, the last says
+  ``Connection: close``, and the connection closes.
 - Request body: ``receive()`` gives ``http.request`` messages as bytes arrive; more than
   64 KiB not yet received by the app pauses reading. ``Expect: 100-continue`` is
   answered on the first ``receive()`` (if the response has not started). Once the body
@@ -38,16 +39,37 @@ What it does, and what it leaves out on purpose (the gateway does not need it):
   returns ``http.disconnect``; ``send()`` returns without doing anything (as uvicorn's).
 - Write flow control: ``send()`` waits while the transport's buffer is above its
   high-water mark.
-- Errors: an unparsable request gets 400, a request head over ``max_head`` bytes 431
-  (both then close); an app exception before any byte of the response was written
-  gives a 500 JSON body, after that the connection is closed (the client sees a truncated
-  response); an app that returns without a response gives 500. App exceptions are
-  logged (``torpor.gateway.server``); nothing is logged per request.
+- Deadlines (checked by one sweeper per server, which runs every second, or every
+  quarter of the shortest deadline when that is less; nothing per request):
+  ``head_timeout`` (10 s) for a request head to arrive whole, counted from its first
+  byte (a new connection that sends nothing closes after it too): then 408 and close;
+  ``body_timeout`` (30 s) of silence while a request body is still coming and this
+  server is reading: then 408 if no byte of the response went out (the app's
+  ``receive()`` returns ``http.disconnect``), else close; ``write_timeout`` (30 s)
+  with the write buffer above its high-water mark (a client that does not read its
+  response): the connection is aborted, which the app sees as the client leaving
+  (``send()`` returns, ``receive()`` says ``http.disconnect``), so that whatever it
+  holds for the response is let go. Idle keep-alive connections close after
+  ``keep_alive`` seconds (75 s).
+- Limits: a request head over ``max_head`` bytes (64 KiB: request target plus header
+  names and values) gets 431, counted for each request on its own, pipelined or not.
+  Past ``max_connections`` (10,000) open connections, a new one is answered 503 with
+  ``Retry-After: 1`` once its request head is in, then closed; past that plus 1,024 it
+  is closed at once.
+- Errors: an unparsable request gets 400, an oversized head 431 (both then close); an
+  app exception before any byte of the response was written gives a 500 JSON body,
+  after that the connection is closed (the client sees a truncated response); an app
+  that returns without a response gives 500. App exceptions are logged
+  (``torpor.gateway.server``); nothing is logged per request.
+- Closing while the client may still be sending (an answer that did not read the
+  whole request body, such as a 413, or a refused head): the server shuts down its
+  sending side and reads and drops what comes until EOF, for at most 2 s, before it
+  closes, so that the client reads the answer instead of a reset.
 - Shutdown (``should_exit = True``): the listener closes at once (new connections are
   refused), idle connections close, a connection with a request in progress closes
   after its response (which says ``Connection: close``). ``serve()`` returns once every
-  request has finished and every connection is closed: no time limit by default; with
-  ``graceful_timeout`` what is left then is cancelled and aborted.
+  request has finished and every connection is closed, or after ``graceful_timeout``
+  (30 s; ``None``: no limit), when what is left is cancelled and aborted.
 - No ``Date``/``Server`` headers, no access log, no proxy headers, no lifespan, no
   ``state`` in the scope. ``scheme`` is always ``http``.
 """
@@ -110,15 +132,18 @@ _CRLF_LAST = _CRLF + _LAST_CHUNK
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _READ_HIGH = 64 * 1024  # request body bytes buffered before reading pauses
 _BIG_WRITE = 64 * 1024  # above this a body is not copied to join it to its head
+_LINGER = 2.0  # seconds to read and drop a request body the answer did not need
+_REJECT_MARGIN = 1024  # connections past max_connections that still get their 503
 
 
-def _error_response(status: int, error: str) -> bytes:
+def _error_response(status: int, error: str, extra: bytes = b"") -> bytes:
     body = json.dumps({"error": error}).encode()
     return b"".join(
         [
             _STATUS[status],
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            extra,
             _CLOSE,
             _CRLF,
             body,
@@ -127,7 +152,9 @@ def _error_response(status: int, error: str) -> bytes:
 
 
 _400 = _error_response(400, "bad request")
+_408 = _error_response(408, "request timeout")
 _431 = _error_response(431, "request header fields too large")
+_503 = _error_response(503, "too many connections", b"retry-after: 1\r\n")
 _500_HEADERS = [(b"content-type", b"application/json"), (b"connection", b"close")]
 _500_BODY = json.dumps({"error": "internal server error"}).encode()
 
@@ -417,6 +444,14 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _TooManyPipelined(Exception):
+    pass
+
+
+class _Rejected(Exception):  # over max_connections
+    pass
+
+
 class _Conn(WriteFlow, asyncio.Protocol):
     __slots__ = (
         "server",
@@ -431,6 +466,11 @@ class _Conn(WriteFlow, asyncio.Protocol):
         "max_head",
         "head_pending",
         "head_bytes",
+        "head_size",
+        "head_since",
+        "in_body",
+        "body_since",
+        "paused_at",
         "parsing",
         "active",
         "queue",
@@ -438,6 +478,9 @@ class _Conn(WriteFlow, asyncio.Protocol):
         "closing",
         "pending_error",
         "idle_since",
+        "idle_limit",
+        "linger_until",
+        "rejected",
         "stopped",
     )
 
@@ -459,7 +502,12 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.conn_header = False  # the request being parsed has a Connection header
         self.max_head = server.max_head
         self.head_pending = True  # between requests or inside a request head
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes read since the head began (a lower bound of its size)
+        self.head_size = 0  # the head's size so far, counted field by field by the parser
+        self.head_since = 0.0  # server.now when the head being parsed began; 0 = none
+        self.in_body = False  # a request body is still coming
+        self.body_since = 0.0  # server.now of the last request body bytes (or resume)
+        self.paused_at = 0.0  # server.now when writing last paused
         self.parsing: _Cycle | None = None  # the request the parser is feeding
         self.active: _Cycle | None = None  # the request whose response is being made
         self.queue: collections.deque[_Cycle] = collections.deque()  # pipelined
@@ -468,13 +516,25 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.closing = False  # close after the current response
         self.pending_error: bytes | None = None  # to write after the current response
         self.idle_since = server.now
+        self.idle_limit = min(server.keep_alive, server.head_timeout)  # a new connection
+        self.linger_until = 0.0  # half-closed, dropping input until then; 0 = not
+        self.rejected = False  # over max_connections: its request gets 503
         self.stopped = False  # nothing more is read or started on this connection
 
     # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.server.conns.add(self)
+        server = self.server
+        conns = server.conns
+        n = len(conns)
+        conns.add(self)
+        if n >= server.max_connections:
+            if n >= server.max_connections + _REJECT_MARGIN:
+                self.stopped = True
+                self.transport.abort()
+                return
+            self.rejected = True
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
@@ -482,7 +542,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         if isinstance(local, tuple) and len(local) >= 2:
             self.local = (str(local[0]), int(local[1]))
         # (asyncio and uvloop both set TCP_NODELAY on accepted TCP sockets.)
-        if self.server.stopping:  # accepted just before the listener closed
+        if server.stopping:  # accepted just before the listener closed
             self.close()
 
     def data_received(self, data: bytes) -> None:
@@ -500,10 +560,15 @@ class _Conn(WriteFlow, asyncio.Protocol):
                 self.parsing.keep_alive = False
             return
         except HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
+            why = exc.__context__
+            if isinstance(why, _HeadTooLarge):
                 self.fail(_431)
+            elif isinstance(why, _TooManyPipelined):
+                self.stop_reading(keep_queue=True)  # answer those held, then close
+            elif isinstance(why, _Rejected):
+                self.fail(_503)
             else:  # a bug here, not a bad request
-                log.error("request parser callback failed", exc_info=exc.__context__ or exc)
+                log.error("request parser callback failed", exc_info=why or exc)
                 self.fail(_400)
             return
         except HttpParserError:
@@ -524,17 +589,31 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.parser = None  # type: ignore[assignment]
         self.parsing = self.active = None
 
+    def pause_writing(self) -> None:
+        WriteFlow.pause_writing(self)
+        self.paused_at = self.server.now
+
     # -- httptools callbacks ------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
         self.conn_header = False
+        self.head_size = 0
+        self.head_since = self.server.now
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted here, per request: bytes per read cannot tell where a pipelined
+        # request's head begins.
+        size = self.head_size = self.head_size + len(name) + len(value) + 4
+        if size > self.max_head:
+            raise _HeadTooLarge
         name = name.lower()
         if name == b"connection":
             self.conn_header = True
@@ -542,13 +621,19 @@ class _Conn(WriteFlow, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_pending = False
+        self.head_bytes = 0
+        self.head_since = 0.0
+        self.in_body = True  # until on_message_complete (at once for a request without one)
+        self.body_since = self.server.now
+        if self.rejected:
+            raise _Rejected
+        if self.active is not None and len(self.queue) >= self.server.max_pipeline:
+            # Parsed ahead of its turn beyond the bound: not taken. The last held request
+            # is the connection's last.
+            (self.queue[-1] if self.queue else self.active).keep_alive = False
+            raise _TooManyPipelined
         url = self.url
         headers = self.headers
-        if self.head_bytes > self.max_head:  # the bytes read might be the head alone
-            size = len(url) + sum(len(n) + len(v) + 4 for n, v in headers)
-            if size > self.max_head:
-                raise _HeadTooLarge
-        self.head_bytes = 0
         parser = self.parser
         if url[0] == 47 and 35 not in url:  # origin form ("/..."), no "#"
             if 63 in url:  # "?"
@@ -595,6 +680,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
                 self.transport.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.body_since = self.server.now
         cycle = self.parsing
         if cycle is None or cycle.complete or cycle.disconnected:
             return  # a response was sent without reading the body: drop it
@@ -608,6 +694,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.head_pending = True
         self.head_bytes = 0
+        self.in_body = False
         cycle = self.parsing
         if cycle is not None:
             cycle.more_body = False
@@ -616,7 +703,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
     # -- used by _Cycle -------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.linger_until:
             self.transport.write(data)
 
     def maybe_resume(self, cycle: _Cycle) -> None:
@@ -629,6 +716,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
             and cycle.buffered <= _READ_HIGH
         ):
             self.read_paused = False
+            self.body_since = self.server.now  # the body deadline runs while reading
             self.transport.resume_reading()
 
     def response_done(self, cycle: _Cycle) -> None:
@@ -640,7 +728,11 @@ class _Conn(WriteFlow, asyncio.Protocol):
             self.close()
             return
         self.active = None
-        self.idle_since = self.server.now
+        now = self.server.now
+        self.idle_since = now
+        self.idle_limit = self.server.keep_alive
+        if self.head_since:  # the next head began while this request ran: its time starts now
+            self.head_since = now
         queue = self.queue
         if queue:
             nxt = self.active = queue.popleft()
@@ -649,7 +741,45 @@ class _Conn(WriteFlow, asyncio.Protocol):
                 return  # the next request after it has begun: keep reading paused
         if self.read_paused and not self.stopped:
             self.read_paused = False
+            self.body_since = now
             self.transport.resume_reading()
+
+    # -- deadlines (the server's sweeper) ---------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Enforce the deadlines that apply to this connection now."""
+        server = self.server
+        if self.linger_until:
+            if now >= self.linger_until:
+                self.transport.abort()
+        elif self.write_paused:
+            if now - self.paused_at >= server.write_timeout:
+                self.transport.abort()  # the client does not read: let the response go
+        elif self.in_body:
+            if not self.read_paused and now - self.body_since >= server.body_timeout:
+                self._body_timed_out()
+        elif self.active is None:
+            if self.head_since:
+                if now - self.head_since >= server.head_timeout:
+                    self.stop_reading()
+                    self.head_since = 0.0  # no linger: the client is slow, not busy
+                    self.write(_408)
+                    self.close()
+            elif now - self.idle_since >= self.idle_limit:
+                self.close()
+
+    def _body_timed_out(self) -> None:
+        self.stop_reading()
+        self.in_body = False  # no linger: the client is not sending
+        cycle = self.parsing
+        if cycle is not None and cycle is self.active and not cycle.complete:
+            answer = not cycle.started or cycle.head is not None  # no byte of it sent yet
+            cycle.head = None
+            cycle.disconnected = True  # the app's receive() says http.disconnect from here
+            cycle.wake()
+            if answer:
+                self.write(_408)
+        self.close()
 
     # -- closing --------------------------------------------------------------
 
@@ -657,14 +787,15 @@ class _Conn(WriteFlow, asyncio.Protocol):
         """A request this server cannot read: answer ``response`` and close."""
         self.stop_reading()
         if self.active is None:
-            self.transport.write(response)
+            self.write(response)
             self.close()
         else:  # after the response in progress (a pipelined request was bad)
             self.pending_error = response
 
-    def stop_reading(self) -> None:
+    def stop_reading(self, keep_queue: bool = False) -> None:
         self.stopped = True
-        self.queue.clear()
+        if not keep_queue:
+            self.queue.clear()
         if not self.read_paused:
             self.read_paused = True
             if not self.transport.is_closing():
@@ -673,8 +804,27 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def close(self) -> None:
         self.stopped = True
         self.queue.clear()
-        if not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport.is_closing() or self.linger_until:
+            return
+        active = self.active
+        if (
+            (self.in_body or self.head_since)
+            and (active is None or active.complete)
+            and not self.server.stopping
+            and transport.can_write_eof()
+        ):
+            # The client may still be sending (a body this answer did not read, a head
+            # it refused): closing now would reset the connection, and the client might
+            # lose the answer. Send FIN after it; read and drop what comes until EOF, for
+            # at most _LINGER s.
+            self.linger_until = self.server.loop_time() + _LINGER
+            transport.write_eof()
+            if self.read_paused:
+                self.read_paused = False
+                transport.resume_reading()
+            return
+        transport.close()
 
     def shutdown(self) -> None:
         """Server stopping: close now if idle, else after the current response."""
@@ -713,14 +863,34 @@ class Server:
         backlog: int = 2048,
         keep_alive: float = 75.0,
         max_head: int = 65536,
-        graceful_timeout: float | None = None,
+        head_timeout: float = 10.0,
+        body_timeout: float = 30.0,
+        write_timeout: float = 30.0,
+        max_pipeline: int = 16,
+        max_connections: int = 10_000,
+        graceful_timeout: float | None = 30.0,
     ) -> None:
+        for name, value in (
+            ("keep_alive", keep_alive),
+            ("head_timeout", head_timeout),
+            ("body_timeout", body_timeout),
+            ("write_timeout", write_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if max_pipeline < 0 or max_connections < 1 or max_head < 1:
+            raise ValueError("max_pipeline must be >= 0, max_connections and max_head >= 1")
         self.app = app
         self.host = host
         self._port = port
         self.backlog = backlog
         self.keep_alive = keep_alive
         self.max_head = max_head
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.write_timeout = write_timeout
+        self.max_pipeline = max_pipeline
+        self.max_connections = max_connections
         self.graceful_timeout = graceful_timeout
         self.started = False
         self.sockets: list[socket.socket] = []
@@ -728,7 +898,7 @@ class Server:
         self.orphans: set[asyncio.Task[None]] = set()  # requests whose client left
         self.in_flight = 0
         self.heads: list[_Cycle] = []  # responses whose head waits for a body message
-        self.now = 0.0  # loop.time(), updated by the sweeper (~1 s resolution)
+        self.now = 0.0  # loop.time(), updated by the sweeper (its resolution)
         self.stopping = False
         self._should_exit = False
         self._exit: asyncio.Event | None = None
@@ -753,6 +923,10 @@ class Server:
             return int(self.sockets[0].getsockname()[1])
         return self._port
 
+    def loop_time(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else self.now
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -770,7 +944,8 @@ class Server:
         )
         self.sockets = list(server.sockets)
         self.started = True
-        interval = max(min(1.0, self.keep_alive / 4), 0.01)
+        shortest = min(self.keep_alive, self.head_timeout, self.body_timeout, self.write_timeout)
+        interval = max(min(1.0, shortest / 4), 0.01)
         self._sweeper = loop.call_later(interval, self._sweep, loop, interval)
         try:
             await self._exit.wait()
@@ -820,9 +995,8 @@ class Server:
             await asyncio.sleep(0.02)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        """Close keep-alive connections idle for ``keep_alive`` s; tick the coarse clock."""
+        """Enforce every connection's deadlines; tick the coarse clock."""
         now = self.now = loop.time()
-        limit = self.keep_alive
-        for conn in [c for c in self.conns if c.active is None and now - c.idle_since >= limit]:
-            conn.close()
+        for conn in list(self.conns):
+            conn.tick(now)
         self._sweeper = loop.call_later(interval, self._sweep, loop, interval)

@@ -39,7 +39,9 @@ computing the response head is noticed when the head arrives.
 
 Hop-by-hop headers (Connection, Keep-Alive, Proxy-Connection, TE, Trailer,
 Transfer-Encoding, Upgrade and every header named in Connection) are removed in both
-directions. ``Expect`` is removed from requests too: the ASGI server already answered
+directions. The client's forwarding headers (``Forwarded``, ``X-Forwarded-For``,
+``-Host``, ``-Proto``) are never passed on: whoever calls ``proxy`` sets them in
+``add_request_headers`` from what it saw (``torpor.gateway.forwarded``). ``Expect`` is removed from requests too: the ASGI server already answered
 ``100-continue`` to the client and the body is sent without waiting. Responses 1xx
 are skipped; on 204/304 ``Content-Length`` is dropped (there is no body to match it).
 Trailers of chunked responses are dropped.
@@ -59,6 +61,7 @@ from typing import Any, cast
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from torpor.gateway.flow import WriteFlow
+from torpor.gateway.forwarded import FORWARDING_HEADERS
 
 __all__ = ["NotSent", "Pools", "UpstreamPool", "proxy"]
 
@@ -96,8 +99,8 @@ _HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers that need a look: hop-by-hop, framing, Host, Expect.
-_REQ_SPECIAL = _HOP | {b"content-length", b"host", b"expect"}
+# Request headers that need a look: hop-by-hop, framing, Host, Expect, forwarding.
+_REQ_SPECIAL = _HOP | FORWARDING_HEADERS | {b"content-length", b"host", b"expect"}
 # Response headers that need a look.
 _RESP_SPECIAL = _HOP | {b"content-length"}
 # Connection tokens that name nothing to strip beyond _HOP, or name headers that must
@@ -538,7 +541,7 @@ class Pools:
 
 
 def _request_head(
-    scope: Scope, pool: UpstreamPool, extra: Iterable[tuple[bytes, bytes]]
+    scope: Scope, pool: UpstreamPool, extra: Iterable[tuple[bytes, bytes]], lines: bytes = b""
 ) -> tuple[list[bytes], bool, bool]:
     """Encode method, target and end-to-end headers (without framing headers).
 
@@ -585,6 +588,8 @@ def _request_head(
         parts.append(b"host: " + pool.host_header + b"\r\n")
     for name, value in extra:
         parts.append(name + b": " + value + b"\r\n")
+    if lines:
+        parts.append(lines)
     return parts, has_length, has_te
 
 
@@ -665,17 +670,21 @@ async def proxy(
     *,
     timeout: float,
     add_request_headers: Iterable[tuple[bytes, bytes]] = (),
+    add_request_lines: bytes = b"",
     add_response_headers: Iterable[tuple[bytes, bytes]] = (),
     first_chunk: Message | None = None,
 ) -> int:
     """Forward one ASGI http request to ``pool``'s endpoint and stream the response.
+
+    ``add_request_lines`` is more request headers, already encoded (``name: value``
+    lines, each ending in CRLF, as ``Forwarding.lines`` makes them).
 
     Returns the status sent to the client (499 if the client left before anything was
     sent). Raises ``NotSent`` (nothing sent anywhere: retry elsewhere) and, after the
     response head was sent, ``ConnectionResetError`` when the upstream fails mid-body.
     """
     method: str = scope["method"]
-    parts, has_length, has_te = _request_head(scope, pool, add_request_headers)
+    parts, has_length, has_te = _request_head(scope, pool, add_request_headers, add_request_lines)
 
     # The first body message decides the framing.
     body = b""

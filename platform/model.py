@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 MiB = 1024 * 1024
+DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
 
 RevisionStatus = Literal["building", "ready", "failed", "retired"]
 ReplicaState = Literal["starting", "ready", "draining", "failed"]
@@ -50,6 +51,7 @@ class Spec:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 8080
     timeout: float = 30.0
+    max_body: int = DEFAULT_MAX_BODY  # bytes; a larger request body gets 413 at the gateway
     scale: Scale = field(default_factory=Scale)
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)

@@ -97,7 +97,10 @@ MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
 MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 
-TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "scale", "resources", "rollout", "secrets")
+MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
+
+TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
+            "secrets")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
 RESOURCES_KEYS = ("cpu", "memory")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
@@ -682,6 +685,10 @@ def _parse_spec(data: Any, cap: int) -> Spec:
         spec.timeout = parse_duration(v, "timeout")
         if not 0 < spec.timeout <= MAX_TIMEOUT:
             raise SpecError("timeout", "a duration > 0 and <= 600s", v)
+    if (v := _get(top, "max_body")) is not _MISSING:
+        spec.max_body = parse_size(v, "max_body")
+        if not 1 <= spec.max_body <= MAX_BODY:
+            raise SpecError("max_body", 'a size from 1 byte to "1Gi"', v)
     spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
@@ -773,6 +780,7 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     out["secrets"] = dict(spec.secrets)
     out["port"] = spec.port
     out["timeout"] = format_duration(spec.timeout)
+    out["max_body"] = format_size(spec.max_body)
     s = spec.scale
     out["scale"] = {
         "min": s.min,

@@ -1,6 +1,8 @@
 """``torpor up``: the store, controller (with the autoscaler), API and gateway in one
 event loop. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
-requests, then the controller drains and stops every replica, then the API stops.
+requests (for at most ``graceful_timeout`` seconds, then what is left is cut off), then
+the controller drains and stops every replica, then the API stops (within
+``graceful_timeout`` too).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_
 from torpor.archive import ArchiveLimits
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
-from torpor.gateway.app import Gateway
+from torpor.gateway.app import MAX_BUFFERED, Gateway
+from torpor.gateway.forwarded import parse_trusted_proxies
 from torpor.gateway.server import Server as GatewayServer
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.spec import MAX_IDLE, MAX_SCALE
@@ -65,6 +68,14 @@ class UpConfig:
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API)
     log_level: str = "warning"
+    # the gateway's bounds on what a client can hold (see torpor.gateway.server / app)
+    trusted_proxies: str = ""  # CIDR,... whose Forwarded/X-Forwarded-* are appended to
+    graceful_timeout: float = 30.0  # shutdown: in-flight requests get this long
+    head_timeout: float = 10.0  # a request head must arrive whole within this
+    body_timeout: float = 30.0  # silence allowed while a request body is coming
+    write_timeout: float = 30.0  # a client that reads nothing of its response for this long
+    max_connections: int = 10_000  # open client connections; beyond: 503 + Retry-After
+    max_buffered: int = MAX_BUFFERED  # request body bytes held at once; beyond: 503
 
 
 def read_token(token_file: str | None) -> tuple[str, str] | None:
@@ -89,6 +100,19 @@ def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"}))
         raise UpError(f"--max-replicas {cfg.max_replicas}: expected an integer from 1 to {MAX_SCALE}")
     if not 0 <= cfg.pause_idle <= MAX_IDLE:  # NaN fails it too
         raise UpError(f"--pause-idle {cfg.pause_idle}: expected seconds from 0 to {MAX_IDLE:g}")
+
+    try:
+        parse_trusted_proxies(cfg.trusted_proxies)
+    except ValueError as e:
+        raise UpError(f"--trusted-proxies: {e}") from None
+    for flag, value in (("--graceful-timeout", cfg.graceful_timeout), ("--head-timeout", cfg.head_timeout),
+                        ("--body-timeout", cfg.body_timeout), ("--write-timeout", cfg.write_timeout)):
+        if not 0 < value <= 3600:
+            raise UpError(f"{flag}: expected seconds > 0 and <= 3600, got {value:g}")
+    if cfg.max_connections < 1:
+        raise UpError(f"--max-connections: expected an integer >= 1, got {cfg.max_connections}")
+    if cfg.max_buffered < 1:
+        raise UpError(f"--max-buffered: expected a size >= 1 byte, got {cfg.max_buffered}")
 
 
 def api_token(cfg: UpConfig) -> tuple[str, str]:
@@ -144,10 +168,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn(app: Any, host: str, port: int, level: str) -> _Server:
+def _uvicorn(app: Any, host: str, port: int, level: str, graceful: float | None = None) -> _Server:
     config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_level=level,
                             http="httptools", loop="none", timeout_keep_alive=75, server_header=False,
-                            date_header=False, proxy_headers=False, timeout_graceful_shutdown=None)
+                            date_header=False, proxy_headers=False,
+                            timeout_graceful_shutdown=None if graceful is None else max(1, round(graceful)))
     return _Server(config)
 
 
@@ -181,9 +206,13 @@ class Platform:
                 max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
                 drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
         if "gateway" in components:
-            self.gateway = Gateway(self.store, domain=cfg.domain)
-            self.servers.append(("gateway", GatewayServer(self.gateway, cfg.host, cfg.port),
-                                 f"{cfg.host}:{cfg.port}"))
+            self.gateway = Gateway(self.store, domain=cfg.domain, max_buffered=cfg.max_buffered,
+                                   trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies))
+            server = GatewayServer(
+                self.gateway, cfg.host, cfg.port, head_timeout=cfg.head_timeout, body_timeout=cfg.body_timeout,
+                write_timeout=cfg.write_timeout, max_connections=cfg.max_connections,
+                graceful_timeout=cfg.graceful_timeout)
+            self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
         if "api" in components:
             gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
             ready = self.controller.synced.is_set if self.controller else (lambda: True)
@@ -192,8 +221,8 @@ class Platform:
                 state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
                 max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
                 allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits))
-            self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level),
-                                 f"{cfg.api_host}:{cfg.api_port}"))
+            self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level,
+                                                 cfg.graceful_timeout), f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 

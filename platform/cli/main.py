@@ -131,7 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if given:
         cfg.token, cfg.token_source = given
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
-                "keep_revisions", "pause_idle"):
+                "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
+                "body_timeout", "write_timeout", "max_connections", "max_buffered"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -385,6 +386,32 @@ def add_upload_limits(sp: argparse.ArgumentParser) -> None:
                     help="deepest path in an upload, in folders (env TORPOR_MAX_DEPTH; default 32)")
 
 
+def _gateway_limits(sp: argparse.ArgumentParser) -> None:
+    """The gateway's bounds on what one client can hold (`torpor up` and `torpor gateway`)."""
+    env = os.environ.get
+    g = sp.add_argument_group("gateway limits (each also from the environment variable named)")
+    g.add_argument("--trusted-proxies", default=env("TORPOR_TRUSTED_PROXIES", ""), metavar="CIDR,...",
+                   help="peers whose Forwarded/X-Forwarded-* headers are appended to rather than replaced "
+                   "(TORPOR_TRUSTED_PROXIES; default: none, not even loopback)")
+    g.add_argument("--graceful-timeout", type=float, default=env("TORPOR_GRACEFUL_TIMEOUT", "30"),
+                   metavar="SECONDS", help="on SIGTERM, in-flight requests get this long, then are cut off "
+                   "(TORPOR_GRACEFUL_TIMEOUT; default 30)")
+    g.add_argument("--head-timeout", type=float, default=env("TORPOR_HEAD_TIMEOUT", "10"), metavar="SECONDS",
+                   help="a request head must arrive whole within this, else 408 (TORPOR_HEAD_TIMEOUT; default 10)")
+    g.add_argument("--body-timeout", type=float, default=env("TORPOR_BODY_TIMEOUT", "30"), metavar="SECONDS",
+                   help="silence allowed while a request body is coming, else 408 (TORPOR_BODY_TIMEOUT; "
+                   "default 30)")
+    g.add_argument("--write-timeout", type=float, default=env("TORPOR_WRITE_TIMEOUT", "30"), metavar="SECONDS",
+                   help="a client that reads nothing of its response for this long is disconnected "
+                   "(TORPOR_WRITE_TIMEOUT; default 30)")
+    g.add_argument("--max-connections", type=int, default=env("TORPOR_MAX_CONNECTIONS", "10000"), metavar="N",
+                   help="open client connections; beyond: 503 + Retry-After (TORPOR_MAX_CONNECTIONS; "
+                   "default 10000)")
+    g.add_argument("--max-buffered", type=_size_arg, default=env("TORPOR_MAX_BUFFERED", "256Mi"), metavar="SIZE",
+                   help="request body bytes the gateway holds at once, all requests; beyond: 503 + "
+                   "Retry-After (TORPOR_MAX_BUFFERED; default 256Mi)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
@@ -414,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
+    for sp in (up, gw):
+        _gateway_limits(sp)
     for sp in (up, ap):
         sp.add_argument("--api-host", default="127.0.0.1")
         sp.add_argument("--api-port", type=int, default=8081)

@@ -351,6 +351,7 @@ class DockerDriver:
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
+            "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
         }
         if not spec.image:
             env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo

@@ -178,6 +178,7 @@ class ProcessDriver:
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
+            "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }

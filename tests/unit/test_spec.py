@@ -609,7 +609,7 @@ def test_env_keeps_order() -> None:
         (
             {"nmae": "x"},
             "nmae",
-            "name, handler, image, env, port, timeout, scale, resources, rollout",
+            "name, handler, image, env, port, timeout, max_body, scale, resources, rollout",
         ),
         ({"memory": "1Gi"}, "memory", "name, handler, image"),
         ({"scale": {"mx": 3}}, "scale.mx", "min, max, target, concurrency, idle, window"),
