@@ -83,6 +83,7 @@ from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import CascadeType, OnErrorAction, OnErrorResult
 
 from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.runtimeimage import default_tag
 from torpor.model import Revision, Spec
 
 log = logging.getLogger("torpor.drivers.kubernetes")
@@ -110,18 +111,9 @@ class KubernetesError(Exception):
     """The cluster refused or could not be reached; the message says what to do."""
 
 
-def torpor_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("torpor")
-    except PackageNotFoundError:
-        return "dev"
-
-
 def default_runtime_image() -> str:
     """``TORPOR_RUNTIME_IMAGE``, else ``torpor/runtime:VERSION`` (built by ``torpor images build-runtime``)."""
-    return os.environ.get("TORPOR_RUNTIME_IMAGE") or f"torpor/runtime:{torpor_version()}"
+    return os.environ.get("TORPOR_RUNTIME_IMAGE") or default_tag()
 
 
 # -- names and quantities ------------------------------------------------------------------
