@@ -202,8 +202,10 @@ class SimCluster:
         history: int = 2000,
         bookmark_interval: float = 1.0,
         token: str | None = None,
+        ip_delay: float = 0.0,
     ) -> None:
         self.namespaces = set(namespaces)
+        self.ip_delay = ip_delay  # seconds between scheduling a Pod and giving it an IP
         self.images = dict(images or {})
         self.secrets = dict(secrets or {})
         self.kubelet = kubelet
@@ -649,16 +651,22 @@ class SimCluster:
 
         def scheduled(p: dict[str, Any]) -> None:
             p["spec"]["nodeName"] = "sim-node"
-            p["status"].update(hostIP="127.0.0.1", podIP=ip, podIPs=[{"ip": ip}], startTime=now_rfc3339(),
-                               conditions=[{"type": "PodScheduled", "status": "True"},
+            p["status"].update(conditions=[{"type": "PodScheduled", "status": "True"},
                                            {"type": "Ready", "status": "False"}],
                                containerStatuses=[{**cstatus, "state": {"waiting": {"reason": "ContainerCreating"}}}])
 
         if not self._update_pod(uid, scheduled):
             return
+        until = time.monotonic() + self.ip_delay  # the sandbox (and its IP) takes this long
+        while time.monotonic() < until and c.kill_at is None and not self._closing:
+            time.sleep(0.02)
+        if not self._update_pod(uid, lambda p: p["status"].update(hostIP="127.0.0.1", podIP=ip, podIPs=[{"ip": ip}],
+                                                                  startTime=now_rfc3339())):
+            return
         argv = self._image_argv(cont["image"])
         env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name}
         c.dir = self._root / uid
+        c.dir.mkdir(parents=True, exist_ok=True)
         mounts: dict[str, str] = {}
         for vol in spec.get("volumes") or []:
             if "emptyDir" in vol:
