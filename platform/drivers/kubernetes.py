@@ -54,6 +54,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lightkube import ApiError, AsyncClient, KubeConfig
@@ -425,7 +426,6 @@ class KubernetesDriver:
             else os.environ.get("TORPOR_ARCHIVE_TOKEN_SECRET") or None,
         )
         self.client = self._new_client()
-        self._owners: dict[str, str] = {}  # revision -> uid of its owner ConfigMap
 
     def _new_client(self) -> AsyncClient:
         return AsyncClient(self.config, namespace=self.namespace, field_manager="torpor", trust_env=self._trust_env)
@@ -506,8 +506,8 @@ class KubernetesDriver:
             if not self.settings.archive_url_base:
                 raise BuildError("source functions on a cluster need TORPOR_ARCHIVE_URL_BASE: the URL of the API's "
                                  "/v1/archives as Pods reach it")
-            req = os.path.join(revision.source or "", "requirements.txt")
-            if revision.source and os.path.isfile(req) and open(req).read().strip() and progress:
+            req = Path(revision.source or "", "requirements.txt")
+            if revision.source and req.is_file() and req.read_text(errors="replace").strip() and progress:
                 progress("warning: requirements.txt is not installed on a cluster: the runtime image "
                          f"({self.settings.runtime_image}) must already provide those packages")
             revision.image = self.settings.runtime_image
@@ -518,24 +518,22 @@ class KubernetesDriver:
         return revision
 
     async def _ensure_owner(self, revision: Revision) -> str:
-        uid = self._owners.get(revision.name)
-        if uid:
-            return uid
+        """The uid of the revision's owner ConfigMap, made if missing (read on every call:
+        someone may have deleted it, and a Pod owned by a gone uid is collected at once)."""
         body = owner_manifest(revision, self.settings)
         name = owner_name(revision.name)
         for _ in range(5):
             try:
-                cm = await self.client.create(body)
-                break
-            except ApiError as e:
-                if _code(e) != 409:
-                    raise self._fail(f"creating ConfigMap {name}", e) from e
-            try:
                 cm = await self.client.get(ConfigMap, name, namespace=self.namespace)
             except ApiError as e:
-                if _code(e) == 404:
-                    continue  # deleted in between: create again
-                raise self._fail(f"reading ConfigMap {name}", e) from e
+                if _code(e) != 404:
+                    raise self._fail(f"reading ConfigMap {name}", e) from e
+                try:
+                    cm = await self.client.create(body)
+                except ApiError as e2:
+                    if _code(e2) == 409:
+                        continue  # made in between: read it
+                    raise self._fail(f"creating ConfigMap {name}", e2) from e2
             meta = cm.metadata
             assert meta is not None
             owner = (meta.labels or {}).get(INSTANCE)
@@ -543,21 +541,17 @@ class KubernetesDriver:
                 raise BuildError(f"ConfigMap {name} in namespace {self.namespace} exists and belongs to another "
                                  f"Torpor installation (torpor.instance={owner!r}); not touching it")
             if (meta.annotations or {}).get(CREATED) == f"{revision.created:.6f}" and meta.deletionTimestamp is None:
-                break
+                assert meta.uid
+                return meta.uid
             # left by an earlier function of the same name: delete it (its Pods with it), then create anew
             log.info("replacing stale owner %s of an earlier revision %s", name, revision.name)
             with contextlib.suppress(ApiError):
                 await self.client.delete(ConfigMap, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND)
             await self._wait(ConfigMap, name, cm, lambda o: o is None, timeout=30.0)
-        else:
-            raise KubernetesError(f"ConfigMap {name}: could not create it (it kept changing)")
-        assert cm.metadata is not None and cm.metadata.uid
-        self._owners[revision.name] = cm.metadata.uid
-        return cm.metadata.uid
+        raise KubernetesError(f"ConfigMap {name}: could not create it (it kept changing)")
 
     async def remove(self, revision: Revision) -> None:
         """Delete the revision's owner ConfigMap; the garbage collector deletes its Pods."""
-        self._owners.pop(revision.name, None)
         name = owner_name(revision.name)
         try:
             cm = await self.client.get(ConfigMap, name, namespace=self.namespace)
@@ -589,7 +583,11 @@ class KubernetesDriver:
             with contextlib.suppress(Exception):
                 await self.client.delete(Pod, name, namespace=self.namespace, grace_period=0)
             raise
-        return running_of(got if got is not None else created)
+        if got is None:  # deleted already (its owner deleted meanwhile?): the controller will see it dead
+            gone = running_of(created)
+            gone.alive, gone.endpoint = False, ""
+            return gone
+        return running_of(got)
 
     async def _existing(self, revision: Revision, pod: Pod) -> Pod:
         """A Pod of that name exists: adopt it if it is this replica, alive; replace an

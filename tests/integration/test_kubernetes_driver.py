@@ -355,3 +355,31 @@ def test_torpor_up_without_a_cluster_configuration_says_so(tmp_path: Path) -> No
                        text=True, timeout=60)
     assert r.returncode == 2
     assert "--driver kubernetes: no Kubernetes configuration" in r.stderr
+
+
+async def test_names_too_long_for_labels_still_fit_the_clusters_rules(env: Env) -> None:
+    d = env.driver()
+    fn = "f" * 63  # the longest function name: its revision and replica names exceed a label value
+    rev = await d.prepare(env.revision(fn=fn))
+    replica = f"{rev.name}-abcdef"
+    r = await d.start(rev, replica)  # the sim answers 422 to a label value over 63 characters
+    pod = env.sim.get("pods", NS, pod_name(replica))
+    assert pod is not None and all(len(v) <= 63 for v in pod["metadata"]["labels"].values())
+    (listed,) = await d.list()
+    assert (listed.function, listed.revision, listed.replica) == (fn, rev.name, replica)
+    assert await until(lambda: serving(r.endpoint), what="the Pod serving")
+
+
+async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_new_owner(env: Env) -> None:
+    d = env.driver()
+    rev = await d.prepare(env.revision())
+    old = env.sim.get("configmaps", NS, owner_name(rev.name))
+    env.sim.delete("configmaps", NS, owner_name(rev.name))  # e.g. kubectl delete configmap
+    r = await d.start(rev, f"{rev.name}-aaaaaa")
+    new = env.sim.get("configmaps", NS, owner_name(rev.name))
+    assert old is not None and new is not None and new["metadata"]["uid"] != old["metadata"]["uid"]
+    pod = env.sim.get("pods", NS, pod_name(r.replica))
+    assert pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == new["metadata"]["uid"]
+    assert await until(lambda: serving(r.endpoint), what="the replica serving")
+    await asyncio.sleep(0.3)  # several garbage-collector sweeps: a Pod with a live owner stays
+    assert [x.driver_id for x in await d.list()] == [r.driver_id]
