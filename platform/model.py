@@ -77,6 +77,7 @@ class Revision:
     spec: Spec
     source: str | None = None  # path of the immutable copy of the function folder
     image: str | None = None  # built (or given) image, docker driver
+    source_sha256: str | None = None  # content hash of the source archive (cluster mode)
     status: RevisionStatus = "building"
     reason: str = ""
     created: float = field(default_factory=time.time)

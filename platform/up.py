@@ -49,7 +49,8 @@ def _csv_env(name: str) -> tuple[str, ...]:
 
 @dataclass
 class UpConfig:
-    driver: str = "auto"  # auto | process | docker
+    driver: str = "auto"  # auto | process | docker | kubernetes
+    namespace: str | None = None  # kubernetes: TORPOR_K8S_NAMESPACE, else in-cluster namespace, else default
     redis: str | None = None
     host: str = "127.0.0.1"  # gateway bind address
     port: int = 8080
@@ -157,7 +158,18 @@ def make_driver(cfg: UpConfig) -> Driver:
         from torpor.drivers.process import ProcessDriver
 
         return ProcessDriver(cfg.state_dir)
-    raise UpError(f"--driver {choice!r}: expected process, docker or auto")
+    if choice == "kubernetes":
+        try:
+            from torpor.drivers.kubernetes import KubernetesDriver, KubernetesError
+        except ImportError as e:
+            raise UpError(f"--driver kubernetes needs lightkube: pip install 'torpor[kubernetes]' ({e})") from e
+        from torpor.drivers.docker import instance_id
+
+        try:
+            return KubernetesDriver(instance_id(cfg.state_dir), cfg.namespace)
+        except KubernetesError as e:
+            raise UpError(f"--driver kubernetes: {e}") from e
+    raise UpError(f"--driver {choice!r}: expected process, docker, kubernetes or auto")
 
 
 class _Server(uvicorn.Server):

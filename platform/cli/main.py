@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.token, cfg.token_source = given
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
-                "body_timeout", "write_timeout", "max_connections", "max_buffered"):
+                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -338,6 +338,16 @@ def cmd_top(api: Api, args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    if args.images_cmd == "build-runtime":
+        from torpor.drivers.runtimeimage import RuntimeImageError, build_runtime_image
+
+        try:
+            tag = build_runtime_image(tag=args.tag, base=args.base,
+                                      progress=lambda line: print(line, file=sys.stderr))
+        except RuntimeImageError as e:
+            die(f"images build-runtime: {e}")
+        print(tag)
+        return 0
     from torpor.drivers.baseimage import DEFAULT_BASE_IMAGE, build_base_image
 
     name = args.name or os.environ.get("TORPOR_BASE_IMAGE") or DEFAULT_BASE_IMAGE
@@ -431,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
-        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker"])
+        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker", "kubernetes"])
+        sp.add_argument("--namespace", default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
+                        help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
+                        "controller's own namespace in a cluster, else the kubeconfig's, else default)")
         sp.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
         sp.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
         sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
@@ -501,11 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=finite_float, default=1.0)
     top.add_argument("--once", action="store_true")
     top.add_argument("--gateway")
-    im = sub.add_parser("images", help="images for the docker driver")
+    im = sub.add_parser("images", help="images for the docker and kubernetes drivers")
     im_sub = im.add_subparsers(dest="images_cmd", required=True)
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
     bb.add_argument("--name")
     bb.add_argument("--force", action="store_true")
+    br = im_sub.add_parser("build-runtime", help="build the generic runtime image of source functions on a cluster "
+                           "(push it to your registry; TORPOR_RUNTIME_IMAGE)")
+    br.add_argument("--tag", help="image tag (default torpor/runtime:VERSION)")
+    br.add_argument("--base", help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)")
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
     return p

@@ -69,8 +69,8 @@ class Settings:
 async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
     host, _, port = endpoint.rpartition(":")
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except (OSError, TimeoutError):
+        r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
+    except (OSError, TimeoutError, ValueError):  # ValueError: no endpoint (yet)
         return False
     try:
         w.write(b"GET " + PROBE_PATH + b" HTTP/1.1\r\nHost: torpor-probe\r\nConnection: close\r\n\r\n")
@@ -499,11 +499,11 @@ class Controller:
 
     async def _await_ready(self, tr: Tracked, adopted: bool = False) -> None:
         assert tr.running is not None
-        endpoint = tr.running.endpoint
         deadline = self.clock() + self.settings.startup_timeout
         started, checked = self.clock(), self.clock()
         while True:
-            if await probe_once(endpoint):
+            endpoint = tr.running.endpoint  # may be empty until the driver knows it (a Pod's IP)
+            if endpoint and await probe_once(endpoint):
                 break
             now = self.clock()
             # poll fast while a cold start is likely to finish (a refused connect costs ~50 us)
@@ -546,6 +546,8 @@ class Controller:
         for r in (await self._list(since))[1]:
             if r.replica == running.replica:
                 running.exit_code = r.exit_code
+                if r.endpoint and not running.endpoint:
+                    running.endpoint = r.endpoint
                 return r.alive
         return False
 

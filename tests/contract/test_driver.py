@@ -1,15 +1,23 @@
-"""One contract for every driver: ``process`` and ``docker`` (``-m docker`` / ``-m "not docker"``).
+"""One contract for every driver: ``process``, ``docker`` (``-m docker`` / ``-m "not docker"``)
+and ``kubernetes``.
 
 Each test deploys a tiny function folder (written into tmp_path) as a revision, starts
 replicas through the driver and talks to them over loopback HTTP. The docker variant
 FAILS (never skips) when no Docker Engine answers: CI installs one with
-.ci/install-docker.sh. Everything a test starts or builds is removed afterwards.
+.ci/install-docker.sh. The kubernetes variant runs against tests/k8s_sim.py, a simulated
+API server whose "kubelet" runs each Pod as a local process of the generic runtime
+(``torpor/runtime/fetch.py``, which fetches the revision's archive from a loopback archive
+server) at a Pod IP of its own in 127.0.0.0/8; the Pod's hardening is not enforced there
+(see the sim's docstring). Everything a test starts or builds is removed afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import shutil
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -55,14 +63,17 @@ HEALTH_TIMEOUT = 30.0
 class Harness:
     """A driver plus bookkeeping so that every test cleans up after itself."""
 
-    def __init__(self, kind: str, tmp: Path, make: Callable[[Path], Any]) -> None:
+    def __init__(self, kind: str, tmp: Path, make: Callable[[Path], Any],
+                 on_revision: Callable[[Revision], None] | None = None) -> None:
         self.kind = kind
         self.tmp = tmp
         self.state = tmp / "state"
         self.make = make
+        self.on_revision = on_revision  # what a deploy would add (kubernetes: the archive)
         self.driver = make(self.state)
         self.drivers = [self.driver]
         self.prepared: list[Revision] = []
+        self.finalizers: list[Callable[[], None]] = []
         self._n = 0
 
     def new_driver(self) -> Any:
@@ -81,7 +92,10 @@ class Harness:
         rev_dir = self.tmp / f"rev{self._n}"  # the immutable copy a deploy makes
         shutil.copytree(src, rev_dir)
         spec = Spec(name=fn, handler="handler:handle", env=dict(env or {}))
-        return Revision(name=f"{fn}-00001", function=fn, number=1, spec=spec, source=str(rev_dir))
+        rev = Revision(name=f"{fn}-00001", function=fn, number=1, spec=spec, source=str(rev_dir))
+        if self.on_revision is not None:
+            self.on_revision(rev)
+        return rev
 
     async def prepare(self, rev: Revision) -> Revision:
         self.prepared.append(rev)
@@ -105,6 +119,8 @@ class Harness:
             await self.driver.remove(rev)
         for d in self.drivers:
             await d.close()
+        for fin in self.finalizers:
+            fin()
 
 
 def _process(state: Path) -> Any:
@@ -132,10 +148,48 @@ def _docker(state: Path) -> Any:
     return DockerDriver(state)
 
 
-@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
+def _wildcard_free_port() -> int:
+    """A port nothing listens on, not even on 0.0.0.0 (which would clash with a Pod IP)."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+def _kubernetes_harness(tmp: Path) -> Harness:
+    from archive_server import ArchiveServer
+    from k8s_sim import SimCluster
+    from lightkube import KubeConfig
+
+    from torpor.drivers.kubernetes import KubernetesDriver
+    from torpor.runtime import fetch
+
+    image = "torpor/runtime:contract"
+    sim = SimCluster(("torpor-test",), images={image: [sys.executable, "-s", fetch.__file__]}).start()
+    archives = ArchiveServer().start()
+    config = KubeConfig.from_dict(sim.kubeconfig())
+
+    def make(state: Path) -> Any:
+        from torpor.drivers.docker import instance_id
+
+        return KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
+                                archive_url_base=archives.base, trust_env=False)
+
+    def on_revision(rev: Revision) -> None:  # what cluster mode's API records on deploy
+        assert rev.source is not None
+        rev.source_sha256 = archives.add_folder(Path(rev.source))
+        rev.spec.port = _wildcard_free_port()  # every Pod of the revision on it, each at its own IP
+
+    harness = Harness("kubernetes", tmp, make, on_revision)
+    harness.finalizers += [sim.stop, archives.stop]
+    return harness
+
+
+@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker), "kubernetes"])
 async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    make = _process if request.param == "process" else _docker
-    harness = Harness(request.param, tmp_path, make)
+    if request.param == "kubernetes":
+        harness = _kubernetes_harness(tmp_path)
+    else:
+        harness = Harness(request.param, tmp_path, _process if request.param == "process" else _docker)
     try:
         yield harness
     finally:
@@ -200,7 +254,8 @@ async def test_start_serves_the_handler(h: Harness) -> None:
     rev, running = await h.up()
     assert running.function == rev.function
     assert running.revision == rev.name
-    assert running.endpoint.startswith("127.0.0.1:")
+    host = running.endpoint.rpartition(":")[0]
+    assert ipaddress.ip_address(host).is_loopback  # 127.0.0.1 (process, docker) or a Pod IP in 127/8 (sim)
     assert running.driver_id
     r = await get(running.endpoint)
     assert r.status_code == 200
