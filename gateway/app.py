@@ -80,7 +80,7 @@ async def _until_disconnect(receive: Any) -> None:
 
 
 class _Refused(Exception):
-    """A request body the gateway will not take; ``answer`` is sent instead."""
+    """A request body the gateway will not take: answer ``status`` with ``body`` instead."""
 
     def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
         self.status, self.body, self.retry_after = status, body, retry_after
