@@ -52,7 +52,7 @@ import ipaddress
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,12 +202,14 @@ def archive_url(base: str, sha256: str) -> str:
     return f"{base.rstrip('/')}/{sha256}"
 
 
-def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: PodSettings) -> Pod:
+def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: PodSettings,
+                 secret_env: Mapping[str, str] | None = None) -> Pod:
     """The Pod of one replica (pure: tests read it field by field)."""
     spec = revision.spec
     labels, full = _labels(settings.instance, revision, replica)
     env: dict[str, str] = {
         **spec.env,
+        **(secret_env or {}),
         "PORT": str(spec.port),
         "TORPOR_FUNCTION": revision.function,
         "TORPOR_REVISION": revision.name,
@@ -563,9 +565,10 @@ class KubernetesDriver:
                 raise self._fail(f"deleting ConfigMap {name}", e) from e
 
     # -- replicas ------------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str) -> Running:
+    async def start(self, revision: Revision, replica: str,
+                    secret_env: Mapping[str, str] | None = None) -> Running:
         owner_uid = await self._ensure_owner(revision)
-        pod = pod_manifest(revision, replica, owner_uid, self.settings)
+        pod = pod_manifest(revision, replica, owner_uid, self.settings, secret_env)
         name = pod_name(replica)
         try:
             created = await self.client.create(pod)

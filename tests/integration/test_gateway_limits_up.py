@@ -84,7 +84,7 @@ def test_e2e_sigterm_returns_within_the_graceful_timeout_while_clients_hold_conn
         idle = socket.create_connection(("127.0.0.1", t.port), timeout=10)
         logs = socket.create_connection(("127.0.0.1", t.api_port), timeout=10)
         auth = "".join(f"{k}: {v}\r\n" for k, v in t.api_headers.items()).encode()
-        logs.sendall(b"GET /v1/functions/hello/logs?follow=true HTTP/1.1\r\nHost: api\r\n" + auth + b"\r\n")
+        logs.sendall(b"GET /v1/functions/hello/logs?follow=true HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"\r\n")
         assert logs.recv(12) == b"HTTP/1.1 200"  # the stream has begun
         held += [upload, idle, logs]
         assert t.proc is not None

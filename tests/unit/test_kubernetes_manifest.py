@@ -199,3 +199,9 @@ def test_revision_archive_hash_round_trips() -> None:
     d = r.to_dict()
     del d["source_sha256"]  # a record stored before the field existed
     assert Revision.from_dict(d).source_sha256 is None
+
+
+def test_resolved_secrets_reach_the_container_env() -> None:
+    p = pod_manifest(rev(), "hello-00003-abc123", "uid", SETTINGS, {"DB_PASSWORD": "s3cret-value"}).to_dict()
+    env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+    assert env["DB_PASSWORD"] == "s3cret-value"
