@@ -86,6 +86,15 @@ class _Refused(Exception):
         self.status, self.body, self.retry_after = status, body, retry_after
 
 
+def _over_max_body(rr: RevisionRoute, what: str) -> _Refused:
+    return _Refused(413, {"error": "request body too large", "field": "max_body",
+                          "detail": f"{what} is over {rr.function}'s max_body ({format_size(rr.max_body)})"})
+
+
+def _buffer_full() -> _Refused:
+    return _Refused(503, {"error": "overloaded", "detail": "the gateway's request body buffer is full"}, 1)
+
+
 class Gateway:
     def __init__(self, store: Store, *, domain: str = "torpor.localhost", queue: int = 1000,
                  max_buffered: int = MAX_BUFFERED, trusted_proxies: Iterable[Network] = ()) -> None:
@@ -263,16 +272,13 @@ class Gateway:
             if n < 0:
                 raise _Refused(400, {"error": "bad request", "detail": "invalid Content-Length"})
             if n > limit:
-                raise _Refused(413, {"error": "request body too large", "field": "max_body",
-                                     "detail": f"Content-Length {n} is over {rr.function}'s max_body "
-                                               f"({format_size(limit)})"})
+                raise _over_max_body(rr, f"Content-Length {n}")
             if n > self.max_buffered:
                 raise _Refused(413, {"error": "request body too large",
                                      "detail": f"Content-Length {n} is over the gateway's body buffer "
                                                f"({format_size(self.max_buffered)})"})
             if self.buffered + n > self.max_buffered:
-                raise _Refused(503, {"error": "overloaded",
-                                     "detail": "the gateway's request body buffer is full"}, 1)
+                raise _buffer_full()
             held = n
             self.buffered += n
         try:
@@ -288,14 +294,11 @@ class Gateway:
                     got += len(chunk)
                     if got > held:  # chunked: held grows with what arrives
                         if got > limit:
-                            raise _Refused(413, {"error": "request body too large", "field": "max_body",
-                                                 "detail": f"the body is over {rr.function}'s max_body "
-                                                           f"({format_size(limit)})"})
+                            raise _over_max_body(rr, "the body")
                         self.buffered += got - held
                         held = got
                         if self.buffered > self.max_buffered:
-                            raise _Refused(503, {"error": "overloaded",
-                                                 "detail": "the gateway's request body buffer is full"}, 1)
+                            raise _buffer_full()
                     parts.append(chunk)
                 if not msg.get("more_body", False):
                     break

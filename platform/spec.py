@@ -355,11 +355,15 @@ _LABEL_WORDS = (
 )
 
 
+def _label(value: Any, path: str, pattern: re.Pattern[str], words: str) -> str:
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise SpecError(path, words, value)
+    return value
+
+
 def validate_name(value: Any, path: str = "name") -> str:
     """A function name: a DNS label (``hello``, ``resize-images``)."""
-    if not isinstance(value, str) or _LABEL_RE.fullmatch(value) is None:
-        raise SpecError(path, _LABEL_WORDS, value)
-    return value
+    return _label(value, path, _LABEL_RE, _LABEL_WORDS)
 
 
 def validate_tag(value: Any, path: str = "tag") -> str:
@@ -376,9 +380,7 @@ _SECRET_WORDS = (
 
 def validate_secret_name(value: Any, path: str = "name") -> str:
     """A secret name: an RFC 1123 DNS label (``db-password``, ``2fa-seed``)."""
-    if not isinstance(value, str) or _SECRET_RE.fullmatch(value) is None:
-        raise SpecError(path, _SECRET_WORDS, value)
-    return value
+    return _label(value, path, _SECRET_RE, _SECRET_WORDS)
 
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"

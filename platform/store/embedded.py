@@ -110,6 +110,20 @@ class Subscription:
             queues.discard(self._queue)
 
 
+def _records(folder: Path) -> list[Path]:
+    """The ``*.json`` record files of ``folder``, sorted; the ``.*.tmp`` files an
+    interrupted write left are removed (the old record stands)."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            if path.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        elif path.suffix == ".json":
+            out.append(path)
+    return out
+
+
 class EmbeddedStore:
     """In-process ``Store``; durable in ``state_dir`` (see the module docstring)."""
 
@@ -136,14 +150,7 @@ class EmbeddedStore:
     def _load(self, state_dir: Path) -> None:
         fn_dir = state_dir / FUNCTIONS_DIR
         fn_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(fn_dir.iterdir()):
-            if path.name.startswith("."):
-                if path.name.endswith(".tmp"):  # an interrupted write: the old file stands
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                continue
-            if path.suffix != ".json":
-                continue
+        for path in _records(fn_dir):
             try:
                 name = check_name(path.stem)
                 fn = Function.from_dict(json.loads(path.read_text(encoding="utf-8")))
@@ -183,14 +190,7 @@ class EmbeddedStore:
     def _load_secrets(self, sec_dir: Path) -> None:
         sec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(sec_dir, 0o700)  # also tightens a folder made by hand or by an older run
-        for path in sorted(sec_dir.iterdir()):
-            if path.name.startswith("."):
-                if path.name.endswith(".tmp"):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                continue
-            if path.suffix != ".json":
-                continue
+        for path in _records(sec_dir):
             try:
                 os.chmod(path, 0o600)
                 name = check_name(path.stem, "secret")
