@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
+DEFAULT_STREAM_IDLE = 60.0  # Spec.stream_idle: silence allowed between chunks of a streamed response
+DEFAULT_MAX_CONNECTION = 3600.0  # Spec.max_connection: longest a WebSocket may stay open
 
 RevisionStatus = Literal["building", "ready", "failed", "retired"]
 ReplicaState = Literal["starting", "ready", "draining", "failed"]
@@ -56,6 +58,9 @@ class Spec:
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     secrets: dict[str, str] = field(default_factory=dict)  # env name -> secret name, never a value
+    stream_idle: float = DEFAULT_STREAM_IDLE  # seconds; a streamed response silent longer is ended
+    max_connection: float = DEFAULT_MAX_CONNECTION  # seconds; a WebSocket open longer is closed
+    websocket: str | None = None  # module:function serving WebSocket upgrades (source builds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

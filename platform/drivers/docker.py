@@ -353,6 +353,8 @@ class DockerDriver:
             "TORPOR_REPLICA": replica,
             "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
         }
+        if spec.websocket and not spec.image:
+            env["TORPOR_WEBSOCKET"] = spec.websocket
         if not spec.image:
             env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo
         kwargs: dict[str, Any] = dict(

@@ -231,6 +231,7 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         image = revision.image or settings.runtime_image
         env.update({
             "TORPOR_HANDLER": spec.handler or "handler:handle",
+            **({"TORPOR_WEBSOCKET": spec.websocket} if spec.websocket else {}),
             "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
             "TORPOR_ARCHIVE_URL": archive_url(settings.archive_url_base, revision.source_sha256),
             "TORPOR_ARCHIVE_SHA256": revision.source_sha256,

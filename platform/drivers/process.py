@@ -179,6 +179,7 @@ class ProcessDriver:
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
             "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
+            **({"TORPOR_WEBSOCKET": spec.websocket} if spec.websocket else {}),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }
