@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from torpor.gateway.activator import Activator
 from torpor.gateway.balancer import Backend, Balancer
 from torpor.gateway.upstream import Pools
-from torpor.model import DEFAULT_MAX_BODY, Function, Replica
+from torpor.model import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTION,
+    DEFAULT_STREAM_IDLE,
+    Function,
+    Replica,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -49,7 +55,7 @@ class RevisionRoute:
 
     __slots__ = (
         "name", "function", "name_b", "timeout", "max_body", "balancer", "activator", "stats",
-        "held_at_zero",
+        "held_at_zero", "stream_idle", "max_connection",
     )
 
     def __init__(self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int) -> None:
@@ -62,6 +68,8 @@ class RevisionRoute:
         self.activator = Activator(self.balancer, lambda queued: poke(function, name, queued), queue)
         self.stats = RevisionStats()
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
+        self.stream_idle = DEFAULT_STREAM_IDLE  # silence allowed between response chunks
+        self.max_connection = DEFAULT_MAX_CONNECTION  # longest a WebSocket may stay open
 
     @property
     def in_flight(self) -> int:
@@ -166,6 +174,8 @@ class RouteTable:
             scale = fn.effective_scale(rev)
             rr.timeout = rev.spec.timeout
             rr.max_body = rev.spec.max_body
+            rr.stream_idle = rev.spec.stream_idle
+            rr.max_connection = rev.spec.max_connection
             rr.balancer.limit = scale.concurrency
             rr.held_at_zero = scale.max == 0
             ready = [r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint]

@@ -22,8 +22,8 @@ Failure contract (what the caller sees):
 - The upstream fails after the request was sent and before the response head (closed,
   reset, unparsable response): a 503 JSON body ``{"error": "replica failed", ...}``
   with ``Retry-After: 1``.
-- The upstream fails or stalls for ``timeout`` seconds mid-body, after the head went
-  to the client: the status can no longer change, so ``proxy`` raises
+- The upstream fails or stalls mid-body for ``idle_timeout`` seconds (the spec's
+  ``stream_idle``; ``timeout`` when not given), after the head went to the client: the status can no longer change, so ``proxy`` raises
   ``ConnectionResetError`` without sending a final body message. The ASGI server then
   closes the client connection and the client sees a truncated response (never a
   silently complete one, never a hang).
@@ -673,8 +673,12 @@ async def proxy(
     add_request_lines: bytes = b"",
     add_response_headers: Iterable[tuple[bytes, bytes]] = (),
     first_chunk: Message | None = None,
+    idle_timeout: float | None = None,
 ) -> int:
     """Forward one ASGI http request to ``pool``'s endpoint and stream the response.
+
+    ``timeout`` bounds the wait for the response head; ``idle_timeout`` (default:
+    ``timeout``) each silence between body chunks after it.
 
     ``add_request_lines`` is more request headers, already encoded (``name: value``
     lines, each ending in CRLF, as ``Forwarding.lines`` makes them).
@@ -814,13 +818,14 @@ async def proxy(
                     f"replica failed mid-response: {conn.error or 'connection closed'}"
                 )
             conn.timed_out = False
-            conn.expire_in(timeout)
+            idle = timeout if idle_timeout is None else idle_timeout
+            conn.expire_in(idle)
             try:
                 await conn.wait()
             finally:
                 conn.disarm()
             if conn.timed_out and not conn.chunks and not conn.complete:
-                raise ConnectionResetError(f"replica sent nothing for {timeout:g} s mid-response")
+                raise ConnectionResetError(f"replica sent nothing for {idle:g} s mid-response")
     finally:
         if watcher is not None:
             watcher.cancel()
