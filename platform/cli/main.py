@@ -204,17 +204,22 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if args.d is not None and args.d.startswith("@"):
         data = Path(args.d[1:]).read_bytes()
     path = args.path if args.path.startswith("/") else "/" + args.path
+    if args.ws:
+        from torpor.cli import wsclient
+
+        return wsclient.main(gateway, host, path, args.timeout)
     try:
-        with httpx.Client(timeout=args.timeout) as c:
-            r = c.request(method, gateway + path, content=data, headers={"Host": host})
+        with httpx.Client(timeout=args.timeout) as c, \
+                c.stream(method, gateway + path, content=data, headers={"Host": host}) as r:
+            if args.verbose:
+                print(f"HTTP {r.status_code}", file=sys.stderr)
+                for k, v in r.headers.items():
+                    print(f"{k}: {v}", file=sys.stderr)
+            for chunk in r.iter_bytes():  # a streamed response is printed as it comes
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
     except httpx.HTTPError as e:
         die(f"invoke: {e}")
-    if args.verbose:
-        print(f"HTTP {r.status_code}", file=sys.stderr)
-        for k, v in r.headers.items():
-            print(f"{k}: {v}", file=sys.stderr)
-    sys.stdout.buffer.write(r.content)
-    sys.stdout.flush()
     if r.status_code >= 400:
         die(f"invoke: HTTP {r.status_code}")
     return 0
@@ -487,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
     i.add_argument("--timeout", type=finite_float, default=60.0)
     i.add_argument("-v", "--verbose", action="store_true")
+    i.add_argument("--ws", action="store_true",
+                   help="open a WebSocket: stdin lines are sent, messages are printed")
 
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")

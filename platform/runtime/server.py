@@ -813,8 +813,11 @@ class _Conn(asyncio.Protocol):
         else:
             status, out_headers, out = await server.dispatch(request)
         keep = keep and not server.draining
-        if reader is not None and reader.error is not None:
-            status, out_headers, out = _body_failed(reader, out)
+        if reader is not None:
+            if reader.error is not None:
+                status, out_headers, out = _body_failed(reader, out)
+            if not reader.done and isinstance(out, bytes):
+                keep = False  # the rest of the body is not wanted: say so, then close
         if not isinstance(out, bytes):
             keep = await _send_stream(self, request, status, out_headers, out, method == "HEAD", keep, http10)
         else:
@@ -864,7 +867,7 @@ class _BodyReader:
         self.conn = conn
         self.left = length if length is not None else -1  # -1: chunked
         self.limit = limit
-        self.prefix = prefix
+        self.prefix: list[bytes] = [prefix] if prefix else []  # read ahead, given first
         self.got = len(prefix)
         self.chunk_left = 0
         self.done = conn is None or length == 0
@@ -878,8 +881,7 @@ class _BodyReader:
     async def next(self) -> bytes:
         """The next piece of the body; b"" at its end. Raises RequestBodyError."""
         if self.prefix:
-            piece, self.prefix = self.prefix, b""
-            return piece
+            return self.prefix.pop(0)
         if self.done:
             return b""
         if self.error is not None:
@@ -947,7 +949,7 @@ class _BodyReader:
         """read_all() from a handler's worker thread."""
         conn = self.conn
         if conn is None:
-            piece, self.prefix = self.prefix, b""
+            piece, self.prefix = b"".join(self.prefix), []
             return piece
         if threading_ident() == self.thread:
             raise RuntimeError(
@@ -990,8 +992,10 @@ class _BodyStream:
 
     def __next__(self) -> bytes:
         reader = self.reader
-        if reader.conn is None or reader.prefix:
-            piece, reader.prefix = reader.prefix, b""
+        if reader.prefix:
+            piece = reader.prefix.pop(0)
+        elif reader.conn is None:
+            piece = b""
         elif threading_ident() == reader.thread:
             raise RuntimeError("on the event loop, use `async for piece in request.stream()`")
         else:
@@ -1018,7 +1022,7 @@ async def _begin_chunked(conn: _Conn, server: _Server) -> tuple[bytes, _BodyRead
             continue
         parts.append(piece)
         got += len(piece)
-    reader.prefix = b"".join(parts)
+    reader.prefix = parts
     return b"", reader
 
 
