@@ -264,6 +264,10 @@ class Gateway:
         held = 0  # body bytes this request holds of max_buffered
         upload: _Upload | None = None
         accept = wants_websocket(scope) if "extensions" in scope else None
+        if accept is not None and (length is not None or chunked):
+            await send_json(send, 400, {"error": "bad request", "detail": "a WebSocket upgrade has no body"},
+                            close=True)
+            return
         try:
             if length is not None or chunked:
                 try:
