@@ -5,12 +5,19 @@ the revision's replicas, then the pooled upstream proxy. No logging, no regex, n
 control-plane round trip. The route table is kept current by ``sync()`` (store change
 feed); ``report()`` sends concurrency stats to the autoscaler once a second.
 
-Request bodies are read whole before the request counts anywhere. A ``Content-Length``
-over the revision's ``max_body`` is answered 413 at once; a chunked body is read up to
-``max_body`` and answered 413 past it. Only a complete body is dispatched: a client
-that uploads slowly holds no replica slot, no activator place, no in-flight count the
-autoscaler sees, and never wakes a function at zero (the server's ``body_timeout``
-ends its upload). Bodies being read or waiting for a replica take at most
+Request bodies up to ``STREAM_ABOVE`` (1 MiB) are read whole before the request counts
+anywhere. A ``Content-Length`` over the revision's ``max_body`` is answered 413 at once;
+a chunked body is read up to ``max_body`` and answered 413 past it. Only a complete
+small body is dispatched: a client that uploads slowly holds no replica slot, no
+activator place, no in-flight count the autoscaler sees, and never wakes a function at
+zero (the server's ``body_timeout`` ends its upload). A larger body is dispatched once
+its first ``STREAM_ABOVE`` bytes are in, and the rest streams to the replica as it
+comes, counted against ``max_body`` (past it: the upstream request is aborted and the
+client gets 413 if nothing was answered yet). Streamed responses pass through as they
+come; the spec's ``timeout`` bounds the wait for the head, ``stream_idle`` each silence
+after it. A WebSocket upgrade (``GET`` with ``Upgrade: websocket``) takes the same
+route, activator and balancer, then ``tunnel.py`` pipes it; it holds its replica slot
+until it closes. Bodies being read or waiting for a replica take at most
 ``max_buffered`` bytes in all (256 MiB); past that: 503 with ``Retry-After``. These
 answers say ``Connection: close`` (the rest of the body is not read) and are not
 counted in the revision's stats. (Knative's queue-proxy likewise counts a request from

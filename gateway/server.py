@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 ASGI server for the gateway (http scope only; no websockets, no TLS).
+"""A lean HTTP/1.1 ASGI server for the gateway (http scope only, no TLS; an upgrade is
+handed over whole to the app, see below).
 
     server = Server(app, "127.0.0.1", 8000)   # port=0: the OS picks; see server.port
     task = asyncio.create_task(server.serve())
@@ -70,6 +71,12 @@ What it does, and what it leaves out on purpose (the gateway does not need it):
   after its response (which says ``Connection: close``). ``serve()`` returns once every
   request has finished and every connection is closed, or after ``graceful_timeout``
   (30 s; ``None``: no limit), when what is left is cancelled and aborted.
+- Upgrades: a request with ``Connection: upgrade`` and an ``Upgrade`` header gets
+  ``scope["extensions"]["torpor.upgrade"]["accept"]`` (``_Cycle.upgrade``): an app that
+  accepts hands the connection to a ``Pipe`` (bytes, end and write flow go to it; no
+  deadline of this server applies) and writes the response head itself. Reading stops
+  after the upgrade request's head; an app that answers it normally instead ends the
+  connection after its response, and what came after the head is never parsed.
 - No ``Date``/``Server`` headers, no access log, no proxy headers, no lifespan, no
   ``state`` in the scope. ``scheme`` is always ``http``.
 """

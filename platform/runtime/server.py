@@ -17,6 +17,10 @@ Environment
   TORPOR_DRAIN_TIMEOUT  seconds in-flight requests get after SIGTERM (default 30)
   TORPOR_IDLE_TIMEOUT   seconds a connection may stay silent before it is closed (default 120)
   TORPOR_THREADS        worker threads for sync handlers (default 64)
+  TORPOR_BODY_BUFFER    request bodies up to this are read before the handler runs (default 8Mi);
+                        a larger (or chunked and longer) one is read as the handler asks
+  TORPOR_WEBSOCKET      ``module:function`` serving WebSocket upgrades (none by default: an
+                        upgrade request then goes to the HTTP handler like any other)
 
 Exit codes
   0 drained cleanly after SIGTERM/SIGINT   1 unexpected error   2 bad configuration
@@ -35,6 +39,26 @@ Handler contract
   ``headers`` and ``body`` such as ``Response`` (``from torpor_runtime import Response``).
   An exception becomes a 500 ``{"error": "handler raised", "detail": "Type: message"}``
   with the traceback on stderr; the replica keeps serving.
+
+Streams
+  A handler may return an iterator/generator or an async iterable of bytes/str, or a
+  ``Response`` whose body is one: it is sent chunked (close-delimited to HTTP/1.0), each
+  piece written as it is produced; the head waits for the first piece (its type sets the
+  default Content-Type). An exception before the first piece is a 500; after it, the
+  chunked body gets its last chunk, the connection closes, and the error is logged.
+  ``sse(events)`` wraps events into ``text/event-stream``. ``request.stream()`` gives the
+  body in pieces (``for`` in a sync handler, ``async for`` in an async one);
+  ``await request.read()`` gives it whole. A body the handler left unread closes the
+  connection after the response (``Connection: close``).
+
+WebSockets (RFC 6455)
+  With ``TORPOR_WEBSOCKET``, a ``GET`` with ``Upgrade: websocket`` is answered 101 and
+  the handler gets a ``WebSocket`` (async) or ``SyncWebSocket`` (sync; runs in the pool):
+  ``receive()`` -> str | bytes (raises ``WebSocketClosed``), ``send(str | bytes)``,
+  ``close(code, reason)``, iteration until close, ``request``. Pings are answered,
+  fragments joined, client frames must be masked (else 1002), text must be UTF-8 (else
+  1007), messages are at most ``TORPOR_MAX_BODY`` (else 1009); a raising handler closes
+  with 1011. On SIGTERM open sockets keep 80% of the drain timeout, then get 1001.
 """
 
 from __future__ import annotations
