@@ -135,6 +135,20 @@ def test_a_stream_counts_in_flight_and_keeps_its_replica_past_idle(up: Torpor, t
     at_zero(up, "streamy")  # and it goes to zero after
 
 
+def test_scale_down_drains_a_stream_in_progress(up: Torpor, tmp_path: Path) -> None:
+    up.deploy(make_fn(tmp_path, scale={"idle": "30s"}))
+    assert up.request("streamy", "/").status_code == 200
+    got: list[str] = []
+    with httpx.stream("GET", up.gateway + "/ticks?n=6&every=0.5", headers={"Host": f"streamy.{DOMAIN}"},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            got.append(line)
+            if len(got) == 1:  # mid-stream: take the function to zero by hand
+                up.cli("scale", "streamy", "--replicas", "0")
+    assert len(got) == 6  # the draining replica finished the stream within its grace
+    at_zero(up, "streamy", 30)
+
+
 def _gateway_rss_kib(t: Torpor) -> int:
     assert t.proc is not None
     for line in Path(f"/proc/{t.proc.pid}/status").read_text().splitlines():
