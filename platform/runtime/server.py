@@ -53,7 +53,7 @@ Streams
 
 WebSockets (RFC 6455)
   With ``TORPOR_WEBSOCKET``, a ``GET`` with ``Upgrade: websocket`` is answered 101 and
-  the handler gets a ``WebSocket`` (async) or ``SyncWebSocket`` (sync; runs in the pool):
+  the handler gets a ``WebSocket`` (async) or ``SyncWebSocket`` (sync; in its own thread):
   ``receive()`` -> str | bytes (raises ``WebSocketClosed``), ``send(str | bytes)``,
   ``close(code, reason)``, iteration until close, ``request``. Pings are answered,
   fragments joined, client frames must be masked (else 1002), text must be UTF-8 (else
@@ -1491,6 +1491,33 @@ class SyncWebSocket:
                 return
 
 
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+async def _in_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], arg: Any) -> None:
+    """Run a sync socket handler in a thread of its own: a socket may stay open for
+    hours, and must not hold one of the pool's threads that HTTP requests need."""
+    import threading
+
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn(arg)
+        except BaseException as exc:  # handed to the loop, which logs it
+            loop.call_soon_threadsafe(_settle, fut, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, fut, None)
+
+    threading.Thread(target=run, name="torpor-websocket", daemon=True).start()
+    await fut
+
+
 async def _serve_websocket(conn: _Conn, request: Request, http10: bool) -> bool:
     """Answer an upgrade request: the handshake, then the handler on the socket. -> False
     (the connection is done afterwards)."""
@@ -1531,7 +1558,7 @@ async def _serve_websocket(conn: _Conn, request: Request, http10: bool) -> bool:
         if server.ws_async:
             await handler(ws)  # type: ignore[misc]
         else:
-            await conn.loop.run_in_executor(server._pool(), handler, SyncWebSocket(ws))
+            await _in_own_thread(conn.loop, handler, SyncWebSocket(ws))
     except (Exception, SystemExit) as exc:
         if not isinstance(exc, WebSocketClosed):
             print(f"torpor-runtime: websocket handler raised on {request.raw_path}:", file=sys.stderr)

@@ -7,6 +7,7 @@ and with hand-made frames."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import os
@@ -328,6 +329,22 @@ def test_websocket_echo_with_an_independent_client(start: Start, fn: Path, handl
     asyncio.run(talk())
     # plain HTTP keeps working beside it
     assert rep.request("GET", "/bytes-body")[0] == 201
+
+
+def test_open_sync_sockets_do_not_take_the_http_handlers_threads(start: Start, fn: Path) -> None:
+    rep = start(fn, {"TORPOR_WEBSOCKET": "handler:secho", "TORPOR_THREADS": "2"})
+
+    async def talk() -> int:
+        async with contextlib.AsyncExitStack() as stack:
+            socks = [await stack.enter_async_context(websockets.connect(ws_url(rep))) for _ in range(5)]
+            for i, ws in enumerate(socks):
+                await ws.send(f"s{i}")
+                assert await ws.recv() == f"s{i}"
+            # five sync socket handlers are running; the pool has two threads
+            status, _, _ = await asyncio.to_thread(rep.request, "GET", "/bytes-body")
+            return status
+
+    assert asyncio.run(talk()) == 201
 
 
 def test_websocket_handler_sees_the_request_and_closes_with_its_code(start: Start, fn: Path) -> None:
