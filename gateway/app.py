@@ -384,7 +384,10 @@ class Gateway:
                         "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)"}, 30)
                 cold = cold or not rr.balancer.backends
                 self.table.hot.add(rr.name)
-                gone = asyncio.ensure_future(_until_disconnect(receive))
+                # (a body still streaming must stay unread until a replica takes it: then a
+                # client that leaves is noticed only when the queue hands the request over)
+                streaming = first_chunk is not None and first_chunk.get("more_body", False)
+                gone = None if streaming else asyncio.ensure_future(_until_disconnect(receive))
                 try:
                     b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001), gone)
                 except ClientGone:
@@ -407,7 +410,8 @@ class Gateway:
                     cold = False
                     continue
                 finally:
-                    gone.cancel()
+                    if gone is not None:
+                        gone.cancel()
             if cold:
                 rr.stats.cold_starts += 1
             try:

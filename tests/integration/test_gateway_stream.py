@@ -75,7 +75,7 @@ class StreamingReplica:
 
 
 @contextlib.asynccontextmanager
-async def stream_gateway(spec: Spec) -> AsyncIterator[tuple[Env, StreamingReplica]]:
+async def stream_gateway(spec: Spec, ready: bool = True) -> AsyncIterator[tuple[Env, StreamingReplica]]:
     app = StreamingReplica()
     store = EmbeddedStore(None)
     async with running(app) as upstream:
@@ -86,7 +86,8 @@ async def stream_gateway(spec: Spec) -> AsyncIterator[tuple[Env, StreamingReplic
         app.gw = gw
         await gw.start()
         env = Env(store, gw, None, None, upstream.port, [])  # type: ignore[arg-type]
-        await env.add_replica()
+        if ready:
+            await env.add_replica()
         try:
             async with running(gw) as server:
                 env.server = server
@@ -151,6 +152,20 @@ async def test_a_large_upload_streams_holding_only_its_first_mib(chunked: bool) 
         assert len(replica.buffered) > 10
         assert max(replica.buffered) <= STREAM_ABOVE + 256 * 1024
         await until(lambda: env.gateway.buffered == 0, "the buffer released")
+        await raw.close()
+
+
+async def test_a_large_upload_to_a_function_at_zero_waits_whole_for_its_replica() -> None:
+    async with stream_gateway(Spec(name="fn", max_body=64 * MiB), ready=False) as (env, replica):
+        size = 6 * MiB
+        raw = await Raw.connect(env.port)
+        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n" % size)
+        await raw.send(b"w" * (2 * MiB))  # past STREAM_ABOVE: dispatched, queued at the activator
+        await until(lambda: len(env.rr.activator) == 1, "the upload queued for a replica")
+        await env.add_replica()
+        await raw.send(b"w" * (size - 2 * MiB))
+        status, _, body = await raw.response()
+        assert status == 200 and json.loads(body) == {"bytes": size}  # not a byte lost while queued
         await raw.close()
 
 
