@@ -49,6 +49,8 @@ class Leadership:
         self.clock = clock
         self.held: Held | None = None
         self.terms = 0  # how many times this process was elected
+        self.since: float | None = None  # wall-clock time of the current election (status)
+        self.attempted = asyncio.Event()  # set once the first request for the lease was answered
 
     def valid(self) -> bool:
         held = self.held
@@ -75,19 +77,21 @@ class Leadership:
         try:
             while True:
                 got = await self._try()
+                self.attempted.set()
                 if got is None:
                     await asyncio.sleep(self.poll)
                     continue
                 self.held = got
                 self.terms += 1
+                self.since = time.time()
                 log.warning("controller %s leads (lease token %d)", self.holder, got.token)
                 await elected(got.token)
                 await self._keep()
-                self.held = None
+                self.held, self.since = None, None
                 log.warning("controller %s lost the lease; standing by", self.holder)
                 await deposed()
         finally:
-            held, self.held = self.held, None
+            held, self.held, self.since = self.held, None, None
             if held is not None:
                 try:
                     await asyncio.wait_for(self.lease.release(self.holder, held.token), 2.0)

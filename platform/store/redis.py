@@ -11,6 +11,15 @@ Keys (``P`` is the prefix, ``torpor`` by default):
 - ``P:secret:NAME``     hash: ``value`` (base64), ``version``, ``updated``; kept apart
                         from the function documents, never in a bus message
 - ``P:secretnames``     set of secret names
+- ``P:instance``        the installation's id (``SET NX``: created once)
+- ``P:seen:KIND``       hash, member id -> JSON heartbeat (controllers, gateways)
+
+Fencing: ``store.fenced(LEASE_KEY, TOKEN)`` is a view of the store (same connections,
+same subscriptions) whose controller writes (functions, replicas, events) land only
+while the lease key still holds ``TOKEN``: replica and event writes are Lua scripts that
+compare the token first, a function update WATCHes the lease key beside the function's
+and compares it before MULTI. A deposed controller that wakes up late gets
+``FencedError`` and nothing is written.
 
 ``update_function`` is an optimistic WATCH/MULTI/EXEC transaction retried up to
 ``MAX_ATTEMPTS`` times, then ``ConflictError``. The change message is PUBLISHed in
@@ -41,6 +50,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 import weakref
@@ -51,13 +61,48 @@ from redis.exceptions import WatchError
 
 from torpor.model import Event, Function, Replica, SecretInfo
 from torpor.store import check_name
-from torpor.store.base import CHANGES, SECRETS, ConflictError, Mutator
+from torpor.store.base import CHANGES, SECRETS, ConflictError, FencedError, Mutator
 
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 200  # per function
 MAX_ATTEMPTS = 20  # optimistic update attempts before ConflictError
 SUBSCRIBE_TIMEOUT = 10.0  # seconds to get a SUBSCRIBE confirmed
+
+
+# The fence: KEYS[1] is the lease key ("TOKEN:HOLDER"), ARGV[1] the writer's token.
+_FENCE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+local sep = string.find(cur, ':', 1, true)
+if not sep or string.sub(cur, 1, sep - 1) ~= ARGV[1] then return -1 end
+"""
+# KEYS: lease, replicas hash, rfns set; ARGV: token, replica name, JSON, function, channel, change
+_PUT_REPLICA = _FENCE + """
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+# KEYS: lease, replicas hash; ARGV: token, replica name, channel, change
+_DELETE_REPLICA = _FENCE + """
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
+# KEYS: lease, events list; ARGV: token, JSON, how many to keep
+_ADD_EVENT = _FENCE + """
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+return 1
+"""
+
+
+def _token_of(value: str | bytes | None) -> int | None:
+    """The fencing token in a lease key's value ``TOKEN:HOLDER``."""
+    if not value:
+        return None
+    tok, _, _ = _str(value).partition(":")
+    return int(tok) if tok.isdigit() else None
 
 
 class _End:
@@ -190,6 +235,25 @@ class RedisStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unready: set[_SubState] = set()
         self._closed = False
+        self._owner: RedisStore = self  # a fenced view points at the store it came from
+        self._fence: tuple[str, int] | None = None  # (lease key, token) on a fenced view
+        self._put_replica = self._redis.register_script(_PUT_REPLICA)
+        self._delete_replica = self._redis.register_script(_DELETE_REPLICA)
+        self._add_event = self._redis.register_script(_ADD_EVENT)
+
+    def fenced(self, lease_key: str, token: int) -> RedisStore:
+        """A view of this store whose writes need ``lease_key`` to still hold ``token``
+        (see the module docstring). Reads, the bus and subscriptions are the store's own;
+        closing the view does nothing."""
+        view = RedisStore.__new__(RedisStore)
+        view.__dict__.update(self._owner.__dict__)
+        view._owner = self._owner
+        view._fence = (lease_key, int(token))
+        return view
+
+    def _refused(self, what: str) -> FencedError:
+        assert self._fence is not None
+        return FencedError(f"{what} refused: fencing token {self._fence[1]} is no longer the lease's")
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -221,7 +285,7 @@ class RedisStore:
         return f"{self.prefix}:rfns"
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._owner._closed:
             raise RuntimeError("the store is closed")
 
     async def _enter(self) -> None:
@@ -231,8 +295,8 @@ class RedisStore:
         usual "subscribe, then list" resync has no gap, even against other processes.
         """
         self._check_open()
-        if self._unready:
-            await self._wait_subscriptions()
+        if self._owner._unready:
+            await self._owner._wait_subscriptions()
 
     # -- functions -----------------------------------------------------------------------
 
@@ -256,7 +320,13 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             for attempt in range(MAX_ATTEMPTS):
                 try:
-                    await pipe.watch(key)
+                    if self._fence is not None:
+                        await pipe.watch(key, self._fence[0])
+                        if _token_of(await pipe.get(self._fence[0])) != self._fence[1]:
+                            await pipe.unwatch()
+                            raise self._refused(f"update of function {name!r}")
+                    else:
+                        await pipe.watch(key)
                     current = await pipe.get(key)
                     new = mutate(_function(current))
                     if new is None:
@@ -292,6 +362,14 @@ class RedisStore:
 
     async def put_replica(self, replica: Replica) -> None:
         await self._enter()
+        if self._fence is not None:
+            done = await self._put_replica(
+                keys=[self._fence[0], self._replicas_key(replica.function), self._rfns_key],
+                args=[self._fence[1], replica.name, json.dumps(replica.to_dict()), replica.function,
+                      self._channel(CHANGES), json.dumps({"kind": "replica", "function": replica.function})])
+            if int(done) != 1:
+                raise self._refused(f"write of replica {replica.name!r}")
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._replicas_key(replica.function), replica.name,
                       json.dumps(replica.to_dict()))
@@ -302,6 +380,14 @@ class RedisStore:
 
     async def delete_replica(self, function: str, name: str) -> None:
         await self._enter()
+        if self._fence is not None:
+            done = await self._delete_replica(
+                keys=[self._fence[0], self._replicas_key(function)],
+                args=[self._fence[1], name, self._channel(CHANGES),
+                      json.dumps({"kind": "replica", "function": function})])
+            if int(done) != 1:
+                raise self._refused(f"deletion of replica {name!r}")
+            return
         if await self._redis.hdel(self._replicas_key(function), name):
             await self.publish(CHANGES, {"kind": "replica", "function": function})
 
@@ -324,6 +410,12 @@ class RedisStore:
     async def add_event(self, event: Event) -> None:
         await self._enter()
         key = self._events_key(event.function)
+        if self._fence is not None:
+            done = await self._add_event(keys=[self._fence[0], key],
+                                         args=[self._fence[1], json.dumps(event.to_dict()), EVENTS_KEPT])
+            if int(done) != 1:
+                raise self._refused(f"event of {event.function!r}")
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.rpush(key, json.dumps(event.to_dict()))
             pipe.ltrim(key, -EVENTS_KEPT, -1)
@@ -380,6 +472,41 @@ class RedisStore:
         return [SecretInfo(name=n, version=int(v), updated=float(u))
                 for n, (v, u) in zip(names, rows, strict=True) if v is not None and u is not None]
 
+    # -- installation identity and presence ---------------------------------------------
+
+    async def instance_id(self, default: str | None = None) -> str:
+        await self._enter()
+        key = f"{self.prefix}:instance"
+        iid = await self._redis.get(key)
+        if iid:
+            return _str(iid)
+        await self._redis.set(key, default or os.urandom(6).hex(), nx=True)
+        return _str(await self._redis.get(key) or "")
+
+    async def heartbeat(self, kind: str, member: str, info: dict[str, Any]) -> None:
+        await self._enter()
+        await self._redis.hset(f"{self.prefix}:seen:{kind}", member,
+                               json.dumps({**info, "id": member, "seen": time.time()}))
+
+    async def members(self, kind: str, max_age: float) -> list[dict[str, Any]]:
+        await self._enter()
+        key = f"{self.prefix}:seen:{kind}"
+        rows = {_str(k): _str(v) for k, v in (await self._redis.hgetall(key)).items()}
+        now, out, old = time.time(), [], []
+        for member in sorted(rows):
+            try:
+                info = json.loads(rows[member])
+                fresh = now - float(info["seen"]) <= max_age
+            except (ValueError, TypeError, KeyError):
+                fresh = False
+            if fresh:
+                out.append(info)
+            else:
+                old.append(member)
+        if old:
+            await self._redis.hdel(key, *old)
+        return out
+
     # -- bus -----------------------------------------------------------------------------
 
     async def publish(self, channel: str, payload: dict[str, Any]) -> None:
@@ -395,7 +522,7 @@ class RedisStore:
         Must be called with an event loop running.
         """
         self._check_open()
-        return Subscription(self, self._channel(channel))
+        return Subscription(self._owner, self._channel(channel))
 
     def _track(self, sub: Subscription, state: _SubState, task: asyncio.Task[None]) -> None:
         self._subs.add(sub)
@@ -415,8 +542,8 @@ class RedisStore:
         self._unready = {s for s in self._unready if not s.ready.is_set()}
 
     async def close(self) -> None:
-        """End every subscription and close the connection pool."""
-        if self._closed:
+        """End every subscription and close the connection pool (a fenced view: nothing)."""
+        if self._owner is not self or self._closed:
             return
         self._closed = True
         for sub in list(self._subs):
