@@ -32,7 +32,8 @@ async def status(store: Store, lease: Lease | None, store_kind: str) -> dict[str
     current = await lease.current() if lease is not None else None
     leader: dict[str, Any] | None = None
     if current is not None:
-        beat: dict[str, Any] = next((c for c in controllers if c.get("id") == current.holder), {})
+        beat: dict[str, Any] = next((c for c in controllers if c.get("id") == current.holder
+                                     and c.get("token") == current.token), {})
         leader = {"id": current.holder, "host": beat.get("host"), "pid": beat.get("pid"),
                   "since": beat.get("since"), "token": current.token,
                   "lease_expires_in": round(current.expires_in, 3)}

@@ -19,6 +19,7 @@ such as one whose start a deposed leader had in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
@@ -126,6 +127,7 @@ class Controller:
         self._leader_task: asyncio.Task[None] | None = None
         self._orphans: dict[str, float] = {}  # replica no one tracks -> when first seen
         self._swept_at = 0.0
+        self._beat_now = asyncio.Event()  # a role change: heartbeat at once
         self._stopping = False
         self.rollouts = Rollouts(store, clock)
         self._listing: asyncio.Future[list[Running]] | None = None
@@ -187,6 +189,7 @@ class Controller:
         assert self._fenced_store is not None and self.leadership is not None
         self._fenced_store.inner = fence_store(self.base_store, self.lease_key, token, self.leading)
         self._acting = asyncio.create_task(self._act(token), name="ctl-acting")
+        self._beat_now.set()
 
     async def _act(self, token: int) -> None:
         """Sync (store, driver, adoption), then reconcile until cancelled."""
@@ -204,6 +207,7 @@ class Controller:
                 log.exception("controller: syncing as the leader (token %d) failed; retrying", token)
                 await asyncio.sleep(1.0)
         self.synced.set()
+        self._beat_now.set()
         log.warning("controller: leading (lease token %d); adopted %d replica(s)", token, len(self.tracked))
         self.wake()
         await self._loop()
@@ -211,6 +215,7 @@ class Controller:
     async def _deposed(self) -> None:
         """Lost the lease: stop acting at once; the replicas keep running."""
         self.synced.clear()
+        self._beat_now.set()
         await self._cancel_term()
         log.warning("controller: deposed; %d replica(s) left running for the next leader", len(self.tracked))
         self._forget_term()
@@ -254,7 +259,9 @@ class Controller:
                 raise
             except Exception as e:
                 log.warning("controller: heartbeat failed: %s: %s", type(e).__name__, e)
-            await asyncio.sleep(HEARTBEAT_EVERY)
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
 
     def _spawn(self, coro: Any) -> asyncio.Future[Any]:
         """A piece of this term's work: cancelled if the lease is lost."""
