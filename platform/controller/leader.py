@@ -6,6 +6,8 @@ what runs, resumes rollouts) and the lease is renewed every ``renew_every`` seco
 renewal is refused, fails, or does not answer before the lease's *local* validity ends
 (see ``torpor.lease``: local expiry always comes before the store lets a standby in),
 ``deposed()`` runs before anything else can happen, and the loop goes back to standby.
+A standby asks again every ``poll`` seconds, or right when the lease it saw runs out if
+that is sooner: a dead leader's lease is taken over within its TTL.
 
 ``valid()`` is what the controller asks before each action (a driver call, a store
 write): a holder that was frozen (SIGSTOP, a long GC pause, a partition) and wakes up
@@ -79,7 +81,7 @@ class Leadership:
                 got = await self._try()
                 self.attempted.set()
                 if got is None:
-                    await asyncio.sleep(self.poll)
+                    await asyncio.sleep(await self._standby_wait())
                     continue
                 self.held = got
                 self.terms += 1
@@ -97,6 +99,19 @@ class Leadership:
                     await asyncio.wait_for(self.lease.release(self.holder, held.token), 2.0)
                 except Exception:  # best effort: the lease expires by itself
                     pass
+
+    async def _standby_wait(self) -> float:
+        """How long a standby waits before asking again: ``poll``, or less if the lease
+        runs out sooner (so a dead leader is replaced right when its lease ends)."""
+        try:
+            cur = await asyncio.wait_for(self.lease.current(), self.poll)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return self.poll
+        if cur is None:
+            return 0.0
+        return min(self.poll, max(0.002, cur.expires_in + 0.002))
 
     async def _keep(self) -> None:
         """Renew until a renewal fails or the token changes; returns when leadership ends."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from torpor.autoscaler.service import Autoscaler
 from torpor.controller.fence import FencedDriver, FencedStore, fence_store
 from torpor.controller.leader import Leadership
@@ -314,6 +316,8 @@ class Controller:
                     return
             except asyncio.CancelledError:
                 raise
+            except (ConnectionError, RedisConnectionError) as e:  # the store went or came back: resubscribe, resync
+                log.warning("controller: %s subscription ended (%s); resubscribing", channel, e)
             except Exception:
                 log.exception("controller: %s subscription failed; resubscribing", channel)
             await asyncio.sleep(1.0)

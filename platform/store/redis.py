@@ -26,9 +26,11 @@ and compares it before MULTI. A deposed controller that wakes up late gets
 the same transaction as the write.
 
 The bus is Redis pub/sub on channel ``P:CHANNEL`` with JSON payloads: at most once.
-Messages published while a subscriber's connection is being re-established are
-lost; redis-py re-subscribes by itself and a warning is logged. If the connection
-cannot be re-established the subscription's iterator raises the error.
+Messages published while a subscriber's connection is down are lost, so a subscription
+whose connection breaks (Redis restarted, say) ends: its iterator raises
+``ConnectionError`` and the consumer subscribes again and resyncs from the store (the
+controller and the gateway both do). Commands retry a dropped connection a few times
+with a short backoff, so the first call after a Redis restart succeeds.
 
 ``subscribe()`` is synchronous (the ``Store`` protocol) but SUBSCRIBE needs a round
 trip, so each ``Subscription`` starts a small task that subscribes and then pumps
@@ -57,6 +59,10 @@ import weakref
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from torpor.model import Event, Function, Replica, SecretInfo
@@ -68,6 +74,8 @@ log = logging.getLogger(__name__)
 EVENTS_KEPT = 200  # per function
 MAX_ATTEMPTS = 20  # optimistic update attempts before ConflictError
 SUBSCRIBE_TIMEOUT = 10.0  # seconds to get a SUBSCRIBE confirmed
+CONNECT_TIMEOUT = 2.0  # seconds to open a connection
+RETRIES = 4  # a command retries a dropped connection this often (backoff 0.05 s doubling, at most 0.5 s)
 
 
 # The fence: KEYS[1] is the lease key ("TOKEN:HOLDER"), ARGV[1] the writer's token.
@@ -141,10 +149,9 @@ async def _pump(ps: Any, state: _SubState) -> None:
             msg = await ps.get_message(timeout=None)
             if msg is None:
                 continue
-            if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed
-                log.warning("pub/sub connection to %s was re-established; messages "
-                            "published meanwhile are lost", state.channel)
-                continue
+            if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed by itself
+                raise ConnectionError(f"pub/sub connection to {state.channel} was re-established; messages "
+                                      "published meanwhile may be lost: subscribe again and resync")
             if msg["type"] != "message":
                 continue
             try:
@@ -230,7 +237,10 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "torpor") -> None:
         self.url = url
         self.prefix = prefix
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT, socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unready: set[_SubState] = set()

@@ -319,7 +319,9 @@ def test_kill_9_each_controller_in_turn_during_a_burst(tmp_path: Path, cluster: 
         # takeover within the TTL, as the status endpoint tells it (both processes on this host)
         assert new["token"] > lead["token"]
         assert new["pid"] == c.procs[spare[victim]].pid
-        assert new["since"] - killed_at <= TTL + 1.0, (new, killed_at)
+        assert new["since"] - killed_at <= TTL + 0.25, (new, killed_at)
+        print(f"round {round_}: killed {victim}; {new['id']} leads {new['since'] - killed_at:.2f}s later "
+              f"(ttl {TTL:g}s); burst {dict(traffic.results)}")
         assert not traffic.failures, f"round {round_}: {Counter(traffic.failures)} of {dict(traffic.results)}"
         assert traffic.results["200"] >= 100
         # the killed one comes back as the standby
@@ -356,8 +358,10 @@ def test_redis_restart_while_warm_traffic_flows(tmp_path: Path, cluster: tuple[C
     with Traffic(c, workers=2, pause=0.02) as traffic:
         _wait(lambda: traffic.count() >= 20, 30, "warm traffic")
         rs.stop()
-        down = traffic.count()
-        _wait(lambda: traffic.count() >= down + 50, 30, "the gateways to serve on while Redis is down")
+        down, down_at = traffic.count(), time.monotonic()
+        # down for longer than the lease: the leader must give way and a leader sync afresh after
+        _wait(lambda: traffic.count() >= down + 50 and time.monotonic() - down_at > TTL + 1, 30,
+              "the gateways to serve on while Redis is down")
         served_while_down = traffic.count() - down
         rs.start()
         # the API's first call after the restart succeeds
