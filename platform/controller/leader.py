@@ -53,6 +53,7 @@ class Leadership:
         self.terms = 0  # how many times this process was elected
         self.since: float | None = None  # wall-clock time of the current election (status)
         self.attempted = asyncio.Event()  # set once the first request for the lease was answered
+        self.failed = False  # the last request got no answer (as opposed to a refusal)
 
     def valid(self) -> bool:
         held = self.held
@@ -64,6 +65,7 @@ class Leadership:
 
     async def _try(self) -> Held | None:
         """One acquire/renew, bounded by what is left of our local validity."""
+        self.failed = False
         limit = self.ttl if self.held is None else max(0.0, self.held.valid_until - self.clock())
         try:
             return await asyncio.wait_for(self.lease.acquire(self.holder, self.ttl), max(limit, 0.05))
@@ -71,6 +73,7 @@ class Leadership:
             raise
         except Exception as e:  # the store is down or slow: not leader until it answers
             log.warning("lease %s: %s: %s", "renewal" if self.held else "request", type(e).__name__, e)
+            self.failed = True
             return None
 
     async def run(self, elected: Callable[[int], Awaitable[None]],
@@ -123,6 +126,12 @@ class Leadership:
             if not self.valid():
                 return
             got = await self._try()
+            while got is None and self.failed and self.valid():
+                # no answer (the store restarts, say): keep asking while the lease is ours
+                await asyncio.sleep(min(0.1, max(0.0, self.held.valid_until - self.clock())))
+                if not self.valid():
+                    return
+                got = await self._try()
             if got is None or got.token != token:
                 return
             self.held = got
