@@ -32,6 +32,7 @@ from torpor.runtime import fetch
 from torpor.store import open_store
 
 NS = "torpor-test"
+ARCHIVE_KEY = b"k" * 32
 IMAGE = "torpor/runtime:test"
 HANDLER = "def handle(request):\n    print('served', request.path, flush=True)\n    return 'hello from a pod'\n"
 
@@ -40,7 +41,7 @@ class Env:
     def __init__(self, tmp: Path, **sim_kw: Any) -> None:
         self.tmp = tmp
         self.sim = SimCluster((NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}, **sim_kw).start()
-        self.archives = ArchiveServer().start()
+        self.archives = ArchiveServer(key=ARCHIVE_KEY).start()  # each Pod must bring its archive's own token
         self.config = KubeConfig.from_dict(self.sim.kubeconfig())
         self.drivers: list[KubernetesDriver] = []
         self._n = 0
@@ -48,6 +49,7 @@ class Env:
     def driver(self, instance: str = "inst-a", **kw: Any) -> KubernetesDriver:
         d = KubernetesDriver(instance, NS, self.config, runtime_image=IMAGE, archive_url_base=self.archives.base,
                              trust_env=False, **kw)
+        d.use_archive_key(ARCHIVE_KEY)  # as the controller does at start
         self.drivers.append(d)
         return d
 
@@ -206,6 +208,11 @@ async def test_a_source_revision_without_an_archive_hash_fails_to_prepare(env: E
     env.drivers.append(nobase)
     with pytest.raises(BuildError, match="TORPOR_ARCHIVE_URL_BASE"):
         await nobase.prepare(env.revision())
+    nokey = KubernetesDriver("inst-a", NS, env.config, runtime_image=IMAGE, archive_url_base=env.archives.base,
+                             trust_env=False)
+    env.drivers.append(nokey)
+    with pytest.raises(BuildError, match="no archive key"):
+        await nokey.prepare(env.revision())
 
 
 async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
@@ -229,6 +236,7 @@ async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
 async def test_a_missing_namespace_is_a_clear_error(env: Env) -> None:
     d = KubernetesDriver("inst-a", "no-such-ns", env.config, runtime_image=IMAGE,
                          archive_url_base=env.archives.base, trust_env=False)
+    d.use_archive_key(ARCHIVE_KEY)
     try:
         with pytest.raises(KubernetesError, match="does namespace no-such-ns exist"):
             await d.prepare(env.revision())
