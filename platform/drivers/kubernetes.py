@@ -510,12 +510,12 @@ class KubernetesDriver:
                 raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
                                  "driver runs source functions from content-addressed archives, which the API "
                                  "records on deploy (a revision made before them has none: deploy it again)")
-            if not self.settings.archive_key:
-                raise BuildError("no archive key: the controller passes the installation's key to the driver "
-                                 "(use_archive_key) before it prepares source functions")
             if not self.settings.archive_url_base:
                 raise BuildError("source functions on a cluster need TORPOR_ARCHIVE_URL_BASE: the URL of the API's "
                                  "/v1/archives as Pods reach it")
+            if not self.settings.archive_key:
+                raise BuildError("no archive key: the controller passes the installation's key to the driver "
+                                 "(use_archive_key) before it prepares source functions")
             req = Path(revision.source or "", "requirements.txt")
             if revision.source and req.is_file() and req.read_text(errors="replace").strip() and progress:
                 progress("warning: requirements.txt is not installed on a cluster: the runtime image "
