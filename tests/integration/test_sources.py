@@ -144,11 +144,19 @@ def _drill(s: Spread, tmp: Path) -> None:
     assert not (api_state / "sources").exists()  # the API keeps no folder once the archive is stored
     assert list((api_state / "uploads").iterdir()) == []
 
-    # deleting the function takes its archive out of the store and the controller's cache
-    assert s.call("DELETE", "/v1/functions/hello").status_code == 200
+    # deleting the function takes its archive out of the store and the controller's cache;
+    # an archive that never became a revision (its API died between the put and the
+    # revision) goes too, once its grace is over
+    orphan = b"an upload that never became a revision"
+    orphan_sha = hashlib.sha256(orphan).hexdigest()
     db = redis.Redis.from_url(s.redis_url)
     try:
+        db.set(f"torpor:blob:{orphan_sha}", orphan)
+        db.hset("torpor:blobs", orphan_sha, repr(time.time()))
+        assert s.call("DELETE", "/v1/functions/hello").status_code == 200
         s.wait_for("the archive removed from Redis", lambda: not db.exists(f"torpor:blob:{sha}"))
+        s.wait_for("the orphan archive removed", lambda: not db.exists(f"torpor:blob:{orphan_sha}"), 90)
+        assert db.hkeys("torpor:blobs") == []
     finally:
         db.close()
     s.wait_for("the controller's unpacked copy removed", lambda: not cached.exists())
