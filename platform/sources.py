@@ -89,8 +89,10 @@ def _members(folder: Path) -> list[tuple[str, Path, bool]]:
 
 def pack(folder: Path) -> Packed:
     """The normalised archive of ``folder`` (see the module docstring). Blocking."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    out = io.BytesIO()
+    # tar straight into gzip: the uncompressed tar is never held in memory whole
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path, is_dir in _members(folder):
             info = tarfile.TarInfo(name)
             info.mtime = 0
@@ -107,9 +109,6 @@ def pack(folder: Path) -> Packed:
             info.size = st.st_size
             with path.open("rb") as f:
                 tar.addfile(info, f)
-    out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz:
-        gz.write(raw.getvalue())
     data = out.getvalue()
     return Packed(data=data, sha256=sha256_of(data))
 
