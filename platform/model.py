@@ -77,9 +77,11 @@ class Revision:
     function: str
     number: int
     spec: Spec
-    source: str | None = None  # path of the immutable copy of the function folder
+    # a local folder: only on the copy the controller hands a driver (its own cache), and on
+    # revisions stored before archives; what the store holds for a new revision is the hash
+    source: str | None = None
     image: str | None = None  # built (or given) image, docker driver
-    source_sha256: str | None = None  # content hash of the source archive (cluster mode)
+    source_sha256: str | None = None  # sha256 of the source archive in the store (torpor.sources)
     status: RevisionStatus = "building"
     reason: str = ""
     created: float = field(default_factory=time.time)

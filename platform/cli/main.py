@@ -468,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
         add_upload_limits(sp)
+    add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic")

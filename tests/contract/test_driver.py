@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import shutil
 import socket
 import sys
@@ -165,14 +166,17 @@ def _kubernetes_harness(tmp: Path) -> Harness:
 
     image = "torpor/runtime:contract"
     sim = SimCluster(("torpor-test",), images={image: [sys.executable, "-s", fetch.__file__]}).start()
-    archives = ArchiveServer().start()
+    key = os.urandom(32)
+    archives = ArchiveServer(key=key).start()  # each Pod must bring its archive's own token
     config = KubeConfig.from_dict(sim.kubeconfig())
 
     def make(state: Path) -> Any:
         from torpor.drivers.docker import instance_id
 
-        return KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
-                                archive_url_base=archives.base, trust_env=False)
+        d = KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
+                             archive_url_base=archives.base, trust_env=False)
+        d.use_archive_key(key)  # as the controller does at start
+        return d
 
     def on_revision(rev: Revision) -> None:  # what cluster mode's API records on deploy
         assert rev.source is not None
