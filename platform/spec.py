@@ -104,6 +104,7 @@ MAX_INTERVAL = 86_400.0  # rollout.interval: (0, 24h]
 MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
 MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
+CONTRACT_ENV = frozenset({"K_SERVICE", "K_CONFIGURATION", "K_REVISION"})  # set by Torpor in every replica
 
 MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
 
@@ -450,6 +451,9 @@ def _parse_env(value: Any, path: str) -> dict[str, str]:
             raise SpecError(
                 key_path, "the `port:` key instead", problem=f"{key} is set by Torpor from `port`"
             )
+        if key in CONTRACT_ENV:
+            raise SpecError(key_path, "a variable name Torpor does not set",
+                            problem=f"{key} is set by Torpor (the Knative runtime contract)")
         if key.startswith("TORPOR_"):
             raise SpecError(
                 key_path, "a name without the TORPOR_ prefix",

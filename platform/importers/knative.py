@@ -388,17 +388,21 @@ def _autoscaling(d: _Doc, ann: dict[str, tuple[str, str]], concurrency: int | No
                "the load (as initial-scale 1)")
     target = num("target")
     util = num("target-utilization-percentage")
-    if target is not None or util is not None or (concurrency is not None and concurrency > 0):
-        base = target if target is not None else (concurrency if concurrency else KNATIVE_TARGET)
-        if concurrency and base > concurrency:
-            base = float(concurrency)  # Knative caps the target at the hard limit
-        share = (util if util is not None else KNATIVE_UTILIZATION) / 100
-        if not 0 < share <= 1:
-            raise d.refuse(ann["target-utilization-percentage"][1], "expected a percent above 0 and at most 100")
-        effective = base * share
-        scale["target"] = math.floor(effective * 1000) / 1000 or effective
-        origin["scale.target"] = ann.get("target", ann.get("target-utilization-percentage", ("", "spec.template.spec"
-                                         ".containerConcurrency")))[1]
+    # Knative's rule, with Knative's defaults for what is not given
+    base = target if target is not None else (concurrency if concurrency else KNATIVE_TARGET)
+    if concurrency and base > concurrency:
+        base = float(concurrency)  # Knative caps the target at the hard limit
+    share = (util if util is not None else KNATIVE_UTILIZATION) / 100
+    if not 0 < share <= 1:
+        raise d.refuse(ann["target-utilization-percentage"][1], "expected a percent above 0 and at most 100")
+    effective = base * share
+    scale["target"] = math.floor(effective * 1000) / 1000 or effective
+    origin["scale.target"] = ann.get("target", ann.get("target-utilization-percentage", ("", "spec.template.spec"
+                                     ".containerConcurrency")))[1]
+    if target is None and not concurrency:
+        d.warn("spec.template.metadata.annotations", f"no autoscaling.knative.dev/target: Knative's default "
+               f"applies ({KNATIVE_TARGET:g} x {util if util is not None else KNATIVE_UTILIZATION:g} % = "
+               f"{effective:g} in-flight requests per replica; Torpor's own default is 10)")
     if "window" in ann:
         scale["window"] = ann["window"][0]
         origin["scale.window"] = ann["window"][1]

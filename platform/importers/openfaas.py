@@ -92,6 +92,8 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
 
     spec: dict[str, Any] = {"name": name}
     lang = body.get("lang")
+    if isinstance(lang, str) and lang.lower() == "dockerfile":
+        lang = "dockerfile"  # old stack files say `Dockerfile`
     image = body.get("image")
     folder: Path | None = None
     requirements: Path | None = None
