@@ -582,4 +582,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module, not this __main__ copy: modules that import torpor.cli.main
+    # (torpor.cli.imports) must see the same CliError and Api classes
+    from torpor.cli.main import main as _main
+
+    _main()
