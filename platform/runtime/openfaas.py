@@ -124,6 +124,8 @@ def to_response(result: Any) -> _Response:
     if isinstance(result, dict):
         status = result.get("statusCode", 200)
         headers = _header_items(result.get("headers"))
+        if status in (204, 304):
+            return _Response(status, headers, b"")  # no body, so no type
         return _Response(status, headers, _body(result.get("body", ""), headers))
     if isinstance(result, tuple) and 2 <= len(result) <= 3:
         headers = _header_items(result[2]) if len(result) == 3 else []

@@ -304,3 +304,25 @@ def test_new_spec_keys_round_trip_and_are_checked() -> None:
         with pytest.raises(SpecError) as err:
             parse_spec(bad)
         assert err.value.path == where, (bad, err.value)
+
+
+@pytest.mark.security
+def test_labels_cannot_claim_torpors_own(attack: Any) -> None:
+    """Deploy a spec (or a Knative Service) whose labels claim torpor.function/instance/managed of other containers."""
+    from torpor.drivers.kubernetes import PodSettings, pod_manifest
+    from torpor.spec import SpecError
+
+    for key in ("torpor.function", "torpor.instance", "torpor.managed", "torpor/replica"):
+        with pytest.raises(SpecError, match="torpor.\\* labels are set by Torpor"):
+            parse_spec({"name": "a", "labels": {key: "victim"}})
+        doc = hello_doc()
+        doc["metadata"]["labels"][key] = "victim"
+        with pytest.raises(ImportRefused, match="torpor"):
+            one_knative(doc).validate("service.yaml")
+    # a record stored without the check still cannot override them on a Pod
+    spec = Spec(name="a", image="x/y:1", labels={"torpor.instance": "victim", "torpor.function": "victim"})
+    rev = Revision(name="a-00001", function="a", number=1, spec=spec)
+    settings = PodSettings(namespace="ns", instance="mine", runtime_image="r:1", archive_url_base="http://a")
+    labels = pod_manifest(rev, "a-00001-r1", "uid", settings).to_dict()["metadata"]["labels"]
+    assert labels["torpor.instance"] == "mine" and labels["torpor.function"] == "a"
+    attack.ended("refused at deploy (labels.KEY: torpor.* labels are set by Torpor); Torpor's own labels win")
