@@ -130,7 +130,10 @@ def _check_traffic(api: Api, imp: Imported) -> None:
 
 def export(api: Api, args: argparse.Namespace) -> int:
     fn: dict[str, Any] = api.call("GET", f"/v1/functions/{args.name}")
-    doc, warnings = to_knative(fn) if args.format == "knative" else to_openfaas(fn)
+    try:
+        doc, warnings = to_knative(fn) if args.format == "knative" else to_openfaas(fn)
+    except ValueError as e:
+        die(f"export: {e}")
     for line in warnings:
         print(f"torpor: export: warning: {line}", file=sys.stderr)
     sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
