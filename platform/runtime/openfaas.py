@@ -19,7 +19,6 @@ OpenFaaS template does:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -104,6 +103,8 @@ def _body(raw: Any, headers: list[tuple[str, str]]) -> bytes:
     """The body bytes; sets a content type in ``headers`` when none is named."""
     has_type = any(name.lower() == "content-type" for name, _ in headers)
     if isinstance(raw, (dict, list)):
+        import json  # on first use: its import would be paid on every cold start
+
         ctype, data = _JSON, json.dumps(raw).encode("utf-8")
     elif isinstance(raw, (bytes, bytearray, memoryview)):
         ctype, data = _HTML, bytes(raw)
