@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
+# Upper bounds (seconds) of the request-latency histogram the gateway keeps and reports.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 RevisionStatus = Literal["building", "ready", "failed", "retired"]
 ReplicaState = Literal["starting", "ready", "draining", "failed"]

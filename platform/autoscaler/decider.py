@@ -231,8 +231,8 @@ class RevisionScaler:
             return Decision(desired, False, f"idle {_fmt(s.idle)}s -> {target}", stable, panic_avg)
 
         # -- stable / panic ------------------------------------------------------------------
-        dspc = math.ceil(stable / s.target)
-        dppc = math.ceil(panic_avg / s.target) if panic_avg is not None else None
+        stable_pods = math.ceil(stable / s.target)
+        panic_pods = math.ceil(panic_avg / s.target) if panic_avg is not None else None
 
         up_limit = math.ceil(MAX_SCALE_UP_RATE * ready) if ready > 0 else None
         down_limit = math.ceil(ready / MAX_SCALE_DOWN_RATE)
@@ -243,14 +243,14 @@ class RevisionScaler:
 
         base = max(ready, 1)
         threshold = self._scale.panic_threshold / 100
-        over = dppc is not None and dppc >= threshold * base
+        over = panic_pods is not None and panic_pods >= threshold * base
         if over:
             if self._panic_trigger is None:
                 self._panic_max = ready
             self._panic_trigger = now
 
         if self._panic_trigger is not None:
-            raw = max(dspc, dppc or 0)
+            raw = max(stable_pods, panic_pods or 0)
             want = max(limit(raw), ready)
             self._panic_max = max(self._panic_max, want)
             want = self._panic_max
@@ -258,7 +258,7 @@ class RevisionScaler:
             if over:
                 head = (
                     f"panic: {panic_secs}s avg {shown} >= {_fmt(threshold)}x ready"
-                    f" {ready} (needs {dppc})"
+                    f" {ready} (needs {panic_pods})"
                 )
             else:
                 ago = now - self._panic_trigger
@@ -266,13 +266,13 @@ class RevisionScaler:
             if limit(raw) != raw and want == limit(raw):
                 head += f" (rate-limited from {raw})"
         else:
-            want = limit(dspc)
+            want = limit(stable_pods)
             head = (
                 f"stable: avg {stable:.1f} in-flight over {_fmt(s.window)}s"
                 f" / target {_fmt(s.target)}"
             )
-            if want != dspc:
-                head += f" (rate-limited from {dspc})"
+            if want != stable_pods:
+                head += f" (rate-limited from {stable_pods})"
 
         if want == 0 and (ready >= 1 or active_recently or in_flight or poke_pending):
             want = 1

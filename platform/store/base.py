@@ -25,6 +25,19 @@ class ConflictError(Exception):
     """An optimistic update lost too many races."""
 
 
+class Subscription(Protocol):
+    """Messages of one channel, in order: ``async for msg in sub``."""
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def __anext__(self) -> dict[str, Any]: ...
+
+    async def ready(self) -> None:
+        """Return once messages published from now on (anywhere) will be received."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class Store(Protocol):
     # -- functions (desired state) --------------------------------------------------
     async def get_function(self, name: str) -> Function | None: ...
@@ -76,7 +89,7 @@ class Store(Protocol):
     # -- bus -------------------------------------------------------------------------
     async def publish(self, channel: str, payload: dict[str, Any]) -> None: ...
 
-    def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self, channel: str) -> Subscription:
         """Messages published on ``channel`` after the call, in order, until closed."""
         ...
 

@@ -642,10 +642,22 @@ async def test_embedded_memory_only(tmp_path: Path) -> None:
 
 async def test_embedded_publish_never_waits_for_a_slow_subscriber() -> None:
     store = EmbeddedStore(None)
-    store.subscribe("stats")  # kept, never read
-    sub = store.subscribe("stats")  # noqa: F841  (held, never read)
-    for i in range(10_000):
-        await store.publish("stats", {"i": i})
+    store.subscribe("stats")  # dropped at once: unregistered, never read
+    sub = store.subscribe("stats")  # held, not read while publishing
+
+    async def publish_all() -> None:
+        for i in range(10_000):
+            await store.publish("stats", {"i": i})
+
+    await asyncio.wait_for(publish_all(), 30)  # a bound on a hang, not a speed
+    # the subscriber that read nothing while it ran lost nothing and kept the order
+    got = []
+    async for msg in sub:
+        got.append(msg["i"])
+        if len(got) == 10_000:
+            break
+    assert got == list(range(10_000))
+    assert len(store._channels["stats"]) == 1  # the dropped subscription left no queue behind
     await store.close()
 
 

@@ -139,7 +139,8 @@ def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path
     out = up.cli("traffic", "hello", f"hello-00001={split[0]}", f"hello-00002={split[1]}").stdout
     assert f"hello-00001={split[0]}%" in out
     up.wait_for(lambda: traffic(up, "hello")[0][1] == split[0], 10, "traffic applied")
-    time.sleep(0.3)  # the gateway applies the change feed
+    # the gateway applies the change feed: wait until it routes to the new revision
+    up.wait_for(lambda: "hello-00002" in count_revisions(up.gateway, "hello", 20, threads=1), 10, "split in the gateway")
     got = count_revisions(up.gateway, "hello", 10_000)
     assert sum(got.values()) == 10_000
     for rev, pct in zip(("hello-00001", "hello-00002"), split, strict=True):
@@ -169,7 +170,8 @@ def test_tags_reach_their_revision_even_at_zero_percent(up: Torpor, tmp_path: Pa
     # a tag given by hand, on the revision with all the traffic and on the one without
     up.cli("traffic", "hello", "hello-00001=100", "--tag", "hello-00001=prod", "--tag", "hello-00002=beta")
     up.wait_for(lambda: ("hello-00002", 0, "beta") in traffic(up, "hello"), 10, "tags applied")
-    time.sleep(0.3)
+    up.wait_for(lambda: up.request("hello", tag="beta").headers.get("x-torpor-revision") == "hello-00002", 10,
+                "the gateway routes the new tag")
     assert up.request("hello", tag="beta").headers["x-torpor-revision"] == "hello-00002"
     assert up.request("hello", tag="prod").headers["x-torpor-revision"] == "hello-00001"
     gone = up.request("hello", tag="canary")  # the old tag no longer exists
