@@ -171,8 +171,8 @@ def test_a_knative_service_runs_unchanged_with_the_runtime_contract(up: Torpor, 
     fn = up.function("hello")
     spec = fn["revisions"][0]["spec"]
     assert spec["scale"]["max"] == 5 and spec["scale"]["concurrency"] == 50 and spec["labels"]["team"] == "web"
-    [c] = [c for c in engine.containers.list(filters={"label": "torpor.function=hello"})
-           if c.labels.get("torpor.revision") == "hello-00001"]
+    [c] = [c for c in engine.containers.list(filters={"label": ["torpor.function=hello",
+                                                                "torpor.revision=hello-00001"]})]
     assert c.labels["team"] == "web" and c.labels["app"] == "hello"
     out = yaml.safe_load(up.cli("export", "hello", "--format", "knative").stdout)
     container = out["spec"]["template"]["spec"]["containers"][0]
