@@ -27,7 +27,9 @@ class Scale:
     target: float = 10.0  # target in-flight requests per replica
     concurrency: int = 0  # hard in-flight limit per replica; 0 = none
     idle: float = 30.0  # seconds without traffic before scaling to zero
-    window: float = 60.0  # stable window, seconds; panic window is 10% of it
+    window: float = 60.0  # stable window, seconds
+    panic_window: float = 10.0  # panic window, percent of the stable window
+    panic_threshold: float = 200.0  # panic when the panic-window need is this percent of ready
 
 
 @dataclass
@@ -58,6 +60,10 @@ class Spec:
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     secrets: dict[str, str] = field(default_factory=dict)  # env name -> secret name, never a value
+    handler_style: str = "torpor"  # "torpor": handle(request); "openfaas": handle(event, context)
+    command: list[str] | None = None  # image functions: replaces the image's ENTRYPOINT
+    args: list[str] | None = None  # image functions: replaces the image's CMD
+    labels: dict[str, str] = field(default_factory=dict)  # put on containers and Pods
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +130,8 @@ class ScaleOverride:
             concurrency=s.concurrency if self.concurrency is None else self.concurrency,
             idle=s.idle,
             window=s.window,
+            panic_window=s.panic_window,
+            panic_threshold=s.panic_threshold,
         )
 
 

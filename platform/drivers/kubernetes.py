@@ -84,7 +84,7 @@ from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
 from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import CascadeType, OnErrorAction, OnErrorResult
 
-from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.runtimeimage import default_tag
 from torpor.model import Revision, Spec
 from torpor.sources import archive_token
@@ -216,8 +216,8 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         "TORPOR_FUNCTION": revision.function,
         "TORPOR_REVISION": revision.name,
         "TORPOR_REPLICA": replica,
-        "K_SERVICE": revision.function,
-        "K_REVISION": revision.name,
+        **runtime_env(revision),
+        **contract_env(revision),
     }
     if spec.image:
         image = spec.image
@@ -269,11 +269,14 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         ),
         volumeMounts=[VolumeMount(name="tmp", mountPath="/tmp")],
     )
+    if spec.image:  # Knative's `command` / `args`: the image's ENTRYPOINT / CMD replaced
+        container.command = list(spec.command) if spec.command is not None else None
+        container.args = list(spec.args) if spec.args is not None else None
     return Pod(
         metadata=ObjectMeta(
             name=pod_name(replica),
             namespace=settings.namespace,
-            labels=labels,
+            labels={**spec.labels, **labels},
             annotations=dict(full),
             ownerReferences=[OwnerReference(apiVersion="v1", kind="ConfigMap", name=owner_name(revision.name),
                                             uid=owner_uid, controller=False, blockOwnerDeletion=False)],

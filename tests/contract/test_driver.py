@@ -47,6 +47,16 @@ def handle(request):
     if request.path == "/log":
         print("torpor-test: logged a line", flush=True)
         return "logged"
+    if request.path == "/contract":
+        import select
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir="/tmp") as f:
+            f.write(b"x")
+        ready, _, _ = select.select([0], [], [], 0)
+        stdin = "eof" if ready and os.read(0, 1) == b"" else "open"
+        env = {k: os.environ.get(k) for k in ("K_SERVICE", "K_CONFIGURATION", "K_REVISION")}
+        return {**env, "PORT": os.environ.get("PORT"), "tmp": "writable", "stdin": stdin}
     return "hello from torpor"
 """
 
@@ -271,6 +281,19 @@ async def test_env_from_spec_reaches_the_handler(h: Harness) -> None:
     r = await get(running.endpoint, "/env")
     assert r.status_code == 200
     assert r.text == "bonjour"
+
+
+async def test_replicas_see_the_knative_runtime_contract(h: Harness) -> None:
+    """K_SERVICE, K_CONFIGURATION and K_REVISION next to PORT, a writable /tmp, stdin at EOF."""
+    rev, running = await h.up()
+    r = await get(running.endpoint, "/contract")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["PORT"] == running.endpoint.rpartition(":")[2] or h.kind != "process"
+    assert int(got["PORT"]) > 0
+    assert {k: got[k] for k in ("K_SERVICE", "K_CONFIGURATION", "K_REVISION")} == {
+        "K_SERVICE": rev.function, "K_CONFIGURATION": rev.function, "K_REVISION": rev.name}
+    assert (got["tmp"], got["stdin"]) == ("writable", "eof")
 
 
 async def test_list_shows_the_replica_with_its_labels(h: Harness) -> None:

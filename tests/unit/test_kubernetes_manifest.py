@@ -216,3 +216,19 @@ def test_resolved_secrets_reach_the_container_env() -> None:
     p = pod_manifest(rev(), "hello-00003-abc123", "uid", SETTINGS, {"DB_PASSWORD": "s3cret-value"}).to_dict()
     env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
     assert env["DB_PASSWORD"] == "s3cret-value"
+
+
+def test_the_knative_contract_command_args_and_labels_reach_the_pod() -> None:
+    p = pod(rev(image="registry.example/me/hello:2", command=["/bin/app"], args=["--port", "8080"],
+                labels={"team": "web", "app.kubernetes.io/name": "hello"}))
+    env = env_of(p)
+    assert (env["K_SERVICE"], env["K_CONFIGURATION"], env["K_REVISION"]) == ("hello", "hello", "hello-00003")
+    c = p["spec"]["containers"][0]
+    assert c["command"] == ["/bin/app"] and c["args"] == ["--port", "8080"]
+    labels = p["metadata"]["labels"]
+    assert labels["team"] == "web" and labels["app.kubernetes.io/name"] == "hello"
+    assert labels["torpor.function"] == "hello"
+    src = pod(rev(handler_style="openfaas"))
+    assert env_of(src)["TORPOR_HANDLER_STYLE"] == "openfaas"
+    assert "command" not in src["spec"]["containers"][0]  # a source function runs the runtime image's own
+    assert "TORPOR_HANDLER_STYLE" not in env_of(pod())
