@@ -422,6 +422,9 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: list[_Conn] = []
         self._closed = False
+        # Set when a new connection closed without a byte of answer: the replica looks
+        # dead, and the gateway takes it out of rotation until the routes list it again.
+        self.suspect = False
         # Timeouts: one sweeper per pool checks the deadlines of waiting connections
         # every _TICK s, instead of a call_later()/cancel() pair per request.
         self._waiting: set[_Conn] = set()
@@ -763,15 +766,16 @@ async def proxy(
                 f"the replica did not start a response within {timeout:g} s",
                 add_response_headers,
             )
-        if (
-            reused
-            and not retried
-            and not got_bytes
-            and not more
-            and (not has_body or method in _IDEMPOTENT)
-        ):
+        repeatable = not got_bytes and not more and (not has_body or method in _IDEMPOTENT)
+        if reused and not retried and repeatable:
             retried = True
             continue
+        if not got_bytes and not reused:
+            # A fresh connection closed without a byte of answer: the replica is dead
+            # (or a proxy in front of it, such as Docker's, has nothing behind it).
+            pool.suspect = True
+            if repeatable:
+                raise NotSent(f"{pool.endpoint} closed a new connection without answering", first_chunk)
         return await _send_error(send, 503, "replica failed", error, add_response_headers)
 
     conn.disarm()

@@ -125,6 +125,14 @@ class FencedStore:
         _require(self.check, f"deletion of secret {name!r}")
         return await self.inner.delete_secret(name)
 
+    async def put_blob(self, sha: str, data: bytes) -> None:
+        _require(self.check, f"write of blob {sha[:12]}")
+        await self.inner.put_blob(sha, data)
+
+    async def delete_blob(self, sha: str) -> bool:
+        _require(self.check, f"deletion of blob {sha[:12]}")
+        return await self.inner.delete_blob(sha)
+
     async def close(self) -> None:
         """The view never closes the store it wraps."""
 
