@@ -1,6 +1,7 @@
 """Fail-over drills (distributed mode on loopback): a real redis-server, two controllers
-(docker driver, one engine), one API and two gateways, each a separate process with its
-own state dir.
+(docker driver, one engine), one API and two gateways, each a separate process in its
+own mount namespace with a private tmpfs over its state dir (tests/isolated.py), as on
+separate hosts.
 
 - Kill -9 each controller in turn during a burst through both gateways: no request fails,
   the standby takes over within the lease TTL (read from ``GET /v1/status``), every
@@ -29,12 +30,14 @@ from typing import Any
 
 import docker
 import httpx
+import isolated
 import pytest
 import redis
 from helpers import free_port
 from platform_proc import DOMAIN, function_copy
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow,
+              pytest.mark.skipif(isolated.available() is not None, reason=str(isolated.available()))]
 
 TTL = 3.0  # --lease-ttl of both controllers
 TOKEN = "failover-drill-token-0123456789"
@@ -104,12 +107,10 @@ class Cluster:
         self.log = workdir / "components.log"
 
     def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """A component in its own mount namespace over a private tmpfs state dir (as on a host
+        of its own: no component can read another's state dir)."""
         state = self.dir / f"state-{name}"
-        state.mkdir(exist_ok=True)
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", *args, "--redis", self.redis,
-                                     "--state-dir", str(state), "--log-level", "warning"],
-                                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc = isolated.spawn(state, [*args, "--redis", self.redis, "--log-level", "warning"], self.log, self.env)
         self.procs[name] = proc
         return proc
 
