@@ -24,7 +24,8 @@ Its "kubelet" makes Pods run for real: each Pod gets an address of its own in 12
 IP, as on a cluster. A container's image is looked up in ``images`` (image -> argv); an
 unknown image waits with ``ErrImagePull``. The container is a local process (its own
 session, stdout and stderr in its log); emptyDir volumes are folders of their own; the
-kubelet runs readiness probes (httpGet, tcpSocket) and reports ``Ready``; a process that
+kubelet runs readiness probes (httpGet, tcpSocket) and reports ``Ready`` (at once for a
+container without one); a process that
 ends makes the Pod ``Succeeded``/``Failed`` with its exit code (``restartPolicy`` is not
 applied: the driver only uses ``Never``); deletion sends SIGTERM, then SIGKILL after the
 grace period.
@@ -731,6 +732,15 @@ class SimCluster:
 
         self._update_pod(uid, running)
         probe = cont.get("readinessProbe") or {}
+        if not probe:  # no readiness probe: Ready as soon as the container runs (as on a cluster)
+
+            def ready_now(p: dict[str, Any]) -> None:
+                for cond in p["status"]["conditions"]:
+                    if cond["type"] == "Ready":
+                        cond["status"] = "True"
+                p["status"]["containerStatuses"][0]["ready"] = True
+
+            self._update_pod(uid, ready_now)
         period = float(probe.get("periodSeconds", 10))
         next_probe = time.monotonic()
         ready = False

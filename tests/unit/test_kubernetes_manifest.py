@@ -126,7 +126,7 @@ def test_a_source_function_runs_the_runtime_image_with_its_archive() -> None:
     assert (env["K_SERVICE"], env["K_REVISION"]) == ("hello", "hello-00003")
     assert "TORPOR_ARCHIVE_TOKEN" not in env
     assert c["ports"] == [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]
-    assert c["readinessProbe"] == {"httpGet": {"path": "/_torpor/health", "port": 8080}, "periodSeconds": 2,
+    assert c["readinessProbe"] == {"httpGet": {"path": "/_torpor/health", "port": 8080}, "periodSeconds": 1,
                                    "timeoutSeconds": 1, "failureThreshold": 3}
 
 
