@@ -5,7 +5,9 @@ only), the core/v1 ``pods`` (with ``log``) and ``configmaps`` of the namespaces 
 given, and enforces what the driver relies on:
 
 - bearer-token authentication (401), namespaces that exist (404), names and labels that
-  are valid (422), ``AlreadyExists`` (409) on a duplicate create, ``NotFound`` (404);
+  are valid (422), a created object that validates strictly against the Kubernetes 1.30
+  schema (422 for an unknown field or a wrong type, via ``kubernetes-validate``),
+  ``AlreadyExists`` (409) on a duplicate create, ``NotFound`` (404);
 - a ``resourceVersion`` that grows with every write; ``PUT`` with a stale one is a 409
   ``Conflict``, as are DeleteOptions ``preconditions`` that do not hold;
 - list and watch with ``labelSelector`` (``=``, ``==``, ``!=``, ``in``, ``notin``,
@@ -204,8 +206,10 @@ class SimCluster:
         bookmark_interval: float = 1.0,
         token: str | None = None,
         ip_delay: float = 0.0,
+        schema: str | None = "1.30.0",
     ) -> None:
         self.namespaces = set(namespaces)
+        self.schema = schema  # Kubernetes version whose schemas a created object must validate against
         self.ip_delay = ip_delay  # seconds between scheduling a Pod and giving it an IP
         self.images = dict(images or {})
         self.secrets = dict(secrets or {})
@@ -350,6 +354,8 @@ class SimCluster:
         for ref in meta.get("ownerReferences") or []:
             if not all(ref.get(k) for k in ("apiVersion", "kind", "name", "uid")):
                 raise ApiFailure(422, "metadata.ownerReferences: apiVersion, kind, name and uid are required")
+        if self.schema:
+            self._check_schema(kind, name, body)
         if kind == "Pod":
             containers = (body.get("spec") or {}).get("containers") or []
             if not containers or not all(c.get("name") and c.get("image") for c in containers):
@@ -378,6 +384,18 @@ class SimCluster:
                                  name=f"k8s-sim-kubelet-{name}")
             t.start()
         return out
+
+    def _check_schema(self, kind: str, name: str, body: dict[str, Any]) -> None:
+        """422 for a body the real API server would refuse by its schema: an unknown field,
+        a wrong type (strict validation against the Kubernetes ``schema`` version)."""
+        import kubernetes_validate
+
+        doc = {**body, "apiVersion": body.get("apiVersion") or "v1", "kind": kind}
+        try:
+            kubernetes_validate.validate(doc, self.schema, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(map(str, e.path)) or "(root)"
+            raise ApiFailure(422, f'{kind} "{name}" is invalid: {where}: {e.message}') from None
 
     def replace(self, plural: str, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         with self.cond:
