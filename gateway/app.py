@@ -429,15 +429,15 @@ class Gateway:
             except NotSent as e:
                 first_chunk = e.first_chunk
                 # the replica is gone (crashed/draining): take it out of rotation, try another
-                if b in rr.balancer.backends:
-                    rr.balancer.backends.remove(b)
-                    b.active = False
+                self.table.eject(rr, b)
                 rr.activator.release(b)
                 b = rr.balancer.pick()
                 continue
             except BaseException:
                 rr.activator.release(b)
                 raise
+            if b.pool.suspect:
+                self.table.eject(rr, b)
             rr.activator.release(b)
             return status
         return await send_json(send, 503, {"error": "no replica answered",

@@ -15,6 +15,7 @@ soon as the winner lets go of it.
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +27,14 @@ from torpor.model import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_CONNECTION,
     DEFAULT_STREAM_IDLE,
+    LATENCY_BUCKETS,
     Function,
     Replica,
 )
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# How long a replica that dropped a new connection unanswered stays out of rotation while
+# the controller still lists it ready (Envoy's outlier ejection, one fixed step).
+EJECT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -55,7 +59,7 @@ class RevisionRoute:
 
     __slots__ = (
         "name", "function", "name_b", "timeout", "max_body", "balancer", "activator", "stats",
-        "held_at_zero", "stream_idle", "max_connection",
+        "held_at_zero", "ready", "ejected", "stream_idle", "max_connection",
     )
 
     def __init__(self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int) -> None:
@@ -68,6 +72,8 @@ class RevisionRoute:
         self.activator = Activator(self.balancer, lambda queued: poke(function, name, queued), queue)
         self.stats = RevisionStats()
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
+        self.ready: list[Replica] = []  # the controller's last list of ready replicas
+        self.ejected: dict[str, str] = {}  # replica name -> endpoint, out of rotation for now
         self.stream_idle = DEFAULT_STREAM_IDLE  # silence allowed between response chunks
         self.max_connection = DEFAULT_MAX_CONNECTION  # longest a WebSocket may stay open
 
@@ -209,11 +215,31 @@ class RouteTable:
                 return
         self.hosts.pop(label, None)
 
+    def eject(self, rr: RevisionRoute, b: Backend) -> None:
+        """Take a replica that refused or dropped a new connection out of rotation, for
+        ``EJECT_S`` or until the controller stops listing it, whichever comes first."""
+        if b in rr.balancer.backends:
+            rr.balancer.backends.remove(b)
+        b.active = False
+        b.pool.suspect = False
+        if rr.ejected.get(b.name) != b.endpoint:
+            rr.ejected[b.name] = b.endpoint
+            asyncio.get_running_loop().call_later(EJECT_S, self._readmit, rr, b.name)
+
+    def _readmit(self, rr: RevisionRoute, name: str) -> None:
+        if rr.ejected.pop(name, None) is not None and self.revisions.get(rr.name) is rr:
+            self._set_backends(rr, rr.ready)
+
     def _set_backends(self, rr: RevisionRoute, ready: list[Replica]) -> list[str]:
         current = {b.name: b for b in rr.balancer.backends}
         wanted = {r.name: r for r in ready}
+        rr.ready = ready
+        for n in [n for n, ep in rr.ejected.items() if n not in wanted or wanted[n].endpoint != ep]:
+            del rr.ejected[n]  # gone, or back at a new address: nothing to hold against it
         backends: list[Backend] = []
         for r in ready:
+            if r.name in rr.ejected:
+                continue
             b = current.get(r.name)
             if b is None or b.endpoint != r.endpoint:
                 b = Backend(r.name, r.endpoint, self.pools.get(r.endpoint))

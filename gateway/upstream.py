@@ -414,14 +414,22 @@ class UpstreamPool:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"endpoint must be host:port, got {endpoint!r}")
+        # an IPv6 address comes bracketed ("[fd00::7]:8080", as in a URL and the Host
+        # header); connect() takes it bare
+        bracketed = host.startswith("[") and host.endswith("]")
+        if not bracketed and ":" in host:
+            raise ValueError(f"endpoint must be host:port with an IPv6 address in brackets, got {endpoint!r}")
         self.endpoint = endpoint
-        self.host = host[1:-1] if host.startswith("[") else host
+        self.host = host[1:-1] if bracketed else host
         self.port = int(port)
         self.host_header = endpoint.encode()
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self._idle: list[_Conn] = []
         self._closed = False
+        # Set when a new connection closed without a byte of answer: the replica looks
+        # dead, and the gateway takes it out of rotation until the routes list it again.
+        self.suspect = False
         # Timeouts: one sweeper per pool checks the deadlines of waiting connections
         # every _TICK s, instead of a call_later()/cancel() pair per request.
         self._waiting: set[_Conn] = set()
@@ -767,15 +775,16 @@ async def proxy(
                 f"the replica did not start a response within {timeout:g} s",
                 add_response_headers,
             )
-        if (
-            reused
-            and not retried
-            and not got_bytes
-            and not more
-            and (not has_body or method in _IDEMPOTENT)
-        ):
+        repeatable = not got_bytes and not more and (not has_body or method in _IDEMPOTENT)
+        if reused and not retried and repeatable:
             retried = True
             continue
+        if not got_bytes and not reused:
+            # A fresh connection closed without a byte of answer: the replica is dead
+            # (or a proxy in front of it, such as Docker's, has nothing behind it).
+            pool.suspect = True
+            if repeatable:
+                raise NotSent(f"{pool.endpoint} closed a new connection without answering", first_chunk)
         return await _send_error(send, 503, "replica failed", error, add_response_headers)
 
     conn.disarm()

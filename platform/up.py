@@ -1,5 +1,7 @@
 """``torpor up``: the store, controller (with the autoscaler), API and gateway in one
-event loop. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
+event loop. The controller acts only while it holds the controller lease (in memory for
+the embedded store, in Redis otherwise: ``torpor.lease``); the installation's id (the
+``torpor.instance`` label, image tags) comes from the store. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
 requests (for at most ``graceful_timeout`` seconds, then what is left is cut off), then
 the controller drains and stops every replica, then the API stops (within
 ``graceful_timeout`` too).
@@ -11,25 +13,33 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from torpor.api.app import ApiConfig, create_app
+from torpor.api.status import version
 from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_create, token_path
 from torpor.archive import ArchiveLimits
+from torpor.controller.blobs import GRACE
+from torpor.controller.health import health_app
+from torpor.controller.leader import Leadership
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import MAX_BUFFERED, Gateway
 from torpor.gateway.forwarded import parse_trusted_proxies
 from torpor.gateway.server import Server as GatewayServer
+from torpor.lease import Lease, lease_for
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.spec import MAX_IDLE, MAX_SCALE
 from torpor.store import open_store
@@ -41,6 +51,16 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 class UpError(Exception):
     """A setting that stops the platform from starting (one line for the user)."""
+
+
+def _seconds_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan  # refused by check_config, naming the variable
 
 
 def _csv_env(name: str) -> tuple[str, ...]:
@@ -60,6 +80,7 @@ class UpConfig:
     token_source: str = ""  # where the token came from, for messages (never the token)
     api_allowed_hosts: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_HOSTS"))
     api_allowed_origins: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_ORIGINS"))
+    public_url: str | None = None  # scheme://host[:port] users reach the gateway at; None: its own address
     state_dir: Path = field(default_factory=default_state_dir)
     domain: str = "torpor.localhost"
     max_replicas: int = 100
@@ -67,7 +88,9 @@ class UpConfig:
     drain: float = 30.0
     base_image: str | None = None
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
-    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API)
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API), and on unpacking
+    # s a source archive that no revision names is kept after its last put (TORPOR_ARCHIVE_GRACE)
+    archive_grace: float = field(default_factory=lambda: _seconds_env("TORPOR_ARCHIVE_GRACE", GRACE))
     log_level: str = "warning"
     # the gateway's bounds on what a client can hold (see torpor.gateway.server / app)
     trusted_proxies: str = ""  # CIDR,... whose Forwarded/X-Forwarded-* are appended to
@@ -77,6 +100,9 @@ class UpConfig:
     write_timeout: float = 30.0  # a client that reads nothing of its response for this long
     max_connections: int = 10_000  # open client connections; beyond: 503 + Retry-After
     max_buffered: int = MAX_BUFFERED  # request body bytes held at once; beyond: 503
+    lease_ttl: float = 5.0  # controller lease: a standby takes over at most this long after the leader's end
+    health_port: int | None = None  # controller: /healthz and /readyz for probes (TORPOR_HEALTH_PORT)
+    health_host: str = "0.0.0.0"
 
 
 def read_token(token_file: str | None) -> tuple[str, str] | None:
@@ -89,9 +115,36 @@ def read_token(token_file: str | None) -> tuple[str, str] | None:
     return (tok.value, tok.source) if tok else None
 
 
+def check_public_url(url: str) -> str:
+    """``scheme://host[:port]`` (http or https, no path, query or credentials), without a
+    trailing slash; UpError naming what is wrong otherwise."""
+    parts = urlsplit(url.strip())
+    what = f"--public-url {url[:100]!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpError(f"{what}: expected http:// or https:// and a host, e.g. https://fn.example.com")
+    if parts.username is not None or parts.password is not None:
+        raise UpError(f"{what}: credentials do not belong in a public URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UpError(f"{what}: expected scheme://host[:port] only (function URLs are NAME.DOMAIN on it)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise UpError(f"{what}: the port is not a number from 0 to 65535") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
+    if not 0 <= cfg.archive_grace <= 86400:  # NaN fails it too
+        raise UpError(f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}")
+    if "controller" in components:
+        if not 0.5 <= cfg.lease_ttl <= 60:  # NaN fails it too
+            raise UpError(f"--lease-ttl {cfg.lease_ttl}: expected seconds from 0.5 to 60")
+        if cfg.health_port is not None and not 1 <= cfg.health_port <= 65535:
+            raise UpError(f"--health-port {cfg.health_port}: expected a TCP port from 1 to 65535")
     if "api" not in components:
         return
+    if cfg.public_url:
+        cfg.public_url = check_public_url(cfg.public_url)
     if cfg.api_host not in LOOPBACK and not cfg.token:
         raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN "
                       f"(the generated {token_path(cfg.state_dir)} serves loopback only)")
@@ -141,6 +194,26 @@ def docker_available() -> bool:
         return False
 
 
+def legacy_instance(state_dir: Path) -> str:
+    """The id an installation had before it was kept in the store (derived from its state dir)."""
+    from torpor.drivers.docker import instance_id
+
+    return instance_id(state_dir)
+
+
+def use_instance(driver: Driver, instance: str) -> None:
+    """Make ``driver`` label (and tag) what it starts with the installation's ``instance``."""
+    if hasattr(driver, "use_instance"):
+        driver.use_instance(instance)
+    elif hasattr(driver, "instance"):  # kubernetes: the id is in its Pod settings too
+        import dataclasses
+
+        driver.instance = instance
+        settings = getattr(driver, "settings", None)
+        if settings is not None and dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+            driver.settings = dataclasses.replace(settings, instance=instance)  # type: ignore[attr-defined]
+
+
 def make_driver(cfg: UpConfig) -> Driver:
     choice = cfg.driver
     if choice == "auto":
@@ -163,10 +236,8 @@ def make_driver(cfg: UpConfig) -> Driver:
             from torpor.drivers.kubernetes import KubernetesDriver, KubernetesError
         except ImportError as e:
             raise UpError(f"--driver kubernetes needs lightkube: pip install 'torpor[kubernetes]' ({e})") from e
-        from torpor.drivers.docker import instance_id
-
-        try:
-            return KubernetesDriver(instance_id(cfg.state_dir), cfg.namespace)
+        try:  # the installation's id from the store replaces this one before anything starts
+            return KubernetesDriver(legacy_instance(cfg.state_dir), cfg.namespace)
         except KubernetesError as e:
             raise UpError(f"--driver kubernetes: {e}") from e
     raise UpError(f"--driver {choice!r}: expected process, docker, kubernetes or auto")
@@ -212,11 +283,26 @@ class Platform:
         self.controller: Controller | None = None
         self.gateway: Gateway | None = None
         self.servers: list[tuple[str, _Server | GatewayServer, str]] = []
+        self.store_kind = "redis" if cfg.redis else "embedded"
+        # one lease per installation: the controller holds it, the API names its holder
+        self.lease: Lease | None = lease_for(self.store) if components & {"controller", "api"} else None
         if "controller" in components:
+            assert self.lease is not None
             self.driver = make_driver(cfg)
+            ttl = cfg.lease_ttl
+            leadership = Leadership(self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10))
             self.controller = Controller(self.store, self.driver, settings=Settings(
                 max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
-                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
+                source_cache=cfg.state_dir / "sources-cache", source_limits=cfg.limits, blob_grace=cfg.archive_grace,
+                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)),
+                leadership=leadership, lease_key=getattr(self.lease, "key", None),
+                info={"host": socket.gethostname(), "pid": os.getpid(), "driver": self.driver.name,
+                      "store": self.store_kind, "version": version()})
+            if cfg.health_port is not None:
+                ctl = self.controller
+                app = health_app(ctl.alive, ctl.ready, lambda: ctl.role)
+                self.servers.append(("health", _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
+                                     f"{cfg.health_host}:{cfg.health_port}"))
         if "gateway" in components:
             self.gateway = Gateway(self.store, domain=cfg.domain, max_buffered=cfg.max_buffered,
                                    trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies))
@@ -226,13 +312,15 @@ class Platform:
                 graceful_timeout=cfg.graceful_timeout)
             self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
         if "api" in components:
-            gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-            ready = self.controller.synced.is_set if self.controller else (lambda: True)
+            gateway_url = cfg.public_url or \
+                f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+            ready = self.controller.ready if self.controller else (lambda: True)
             token, self.token_source = api_token(cfg)  # written before the API listens
             api = create_app(self.store, ApiConfig(
                 state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
                 max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
-                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits))
+                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits,
+                lease=self.lease, store_kind=self.store_kind))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level,
                                                  cfg.graceful_timeout), f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
@@ -280,14 +368,35 @@ class Platform:
             for t in tasks:
                 t.cancel()
 
+    async def _identity(self) -> str:
+        """The installation's id, from the store (created once; an embedded store takes the
+        id its state dir gave before ids were kept in the store)."""
+        default = None if self.cfg.redis else legacy_instance(self.cfg.state_dir)
+        return await self.store.instance_id(default)
+
+    async def _gateway_heartbeats(self) -> None:
+        assert self.gateway is not None
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "address": f"{self.cfg.host}:{self.cfg.port}",
+                "version": version()}
+        while True:
+            try:
+                await self.store.heartbeat("gateway", self.gateway.id, info)
+            except Exception as e:  # the store is away: the gateway serves on from memory
+                log.debug("gateway heartbeat failed: %s", e)
+            await asyncio.sleep(1.0)
+
     async def run(self, on_started: Callable[[Platform], None] | None = None) -> None:
         log_server: asyncio.Task[None] | None = None
+        heartbeat: asyncio.Task[None] | None = None
         if self.controller:
+            assert self.driver is not None
+            use_instance(self.driver, await self._identity())
             await self.controller.start()
             if self.cfg.redis:  # API processes elsewhere ask this one for replica logs
                 log_server = asyncio.create_task(LogServer(self.store, self.logs).run())
         if self.gateway:
             await self.gateway.start()
+            heartbeat = asyncio.create_task(self._gateway_heartbeats())
         tasks = {name: asyncio.create_task(server.serve()) for name, server, _ in self.servers}
         try:
             while not all(server.started for _, server, _ in self.servers):
@@ -313,9 +422,13 @@ class Platform:
             if "api" in servers:
                 servers["api"].should_exit = True
                 await asyncio.gather(tasks["api"], return_exceptions=True)
-            if log_server is not None:
-                log_server.cancel()
-                await asyncio.gather(log_server, return_exceptions=True)
+            if "health" in servers:
+                servers["health"].should_exit = True
+                await asyncio.gather(tasks["health"], return_exceptions=True)
+            for task in (log_server, heartbeat):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self.driver:
                 await self.driver.close()
             await self.store.close()

@@ -132,7 +132,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.token, cfg.token_source = given
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
-                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace"):
+                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace", "lease_ttl",
+                "health_port", "health_host", "public_url"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -153,10 +154,22 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
     from torpor.spec import SpecError, load_spec
 
     folder = Path(args.dir)
+    if folder.is_file():  # a Knative service.yaml or an OpenFaaS stack.yml
+        from torpor.cli.imports import deploy_file
+
+        return deploy_file(api, folder, args)
+    if args.filter:
+        die("deploy: --filter picks a function of an OpenFaaS stack file; give the file")
     try:
         spec = load_spec(folder)
     except SpecError as e:
         die(f"deploy: {e}")
+    params = deploy_params(args)
+    body = pack(folder, warn=lambda msg: print(f"torpor: deploy: {msg}", file=sys.stderr))
+    return upload(api, spec.name, body, params, args)[1]
+
+
+def deploy_params(args: argparse.Namespace) -> dict[str, str]:
     params: dict[str, str] = {}
     if args.canary is not None:
         params["canary"] = str(args.canary)
@@ -164,35 +177,41 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
         params["tag"] = args.tag
     if args.no_traffic:
         params["no_traffic"] = "1"
+    return params
+
+
+def upload(api: Api, name: str, body: bytes, params: dict[str, str], args: argparse.Namespace,
+           quiet_url: bool = False) -> tuple[str, int]:
+    """POST the packed function, show the build, wait for the revision; -> (revision, exit code)."""
     started = time.time() - 1
-    body = pack(folder, warn=lambda msg: print(f"torpor: deploy: {msg}", file=sys.stderr))
     out = api.call("POST", "/v1/functions", params=params, content=body,
                    headers={"content-type": "application/gzip"})
     rev = out["revision"]
-    print(f"deploying {spec.name}: revision {rev}", file=sys.stderr)
+    print(f"deploying {name}: revision {rev}", file=sys.stderr)
     seen = started
     deadline = time.time() + args.wait
     while time.time() < deadline:
-        ev = api.call("GET", f"/v1/functions/{spec.name}/events", params={"since": seen, "limit": 200})["events"]
+        ev = api.call("GET", f"/v1/functions/{name}/events", params={"since": seen, "limit": 200})["events"]
         for item in ev:
             seen = max(seen, item["time"])
             of_rev = item.get("data", {}).get("revision", rev) == rev
             if of_rev and (item["kind"] in ("build", "error") or rev in item["message"]):
                 print(f"  {item['message']}", file=sys.stderr)
-        r = api.call("GET", f"/v1/functions/{spec.name}/revisions/{rev}")
+        r = api.call("GET", f"/v1/functions/{name}/revisions/{rev}")
         if r["status"] == "ready":
-            fn = api.call("GET", f"/v1/functions/{spec.name}")
-            print(f"{rev} ready; traffic: " + ", ".join(
-                f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "") for t in fn["traffic"]),
-                file=sys.stderr)
-            print(fn["url"])
+            fn = api.call("GET", f"/v1/functions/{name}")
+            if not quiet_url:
+                print(f"{rev} ready; traffic: " + ", ".join(
+                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
+                    for t in fn["traffic"]), file=sys.stderr)
+                print(fn["url"])
             if args.canary is not None and not args.no_watch:
-                return watch(api, spec.name, to=rev)
-            return 0
+                return rev, watch(api, name, to=rev)
+            return rev, 0
         if r["status"] == "failed":
             die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
         time.sleep(0.2)
-    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {spec.name}`)")
+    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {name}`)")
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -234,6 +253,51 @@ def cmd_ls(api: Api, args: argparse.Namespace) -> int:
     for f in fns:
         traffic = ", ".join(f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"])
         print(f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}")
+    print(_leader_line(api))
+    return 0
+
+
+def _leader_line(api: Api) -> str:
+    """One line naming the acting controller (or saying there is none), for ls/describe."""
+    try:
+        st = api.call("GET", "/v1/status")
+    except CliError:
+        return "Controller: unknown (this API has no /v1/status)"
+    lead = st.get("leader")
+    if not lead:
+        return "Controller: none leads right now: nothing is started or stopped until one does"
+    standby = sum(1 for c in st.get("controllers", []) if c.get("id") != lead["id"])
+    held = _ago(lead["since"]) if lead.get("since") else "?"
+    return f"Controller: {lead['id']} leads (token {lead['token']}, for {held}); {standby} standby"
+
+
+def cmd_status(api: Api, args: argparse.Namespace) -> int:
+    st = api.call("GET", "/v1/status")
+    if args.output == "json":
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"Torpor {st['version']}  store {st['store']}  installation {st['instance']}")
+    lead = st.get("leader")
+    if lead:
+        held = _ago(lead["since"]) if lead.get("since") else "?"
+        print(f"Leader:  {lead['id']}  host {lead.get('host') or '?'}  pid {lead.get('pid') or '?'}  "
+              f"token {lead['token']}  for {held}  lease expires in {lead['lease_expires_in']:.1f}s")
+    else:
+        print("Leader:  none (no controller holds the lease: nothing is started or stopped)")
+    print(f"\n{'KIND':<11} {'ID':<40} {'ROLE':<8} {'HOST':<20} {'PID':>7}  {'HEARTBEAT':>9}")
+    for c in st["controllers"]:
+        print(f"{'controller':<11} {c['id'][:40]:<40} {c.get('role', '?'):<8} {str(c.get('host', '?'))[:20]:<20} "
+              f"{c.get('pid', '?'):>7}  {c['age']:>8.1f}s")
+    for g in st["gateways"]:
+        print(f"{'gateway':<11} {g['id'][:40]:<40} {'-':<8} {str(g.get('host', '?'))[:20]:<20} "
+              f"{g.get('pid', '?'):>7}  {g['age']:>8.1f}s")
+    counts = st["counts"]
+
+    def pairs(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+    print(f"\nFunctions: {counts['functions']}   revisions: {pairs(counts['revisions'])}   "
+          f"replicas: {pairs(counts['replicas'])}")
     return 0
 
 
@@ -256,6 +320,7 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
         print("Secrets:  " + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items())))
     for problem in fn.get("problems", []):
         print(f"Problem:  {problem}")
+    print(_leader_line(api))
     if fn.get("rollout"):
         ro = fn["rollout"]
         print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
@@ -446,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
-        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker", "kubernetes"])
+        sp.add_argument("--driver", default=os.environ.get("TORPOR_DRIVER") or "auto",
+                        choices=["auto", "process", "docker", "kubernetes"],
+                        help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)")
         sp.add_argument("--namespace", default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
                         help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
                         "controller's own namespace in a cluster, else the kubeconfig's, else default)")
@@ -456,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pause-idle", type=finite_float, default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
                         metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
                         "long for a fast wake before removing it; 0 = off")
+        sp.add_argument("--lease-ttl", type=finite_float, default=os.environ.get("TORPOR_LEASE_TTL", "5"),
+                        metavar="SECONDS", help="controller lease: only its holder acts; a standby takes over "
+                        "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)")
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
@@ -472,11 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
+        sp.add_argument("--public-url", default=os.environ.get("TORPOR_PUBLIC_URL") or None, metavar="URL",
+                        help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
+                        "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
+                        "gateway's own address)")
         add_upload_limits(sp)
+    add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
+    ctl.add_argument("--health-port", type=int, default=os.environ.get("TORPOR_HEALTH_PORT") or None, metavar="N",
+                     help="serve GET /healthz and /readyz (probes) on this port (env TORPOR_HEALTH_PORT)")
+    ctl.add_argument("--health-host", default=os.environ.get("TORPOR_HEALTH_HOST", "0.0.0.0"),
+                     help="address of the health endpoint (env TORPOR_HEALTH_HOST; default 0.0.0.0)")
 
-    d = sub.add_parser("deploy", help="build, create a revision, route traffic")
-    d.add_argument("dir", nargs="?", default=".")
+    d = sub.add_parser("deploy", help="build, create a revision, route traffic (a folder, a Knative service.yaml "
+                       "or an OpenFaaS stack.yml)")
+    d.add_argument("dir", nargs="?", default=".", help="function folder, or a Knative/OpenFaaS file")
+    d.add_argument("--filter", metavar="NAME", help="OpenFaaS stack: deploy only this function")
     d.add_argument("--canary", type=int, metavar="PCT")
     d.add_argument("--tag")
     d.add_argument("--no-traffic", action="store_true")
@@ -495,11 +576,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ws", action="store_true",
                    help="open a WebSocket: stdin lines are sent, messages are printed")
 
+    stp = sub.add_parser("status", help="which controller leads, standbys and gateways seen, counts")
+    stp.add_argument("-o", "--output", choices=["table", "json"], default="table")
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
     de.add_argument("name")
     de.add_argument("--json", action="store_true")
+    ex = sub.add_parser("export", help="write a function as a Knative Service or an OpenFaaS stack entry")
+    ex.add_argument("name")
+    ex.add_argument("--format", choices=["knative", "openfaas"], default="knative")
     rm = sub.add_parser("delete", help="remove a function, its revisions and replicas")
     rm.add_argument("name")
     lg = sub.add_parser("logs", help="replica logs")
@@ -537,8 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 API_COMMANDS: dict[str, Any] = {
     "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
-    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top,
+    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top, "export": lambda api, args: cmd_export(api, args),
+    "status": cmd_status,
 }
+
+
+def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    from torpor.cli.imports import export
+
+    return export(api, args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -560,4 +653,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module, not this __main__ copy: modules that import torpor.cli.main
+    # (torpor.cli.imports) must see the same CliError and Api classes
+    from torpor.cli.main import main as _main
+
+    _main()

@@ -19,6 +19,27 @@ class BuildError(Exception):
     """Preparing a revision failed; the message is shown to the user."""
 
 
+def contract_env(revision: Revision) -> dict[str, str]:
+    """What the Knative runtime contract promises every replica, next to ``PORT``:
+    ``K_SERVICE`` and ``K_CONFIGURATION`` (the function) and ``K_REVISION``. Every
+    driver sets these, so a container written for Knative or Cloud Run finds them."""
+    return {"K_SERVICE": revision.function, "K_CONFIGURATION": revision.function,
+            "K_REVISION": revision.name}
+
+
+def runtime_env(revision: Revision) -> dict[str, str]:
+    """Settings of the Torpor runtime that follow from the spec of a source function."""
+    spec = revision.spec
+    if spec.image:
+        return {}
+    env: dict[str, str] = {}
+    if spec.handler_style != "torpor":
+        env["TORPOR_HANDLER_STYLE"] = spec.handler_style
+    if spec.websocket:
+        env["TORPOR_WEBSOCKET"] = spec.websocket
+    return env
+
+
 @dataclass
 class Running:
     """One replica as the driver sees it (used to adopt after a restart)."""
@@ -74,3 +95,16 @@ class Pausable(Protocol):
 
     async def pause(self, running: Running) -> None: ...
     async def unpause(self, running: Running) -> None: ...
+
+
+class ReportsReadiness(Protocol):
+    """Optional: drivers whose platform already probes replicas (a Pod's readiness probe,
+    run by the kubelet). The controller then asks the driver instead of connecting to the
+    replica itself, so nothing but the gateways needs to reach a replica (on a cluster, a
+    NetworkPolicy lets only the gateways in)."""
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """Wait up to ``timeout`` s for ``running`` to be ready: True once it is, False if
+        it is not (yet), None if the driver cannot tell (the controller then probes the
+        endpoint itself). Updates ``running.endpoint`` when it learns it."""
+        ...

@@ -21,6 +21,9 @@ Environment
                         a larger (or chunked and longer) one is read as the handler asks
   TORPOR_WEBSOCKET      ``module:function`` serving WebSocket upgrades (none by default: an
                         upgrade request then goes to the HTTP handler like any other)
+  TORPOR_HANDLER_STYLE  ``torpor`` (default: ``handle(request)``) or ``openfaas``
+                        (``handle(event, context)`` as OpenFaaS python3-http runs it; the
+                        adapter is ``openfaas.py`` beside this file)
 
 Exit codes
   0 drained cleanly after SIGTERM/SIGINT   1 unexpected error   2 bad configuration
@@ -1710,6 +1713,23 @@ def load_handler(spec: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def styled(handler: Callable[..., Any], style: str) -> Callable[..., Any]:
+    """``handler`` called the way ``TORPOR_HANDLER_STYLE`` says. Raises ValueError."""
+    if style in ("", "torpor"):
+        return handler
+    if style != "openfaas":
+        raise ValueError(f"TORPOR_HANDLER_STYLE={style[:40]!r}: expected torpor or openfaas")
+    import importlib.util
+
+    where = os.path.join(os.path.dirname(PATH), "openfaas.py")
+    spec = importlib.util.spec_from_file_location("torpor_runtime_openfaas", where)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"TORPOR_HANDLER_STYLE=openfaas: the adapter {where} is missing")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.adapt(handler)  # type: ignore[no-any-return]
+
+
 def _is_async(fn: Any) -> bool:
     if inspect.iscoroutinefunction(fn):
         return True
@@ -1898,7 +1918,7 @@ def main(t0: float | None = None) -> int:
     if reconfigure is not None:
         reconfigure(line_buffering=True)  # handler prints reach the logs promptly
     try:
-        handler = load_handler(cfg.handler)
+        handler = styled(load_handler(cfg.handler), os.environ.get("TORPOR_HANDLER_STYLE", ""))
     except (Exception, SystemExit) as exc:
         traceback.print_exc()
         print(

@@ -77,10 +77,10 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(tmp_path: 
         statuses = {status for status, _, _ in outcomes}
         assert statuses <= {200, 503}, f"unexpected statuses {statuses}"
         failed = [o for o in outcomes if o[0] != 200]
-        # only requests in flight on the victim when it died may fail (8 clients at most),
-        # each with a clear 503 + Retry-After; the rest went to the surviving replica
-        assert len(failed) <= 8, failed
-        assert all(retry is not None for _, _, retry in failed), failed
+        # GETs are safe to repeat: one the victim swallowed (in flight when it died, or sent
+        # to it before the controller noticed; Docker's port proxy keeps accepting for a dead
+        # container) is repeated on the survivor, and the victim leaves the gateway's rotation
+        assert failed == [], f"{len(failed)} of {len(outcomes)} failed: {failed[:3]}"
         after_kill = outcomes[served_before_kill:]
         assert sum(1 for s, _, _ in after_kill if s == 200) > 20, "the survivor did not keep serving"
 
