@@ -29,6 +29,7 @@ from starlette.routing import Route
 from torpor.api import hosts
 from torpor.api.archives import archive_routes
 from torpor.api.auth import BearerAuth
+from torpor.api.buildlog import build_log_routes, public_event
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
@@ -135,7 +136,7 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
         "rollout": asdict(fn.rollout) if fn.rollout else None,
     }
     if events is not None:
-        out["events"] = [e.to_dict() for e in events]
+        out["events"] = [public_event(e) for e in events]
     problems = non_finite({k: out[k] for k in ("scale", "scale_override", "revisions", "rollout")})
     if problems:  # stored before numbers were checked: shown as null, named here
         out["problems"] = [f"{p} is not a finite number (stored before numbers were checked; shown as null)"
@@ -363,7 +364,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         limit = query_int(request, "limit", 50, MAX_EVENTS_LIMIT)
         since = query_time(request, "since")
         events = [e for e in await store.list_events(name, limit) if e.time > since]
-        return JSONResponse({"events": [e.to_dict() for e in events]})
+        return JSONResponse({"events": [public_event(e) for e in events]})
 
     async def logs(request: Request) -> Response:
         name = request.path_params["name"]
@@ -449,6 +450,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         *rollout_routes(store, ApiError),
         *secret_routes(store, ApiError),
         *archive_routes(store, ApiError),
+        *build_log_routes(store, ApiError),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:

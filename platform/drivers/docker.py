@@ -215,6 +215,21 @@ class DockerDriver:
         revision.image = tag
         return revision
 
+    def build_info(self, revision: Revision, lines: list[str]) -> dict[str, Any]:
+        """``{"size": bytes, "cached": bool}`` of a revision just built (blocking; the
+        controller's one-line build event). Cached: every step reused a cached layer."""
+        info: dict[str, Any] = {}
+        if revision.image:
+            try:
+                info["size"] = int(self.client.images.get(revision.image).attrs.get("Size") or 0)
+            except docker.errors.DockerException:
+                pass
+        steps = sum(1 for line in lines if line.startswith("Step "))
+        reused = sum(1 for line in lines if "Using cache" in line)
+        if steps:
+            info["cached"] = reused >= steps - 1  # the FROM step never says it
+        return info
+
     async def _ensure_base(self, say: Callable[[str], None]) -> None:
         async with self._base_lock:
             try:

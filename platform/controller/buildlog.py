@@ -1,0 +1,65 @@
+"""One build's log: kept whole while it runs, told as one event when it ends.
+
+The controller records one ``build`` event when a build starts and one when it ends
+(finished, with its duration, image size and whether every layer came from the cache;
+or failed, with the last lines of the log). The whole log goes line by line over the
+store's bus on ``BUILD_LOG`` (``torpor deploy -v`` follows it through the API) and,
+capped, into the closing event's ``data["log"]`` (``torpor logs NAME --build``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+BUILD_LOG = "build-log"  # bus channel; payload {"function", "revision", "line"} or {..., "done": True}
+MAX_LINES = 400  # lines of a build log kept in its closing event
+MAX_LINE = 500  # characters of one line kept
+FAIL_TAIL = 8  # lines of a failed build's log shown in its event message
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # unreachable
+
+
+@dataclass
+class BuildLog:
+    revision: str
+    started: float = field(default_factory=time.monotonic)
+    lines: list[str] = field(default_factory=list)
+    dropped: int = 0  # lines beyond MAX_LINES, dropped from the head
+
+    def add(self, line: str) -> str:
+        line = line[:MAX_LINE]
+        self.lines.append(line)
+        if len(self.lines) > MAX_LINES:
+            del self.lines[0]
+            self.dropped += 1
+        return line
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def data(self, **extra: Any) -> dict[str, Any]:
+        return {"revision": self.revision, "seconds": round(self.elapsed(), 2), "log": list(self.lines),
+                "log_dropped": self.dropped, **extra}
+
+    def finished_message(self, info: dict[str, Any]) -> str:
+        parts = [f"{self.revision}: built in {self.elapsed():.1f}s"]
+        if info.get("size"):
+            parts.append(f"image {human_bytes(int(info['size']))}")
+        if "cached" in info:
+            parts.append("cached" if info["cached"] else "not cached")
+        return ", ".join(parts)
+
+    def failed_message(self, reason: str) -> str:
+        tail = [line for line in self.lines if line.strip()][-FAIL_TAIL:]
+        head = f"{self.revision}: build failed after {self.elapsed():.1f}s: {reason.splitlines()[0] if reason else ''}"
+        shown = [line for line in tail if line not in reason]
+        return "\n".join([head, *shown]) if shown else head
