@@ -36,6 +36,7 @@ from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN
 from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
+from torpor.api.ui import UiGate, UiSessions, ui_routes
 from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.logs import LogReader, LogsUnavailable
@@ -70,6 +71,7 @@ REQUEST_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/functions/{name}/rollback"): JSON_TYPES,  # body optional
     ("PUT", "/v1/secrets/{name}"): SECRET_TYPES,  # the raw value
     ("DELETE", "/v1/secrets/{name}"): (),
+    ("POST", "/v1/ui/code"): JSON_TYPES,  # body optional
 }
 
 
@@ -214,6 +216,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
     if not cfg.token:
         raise ValueError("the control API needs a bearer token")
     uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
+    ui_sessions = UiSessions()
     registry = CollectorRegistry()
     api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
 
@@ -451,6 +454,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         *secret_routes(store, ApiError),
         *archive_routes(store, ApiError),
         *build_log_routes(store, ApiError),
+        *ui_routes(store, cfg, ui_sessions, ApiError),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:
@@ -481,7 +485,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
     bodies = BodyRules(REQUEST_BODIES)
     bodies.check_covers(routes)
-    return BrowserGuard(BearerAuth(counted, cfg.token), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
+    return BrowserGuard(UiGate(BearerAuth(counted, cfg.token), cfg.token, ui_sessions), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
                         bodies=bodies, allowed_origins=cfg.allowed_origins)
 
 
