@@ -30,26 +30,46 @@ def _traffic(fn: dict[str, Any]) -> str:
                      for t in fn["traffic"])
 
 
-def stream_build_log(api: Any, name: str, rev: str, phases: Phases, stop: threading.Event) -> threading.Thread:
-    """Print the build log of ``rev`` as it comes, in a thread (``-v``)."""
+class LogStream:
+    """The build log of ``rev`` printed as it comes, from a thread (``-v``)."""
 
-    def run() -> None:
+    def __init__(self, api: Any, name: str, rev: str, phases: Phases) -> None:
+        self.api, self.name, self.rev, self.phases = api, name, rev, phases
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="build-log", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
         try:
-            with api.client.stream("GET", f"/v1/functions/{name}/build-log",
-                                   params={"revision": rev, "follow": "1"}, timeout=None) as r:
+            with self.api.client.stream("GET", f"/v1/functions/{self.name}/build-log",
+                                        params={"revision": self.rev, "follow": "1"}, timeout=None) as r:
                 if r.status_code >= 400:
                     return
                 for line in r.iter_lines():
-                    if stop.is_set():
+                    if self.stop.is_set():
                         return
                     if line and not line.startswith("following the build of"):
-                        phases.raw(line)
+                        self.count += 1
+                        self.phases.raw(line)
         except httpx.HTTPError:
             return
 
-    t = threading.Thread(target=run, name="build-log", daemon=True)
-    t.start()
-    return t
+    def catch_up(self, total: int) -> None:
+        """After the build: lines logged before the stream was connected, from the record."""
+        self.thread.join(timeout=2.0)
+        self.stop.set()
+        missed = total - self.count
+        if missed <= 0:
+            return
+        try:
+            text = self.api.call("GET", f"/v1/functions/{self.name}/build-log", params={"revision": self.rev})
+        except Exception:
+            return
+        lines = [x for x in str(text).splitlines() if not x.startswith("... (")][:total]
+        self.phases.raw(f"(the first {missed} lines, logged before -v connected:)")
+        for line in lines[:missed]:
+            self.phases.raw(line)
 
 
 def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verbose: bool = False,
@@ -57,8 +77,7 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
     """Follow ``rev`` until ready or failed: (exit code, the function's view when ready)."""
     phases = phases or Phases(quiet=quiet)
     phases.done(f"uploaded {name} ({human_bytes(upload_size)}): revision {rev}")
-    stop = threading.Event()
-    streamer = stream_build_log(api, name, rev, phases, stop) if verbose and not quiet else None
+    streamer = LogStream(api, name, rev, phases) if verbose and not quiet else None
     phase = "build"
     seen_events: set[tuple[float, str]] = set()
     deadline = time.monotonic() + wait
@@ -73,7 +92,7 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
                 seen_events.add(key)
                 if "log_lines" in data:  # the closing event of the build: finished or failed
                     if streamer is not None:
-                        streamer.join(timeout=2.0)  # the log's last lines before the summary
+                        streamer.catch_up(int(data["log_lines"]))
                     lines = e["message"].splitlines()
                     phases.done(lines[0])
                     for extra in lines[1:]:
@@ -88,6 +107,8 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
                         phases.done(f"  {extra}")
                 return EXIT_FAILED, None
             if r["status"] == "ready":
+                if phase == "build":  # ready before a poll saw it start
+                    phases.done(f"{rev}: started its first replica")
                 phases.close()
                 fn = api.call("GET", f"/v1/functions/{name}")
                 phases.done(f"{rev}: ready in {phases.elapsed():.1f}s; traffic: {_traffic(fn)}")
@@ -102,5 +123,6 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
         phases.done(f"{rev}: not ready after {wait:g}s (see `torpor describe {name}`)")
         return EXIT_FAILED, None
     finally:
-        stop.set()
+        if streamer is not None:
+            streamer.stop.set()
         phases.close()

@@ -59,7 +59,10 @@ class BuildLog:
         return ", ".join(parts)
 
     def failed_message(self, reason: str) -> str:
-        tail = [line for line in self.lines if line.strip()][-FAIL_TAIL:]
-        head = f"{self.revision}: build failed after {self.elapsed():.1f}s: {reason.splitlines()[0] if reason else ''}"
-        shown = [line for line in tail if line not in reason]
-        return "\n".join([head, *shown]) if shown else head
+        """First line: what failed; then the failing lines: those the driver put in its
+        error, else the last lines of the log (``FAIL_TAIL`` at most)."""
+        first, *rest = (reason or "unknown reason").splitlines() or [""]
+        detail = [line for line in rest if line.strip()]
+        tail = detail or [line for line in self.lines if line.strip()]
+        head = f"{self.revision}: build failed after {self.elapsed():.1f}s: {first}"
+        return "\n".join([head, *(line[:MAX_LINE] for line in tail[-FAIL_TAIL:])])
