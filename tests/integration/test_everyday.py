@@ -136,7 +136,7 @@ def test_docker_deploy_of_hello_prints_at_most_ten_lines(tmp_path: Path) -> None
         verbose = up.cli("deploy", str(FUNCTIONS / "hello"), "-v", timeout=600)
         assert any("Step " in line for line in verbose.stderr.splitlines()), verbose.stderr  # the whole log
         again = next(line for line in verbose.stderr.splitlines() if line.startswith("hello-00002: built in "))
-        assert "cached" in again
+        assert again.endswith(", cached"), again  # same folder: every COPY/RUN layer reused
         log = up.cli("logs", "hello", "--build", "hello-00001").stdout
         assert "Step 1/" in log and log.strip().splitlines()[-1] == built
         describe = up.cli("describe", "hello").stdout

@@ -188,3 +188,14 @@ def test_phases_print_plain_lines_in_a_pipe_and_nothing_when_quiet() -> None:
     q.done("x")
     q.raw("y")
     assert quiet.getvalue() == ""
+
+
+def test_a_build_is_cached_when_every_copy_and_run_step_reused_a_layer() -> None:
+    from torpor.drivers.docker import cached_from_log
+
+    log = ["Step 1/4 : FROM base", " ---> 6ad3", "Step 2/4 : COPY fn/ /fn/", " ---> Using cache", " ---> b79",
+           "Step 3/4 : RUN python3 -m compileall /fn", " ---> Using cache", " ---> f2b",
+           "Step 4/4 : LABEL torpor.revision=fn-00002", " ---> Running in 8f11", " ---> 9787"]
+    assert cached_from_log(log) is True
+    assert cached_from_log(log[:3] + log[4:]) is False  # COPY ran afresh
+    assert cached_from_log(["installing requirements.txt"]) is None
