@@ -56,6 +56,9 @@ class BuildLog:
             parts.append(f"image {human_bytes(int(info['size']))}")
         if "cached" in info:
             parts.append("cached" if info["cached"] else "not cached")
+        warnings = [line for line in self.lines if line.lower().startswith("warning")]
+        if warnings:  # a driver's warning stays visible in the one line (e.g. the cluster's)
+            parts.append(warnings[0][:200] + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""))
         return ", ".join(parts)
 
     def failed_message(self, reason: str) -> str:

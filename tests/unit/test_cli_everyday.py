@@ -173,6 +173,9 @@ def test_build_log_messages() -> None:
     failed = log.failed_message("build failed: pip said no")
     assert failed.splitlines()[0].startswith("fn-00001: build failed after") and failed.splitlines()[-1] == "line 499"
     assert human_bytes(999) == "999 B" and human_bytes(1500) == "1.5 KB"
+    warned = BuildLog("fn-00002")
+    warned.add("warning: requirements.txt is not installed on a cluster")
+    assert warned.finished_message({}).endswith(", warning: requirements.txt is not installed on a cluster")
 
 
 def test_phases_print_plain_lines_in_a_pipe_and_nothing_when_quiet() -> None:
