@@ -1,7 +1,7 @@
 """``torpor deploy`` after the upload: follow the new revision to ready, one line per
 phase (upload, build, start, ready), or show why it failed.
 
-    uploaded hello (1.2 KB): revision hello-00003
+    uploaded hello (1.2 KiB): revision hello-00003
     hello-00003: built in 4.1s, image 151.2 MB, not cached
     hello-00003: ready in 5.0s; traffic: hello-00003=100%
     http://hello.torpor.localhost:8080/          <- stdout (alone with --quiet)
@@ -20,7 +20,7 @@ import httpx
 
 from torpor.cli.output import EXIT_FAILED, EXIT_OK
 from torpor.cli.progress import Phases
-from torpor.controller.buildlog import human_bytes
+from torpor.archive import human_size
 
 POLL = 0.2  # s between looks at the revision
 
@@ -76,7 +76,7 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
            quiet: bool = False, phases: Phases | None = None) -> tuple[int, dict[str, Any] | None]:
     """Follow ``rev`` until ready or failed: (exit code, the function's view when ready)."""
     phases = phases or Phases(quiet=quiet)
-    phases.done(f"uploaded {name} ({human_bytes(upload_size)}): revision {rev}")
+    phases.done(f"uploaded {name} ({human_size(upload_size)}): revision {rev}")
     streamer = LogStream(api, name, rev, phases) if verbose and not quiet else None
     phase = "build"
     seen_events: set[tuple[float, str]] = set()
