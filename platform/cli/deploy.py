@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
+from torpor.archive import human_size
 from torpor.cli.output import EXIT_FAILED, EXIT_OK
 from torpor.cli.progress import Phases
-from torpor.archive import human_size
 
 POLL = 0.2  # s between looks at the revision
 
