@@ -101,8 +101,9 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
             if r["status"] == "failed":
                 phases.close()
                 reason = (r.get("reason") or "unknown reason").splitlines()
-                if not any("build failed" in m for _, m in seen_events) or not reason[0].startswith("build failed"):
-                    phases.done(f"{rev}: failed: {reason[0]}")
+                if phases.quiet or not any("build failed" in m for _, m in seen_events) or \
+                        not reason[0].startswith("build failed"):
+                    phases.fail(f"{rev}: failed: {reason[0]}")
                     for extra in reason[1:9]:
                         phases.done(f"  {extra}")
                 return EXIT_FAILED, None
@@ -120,7 +121,7 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
                 phases.wait(f"{rev}: waiting for its first replica to answer")
             time.sleep(POLL)
         phases.close()
-        phases.done(f"{rev}: not ready after {wait:g}s (see `torpor describe {name}`)")
+        phases.fail(f"{rev}: not ready after {wait:g}s (see `torpor describe {name}`)")
         return EXIT_FAILED, None
     finally:
         if streamer is not None:

@@ -47,6 +47,13 @@ class Phases:
         else:
             print(line, file=self.out, flush=True)
 
+    def fail(self, line: str) -> None:
+        """Why it failed: shown even when quiet (as ``torpor: deploy: ...``)."""
+        if self.quiet:
+            print(f"torpor: deploy: {line}", file=self.out, flush=True)
+        else:
+            self.done(line)
+
     def raw(self, line: str) -> None:
         """A build log line (``-v``)."""
         if self.quiet:

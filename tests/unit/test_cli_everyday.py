@@ -191,6 +191,8 @@ def test_phases_print_plain_lines_in_a_pipe_and_nothing_when_quiet() -> None:
     q.done("x")
     q.raw("y")
     assert quiet.getvalue() == ""
+    q.fail("fn-00001: failed: build failed: pip said no")  # the one line a quiet failure still says
+    assert quiet.getvalue() == "torpor: deploy: fn-00001: failed: build failed: pip said no\n"
 
 
 def test_a_build_is_cached_when_every_copy_and_run_step_reused_a_layer() -> None:
