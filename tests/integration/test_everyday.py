@@ -151,3 +151,39 @@ def test_docker_deploy_of_hello_prints_at_most_ten_lines(tmp_path: Path) -> None
         assert new.returncode == 0, new.stderr
         up.cli("deploy", str(folder / "fresh-fn"), "-q", timeout=600)
         assert up.request("fresh-fn", "/").status_code == 200
+
+
+@pytest.mark.redis
+def test_the_dashboard_feed_counts_a_burst_over_redis(tmp_path: Path, redis_url: str) -> None:
+    """The feed is built from the gateways' reports on the store's bus: on Redis too."""
+    import time
+
+    import httpx
+
+    with torpor_up(tmp_path / "state", redis=redis_url) as up:
+        up.cli("deploy", str(function_copy(tmp_path, "hello")), "-q")
+        url = up.cli("ui", "--no-open").stdout.strip()
+        with httpx.Client(base_url=up.api, timeout=30) as browser:
+            login = browser.get(url, follow_redirects=False)
+            assert login.status_code == 303
+            session = login.headers["set-cookie"].split(";")[0]
+            browser.cookies.clear()
+            best = 0.0
+            with browser.stream("GET", "/v1/ui/stream", headers={"Cookie": session}) as feed:
+                assert feed.status_code == 200 and feed.headers["content-type"].startswith("text/event-stream")
+                sent = 0
+                deadline = time.monotonic() + 30
+                for line in feed.iter_lines():
+                    if sent < 100:
+                        for _ in range(20):
+                            assert up.request("hello", "/").status_code == 200
+                        sent += 20
+                    if line.startswith("data: "):
+                        state = json.loads(line[6:])
+                        fn = next(f for f in state["functions"] if f["name"] == "hello")
+                        assert fn["url"] == f"http://hello.torpor.localhost:{up.port}/"
+                        best = max(best, fn["stats"]["rps"])
+                        if best > 0:
+                            break
+                    assert time.monotonic() < deadline, "no requests counted in the feed"
+            assert best > 0
