@@ -17,7 +17,8 @@ holds the long-lived token, and a used or stale code signs nobody in.
   mints a code.
 
 ``GET /v1/ui/stream`` is the page's live feed (server-sent events): once a second, the
-functions (URL, revisions, traffic, replicas by state, rollout), the last second's
+functions (URL, revisions, traffic, replicas by state, rollout; the first
+``MAX_FUNCTIONS_SHOWN`` by name), the last second's
 in-flight, requests per second and p95 per function (from the gateways' reports on the
 store's bus, so every gateway counts) and the recent events. At most ``MAX_STREAMS`` at
 once, each closed after ``STREAM_FOR`` seconds (the browser reconnects).
@@ -55,6 +56,7 @@ MAX_STREAMS = 16  # live feeds at once
 STREAM_FOR = 3600.0  # s one feed stays open
 TICK = 1.0  # s between two frames of the feed
 EVENTS_SHOWN = 15
+MAX_FUNCTIONS_SHOWN = 100  # functions in one frame (by name); the rest are counted
 COOKIE = "torpor_ui"
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # package data of torpor.api
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
@@ -216,6 +218,12 @@ class _Stats:
         self.latency: dict[str, list[int]] = {}
 
     def add(self, msg: Any) -> None:
+        try:
+            self._add(msg)
+        except (TypeError, ValueError, AttributeError):  # a malformed report is skipped, not fatal
+            return
+
+    def _add(self, msg: Any) -> None:
         if not isinstance(msg, dict) or not isinstance(msg.get("revisions"), dict):
             return
         self.reports[str(msg.get("gateway", ""))[:100]] = msg["revisions"]
@@ -256,7 +264,8 @@ class _Stats:
 async def dashboard_state(store: Store, cfg: Any, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from torpor.api.app import function_url
 
-    fns = sorted(await store.list_functions(), key=lambda f: f.name)
+    every = sorted(await store.list_functions(), key=lambda f: f.name)
+    fns = every[:MAX_FUNCTIONS_SHOWN]  # a frame a second per feed: its cost is bounded
     replicas = await store.list_replicas()
     events: list[dict[str, Any]] = []
     out = []
@@ -282,7 +291,8 @@ async def dashboard_state(store: Store, cfg: Any, stats: dict[str, dict[str, Any
             d["message"] = str(d.get("message", "")).splitlines()[0][:300] if d.get("message") else ""
             events.append(d)
     events.sort(key=lambda e: e["time"])
-    return {"time": time.time(), "functions": out, "events": events[-EVENTS_SHOWN:]}
+    return {"time": time.time(), "functions": out, "events": events[-EVENTS_SHOWN:],
+            "functions_not_shown": len(every) - len(fns)}
 
 
 def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[Route]:

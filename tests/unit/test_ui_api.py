@@ -154,7 +154,21 @@ def test_stats_sum_gateways_per_function() -> None:
         st.add({"gateway": gw, "revisions": {"fn-00001": {"function": "fn", "concurrency": 2.5, "requests": 50,
                                                            "errors": 1, "latency": lat, "queued": 1}}})
     st.add({"gateway": "bad", "revisions": "not a dict"})
+    st.add({"gateway": "worse", "revisions": {"x": {"function": "fn", "requests": "many"}}})  # skipped whole
     frame = st.frame(1.0)
     assert frame["fn"]["in_flight"] == 5.0 and frame["fn"]["rps"] == 100.0 and frame["fn"]["errors"] == 2
     assert frame["fn"]["queued"] == 2 and 50 < frame["fn"]["p95_ms"] <= 100
     assert st.frame(1.0) == {}  # each frame starts afresh
+
+
+async def test_a_frame_shows_a_bounded_number_of_functions(tmp_path: Path) -> None:
+    from torpor.api.app import ApiConfig as Cfg
+    from torpor.api.ui import MAX_FUNCTIONS_SHOWN, dashboard_state
+    from torpor.model import Function
+
+    store = EmbeddedStore()
+    for i in range(MAX_FUNCTIONS_SHOWN + 5):
+        await store.update_function(f"fn-{i:04d}", lambda cur, n=i: Function(name=f"fn-{n:04d}"))
+    state = await dashboard_state(store, Cfg(state_dir=tmp_path, token=TOKEN), {})
+    assert len(state["functions"]) == MAX_FUNCTIONS_SHOWN and state["functions_not_shown"] == 5
+    assert state["functions"][0]["name"] == "fn-0000" and state["functions"][0]["replicas"] == {}

@@ -127,6 +127,9 @@ function render(state) {
     if (!names.has(name)) { c.remove(); cards.delete(name); history.delete(name); }
   }
   $("#nofn").hidden = names.size > 0;
+  const more = state.functions_not_shown || 0;
+  $("#more").hidden = more === 0;
+  $("#more").textContent = `${more} more functions not shown (the first ${state.functions.length} by name are)`;
   state.functions.forEach(renderFunction);
   const list = $("#events");
   list.replaceChildren(...state.events.slice().reverse().map(e => {
