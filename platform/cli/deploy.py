@@ -103,7 +103,7 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
                 reason = (r.get("reason") or "unknown reason").splitlines()
                 if phases.quiet or not any("build failed" in m for _, m in seen_events) or \
                         not reason[0].startswith("build failed"):
-                    phases.fail(f"{rev}: failed: {reason[0]}")
+                    phases.fail(f"{rev} failed: {reason[0]}")
                     for extra in reason[1:9]:
                         phases.done(f"  {extra}")
                 return EXIT_FAILED, None

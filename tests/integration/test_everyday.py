@@ -78,7 +78,7 @@ def test_a_failed_build_shows_its_failing_lines_without_v(up: Torpor, tmp_path: 
     assert "build failed" in log
     quiet = up.cli("deploy", str(folder), "-q", "--wait", "240", check=False, timeout=300)
     assert quiet.returncode == 1 and quiet.stdout == ""
-    assert quiet.stderr.startswith("torpor: deploy: hello-00002: failed: build failed"), quiet.stderr
+    assert quiet.stderr.startswith("torpor: deploy: hello-00002 failed: build failed"), quiet.stderr
 
 
 def test_verbose_shows_the_whole_build_log(up: Torpor, tmp_path: Path) -> None:
