@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -20,8 +19,14 @@ from typing import Any, NoReturn
 import httpx
 
 from torpor.apitoken import client_token, default_state_dir, token_path
+from torpor.cli.completion import SHELLS, completion_script
+from torpor.cli.deploy import follow as follow_deploy
+from torpor.cli.new import add_parser as add_new_parser
+from torpor.cli.new import cmd_new
+from torpor.cli.output import EXIT_CODES, EXIT_FAILED, EXIT_NOT_FOUND, add_output, emit, version
 from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
+from torpor.cli.ui import add_parser as add_ui_parser
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -29,10 +34,12 @@ SKIP = {".git", "__pycache__", ".deps", ".venv", "node_modules", ".mypy_cache", 
 
 
 class CliError(Exception):
-    pass
+    def __init__(self, msg: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(msg)
+        self.code = code
 
 
-def die(msg: str, code: int = 1) -> NoReturn:
+def die(msg: str, code: int = EXIT_FAILED) -> NoReturn:
     print(f"torpor: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -72,7 +79,7 @@ class Api:
             msg = r.text[:200]
         if r.status_code == 401 and self.token_hint:
             msg = f"{msg}; {self.token_hint}"
-        return CliError(f"{msg} (HTTP {r.status_code})")
+        return CliError(f"{msg} (HTTP {r.status_code})", EXIT_NOT_FOUND if r.status_code == 404 else EXIT_FAILED)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -182,36 +189,20 @@ def deploy_params(args: argparse.Namespace) -> dict[str, str]:
 
 def upload(api: Api, name: str, body: bytes, params: dict[str, str], args: argparse.Namespace,
            quiet_url: bool = False) -> tuple[str, int]:
-    """POST the packed function, show the build, wait for the revision; -> (revision, exit code)."""
-    started = time.time() - 1
+    """POST the packed function, follow the new revision (one line per phase; see
+    torpor.cli.deploy) and print its URL; -> (revision, exit code). Exits when it fails."""
     out = api.call("POST", "/v1/functions", params=params, content=body,
                    headers={"content-type": "application/gzip"})
     rev = out["revision"]
-    print(f"deploying {name}: revision {rev}", file=sys.stderr)
-    seen = started
-    deadline = time.time() + args.wait
-    while time.time() < deadline:
-        ev = api.call("GET", f"/v1/functions/{name}/events", params={"since": seen, "limit": 200})["events"]
-        for item in ev:
-            seen = max(seen, item["time"])
-            of_rev = item.get("data", {}).get("revision", rev) == rev
-            if of_rev and (item["kind"] in ("build", "error") or rev in item["message"]):
-                print(f"  {item['message']}", file=sys.stderr)
-        r = api.call("GET", f"/v1/functions/{name}/revisions/{rev}")
-        if r["status"] == "ready":
-            fn = api.call("GET", f"/v1/functions/{name}")
-            if not quiet_url:
-                print(f"{rev} ready; traffic: " + ", ".join(
-                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-                    for t in fn["traffic"]), file=sys.stderr)
-                print(fn["url"])
-            if args.canary is not None and not args.no_watch:
-                return rev, watch(api, name, to=rev)
-            return rev, 0
-        if r["status"] == "failed":
-            die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
-        time.sleep(0.2)
-    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {name}`)")
+    code, fn = follow_deploy(api, name, rev, len(body), wait=args.wait, verbose=getattr(args, "verbose", False),
+                             quiet=getattr(args, "quiet", False))
+    if fn is None:
+        sys.exit(code)
+    if not quiet_url:
+        print(fn["url"])
+    if args.canary is not None and not args.no_watch:
+        return rev, watch(api, name, to=rev)
+    return rev, 0
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -246,8 +237,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 def cmd_ls(api: Api, args: argparse.Namespace) -> int:
     fns = api.call("GET", "/v1/functions")["functions"]
-    if args.json:
-        print(json.dumps(fns, indent=2))
+    if emit(args, fns):
         return 0
     print(f"{'NAME':<24} {'LATEST':<20} {'STATUS':<10} {'READY':>5}  TRAFFIC")
     for f in fns:
@@ -273,8 +263,7 @@ def _leader_line(api: Api) -> str:
 
 def cmd_status(api: Api, args: argparse.Namespace) -> int:
     st = api.call("GET", "/v1/status")
-    if args.output == "json":
-        print(json.dumps(st, indent=2))
+    if emit(args, st):
         return 0
     print(f"Torpor {st['version']}  store {st['store']}  installation {st['instance']}")
     lead = st.get("leader")
@@ -303,8 +292,7 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
 
 def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     fn = api.call("GET", f"/v1/functions/{args.name}", params={"events": 15})
-    if args.json:
-        print(json.dumps(fn, indent=2))
+    if emit(args, fn):
         return 0
     print(f"Name:     {fn['name']}\nURL:      {fn['url']}\n          {fn['path_url']}")
     sc = fn.get("scale") or {}
@@ -352,6 +340,10 @@ def cmd_delete(api: Api, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(api: Api, args: argparse.Namespace) -> int:
+    if args.build is not None:
+        params = {"revision": args.build} if args.build else {}
+        sys.stdout.write(api.call("GET", f"/v1/functions/{args.name}/build-log", params=params))
+        return 0
     params = {"follow": "1" if args.follow else "0", "tail": str(args.tail)}
     try:
         with api.client.stream("GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None) as r:
@@ -404,7 +396,7 @@ def cmd_top(api: Api, args: argparse.Namespace) -> int:
     gateway = (args.gateway or os.environ.get("TORPOR_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
     from torpor.cli.top import run_top
 
-    return run_top(api, gateway, args.interval, args.once)
+    return run_top(api, gateway, args.interval, args.once, args.output)
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -493,7 +485,9 @@ def _gateway_limits(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
+    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.", epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"torpor {version()}")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
     p.add_argument("--state-dir", dest="global_state_dir", metavar="DIR",
                    help="state directory of `torpor up`, whose token file the CLI sends when TORPOR_TOKEN is "
@@ -563,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-traffic", action="store_true")
     d.add_argument("--no-watch", action="store_true", help="with --canary: return once ready, leave the rollout running")
     d.add_argument("--wait", type=finite_float, default=600.0, help="seconds to wait for the revision")
+    d.add_argument("-v", "--verbose", action="store_true", help="stream the whole build log")
+    d.add_argument("-q", "--quiet", action="store_true", help="print only the URL")
 
     i = sub.add_parser("invoke", help="call a function through the gateway")
     i.add_argument("name")
@@ -577,12 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open a WebSocket: stdin lines are sent, messages are printed")
 
     stp = sub.add_parser("status", help="which controller leads, standbys and gateways seen, counts")
-    stp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    add_output(stp)
     ls = sub.add_parser("ls", help="list functions")
-    ls.add_argument("--json", action="store_true")
+    add_output(ls)
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
     de.add_argument("name")
-    de.add_argument("--json", action="store_true")
+    add_output(de)
     ex = sub.add_parser("export", help="write a function as a Knative Service or an OpenFaaS stack entry")
     ex.add_argument("name")
     ex.add_argument("--format", choices=["knative", "openfaas"], default="knative")
@@ -592,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("--tail", type=int, default=200)
+    lg.add_argument("--build", nargs="?", const="", metavar="REVISION",
+                    help="the last build log (of REVISION, default the newest build) instead of replica logs")
     tr = sub.add_parser("traffic", help="set the traffic split: REV=PCT ...")
     tr.add_argument("name")
     tr.add_argument("split", nargs="+", metavar="REV=PCT")
@@ -607,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=finite_float, default=1.0)
     top.add_argument("--once", action="store_true")
     top.add_argument("--gateway")
+    add_output(top)
     im = sub.add_parser("images", help="images for the docker and kubernetes drivers")
     im_sub = im.add_subparsers(dest="images_cmd", required=True)
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
@@ -618,6 +617,10 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--base", help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)")
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
+    add_new_parser(sub)
+    API_COMMANDS.update(add_ui_parser(sub))
+    cp = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish")
+    cp.add_argument("shell", choices=SHELLS)
     return p
 
 
@@ -643,11 +646,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(cmd_invoke(args))
         if args.cmd == "images":
             sys.exit(cmd_images(args))
+        if args.cmd == "new":
+            sys.exit(cmd_new(args))
+        if args.cmd == "completion":
+            sys.stdout.write(completion_script(build_parser(), args.shell))
+            sys.exit(0)
         token, hint = api_token(args.api, _state_dir(args))
         api = Api(args.api, token, hint)
         sys.exit(API_COMMANDS[args.cmd](api, args))
     except CliError as e:
-        die(f"{args.cmd}: {e}")
+        die(f"{args.cmd}: {e}", e.code)
     except KeyboardInterrupt:
         sys.exit(130)
 
