@@ -414,8 +414,13 @@ class UpstreamPool:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"endpoint must be host:port, got {endpoint!r}")
+        # an IPv6 address comes bracketed ("[fd00::7]:8080", as in a URL and the Host
+        # header); connect() takes it bare
+        bracketed = host.startswith("[") and host.endswith("]")
+        if not bracketed and ":" in host:
+            raise ValueError(f"endpoint must be host:port with an IPv6 address in brackets, got {endpoint!r}")
         self.endpoint = endpoint
-        self.host = host[1:-1] if host.startswith("[") else host
+        self.host = host[1:-1] if bracketed else host
         self.port = int(port)
         self.host_header = endpoint.encode()
         self.max_idle = max_idle

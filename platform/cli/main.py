@@ -133,7 +133,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
                 "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace", "lease_ttl",
-                "health_port", "health_host"):
+                "health_port", "health_host", "public_url"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
-        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker", "kubernetes"])
+        sp.add_argument("--driver", default=os.environ.get("TORPOR_DRIVER") or "auto",
+                        choices=["auto", "process", "docker", "kubernetes"],
+                        help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)")
         sp.add_argument("--namespace", default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
                         help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
                         "controller's own namespace in a cluster, else the kubeconfig's, else default)")
@@ -535,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
+        sp.add_argument("--public-url", default=os.environ.get("TORPOR_PUBLIC_URL") or None, metavar="URL",
+                        help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
+                        "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
+                        "gateway's own address)")
         add_upload_limits(sp)
     add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")

@@ -809,7 +809,8 @@ class Controller:
         started, checked = self.clock(), self.clock()
         while True:
             endpoint = tr.running.endpoint  # may be empty until the driver knows it (a Pod's IP)
-            if endpoint and await probe_once(endpoint):
+            if await self._probe(tr.running, deadline):
+                endpoint = tr.running.endpoint
                 break
             now = self.clock()
             # poll fast while a cold start is likely to finish (a refused connect costs ~50 us)
@@ -833,6 +834,22 @@ class Controller:
             await self._revision_ready(fn.name, rev.name)  # type: ignore[union-attr]
         if not adopted:
             await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
+
+    async def _probe(self, running: Running, deadline: float) -> bool:
+        """Whether the replica is ready: the driver's word when it reports readiness (a Pod's
+        Ready condition: the controller then never connects to replicas), else a request to
+        the replica's health path."""
+        wait_ready = getattr(self.driver, "wait_ready", None)
+        if wait_ready is not None:
+            try:
+                ready = await wait_ready(running, max(0.0, min(1.0, deadline - self.clock())))
+            except Exception as e:  # the cluster did not answer: not ready yet (the deadline decides)
+                log.warning("readiness of %s unknown: %s", running.replica, e)
+                await asyncio.sleep(0.2)
+                return False
+            if ready is not None:
+                return bool(ready) and bool(running.endpoint)
+        return bool(running.endpoint) and await probe_once(running.endpoint)
 
     async def _list(self, since: float = 0.0) -> tuple[float, list[Running]]:
         """driver.list(), shared by concurrent callers and reused for 0.2 s: many replicas

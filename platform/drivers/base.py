@@ -90,3 +90,16 @@ class Pausable(Protocol):
 
     async def pause(self, running: Running) -> None: ...
     async def unpause(self, running: Running) -> None: ...
+
+
+class ReportsReadiness(Protocol):
+    """Optional: drivers whose platform already probes replicas (a Pod's readiness probe,
+    run by the kubelet). The controller then asks the driver instead of connecting to the
+    replica itself, so nothing but the gateways needs to reach a replica (on a cluster, a
+    NetworkPolicy lets only the gateways in)."""
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """Wait up to ``timeout`` s for ``running`` to be ready: True once it is, False if
+        it is not (yet), None if the driver cannot tell (the controller then probes the
+        endpoint itself). Updates ``running.endpoint`` when it learns it."""
+        ...
