@@ -369,10 +369,13 @@ class Platform:
                 t.cancel()
 
     async def _identity(self) -> str:
-        """The installation's id, from the store (created once; an embedded store takes the
-        id its state dir gave before ids were kept in the store)."""
-        default = None if self.cfg.redis else legacy_instance(self.cfg.state_dir)
-        return await self.store.instance_id(default)
+        """The installation's id, from the store (created once). An installation from before
+        ids were kept in the store (an embedded one, or a Redis one that already holds
+        functions) takes the id this state dir gave it, so what runs is still adopted."""
+        legacy: str | None = legacy_instance(self.cfg.state_dir)
+        if self.cfg.redis and not await self.store.list_functions():
+            legacy = None  # a new installation: a random id
+        return await self.store.instance_id(legacy)
 
     async def _gateway_heartbeats(self) -> None:
         assert self.gateway is not None
