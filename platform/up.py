@@ -359,7 +359,9 @@ class Platform:
                         seen.add(r.replica)
                         tasks.append(asyncio.create_task(pump(r)))
                 try:
-                    yield await asyncio.wait_for(queue.get(), 1.0)
+                    async with asyncio.timeout(1.0):  # not wait_for: it can lose a cancel
+                        line = await queue.get()
+                    yield line
                     while not queue.empty():
                         yield queue.get_nowait()
                 except TimeoutError:

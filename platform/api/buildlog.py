@@ -89,7 +89,8 @@ async def _follow(store: Store, name: str, revision: str) -> AsyncIterator[bytes
                 yield b"... stopped following after 30 minutes\n"
                 return
             try:
-                msg = await asyncio.wait_for(sub.__anext__(), timeout=min(left, 5.0))
+                async with asyncio.timeout(min(left, 5.0)):  # not wait_for (lost cancels)
+                    msg = await sub.__anext__()
             except TimeoutError:
                 fn = await store.get_function(name)
                 rev = fn.revision(revision) if fn else None

@@ -328,7 +328,9 @@ def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[
                     tick_end = last + TICK
                     while (left := tick_end - time.monotonic()) > 0:
                         try:
-                            stats.add(await asyncio.wait_for(sub.__anext__(), timeout=left))
+                            async with asyncio.timeout(left):  # not wait_for (lost cancels)
+                                msg = await sub.__anext__()
+                            stats.add(msg)
                         except TimeoutError:
                             break
                         except StopAsyncIteration:

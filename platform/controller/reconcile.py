@@ -291,7 +291,8 @@ class Controller:
                 log.warning("controller: heartbeat failed: %s: %s", type(e).__name__, e)
             self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
+                async with asyncio.timeout(HEARTBEAT_EVERY):  # not wait_for: it can lose a cancel
+                    await self._beat_now.wait()
 
     def _spawn(self, coro: Any) -> asyncio.Future[Any]:
         """A piece of this term's work: cancelled if the lease is lost."""
@@ -416,7 +417,8 @@ class Controller:
         delay = self.settings.tick
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: on 3.11 it can lose a cancel
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
