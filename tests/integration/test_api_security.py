@@ -259,6 +259,6 @@ def test_torpor_state_dir_is_honoured_by_up_and_the_cli(tmp_path: Path, attack) 
         assert (state / "token").is_file() and stat.S_IMODE((state / "token").stat().st_mode) == 0o600
         t.deploy(function_copy(tmp_path, "hello"))
         assert "hello" in t.cli("ls").stdout
-        assert (state / "sources" / "hello").is_dir()
+        assert any((state / "blobs").iterdir())  # the function's source archive, by its hash
         assert f"{state / 'token'}" in t.log.read_text()  # `up` says where the token is
-    attack.ended(f"token and sources under TORPOR_STATE_DIR; `up` printed {state.name}/token")
+    attack.ended(f"token and source archives under TORPOR_STATE_DIR; `up` printed {state.name}/token")

@@ -440,6 +440,10 @@ class _NoDirectProbe:
 async def _one_replica(env: Env, tmp_path: Path, driver: KubernetesDriver, rev: Revision,
                        startup_timeout: float = 30.0) -> tuple[Any, Controller]:
     store = open_store(state_dir=tmp_path / f"store-{rev.name}-{len(env.drivers)}")
+    if rev.source_sha256 is not None:  # as the API does on deploy: only the hash travels
+        await store.put_blob(rev.source_sha256, env.archives.archives[rev.source_sha256])
+        rev.source = None
+        env.archives.key = await store.archive_key()
     fn = Function(name=rev.function, revisions=[rev], traffic=[TrafficTarget(revision=rev.name, percent=100)],
                   next_number=rev.number + 1)
     await store.update_function(rev.function, lambda _cur: fn)

@@ -174,7 +174,7 @@ async def test_a_replica_reads_the_drivers_environment(drv: Drv, monkeypatch: py
     assert env["GREETING"] == "hi"
     assert env["TORPOR_FUNCTION"] == running.function
     allowed = {"PATH", "LANG", "HOME", "TMPDIR", "GREETING", "PORT", "PYTHONDONTWRITEBYTECODE",
-               "PYTHONUNBUFFERED"}
+               "PYTHONUNBUFFERED", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}  # K_*: Knative's contract
     assert {k for k in env if not k.startswith("TORPOR_")} <= allowed, sorted(env)
     assert {k for k in seen["proc_self"] if not k.startswith("TORPOR_")} <= allowed, sorted(seen["proc_self"])
 
