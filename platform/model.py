@@ -44,6 +44,14 @@ class RolloutPolicy:
 
 
 @dataclass
+class AsyncPolicy:
+    """``async:`` in the spec: how the function's asynchronous calls are run."""
+
+    concurrency: int = 10  # calls of this function running at once (all gateways)
+    max_attempts: int = 3  # attempts that reached a replica, before the call fails
+
+
+@dataclass
 class Spec:
     name: str
     handler: str | None = "handler:handle"
@@ -56,6 +64,7 @@ class Spec:
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     secrets: dict[str, str] = field(default_factory=dict)  # env name -> secret name, never a value
+    async_calls: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` key
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +75,7 @@ class Spec:
         d["scale"] = Scale(**d.get("scale", {}))
         d["resources"] = Resources(**d.get("resources", {}))
         d["rollout"] = RolloutPolicy(**d.get("rollout", {}))
+        d["async_calls"] = AsyncPolicy(**(d.get("async_calls") or {}))
         return cls(**d)
 
 

@@ -42,6 +42,8 @@ field                      accepted
 ``rollout.max_error_ratio`` number 0..1
 ``rollout.max_p95_ratio``  number 1..1000 (``MAX_P95_RATIO``)
 ``rollout.min_requests``   integer 0..1000000 (``MAX_MIN_REQUESTS``)
+``async.concurrency``      integer 1..1000 (``MAX_ASYNC_CONCURRENCY``; default 10)
+``async.max_attempts``     integer 1..20 (``MAX_ASYNC_ATTEMPTS``; default 3)
 =========================  ===================================================
 
 Imports nothing of Torpor except :mod:`torpor.model`.
@@ -61,7 +63,7 @@ from typing import Any
 
 import yaml
 
-from torpor.model import Resources, RolloutPolicy, Scale, Spec
+from torpor.model import AsyncPolicy, Resources, RolloutPolicy, Scale, Spec
 
 __all__ = [
     "SpecError",
@@ -97,12 +99,15 @@ MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
 MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 
+MAX_ASYNC_CONCURRENCY = 1000  # async.concurrency: 1..1000 calls running at once
+MAX_ASYNC_ATTEMPTS = 20  # async.max_attempts: 1..20
 MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
 
 TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
-            "secrets")
+            "secrets", "async")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
 RESOURCES_KEYS = ("cpu", "memory")
+ASYNC_KEYS = ("concurrency", "max_attempts")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
 
 _MAX_SHOWN = 60
@@ -615,6 +620,22 @@ def _parse_rollout(value: Any) -> RolloutPolicy:
     return out
 
 
+def _parse_async(value: Any) -> AsyncPolicy:
+    sec = _section(value, "async", ASYNC_KEYS)
+    out = AsyncPolicy()
+    if (v := _get(sec, "concurrency")) is not _MISSING:
+        words = f"an integer from 1 to {MAX_ASYNC_CONCURRENCY} (calls running at once)"
+        out.concurrency = _as_int(v, "async.concurrency", words)
+        if not 1 <= out.concurrency <= MAX_ASYNC_CONCURRENCY:
+            raise SpecError("async.concurrency", words, v)
+    if (v := _get(sec, "max_attempts")) is not _MISSING:
+        words = f"an integer from 1 to {MAX_ASYNC_ATTEMPTS}"
+        out.max_attempts = _as_int(v, "async.max_attempts", words)
+        if not 1 <= out.max_attempts <= MAX_ASYNC_ATTEMPTS:
+            raise SpecError("async.max_attempts", words, v)
+    return out
+
+
 def _parse_steps(value: Any, path: str) -> list[int]:
     words = "a list of percents from 1 to 100, strictly increasing, ending with 100"
     if not isinstance(value, list) or not value:
@@ -694,6 +715,7 @@ def _parse_spec(data: Any, cap: int) -> Spec:
     spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
+    spec.async_calls = _parse_async(top.get("async"))
     if "secrets" in top:
         spec.secrets = _parse_secrets(top["secrets"], "secrets", spec.env)
     return spec
@@ -801,4 +823,5 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
         "max_p95_ratio": r.max_p95_ratio,
         "min_requests": r.min_requests,
     }
+    out["async"] = {"concurrency": spec.async_calls.concurrency, "max_attempts": spec.async_calls.max_attempts}
     return out
