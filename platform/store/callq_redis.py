@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "workers"
 POLL = 0.2  # s between looks for new calls from other gateways
+MAX_OPS = 48  # queue operations in flight at once: the store's connection pool (100) is shared
 
 _CLAIM = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
@@ -52,8 +53,9 @@ class RedisCallQueue:
         self.prefix = prefix
         self._groups: set[str] = set()
         self._entries: dict[str, tuple[str, str]] = {}  # call id -> (function, stream entry id) held here
-        self._claim = r.register_script(_CLAIM)
+        self._claim_script = r.register_script(_CLAIM)
         self._new = asyncio.Event()
+        self._ops = asyncio.Semaphore(MAX_OPS)
 
     def _call_key(self, cid: str) -> str:
         return f"{self.prefix}:call:{cid}"
@@ -78,7 +80,7 @@ class RedisCallQueue:
                 raise
         self._groups.add(fn)
 
-    async def put(self, call: Call) -> None:
+    async def _put(self, call: Call) -> None:
         await self._group(call.function)
         stream = self._stream(call.function)
         length = await self._r.xlen(stream)
@@ -123,12 +125,12 @@ class RedisCallQueue:
                 await pipe.execute()
         return out
 
-    async def claim(self, function: str, n: int, limit: int, consumer: str) -> list[Call]:
+    async def _claim_calls(self, function: str, n: int, limit: int, consumer: str) -> list[Call]:
         if n <= 0:
             return []
         await self._group(function)
         try:
-            entries = await self._claim(keys=[self._stream(function)], args=[GROUP, consumer, limit, n])
+            entries = await self._claim_script(keys=[self._stream(function)], args=[GROUP, consumer, limit, n])
         except ResponseError as e:
             if "NOGROUP" in str(e):
                 self._groups.discard(function)
@@ -136,10 +138,10 @@ class RedisCallQueue:
             raise
         return await self._load(function, entries or [], consumer)
 
-    async def save(self, call: Call) -> None:
+    async def _save(self, call: Call) -> None:
         await self._r.set(self._call_key(call.id), json.dumps(call.to_dict()), xx=True)
 
-    async def finish(self, call: Call) -> None:
+    async def _finish(self, call: Call) -> None:
         final = Call.from_dict(call.to_dict())
         final.body = b""
         held = self._entries.pop(call.id, None)
@@ -150,11 +152,11 @@ class RedisCallQueue:
                 pipe.xdel(self._stream(held[0]), held[1])
             await pipe.execute()
 
-    async def get(self, call_id: str) -> Call | None:
+    async def _get(self, call_id: str) -> Call | None:
         text = await self._r.get(self._call_key(call_id))
         return Call.from_dict(json.loads(text)) if text else None
 
-    async def recent(self, function: str, limit: int = 50) -> list[Call]:
+    async def _recent(self, function: str, limit: int = 50) -> list[Call]:
         if limit <= 0:
             return []
         ids = await self._r.zrevrange(self._recent_key(function), 0, limit - 1)
@@ -163,7 +165,7 @@ class RedisCallQueue:
         texts = await self._r.mget([self._call_key(str(i)) for i in ids])
         return [Call.from_dict(json.loads(t)) for t in texts if t]
 
-    async def counts(self) -> dict[str, tuple[int, int]]:
+    async def _counts(self) -> dict[str, tuple[int, int]]:
         fns = sorted(str(f) for f in await self._r.smembers(self._fns))
         if not fns:
             return {}
@@ -182,7 +184,7 @@ class RedisCallQueue:
                 out[fn] = (max(int(length) - held, 0), held)
         return out
 
-    async def heartbeat(self, consumer: str, calls: list[Call]) -> None:
+    async def _heartbeat(self, consumer: str, calls: list[Call]) -> None:
         by_fn: dict[str, list[str]] = {}
         for c in calls:
             held = self._entries.get(c.id)
@@ -192,7 +194,7 @@ class RedisCallQueue:
             with contextlib.suppress(ResponseError):
                 await self._r.xclaim(self._stream(fn), GROUP, consumer, 0, ids, justid=True)
 
-    async def reclaim(self, consumer: str, idle: float) -> list[Call]:
+    async def _reclaim(self, consumer: str, idle: float) -> list[Call]:
         out: list[Call] = []
         for fn in sorted(str(f) for f in await self._r.smembers(self._fns)):
             try:
@@ -206,6 +208,43 @@ class RedisCallQueue:
                 log.warning("calls: took over %d call(s) of %s from a silent worker", len(got), fn)
             out += got
         return out
+
+    # -- the protocol: every operation takes one of MAX_OPS places ---------------------------
+    async def put(self, call: Call) -> None:
+        async with self._ops:
+            await self._put(call)
+
+    async def claim(self, function: str, n: int, limit: int, consumer: str) -> list[Call]:
+        async with self._ops:
+            return await self._claim_calls(function, n, limit, consumer)
+
+    async def save(self, call: Call) -> None:
+        async with self._ops:
+            await self._save(call)
+
+    async def finish(self, call: Call) -> None:
+        async with self._ops:
+            await self._finish(call)
+
+    async def get(self, call_id: str) -> Call | None:
+        async with self._ops:
+            return await self._get(call_id)
+
+    async def recent(self, function: str, limit: int = 50) -> list[Call]:
+        async with self._ops:
+            return await self._recent(function, limit)
+
+    async def counts(self) -> dict[str, tuple[int, int]]:
+        async with self._ops:
+            return await self._counts()
+
+    async def heartbeat(self, consumer: str, calls: list[Call]) -> None:
+        async with self._ops:
+            await self._heartbeat(consumer, calls)
+
+    async def reclaim(self, consumer: str, idle: float) -> list[Call]:
+        async with self._ops:
+            return await self._reclaim(consumer, idle)
 
     async def wait(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):

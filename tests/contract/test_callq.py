@@ -119,11 +119,11 @@ async def test_calls_survive_reopen_and_held_ones_run_again(env: dict[str, Any])
     if env["kind"] == "embedded":  # the restarted process holds nothing: running -> queued
         ids = [c.id for c in await q2.claim("hello", 5, 5, "w2")]
     else:  # another process: the dead worker's call is taken over once it is idle
+        assert await q2.reclaim("w2", 60.0) == []  # not silent long enough yet
+        await asyncio.sleep(0.3)
         ids = [c.id for c in await q2.claim("hello", 5, 5, "w2")]
         assert ids == [b.id]
-        assert await q2.reclaim("w2", 60.0) == []  # not silent long enough yet
-        await asyncio.sleep(0.05)
-        ids += [c.id for c in await q2.reclaim("w2", 0.01)]
+        ids += [c.id for c in await q2.reclaim("w2", 0.2)]  # a only: b was just claimed
     assert sorted(ids) == sorted([a.id, b.id])
     taken = next(c for c in [await q2.get(a.id)] if c)
     assert taken.attempts == 1  # the record kept the attempt it had made
