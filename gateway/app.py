@@ -36,6 +36,8 @@ from typing import Any
 from urllib.parse import quote
 
 from torpor.gateway.activator import ClientGone, QueueFull
+from torpor.gateway.calls import PREFIX as ASYNC_PREFIX
+from torpor.gateway.calls import CallWorker
 from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
@@ -43,6 +45,7 @@ from torpor.gateway.upstream import NotSent, Pools, proxy
 from torpor.model import MiB
 from torpor.spec import format_size
 from torpor.store.base import CHANGES, POKES, STATS, Store
+from torpor.store.callq import open_queue
 
 log = logging.getLogger("torpor.gateway")
 
@@ -112,6 +115,7 @@ class Gateway:
         self.max_buffered = max_buffered
         self.buffered = 0  # request body bytes held now (being read or waiting to be sent)
         self.forwarding = Forwarding(trusted_proxies)
+        self.calls = CallWorker(self, open_queue(store))  # /async-function/: torpor.gateway.calls
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str, queued: int) -> None:
@@ -124,9 +128,11 @@ class Gateway:
             asyncio.create_task(self._report(), name="gateway-report"),
         ]
         await asyncio.wait_for(self.synced.wait(), 30)
+        self.calls.start()
 
     async def stop(self, drain: float = 30.0) -> None:
         """Wait for in-flight requests (bounded), then stop background work."""
+        await self.calls.stop()  # queued calls wait for the next start (or another gateway)
         deadline = time.monotonic() + drain
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -214,11 +220,14 @@ class Gateway:
                 prefix = b"/function/" + name.encode()
                 scope["raw_path"] = (raw[len(prefix):] or b"/") if raw.startswith(prefix) \
                     else quote("/" + rest).encode()
+            elif path.startswith(ASYNC_PREFIX):
+                await self.calls.accept(scope, receive, send, length, chunked)
+                return
             elif path in ("/healthz", "/readyz"):
                 await send_json(send, 200, {"status": "ok"})
                 return
             elif path == "/metrics":
-                body = metrics_text(self.table).encode()
+                body = (metrics_text(self.table) + self.calls.metrics_text()).encode()
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
                     (b"content-length", str(len(body)).encode())]})

@@ -76,6 +76,7 @@ class Call:
     headers: list[tuple[str, str]] = field(default_factory=list)  # what the replica gets (latin-1)
     body: bytes = b""  # the request body; dropped from the record once the call is final
     callback: str | None = None  # X-Callback-Url, checked at accept and again at delivery
+    client: str = ""  # the accepting gateway's peer address (for Forwarded on each attempt)
     created: float = field(default_factory=time.time)
     state: CallState = "queued"
     attempts: int = 0  # attempts that reached a replica
@@ -96,7 +97,7 @@ class Call:
         return {
             "id": self.id, "function": self.function, "method": self.method, "path": self.path,
             "query": self.query, "headers": [list(h) for h in self.headers], "body": _b64(self.body),
-            "callback": self.callback, "created": self.created, "state": self.state,
+            "callback": self.callback, "client": self.client, "created": self.created, "state": self.state,
             "attempts": self.attempts, "tries": self.tries, "status": self.status,
             "result_headers": [list(h) for h in self.result_headers], "result_body": _b64(self.result_body),
             "truncated": self.truncated, "error": self.error, "finished": self.finished,
@@ -109,7 +110,7 @@ class Call:
             id=str(d["id"]), function=str(d["function"]), method=str(d.get("method", "POST")),
             path=str(d.get("path", "/")), query=str(d.get("query", "")),
             headers=[(str(k), str(v)) for k, v in d.get("headers", [])],
-            body=base64.b64decode(d.get("body", "")), callback=d.get("callback"),
+            body=base64.b64decode(d.get("body", "")), callback=d.get("callback"), client=str(d.get("client", "")),
             created=float(d.get("created", 0.0)), state=d.get("state", "queued"),
             attempts=int(d.get("attempts", 0)), tries=int(d.get("tries", 0)), status=d.get("status"),
             result_headers=[(str(k), str(v)) for k, v in d.get("result_headers", [])],

@@ -67,11 +67,15 @@ class Spec:
     async_calls: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` key
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["async"] = d.pop("async_calls")  # the spec's own key (a Python keyword)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Spec:
         d = dict(d)
+        if "async" in d:
+            d["async_calls"] = d.pop("async")
         d["scale"] = Scale(**d.get("scale", {}))
         d["resources"] = Resources(**d.get("resources", {}))
         d["rollout"] = RolloutPolicy(**d.get("rollout", {}))

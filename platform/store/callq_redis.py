@@ -185,7 +185,7 @@ class RedisCallQueue:
         return out
 
     async def _heartbeat(self, consumer: str, calls: list[Call]) -> None:
-        by_fn: dict[str, list[str]] = {}
+        by_fn: dict[str, list[Any]] = {}
         for c in calls:
             held = self._entries.get(c.id)
             if held is not None:
