@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from torpor.api import hosts
 from torpor.api.auth import BearerAuth
+from torpor.api.calls import call_routes
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
@@ -443,6 +444,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
         *rollout_routes(store, ApiError),
         *secret_routes(store, ApiError),
+        *call_routes(store, ApiError, query_int),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:

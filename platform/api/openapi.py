@@ -146,6 +146,15 @@ OPENAPI: dict[str, Any] = {
             "requestBody": _body(JSON_TYPES, {"type": "object"}, required=False),
             "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_WRITE_ERRORS,
                           "409": _resp("no earlier ready revision", _ERROR)}}},
+        "/v1/calls/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
+                                           "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}], "get": {
+            "summary": "one asynchronous call: state queued|running|done|failed, attempts, status, created, "
+                       "finished; once final the result's headers and body (up to 256 KiB)",
+            "responses": {"200": _resp("call"), **_ERRORS}}},
+        "/v1/functions/{name}/calls": {"parameters": [_NAME], "get": {
+            "summary": "the function's recent asynchronous calls, newest first (limit 1..1000)",
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"200": _resp("calls"), **_ERRORS}}},
         "/v1/secrets": {"get": {
             "summary": "every secret's name, version, update time and the functions using it (never a value)",
             "responses": {"200": _resp("secrets", {"type": "object", "properties": {

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 import httpx
 
 from torpor.apitoken import client_token, default_state_dir, token_path
+from torpor.cli.calls import add_parsers as add_call_parsers
+from torpor.cli.calls import invoke_async
 from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
 
@@ -204,6 +206,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if args.d is not None and args.d.startswith("@"):
         data = Path(args.d[1:]).read_bytes()
     path = args.path if args.path.startswith("/") else "/" + args.path
+    if args.async_:
+        return invoke_async(gateway, args, data, path)
     try:
         with httpx.Client(timeout=args.timeout) as c:
             r = c.request(method, gateway + path, content=data, headers={"Host": host})
@@ -487,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
     i.add_argument("--timeout", type=finite_float, default=60.0)
     i.add_argument("-v", "--verbose", action="store_true")
+    i.add_argument("--async", dest="async_", action="store_true", help="queue the call; print its id")
+    i.add_argument("--callback", help="with --async: URL the result is POSTed to (X-Callback-Url)")
 
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
@@ -525,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--base", help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)")
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
+    API_COMMANDS.update(add_call_parsers(sub))
     return p
 
 
