@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ log = logging.getLogger("torpor.gateway.calls")
 
 PREFIX = "/async-function/"
 HEARTBEAT = 5.0
-RECLAIM_IDLE = 30.0
+RECLAIM_IDLE = 30.0  # s; TORPOR_ASYNC_RECLAIM_IDLE (1..3600) changes it
 POLICY_TTL = 2.0
 DEMAND_EVERY = 1.0
 _DROP = frozenset({
@@ -67,6 +68,8 @@ class CallWorker:
         self.queue = queue
         self.allow = allow if allow is not None else Allow.from_env()
         self.consumer = gateway.id
+        self.reclaim_idle = _reclaim_idle()
+        self.heartbeat_every = min(HEARTBEAT, self.reclaim_idle / 3)
         self.held: dict[str, dict[str, Call]] = {}  # function -> call id -> call, held by this worker
         self.backlog: dict[str, tuple[int, int]] = {}  # last counts: function -> (queued, held)
         self.attempts_total: dict[str, int] = {}
@@ -162,12 +165,12 @@ class CallWorker:
         while True:
             try:
                 now = time.monotonic()
-                if now - last_beat >= HEARTBEAT:
+                if now - last_beat >= self.heartbeat_every:
                     last_beat = now
                     await self.queue.heartbeat(self.consumer, [c for d in self.held.values() for c in d.values()])
-                if now - last_reclaim >= HEARTBEAT:
+                if now - last_reclaim >= self.heartbeat_every:
                     last_reclaim = now
-                    for call in await self.queue.reclaim(self.consumer, RECLAIM_IDLE):
+                    for call in await self.queue.reclaim(self.consumer, self.reclaim_idle):
                         self._spawn(call)
                 self.backlog = await self.queue.counts()
                 for fn, (queued, _held) in self.backlog.items():
@@ -377,6 +380,18 @@ class CallWorker:
         return generate_latest(registry).decode()
 
 
+def _reclaim_idle() -> float:
+    raw = os.environ.get("TORPOR_ASYNC_RECLAIM_IDLE", "")
+    try:
+        value = float(raw) if raw else RECLAIM_IDLE
+    except ValueError:
+        value = RECLAIM_IDLE
+    if not 1.0 <= value <= 3600.0:  # NaN fails it too
+        log.warning("TORPOR_ASYNC_RECLAIM_IDLE=%r: expected seconds from 1 to 3600; using %gs", raw[:20], RECLAIM_IDLE)
+        value = RECLAIM_IDLE
+    return value
+
+
 def _policy(fn: Function) -> AsyncPolicy:
     best = None
     for t in fn.traffic:
@@ -399,7 +414,8 @@ class _Collector(Collector):
                                        labels=["function"])
         failed = CounterMetricFamily("torpor_async_failed", "Asynchronous calls this gateway ended as failed",
                                      labels=["function"])
-        for fn, (q, h) in sorted(self.w.backlog.items()):
+        for fn in sorted(set(self.w.backlog) | set(self.w.attempts_total)):
+            q, h = self.w.backlog.get(fn, (0, 0))
             queued.add_metric([fn], q)
             running.add_metric([fn], h)
         for fn, n in sorted(self.w.attempts_total.items()):

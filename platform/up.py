@@ -33,6 +33,7 @@ from torpor.gateway.server import Server as GatewayServer
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.spec import MAX_IDLE, MAX_SCALE
 from torpor.store import open_store
+from torpor.store.callq import close_queue
 
 log = logging.getLogger("torpor")
 
@@ -318,6 +319,7 @@ class Platform:
                 await asyncio.gather(log_server, return_exceptions=True)
             if self.driver:
                 await self.driver.close()
+            await close_queue(self.store)
             await self.store.close()
 
 
