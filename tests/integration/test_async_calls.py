@@ -250,7 +250,7 @@ def test_kill_9_of_up_with_calls_running_loses_none(tmp_path: Path) -> None:
         t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
                                **{"async": {"concurrency": 5}}))
         ids = [fire(t, "slow") for _ in range(30)]
-        t.wait_for(lambda: any(call_of(t, c)["state"] == "running" for c in ids[:5]), 60, "calls running")
+        t.wait_for(lambda: [call_of(t, c)["state"] for c in ids[:5]].count("running"), 60, "calls running")
     finally:
         t.stop(signal.SIGKILL)
     t2 = Torpor(state).start()
@@ -280,8 +280,10 @@ def _up(url: str, timeout: float = 30) -> None:
     raise AssertionError(f"{url} did not answer")
 
 
-def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp_path: Path,
-                                                                             redis_url: str) -> None:
+def test_distributed_killing_a_gateway_and_the_controller_loses_none(tmp_path: Path, redis_url: str) -> None:
+    """Two gateways run calls; one is killed (-9) with calls in flight and the other takes
+    them over; the controller is killed (-9) too and a new one started (no lease fail-over
+    in this tree: a controller runs alone)."""
     import os
 
     state = tmp_path / "state"
@@ -299,24 +301,26 @@ def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp
         for url in (f"http://127.0.0.1:{api_port}/healthz", f"http://127.0.0.1:{gw1}/healthz",
                     f"http://127.0.0.1:{gw2}/healthz"):
             _up(url)
-        deadline = time.monotonic() + 30
-        while "leads" not in logs["ctl1"].read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        procs["ctl2"] = _start(["controller", *common, "--driver", "process"], logs["ctl2"], env)  # standby
         t = Torpor(state)
         t.api = f"http://127.0.0.1:{api_port}"
         t.env["TORPOR_API"] = t.api
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "500", "FAIL_RATE": "0"},
+        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
                                scale={"max": 4, "target": 2}, **{"async": {"concurrency": 8}}))
-        ids = [fire(t, "slow", gateway=f"http://127.0.0.1:{gw1 if i % 2 else gw2}") for i in range(120)]
-        t.wait_for(lambda: sum(call_of(t, c)["state"] == "done" for c in ids[:20]) >= 3, 60, "calls under way")
-        procs["gw2"].send_signal(signal.SIGKILL)  # its held calls are reclaimed by gw1
-        procs["ctl1"].send_signal(signal.SIGKILL)  # the leader: ctl2 takes over
+        ids = [fire(t, "slow", gateway=f"http://127.0.0.1:{gw1 if i % 2 else gw2}") for i in range(60)]
+
+        def gw2_runs() -> bool:
+            m = httpx.get(f"http://127.0.0.1:{gw2}/metrics", timeout=5).text
+            return 'torpor_async_attempts_total{function="slow"}' in m and \
+                sum(call_of(t, c)["state"] == "done" for c in ids[:16]) >= 2
+
+        t.wait_for(gw2_runs, 90, "calls under way on both gateways", every=0.3)
+        procs["gw2"].send_signal(signal.SIGKILL)  # it holds calls: gw1 reclaims them
+        procs["ctl1"].send_signal(signal.SIGKILL)
         procs["gw2"].wait(10)
         procs["ctl1"].wait(10)
+        procs["ctl2"] = _start(["controller", *common, "--driver", "process"], logs["ctl2"], env)
         calls = wait_final(t, ids, 240)
         assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
-        assert "leads" in logs["ctl2"].read_text()
         assert "took over" in logs["gw1"].read_text()
     finally:
         for p in procs.values():
