@@ -31,7 +31,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from torpor.calls import Call
+from torpor.model import Call
 
 MAX_URL = 2048
 ATTEMPTS = 3

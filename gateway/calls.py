@@ -20,6 +20,14 @@ stats; calls still waiting in the queue (at most ``concurrency`` minus those run
 are reported once a second as a poke carrying that count (source ``GATEWAY/async``), so
 a backlog scales the function up within its bounds and keeps it from scaling to zero.
 
+Retries: try ``n`` (1-based) that fails is followed by a wait of
+``min(BACKOFF_BASE * 2 ** (n - 1), BACKOFF_CAP)`` seconds: 0.5 s, 1 s, 2 s, 4 s, 8 s, then
+10 s. A 5xx from a replica, its timeout (504) or a connection lost mid-answer costs an
+attempt; the call fails once ``async.max_attempts`` attempts were made. Any other answer
+(2xx, 3xx, 4xx) is final. A gateway refusal that never reached a replica (no replica ready
+within the timeout, a full activator queue, a revision gone) costs no attempt: the call
+is tried again after the backoff until it is ``MAX_AGE`` (24 h) old.
+
 Reclaiming: held calls are touched every ``HEARTBEAT`` s; a call whose worker has been
 silent for ``RECLAIM_IDLE`` s (its gateway died) is taken over by another gateway.
 """
@@ -40,9 +48,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from torpor.calls import MAX_AGE, MAX_HEADERS, RESULT_CAP, Call, backoff, new_id, retryable
 from torpor.gateway.callback import Allow, CallbackRefused, check_url, deliver
-from torpor.model import AsyncPolicy, Function
+from torpor.model import MAX_AGE, MAX_HEADERS, RESULT_CAP, AsyncPolicy, Call, Function, new_id
 from torpor.store.callq import CallQueue, QueueFull
 
 if TYPE_CHECKING:
@@ -60,6 +67,22 @@ _DROP = frozenset({
     b"te", b"trailer", b"upgrade", b"expect", b"x-callback-url", b"x-call-id", b"x-torpor-attempt",
 })
 H_REVISION = b"x-torpor-revision"
+BACKOFF_BASE = 0.5  # s before the 2nd try; doubles per try
+BACKOFF_CAP = 10.0  # s, the longest wait between tries
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait after failed try ``attempt`` (1-based)."""
+    if attempt < 1:
+        return BACKOFF_BASE
+    return min(BACKOFF_BASE * 2 ** min(attempt - 1, 30), BACKOFF_CAP)
+
+
+def retryable(status: int) -> bool:
+    """An answer from a replica that is worth another attempt: any 5xx."""
+    return status >= 500
+
+
 
 
 class CallWorker:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from torpor.calls import LISTED, valid_id
+from torpor.model import LISTED, valid_id
 from torpor.store.base import Store
 from torpor.store.callq import open_queue
 

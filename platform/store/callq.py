@@ -31,7 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
-from torpor.calls import LISTED, MAX_QUEUED, RETENTION, Call
+from torpor.model import LISTED, MAX_QUEUED, RETENTION, Call
 
 log = logging.getLogger(__name__)
 

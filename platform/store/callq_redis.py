@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from torpor.calls import LISTED, MAX_QUEUED, RETENTION, Call
+from torpor.model import LISTED, MAX_QUEUED, RETENTION, Call
 from torpor.store.callq import QueueFull
 
 log = logging.getLogger(__name__)

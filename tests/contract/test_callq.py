@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from torpor.calls import Call, new_id
+from torpor.model import Call, new_id
 from torpor.store import callq as callq_mod
 from torpor.store.callq import CallQueue, EmbeddedCallQueue, QueueFull, open_queue
 from torpor.store.embedded import EmbeddedStore

@@ -331,3 +331,38 @@ def test_distributed_killing_a_gateway_and_the_controller_loses_none(tmp_path: P
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.mark.security
+async def test_callback_redirects_are_not_followed(attack: Any) -> None:
+    """Bounce a callback through a redirect to a host the allow-list would refuse (or any other)"""
+    import asyncio
+
+    from torpor.gateway.callback import Allow, deliver
+    from torpor.model import Call, new_id
+
+    hits: list[bytes] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        writer.close()
+
+    async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{tport}/\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+        writer.close()
+
+    t = await asyncio.start_server(target, "127.0.0.1", 0)
+    r = await asyncio.start_server(redirector, "127.0.0.1", 0)
+    tport = t.sockets[0].getsockname()[1]
+    rport = r.sockets[0].getsockname()[1]
+    try:
+        call = Call(id=new_id(), function="f", state="done", status=200, callback=f"http://127.0.0.1:{rport}/")
+        assert await deliver(call, Allow.parse(None)) == "failed"
+        assert hits == []
+    finally:
+        t.close()
+        r.close()
+    attack.ended("delivery failed on the 307; the Location was never contacted")
