@@ -120,8 +120,8 @@ class EmbeddedCallQueue:
                         d = json.loads(line)
                         if d.get("gone"):
                             records.pop(str(d["id"]), None)
-                        else:
-                            records[str(d["id"])] = d
+                        else:  # a state line (no "body") keeps the body of the line before
+                            records[str(d["id"])] = {**records.get(str(d["id"]), {}), **d}
                     except (ValueError, KeyError, TypeError, AttributeError):
                         log.warning("calls journal: skipping unreadable line %d (an interrupted write?)", n)
         now = time.time()
@@ -137,13 +137,22 @@ class EmbeddedCallQueue:
                 call.state = "queued"  # its worker went away with the process: run it again
             self._index(call)
         self._rewrite()
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = self._open_journal()
+
+    def _open_journal(self) -> Any:
+        """The journal for appending, readable by its owner only (it holds request headers)."""
+        assert self.path is not None
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
     def _rewrite(self) -> None:
         """Replace the journal by the live records (atomically)."""
         assert self.path is not None
         tmp = self.path.with_name(f".{JOURNAL}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
             for call in self._calls.values():
                 f.write(json.dumps(call.to_dict()) + "\n")
             f.flush()
@@ -156,13 +165,21 @@ class EmbeddedCallQueue:
             os.close(fd)
         self._lines = len(self._calls)
 
-    async def _write(self, call: Call | None, gone: str | None = None) -> None:
-        """Append one record line; return once it is on disk."""
+    async def _write(self, call: Call | None, gone: str | None = None, body: bool = True) -> None:
+        """Append one record line (``body=False``: without the request body, which an
+        earlier line of the call holds); return once it is on disk."""
         if self._closed:
             raise RuntimeError("the call queue is closed")
         if self.path is None:
             return
-        line = json.dumps({"id": gone, "gone": True} if gone else call.to_dict())  # type: ignore[union-attr]
+        if gone:
+            record: dict[str, Any] = {"id": gone, "gone": True}
+        else:
+            assert call is not None
+            record = call.to_dict()
+            if not body:
+                del record["body"]
+        line = json.dumps(record)
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((line + "\n", fut))
         if self._flusher is None or self._flusher.done():
@@ -178,7 +195,7 @@ class EmbeddedCallQueue:
                 if self._lines > 2 * len(self._calls) + COMPACT_SLACK:
                     self._file.close()
                     await asyncio.to_thread(self._rewrite)
-                    self._file = self.path.open("a", encoding="utf-8")  # type: ignore[union-attr]
+                    self._file = self._open_journal()
             except Exception as e:
                 for _, fut in batch:
                     if not fut.done():
@@ -237,8 +254,10 @@ class EmbeddedCallQueue:
         current = self._calls.get(call.id)
         if current is None or current.final:
             return
-        await self._write(call)
-        self._calls[call.id] = Call.from_dict(call.to_dict())
+        await self._write(call, body=False)
+        kept = Call.from_dict(call.to_dict())
+        kept.body = current.body
+        self._calls[call.id] = kept
 
     async def finish(self, call: Call) -> None:
         current = self._calls.get(call.id)

@@ -2,8 +2,9 @@
 
 Keys (``P`` is the store's prefix):
 
-- ``P:call:ID``         string, JSON of ``Call.to_dict()``; expires ``RETENTION`` s after
-                        the call is final (its request body is then dropped)
+- ``P:call:ID``         string, JSON of ``Call.to_dict()`` less the request body; expires
+                        ``RETENTION`` s after the call is final
+- ``P:callbody:ID``     string, the request body (base64) while the call is not final
 - ``P:callq:FN``        stream, one entry ``{id: ID}`` per call waiting or held; consumer
                         group ``workers``; an entry is XACKed and XDELeted when its call is final
 - ``P:callfns``         set of functions that have a stream
@@ -20,6 +21,7 @@ whose gateway died runs again elsewhere (at least once).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -60,6 +62,15 @@ class RedisCallQueue:
     def _call_key(self, cid: str) -> str:
         return f"{self.prefix}:call:{cid}"
 
+    def _body_key(self, cid: str) -> str:
+        return f"{self.prefix}:callbody:{cid}"
+
+    @staticmethod
+    def _record(call: Call) -> str:
+        d = call.to_dict()
+        d["body"] = ""
+        return json.dumps(d)
+
     def _stream(self, fn: str) -> str:
         return f"{self.prefix}:callq:{fn}"
 
@@ -88,7 +99,8 @@ class RedisCallQueue:
             raise QueueFull(f"{call.function} has {MAX_QUEUED} calls waiting")
         call.state = "queued"
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.set(self._call_key(call.id), json.dumps(call.to_dict()))
+            pipe.set(self._call_key(call.id), self._record(call))
+            pipe.set(self._body_key(call.id), base64.b64encode(call.body).decode("ascii"))
             pipe.xadd(stream, {"id": call.id})
             pipe.zadd(self._recent_key(call.function), {call.id: call.created})
             pipe.zremrangebyrank(self._recent_key(call.function), 0, -(LISTED + 1))
@@ -109,13 +121,15 @@ class RedisCallQueue:
         if not pairs:
             return []
         texts = await self._r.mget([self._call_key(cid) for _, cid in pairs])
+        bodies = await self._r.mget([self._body_key(cid) for _, cid in pairs])
         out: list[Call] = []
         stale: list[str] = []
-        for (entry_id, cid), text in zip(pairs, texts, strict=True):
+        for (entry_id, cid), text, body in zip(pairs, texts, bodies, strict=True):
             call = Call.from_dict(json.loads(text)) if text else None
             if call is None or call.final:
                 stale.append(entry_id)
                 continue
+            call.body = base64.b64decode(body or "")
             self._entries[cid] = (fn, entry_id)
             out.append(call)
         if stale:
@@ -139,22 +153,27 @@ class RedisCallQueue:
         return await self._load(function, entries or [], consumer)
 
     async def _save(self, call: Call) -> None:
-        await self._r.set(self._call_key(call.id), json.dumps(call.to_dict()), xx=True)
+        await self._r.set(self._call_key(call.id), self._record(call), xx=True)
 
     async def _finish(self, call: Call) -> None:
         final = Call.from_dict(call.to_dict())
         final.body = b""
         held = self._entries.pop(call.id, None)
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.set(self._call_key(call.id), json.dumps(final.to_dict()), ex=int(RETENTION))
+            pipe.set(self._call_key(call.id), self._record(final), ex=int(RETENTION))
+            pipe.delete(self._body_key(call.id))
             if held is not None:
                 pipe.xack(self._stream(held[0]), GROUP, held[1])
                 pipe.xdel(self._stream(held[0]), held[1])
             await pipe.execute()
 
     async def _get(self, call_id: str) -> Call | None:
-        text = await self._r.get(self._call_key(call_id))
-        return Call.from_dict(json.loads(text)) if text else None
+        text, body = await self._r.mget([self._call_key(call_id), self._body_key(call_id)])
+        if not text:
+            return None
+        call = Call.from_dict(json.loads(text))
+        call.body = base64.b64decode(body or "")
+        return call
 
     async def _recent(self, function: str, limit: int = 50) -> list[Call]:
         if limit <= 0:

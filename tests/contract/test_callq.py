@@ -127,6 +127,7 @@ async def test_calls_survive_reopen_and_held_ones_run_again(env: dict[str, Any])
     assert sorted(ids) == sorted([a.id, b.id])
     taken = next(c for c in [await q2.get(a.id)] if c)
     assert taken.attempts == 1  # the record kept the attempt it had made
+    assert taken.body == b"payload"  # and the body its first line had (state lines carry none)
 
 
 async def test_heartbeat_keeps_a_call_from_being_reclaimed(env: dict[str, Any]) -> None:
@@ -175,6 +176,15 @@ async def test_embedded_journal_skips_torn_line_and_compacts(tmp_path: Path) -> 
     lines = (tmp_path / "calls.jsonl").read_text().splitlines()
     assert [json.loads(x)["id"] for x in lines] == [c.id]
     await q2.close()
+
+
+async def test_embedded_journal_is_private(tmp_path: Path) -> None:
+    q = EmbeddedCallQueue(tmp_path)
+    await q.put(call())
+    assert (tmp_path / "calls.jsonl").stat().st_mode & 0o777 == 0o600  # it holds request headers
+    await q.close()
+    EmbeddedCallQueue(tmp_path)  # rewritten on load: still private
+    assert (tmp_path / "calls.jsonl").stat().st_mode & 0o777 == 0o600
 
 
 async def test_embedded_prune_forgets_old_finished(tmp_path: Path) -> None:
