@@ -132,12 +132,13 @@ class Gateway:
 
     async def stop(self, drain: float = 30.0) -> None:
         """Wait for in-flight requests (bounded), then stop background work."""
-        await self.calls.stop()  # queued calls wait for the next start (or another gateway)
+        await self.calls.stop_claiming()  # calls' tries in flight drain with the rest
         deadline = time.monotonic() + drain
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.in_flight:
             log.warning("gateway: %d requests still in flight after %.0fs", self.in_flight, drain)
+        await self.calls.stop()  # what is still queued or waiting waits for the next start
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -173,9 +173,17 @@ class CallWorker:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="gateway-calls")
 
+    async def stop_claiming(self) -> None:
+        """Claim nothing more and start no new try; tries in flight go on (they are the
+        gateway's in-flight requests, which it drains)."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+
     async def stop(self) -> None:
-        """Stop claiming; calls in flight are cut off and stay held (they run again after
-        a restart, or on another gateway once reclaimed)."""
+        """Stop everything; what is still held (waiting for its next try, or cut off) runs
+        again: after a restart of this store, or on another gateway once reclaimed."""
         self._stopping = True
         tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
         for t in tasks:
@@ -296,6 +304,8 @@ class CallWorker:
             if time.time() - call.created > MAX_AGE:
                 await self._final(call, "failed", error=f"not delivered to a replica within {MAX_AGE:g}s")
                 return
+            if self._stopping:
+                return  # left held: it runs again after the restart (or where it is reclaimed)
             if self._held_at_zero(call.function) or call.function not in self.gw.table.functions:
                 await asyncio.sleep(1.0)  # held at zero by hand (or not routed yet): no try
                 continue

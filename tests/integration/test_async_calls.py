@@ -250,13 +250,35 @@ def test_kill_9_of_up_with_calls_running_loses_none(tmp_path: Path) -> None:
         t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
                                **{"async": {"concurrency": 5}}))
         ids = [fire(t, "slow") for _ in range(30)]
-        t.wait_for(lambda: [call_of(t, c)["state"] for c in ids[:5]].count("running"), 60, "calls running")
+        t.wait_for(lambda: [call_of(t, c)["state"] for c in ids].count("running"), 60, "calls running")
     finally:
         t.stop(signal.SIGKILL)
     t2 = Torpor(state).start()
     try:
         calls = wait_final(t2, ids, 180)
         assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
+    finally:
+        t2.stop()
+
+
+def test_sigterm_lets_running_calls_finish_and_keeps_the_rest(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    t = Torpor(state).start()
+    try:
+        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "1500", "FAIL_RATE": "0"},
+                               **{"async": {"concurrency": 4}}))
+        ids = [fire(t, "slow") for _ in range(24)]
+        running = t.wait_for(lambda: [c for c in ids if call_of(t, c)["state"] == "running"], 60, "calls running")
+    finally:
+        assert t.stop() == 0
+    stopped = time.time()
+    t2 = Torpor(state).start()
+    try:
+        calls = wait_final(t2, ids, 180)
+        assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
+        # what was running when SIGTERM came finished during the drain, before the restart
+        assert all(calls[c]["finished"] <= stopped for c in running)
+        assert any(c["finished"] > stopped for c in calls.values())  # the rest waited for the restart
     finally:
         t2.stop()
 
