@@ -20,6 +20,10 @@ A request whose client leaves while it waits in the activator leaves the queue a
 and is neither sent to a replica nor counted. Every proxied request carries
 ``Forwarded`` / ``X-Forwarded-*`` headers built by ``torpor.gateway.forwarded`` from
 the socket's peer; the client's own are replaced unless the peer is a trusted proxy.
+
+``/async-function/NAME[/path]`` (on a Host outside the function domain) is accepted by
+``torpor.gateway.calls``: stored, answered 202, run later by the gateway's call worker
+through this same app.
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ function held at zero by hand are not claimed until it may run again.
 
 Demand: calls in flight count as the revision's in-flight requests in the gateway's
 stats; calls still waiting in the queue (at most ``concurrency`` minus those running)
-are reported once a second as a poke carrying that count (source ``GATEWAY/async``), so
-a backlog scales the function up within its bounds and keeps it from scaling to zero.
+are reported once a second as a poke carrying that count, so a backlog scales the
+function up within its bounds and keeps it from scaling to zero. Every gateway sees the
+same backlog, so all poke as one source (``async-queue``; the autoscaler keeps the latest
+value per source): two gateways do not double the demand.
 
 Retries: try ``n`` (1-based) that fails is followed by a wait of
 ``min(BACKOFF_BASE * 2 ** (n - 1), BACKOFF_CAP)`` seconds: 0.5 s, 1 s, 2 s, 4 s, 8 s, then
@@ -50,6 +52,7 @@ from prometheus_client.registry import Collector
 
 from torpor.gateway.callback import Allow, CallbackRefused, check_url, deliver
 from torpor.model import MAX_AGE, MAX_HEADERS, RESULT_CAP, AsyncPolicy, Call, Function, new_id
+from torpor.store.base import POKES
 from torpor.store.callq import CallQueue, QueueFull
 
 if TYPE_CHECKING:
@@ -62,6 +65,8 @@ HEARTBEAT = 5.0
 RECLAIM_IDLE = 30.0  # s; TORPOR_ASYNC_RECLAIM_IDLE (1..3600) changes it
 POLICY_TTL = 2.0
 DEMAND_EVERY = 1.0
+DEMAND_SOURCE = "async-queue"  # one source for every gateway: they all see the same backlog
+LOOP_PAUSE = 0.01  # s: the worker looks at the queue at most 100 times a second
 _DROP = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection",
     b"te", b"trailer", b"upgrade", b"expect", b"x-callback-url", b"x-call-id", b"x-torpor-attempt",
@@ -227,6 +232,7 @@ class CallWorker:
                 waiter.cancel()
                 woken.cancel()
             self._wake.clear()
+            await asyncio.sleep(LOOP_PAUSE)  # a burst of accepts or ends: one look per pause
 
     async def policy(self, name: str) -> AsyncPolicy | None:
         """The function's ``async:`` policy (of its revision with the most traffic); None if
@@ -271,14 +277,14 @@ class CallWorker:
                 continue
             pol = await self.policy(name)
             fr = self.gw.table.functions.get(name)
-            if pol is None or fr is None or not fr.slots:
+            if pol is None or fr is None or not fr.slots or self._held_at_zero(name):
                 continue
             waiting = min(queued, max(pol.concurrency - held, 0))
             if waiting <= 0:
                 continue
             rr = max(fr.slots, key=lambda r: sum(1 for s in fr.slots if s is r))  # the main revision
-            await self.gw.store.publish("pokes", {"function": name, "revision": rr.name, "queued": waiting,
-                                                  "gateway": f"{self.gw.id}/async"})
+            await self.gw.store.publish(POKES, {"function": name, "revision": rr.name, "queued": waiting,
+                                                  "gateway": DEMAND_SOURCE})
 
     # -- one call ----------------------------------------------------------------------------
     async def _run_call(self, call: Call) -> None:
