@@ -275,9 +275,9 @@ STATES: tuple[str, ...] = ("queued", "running", "done", "failed")
 
 MAX_AGE = 24 * 3600.0  # s: a call not delivered to a replica by then fails
 RETENTION = 24 * 3600.0  # s a finished call's record is kept
-RESULT_CAP = 256 * 1024  # bytes of a result body kept in the record (and sent to a callback)
+RESULT_CAP = 64 * 1024  # bytes of a result body kept in the record (and sent to a callback)
 MAX_QUEUED = 10_000  # calls waiting per function; beyond: 503 + Retry-After at accept
-LISTED = 1000  # recent calls kept listable per function
+LISTED = 1000  # recent calls kept per function (older final records are forgotten sooner)
 MAX_HEADERS = 100  # request headers stored per call (the gateway's server bounds them too)
 
 _ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)

@@ -3,7 +3,7 @@ gateway at ``/async-function/NAME``).
 
 - ``GET /v1/calls/{id}``                 one call: ``{id, function, state, attempts, status,
   created, finished, ...}``; once final also the result's ``headers`` and ``body`` (up to
-  256 KiB; ``body_encoding`` utf-8 or base64). 404 for an unknown or expired id.
+  64 KiB; ``body_encoding`` utf-8 or base64). 404 for an unknown or expired id.
 - ``GET /v1/functions/{name}/calls``     the function's recent calls, newest first
   (``?limit=`` 1..1000, default 50), without result bodies.
 """

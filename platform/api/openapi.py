@@ -149,7 +149,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/calls/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
                                            "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}], "get": {
             "summary": "one asynchronous call: state queued|running|done|failed, attempts, status, created, "
-                       "finished; once final the result's headers and body (up to 256 KiB)",
+                       "finished; once final the result's headers and body (up to 64 KiB)",
             "responses": {"200": _resp("call"), **_ERRORS}}},
         "/v1/functions/{name}/calls": {"parameters": [_NAME], "get": {
             "summary": "the function's recent asynchronous calls, newest first (limit 1..1000)",

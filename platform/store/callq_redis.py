@@ -8,7 +8,8 @@ Keys (``P`` is the store's prefix):
 - ``P:callq:FN``        stream, one entry ``{id: ID}`` per call waiting or held; consumer
                         group ``workers``; an entry is XACKed and XDELeted when its call is final
 - ``P:callfns``         set of functions that have a stream
-- ``P:callrecent:FN``   sorted set ID -> created, the newest ``LISTED`` calls
+- ``P:callrecent:FN``   sorted set ID -> created, the newest ``LISTED`` calls; the record of a
+                        final call that falls out of it is deleted (as the embedded queue does)
 
 Accepting is one MULTI/EXEC (record, XADD, index). ``claim`` is one Lua script that
 counts the group's pending entries (every consumer's held calls) and reads at most
@@ -39,6 +40,19 @@ GROUP = "workers"
 POLL = 0.2  # s between looks for new calls from other gateways
 MAX_OPS = 48  # queue operations in flight at once: the store's connection pool (100) is shared
 
+_TRIM = """
+local old = redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[1]) + 1))
+for _, id in ipairs(old) do
+  redis.call('ZREM', KEYS[1], id)
+  local text = redis.call('GET', ARGV[2] .. id)
+  if text then
+    local state = cjson.decode(text).state
+    if state == 'done' or state == 'failed' then redis.call('DEL', ARGV[2] .. id) end
+  end
+end
+return #old
+"""
+
 _CLAIM = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1])
 local want = math.min(tonumber(ARGV[4]), tonumber(ARGV[3]) - tonumber(p[1]))
@@ -56,6 +70,7 @@ class RedisCallQueue:
         self._groups: set[str] = set()
         self._entries: dict[str, tuple[str, str]] = {}  # call id -> (function, stream entry id) held here
         self._claim_script = r.register_script(_CLAIM)
+        self._trim_script = r.register_script(_TRIM)
         self._new = asyncio.Event()
         self._ops = asyncio.Semaphore(MAX_OPS)
 
@@ -103,9 +118,10 @@ class RedisCallQueue:
             pipe.set(self._body_key(call.id), base64.b64encode(call.body).decode("ascii"))
             pipe.xadd(stream, {"id": call.id})
             pipe.zadd(self._recent_key(call.function), {call.id: call.created})
-            pipe.zremrangebyrank(self._recent_key(call.function), 0, -(LISTED + 1))
             pipe.sadd(self._fns, call.function)
             await pipe.execute()
+        # beyond the newest LISTED, a call is no longer listed and, once final, forgotten
+        await self._trim_script(keys=[self._recent_key(call.function)], args=[LISTED, f"{self.prefix}:call:"])
         self._new.set()
 
     async def _load(self, fn: str, entries: list[Any], consumer: str) -> list[Call]:

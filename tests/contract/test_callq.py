@@ -212,3 +212,24 @@ async def test_open_queue_is_one_per_store(tmp_path: Path) -> None:
         await q.put(call())
     await callq_mod.close_queue(s)
     await s.close()
+
+
+async def test_only_the_newest_calls_are_kept_per_function(env: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    q: CallQueue = env["q"]
+    import torpor.store.callq_redis as rq
+
+    monkeypatch.setattr(callq_mod, "LISTED", 3)
+    monkeypatch.setattr(rq, "LISTED", 3)
+    first = call(created=1.0)
+    await q.put(first)
+    [held] = await q.claim("hello", 1, 1, "w")
+    held.state, held.finished = "done", 2.0
+    await q.finish(held)
+    waiting = call(created=3.0)
+    await q.put(waiting)
+    for i in range(3):
+        await q.put(call(created=10.0 + i))
+    assert len(await q.recent("hello", 10)) == 3
+    assert await q.get(first.id) is None  # final and out of the newest: forgotten
+    assert await q.get(waiting.id) is not None  # not final: kept (and still runs)
