@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 from torpor.gateway.activator import Activator
 from torpor.gateway.balancer import Backend, Balancer
 from torpor.gateway.upstream import Pools
-from torpor.model import DEFAULT_MAX_BODY, Function, Replica
+from torpor.model import DEFAULT_MAX_BODY, LATENCY_BUCKETS, Function, Replica
 
 # How long a replica that dropped a new connection unanswered stays out of rotation while
 # the controller still lists it ready (Envoy's outlier ejection, one fixed step).
 EJECT_S = 5.0
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass(eq=False)

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from torpor.gateway.routes import LATENCY_BUCKETS, RouteTable
+from torpor.gateway.routes import RouteTable
+from torpor.model import LATENCY_BUCKETS
 
 SAMPLE_EVERY = 0.1
 REPORT_EVERY = 1.0

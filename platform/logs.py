@@ -128,11 +128,14 @@ class LogServer:
         self.source = source
         self.clock = clock
         self.sessions: dict[str, tuple[asyncio.Task[None], list[float]]] = {}  # id -> (pump, [last keep-alive])
+        self.listening = asyncio.Event()  # set once requests published from now on are received
 
     async def run(self) -> None:
         sub = self.store.subscribe(LOGS)
         reaper = asyncio.create_task(self._reap())
         try:
+            await sub.ready()
+            self.listening.set()
             async for msg in sub:
                 self.handle(msg)
         finally:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
+# Upper bounds (seconds) of the request-latency histogram the gateway keeps and reports.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 RevisionStatus = Literal["building", "ready", "failed", "retired"]
 ReplicaState = Literal["starting", "ready", "draining", "failed"]
@@ -28,7 +30,9 @@ class Scale:
     target: float = 10.0  # target in-flight requests per replica
     concurrency: int = 0  # hard in-flight limit per replica; 0 = none
     idle: float = 30.0  # seconds without traffic before scaling to zero
-    window: float = 60.0  # stable window, seconds; panic window is 10% of it
+    window: float = 60.0  # stable window, seconds
+    panic_window: float = 10.0  # panic window, percent of the stable window
+    panic_threshold: float = 200.0  # panic when the panic-window need is this percent of ready
 
 
 @dataclass
@@ -67,6 +71,10 @@ class Spec:
     resources: Resources = field(default_factory=Resources)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
     secrets: dict[str, str] = field(default_factory=dict)  # env name -> secret name, never a value
+    handler_style: str = "torpor"  # "torpor": handle(request); "openfaas": handle(event, context)
+    command: list[str] | None = None  # image functions: replaces the image's ENTRYPOINT
+    args: list[str] | None = None  # image functions: replaces the image's CMD
+    labels: dict[str, str] = field(default_factory=dict)  # put on containers and Pods
     async_calls: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` key
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,9 +100,11 @@ class Revision:
     function: str
     number: int
     spec: Spec
-    source: str | None = None  # path of the immutable copy of the function folder
+    # a local folder: only on the copy the controller hands a driver (its own cache), and on
+    # revisions stored before archives; what the store holds for a new revision is the hash
+    source: str | None = None
     image: str | None = None  # built (or given) image, docker driver
-    source_sha256: str | None = None  # content hash of the source archive (cluster mode)
+    source_sha256: str | None = None  # sha256 of the source archive in the store (torpor.sources)
     status: RevisionStatus = "building"
     reason: str = ""
     created: float = field(default_factory=time.time)
@@ -137,6 +147,8 @@ class ScaleOverride:
             concurrency=s.concurrency if self.concurrency is None else self.concurrency,
             idle=s.idle,
             window=s.window,
+            panic_window=s.panic_window,
+            panic_threshold=s.panic_threshold,
         )
 
 

@@ -34,6 +34,8 @@ field                      accepted
 ``scale.concurrency``      integer 0..10000 (``MAX_CONCURRENCY``; 0 = no limit)
 ``scale.idle``             duration 0..24h (``MAX_IDLE``)
 ``scale.window``           duration 6s..1h (``MIN_WINDOW``, ``MAX_WINDOW``)
+``scale.panic_window``     percent of scale.window, 1..100 (default 10)
+``scale.panic_threshold``  percent of ready replicas, 110..1000 (default 200)
 ``resources.cpu``          1m..64 CPUs (``MIN_CPU``, ``MAX_CPU``) in whole
                            millicores: 0.5, 2, "250m" (not 0.0005)
 ``resources.memory``       size 16Mi..64Gi (``MIN_MEMORY``, ``MAX_MEMORY``)
@@ -42,6 +44,12 @@ field                      accepted
 ``rollout.max_error_ratio`` number 0..1
 ``rollout.max_p95_ratio``  number 1..1000 (``MAX_P95_RATIO``)
 ``rollout.min_requests``   integer 0..1000000 (``MAX_MIN_REQUESTS``)
+``handler_style``          ``torpor`` (default) or ``openfaas``; source functions only
+``command`` / ``args``     lists of at most 256 strings of at most 4096
+                           characters; ``image:`` functions only
+``labels``                 at most 64 Kubernetes-style labels (key
+                           ``[prefix/]name``, value <= 63 characters); no
+                           ``torpor.`` keys
 ``async.concurrency``      integer 1..1000 (``MAX_ASYNC_CONCURRENCY``; default 10)
 ``async.max_attempts``     integer 1..20 (``MAX_ASYNC_ATTEMPTS``; default 3)
 =========================  ===================================================
@@ -98,14 +106,19 @@ MAX_INTERVAL = 86_400.0  # rollout.interval: (0, 24h]
 MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
 MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
+CONTRACT_ENV = frozenset({"K_SERVICE", "K_CONFIGURATION", "K_REVISION"})  # set by Torpor in every replica
 
 MAX_ASYNC_CONCURRENCY = 1000  # async.concurrency: 1..1000 calls running at once
 MAX_ASYNC_ATTEMPTS = 20  # async.max_attempts: 1..20
 MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
 
 TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
-            "secrets", "async")
-SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window")
+            "secrets", "handler_style", "command", "args", "labels", "async")
+SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window", "panic_window", "panic_threshold")
+HANDLER_STYLES = ("torpor", "openfaas")  # handle(request) / OpenFaaS python3-http handle(event, context)
+MAX_ARGV = 256  # command: / args: items
+MAX_ARG_CHARS = 4096  # characters per item
+MAX_LABELS = 64
 RESOURCES_KEYS = ("cpu", "memory")
 ASYNC_KEYS = ("concurrency", "max_attempts")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
@@ -443,6 +456,9 @@ def _parse_env(value: Any, path: str) -> dict[str, str]:
             raise SpecError(
                 key_path, "the `port:` key instead", problem=f"{key} is set by Torpor from `port`"
             )
+        if key in CONTRACT_ENV:
+            raise SpecError(key_path, "a variable name Torpor does not set",
+                            problem=f"{key} is set by Torpor (the Knative runtime contract)")
         if key.startswith("TORPOR_"):
             raise SpecError(
                 key_path, "a name without the TORPOR_ prefix",
@@ -578,6 +594,16 @@ def _parse_scale(value: Any, cap: int = MAX_SCALE) -> Scale:
         out.window = parse_duration(v, "scale.window")
         if not MIN_WINDOW <= out.window <= MAX_WINDOW:
             raise SpecError("scale.window", "a duration from 6s to 1h", v)
+    if (v := _get(sec, "panic_window")) is not _MISSING:
+        words = "a percent of scale.window from 1 to 100"
+        out.panic_window = _as_float(v, "scale.panic_window", words)
+        if not 1 <= out.panic_window <= 100:
+            raise SpecError("scale.panic_window", words, v)
+    if (v := _get(sec, "panic_threshold")) is not _MISSING:
+        words = "a percent of the ready replicas from 110 to 1000"
+        out.panic_threshold = _as_float(v, "scale.panic_threshold", words)
+        if not 110 <= out.panic_threshold <= 1000:
+            raise SpecError("scale.panic_threshold", words, v)
     return out
 
 
@@ -718,7 +744,66 @@ def _parse_spec(data: Any, cap: int) -> Spec:
     spec.async_calls = _parse_async(top.get("async"))
     if "secrets" in top:
         spec.secrets = _parse_secrets(top["secrets"], "secrets", spec.env)
+    if (v := _get(top, "handler_style")) is not _MISSING:
+        if v not in HANDLER_STYLES:
+            raise SpecError("handler_style", "torpor (handle(request)) or openfaas (handle(event, context))", v)
+        if spec.image and v != "torpor":
+            raise SpecError("handler_style", "no handler_style with `image:` (the image serves HTTP itself)",
+                            problem="an image function has no handler")
+        spec.handler_style = v
+    for key in ("command", "args"):
+        if (v := _get(top, key)) is not _MISSING:
+            if not spec.image:
+                raise SpecError(key, f"`{key}:` only with `image:`",
+                                problem="a source function runs the Torpor runtime, not a command")
+            setattr(spec, key, _parse_argv(v, key))
+    if "labels" in top:
+        spec.labels = _parse_labels(top["labels"], "labels")
     return spec
+
+
+def _parse_argv(value: Any, path: str) -> list[str]:
+    words = f"a list of at most {MAX_ARGV} strings of at most {MAX_ARG_CHARS} characters"
+    if not isinstance(value, list) or len(value) > MAX_ARGV:
+        raise SpecError(path, words, value)
+    out: list[str] = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        if _is_number(item) and not isinstance(item, float):
+            item = str(item)
+        if not isinstance(item, str) or len(item) > MAX_ARG_CHARS:
+            raise SpecError(item_path, f"a string of at most {MAX_ARG_CHARS} characters (quote numbers)", item)
+        if "\x00" in item:
+            raise SpecError(item_path, "a string without NUL characters", item)
+        out.append(item)
+    return out
+
+
+_LABEL_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_LABEL_PREFIX_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?", re.ASCII)
+
+
+def _parse_labels(value: Any, path: str) -> dict[str, str]:
+    section = _section(value, path, None)
+    if len(section) > MAX_LABELS:
+        raise SpecError(path, f"at most {MAX_LABELS} labels", problem=f"{len(section)} labels")
+    out: dict[str, str] = {}
+    for key, raw in section.items():
+        key_words = "a label key: [prefix/]name, name of 1-63 letters, digits, '-', '_', '.'"
+        if not isinstance(key, str):
+            raise SpecError(path, key_words, key, problem=f"key {describe(key)} is not a string")
+        key_path = _join(path, key)
+        prefix, _, name = key.rpartition("/")
+        if _LABEL_NAME_RE.fullmatch(name) is None or (prefix and _LABEL_PREFIX_RE.fullmatch(prefix) is None):
+            raise SpecError(key_path, key_words, key)
+        if key.startswith(("torpor.", "torpor/")):
+            raise SpecError(key_path, "a key without the torpor. prefix",
+                            problem="torpor.* labels are set by Torpor")
+        text = _env_value(raw, key_path)
+        if text and _LABEL_NAME_RE.fullmatch(text) is None:
+            raise SpecError(key_path, "a label value: at most 63 letters, digits, '-', '_', '.'", raw)
+        out[key] = text
+    return out
 
 
 def load_spec(folder: str | Path, *, source: str | None = None, max_replicas: int | None = None) -> Spec:
@@ -814,6 +899,8 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
         "idle": format_duration(s.idle),
         "window": format_duration(s.window),
     }
+    out["scale"]["panic_window"] = s.panic_window
+    out["scale"]["panic_threshold"] = s.panic_threshold
     out["resources"] = {"cpu": spec.resources.cpu, "memory": format_size(spec.resources.memory)}
     r = spec.rollout
     out["rollout"] = {
@@ -823,5 +910,12 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
         "max_p95_ratio": r.max_p95_ratio,
         "min_requests": r.min_requests,
     }
+    if not spec.image:
+        out["handler_style"] = spec.handler_style
+    if spec.command is not None:
+        out["command"] = list(spec.command)
+    if spec.args is not None:
+        out["args"] = list(spec.args)
+    out["labels"] = dict(spec.labels)
     out["async"] = {"concurrency": spec.async_calls.concurrency, "max_attempts": spec.async_calls.max_attempts}
     return out

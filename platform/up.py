@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ import uvicorn
 from torpor.api.app import ApiConfig, create_app
 from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_create, token_path
 from torpor.archive import ArchiveLimits
+from torpor.controller.blobs import GRACE
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import MAX_BUFFERED, Gateway
@@ -42,6 +44,16 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 class UpError(Exception):
     """A setting that stops the platform from starting (one line for the user)."""
+
+
+def _seconds_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan  # refused by check_config, naming the variable
 
 
 def _csv_env(name: str) -> tuple[str, ...]:
@@ -68,7 +80,9 @@ class UpConfig:
     drain: float = 30.0
     base_image: str | None = None
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
-    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API)
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API), and on unpacking
+    # s a source archive that no revision names is kept after its last put (TORPOR_ARCHIVE_GRACE)
+    archive_grace: float = field(default_factory=lambda: _seconds_env("TORPOR_ARCHIVE_GRACE", GRACE))
     log_level: str = "warning"
     # the gateway's bounds on what a client can hold (see torpor.gateway.server / app)
     trusted_proxies: str = ""  # CIDR,... whose Forwarded/X-Forwarded-* are appended to
@@ -91,6 +105,8 @@ def read_token(token_file: str | None) -> tuple[str, str] | None:
 
 
 def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
+    if not 0 <= cfg.archive_grace <= 86400:  # NaN fails it too
+        raise UpError(f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}")
     if "api" not in components:
         return
     if cfg.api_host not in LOOPBACK and not cfg.token:
@@ -217,6 +233,7 @@ class Platform:
             self.driver = make_driver(cfg)
             self.controller = Controller(self.store, self.driver, settings=Settings(
                 max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
+                source_cache=cfg.state_dir / "sources-cache", source_limits=cfg.limits, blob_grace=cfg.archive_grace,
                 drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
         if "gateway" in components:
             self.gateway = Gateway(self.store, domain=cfg.domain, max_buffered=cfg.max_buffered,

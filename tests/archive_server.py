@@ -1,9 +1,10 @@
 """A loopback HTTP server of content-addressed function archives, for the fetcher's tests.
 
 Serves ``GET /v1/archives/SHA256`` (the shape of the API's archive endpoint) from memory,
-on 127.0.0.1 and a free port, in a thread. Optional: a bearer token it requires, a
-number of 503s before it answers, a redirect instead of an answer. Records each request's
-path and Authorization header.
+on 127.0.0.1 and a free port, in a thread. Optional: a bearer token it requires, or a
+``key`` under which it requires each archive's own token (``torpor.sources.archive_token``,
+as the API does), a number of 503s before it answers, a redirect instead of an answer.
+Records each request's path and Authorization header.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]], gzip: bool = 
 
 
 class ArchiveServer:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, key: bytes | None = None) -> None:
         self.token = token
+        self.key = key
         self.archives: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization)
         self.fail_first = 0  # answer this many requests with 503 first
@@ -89,10 +91,17 @@ class ArchiveServer:
                 if srv.token is not None and self.headers.get("Authorization") != f"Bearer {srv.token}":
                     self._reply(401, b'{"error":"unauthorized"}', "application/json")
                     return
+                sha = self.path.rsplit("/", 1)[-1]
+                if srv.key is not None:
+                    from torpor.sources import SHA256, archive_token
+
+                    given = self.headers.get("Authorization")
+                    if not SHA256.fullmatch(sha) or given != f"Bearer {archive_token(srv.key, sha)}":
+                        self._reply(401, b'{"error":"unauthorized"}', "application/json")
+                        return
                 if srv.redirect_to is not None:
                     self._reply(302, b"", extra={"Location": srv.redirect_to})
                     return
-                sha = self.path.rsplit("/", 1)[-1]
                 data = srv.archives.get(sha) if self.path.startswith("/v1/archives/") else None
                 if data is None:
                     self._reply(404, b'{"error":"archive not found"}', "application/json")

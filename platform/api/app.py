@@ -14,7 +14,6 @@ import math
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from torpor.api import hosts
+from torpor.api.archives import archive_routes
 from torpor.api.auth import BearerAuth
 from torpor.api.calls import call_routes
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
@@ -40,6 +40,7 @@ from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
+from torpor.sources import pack
 from torpor.spec import (
     MAX_CONCURRENCY,
     MAX_SCALE,
@@ -111,6 +112,7 @@ def revision_view(fn: Function, rev: Revision) -> dict[str, Any]:
         "reason": rev.reason,
         "created": rev.created,
         "image": rev.image,
+        "source_sha256": rev.source_sha256,
         "traffic": sum(t.percent for t in traffic),
         "tags": [t.tag for t in traffic if t.tag],
         "spec": rev.spec.to_dict(),
@@ -211,7 +213,7 @@ def _unpack(body: IO[bytes], dest: Path, limits: ArchiveLimits, max_replicas: in
 def create_app(store: Store, cfg: ApiConfig) -> Any:
     if not cfg.token:
         raise ValueError("the control API needs a bearer token")
-    sources = cfg.state_dir / "sources"
+    uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
     registry = CollectorRegistry()
     api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
 
@@ -314,12 +316,15 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if declared.isdigit() and int(declared) > limits.max_upload:
             raise ApiError(413, "upload too large", f"the upload is {human_size(int(declared))}, over the "
                            f"{human_size(limits.max_upload)} cap on compressed size")
-        sources.mkdir(parents=True, exist_ok=True)
+        uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The body goes to an unnamed file (O_TMPFILE) and is unpacked from there in a
-        # worker thread, into a private directory renamed into place only once it passed.
-        with tempfile.TemporaryFile(prefix=".upload-", dir=sources) as body:
+        # worker thread into a private directory. Once it passed every check, the folder is
+        # packed into a normalised archive that goes into the store under its sha256: the
+        # revision names that hash, never a path, so no other component needs this disk.
+        sha: str | None = None
+        with tempfile.TemporaryFile(prefix=".upload-", dir=uploads) as body:
             await _spool(request, body, limits.max_upload)
-            tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=sources))
+            tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
             try:
                 spec = await asyncio.to_thread(_unpack, body, tmp, limits, cfg.max_replicas)
                 await check_secrets(spec)
@@ -327,13 +332,13 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                 clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
                 if clash is not None:
                     raise ApiError(400, "host clash", clash.message, field=clash.field)
-                dest = sources / name / uuid.uuid4().hex[:12]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(dest)
+                if not spec.image:  # an image function runs its image: no source to ship
+                    packed = await asyncio.to_thread(pack, tmp)
+                    await store.put_blob(packed.sha256, packed.data)
+                    sha = packed.sha256
             finally:
-                if tmp.exists():
-                    await asyncio.to_thread(shutil.rmtree, tmp, True)
-        fn = await store.update_function(name, lambda cur: _add_revision(cur, name, spec, str(dest), on_ready, tag))
+                await asyncio.to_thread(shutil.rmtree, tmp, True)
+        fn = await store.update_function(name, lambda cur: _add_revision(cur, name, spec, sha, on_ready, tag))
         assert fn is not None
         rev = fn.revisions[-1]
         await store.add_event(Event(function=name, kind="deploy",
@@ -444,6 +449,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
         *rollout_routes(store, ApiError),
         *secret_routes(store, ApiError),
+        *archive_routes(store, ApiError),
         *call_routes(store, ApiError, query_int),
     ]
 
@@ -479,12 +485,13 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                         bodies=bodies, allowed_origins=cfg.allowed_origins)
 
 
-def _add_revision(cur: Function | None, name: str, spec: Spec, source: str, on_ready: str, tag: str | None) -> Function:
+def _add_revision(cur: Function | None, name: str, spec: Spec, sha: str | None, on_ready: str,
+                  tag: str | None) -> Function:
     fn = cur or Function(name=name)
     number = fn.next_number
     fn.next_number += 1
     fn.revisions.append(Revision(name=f"{name}-{number:05d}", function=name, number=number, spec=spec,
-                                 source=source, on_ready=on_ready, tag=tag))
+                                 source_sha256=sha, on_ready=on_ready, tag=tag))
     return fn
 
 

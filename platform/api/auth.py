@@ -1,7 +1,10 @@
 """Bearer-token guard for the control API, as pure ASGI middleware.
 
 Every path but /healthz and /readyz needs ``Authorization: Bearer <token>``; the
-comparison is constant-time and the token never appears in a response or a log.
+comparison is constant-time and the token never appears in a response or a log. One
+exception: ``/v1/archives/SHA`` (exactly, SHA well-formed) goes on to its route either
+way, marked ``scope["torpor.admin"]`` True or False; the route then takes the archive's
+own read-only token instead (:mod:`torpor.api.archives`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Any
+
+from torpor.api.archives import is_archive_path
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -27,8 +32,9 @@ class BearerAuth:
             if k == b"authorization":
                 given = v
                 break
-        if hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
+        admin = hmac.compare_digest(given, self.expected)
+        if admin or is_archive_path(scope["path"]):
+            await self.app({**scope, "torpor.admin": admin}, receive, send)
             return
         detail = "missing bearer token" if not given else "wrong token"
         body = json.dumps({"error": "unauthorized", "detail": detail}).encode()

@@ -62,7 +62,9 @@ OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "Torpor control API", "version": "1"},
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "archiveToken": {"type": "http", "scheme": "bearer",
+                                             "description": "tpa1.HEX: one archive's read-only token"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error", "detail"],
                       "properties": {"error": {"type": "string"}, "detail": {"type": "string"},
@@ -146,6 +148,15 @@ OPENAPI: dict[str, Any] = {
             "requestBody": _body(JSON_TYPES, {"type": "object"}, required=False),
             "responses": {"200": _resp("rolled back", _ROLLOUT_VIEW), **_WRITE_ERRORS,
                           "409": _resp("no earlier ready revision", _ERROR)}}},
+        "/v1/archives/{sha}": {"parameters": [{"name": "sha", "in": "path", "required": True,
+                                               "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                               "get": {
+            "summary": "a source archive (gzipped tar) by its sha256; takes the admin token or the archive's "
+                       "own read-only token (HMAC of the sha under the installation's archive key)",
+            "security": [{"bearer": []}, {"archiveToken": []}],
+            "responses": {"200": {"description": "the archive", "content": {"application/gzip": {}}},
+                          **_ERRORS, "400": _resp("malformed sha (admin token only)", _ERROR),
+                          "404": _resp("no such archive", _ERROR)}}},
         "/v1/calls/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
                                            "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}], "get": {
             "summary": "one asynchronous call: state queued|running|done|failed, attempts, status, created, "

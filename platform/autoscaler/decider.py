@@ -6,7 +6,7 @@ caller's monotonic clock) and ``decide`` takes the number of *ready* replicas.
 How a decision is made (``RevisionScaler.decide``):
 
 1. Windows. Gateway reports go into a stable window (``scale.window``, 60 s) and a
-   panic window (10 % of it, 6 s; at least 2 s), 1 s buckets, summed over gateways, averaged over
+   panic window (``scale.panic_window`` percent of it, 10 % = 6 s by default; at least 2 s), 1 s buckets, summed over gateways, averaged over
    the buckets that have data. ``desired_stable = ceil(stable_avg / target)``,
    ``desired_panic = ceil(panic_avg / target)``.
 2. No data in the stable window (gateways silent) -> ``desired=None`` ("keep what
@@ -18,7 +18,8 @@ How a decision is made (``RevisionScaler.decide``):
    waiting with target 5 ask for 12 replicas at once, through the panic rule.
 3. Rate limits, relative to ``ready``: up to ``ceil(1000 x ready)``; down to no less
    than ``ceil(ready / 2)``. From zero there is no up limit (what is needed).
-4. Panic. The threshold is ``desired_panic >= 2 x max(ready, 1)``. With replicas
+4. Panic. The threshold is ``desired_panic >= 2 x max(ready, 1)`` (``scale.panic_threshold``,
+   200 % by default). With replicas
    ready that is Knative's 200 %. At zero, the one replica a wake provides counts as
    the base: a load one replica carries is a plain wake, a load that needs two or
    more replicas is a burst and panics. While panicking the desired count is the
@@ -48,8 +49,8 @@ from dataclasses import dataclass
 from torpor.autoscaler.windows import TimedWindow
 from torpor.model import Scale
 
-PANIC_WINDOW_FRACTION = 0.1  # panic window = 10 % of the stable window
-PANIC_THRESHOLD = 2.0  # desired_panic / ready that starts panic mode (200 %)
+PANIC_WINDOW_FRACTION = 0.1  # default panic window = 10 % of the stable window (scale.panic_window)
+PANIC_THRESHOLD = 2.0  # default desired_panic / ready that starts panic mode (200 %, scale.panic_threshold)
 MAX_QUEUED_SAMPLE = 1e6  # a poke's queue length is capped at this (it comes off the bus)
 MAX_SCALE_UP_RATE = 1000.0  # at most this x ready per decision
 MAX_SCALE_DOWN_RATE = 2.0  # at least ready / this per decision
@@ -57,11 +58,11 @@ GRANULARITY = 1.0  # bucket size, seconds
 MIN_PANIC_WINDOW = 2 * GRANULARITY  # two report periods (see panic_window)
 
 
-def panic_window(window: float) -> float:
-    """10 % of the stable window, but at least two buckets: gateways report once a
-    second, so a one-bucket window is empty whenever a decision falls just before that
-    second's report, and a burst would be judged on the stable average alone."""
-    return max(window * PANIC_WINDOW_FRACTION, MIN_PANIC_WINDOW)
+def panic_window(window: float, percent: float = PANIC_WINDOW_FRACTION * 100) -> float:
+    """``percent`` (10 by default) of the stable window, but at least two buckets: gateways
+    report once a second, so a one-bucket window is empty whenever a decision falls just
+    before that second's report, and a burst would be judged on the stable average alone."""
+    return max(window * percent / 100, MIN_PANIC_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class RevisionScaler:
         _validate(scale)
         self._scale = scale
         self._stable = TimedWindow(scale.window, GRANULARITY)
-        self._panic = TimedWindow(panic_window(scale.window), GRANULARITY)
+        self._panic = TimedWindow(panic_window(scale.window, scale.panic_window), GRANULARITY)
         self._first_seen: float | None = None  # first `now` given to any method
         self._last_activity: float | None = None
         self._poked_at: float | None = None  # a poke not yet followed by a report
@@ -122,9 +123,9 @@ class RevisionScaler:
     def update_scale(self, scale: Scale) -> None:
         """New bounds/target/idle/window (``torpor scale``); data and panic state are kept."""
         _validate(scale)
-        if scale.window != self._scale.window:
+        if scale.window != self._scale.window or scale.panic_window != self._scale.panic_window:
             self._stable.resize(scale.window)
-            self._panic.resize(panic_window(scale.window))
+            self._panic.resize(panic_window(scale.window, scale.panic_window))
         self._scale = scale
 
     def _seen(self, now: float) -> None:
@@ -230,8 +231,8 @@ class RevisionScaler:
             return Decision(desired, False, f"idle {_fmt(s.idle)}s -> {target}", stable, panic_avg)
 
         # -- stable / panic ------------------------------------------------------------------
-        dspc = math.ceil(stable / s.target)
-        dppc = math.ceil(panic_avg / s.target) if panic_avg is not None else None
+        stable_pods = math.ceil(stable / s.target)
+        panic_pods = math.ceil(panic_avg / s.target) if panic_avg is not None else None
 
         up_limit = math.ceil(MAX_SCALE_UP_RATE * ready) if ready > 0 else None
         down_limit = math.ceil(ready / MAX_SCALE_DOWN_RATE)
@@ -241,22 +242,23 @@ class RevisionScaler:
             return x if up_limit is None else min(x, up_limit)
 
         base = max(ready, 1)
-        over = dppc is not None and dppc >= PANIC_THRESHOLD * base
+        threshold = self._scale.panic_threshold / 100
+        over = panic_pods is not None and panic_pods >= threshold * base
         if over:
             if self._panic_trigger is None:
                 self._panic_max = ready
             self._panic_trigger = now
 
         if self._panic_trigger is not None:
-            raw = max(dspc, dppc or 0)
+            raw = max(stable_pods, panic_pods or 0)
             want = max(limit(raw), ready)
             self._panic_max = max(self._panic_max, want)
             want = self._panic_max
             shown = f"{panic_avg:.1f}" if panic_avg is not None else "-"
             if over:
                 head = (
-                    f"panic: {panic_secs}s avg {shown} >= {_fmt(PANIC_THRESHOLD)}x ready"
-                    f" {ready} (needs {dppc})"
+                    f"panic: {panic_secs}s avg {shown} >= {_fmt(threshold)}x ready"
+                    f" {ready} (needs {panic_pods})"
                 )
             else:
                 ago = now - self._panic_trigger
@@ -264,13 +266,13 @@ class RevisionScaler:
             if limit(raw) != raw and want == limit(raw):
                 head += f" (rate-limited from {raw})"
         else:
-            want = limit(dspc)
+            want = limit(stable_pods)
             head = (
                 f"stable: avg {stable:.1f} in-flight over {_fmt(s.window)}s"
                 f" / target {_fmt(s.target)}"
             )
-            if want != dspc:
-                head += f" (rate-limited from {dspc})"
+            if want != stable_pods:
+                head += f" (rate-limited from {stable_pods})"
 
         if want == 0 and (ready >= 1 or active_recently or in_flight or poke_pending):
             want = 1

@@ -155,10 +155,22 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
     from torpor.spec import SpecError, load_spec
 
     folder = Path(args.dir)
+    if folder.is_file():  # a Knative service.yaml or an OpenFaaS stack.yml
+        from torpor.cli.imports import deploy_file
+
+        return deploy_file(api, folder, args)
+    if args.filter:
+        die("deploy: --filter picks a function of an OpenFaaS stack file; give the file")
     try:
         spec = load_spec(folder)
     except SpecError as e:
         die(f"deploy: {e}")
+    params = deploy_params(args)
+    body = pack(folder, warn=lambda msg: print(f"torpor: deploy: {msg}", file=sys.stderr))
+    return upload(api, spec.name, body, params, args)[1]
+
+
+def deploy_params(args: argparse.Namespace) -> dict[str, str]:
     params: dict[str, str] = {}
     if args.canary is not None:
         params["canary"] = str(args.canary)
@@ -166,35 +178,41 @@ def cmd_deploy(api: Api, args: argparse.Namespace) -> int:
         params["tag"] = args.tag
     if args.no_traffic:
         params["no_traffic"] = "1"
+    return params
+
+
+def upload(api: Api, name: str, body: bytes, params: dict[str, str], args: argparse.Namespace,
+           quiet_url: bool = False) -> tuple[str, int]:
+    """POST the packed function, show the build, wait for the revision; -> (revision, exit code)."""
     started = time.time() - 1
-    body = pack(folder, warn=lambda msg: print(f"torpor: deploy: {msg}", file=sys.stderr))
     out = api.call("POST", "/v1/functions", params=params, content=body,
                    headers={"content-type": "application/gzip"})
     rev = out["revision"]
-    print(f"deploying {spec.name}: revision {rev}", file=sys.stderr)
+    print(f"deploying {name}: revision {rev}", file=sys.stderr)
     seen = started
     deadline = time.time() + args.wait
     while time.time() < deadline:
-        ev = api.call("GET", f"/v1/functions/{spec.name}/events", params={"since": seen, "limit": 200})["events"]
+        ev = api.call("GET", f"/v1/functions/{name}/events", params={"since": seen, "limit": 200})["events"]
         for item in ev:
             seen = max(seen, item["time"])
             of_rev = item.get("data", {}).get("revision", rev) == rev
             if of_rev and (item["kind"] in ("build", "error") or rev in item["message"]):
                 print(f"  {item['message']}", file=sys.stderr)
-        r = api.call("GET", f"/v1/functions/{spec.name}/revisions/{rev}")
+        r = api.call("GET", f"/v1/functions/{name}/revisions/{rev}")
         if r["status"] == "ready":
-            fn = api.call("GET", f"/v1/functions/{spec.name}")
-            print(f"{rev} ready; traffic: " + ", ".join(
-                f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "") for t in fn["traffic"]),
-                file=sys.stderr)
-            print(fn["url"])
+            fn = api.call("GET", f"/v1/functions/{name}")
+            if not quiet_url:
+                print(f"{rev} ready; traffic: " + ", ".join(
+                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
+                    for t in fn["traffic"]), file=sys.stderr)
+                print(fn["url"])
             if args.canary is not None and not args.no_watch:
-                return watch(api, spec.name, to=rev)
-            return 0
+                return rev, watch(api, name, to=rev)
+            return rev, 0
         if r["status"] == "failed":
             die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
         time.sleep(0.2)
-    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {spec.name}`)")
+    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {name}`)")
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -472,10 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
         add_upload_limits(sp)
+    add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
 
-    d = sub.add_parser("deploy", help="build, create a revision, route traffic")
-    d.add_argument("dir", nargs="?", default=".")
+    d = sub.add_parser("deploy", help="build, create a revision, route traffic (a folder, a Knative service.yaml "
+                       "or an OpenFaaS stack.yml)")
+    d.add_argument("dir", nargs="?", default=".", help="function folder, or a Knative/OpenFaaS file")
+    d.add_argument("--filter", metavar="NAME", help="OpenFaaS stack: deploy only this function")
     d.add_argument("--canary", type=int, metavar="PCT")
     d.add_argument("--tag")
     d.add_argument("--no-traffic", action="store_true")
@@ -499,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
     de.add_argument("name")
     de.add_argument("--json", action="store_true")
+    ex = sub.add_parser("export", help="write a function as a Knative Service or an OpenFaaS stack entry")
+    ex.add_argument("name")
+    ex.add_argument("--format", choices=["knative", "openfaas"], default="knative")
     rm = sub.add_parser("delete", help="remove a function, its revisions and replicas")
     rm.add_argument("name")
     lg = sub.add_parser("logs", help="replica logs")
@@ -537,8 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 API_COMMANDS: dict[str, Any] = {
     "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
-    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top,
+    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top, "export": lambda api, args: cmd_export(api, args),
 }
+
+
+def cmd_export(api: Api, args: argparse.Namespace) -> int:
+    from torpor.cli.imports import export
+
+    return export(api, args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -560,4 +590,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module, not this __main__ copy: modules that import torpor.cli.main
+    # (torpor.cli.imports) must see the same CliError and Api classes
+    from torpor.cli.main import main as _main
+
+    _main()

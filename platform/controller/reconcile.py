@@ -5,27 +5,40 @@ what it tracks), and acts on the difference. Woken at once by store changes and 
 gateway pokes ("a request is waiting at zero"), otherwise every ``tick`` seconds.
 Long work (builds, starts, drains) runs in tasks so a pass never blocks. On start-up
 it adopts replicas an earlier run left behind (by their labels) before acting.
+
+Sources: a revision names its function folder by the sha256 of its archive in the store
+(``Revision.source_sha256``). Before a driver prepares or starts such a revision the
+controller fetches the archive by hash into its own cache (``Settings.source_cache``,
+``torpor.sources.SourceCache``: hash checked, unpacked with the hardened extractor,
+renamed into place) and hands the driver a copy of the revision whose ``source`` is that
+local folder. Nothing is read from another component's disk. Archives no revision names
+any more are removed from the store and from the cache (``controller/blobs.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torpor.archive import ArchiveLimits
 from torpor.autoscaler.service import Autoscaler
+from torpor.controller.blobs import GRACE, referenced, sweep
 from torpor.controller.retention import collectable
 from torpor.controller.rollout import Rollouts
 from torpor.controller.traffic import apply_on_ready
 from torpor.drivers.base import BuildError, Driver, Running
 from torpor.model import Event, Function, Replica, Revision, Scale
 from torpor.secret import MissingSecret, SecretValueError, redact, resolve
+from torpor.sources import SourceCache, SourceError
 from torpor.store.base import CHANGES, POKES, SECRETS, STATS, Store
 
 log = logging.getLogger("torpor.controller")
@@ -63,7 +76,11 @@ class Settings:
     max_replicas: int = 100  # platform cap (torpor up --max-replicas)
     pause_for: float = 0.0  # keep a replica scaled to zero paused this long before removing it (0 = off)
     keep_revisions: int = 5  # retired revisions kept (with their images) before garbage collection
-    source_root: Path | None = None
+    source_root: Path | None = None  # where revisions made before content-addressed sources keep their folder
+    source_cache: Path | None = None  # this controller's unpacked archives (None: a temp folder)
+    source_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps when unpacking one
+    blob_grace: float = GRACE  # s an archive no revision names is kept after its last put
+    blob_sweep_every: float = 60.0  # s between garbage collections of archives
 
 
 async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
@@ -103,10 +120,19 @@ class Controller:
         self._listing: asyncio.Future[list[Running]] | None = None
         self._listed_at = 0.0  # when self._listing was asked for
         self._failing: dict[str, tuple[str, float, str]] = {}  # function -> (last error reported, when, doing)
+        self._cache: SourceCache | None = None
+        self._source_locks: dict[str, asyncio.Lock] = {}  # sha -> lock: one fetch (and prepare) at a time
+        self._sha_of: dict[str, str] = {}  # revision -> archive hash, for revisions given a local copy
+        self._next_sweep = 0.0
+        self._sweeping: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         subs = {ch: self.store.subscribe(ch) for ch in (CHANGES, POKES, STATS, SECRETS)}
+        use_key = getattr(self.driver, "use_archive_key", None)
+        if use_key is not None:  # drivers whose replicas fetch archives themselves (kubernetes)
+            use_key(await self.store.archive_key())
+        await asyncio.to_thread(self.cache.clean_temps)
         await self._sync_functions()
         await self._adopt()
         self.synced.set()
@@ -126,6 +152,8 @@ class Controller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for t in list(self.building.values()):
             t.cancel()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
         if stop_replicas:
             parked = [self._expire_parked(name, "platform stopping") for name in list(self.parked)]
             await asyncio.gather(*(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
@@ -285,6 +313,7 @@ class Controller:
         for rev_name in [r for r in self.revs if r not in live_revisions]:
             del self.revs[rev_name]
             self.autoscaler.forget(rev_name)
+        self._maybe_sweep(now)
 
     async def _reconcile_isolated(self, fn: Function, now: float) -> None:
         """One function's step of the pass. Its failure is its own: logged, reported as an
@@ -398,6 +427,83 @@ class Controller:
                 else:
                     self._spawn_drain(tr, f"scale down to {desired}")
 
+    # -- sources -------------------------------------------------------------------------
+    @property
+    def cache(self) -> SourceCache:
+        if self._cache is None:
+            root = self.settings.source_cache or Path(tempfile.mkdtemp(prefix="torpor-sources-"))
+            self._cache = SourceCache(root, self.settings.source_limits)
+        return self._cache
+
+    async def _local(self, rev: Revision) -> tuple[Revision, bool]:
+        """The revision as a driver gets it, and whether its source was fetched just now.
+
+        A source revision with an archive hash gets ``source`` = this controller's own
+        unpacked copy (fetched from the store by hash if missing). Image revisions and
+        revisions made before archives (a folder path, no hash) are handed over as they are."""
+        sha = rev.source_sha256
+        if rev.spec.image or not sha:
+            return rev, False
+        cache = self.cache
+        self._sha_of[rev.name] = sha
+        lock = self._source_locks.setdefault(sha, asyncio.Lock())
+        async with lock:
+            fresh = False
+            if not cache.has(sha):
+                blob = await self.store.get_blob(sha)
+                if blob is None:
+                    raise BuildError(f"the source archive {sha[:12]} of {rev.name} is not in the store "
+                                     "(deploy the function again)")
+                try:
+                    await asyncio.to_thread(cache.install, sha, blob)
+                except SourceError as e:
+                    raise BuildError(str(e)) from e
+                fresh = True
+        return replace(rev, source=str(cache.path(sha))), fresh
+
+    def _prepare_lock(self, local: Revision) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Held around ``driver.prepare`` of a revision on a cached folder: two revisions
+        of one archive share the folder (and what a driver installs into it)."""
+        sha = local.source_sha256
+        if sha and local.source and local.source == str(self.cache.path(sha)):
+            return self._source_locks.setdefault(sha, asyncio.Lock())
+        return contextlib.nullcontext()
+
+    def _sweep_soon(self) -> None:
+        self._next_sweep = 0.0
+        self.wake()
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now < self._next_sweep or (self._sweeping is not None and not self._sweeping.done()):
+            return
+        self._next_sweep = now + self.settings.blob_sweep_every
+        self._sweeping = asyncio.create_task(self._sweep(), name="ctl-archive-gc")
+
+    async def _sweep(self) -> None:
+        """Remove archives no revision names, from the store and from this cache."""
+        try:
+            swept = await sweep(self.store, self.settings.blob_grace)
+            if swept.due is not None:  # an unnamed archive still in its grace: back when it ends
+                at = self.clock() + max(0.5, swept.due - time.time())
+                self._next_sweep = min(self._next_sweep, at)
+            if self._cache is None:
+                return
+            keep = referenced(self.functions.values())
+            in_use = {self._sha_of.get(t.replica.revision) for t in
+                      [*self.tracked.values(), *(p[0] for p in self.parked.values())]}
+            for sha in self._cache.shas():
+                if sha not in keep and sha not in in_use and not self._source_locks.get(sha, asyncio.Lock()).locked():
+                    await asyncio.to_thread(self._cache.remove, sha)
+                    self._source_locks.pop(sha, None)
+            live = {rev.name for fn in self.functions.values() for rev in fn.revisions}
+            in_use_revs = {t.replica.revision for t in [*self.tracked.values(), *(p[0] for p in self.parked.values())]}
+            for rev_name in [r for r in self._sha_of if r not in live and r not in in_use_revs]:
+                del self._sha_of[rev_name]
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("controller: garbage collection of source archives failed; retrying later")
+
     # -- builds --------------------------------------------------------------------------
     async def _build(self, fn_name: str, rev: Revision) -> None:
         try:
@@ -409,7 +515,9 @@ class Controller:
                 asyncio.get_running_loop().call_soon_threadsafe(
                     lambda: asyncio.ensure_future(self._event(fn_name, "build", line[:500], {"revision": rev.name})))
 
-            built = await self.driver.prepare(rev, progress)
+            local, _ = await self._local(rev)
+            async with self._prepare_lock(local):
+                built = await self.driver.prepare(local, progress)
             image = built.image or ""
             await self._set_revision(fn_name, rev.name, image=image, reason="starting its first replica")
         except BuildError as e:
@@ -483,8 +591,18 @@ class Controller:
             await self._replica_failed(tr, f"start failed: {e}")
             return
         try:
+            local, fresh = await self._local(rev)
+            if fresh and rev.status == "ready" and not rev.image:
+                # prepared into its folder (no image: the process driver's .deps), and this
+                # controller's copy is new (another host's build, or a cleared cache): again here
+                async with self._prepare_lock(local):
+                    await self.driver.prepare(local)
+        except Exception as e:
+            await self._replica_failed(tr, f"start failed: {e}")
+            return
+        try:
             starting: asyncio.Future[Running] = asyncio.ensure_future(
-                self.driver.start(rev, tr.replica.name, secret_env=secret_env))
+                self.driver.start(local, tr.replica.name, secret_env=secret_env))
             tr.starting = starting
             running: Running = await asyncio.shield(starting)
             tr.running = running
@@ -724,7 +842,9 @@ class Controller:
             self.functions[fn.name] = new
             await self.driver.remove(rev)
             if rev.source and self.settings.source_root and Path(rev.source).is_relative_to(self.settings.source_root):
-                shutil.rmtree(rev.source, ignore_errors=True)
+                shutil.rmtree(rev.source, ignore_errors=True)  # a folder from before archives
+            if rev.source_sha256:
+                self._sweep_soon()
             await self._event(fn.name, "gc", f"{rev_name} garbage-collected (retention keeps {self.settings.keep_revisions})")
 
     async def _forget_later(self, fn: Function) -> None:
@@ -744,4 +864,6 @@ class Controller:
                 log.exception("removing %s failed", rev.name)
         root = self.settings.source_root
         if root is not None:
-            shutil.rmtree(root / fn.name, ignore_errors=True)
+            shutil.rmtree(root / fn.name, ignore_errors=True)  # folders from before archives
+        if referenced([fn]):
+            self._sweep_soon()

@@ -44,8 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torpor.controller import traffic
-from torpor.gateway.routes import LATENCY_BUCKETS
-from torpor.model import Event, Function, Rollout, RolloutPolicy
+from torpor.model import LATENCY_BUCKETS, Event, Function, Rollout, RolloutPolicy
 from torpor.store.base import Store
 
 log = logging.getLogger("torpor.rollout")

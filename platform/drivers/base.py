@@ -19,6 +19,22 @@ class BuildError(Exception):
     """Preparing a revision failed; the message is shown to the user."""
 
 
+def contract_env(revision: Revision) -> dict[str, str]:
+    """What the Knative runtime contract promises every replica, next to ``PORT``:
+    ``K_SERVICE`` and ``K_CONFIGURATION`` (the function) and ``K_REVISION``. Every
+    driver sets these, so a container written for Knative or Cloud Run finds them."""
+    return {"K_SERVICE": revision.function, "K_CONFIGURATION": revision.function,
+            "K_REVISION": revision.name}
+
+
+def runtime_env(revision: Revision) -> dict[str, str]:
+    """Settings of the Torpor runtime that follow from the spec of a source function."""
+    spec = revision.spec
+    if spec.image or spec.handler_style == "torpor":
+        return {}
+    return {"TORPOR_HANDLER_STYLE": spec.handler_style}
+
+
 @dataclass
 class Running:
     """One replica as the driver sees it (used to adopt after a restart)."""

@@ -41,7 +41,7 @@ import docker
 import docker.errors
 
 from torpor.drivers import pip
-from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
 from torpor.drivers.dockernet import Networks
 from torpor.model import Revision
@@ -261,6 +261,7 @@ class DockerDriver:
             raise BuildError(f"runtime {server} is missing")
         (ctx / "torpor").mkdir()
         shutil.copy2(server, ctx / "torpor" / "server.py")
+        shutil.copy2(server.parent / "openfaas.py", ctx / "torpor" / "openfaas.py")  # handler_style: openfaas
         shutil.copytree(
             src,
             ctx / "fn",
@@ -352,12 +353,14 @@ class DockerDriver:
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
             "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
+            **runtime_env(revision),
+            **contract_env(revision),
         }
         if not spec.image:
             env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo
         kwargs: dict[str, Any] = dict(
             name=f"torpor-{replica}",
-            labels=self._labels(revision, replica),
+            labels={**spec.labels, **self._labels(revision, replica)},
             environment=env,
             ports={f"{spec.port}/tcp": (self.host, None)},
             user=USER,
@@ -368,6 +371,10 @@ class DockerDriver:
             privileged=False,
             pids_limit=PIDS_LIMIT,
         )
+        if spec.image and spec.command is not None:
+            kwargs["entrypoint"] = list(spec.command)  # Knative `command`: the image's ENTRYPOINT
+        if spec.image and spec.args is not None:
+            kwargs["command"] = list(spec.args)  # Knative `args`: the image's CMD
         if spec.resources.cpu > 0:
             kwargs["nano_cpus"] = max(1_000_000, int(spec.resources.cpu * 1e9))
         if spec.resources.memory > 0:

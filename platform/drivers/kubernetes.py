@@ -35,7 +35,10 @@ runtime's drain (the controller's delete passes its own grace).
 Source functions need no image build: their Pods run the generic runtime image
 (``torpor images build-runtime``, pushed by the user; ``TORPOR_RUNTIME_IMAGE``) whose
 entry point (``torpor/runtime/fetch.py``) downloads the revision's archive from
-``TORPOR_ARCHIVE_URL_BASE/SHA256``, checks the hash and runs it. ``image:`` functions
+``TORPOR_ARCHIVE_URL_BASE/SHA256`` (the API's ``/v1/archives``) with that archive's own
+read-only token (``TORPOR_ARCHIVE_TOKEN``: an HMAC of the hash under the installation's
+key, which the controller hands the driver through ``use_archive_key``; it fetches that
+one archive and nothing else), checks the hash and runs it. ``image:`` functions
 are pulled by the kubelet as usual.
 
 Endpoints are ``PODIP:PORT``: ``start()`` waits (bounded, with a watch resumed from the
@@ -66,14 +69,12 @@ from lightkube.models.core_v1 import (
     ContainerPort,
     EmptyDirVolumeSource,
     EnvVar,
-    EnvVarSource,
     HTTPGetAction,
     PodSecurityContext,
     PodSpec,
     Probe,
     ResourceRequirements,
     SeccompProfile,
-    SecretKeySelector,
     SecurityContext,
     TCPSocketAction,
     Volume,
@@ -83,9 +84,10 @@ from lightkube.models.meta_v1 import ObjectMeta, OwnerReference
 from lightkube.resources.core_v1 import ConfigMap, Pod
 from lightkube.types import CascadeType, OnErrorAction, OnErrorResult
 
-from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.runtimeimage import default_tag
 from torpor.model import Revision, Spec
+from torpor.sources import archive_token
 
 log = logging.getLogger("torpor.drivers.kubernetes")
 
@@ -172,7 +174,7 @@ class PodSettings:
     namespace: str
     runtime_image: str
     archive_url_base: str | None = None
-    archive_token_secret: str | None = None  # Secret NAME whose key ``token`` holds the download token
+    archive_key: bytes | None = None  # the installation's archive-token key (the controller passes it)
     tmp_size: str = TMP_SIZE
 
 
@@ -214,32 +216,33 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         "TORPOR_FUNCTION": revision.function,
         "TORPOR_REVISION": revision.name,
         "TORPOR_REPLICA": replica,
-        "K_SERVICE": revision.function,
-        "K_REVISION": revision.name,
+        **runtime_env(revision),
+        **contract_env(revision),
     }
-    extra_env: list[EnvVar] = []
     if spec.image:
         image = spec.image
         probe = Probe(tcpSocket=TCPSocketAction(port=spec.port))  # the user's image may not serve /_torpor/
     else:
         if not revision.source_sha256:
-            raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): "
-                             "the kubernetes driver runs source functions from content-addressed archives")
+            raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
+                             "driver runs source functions from content-addressed archives; deploy it again")
         if not settings.archive_url_base:
             raise BuildError("no archive URL for source functions: set TORPOR_ARCHIVE_URL_BASE "
                              "(the API's /v1/archives as Pods reach it)")
+        if not settings.archive_key:
+            raise BuildError("no archive key: the controller passes the installation's key to the driver "
+                             "(use_archive_key) before it starts source functions")
         image = revision.image or settings.runtime_image
         env.update({
             "TORPOR_HANDLER": spec.handler or "handler:handle",
             "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
             "TORPOR_ARCHIVE_URL": archive_url(settings.archive_url_base, revision.source_sha256),
             "TORPOR_ARCHIVE_SHA256": revision.source_sha256,
+            # read-only, this archive only (an HMAC of its hash): never the API's admin token
+            "TORPOR_ARCHIVE_TOKEN": archive_token(settings.archive_key, revision.source_sha256),
             "TORPOR_FETCH_DIR": FETCH_DIR,
             "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
         })
-        if settings.archive_token_secret:
-            extra_env.append(EnvVar(name="TORPOR_ARCHIVE_TOKEN", valueFrom=EnvVarSource(
-                secretKeyRef=SecretKeySelector(name=settings.archive_token_secret, key="token"))))
         probe = Probe(httpGet=HTTPGetAction(path=HEALTH_PATH, port=spec.port))
     probe.periodSeconds, probe.timeoutSeconds, probe.failureThreshold = 2, 1, 3
     quantities: dict[str, str] = {}
@@ -251,7 +254,7 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         name=CONTAINER,
         image=image,
         ports=[ContainerPort(containerPort=spec.port, name="http", protocol="TCP")],
-        env=[EnvVar(name=k, value=v) for k, v in env.items()] + extra_env,
+        env=[EnvVar(name=k, value=v) for k, v in env.items()],
         resources=ResourceRequirements(requests=dict(quantities), limits=dict(quantities)),
         readinessProbe=probe,
         securityContext=SecurityContext(
@@ -266,11 +269,14 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
         ),
         volumeMounts=[VolumeMount(name="tmp", mountPath="/tmp")],
     )
+    if spec.image:  # Knative's `command` / `args`: the image's ENTRYPOINT / CMD replaced
+        container.command = list(spec.command) if spec.command is not None else None
+        container.args = list(spec.args) if spec.args is not None else None
     return Pod(
         metadata=ObjectMeta(
             name=pod_name(replica),
             namespace=settings.namespace,
-            labels=labels,
+            labels={**spec.labels, **labels},
             annotations=dict(full),
             ownerReferences=[OwnerReference(apiVersion="v1", kind="ConfigMap", name=owner_name(revision.name),
                                             uid=owner_uid, controller=False, blockOwnerDeletion=False)],
@@ -405,7 +411,6 @@ class KubernetesDriver:
         *,
         runtime_image: str | None = None,
         archive_url_base: str | None = None,
-        archive_token_secret: str | None = None,
         ip_timeout: float = 30.0,
         stop_margin: float = 15.0,
         trust_env: bool = True,
@@ -424,10 +429,13 @@ class KubernetesDriver:
             runtime_image=runtime_image or default_runtime_image(),
             archive_url_base=archive_url_base if archive_url_base is not None
             else os.environ.get("TORPOR_ARCHIVE_URL_BASE") or None,
-            archive_token_secret=archive_token_secret if archive_token_secret is not None
-            else os.environ.get("TORPOR_ARCHIVE_TOKEN_SECRET") or None,
         )
         self.client = self._new_client()
+
+    def use_archive_key(self, key: bytes) -> None:
+        """The installation's archive-token key (from the store, by the controller): each
+        source Pod gets ``TORPOR_ARCHIVE_TOKEN`` = the read-only token of its own archive."""
+        self.settings.archive_key = bytes(key)
 
     def _new_client(self) -> AsyncClient:
         return AsyncClient(self.config, namespace=self.namespace, field_manager="torpor", trust_env=self._trust_env)
@@ -503,11 +511,14 @@ class KubernetesDriver:
         else:
             if not revision.source_sha256:
                 raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
-                                 "driver runs source functions from content-addressed archives, which cluster "
-                                 "mode's API records on deploy")
+                                 "driver runs source functions from content-addressed archives, which the API "
+                                 "records on deploy (a revision made before them has none: deploy it again)")
             if not self.settings.archive_url_base:
                 raise BuildError("source functions on a cluster need TORPOR_ARCHIVE_URL_BASE: the URL of the API's "
                                  "/v1/archives as Pods reach it")
+            if not self.settings.archive_key:
+                raise BuildError("no archive key: the controller passes the installation's key to the driver "
+                                 "(use_archive_key) before it prepares source functions")
             req = Path(revision.source or "", "requirements.txt")
             if revision.source and req.is_file() and req.read_text(errors="replace").strip() and progress:
                 progress("warning: requirements.txt is not installed on a cluster: the runtime image "

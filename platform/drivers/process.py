@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from torpor.drivers import pip
-from torpor.drivers.base import BuildError, Progress, Running
+from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.model import MiB, Revision
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
@@ -179,6 +179,8 @@ class ProcessDriver:
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
             "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
+            **runtime_env(revision),
+            **contract_env(revision),
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         }

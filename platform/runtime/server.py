@@ -17,6 +17,9 @@ Environment
   TORPOR_DRAIN_TIMEOUT  seconds in-flight requests get after SIGTERM (default 30)
   TORPOR_IDLE_TIMEOUT   seconds a connection may stay silent before it is closed (default 120)
   TORPOR_THREADS        worker threads for sync handlers (default 64)
+  TORPOR_HANDLER_STYLE  ``torpor`` (default: ``handle(request)``) or ``openfaas``
+                        (``handle(event, context)`` as OpenFaaS python3-http runs it; the
+                        adapter is ``openfaas.py`` beside this file)
 
 Exit codes
   0 drained cleanly after SIGTERM/SIGINT   1 unexpected error   2 bad configuration
@@ -876,6 +879,23 @@ def load_handler(spec: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def styled(handler: Callable[..., Any], style: str) -> Callable[..., Any]:
+    """``handler`` called the way ``TORPOR_HANDLER_STYLE`` says. Raises ValueError."""
+    if style in ("", "torpor"):
+        return handler
+    if style != "openfaas":
+        raise ValueError(f"TORPOR_HANDLER_STYLE={style[:40]!r}: expected torpor or openfaas")
+    import importlib.util
+
+    where = os.path.join(os.path.dirname(PATH), "openfaas.py")
+    spec = importlib.util.spec_from_file_location("torpor_runtime_openfaas", where)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"TORPOR_HANDLER_STYLE=openfaas: the adapter {where} is missing")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.adapt(handler)  # type: ignore[no-any-return]
+
+
 def _is_async(fn: Any) -> bool:
     if inspect.iscoroutinefunction(fn):
         return True
@@ -1046,7 +1066,7 @@ def main(t0: float | None = None) -> int:
     if reconfigure is not None:
         reconfigure(line_buffering=True)  # handler prints reach the logs promptly
     try:
-        handler = load_handler(cfg.handler)
+        handler = styled(load_handler(cfg.handler), os.environ.get("TORPOR_HANDLER_STYLE", ""))
     except (Exception, SystemExit) as exc:
         traceback.print_exc()
         print(

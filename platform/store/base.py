@@ -1,5 +1,6 @@
 """The Store interface: desired state (functions), actual state (replicas), events,
-and a small message bus (change feed, pokes, stats) shared by every component.
+content-addressed blobs (function sources), and a small message bus (change feed,
+pokes, stats) shared by every component.
 
 Two implementations satisfy it and pass one contract suite (tests/contract/test_store.py):
 ``EmbeddedStore`` (in-process, durable in a state dir) and ``RedisStore``.
@@ -23,6 +24,19 @@ Mutator = Callable[[Function | None], Function | None]
 
 class ConflictError(Exception):
     """An optimistic update lost too many races."""
+
+
+class Subscription(Protocol):
+    """Messages of one channel, in order: ``async for msg in sub``."""
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def __anext__(self) -> dict[str, Any]: ...
+
+    async def ready(self) -> None:
+        """Return once messages published from now on (anywhere) will be received."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 class Store(Protocol):
@@ -73,10 +87,35 @@ class Store(Protocol):
         """Every secret's metadata, sorted by name; never a value."""
         ...
 
+    # -- blobs (content-addressed function sources, see torpor.sources) --------------
+    async def put_blob(self, sha: str, data: bytes) -> None:
+        """Store ``data`` under its sha256 ``sha`` (64 lowercase hex digits). ValueError if
+        ``sha`` is malformed or ``data`` does not hash to it. Idempotent; a put of a blob
+        already held refreshes its time (see ``list_blobs``)."""
+        ...
+
+    async def get_blob(self, sha: str) -> bytes | None:
+        """The bytes put under ``sha``; None if there is none (or ``sha`` is malformed)."""
+        ...
+
+    async def delete_blob(self, sha: str) -> bool:
+        """Remove the blob; True if it existed."""
+        ...
+
+    async def list_blobs(self) -> dict[str, float]:
+        """Every blob's sha -> Unix time of its last put (for garbage collection)."""
+        ...
+
+    async def archive_key(self) -> bytes:
+        """The installation's key for archive tokens (``torpor.sources.archive_token``):
+        32 random bytes, created by the first caller and the same for every component of
+        the installation afterwards. Never in a message or a function document."""
+        ...
+
     # -- bus -------------------------------------------------------------------------
     async def publish(self, channel: str, payload: dict[str, Any]) -> None: ...
 
-    def subscribe(self, channel: str) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self, channel: str) -> Subscription:
         """Messages published on ``channel`` after the call, in order, until closed."""
         ...
 

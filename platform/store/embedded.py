@@ -12,6 +12,10 @@
   ``state_dir/secrets/NAME.json`` (the folder mode 0700, each file 0600, written
   atomically like a function file), holding the value (base64) and its metadata.
   No function file, event or bus message ever holds a value.
+- Blobs (content-addressed function sources) are durable: one file per blob,
+  ``state_dir/blobs/SHA`` (the folder 0700, each file 0600, written atomically; its
+  mtime is the time of its last put). The archive key is ``state_dir/archive.key``
+  (0600), made once. Blob files are read and written in a worker thread.
 - The bus is in-process pub/sub. ``subscribe`` returns a ``Subscription`` fed by an
   unbounded queue; ``publish`` never blocks and never awaits subscribers.
 
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from torpor.model import Event, Function, Replica, SecretInfo
+from torpor.sources import SHA256, check_sha, sha256_of
 from torpor.store import check_name
 from torpor.store.base import CHANGES, SECRETS, Mutator
 
@@ -53,6 +58,8 @@ EVENTS_KEPT = 200  # per function
 EVENTS_FILE = "events.jsonl"
 FUNCTIONS_DIR = "functions"
 SECRETS_DIR = "secrets"
+BLOBS_DIR = "blobs"
+ARCHIVE_KEY_FILE = "archive.key"
 _COMPACT_SLACK = 1000  # compact events.jsonl once it holds this many lines beyond 2x kept
 
 _END = None  # queue sentinel: the subscription is over
@@ -135,6 +142,8 @@ class EmbeddedStore:
         self._events: dict[str, deque[str]] = {}  # function -> JSON lines, oldest first
         self._channels: dict[str, set[asyncio.Queue[str | None]]] = {}
         self._lock = asyncio.Lock()
+        self._blobs: dict[str, tuple[bytes, float]] = {}  # memory only: sha -> (data, time)
+        self._archive_key: bytes | None = None
         self._events_file: TextIO | None = None
         self._event_lines = 0  # lines in events.jsonl
         self._closed = False
@@ -162,6 +171,13 @@ class EmbeddedStore:
             self._functions[name] = json.dumps(fn.to_dict())
 
         self._load_secrets(state_dir / SECRETS_DIR)
+        blob_dir = state_dir / BLOBS_DIR
+        blob_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(blob_dir, 0o700)
+        for path in blob_dir.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):  # an interrupted put
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
         for path in state_dir.glob(".events.*.tmp"):  # an interrupted compaction
             with contextlib.suppress(OSError):
@@ -405,6 +421,118 @@ class EmbeddedStore:
     async def list_secrets(self) -> list[SecretInfo]:
         self._check_open()
         return [SecretInfo(**self._secrets[n][0].to_dict()) for n in sorted(self._secrets)]
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def _blob_dir(self) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / BLOBS_DIR
+
+    async def put_blob(self, sha: str, data: bytes) -> None:
+        self._check_open()
+        check_sha(sha)
+        data = bytes(data)
+        if await asyncio.to_thread(sha256_of, data) != sha:
+            raise ValueError(f"blob does not hash to {sha[:12]}...: refused")
+        if self.state_dir is None:
+            self._blobs[sha] = (data, time.time())
+            return
+        folder = self._blob_dir()
+
+        def write() -> None:
+            path = folder / sha
+            if path.is_file():
+                os.utime(path)  # refreshed: a garbage collection leaves it alone for a while
+                return
+            fd, tmp = tempfile.mkstemp(prefix=f".{sha[:12]}.", suffix=".tmp", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(folder)
+
+        await asyncio.to_thread(write)
+
+    async def get_blob(self, sha: str) -> bytes | None:
+        self._check_open()
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            return None
+        if self.state_dir is None:
+            item = self._blobs.get(sha)
+            return item[0] if item else None
+        path = self._blob_dir() / sha
+
+        def read() -> bytes | None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(read)
+
+    async def delete_blob(self, sha: str) -> bool:
+        self._check_open()
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            return False
+        if self.state_dir is None:
+            return self._blobs.pop(sha, None) is not None
+        try:
+            os.unlink(self._blob_dir() / sha)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self._blob_dir())
+        return True
+
+    async def list_blobs(self) -> dict[str, float]:
+        self._check_open()
+        if self.state_dir is None:
+            return {sha: t for sha, (_, t) in sorted(self._blobs.items())}
+        out: dict[str, float] = {}
+        for path in sorted(self._blob_dir().iterdir()):
+            if SHA256.fullmatch(path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    out[path.name] = path.stat().st_mtime
+        return out
+
+    async def archive_key(self) -> bytes:
+        self._check_open()
+        if self._archive_key is not None:
+            return self._archive_key
+        if self.state_dir is None:
+            self._archive_key = os.urandom(32)
+            return self._archive_key
+        path = self.state_dir / ARCHIVE_KEY_FILE
+        if not path.exists():
+            # written whole to a temp file, then linked into place: never a torn key, and
+            # two processes racing agree on the one that was linked first
+            fd, tmp = tempfile.mkstemp(prefix=".archive.key.", suffix=".tmp", dir=self.state_dir)
+            try:
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(os.urandom(32).hex())
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            _fsync_dir(self.state_dir)
+        os.chmod(path, 0o600)
+        text = path.read_text(encoding="ascii").strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) < 32:
+            raise RuntimeError(f"{path} does not hold an archive key (64 hex digits): remove it to make a new one")
+        self._archive_key = key
+        return key
 
     # -- bus -----------------------------------------------------------------------------
 

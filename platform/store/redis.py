@@ -11,6 +11,10 @@ Keys (``P`` is the prefix, ``torpor`` by default):
 - ``P:secret:NAME``     hash: ``value`` (base64), ``version``, ``updated``; kept apart
                         from the function documents, never in a bus message
 - ``P:secretnames``     set of secret names
+- ``P:blob:SHA``        string, the bytes of a content-addressed blob (function source)
+- ``P:blobs``           hash, sha -> Unix time of its last put (garbage collection)
+- ``P:archivekey``      string, 64 hex digits: the installation's archive-token key,
+                        set once (``SET NX``)
 
 ``update_function`` is an optimistic WATCH/MULTI/EXEC transaction retried up to
 ``MAX_ATTEMPTS`` times, then ``ConflictError``. The change message is PUBLISHed in
@@ -41,6 +45,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 import weakref
@@ -50,6 +55,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from torpor.model import Event, Function, Replica, SecretInfo
+from torpor.sources import SHA256, check_sha, sha256_of
 from torpor.store import check_name
 from torpor.store.base import CHANGES, SECRETS, ConflictError, Mutator
 
@@ -186,6 +192,7 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._raw: aioredis.Redis | None = None  # bytes in and out: blobs (made on first use)
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unready: set[_SubState] = set()
@@ -211,6 +218,18 @@ class RedisStore:
 
     def _channel(self, channel: str) -> str:
         return f"{self.prefix}:{channel}"
+
+    def _blob_key(self, sha: str) -> str:
+        return f"{self.prefix}:blob:{sha}"
+
+    @property
+    def _blobs_key(self) -> str:
+        return f"{self.prefix}:blobs"
+
+    def _raw_client(self) -> aioredis.Redis:
+        if self._raw is None:
+            self._raw = aioredis.Redis.from_url(self.url, decode_responses=False)
+        return self._raw
 
     @property
     def _fns_key(self) -> str:
@@ -380,6 +399,63 @@ class RedisStore:
         return [SecretInfo(name=n, version=int(v), updated=float(u))
                 for n, (v, u) in zip(names, rows, strict=True) if v is not None and u is not None]
 
+    # -- blobs ---------------------------------------------------------------------------
+
+    async def put_blob(self, sha: str, data: bytes) -> None:
+        await self._enter()
+        check_sha(sha)
+        data = bytes(data)
+        if await asyncio.to_thread(sha256_of, data) != sha:
+            raise ValueError(f"blob does not hash to {sha[:12]}...: refused")
+        async with self._raw_client().pipeline(transaction=True) as pipe:
+            pipe.set(self._blob_key(sha), data, nx=True)  # same hash, same bytes: never rewritten
+            pipe.hset(self._blobs_key, sha, repr(time.time()))
+            await pipe.execute()
+
+    async def get_blob(self, sha: str) -> bytes | None:
+        await self._enter()
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            return None
+        data = await self._raw_client().get(self._blob_key(sha))
+        if data is None:
+            return None
+        return data if isinstance(data, bytes) else str(data).encode("latin-1")
+
+    async def delete_blob(self, sha: str) -> bool:
+        await self._enter()
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+            return False
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._blob_key(sha))
+            pipe.hdel(self._blobs_key, sha)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def list_blobs(self) -> dict[str, float]:
+        await self._enter()
+        rows = await self._redis.hgetall(self._blobs_key)
+        out: dict[str, float] = {}
+        for sha, t in sorted(rows.items()):
+            if SHA256.fullmatch(_str(sha)):
+                try:
+                    out[_str(sha)] = float(t)
+                except ValueError:
+                    out[_str(sha)] = 0.0
+        return out
+
+    async def archive_key(self) -> bytes:
+        await self._enter()
+        key = f"{self.prefix}:archivekey"
+        await self._redis.set(key, os.urandom(32).hex(), nx=True)
+        text = _str(await self._redis.get(key) or "")
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            value = b""
+        if len(value) < 32:
+            raise RuntimeError(f"Redis key {key} does not hold an archive key (64 hex digits)")
+        return value
+
     # -- bus -----------------------------------------------------------------------------
 
     async def publish(self, channel: str, payload: dict[str, Any]) -> None:
@@ -426,6 +502,8 @@ class RedisStore:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose()
+        if self._raw is not None:
+            await self._raw.aclose()
 
 
 def _function(text: str | bytes | None) -> Function | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import shutil
 import socket
 import sys
@@ -46,6 +47,16 @@ def handle(request):
     if request.path == "/log":
         print("torpor-test: logged a line", flush=True)
         return "logged"
+    if request.path == "/contract":
+        import select
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir="/tmp") as f:
+            f.write(b"x")
+        ready, _, _ = select.select([0], [], [], 0)
+        stdin = "eof" if ready and os.read(0, 1) == b"" else "open"
+        env = {k: os.environ.get(k) for k in ("K_SERVICE", "K_CONFIGURATION", "K_REVISION")}
+        return {**env, "PORT": os.environ.get("PORT"), "tmp": "writable", "stdin": stdin}
     return "hello from torpor"
 """
 
@@ -165,14 +176,17 @@ def _kubernetes_harness(tmp: Path) -> Harness:
 
     image = "torpor/runtime:contract"
     sim = SimCluster(("torpor-test",), images={image: [sys.executable, "-s", fetch.__file__]}).start()
-    archives = ArchiveServer().start()
+    key = os.urandom(32)
+    archives = ArchiveServer(key=key).start()  # each Pod must bring its archive's own token
     config = KubeConfig.from_dict(sim.kubeconfig())
 
     def make(state: Path) -> Any:
         from torpor.drivers.docker import instance_id
 
-        return KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
-                                archive_url_base=archives.base, trust_env=False)
+        d = KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
+                             archive_url_base=archives.base, trust_env=False)
+        d.use_archive_key(key)  # as the controller does at start
+        return d
 
     def on_revision(rev: Revision) -> None:  # what cluster mode's API records on deploy
         assert rev.source is not None
@@ -267,6 +281,19 @@ async def test_env_from_spec_reaches_the_handler(h: Harness) -> None:
     r = await get(running.endpoint, "/env")
     assert r.status_code == 200
     assert r.text == "bonjour"
+
+
+async def test_replicas_see_the_knative_runtime_contract(h: Harness) -> None:
+    """K_SERVICE, K_CONFIGURATION and K_REVISION next to PORT, a writable /tmp, stdin at EOF."""
+    rev, running = await h.up()
+    r = await get(running.endpoint, "/contract")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["PORT"] == running.endpoint.rpartition(":")[2] or h.kind != "process"
+    assert int(got["PORT"]) > 0
+    assert {k: got[k] for k in ("K_SERVICE", "K_CONFIGURATION", "K_REVISION")} == {
+        "K_SERVICE": rev.function, "K_CONFIGURATION": rev.function, "K_REVISION": rev.name}
+    assert (got["tmp"], got["stdin"]) == ("writable", "eof")
 
 
 async def test_list_shows_the_replica_with_its_labels(h: Harness) -> None:

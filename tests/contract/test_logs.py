@@ -54,7 +54,7 @@ class Source:
 async def serving(store: Store, source: Any) -> tuple[LogServer, asyncio.Task[None]]:
     server = LogServer(store, source)
     task = asyncio.create_task(server.run())
-    await asyncio.sleep(0.2)  # the server's subscription is up (Redis: a round trip)
+    await asyncio.wait_for(server.listening.wait(), WAIT)  # its subscription is up (Redis: a round trip)
     return server, task
 
 
@@ -120,8 +120,7 @@ async def test_a_follower_that_vanishes_is_ended_after_its_lease(store: Store, m
     try:
         # an API that asks to follow, then dies: no keep-alive, no cancel
         await store.publish(logbus.LOGS, {"id": "gone", "function": "hello", "follow": True, "tail": 5})
-        await asyncio.sleep(0.3)
-        assert "gone" in server.sessions
+        await asyncio.wait_for(until(lambda: "gone" in server.sessions), WAIT)
         await asyncio.wait_for(source.closed.wait(), WAIT)  # the reaper runs every second
         await asyncio.wait_for(until(lambda: not server.sessions), WAIT)
     finally:

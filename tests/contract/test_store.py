@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -458,6 +460,70 @@ async def test_returned_objects_are_copies(store: Store) -> None:
     assert (await store.list_events("hello"))[0].data == {"a": [1]}
 
 
+# -- blobs (content-addressed sources) ---------------------------------------------------
+
+
+def _blob(text: bytes) -> tuple[str, bytes]:
+    return hashlib.sha256(text).hexdigest(), text
+
+
+async def test_blobs_put_get_list_delete(store: Store) -> None:
+    sha, data = _blob(b"\x00\x1f\x8b binary \xff bytes" * 100)
+    other, data2 = _blob(b"another archive")
+    assert await store.get_blob(sha) is None
+    assert await store.list_blobs() == {}
+    before = time.time()
+    await store.put_blob(sha, data)
+    await store.put_blob(other, data2)
+    assert await store.get_blob(sha) == data  # exactly the bytes, not text
+    blobs = await store.list_blobs()
+    assert sorted(blobs) == sorted([sha, other])
+    assert before - 2 <= blobs[sha] <= time.time() + 2
+    await store.put_blob(sha, data)  # idempotent
+    assert await store.get_blob(sha) == data
+    assert await store.delete_blob(sha) is True
+    assert await store.delete_blob(sha) is False
+    assert await store.get_blob(sha) is None
+    assert list(await store.list_blobs()) == [other]
+
+
+async def test_a_second_put_refreshes_the_blob_time(store: Store) -> None:
+    sha, data = _blob(b"refresh me")
+    await store.put_blob(sha, data)
+    first = (await store.list_blobs())[sha]
+    await asyncio.sleep(0.05)
+    await store.put_blob(sha, data)
+    assert (await store.list_blobs())[sha] > first
+
+
+@pytest.mark.security
+async def test_a_blob_that_does_not_match_its_hash_is_refused(store: Store, attack: Any) -> None:
+    """Plant other bytes under an archive's hash in the store"""
+    sha, data = _blob(b"the real archive")
+    with pytest.raises(ValueError, match="does not hash"):
+        await store.put_blob(sha, b"something else")
+    assert await store.get_blob(sha) is None and await store.list_blobs() == {}
+    for bad in ("", "../../etc/passwd", sha.upper(), sha[:-1], sha + "0", "*", f"{sha[:-1]}/"):
+        with pytest.raises(ValueError, match="sha256"):
+            await store.put_blob(bad, data)
+        assert await store.get_blob(bad) is None
+        assert await store.delete_blob(bad) is False
+    attack.ended("ValueError: the blob does not hash to the name, malformed names refused")
+
+
+async def test_the_archive_key_is_made_once(store: Store) -> None:
+    key = await store.archive_key()
+    assert isinstance(key, bytes) and len(key) >= 32
+    assert await store.archive_key() == key
+
+
+async def test_blobs_are_kept_apart_from_functions(store: Store) -> None:
+    sha, data = _blob(b"apart")
+    await store.put_blob(sha, data)
+    assert await store.list_functions() == []
+    assert await store.get_function(sha) is None
+
+
 # -- open_store ----------------------------------------------------------------------------
 
 
@@ -508,6 +574,34 @@ async def test_embedded_secret_files_are_private(tmp_path: Path, attack: Any) ->
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     attack.ended("refused by the file system: secrets/ is 0700, secrets/db-password.json 0600")
+
+
+@pytest.mark.security
+async def test_embedded_blobs_and_archive_key_are_private_and_durable(tmp_path: Path, attack: Any) -> None:
+    """Read a function's source archive or the archive-token key from the state dir"""
+    old_umask = os.umask(0o022)
+    sha, data = _blob(b"source archive bytes")
+    try:
+        store = EmbeddedStore(tmp_path)
+        await store.put_blob(sha, data)
+        key = await store.archive_key()
+        await store.close()
+    finally:
+        os.umask(old_umask)
+    folder = tmp_path / "blobs"
+    assert [p.name for p in folder.iterdir()] == [sha]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / sha).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "archive.key").stat().st_mode) == 0o600
+    (folder / f".{sha[:12]}.x.tmp").write_bytes(b"torn")  # an interrupted put
+    again = EmbeddedStore(tmp_path)
+    try:
+        assert await again.get_blob(sha) == data and await again.archive_key() == key
+        assert list(await again.list_blobs()) == [sha]
+    finally:
+        await again.close()
+    assert [p.name for p in folder.iterdir()] == [sha]
+    attack.ended("refused by the file system: blobs/ is 0700, each blob and archive.key 0600")
 
 
 async def test_embedded_skips_a_corrupt_secret_file_without_quoting_it(
@@ -642,10 +736,22 @@ async def test_embedded_memory_only(tmp_path: Path) -> None:
 
 async def test_embedded_publish_never_waits_for_a_slow_subscriber() -> None:
     store = EmbeddedStore(None)
-    store.subscribe("stats")  # kept, never read
-    sub = store.subscribe("stats")  # noqa: F841  (held, never read)
-    for i in range(10_000):
-        await store.publish("stats", {"i": i})
+    store.subscribe("stats")  # dropped at once: unregistered, never read
+    sub = store.subscribe("stats")  # held, not read while publishing
+
+    async def publish_all() -> None:
+        for i in range(10_000):
+            await store.publish("stats", {"i": i})
+
+    await asyncio.wait_for(publish_all(), 30)  # a bound on a hang, not a speed
+    # the subscriber that read nothing while it ran lost nothing and kept the order
+    got = []
+    async for msg in sub:
+        got.append(msg["i"])
+        if len(got) == 10_000:
+            break
+    assert got == list(range(10_000))
+    assert len(store._channels["stats"]) == 1  # the dropped subscription left no queue behind
     await store.close()
 
 
@@ -703,6 +809,25 @@ async def test_redis_key_layout(redis_url: str) -> None:
         assert json.loads(r.hget("tp:replicas:hello", "hello-00001-a") or "")["revision"] == (  # type: ignore[arg-type]
             "hello-00001")
         assert r.llen("tp:events:hello") == 1
+    finally:
+        r.close()
+
+
+async def test_redis_blob_keys_and_a_shared_archive_key(redis_url: str) -> None:
+    api, controller = RedisStore(redis_url, prefix="tp"), RedisStore(redis_url, prefix="tp")
+    sha, data = _blob(bytes(range(256)))
+    try:
+        await api.put_blob(sha, data)
+        assert await controller.get_blob(sha) == data
+        assert await api.archive_key() == await controller.archive_key()
+    finally:
+        await api.close()
+        await controller.close()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert r.get(f"tp:blob:{sha}") == data
+        assert set(r.hkeys("tp:blobs")) == {sha.encode()}
+        assert len(bytes.fromhex((r.get("tp:archivekey") or b"").decode())) == 32
     finally:
         r.close()
 

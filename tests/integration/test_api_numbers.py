@@ -246,8 +246,7 @@ def test_deploy_a_function_named_like_another_functions_tag_host(api: Api, attac
     assert r.status_code == 400 and r.json()["field"] == "name"
     assert "canary-hello.torpor.localhost" in r.json()["detail"] and "tag 'canary'" in r.json()["detail"]
     assert api.c.get("/v1/functions/canary-hello").status_code == 404
-    assert not (api.state / "sources" / "canary-hello").exists() or not any(
-        (api.state / "sources" / "canary-hello").iterdir())
+    assert not (api.state / "blobs").exists() or not any((api.state / "blobs").iterdir())  # no archive kept
 
 
 @pytest.mark.security

@@ -74,11 +74,20 @@ def _cleanup(engine, tmp_path: Path):
 
 
 def containers(engine, function: str, state: Path) -> list:
-    """This installation's containers of ``function`` (other runs may share the engine)."""
+    """This installation's containers of ``function`` (other runs may share the engine).
+
+    The SDK lists, then inspects each container: one removed in between (scaled to zero,
+    deleted) is a 404, and the listing is asked again (a few times, then it raises)."""
     from torpor.drivers.docker import INSTANCE, instance_id
 
-    return engine.containers.list(all=True, filters={"label": [f"torpor.function={function}",
-                                                              f"{INSTANCE}={instance_id(state)}"]})
+    filters = {"label": [f"torpor.function={function}", f"{INSTANCE}={instance_id(state)}"]}
+    for attempt in range(5):
+        try:
+            return engine.containers.list(all=True, filters=filters)
+        except docker.errors.NotFound:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path, engine, plain_image) -> None:

@@ -32,6 +32,7 @@ from torpor.runtime import fetch
 from torpor.store import open_store
 
 NS = "torpor-test"
+ARCHIVE_KEY = b"k" * 32
 IMAGE = "torpor/runtime:test"
 HANDLER = "def handle(request):\n    print('served', request.path, flush=True)\n    return 'hello from a pod'\n"
 
@@ -40,7 +41,7 @@ class Env:
     def __init__(self, tmp: Path, **sim_kw: Any) -> None:
         self.tmp = tmp
         self.sim = SimCluster((NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}, **sim_kw).start()
-        self.archives = ArchiveServer().start()
+        self.archives = ArchiveServer(key=ARCHIVE_KEY).start()  # each Pod must bring its archive's own token
         self.config = KubeConfig.from_dict(self.sim.kubeconfig())
         self.drivers: list[KubernetesDriver] = []
         self._n = 0
@@ -48,6 +49,7 @@ class Env:
     def driver(self, instance: str = "inst-a", **kw: Any) -> KubernetesDriver:
         d = KubernetesDriver(instance, NS, self.config, runtime_image=IMAGE, archive_url_base=self.archives.base,
                              trust_env=False, **kw)
+        d.use_archive_key(ARCHIVE_KEY)  # as the controller does at start
         self.drivers.append(d)
         return d
 
@@ -206,6 +208,11 @@ async def test_a_source_revision_without_an_archive_hash_fails_to_prepare(env: E
     env.drivers.append(nobase)
     with pytest.raises(BuildError, match="TORPOR_ARCHIVE_URL_BASE"):
         await nobase.prepare(env.revision())
+    nokey = KubernetesDriver("inst-a", NS, env.config, runtime_image=IMAGE, archive_url_base=env.archives.base,
+                             trust_env=False)
+    env.drivers.append(nokey)
+    with pytest.raises(BuildError, match="no archive key"):
+        await nokey.prepare(env.revision())
 
 
 async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
@@ -229,6 +236,7 @@ async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
 async def test_a_missing_namespace_is_a_clear_error(env: Env) -> None:
     d = KubernetesDriver("inst-a", "no-such-ns", env.config, runtime_image=IMAGE,
                          archive_url_base=env.archives.base, trust_env=False)
+    d.use_archive_key(ARCHIVE_KEY)
     try:
         with pytest.raises(KubernetesError, match="does namespace no-such-ns exist"):
             await d.prepare(env.revision())
@@ -285,6 +293,12 @@ async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(
     controller, and deletion through the owner."""
     store = open_store(state_dir=tmp_path / "store")
     rev = env.revision(scale=Scale(min=1))
+    assert rev.source_sha256 is not None
+    # as the API does on deploy: the archive goes into the store; the Pods' archive server
+    # takes tokens made with the store's key (which the controller hands the driver)
+    await store.put_blob(rev.source_sha256, env.archives.archives[rev.source_sha256])
+    rev.source = None  # nothing but the hash travels
+    env.archives.key = await store.archive_key()
     fn = Function(name="hello", revisions=[rev], traffic=[TrafficTarget(revision=rev.name, percent=100)],
                   next_number=2)
     await store.update_function("hello", lambda _cur: fn)
@@ -321,14 +335,15 @@ async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(
 
 def test_torpor_up_runs_the_kubernetes_driver_from_a_kubeconfig(tmp_path: Path) -> None:
     """``torpor up --driver kubernetes --namespace NS`` with KUBECONFIG pointing at the sim:
-    the controller lists its Pods there by label at start, and a source deploy fails with
-    the driver's clear reason until the API records archive hashes (cluster mode)."""
-    sim = SimCluster((NS,)).start()
+    the controller lists its Pods there by label at start; a source function deploys, its
+    Pod fetches the archive from the real API's /v1/archives with its own read-only token,
+    and answers through the gateway."""
+    sim = SimCluster((NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}).start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps(sim.kubeconfig()))  # JSON is YAML
     t = Torpor(tmp_path / "state", driver="kubernetes", extra=["--namespace", NS],
-               env={"KUBECONFIG": str(kubeconfig), "TORPOR_RUNTIME_IMAGE": IMAGE,
-                    "TORPOR_ARCHIVE_URL_BASE": "http://127.0.0.1:9/v1/archives"})
+               env={"KUBECONFIG": str(kubeconfig), "TORPOR_RUNTIME_IMAGE": IMAGE})
+    t.env["TORPOR_ARCHIVE_URL_BASE"] = f"{t.api}/v1/archives"
     try:
         t.start()
 
@@ -338,13 +353,36 @@ def test_torpor_up_runs_the_kubernetes_driver_from_a_kubeconfig(tmp_path: Path) 
                        and "torpor.instance=" in q.get("labelSelector", "") for m, p, q in list(sim.requests))
 
         t.wait_for(listed, 15, "the controller listing its Pods in the namespace")
-        r = t.cli("deploy", str(function_copy(tmp_path, "hello")), "--wait", "60", check=False)
-        assert r.returncode != 0
-        assert "no archive hash" in r.stderr, r.stderr
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port = int(s.getsockname()[1])  # free on every address: each Pod listens on it at its own IP
+        t.cli("deploy", str(function_copy(tmp_path, "hello", port=port, env={"GREETING": "from a pod"})),
+              "--wait", "60")
+        r = t.request("hello", "/?name=cluster", timeout=30)
+        assert r.status_code == 200 and r.text == "from a pod, cluster!\n", r.text
+        sha = t.function("hello")["revisions"][0]["source_sha256"]
+        pod = next(iter(env_of_pods(sim)))
+        assert pod["TORPOR_ARCHIVE_URL"] == f"{t.api}/v1/archives/{sha}"
+        token = pod["TORPOR_ARCHIVE_TOKEN"]
+        assert token.startswith("tpa1.") and token != t.api_headers["Authorization"].split()[1]
+        # the Pod's token fetches its own archive and nothing else of the API
+        got = httpx.get(f"{t.api}/v1/archives/{sha}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert got.status_code == 200
+        other = httpx.get(f"{t.api}/v1/functions", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert other.status_code == 401
         assert "driver=kubernetes" in t.log.read_text()
     finally:
         t.stop()
         sim.stop()
+
+
+def env_of_pods(sim: SimCluster) -> list[dict[str, str]]:
+    """Each Pod's container env (plain values) as the sim holds it."""
+    out = []
+    for pod in sim.objects_of("pods", NS):
+        env = pod["spec"]["containers"][0].get("env", [])
+        out.append({e["name"]: e.get("value", "") for e in env})
+    return out
 
 
 def test_torpor_up_without_a_cluster_configuration_says_so(tmp_path: Path) -> None:

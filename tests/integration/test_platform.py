@@ -6,7 +6,6 @@ import concurrent.futures as cf
 import hashlib
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -155,6 +154,13 @@ def test_kill_9_then_restart_adopts_replicas_without_duplicates(tmp_path: Path) 
         assert len(records) == 1
 
 
+def _in_flight(t: Torpor, function: str) -> float:
+    """The gateway's own gauge of requests being proxied now for ``function``."""
+    text = httpx.get(t.gateway + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("torpor_in_flight_requests{") and f'function="{function}"' in line)
+
+
 def test_sigterm_drains_in_flight_requests_before_replicas_stop(tmp_path: Path) -> None:
     t = Torpor(tmp_path / "state").start()
     try:
@@ -162,7 +168,7 @@ def test_sigterm_drains_in_flight_requests_before_replicas_stop(tmp_path: Path) 
         assert t.request("slow").status_code == 200
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(t.request, "slow", "/?ms=1500") for _ in range(4)]
-            time.sleep(0.5)  # requests are in flight on the replica
+            t.wait_for(lambda: _in_flight(t, "slow") == 4, 10, "4 requests in flight on the replica")
             code = t.stop(signal.SIGTERM)
             results = [f.result(timeout=30) for f in futs]
         assert [r.status_code for r in results] == [200] * 4

@@ -139,7 +139,8 @@ def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path
     out = up.cli("traffic", "hello", f"hello-00001={split[0]}", f"hello-00002={split[1]}").stdout
     assert f"hello-00001={split[0]}%" in out
     up.wait_for(lambda: traffic(up, "hello")[0][1] == split[0], 10, "traffic applied")
-    time.sleep(0.3)  # the gateway applies the change feed
+    # the gateway applies the change feed: wait until it routes to the new revision
+    up.wait_for(lambda: "hello-00002" in count_revisions(up.gateway, "hello", 20, threads=1), 10, "split in the gateway")
     got = count_revisions(up.gateway, "hello", 10_000)
     assert sum(got.values()) == 10_000
     for rev, pct in zip(("hello-00001", "hello-00002"), split, strict=True):
@@ -169,7 +170,8 @@ def test_tags_reach_their_revision_even_at_zero_percent(up: Torpor, tmp_path: Pa
     # a tag given by hand, on the revision with all the traffic and on the one without
     up.cli("traffic", "hello", "hello-00001=100", "--tag", "hello-00001=prod", "--tag", "hello-00002=beta")
     up.wait_for(lambda: ("hello-00002", 0, "beta") in traffic(up, "hello"), 10, "tags applied")
-    time.sleep(0.3)
+    up.wait_for(lambda: up.request("hello", tag="beta").headers.get("x-torpor-revision") == "hello-00002", 10,
+                "the gateway routes the new tag")
     assert up.request("hello", tag="beta").headers["x-torpor-revision"] == "hello-00002"
     assert up.request("hello", tag="prod").headers["x-torpor-revision"] == "hello-00001"
     gone = up.request("hello", tag="canary")  # the old tag no longer exists
@@ -325,7 +327,7 @@ def test_rollout_controls_pause_resume_promote_abort_and_rollback(up: Torpor, tm
 
 
 def test_retired_revisions_are_garbage_collected_beyond_the_retention(tmp_path: Path) -> None:
-    with torpor_up(tmp_path / "state", extra=["--keep-revisions", "1"]) as t:
+    with torpor_up(tmp_path / "state", extra=["--keep-revisions", "1"], env={"TORPOR_ARCHIVE_GRACE": "1"}) as t:
         for v in range(1, 5):
             tag = ["--tag", "pinned"] if v == 1 else []  # the tag stays with hello-00001 at 0%
             t.deploy(function_copy(tmp_path, "hello", env={"GREETING": f"v{v}"}, scale={"idle": "1s"}), *tag)
@@ -336,8 +338,13 @@ def test_retired_revisions_are_garbage_collected_beyond_the_retention(tmp_path: 
 
         # 4 serves, 1 is tagged; of the retired 2 and 3, only the newest (3) is kept
         t.wait_for(lambda: names() == ["hello-00001", "hello-00003", "hello-00004"], 30, "hello-00002 collected")
-        sources = list((tmp_path / "state" / "sources" / "hello").iterdir())
-        assert len(sources) == 3
+        shas = {r["source_sha256"] for r in t.function("hello")["revisions"]}
+        assert len(shas) == 3
+        # the collected revision's archive leaves the store and the controller's cache
+        t.wait_for(lambda: {p.name for p in (tmp_path / "state" / "blobs").iterdir()} == shas, 30,
+                   "hello-00002's archive removed")
+        t.wait_for(lambda: {p.name for p in (tmp_path / "state" / "sources-cache").iterdir()} == shas, 30,
+                   "hello-00002's unpacked copy removed")
         events = t.api_call("GET", "/v1/functions/hello/events", params={"limit": 200}, timeout=5).json()["events"]
         assert any(e["kind"] == "gc" and "hello-00002" in e["message"] for e in events)
         assert t.request("hello", tag="pinned").text == "v1, world!\n"

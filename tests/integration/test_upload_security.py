@@ -9,7 +9,10 @@ the state directory holds exactly what it held before: no file, no temporary dir
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,8 +59,8 @@ def attempt(t: Torpor, body: bytes | object, status: int, *fragments: str) -> di
         assert fragment in err["detail"], err
     after = snapshot(t.state_dir)
     assert after == before, f"the state directory changed: {set(after) ^ set(before)}"
-    sources = t.state_dir / "sources"
-    leftovers = [p.name for p in sources.iterdir() if p.name.startswith(".upload-")] if sources.exists() else []
+    uploads = t.state_dir / "uploads"
+    leftovers = [p.name for p in uploads.iterdir() if p.name.startswith(".upload-")] if uploads.exists() else []
     assert leftovers == [], f"temporary upload folders left: {leftovers}"
     assert t.api_call("GET", "/v1/functions").json()["functions"] == []
     return dict(err)
@@ -70,10 +73,10 @@ def ended(attack, err: dict[str, str], status: int) -> None:
 @pytest.mark.security
 def test_cve_2025_4517_chain_writes_nothing_beside_the_upload(up: Torpor, attack) -> None:
     """POST the CVE-2025-4517 symlink chain that escapes tarfile's data filter."""
-    (up.state_dir / "sources").mkdir(exist_ok=True)
-    dest = str(up.state_dir / "sources" / ".upload-xxxxxxxx")  # what the API's mkdtemp makes
+    (up.state_dir / "uploads").mkdir(exist_ok=True)
+    dest = str(up.state_dir / "uploads" / ".upload-xxxxxxxx")  # what the API's mkdtemp makes
     err = attempt(up, cve_2025_4517(dest), 400, "is a symbolic link")
-    assert not (up.state_dir / "sources" / "newfile").exists()
+    assert not (up.state_dir / "uploads" / "newfile").exists()
     ended(attack, err, 400)
 
 
@@ -163,10 +166,14 @@ def test_requirements_naming_an_archive_of_the_upload_are_refused_at_deploy(up: 
 def test_a_clean_upload_still_deploys_and_the_spool_leaves_nothing(up: Torpor) -> None:
     r = post(up, function(M("lib/util.py", data=b"X = 1\n")))
     assert r.status_code == 201, r.text
-    sources = up.state_dir / "sources"
-    kept = [p for p in sources.rglob("*") if p.is_file()]
-    assert sorted(p.name for p in kept) == ["handler.py", "torpor.yaml", "util.py"]
-    assert not [p for p in sources.iterdir() if p.name.startswith(".upload-")]
+    uploads = up.state_dir / "uploads"
+    assert [p for p in uploads.rglob("*")] == []  # the spool and the checked folder are gone
+    # what is kept is the normalised archive in the store, named by its hash
+    sha = up.api_call("GET", "/v1/functions/evil").json()["revisions"][0]["source_sha256"]
+    blob = (up.state_dir / "blobs" / sha).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == sha
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["handler.py", "lib/util.py", "torpor.yaml"]
     up.api_call("DELETE", "/v1/functions/evil")
     up.wait_for(lambda: up.api_call("GET", "/v1/functions").json()["functions"] == [], 30, "evil deleted")
 

@@ -454,3 +454,20 @@ def test_panicking_property() -> None:
     s.decide(5.75, 1)
     assert s.panicking
     assert s.last_activity == 5.5
+
+
+def test_panic_threshold_and_window_come_from_the_scale() -> None:
+    """scale.panic_threshold / panic_window (Knative's panic-threshold-percentage and
+    panic-window-percentage): the same burst panics at 200 % but not at 400 %, and a
+    20 % panic window averages over 12 s instead of 6 s."""
+    samples = steady(0, 54, 10) + steady(54, 60, 40)
+    default = RevisionScaler(Scale())
+    high = RevisionScaler(Scale(panic_threshold=400))
+    wide = RevisionScaler(Scale(panic_window=20))
+    for s in (default, high, wide):
+        for t, c, r in samples:
+            s.record(t, c, r)
+    assert default.decide(59.75, 2).panic is True  # ceil(40 / 10) = 4 >= 2 x 2
+    d = high.decide(59.75, 2)
+    assert d.panic is False and d.panicked == pytest.approx(40.0)  # 4 < 4 x 2
+    assert wide.decide(59.75, 2).panicked == pytest.approx((6 * 10 + 6 * 40) / 12)

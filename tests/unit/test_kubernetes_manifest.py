@@ -19,10 +19,12 @@ from torpor.drivers.kubernetes import (
     running_of,
 )
 from torpor.model import MiB, Resources, Revision, Spec
+from torpor.sources import archive_token, token_matches
 
 SHA = "a" * 64
+KEY = bytes(range(32))
 SETTINGS = PodSettings(instance="inst0123abcd", namespace="fns", runtime_image="registry.example/torpor/runtime:1",
-                       archive_url_base="http://torpor-api.torpor.svc:8081/v1/archives/")
+                       archive_url_base="http://torpor-api.torpor.svc:8081/v1/archives/", archive_key=KEY)
 
 
 def rev(**spec_kw: Any) -> Revision:
@@ -124,16 +126,25 @@ def test_a_source_function_runs_the_runtime_image_with_its_archive() -> None:
     assert (env["TORPOR_FUNCTION"], env["TORPOR_REVISION"], env["TORPOR_REPLICA"]) == (
         "hello", "hello-00003", "hello-00003-abc123")
     assert (env["K_SERVICE"], env["K_REVISION"]) == ("hello", "hello-00003")
-    assert "TORPOR_ARCHIVE_TOKEN" not in env
     assert c["ports"] == [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]
     assert c["readinessProbe"] == {"httpGet": {"path": "/_torpor/health", "port": 8080}, "periodSeconds": 2,
                                    "timeoutSeconds": 1, "failureThreshold": 3}
 
 
-def test_the_download_token_comes_from_a_secret_never_the_spec() -> None:
-    settings = PodSettings(**{**SETTINGS.__dict__, "archive_token_secret": "torpor-archive-token"})
-    env = env_of(pod(settings=settings))
-    assert env["TORPOR_ARCHIVE_TOKEN"] == {"secretKeyRef": {"name": "torpor-archive-token", "key": "token"}}
+def test_the_download_token_is_the_archives_own_read_only_token() -> None:
+    env = env_of(pod())
+    assert env["TORPOR_ARCHIVE_TOKEN"] == archive_token(KEY, SHA)
+    assert token_matches(KEY, SHA, env["TORPOR_ARCHIVE_TOKEN"])
+    assert not token_matches(KEY, "b" * 64, env["TORPOR_ARCHIVE_TOKEN"])  # good for this archive only
+    other = PodSettings(**{**SETTINGS.__dict__, "archive_key": b"another installation's key......"})
+    assert env_of(pod(settings=other))["TORPOR_ARCHIVE_TOKEN"] != env["TORPOR_ARCHIVE_TOKEN"]
+    assert "TORPOR_ARCHIVE_TOKEN" not in env_of(pod(rev(image="registry.example/me/hello:2")))
+
+
+def test_without_the_archive_key_a_source_pod_is_refused() -> None:
+    settings = PodSettings(**{**SETTINGS.__dict__, "archive_key": None})
+    with pytest.raises(BuildError, match="no archive key"):
+        pod(settings=settings)
 
 
 def test_an_image_function_runs_its_image_with_a_tcp_probe() -> None:
@@ -205,3 +216,19 @@ def test_resolved_secrets_reach_the_container_env() -> None:
     p = pod_manifest(rev(), "hello-00003-abc123", "uid", SETTINGS, {"DB_PASSWORD": "s3cret-value"}).to_dict()
     env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
     assert env["DB_PASSWORD"] == "s3cret-value"
+
+
+def test_the_knative_contract_command_args_and_labels_reach_the_pod() -> None:
+    p = pod(rev(image="registry.example/me/hello:2", command=["/bin/app"], args=["--port", "8080"],
+                labels={"team": "web", "app.kubernetes.io/name": "hello"}))
+    env = env_of(p)
+    assert (env["K_SERVICE"], env["K_CONFIGURATION"], env["K_REVISION"]) == ("hello", "hello", "hello-00003")
+    c = p["spec"]["containers"][0]
+    assert c["command"] == ["/bin/app"] and c["args"] == ["--port", "8080"]
+    labels = p["metadata"]["labels"]
+    assert labels["team"] == "web" and labels["app.kubernetes.io/name"] == "hello"
+    assert labels["torpor.function"] == "hello"
+    src = pod(rev(handler_style="openfaas"))
+    assert env_of(src)["TORPOR_HANDLER_STYLE"] == "openfaas"
+    assert "command" not in src["spec"]["containers"][0]  # a source function runs the runtime image's own
+    assert "TORPOR_HANDLER_STYLE" not in env_of(pod())

@@ -12,8 +12,7 @@ import pytest
 from torpor.api.app import ApiConfig, create_app
 from torpor.controller.rollout import P95_FLOOR, Rollouts, StepStats, judge, quantile
 from torpor.controller.traffic import start_rollout
-from torpor.gateway.routes import LATENCY_BUCKETS
-from torpor.model import Function, Revision, RolloutPolicy, Spec, TrafficTarget
+from torpor.model import LATENCY_BUCKETS, Function, Revision, RolloutPolicy, Spec, TrafficTarget
 from torpor.store.embedded import EmbeddedStore
 
 NB = len(LATENCY_BUCKETS) + 1
