@@ -1,10 +1,10 @@
 """Asynchronous calls: how fast the gateway accepts them, and how long a backlog takes to drain.
 
     python tests/benchmarks/bench_async.py [--calls 2000] [--clients 32] [--ms 50]
-                                           [--concurrency 50] [--driver process]
+                                           [--concurrency 50] [--driver process] [--redis URL]
 
 A real ``torpor up`` (embedded store: every accepted call is fsynced to the state dir
-before its 202) runs functions/slow (``--ms`` per call, target 5 in flight per replica,
+before its 202; with ``--redis``: the Redis Streams queue, as in distributed mode) runs functions/slow (``--ms`` per call, target 5 in flight per replica,
 max 10) with ``async: {concurrency: N}``. The function is held at zero
 (``torpor scale --replicas 0``) while ``--clients`` keep-alive connections POST
 ``--calls`` calls to ``/async-function/slow`` back to back: that is the accept rate,
@@ -86,12 +86,13 @@ def main() -> int:
     ap.add_argument("--ms", type=int, default=50, help="time per call in the function")
     ap.add_argument("--concurrency", type=int, default=50, help="async.concurrency of the function")
     ap.add_argument("--driver", default="process")
+    ap.add_argument("--redis", help="use this Redis (its data is overwritten) instead of the embedded store")
     args = ap.parse_args()
     header(f"async: {args.calls} calls from {args.clients} clients, functions/slow ({args.ms} ms, target 5, max 10, "
-           f"async.concurrency {args.concurrency}), driver {args.driver}")
+           f"async.concurrency {args.concurrency}), driver {args.driver}, store {'redis' if args.redis else 'embedded'}")
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-async-"))
     try:
-        with platform(tmp, args.driver) as t:
+        with platform(tmp, args.driver, extra=["--redis", args.redis] if args.redis else None) as t:
             t.deploy(function_copy(tmp, "slow", env={"SLEEP_MS": str(args.ms), "FAIL_RATE": "0"},
                                    scale={"min": 0, "max": 10, "target": 5, "idle": "10s"},
                                    **{"async": {"concurrency": args.concurrency}}))
