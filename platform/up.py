@@ -1,5 +1,7 @@
 """``torpor up``: the store, controller (with the autoscaler), API and gateway in one
-event loop. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
+event loop. The controller acts only while it holds the controller lease (in memory for
+the embedded store, in Redis otherwise: ``torpor.lease``); the installation's id (the
+``torpor.instance`` label, image tags) comes from the store. SIGTERM/SIGINT: the gateway stops accepting and drains its in-flight
 requests (for at most ``graceful_timeout`` seconds, then what is left is cut off), then
 the controller drains and stops every replica, then the API stops (within
 ``graceful_timeout`` too).
@@ -14,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +27,18 @@ from typing import Any
 import uvicorn
 
 from torpor.api.app import ApiConfig, create_app
+from torpor.api.status import version
 from torpor.apitoken import TokenError, default_state_dir, given_token, load_or_create, token_path
 from torpor.archive import ArchiveLimits
 from torpor.controller.blobs import GRACE
+from torpor.controller.health import health_app
+from torpor.controller.leader import Leadership
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Driver
 from torpor.gateway.app import MAX_BUFFERED, Gateway
 from torpor.gateway.forwarded import parse_trusted_proxies
 from torpor.gateway.server import Server as GatewayServer
+from torpor.lease import Lease, lease_for
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.spec import MAX_IDLE, MAX_SCALE
 from torpor.store import open_store
@@ -92,6 +99,9 @@ class UpConfig:
     write_timeout: float = 30.0  # a client that reads nothing of its response for this long
     max_connections: int = 10_000  # open client connections; beyond: 503 + Retry-After
     max_buffered: int = MAX_BUFFERED  # request body bytes held at once; beyond: 503
+    lease_ttl: float = 5.0  # controller lease: a standby takes over at most this long after the leader's end
+    health_port: int | None = None  # controller: /healthz and /readyz for probes (TORPOR_HEALTH_PORT)
+    health_host: str = "0.0.0.0"
 
 
 def read_token(token_file: str | None) -> tuple[str, str] | None:
@@ -107,6 +117,11 @@ def read_token(token_file: str | None) -> tuple[str, str] | None:
 def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
     if not 0 <= cfg.archive_grace <= 86400:  # NaN fails it too
         raise UpError(f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}")
+    if "controller" in components:
+        if not 0.5 <= cfg.lease_ttl <= 60:  # NaN fails it too
+            raise UpError(f"--lease-ttl {cfg.lease_ttl}: expected seconds from 0.5 to 60")
+        if cfg.health_port is not None and not 1 <= cfg.health_port <= 65535:
+            raise UpError(f"--health-port {cfg.health_port}: expected a TCP port from 1 to 65535")
     if "api" not in components:
         return
     if cfg.api_host not in LOOPBACK and not cfg.token:
@@ -158,6 +173,26 @@ def docker_available() -> bool:
         return False
 
 
+def legacy_instance(state_dir: Path) -> str:
+    """The id an installation had before it was kept in the store (derived from its state dir)."""
+    from torpor.drivers.docker import instance_id
+
+    return instance_id(state_dir)
+
+
+def use_instance(driver: Driver, instance: str) -> None:
+    """Make ``driver`` label (and tag) what it starts with the installation's ``instance``."""
+    if hasattr(driver, "use_instance"):
+        driver.use_instance(instance)
+    elif hasattr(driver, "instance"):  # kubernetes: the id is in its Pod settings too
+        import dataclasses
+
+        driver.instance = instance
+        settings = getattr(driver, "settings", None)
+        if settings is not None and dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+            driver.settings = dataclasses.replace(settings, instance=instance)  # type: ignore[attr-defined]
+
+
 def make_driver(cfg: UpConfig) -> Driver:
     choice = cfg.driver
     if choice == "auto":
@@ -180,10 +215,8 @@ def make_driver(cfg: UpConfig) -> Driver:
             from torpor.drivers.kubernetes import KubernetesDriver, KubernetesError
         except ImportError as e:
             raise UpError(f"--driver kubernetes needs lightkube: pip install 'torpor[kubernetes]' ({e})") from e
-        from torpor.drivers.docker import instance_id
-
-        try:
-            return KubernetesDriver(instance_id(cfg.state_dir), cfg.namespace)
+        try:  # the installation's id from the store replaces this one before anything starts
+            return KubernetesDriver(legacy_instance(cfg.state_dir), cfg.namespace)
         except KubernetesError as e:
             raise UpError(f"--driver kubernetes: {e}") from e
     raise UpError(f"--driver {choice!r}: expected process, docker, kubernetes or auto")
@@ -229,12 +262,26 @@ class Platform:
         self.controller: Controller | None = None
         self.gateway: Gateway | None = None
         self.servers: list[tuple[str, _Server | GatewayServer, str]] = []
+        self.store_kind = "redis" if cfg.redis else "embedded"
+        # one lease per installation: the controller holds it, the API names its holder
+        self.lease: Lease | None = lease_for(self.store) if components & {"controller", "api"} else None
         if "controller" in components:
+            assert self.lease is not None
             self.driver = make_driver(cfg)
+            ttl = cfg.lease_ttl
+            leadership = Leadership(self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10))
             self.controller = Controller(self.store, self.driver, settings=Settings(
                 max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
                 source_cache=cfg.state_dir / "sources-cache", source_limits=cfg.limits, blob_grace=cfg.archive_grace,
-                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)))
+                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)),
+                leadership=leadership, lease_key=getattr(self.lease, "key", None),
+                info={"host": socket.gethostname(), "pid": os.getpid(), "driver": self.driver.name,
+                      "store": self.store_kind, "version": version()})
+            if cfg.health_port is not None:
+                ctl = self.controller
+                app = health_app(ctl.alive, ctl.ready, lambda: ctl.role)
+                self.servers.append(("health", _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
+                                     f"{cfg.health_host}:{cfg.health_port}"))
         if "gateway" in components:
             self.gateway = Gateway(self.store, domain=cfg.domain, max_buffered=cfg.max_buffered,
                                    trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies))
@@ -245,12 +292,13 @@ class Platform:
             self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
         if "api" in components:
             gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-            ready = self.controller.synced.is_set if self.controller else (lambda: True)
+            ready = self.controller.ready if self.controller else (lambda: True)
             token, self.token_source = api_token(cfg)  # written before the API listens
             api = create_app(self.store, ApiConfig(
                 state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
                 max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
-                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits))
+                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits,
+                lease=self.lease, store_kind=self.store_kind))
             self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level,
                                                  cfg.graceful_timeout), f"{cfg.api_host}:{cfg.api_port}"))
         self._stop = asyncio.Event()
@@ -298,14 +346,35 @@ class Platform:
             for t in tasks:
                 t.cancel()
 
+    async def _identity(self) -> str:
+        """The installation's id, from the store (created once; an embedded store takes the
+        id its state dir gave before ids were kept in the store)."""
+        default = None if self.cfg.redis else legacy_instance(self.cfg.state_dir)
+        return await self.store.instance_id(default)
+
+    async def _gateway_heartbeats(self) -> None:
+        assert self.gateway is not None
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "address": f"{self.cfg.host}:{self.cfg.port}",
+                "version": version()}
+        while True:
+            try:
+                await self.store.heartbeat("gateway", self.gateway.id, info)
+            except Exception as e:  # the store is away: the gateway serves on from memory
+                log.debug("gateway heartbeat failed: %s", e)
+            await asyncio.sleep(1.0)
+
     async def run(self, on_started: Callable[[Platform], None] | None = None) -> None:
         log_server: asyncio.Task[None] | None = None
+        heartbeat: asyncio.Task[None] | None = None
         if self.controller:
+            assert self.driver is not None
+            use_instance(self.driver, await self._identity())
             await self.controller.start()
             if self.cfg.redis:  # API processes elsewhere ask this one for replica logs
                 log_server = asyncio.create_task(LogServer(self.store, self.logs).run())
         if self.gateway:
             await self.gateway.start()
+            heartbeat = asyncio.create_task(self._gateway_heartbeats())
         tasks = {name: asyncio.create_task(server.serve()) for name, server, _ in self.servers}
         try:
             while not all(server.started for _, server, _ in self.servers):
@@ -331,9 +400,13 @@ class Platform:
             if "api" in servers:
                 servers["api"].should_exit = True
                 await asyncio.gather(tasks["api"], return_exceptions=True)
-            if log_server is not None:
-                log_server.cancel()
-                await asyncio.gather(log_server, return_exceptions=True)
+            if "health" in servers:
+                servers["health"].should_exit = True
+                await asyncio.gather(tasks["health"], return_exceptions=True)
+            for task in (log_server, heartbeat):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self.driver:
                 await self.driver.close()
             await close_queue(self.store)

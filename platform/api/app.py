@@ -36,8 +36,10 @@ from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN
 from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
+from torpor.api.status import status
 from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
+from torpor.lease import Lease
 from torpor.logs import LogReader, LogsUnavailable
 from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.sources import pack
@@ -90,6 +92,8 @@ class ApiConfig:
     allowed_origins: tuple[str, ...] = ()  # Origins a browser may call from (--api-allowed-origins)
     ready: Callable[[], bool] = lambda: True
     logs: LogReader | None = None
+    lease: Lease | None = None  # the controller lease (GET /v1/status names its holder)
+    store_kind: str = "embedded"
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload
 
 
@@ -253,6 +257,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if cfg.ready():
             return JSONResponse({"status": "ready"})
         return _error(503, "not ready", "the controller has not synced yet")
+
+    async def get_status(request: Request) -> Response:
+        return JSONResponse(await status(store, cfg.lease, cfg.store_kind))
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -437,6 +444,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/v1/openapi.json", openapi),
+        Route("/v1/status", get_status, methods=["GET"]),
         Route("/v1/functions", list_functions, methods=["GET"]),
         Route("/v1/functions", deploy, methods=["POST"]),
         Route("/v1/functions/{name}", get_function, methods=["GET"]),

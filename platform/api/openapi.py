@@ -105,6 +105,10 @@ OPENAPI: dict[str, Any] = {
                      "responses": {"201": _resp("revision created"), **_WRITE_ERRORS,
                                    "413": _resp("upload too large", _ERROR)}},
         },
+        "/v1/status": {"get": {
+            "summary": "the installation: which controller leads (id, host, pid, since, fencing token), the "
+                       "controllers and gateways seen with their last heartbeat, store kind, version, counts",
+            "responses": {"200": _resp("status"), **_ERRORS}}},
         "/v1/functions/{name}": {
             "parameters": [_NAME],
             "get": {"summary": "one function", "responses": {

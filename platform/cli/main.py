@@ -134,7 +134,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.token, cfg.token_source = given
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
-                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace"):
+                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace", "lease_ttl",
+                "health_port", "health_host"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -251,6 +252,51 @@ def cmd_ls(api: Api, args: argparse.Namespace) -> int:
     for f in fns:
         traffic = ", ".join(f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"])
         print(f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}")
+    print(_leader_line(api))
+    return 0
+
+
+def _leader_line(api: Api) -> str:
+    """One line naming the acting controller (or saying there is none), for ls/describe."""
+    try:
+        st = api.call("GET", "/v1/status")
+    except CliError:
+        return "Controller: unknown (this API has no /v1/status)"
+    lead = st.get("leader")
+    if not lead:
+        return "Controller: none leads right now: nothing is started or stopped until one does"
+    standby = sum(1 for c in st.get("controllers", []) if c.get("id") != lead["id"])
+    held = _ago(lead["since"]) if lead.get("since") else "?"
+    return f"Controller: {lead['id']} leads (token {lead['token']}, for {held}); {standby} standby"
+
+
+def cmd_status(api: Api, args: argparse.Namespace) -> int:
+    st = api.call("GET", "/v1/status")
+    if args.output == "json":
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"Torpor {st['version']}  store {st['store']}  installation {st['instance']}")
+    lead = st.get("leader")
+    if lead:
+        held = _ago(lead["since"]) if lead.get("since") else "?"
+        print(f"Leader:  {lead['id']}  host {lead.get('host') or '?'}  pid {lead.get('pid') or '?'}  "
+              f"token {lead['token']}  for {held}  lease expires in {lead['lease_expires_in']:.1f}s")
+    else:
+        print("Leader:  none (no controller holds the lease: nothing is started or stopped)")
+    print(f"\n{'KIND':<11} {'ID':<40} {'ROLE':<8} {'HOST':<20} {'PID':>7}  {'HEARTBEAT':>9}")
+    for c in st["controllers"]:
+        print(f"{'controller':<11} {c['id'][:40]:<40} {c.get('role', '?'):<8} {str(c.get('host', '?'))[:20]:<20} "
+              f"{c.get('pid', '?'):>7}  {c['age']:>8.1f}s")
+    for g in st["gateways"]:
+        print(f"{'gateway':<11} {g['id'][:40]:<40} {'-':<8} {str(g.get('host', '?'))[:20]:<20} "
+              f"{g.get('pid', '?'):>7}  {g['age']:>8.1f}s")
+    counts = st["counts"]
+
+    def pairs(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+    print(f"\nFunctions: {counts['functions']}   revisions: {pairs(counts['revisions'])}   "
+          f"replicas: {pairs(counts['replicas'])}")
     return 0
 
 
@@ -273,6 +319,7 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
         print("Secrets:  " + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items())))
     for problem in fn.get("problems", []):
         print(f"Problem:  {problem}")
+    print(_leader_line(api))
     if fn.get("rollout"):
         ro = fn["rollout"]
         print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
@@ -473,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--pause-idle", type=finite_float, default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
                         metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
                         "long for a fast wake before removing it; 0 = off")
+        sp.add_argument("--lease-ttl", type=finite_float, default=os.environ.get("TORPOR_LEASE_TTL", "5"),
+                        metavar="SECONDS", help="controller lease: only its holder acts; a standby takes over "
+                        "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)")
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
@@ -492,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_upload_limits(sp)
     add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
+    ctl.add_argument("--health-port", type=int, default=os.environ.get("TORPOR_HEALTH_PORT") or None, metavar="N",
+                     help="serve GET /healthz and /readyz (probes) on this port (env TORPOR_HEALTH_PORT)")
+    ctl.add_argument("--health-host", default=os.environ.get("TORPOR_HEALTH_HOST", "0.0.0.0"),
+                     help="address of the health endpoint (env TORPOR_HEALTH_HOST; default 0.0.0.0)")
 
     d = sub.add_parser("deploy", help="build, create a revision, route traffic (a folder, a Knative service.yaml "
                        "or an OpenFaaS stack.yml)")
@@ -515,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--async", dest="async_", action="store_true", help="queue the call; print its id")
     i.add_argument("--callback", help="with --async: URL the result is POSTed to (X-Callback-Url)")
 
+    stp = sub.add_parser("status", help="which controller leads, standbys and gateways seen, counts")
+    stp.add_argument("-o", "--output", choices=["table", "json"], default="table")
     ls = sub.add_parser("ls", help="list functions")
     ls.add_argument("--json", action="store_true")
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
@@ -562,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 API_COMMANDS: dict[str, Any] = {
     "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
     "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top, "export": lambda api, args: cmd_export(api, args),
+    "status": cmd_status,
 }
 
 

@@ -6,6 +6,8 @@ what runs, resumes rollouts) and the lease is renewed every ``renew_every`` seco
 renewal is refused, fails, or does not answer before the lease's *local* validity ends
 (see ``torpor.lease``: local expiry always comes before the store lets a standby in),
 ``deposed()`` runs before anything else can happen, and the loop goes back to standby.
+A standby asks again every ``poll`` seconds, or right when the lease it saw runs out if
+that is sooner: a dead leader's lease is taken over within its TTL.
 
 ``valid()`` is what the controller asks before each action (a driver call, a store
 write): a holder that was frozen (SIGSTOP, a long GC pause, a partition) and wakes up
@@ -49,6 +51,9 @@ class Leadership:
         self.clock = clock
         self.held: Held | None = None
         self.terms = 0  # how many times this process was elected
+        self.since: float | None = None  # wall-clock time of the current election (status)
+        self.attempted = asyncio.Event()  # set once the first request for the lease was answered
+        self.failed = False  # the last request got no answer (as opposed to a refusal)
 
     def valid(self) -> bool:
         held = self.held
@@ -60,6 +65,7 @@ class Leadership:
 
     async def _try(self) -> Held | None:
         """One acquire/renew, bounded by what is left of our local validity."""
+        self.failed = False
         limit = self.ttl if self.held is None else max(0.0, self.held.valid_until - self.clock())
         try:
             return await asyncio.wait_for(self.lease.acquire(self.holder, self.ttl), max(limit, 0.05))
@@ -67,6 +73,7 @@ class Leadership:
             raise
         except Exception as e:  # the store is down or slow: not leader until it answers
             log.warning("lease %s: %s: %s", "renewal" if self.held else "request", type(e).__name__, e)
+            self.failed = True
             return None
 
     async def run(self, elected: Callable[[int], Awaitable[None]],
@@ -75,24 +82,39 @@ class Leadership:
         try:
             while True:
                 got = await self._try()
+                self.attempted.set()
                 if got is None:
-                    await asyncio.sleep(self.poll)
+                    await asyncio.sleep(await self._standby_wait())
                     continue
                 self.held = got
                 self.terms += 1
+                self.since = time.time()
                 log.warning("controller %s leads (lease token %d)", self.holder, got.token)
                 await elected(got.token)
                 await self._keep()
-                self.held = None
+                self.held, self.since = None, None
                 log.warning("controller %s lost the lease; standing by", self.holder)
                 await deposed()
         finally:
-            held, self.held = self.held, None
+            held, self.held, self.since = self.held, None, None
             if held is not None:
                 try:
                     await asyncio.wait_for(self.lease.release(self.holder, held.token), 2.0)
                 except Exception:  # best effort: the lease expires by itself
                     pass
+
+    async def _standby_wait(self) -> float:
+        """How long a standby waits before asking again: ``poll``, or less if the lease
+        runs out sooner (so a dead leader is replaced right when its lease ends)."""
+        try:
+            cur = await asyncio.wait_for(self.lease.current(), self.poll)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return self.poll
+        if cur is None:
+            return 0.0
+        return min(self.poll, max(0.002, cur.expires_in + 0.002))
 
     async def _keep(self) -> None:
         """Renew until a renewal fails or the token changes; returns when leadership ends."""
@@ -104,6 +126,12 @@ class Leadership:
             if not self.valid():
                 return
             got = await self._try()
+            while got is None and self.failed and self.valid():
+                # no answer (the store restarts, say): keep asking while the lease is ours
+                await asyncio.sleep(min(0.1, max(0.0, self.held.valid_until - self.clock())))
+                if not self.valid():
+                    return
+                got = await self._try()
             if got is None or got.token != token:
                 return
             self.held = got

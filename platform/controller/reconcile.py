@@ -3,8 +3,17 @@
 Level-triggered: every pass reads desired state (store) and actual state (driver +
 what it tracks), and acts on the difference. Woken at once by store changes and by
 gateway pokes ("a request is waiting at zero"), otherwise every ``tick`` seconds.
-Long work (builds, starts, drains) runs in tasks so a pass never blocks. On start-up
-it adopts replicas an earlier run left behind (by their labels) before acting.
+Long work (builds, starts, drains) runs in tasks so a pass never blocks.
+
+With a ``Leadership`` (``torpor up``, ``torpor controller``) it acts only while it holds
+the controller lease: until then it is a standby that reads and watches (functions,
+pokes, stats: its autoscaler is warm when it takes over) but never starts, stops or
+writes. Elected, it syncs first (reads the store, lists the driver, adopts what runs by
+its labels, resumes rollouts from the store), then reconciles. Deposed, it cancels its
+in-flight work at once and leaves the replicas running for the next leader to adopt.
+Every driver action and store write of a leader goes through ``fence.py``: a deposed
+leader that wakes up late cannot act. A sweep adopts (or stops) replicas no one tracks,
+such as one whose start a deposed leader had in flight.
 
 Sources: a revision names its function folder by the sha256 of its archive in the store
 (``Revision.source_sha256``). Before a driver prepares or starts such a revision the
@@ -29,9 +38,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from torpor.archive import ArchiveLimits
 from torpor.autoscaler.service import Autoscaler
 from torpor.controller.blobs import GRACE, referenced, sweep
+from torpor.controller.fence import FencedDriver, FencedStore, fence_store
+from torpor.controller.leader import Leadership
 from torpor.controller.retention import collectable
 from torpor.controller.rollout import Rollouts
 from torpor.controller.traffic import apply_on_ready
@@ -39,13 +52,15 @@ from torpor.drivers.base import BuildError, Driver, Running
 from torpor.model import Event, Function, Replica, Revision, Scale
 from torpor.secret import MissingSecret, SecretValueError, redact, resolve
 from torpor.sources import SourceCache, SourceError
-from torpor.store.base import CHANGES, POKES, SECRETS, STATS, Store
+from torpor.store.base import CHANGES, POKES, SECRETS, STATS, FencedError, Store
 
 log = logging.getLogger("torpor.controller")
 
 PROBE_PATH = b"/_torpor/health"
 HEAD_START = 0.5  # s a revision's first replica from zero starts alone (unless ready sooner)
 ERROR_EVENT_EVERY = 30.0  # s: at most one `error` event per failing function this often (and only a new message)
+SWEEP_EVERY = 2.0  # s between looks for replicas no one tracks (an orphan must be seen twice)
+HEARTBEAT_EVERY = 1.0  # s between a controller's heartbeats into the store (torpor status)
 
 
 @dataclass(eq=False)
@@ -101,9 +116,17 @@ async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
 
 class Controller:
     def __init__(self, store: Store, driver: Driver, autoscaler: Autoscaler | None = None,
-                 settings: Settings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.store = store
-        self.driver = driver
+                 settings: Settings | None = None, clock: Callable[[], float] = time.monotonic,
+                 leadership: Leadership | None = None, lease_key: str | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.base_store = store
+        self.leadership = leadership
+        self.lease_key = lease_key  # the lease's key in a Redis store: writes are fenced there too
+        self.info = dict(info or {})  # shown by torpor status (host, pid, driver, ...)
+        # the leader's view: with a leadership every action needs the lease (fence.py)
+        self._fenced_store = FencedStore(store, self.leading) if leadership is not None else None
+        self.store: Store = self._fenced_store if self._fenced_store is not None else store  # type: ignore[assignment]
+        self.driver: Driver = FencedDriver(driver, self.leading) if leadership is not None else driver  # type: ignore[assignment]
         self.autoscaler = autoscaler or Autoscaler(clock)
         self.settings = settings or Settings()
         self.clock = clock
@@ -112,9 +135,17 @@ class Controller:
         self.revs: dict[str, RevisionState] = {}
         self.functions: dict[str, Function] = {}  # last synced desired state
         self.building: dict[str, asyncio.Task[None]] = {}
-        self.synced = asyncio.Event()
+        self.synced = asyncio.Event()  # synced as the leader: acting
+        self.watching = asyncio.Event()  # functions read and the bus watched (leader or standby)
+        self.store_ok_at = 0.0  # when a store call last succeeded (readiness)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._work: set[asyncio.Future[Any]] = set()  # in-flight work of this term, cancelled when deposed
+        self._acting: asyncio.Task[None] | None = None
+        self._leader_task: asyncio.Task[None] | None = None
+        self._orphans: dict[str, float] = {}  # replica no one tracks -> when first seen
+        self._swept_at = 0.0
+        self._beat_now = asyncio.Event()  # a role change: heartbeat at once
         self._stopping = False
         self.rollouts = Rollouts(store, clock)
         self._listing: asyncio.Future[list[Running]] | None = None
@@ -127,34 +158,162 @@ class Controller:
         self._sweeping: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
+    def leading(self) -> bool:
+        """May this controller act now? (Always, without a leadership.)"""
+        return self.leadership is None or self.leadership.valid()
+
+    def ready(self) -> bool:
+        """Synced as the leader, or watching as a standby with the store answering."""
+        if self.leadership is None:
+            return self.synced.is_set()
+        if not self.watching.is_set() or self.clock() - self.store_ok_at > 3 * HEARTBEAT_EVERY + 1:
+            return False
+        return self.synced.is_set() or not self.leading()
+
+    def alive(self) -> bool:
+        """The loop runs: started, not stopping, and none of its tasks has died."""
+        if self._stopping or not self.watching.is_set():
+            return False
+        tasks = [*self._tasks, *([self._leader_task] if self._leader_task else [])]
+        return not any(t.done() for t in tasks)
+
+    @property
+    def role(self) -> str:
+        if self.leading():
+            return "leader" if self.synced.is_set() else "syncing"
+        return "standby"
+
     async def start(self) -> None:
-        subs = {ch: self.store.subscribe(ch) for ch in (CHANGES, POKES, STATS, SECRETS)}
+        subs = {ch: self.base_store.subscribe(ch) for ch in (CHANGES, POKES, STATS, SECRETS)}
         use_key = getattr(self.driver, "use_archive_key", None)
         if use_key is not None:  # drivers whose replicas fetch archives themselves (kubernetes)
             use_key(await self.store.archive_key())
         await asyncio.to_thread(self.cache.clean_temps)
         await self._sync_functions()
-        await self._adopt()
-        self.synced.set()
+        self.store_ok_at = self.clock()
         self._tasks = [
             asyncio.create_task(self._listen(CHANGES, subs[CHANGES], self._on_change), name="ctl-changes"),
             asyncio.create_task(self._listen(POKES, subs[POKES], self._on_poke), name="ctl-pokes"),
             asyncio.create_task(self._listen(STATS, subs[STATS], self._on_stats), name="ctl-stats"),
             asyncio.create_task(self._listen(SECRETS, subs[SECRETS], self._on_secret), name="ctl-secrets"),
-            asyncio.create_task(self._loop(), name="ctl-loop"),
         ]
+        self.watching.set()
+        if self.leadership is None:
+            await self._adopt()
+            self.synced.set()
+            self._tasks.append(asyncio.create_task(self._loop(), name="ctl-loop"))
+            return
+        self._tasks.append(asyncio.create_task(self._heartbeats(), name="ctl-heartbeat"))
+        leadership = self.leadership
+        self._leader_task = asyncio.create_task(leadership.run(self._elected, self._deposed), name="ctl-lease")
+        # return once it is known whether this controller leads (and, if so, once it synced)
+        await leadership.attempted.wait()
+        while leadership.valid() and not self.synced.is_set() and not self._leader_task.done():
+            await asyncio.sleep(0.01)
+
+    async def _elected(self, token: int) -> None:
+        """Won the lease: act in a task of its own (the lease's renewals must not wait)."""
+        assert self._fenced_store is not None and self.leadership is not None
+        self._fenced_store.inner = fence_store(self.base_store, self.lease_key, token, self.leading)
+        self._acting = asyncio.create_task(self._act(token), name="ctl-acting")
+        self._beat_now.set()
+
+    async def _act(self, token: int) -> None:
+        """Sync (store, driver, adoption), then reconcile until cancelled."""
+        while True:
+            try:
+                self._forget_term()
+                await self._sync_functions()
+                await self._adopt()
+                break
+            except asyncio.CancelledError:
+                raise
+            except FencedError:
+                return  # deposed meanwhile: the leadership loop says so at once
+            except Exception:
+                log.exception("controller: syncing as the leader (token %d) failed; retrying", token)
+                await asyncio.sleep(1.0)
+        self.synced.set()
+        self._beat_now.set()
+        log.warning("controller: leading (lease token %d); adopted %d replica(s)", token, len(self.tracked))
+        self.wake()
+        await self._loop()
+
+    async def _deposed(self) -> None:
+        """Lost the lease: stop acting at once; the replicas keep running."""
+        self.synced.clear()
+        self._beat_now.set()
+        await self._cancel_term()
+        log.warning("controller: deposed; %d replica(s) left running for the next leader", len(self.tracked))
+        self._forget_term()
+
+    async def _cancel_term(self) -> None:
+        tasks: list[asyncio.Future[Any]] = []
+        if self._acting is not None:
+            tasks.append(self._acting)
+            self._acting = None
+        tasks += list(self._work)
+        if self._sweeping is not None and not self._sweeping.done():
+            tasks.append(self._sweeping)
+        tasks += list(self.building.values())
+        tasks += [tr.task for tr in self.tracked.values() if tr.task is not None]
+        tasks += [tr.starting for tr in self.tracked.values() if tr.starting is not None and not tr.starting.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+    def _forget_term(self) -> None:
+        """What one term knew of actual state; the next term adopts it again from the driver."""
+        self.tracked.clear()
+        self.parked.clear()
+        self.building.clear()
+        self.revs.clear()
+        self._orphans.clear()
+        self._listing = None
+        self._work.clear()
+
+    async def _heartbeats(self) -> None:
+        """Tell the store (torpor status) that this controller lives, and in which role."""
+        assert self.leadership is not None
+        while True:
+            try:
+                held = self.leadership.held
+                await self.base_store.heartbeat("controller", self.leadership.holder, {
+                    **self.info, "role": self.role, "token": held.token if held else None,
+                    "since": self.leadership.since, "terms": self.leadership.terms,
+                    "replicas": len(self.tracked) if self.leading() else None})
+                self.store_ok_at = self.clock()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("controller: heartbeat failed: %s: %s", type(e).__name__, e)
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
+
+    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
+        """A piece of this term's work: cancelled if the lease is lost."""
+        fut = asyncio.ensure_future(coro)
+        self._work.add(fut)
+        fut.add_done_callback(self._work.discard)
+        return fut
 
     async def stop(self, stop_replicas: bool = True) -> None:
-        """Stop reconciling; drain and stop every replica unless told to leave them."""
+        """Stop reconciling; drain and stop every replica unless told to leave them
+        (then the lease is handed back at once, so a standby takes over without waiting)."""
         self._stopping = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._acting is not None:
+            self._acting.cancel()
+            await asyncio.gather(self._acting, return_exceptions=True)
         for t in list(self.building.values()):
             t.cancel()
         if self._sweeping is not None:
             self._sweeping.cancel()
-        if stop_replicas:
+        if stop_replicas and self.leading():
             parked = [self._expire_parked(name, "platform stopping") for name in list(self.parked)]
             await asyncio.gather(*(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
                                  *parked, return_exceptions=True)
@@ -162,6 +321,11 @@ class Controller:
             for tr in self.tracked.values():
                 if tr.task:
                     tr.task.cancel()
+            for work in list(self._work):
+                work.cancel()
+        if self._leader_task is not None:
+            self._leader_task.cancel()  # its finally releases the lease
+            await asyncio.gather(self._leader_task, return_exceptions=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -181,6 +345,8 @@ class Controller:
                     return
             except asyncio.CancelledError:
                 raise
+            except (ConnectionError, RedisConnectionError) as e:  # the store went or came back: resubscribe, resync
+                log.warning("controller: %s subscription ended (%s); resubscribing", channel, e)
             except Exception:
                 log.exception("controller: %s subscription failed; resubscribing", channel)
             await asyncio.sleep(1.0)
@@ -196,8 +362,8 @@ class Controller:
         fn = await self.store.get_function(name)
         if fn is None:
             old = self.functions.pop(name, None)
-            if old is not None:
-                asyncio.ensure_future(self._forget_later(old))
+            if old is not None and self.synced.is_set():
+                self._spawn(self._forget_later(old))
         else:
             self.functions[name] = fn
         self.wake()
@@ -262,36 +428,58 @@ class Controller:
 
     # -- adoption ------------------------------------------------------------------------
     async def _adopt(self) -> None:
-        """Adopt replicas of routed revisions that an earlier run left; stop the rest."""
+        """Adopt replicas of routed revisions that an earlier run (or leader) left; stop the rest."""
         replicas_in_store = {r.name: r for r in await self.store.list_replicas()}
-        unpause = getattr(self.driver, "unpause", None)
         for running in await self.driver.list():
-            if unpause is not None and running.alive:
-                try:
-                    await unpause(running)  # a replica left paused by an earlier run
-                except Exception as e:
-                    log.warning("could not unpause %s: %s", running.replica, e)
-            fn = self.functions.get(running.function)
-            rev = fn.revision(running.revision) if fn else None
-            keep = running.alive and fn is not None and rev is not None and rev.status == "ready"
-            if not keep:
-                await self.driver.stop(running, grace=1.0)
-                replicas_in_store.pop(running.replica, None)
-                await self.store.delete_replica(running.function, running.replica)
-                continue
-            rep = Replica(name=running.replica, function=running.function, revision=running.revision,
-                          state="starting", driver_id=running.driver_id)
-            tr = Tracked(replica=rep, running=running)
-            self.tracked[rep.name] = tr
-            replicas_in_store.pop(rep.name, None)
-            tr.task = asyncio.create_task(self._await_ready(tr, adopted=True))
-            await self._event(running.function, "replica", f"adopted {rep.name} ({running.endpoint})")
+            replicas_in_store.pop(running.replica, None)
+            await self._adopt_one(running)
         for stale in replicas_in_store.values():  # records without a process behind them
             await self.store.delete_replica(stale.function, stale.name)
 
+    async def _adopt_one(self, running: Running) -> None:
+        unpause = getattr(self.driver, "unpause", None)
+        if unpause is not None and running.alive:
+            try:
+                await unpause(running)  # a replica left paused by an earlier run
+            except FencedError:
+                raise
+            except Exception as e:
+                log.warning("could not unpause %s: %s", running.replica, e)
+        fn = self.functions.get(running.function)
+        rev = fn.revision(running.revision) if fn else None
+        keep = running.alive and fn is not None and rev is not None and rev.status == "ready"
+        if not keep:
+            await self.driver.stop(running, grace=1.0)
+            await self.store.delete_replica(running.function, running.replica)
+            return
+        rep = Replica(name=running.replica, function=running.function, revision=running.revision,
+                      state="starting", driver_id=running.driver_id)
+        tr = Tracked(replica=rep, running=running)
+        self.tracked[rep.name] = tr
+        tr.task = asyncio.create_task(self._await_ready(tr, adopted=True))
+        await self._event(running.function, "replica", f"adopted {rep.name} ({running.endpoint})")
+
+    async def _sweep_orphans(self, listed_at: float, listing: list[Running]) -> None:
+        """Adopt or stop replicas no one tracks, once seen on two sweeps (a start a deposed
+        leader had in flight when this one listed the driver, say)."""
+        busy: set[str] = getattr(self.driver, "busy", set())
+        seen: set[str] = set()
+        for r in listing:
+            if r.replica in self.tracked or r.replica in self.parked or r.replica in busy:
+                continue
+            seen.add(r.replica)
+            first = self._orphans.setdefault(r.replica, listed_at)
+            if listed_at - first < SWEEP_EVERY * 0.9:
+                continue
+            del self._orphans[r.replica]
+            log.warning("controller: %s runs but nobody tracks it: adopting or stopping it", r.replica)
+            await self._adopt_one(r)
+        for name in [n for n in self._orphans if n not in seen]:
+            del self._orphans[name]
+
     # -- reconcile -----------------------------------------------------------------------
     async def reconcile(self) -> None:
-        if self._stopping or not self.synced.is_set():
+        if self._stopping or not self.synced.is_set() or not self.leading():
             return
         now = self.clock()
         await self._check_alive()
@@ -305,7 +493,7 @@ class Controller:
             del self._failing[name]
         for name, (tr, since) in list(self.parked.items()):
             if now - since > self.settings.pause_for or tr.replica.revision not in live_revisions:
-                asyncio.ensure_future(self._expire_parked(name, "paused too long"))
+                self._spawn(self._expire_parked(name, "paused too long"))
         # replicas of revisions or functions that no longer exist
         for tr in list(self.tracked.values()):
             if tr.replica.revision not in live_revisions and tr.replica.state != "draining":
@@ -330,7 +518,7 @@ class Controller:
         if failing is not None and failing[2] == "reconciling":
             del self._failing[fn.name]
             log.warning("controller: %s reconciles again", fn.name)
-            asyncio.ensure_future(self._event_quietly(fn.name, "controller", f"controller: reconciling {fn.name} "
+            self._spawn(self._event_quietly(fn.name, "controller", f"controller: reconciling {fn.name} "
                                                                              "works again"))
 
     async def _reconcile_function(self, fn: Function, now: float) -> None:
@@ -357,7 +545,7 @@ class Controller:
             return
         self._failing[name] = (message, now, doing)
         log.error("%s (other functions are not affected; retrying)", message, exc_info=exc)
-        asyncio.ensure_future(self._event_quietly(name, "error", message + "; retrying on every pass",
+        self._spawn(self._event_quietly(name, "error", message + "; retrying on every pass",
                                                   {"error": type(exc).__name__, "doing": doing}))
 
     async def _event_quietly(self, function: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -390,7 +578,7 @@ class Controller:
         desired = min(max(desired, scale.min), scale.max, self.settings.max_replicas)  # max wins
         if desired != st.desired:
             msg = f"{rev.name}: desired {st.desired} -> {desired} ({decision.reason})"
-            asyncio.ensure_future(self._event(fn.name, "scale", msg, {
+            self._spawn(self._event(fn.name, "scale", msg, {
                 "revision": rev.name, "from": st.desired, "to": desired, "panic": decision.panic,
                 "stable": decision.stable, "panic_concurrency": decision.panicked, "reason": decision.reason}))
             st.desired = desired
@@ -423,7 +611,7 @@ class Controller:
             for tr in extra[: len(live) - desired]:
                 if park and tr.replica.state == "ready":
                     tr.replica.state = "draining"
-                    asyncio.ensure_future(self._park(tr))
+                    self._spawn(self._park(tr))
                 else:
                     self._spawn_drain(tr, f"scale down to {desired}")
 
@@ -513,7 +701,7 @@ class Controller:
             def progress(line: str) -> None:
                 lines.append(line)
                 asyncio.get_running_loop().call_soon_threadsafe(
-                    lambda: asyncio.ensure_future(self._event(fn_name, "build", line[:500], {"revision": rev.name})))
+                    lambda: self._spawn(self._event(fn_name, "build", line[:500], {"revision": rev.name})))
 
             local, _ = await self._local(rev)
             async with self._prepare_lock(local):
@@ -670,10 +858,15 @@ class Controller:
         return False
 
     async def _check_alive(self) -> None:
-        """Find replicas that died under us (crash, OOM, kill)."""
-        if not self.tracked:
+        """Find replicas that died under us (crash, OOM, kill), and ones no one tracks."""
+        now = self.clock()
+        sweep = self.leadership is not None and now - self._swept_at >= SWEEP_EVERY
+        if not self.tracked and not sweep:
             return
         listed_at, listing = await self._list()
+        if sweep:
+            self._swept_at = now
+            await self._sweep_orphans(listed_at, listing)
         seen = {r.replica: r for r in listing}
         for tr in list(self.tracked.values()):
             if tr.running is None or tr.replica.state != "ready" or tr.started_at > listed_at:
@@ -702,7 +895,7 @@ class Controller:
         rep.state, rep.endpoint = "failed", ""
         self.tracked.pop(rep.name, None)
         await self.store.put_replica(rep)
-        asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: asyncio.ensure_future(
+        asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: self._spawn(
             self._forget_failed(rep)))
         values = await self._secret_values(rep.function, rep.revision)
         if values:  # the replica's output or a driver's error may quote one
@@ -789,7 +982,7 @@ class Controller:
 
     def _spawn_drain(self, tr: Tracked, reason: str) -> None:
         tr.replica.state = "draining"
-        asyncio.ensure_future(self._drain(tr, reason))
+        self._spawn(self._drain(tr, reason))
 
     async def _drain(self, tr: Tracked, reason: str) -> None:
         """Take the replica out of rotation, let in-flight requests finish, stop it."""

@@ -11,10 +11,10 @@ no capabilities, memory/CPU/pid limits, no volumes, and publish their port on
 inter-container traffic off, and cannot open connections to the host (``dockernet.py``).
 
 Containers carry the labels ``torpor.function``, ``torpor.revision``,
-``torpor.replica``, ``torpor.managed=true`` and ``torpor.instance`` (derived from the
-state directory), so a new driver on the same state directory adopts what an earlier
-one started and two Torpor installations on one engine never touch each other's
-replicas. The Docker SDK is blocking: every call runs in a worker thread.
+``torpor.replica``, ``torpor.managed=true`` and ``torpor.instance`` (the installation's
+id, kept in the store: ``use_instance``; derived from the state directory until then),
+so any controller of the installation adopts what another started and two Torpor
+installations on one engine never touch each other's replicas. The Docker SDK is blocking: every call runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ class DockerDriver:
         self._base_lock = asyncio.Lock()
         self._base_python: str | None = None
         self.networks = Networks(lambda: self.client, self.instance)
+
+    def use_instance(self, instance: str) -> None:
+        """Label, tag and network what this driver makes as installation ``instance``."""
+        self.instance = instance
+        self.networks.instance = instance
 
     # -- plumbing --------------------------------------------------------------------------
     @property

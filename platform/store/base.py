@@ -26,6 +26,12 @@ class ConflictError(Exception):
     """An optimistic update lost too many races."""
 
 
+class FencedError(Exception):
+    """A controller's write was refused: its fencing token is no longer the lease's
+    (a newer leader exists, or the lease ran out)."""
+
+
+HEARTBEAT_KINDS = ("controller", "gateway")
 class Subscription(Protocol):
     """Messages of one channel, in order: ``async for msg in sub``."""
 
@@ -85,6 +91,21 @@ class Store(Protocol):
 
     async def list_secrets(self) -> list[SecretInfo]:
         """Every secret's metadata, sorted by name; never a value."""
+        ...
+
+    # -- installation identity and presence ---------------------------------------------
+    async def instance_id(self, default: str | None = None) -> str:
+        """The installation's id, created once (``default``, else random) and the same for
+        every component of the installation from then on."""
+        ...
+
+    async def heartbeat(self, kind: str, member: str, info: dict[str, Any]) -> None:
+        """Record that ``member`` (a controller or gateway) is alive, with ``info``."""
+        ...
+
+    async def members(self, kind: str, max_age: float) -> list[dict[str, Any]]:
+        """Members of ``kind`` whose last heartbeat is at most ``max_age`` s old (older ones
+        are forgotten), each its ``info`` plus ``id`` and ``seen`` (epoch seconds)."""
         ...
 
     # -- blobs (content-addressed function sources, see torpor.sources) --------------

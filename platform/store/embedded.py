@@ -12,6 +12,8 @@
   ``state_dir/secrets/NAME.json`` (the folder mode 0700, each file 0600, written
   atomically like a function file), holding the value (base64) and its metadata.
   No function file, event or bus message ever holds a value.
+- The installation's id is ``state_dir/instance`` (created once); heartbeats of the
+  components (``torpor status``) live in memory.
 - Blobs (content-addressed function sources) are durable: one file per blob,
   ``state_dir/blobs/SHA`` (the folder 0700, each file 0600, written atomically; its
   mtime is the time of its last put). The archive key is ``state_dir/archive.key``
@@ -41,6 +43,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections import deque
@@ -58,9 +61,12 @@ EVENTS_KEPT = 200  # per function
 EVENTS_FILE = "events.jsonl"
 FUNCTIONS_DIR = "functions"
 SECRETS_DIR = "secrets"
+INSTANCE_FILE = "instance"
 BLOBS_DIR = "blobs"
 ARCHIVE_KEY_FILE = "archive.key"
 _COMPACT_SLACK = 1000  # compact events.jsonl once it holds this many lines beyond 2x kept
+
+_INSTANCE = re.compile(r"[a-z0-9]{8,32}")  # an installation id (label value, image tag part)
 
 _END = None  # queue sentinel: the subscription is over
 
@@ -147,6 +153,8 @@ class EmbeddedStore:
         self._events_file: TextIO | None = None
         self._event_lines = 0  # lines in events.jsonl
         self._closed = False
+        self._instance: str | None = None
+        self._seen: dict[str, dict[str, dict[str, Any]]] = {}  # kind -> member -> info
         if self.state_dir is not None:
             self._load(self.state_dir)
 
@@ -422,6 +430,37 @@ class EmbeddedStore:
         self._check_open()
         return [SecretInfo(**self._secrets[n][0].to_dict()) for n in sorted(self._secrets)]
 
+    # -- installation identity and presence ---------------------------------------------
+
+    async def instance_id(self, default: str | None = None) -> str:
+        self._check_open()
+        if self._instance is not None:
+            return self._instance
+        path = self.state_dir / INSTANCE_FILE if self.state_dir is not None else None
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                text = path.read_text(encoding="utf-8").strip()
+                if _INSTANCE.fullmatch(text):
+                    self._instance = text
+                    return text
+                log.error("ignoring %s: not an installation id", path)
+        iid = default if default and _INSTANCE.fullmatch(default) else os.urandom(6).hex()
+        if path is not None:
+            self._write_private_file(path.parent, INSTANCE_FILE, iid + "\n")
+        self._instance = iid
+        return iid
+
+    async def heartbeat(self, kind: str, member: str, info: dict[str, Any]) -> None:
+        self._check_open()
+        json.dumps(info)  # JSON-safe, as in Redis
+        self._seen.setdefault(kind, {})[member] = {**info, "id": member, "seen": time.time()}
+
+    async def members(self, kind: str, max_age: float) -> list[dict[str, Any]]:
+        self._check_open()
+        now, seen = time.time(), self._seen.get(kind, {})
+        for m in [m for m, i in seen.items() if now - i["seen"] > max_age]:
+            del seen[m]
+        return [dict(seen[m]) for m in sorted(seen)]
     # -- blobs ---------------------------------------------------------------------------
 
     def _blob_dir(self) -> Path:

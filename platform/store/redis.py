@@ -11,6 +11,15 @@ Keys (``P`` is the prefix, ``torpor`` by default):
 - ``P:secret:NAME``     hash: ``value`` (base64), ``version``, ``updated``; kept apart
                         from the function documents, never in a bus message
 - ``P:secretnames``     set of secret names
+- ``P:instance``        the installation's id (``SET NX``: created once)
+- ``P:seen:KIND``       hash, member id -> JSON heartbeat (controllers, gateways)
+
+Fencing: ``store.fenced(LEASE_KEY, TOKEN)`` is a view of the store (same connections,
+same subscriptions) whose controller writes (functions, replicas, events) land only
+while the lease key still holds ``TOKEN``: replica and event writes are Lua scripts that
+compare the token first, a function update WATCHes the lease key beside the function's
+and compares it before MULTI. A deposed controller that wakes up late gets
+``FencedError`` and nothing is written.
 - ``P:blob:SHA``        string, the bytes of a content-addressed blob (function source)
 - ``P:blobs``           hash, sha -> Unix time of its last put (garbage collection)
 - ``P:archivekey``      string, 64 hex digits: the installation's archive-token key,
@@ -21,9 +30,11 @@ Keys (``P`` is the prefix, ``torpor`` by default):
 the same transaction as the write.
 
 The bus is Redis pub/sub on channel ``P:CHANNEL`` with JSON payloads: at most once.
-Messages published while a subscriber's connection is being re-established are
-lost; redis-py re-subscribes by itself and a warning is logged. If the connection
-cannot be re-established the subscription's iterator raises the error.
+Messages published while a subscriber's connection is down are lost, so a subscription
+whose connection breaks (Redis restarted, say) ends: its iterator raises
+``ConnectionError`` and the consumer subscribes again and resyncs from the store (the
+controller and the gateway both do). Commands retry a dropped connection a few times
+with a short backoff, so the first call after a Redis restart succeeds.
 
 ``subscribe()`` is synchronous (the ``Store`` protocol) but SUBSCRIBE needs a round
 trip, so each ``Subscription`` starts a small task that subscribes and then pumps
@@ -52,18 +63,59 @@ import weakref
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from torpor.model import Event, Function, Replica, SecretInfo
 from torpor.sources import SHA256, check_sha, sha256_of
 from torpor.store import check_name
-from torpor.store.base import CHANGES, SECRETS, ConflictError, Mutator
+from torpor.store.base import CHANGES, SECRETS, ConflictError, FencedError, Mutator
 
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 200  # per function
 MAX_ATTEMPTS = 20  # optimistic update attempts before ConflictError
 SUBSCRIBE_TIMEOUT = 10.0  # seconds to get a SUBSCRIBE confirmed
+CONNECT_TIMEOUT = 2.0  # seconds to open a connection
+RETRIES = 4  # a command retries a dropped connection this often (backoff 0.05 s doubling, at most 0.5 s)
+
+
+# The fence: KEYS[1] is the lease key ("TOKEN:HOLDER"), ARGV[1] the writer's token.
+_FENCE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+local sep = string.find(cur, ':', 1, true)
+if not sep or string.sub(cur, 1, sep - 1) ~= ARGV[1] then return -1 end
+"""
+# KEYS: lease, replicas hash, rfns set; ARGV: token, replica name, JSON, function, channel, change
+_PUT_REPLICA = _FENCE + """
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+# KEYS: lease, replicas hash; ARGV: token, replica name, channel, change
+_DELETE_REPLICA = _FENCE + """
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
+# KEYS: lease, events list; ARGV: token, JSON, how many to keep
+_ADD_EVENT = _FENCE + """
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+return 1
+"""
+
+
+def _token_of(value: str | bytes | None) -> int | None:
+    """The fencing token in a lease key's value ``TOKEN:HOLDER``."""
+    if not value:
+        return None
+    tok, _, _ = _str(value).partition(":")
+    return int(tok) if tok.isdigit() else None
 
 
 class _End:
@@ -102,10 +154,9 @@ async def _pump(ps: Any, state: _SubState) -> None:
             msg = await ps.get_message(timeout=None)
             if msg is None:
                 continue
-            if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed
-                log.warning("pub/sub connection to %s was re-established; messages "
-                            "published meanwhile are lost", state.channel)
-                continue
+            if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed by itself
+                raise ConnectionError(f"pub/sub connection to {state.channel} was re-established; messages "
+                                      "published meanwhile may be lost: subscribe again and resync")
             if msg["type"] != "message":
                 continue
             try:
@@ -191,12 +242,34 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "torpor") -> None:
         self.url = url
         self.prefix = prefix
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT, socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         self._raw: aioredis.Redis | None = None  # bytes in and out: blobs (made on first use)
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unready: set[_SubState] = set()
         self._closed = False
+        self._owner: RedisStore = self  # a fenced view points at the store it came from
+        self._fence: tuple[str, int] | None = None  # (lease key, token) on a fenced view
+        self._put_replica = self._redis.register_script(_PUT_REPLICA)
+        self._delete_replica = self._redis.register_script(_DELETE_REPLICA)
+        self._add_event = self._redis.register_script(_ADD_EVENT)
+
+    def fenced(self, lease_key: str, token: int) -> RedisStore:
+        """A view of this store whose writes need ``lease_key`` to still hold ``token``
+        (see the module docstring). Reads, the bus and subscriptions are the store's own;
+        closing the view does nothing."""
+        view = RedisStore.__new__(RedisStore)
+        view.__dict__.update(self._owner.__dict__)
+        view._owner = self._owner
+        view._fence = (lease_key, int(token))
+        return view
+
+    def _refused(self, what: str) -> FencedError:
+        assert self._fence is not None
+        return FencedError(f"{what} refused: fencing token {self._fence[1]} is no longer the lease's")
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -240,7 +313,7 @@ class RedisStore:
         return f"{self.prefix}:rfns"
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._owner._closed:
             raise RuntimeError("the store is closed")
 
     async def _enter(self) -> None:
@@ -250,8 +323,8 @@ class RedisStore:
         usual "subscribe, then list" resync has no gap, even against other processes.
         """
         self._check_open()
-        if self._unready:
-            await self._wait_subscriptions()
+        if self._owner._unready:
+            await self._owner._wait_subscriptions()
 
     # -- functions -----------------------------------------------------------------------
 
@@ -275,7 +348,13 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             for attempt in range(MAX_ATTEMPTS):
                 try:
-                    await pipe.watch(key)
+                    if self._fence is not None:
+                        await pipe.watch(key, self._fence[0])
+                        if _token_of(await pipe.get(self._fence[0])) != self._fence[1]:
+                            await pipe.unwatch()
+                            raise self._refused(f"update of function {name!r}")
+                    else:
+                        await pipe.watch(key)
                     current = await pipe.get(key)
                     new = mutate(_function(current))
                     if new is None:
@@ -311,6 +390,14 @@ class RedisStore:
 
     async def put_replica(self, replica: Replica) -> None:
         await self._enter()
+        if self._fence is not None:
+            done = await self._put_replica(
+                keys=[self._fence[0], self._replicas_key(replica.function), self._rfns_key],
+                args=[self._fence[1], replica.name, json.dumps(replica.to_dict()), replica.function,
+                      self._channel(CHANGES), json.dumps({"kind": "replica", "function": replica.function})])
+            if int(done) != 1:
+                raise self._refused(f"write of replica {replica.name!r}")
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._replicas_key(replica.function), replica.name,
                       json.dumps(replica.to_dict()))
@@ -321,6 +408,14 @@ class RedisStore:
 
     async def delete_replica(self, function: str, name: str) -> None:
         await self._enter()
+        if self._fence is not None:
+            done = await self._delete_replica(
+                keys=[self._fence[0], self._replicas_key(function)],
+                args=[self._fence[1], name, self._channel(CHANGES),
+                      json.dumps({"kind": "replica", "function": function})])
+            if int(done) != 1:
+                raise self._refused(f"deletion of replica {name!r}")
+            return
         if await self._redis.hdel(self._replicas_key(function), name):
             await self.publish(CHANGES, {"kind": "replica", "function": function})
 
@@ -343,6 +438,12 @@ class RedisStore:
     async def add_event(self, event: Event) -> None:
         await self._enter()
         key = self._events_key(event.function)
+        if self._fence is not None:
+            done = await self._add_event(keys=[self._fence[0], key],
+                                         args=[self._fence[1], json.dumps(event.to_dict()), EVENTS_KEPT])
+            if int(done) != 1:
+                raise self._refused(f"event of {event.function!r}")
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.rpush(key, json.dumps(event.to_dict()))
             pipe.ltrim(key, -EVENTS_KEPT, -1)
@@ -398,6 +499,41 @@ class RedisStore:
             rows: list[list[str | None]] = await pipe.execute()
         return [SecretInfo(name=n, version=int(v), updated=float(u))
                 for n, (v, u) in zip(names, rows, strict=True) if v is not None and u is not None]
+
+    # -- installation identity and presence ---------------------------------------------
+
+    async def instance_id(self, default: str | None = None) -> str:
+        await self._enter()
+        key = f"{self.prefix}:instance"
+        iid = await self._redis.get(key)
+        if iid:
+            return _str(iid)
+        await self._redis.set(key, default or os.urandom(6).hex(), nx=True)
+        return _str(await self._redis.get(key) or "")
+
+    async def heartbeat(self, kind: str, member: str, info: dict[str, Any]) -> None:
+        await self._enter()
+        await self._redis.hset(f"{self.prefix}:seen:{kind}", member,
+                               json.dumps({**info, "id": member, "seen": time.time()}))
+
+    async def members(self, kind: str, max_age: float) -> list[dict[str, Any]]:
+        await self._enter()
+        key = f"{self.prefix}:seen:{kind}"
+        rows = {_str(k): _str(v) for k, v in (await self._redis.hgetall(key)).items()}
+        now, out, old = time.time(), [], []
+        for member in sorted(rows):
+            try:
+                info = json.loads(rows[member])
+                fresh = now - float(info["seen"]) <= max_age
+            except (ValueError, TypeError, KeyError):
+                fresh = False
+            if fresh:
+                out.append(info)
+            else:
+                old.append(member)
+        if old:
+            await self._redis.hdel(key, *old)
+        return out
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -471,7 +607,7 @@ class RedisStore:
         Must be called with an event loop running.
         """
         self._check_open()
-        return Subscription(self, self._channel(channel))
+        return Subscription(self._owner, self._channel(channel))
 
     def _track(self, sub: Subscription, state: _SubState, task: asyncio.Task[None]) -> None:
         self._subs.add(sub)
@@ -491,8 +627,8 @@ class RedisStore:
         self._unready = {s for s in self._unready if not s.ready.is_set()}
 
     async def close(self) -> None:
-        """End every subscription and close the connection pool."""
-        if self._closed:
+        """End every subscription and close the connection pool (a fenced view: nothing)."""
+        if self._owner is not self or self._closed:
             return
         self._closed = True
         for sub in list(self._subs):

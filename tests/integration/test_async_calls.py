@@ -302,30 +302,40 @@ def _up(url: str, timeout: float = 30) -> None:
     raise AssertionError(f"{url} did not answer")
 
 
-def test_distributed_killing_a_gateway_and_the_controller_loses_none(tmp_path: Path, redis_url: str) -> None:
-    """Two gateways run calls; one is killed (-9) with calls in flight and the other takes
-    them over; the controller is killed (-9) too and a new one started (no lease fail-over
-    in this tree: a controller runs alone)."""
+def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp_path: Path,
+                                                                             redis_url: str) -> None:
+    """Two gateways run calls and two controllers share the lease; the gateway holding
+    calls and the leading controller are killed (-9) while calls run: the other gateway
+    takes the calls over, the standby takes the lease, and every call completes."""
     import os
 
-    state = tmp_path / "state"
     env = {**os.environ, "TORPOR_ASYNC_RECLAIM_IDLE": "3"}
     api_port, gw1, gw2 = free_port(), free_port(), free_port()
-    common = ["--redis", redis_url, "--state-dir", str(state)]
+
+    def common(name: str) -> list[str]:
+        return ["--redis", redis_url, "--state-dir", str(tmp_path / name)]  # no shared disk
+
     logs = {n: tmp_path / f"{n}.log" for n in ("ctl1", "ctl2", "api", "gw1", "gw2")}
     procs = {
-        "ctl1": _start(["controller", *common, "--driver", "process"], logs["ctl1"], env),
-        "api": _start(["api", *common, "--api-port", str(api_port), "--port", str(gw1)], logs["api"], env),
-        "gw1": _start(["gateway", *common, "--port", str(gw1)], logs["gw1"], env),
-        "gw2": _start(["gateway", *common, "--port", str(gw2)], logs["gw2"], env),
+        "ctl1": _start(["controller", *common("ctl1"), "--driver", "process", "--lease-ttl", "3"], logs["ctl1"], env),
+        "ctl2": _start(["controller", *common("ctl2"), "--driver", "process", "--lease-ttl", "3"], logs["ctl2"], env),
+        "api": _start(["api", *common("api"), "--api-port", str(api_port), "--port", str(gw1)], logs["api"], env),
+        "gw1": _start(["gateway", *common("gw1"), "--port", str(gw1)], logs["gw1"], env),
+        "gw2": _start(["gateway", *common("gw2"), "--port", str(gw2)], logs["gw2"], env),
     }
     try:
         for url in (f"http://127.0.0.1:{api_port}/healthz", f"http://127.0.0.1:{gw1}/healthz",
                     f"http://127.0.0.1:{gw2}/healthz"):
             _up(url)
-        t = Torpor(state)
+        t = Torpor(tmp_path / "api")
         t.api = f"http://127.0.0.1:{api_port}"
         t.env["TORPOR_API"] = t.api
+
+        def leader() -> dict[str, Any] | None:
+            lead = t.api_call("GET", "/v1/status").json().get("leader")
+            return lead if lead and lead.get("pid") else None
+
+        t.wait_for(leader, 60, "a leading controller", every=0.2)
         t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
                                scale={"max": 4, "target": 2}, **{"async": {"concurrency": 8}}))
         ids = [fire(t, "slow", gateway=f"http://127.0.0.1:{gw1 if i % 2 else gw2}") for i in range(60)]
@@ -336,11 +346,15 @@ def test_distributed_killing_a_gateway_and_the_controller_loses_none(tmp_path: P
                 sum(call_of(t, c)["state"] == "done" for c in ids[:16]) >= 2
 
         t.wait_for(gw2_runs, 90, "calls under way on both gateways", every=0.3)
+        old = leader()
+        assert old is not None
+        [lead_name] = [n for n in ("ctl1", "ctl2") if procs[n].pid == old["pid"]]
         procs["gw2"].send_signal(signal.SIGKILL)  # it holds calls: gw1 reclaims them
-        procs["ctl1"].send_signal(signal.SIGKILL)
+        procs[lead_name].send_signal(signal.SIGKILL)  # the standby takes the lease
         procs["gw2"].wait(10)
-        procs["ctl1"].wait(10)
-        procs["ctl2"] = _start(["controller", *common, "--driver", "process"], logs["ctl2"], env)
+        procs[lead_name].wait(10)
+        t.wait_for(lambda: (lead := leader()) is not None and lead["id"] != old["id"], 60, "the standby leads",
+                   every=0.2)
         calls = wait_final(t, ids, 240)
         assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
         assert "took over" in logs["gw1"].read_text()
