@@ -453,12 +453,15 @@ class _Collector(Collector):
                                        labels=["function"])
         failed = CounterMetricFamily("torpor_async_failed", "Asynchronous calls this gateway ended as failed",
                                      labels=["function"])
+        held = GaugeMetricFamily("torpor_async_held", "Asynchronous calls this gateway holds now",
+                                 labels=["function"])
         for fn in sorted(set(self.w.backlog) | set(self.w.attempts_total)):
             q, h = self.w.backlog.get(fn, (0, 0))
             queued.add_metric([fn], q)
             running.add_metric([fn], h)
+            held.add_metric([fn], len(self.w.held.get(fn, ())))
         for fn, n in sorted(self.w.attempts_total.items()):
             attempts.add_metric([fn], n)
         for fn, n in sorted(self.w.failed_total.items()):
             failed.add_metric([fn], n)
-        yield from (queued, running, attempts, failed)
+        yield from (queued, running, attempts, failed, held)
