@@ -5,12 +5,19 @@ the revision's replicas, then the pooled upstream proxy. No logging, no regex, n
 control-plane round trip. The route table is kept current by ``sync()`` (store change
 feed); ``report()`` sends concurrency stats to the autoscaler once a second.
 
-Request bodies are read whole before the request counts anywhere. A ``Content-Length``
-over the revision's ``max_body`` is answered 413 at once; a chunked body is read up to
-``max_body`` and answered 413 past it. Only a complete body is dispatched: a client
-that uploads slowly holds no replica slot, no activator place, no in-flight count the
-autoscaler sees, and never wakes a function at zero (the server's ``body_timeout``
-ends its upload). Bodies being read or waiting for a replica take at most
+Request bodies up to ``STREAM_ABOVE`` (1 MiB) are read whole before the request counts
+anywhere. A ``Content-Length`` over the revision's ``max_body`` is answered 413 at once;
+a chunked body is read up to ``max_body`` and answered 413 past it. Only a complete
+small body is dispatched: a client that uploads slowly holds no replica slot, no
+activator place, no in-flight count the autoscaler sees, and never wakes a function at
+zero (the server's ``body_timeout`` ends its upload). A larger body is dispatched once
+its first ``STREAM_ABOVE`` bytes are in, and the rest streams to the replica as it
+comes, counted against ``max_body`` (past it: the upstream request is aborted and the
+client gets 413 if nothing was answered yet). Streamed responses pass through as they
+come; the spec's ``timeout`` bounds the wait for the head, ``stream_idle`` each silence
+after it. A WebSocket upgrade (``GET`` with ``Upgrade: websocket``) takes the same
+route, activator and balancer, then ``tunnel.py`` pipes it; it holds its replica slot
+until it closes. Bodies being read or waiting for a replica take at most
 ``max_buffered`` bytes in all (256 MiB); past that: 503 with ``Retry-After``. These
 answers say ``Connection: close`` (the rest of the body is not read) and are not
 counted in the revision's stats. (Knative's queue-proxy likewise counts a request from
@@ -40,11 +47,13 @@ from typing import Any
 from urllib.parse import quote
 
 from torpor.gateway.activator import ClientGone, QueueFull
+from torpor.gateway.balancer import Backend
 from torpor.gateway.calls import PREFIX as ASYNC_PREFIX
 from torpor.gateway.calls import CallWorker
 from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
+from torpor.gateway.tunnel import Accept, tunnel, wants_websocket
 from torpor.gateway.upstream import NotSent, Pools, proxy
 from torpor.model import MiB
 from torpor.spec import format_size
@@ -62,6 +71,30 @@ MAX_ATTEMPTS = 3
 MAX_BUFFERED = 256 * MiB  # request body bytes held by the gateway at once, all requests
 _LOOK = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _NOT_COUNTED = 0  # _serve's status for a request that left the queue: no stats
+_CLIENT_GONE = 499  # proxy's status when the client left before anything was sent
+STREAM_ABOVE = 1 * MiB  # request body bytes buffered before dispatch; the rest streams
+
+
+class _Upload:
+    """``receive`` for the rest of a streamed request body: counts it against
+    ``max_body``; past it, says the client left (the upstream request is aborted) and
+    sets ``over`` so that the client gets a 413."""
+
+    __slots__ = ("_receive", "limit", "got", "over")
+
+    def __init__(self, receive: Any, limit: int, got: int) -> None:
+        self._receive, self.limit, self.got, self.over = receive, limit, got, False
+
+    async def receive(self) -> dict[str, Any]:
+        if self.over:
+            return {"type": "http.disconnect"}
+        msg: dict[str, Any] = await self._receive()
+        if msg["type"] == "http.request":
+            self.got += len(msg.get("body", b""))
+            if self.got > self.limit:
+                self.over = True
+                return {"type": "http.disconnect"}
+        return msg
 
 
 async def send_json(send: Any, status: int, body: dict[str, Any], retry_after: int | None = None,
@@ -250,20 +283,32 @@ class Gateway:
                 return
         first: dict[str, Any] | None = None
         held = 0  # body bytes this request holds of max_buffered
+        upload: _Upload | None = None
+        accept = wants_websocket(scope) if "extensions" in scope else None
+        if accept is not None and (length is not None or chunked):
+            await send_json(send, 400, {"error": "bad request", "detail": "a WebSocket upgrade has no body"},
+                            close=True)
+            return
         try:
             if length is not None or chunked:
                 try:
-                    first, held = await self._read_body(rr, length, receive)
+                    first, held, upload = await self._read_body(rr, length, receive)
                 except _Refused as r:
                     await send_json(send, r.status, r.body, r.retry_after, close=True)
                     return
                 if first is None:
                     return  # the client left during its upload
+                if upload is not None:
+                    receive = upload.receive
             self.in_flight += 1
             start = perf_counter()
             status = 500
             try:
-                status = await self._serve(fr, rr, found[1] is not None, scope, receive, send, host, first)
+                status = await self._serve(fr, rr, found[1] is not None, scope, receive, send, host, first,
+                                           accept)
+                if upload is not None and upload.over and status == _CLIENT_GONE:
+                    over = _over_max_body(rr, "the body")
+                    status = await send_json(send, over.status, over.body, close=True)
             finally:
                 if status:
                     rr.stats.observe(status, perf_counter() - start)
@@ -273,11 +318,13 @@ class Gateway:
                 self.buffered -= held
 
     async def _read_body(self, rr: RevisionRoute, length: bytes | None,
-                         receive: Any) -> tuple[dict[str, Any] | None, int]:
-        """The whole body as one ``http.request`` message (None: the client left) and the
-        bytes it holds of ``max_buffered``; raises _Refused."""
+                         receive: Any) -> tuple[dict[str, Any] | None, int, _Upload | None]:
+        """The body as one ``http.request`` message (None: the client left), the bytes it
+        holds of ``max_buffered``, and for a body over ``STREAM_ABOVE`` the _Upload that
+        streams the rest (the message then has ``more_body``); raises _Refused."""
         limit = rr.max_body
         held = 0
+        more = False
         if length is not None:
             try:
                 n = int(length)  # (this gateway's server lets digits through only)
@@ -287,6 +334,7 @@ class Gateway:
                 raise _Refused(400, {"error": "bad request", "detail": "invalid Content-Length"})
             if n > limit:
                 raise _over_max_body(rr, f"Content-Length {n}")
+            n = min(n, STREAM_ABOVE)  # a larger body streams past its first STREAM_ABOVE bytes
             if n > self.max_buffered:
                 raise _Refused(413, {"error": "request body too large",
                                      "detail": f"Content-Length {n} is over the gateway's body buffer "
@@ -302,7 +350,7 @@ class Gateway:
                 msg = await receive()
                 if msg["type"] != "http.request":
                     self.buffered -= held
-                    return None, 0
+                    return None, 0, None
                 chunk = msg.get("body", b"")
                 if chunk:
                     got += len(chunk)
@@ -316,11 +364,15 @@ class Gateway:
                     parts.append(chunk)
                 if not msg.get("more_body", False):
                     break
+                if got >= STREAM_ABOVE:
+                    more = True
+                    break
         except BaseException:
             self.buffered -= held
             raise
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        return {"type": "http.request", "body": body, "more_body": False}, held
+        upload = _Upload(receive, limit, got) if more else None
+        return {"type": "http.request", "body": body, "more_body": more}, held, upload
 
     def _label(self, host: bytes) -> str:
         """The function/tag label of a Host header ('' when not under our domain); memoised,
@@ -333,7 +385,8 @@ class Gateway:
         return label
 
     async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
-                     send: Any, host: bytes, first_chunk: dict[str, Any] | None) -> int:
+                     send: Any, host: bytes, first_chunk: dict[str, Any] | None,
+                     accept: Accept | None = None) -> int:
         cold = False
         forwarding = self.forwarding.lines(scope, host)
         b = rr.balancer.pick()
@@ -345,7 +398,10 @@ class Gateway:
                         "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)"}, 30)
                 cold = cold or not rr.balancer.backends
                 self.table.hot.add(rr.name)
-                gone = asyncio.ensure_future(_until_disconnect(receive))
+                # (a body still streaming must stay unread until a replica takes it: then a
+                # client that leaves is noticed only when the queue hands the request over)
+                streaming = first_chunk is not None and first_chunk.get("more_body", False)
+                gone = None if streaming else asyncio.ensure_future(_until_disconnect(receive))
                 try:
                     b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001), gone)
                 except ClientGone:
@@ -368,17 +424,22 @@ class Gateway:
                     cold = False
                     continue
                 finally:
-                    gone.cancel()
+                    if gone is not None:
+                        gone.cancel()
             if cold:
                 rr.stats.cold_starts += 1
             try:
-                status = await proxy(
-                    b.pool, scope, receive, send,
-                    timeout=max(deadline - time.monotonic(), 0.001),
-                    add_request_lines=forwarding,
-                    add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
-                    first_chunk=first_chunk,
-                )
+                if accept is None:
+                    status = await proxy(
+                        b.pool, scope, receive, send,
+                        timeout=max(deadline - time.monotonic(), 0.001),
+                        add_request_lines=forwarding,
+                        add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
+                        first_chunk=first_chunk,
+                        idle_timeout=rr.stream_idle,
+                    )
+                else:
+                    status = await self._tunnel(rr, b, scope, send, accept, deadline, forwarding, cold)
             except NotSent as e:
                 first_chunk = e.first_chunk
                 # the replica is gone (crashed/draining): take it out of rotation, try another
@@ -395,6 +456,21 @@ class Gateway:
             return status
         return await send_json(send, 503, {"error": "no replica answered",
                                            "detail": f"{rr.name}: replicas refused the connection"}, 1)
+
+    async def _tunnel(self, rr: RevisionRoute, b: Backend, scope: Scope, send: Any, accept: Accept,
+                      deadline: float, forwarding: bytes, cold: bool) -> int:
+        """A WebSocket on replica ``b``: it holds ``b``'s slot (one in flight) until it
+        closes; counted once in the stats, with the time to its 101."""
+        t0 = perf_counter()
+        status = await tunnel(
+            b.pool, scope, send, accept,
+            timeout=max(deadline - time.monotonic(), 0.001),
+            max_connection=rr.max_connection,
+            add_request_lines=forwarding,
+            add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
+            on_open=lambda s: rr.stats.observe(s, perf_counter() - t0),
+        )
+        return _NOT_COUNTED if status == 101 else status
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

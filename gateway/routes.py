@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from torpor.gateway.activator import Activator
 from torpor.gateway.balancer import Backend, Balancer
 from torpor.gateway.upstream import Pools
-from torpor.model import DEFAULT_MAX_BODY, LATENCY_BUCKETS, Function, Replica
+from torpor.model import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTION,
+    DEFAULT_STREAM_IDLE,
+    LATENCY_BUCKETS,
+    Function,
+    Replica,
+)
 
 # How long a replica that dropped a new connection unanswered stays out of rotation while
 # the controller still lists it ready (Envoy's outlier ejection, one fixed step).
@@ -52,7 +59,7 @@ class RevisionRoute:
 
     __slots__ = (
         "name", "function", "name_b", "timeout", "max_body", "balancer", "activator", "stats",
-        "held_at_zero", "ready", "ejected",
+        "held_at_zero", "ready", "ejected", "stream_idle", "max_connection",
     )
 
     def __init__(self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int) -> None:
@@ -67,6 +74,8 @@ class RevisionRoute:
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
         self.ready: list[Replica] = []  # the controller's last list of ready replicas
         self.ejected: dict[str, str] = {}  # replica name -> endpoint, out of rotation for now
+        self.stream_idle = DEFAULT_STREAM_IDLE  # silence allowed between response chunks
+        self.max_connection = DEFAULT_MAX_CONNECTION  # longest a WebSocket may stay open
 
     @property
     def in_flight(self) -> int:
@@ -171,6 +180,8 @@ class RouteTable:
             scale = fn.effective_scale(rev)
             rr.timeout = rev.spec.timeout
             rr.max_body = rev.spec.max_body
+            rr.stream_idle = rev.spec.stream_idle
+            rr.max_connection = rev.spec.max_connection
             rr.balancer.limit = scale.concurrency
             rr.held_at_zero = scale.max == 0
             ready = [r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint]

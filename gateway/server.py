@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 ASGI server for the gateway (http scope only; no websockets, no TLS).
+"""A lean HTTP/1.1 ASGI server for the gateway (http scope only, no TLS; an upgrade is
+handed over whole to the app, see below).
 
     server = Server(app, "127.0.0.1", 8000)   # port=0: the OS picks; see server.port
     task = asyncio.create_task(server.serve())
@@ -70,6 +71,12 @@ What it does, and what it leaves out on purpose (the gateway does not need it):
   after its response (which says ``Connection: close``). ``serve()`` returns once every
   request has finished and every connection is closed, or after ``graceful_timeout``
   (30 s; ``None``: no limit), when what is left is cancelled and aborted.
+- Upgrades: a request with ``Connection: upgrade`` and an ``Upgrade`` header gets
+  ``scope["extensions"]["torpor.upgrade"]["accept"]`` (``_Cycle.upgrade``): an app that
+  accepts hands the connection to a ``Pipe`` (bytes, end and write flow go to it; no
+  deadline of this server applies) and writes the response head itself. Reading stops
+  after the upgrade request's head; an app that answers it normally instead ends the
+  connection after its response, and what came after the head is never parsed.
 - No ``Date``/``Server`` headers, no access log, no proxy headers, no lifespan, no
   ``state`` in the scope. ``scheme`` is always ``http``.
 """
@@ -83,7 +90,7 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 from httptools import (
@@ -105,6 +112,15 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Pipe(Protocol):
+    """Who takes over an upgraded connection (see ``_Cycle.upgrade``)."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
 
 # ---------------------------------------------------------------------------
 # Constants computed once.
@@ -189,6 +205,7 @@ class _Cycle:
         "no_body",
         "remaining",
         "task",
+        "leftover",
     )
 
     def __init__(
@@ -220,6 +237,30 @@ class _Cycle:
         self.no_body = False
         self.remaining = -1  # body bytes the Content-Length still expects; -1 = no length
         self.task: asyncio.Task[None] | None = None
+        self.leftover = b""  # an upgrade request: the bytes that followed its head
+
+    def upgrade(self, pipe: Pipe) -> asyncio.Transport:
+        """Hand the connection to ``pipe`` (an upgrade the app accepted): from here its
+        bytes go to ``pipe.data_received`` (first those read after the request head),
+        its end to ``pipe.connection_lost``, write flow to ``pipe.pause_writing`` /
+        ``resume_writing``; no deadline of this server applies. The response counts as
+        complete; the app writes to and closes the returned transport itself."""
+        conn = self.conn
+        if self.started or self.complete or self.disconnected or conn.transport.is_closing():
+            raise RuntimeError("the connection can no longer be upgraded")
+        self.started = self.complete = True
+        self.keep_alive = False
+        conn.pipe = pipe
+        conn.queue.clear()
+        conn.stopped = True
+        leftover, self.leftover = self.leftover, b""
+        if leftover:
+            pipe.data_received(leftover)
+        if conn.write_paused:
+            pipe.pause_writing()
+        conn.read_paused = False
+        conn.transport.resume_reading()
+        return conn.transport
 
     def wake(self) -> None:
         w = self.waiter
@@ -482,6 +523,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         "linger_until",
         "rejected",
         "stopped",
+        "pipe",
     )
 
     def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
@@ -520,6 +562,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.linger_until = 0.0  # half-closed, dropping input until then; 0 = not
         self.rejected = False  # over max_connections: its request gets 503
         self.stopped = False  # nothing more is read or started on this connection
+        self.pipe: Pipe | None = None  # an upgraded connection's new owner (_Cycle.upgrade)
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -547,17 +590,22 @@ class _Conn(WriteFlow, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.stopped:
+            if self.pipe is not None:
+                self.pipe.data_received(data)
             return
         if self.head_pending:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            # The upgrade request has been dispatched as a plain request; what
-            # follows its head is not HTTP/1.1 this server can parse.
+        except HttpParserUpgrade as exc:
+            # The upgrade request has been dispatched; what follows its head is not
+            # HTTP/1.1 this server can parse: kept for the app, should it upgrade
+            # (_Cycle.upgrade), else dropped with the connection after the response.
             self.stop_reading()
             if self.parsing is not None:
                 self.parsing.keep_alive = False
+                if exc.args and isinstance(exc.args[0], int):
+                    self.parsing.leftover = data[exc.args[0] :]
             return
         except HttpParserCallbackError as exc:
             why = exc.__context__
@@ -583,6 +631,9 @@ class _Conn(WriteFlow, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.conns.discard(self)
+        if self.pipe is not None:
+            pipe, self.pipe = self.pipe, None
+            pipe.connection_lost(exc)
         self._gone()
         self.release_drain()
         # break the reference cycles (parser -> self, cycle -> self) for refcounting
@@ -592,6 +643,13 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def pause_writing(self) -> None:
         WriteFlow.pause_writing(self)
         self.paused_at = self.server.now
+        if self.pipe is not None:
+            self.pipe.pause_writing()
+
+    def resume_writing(self) -> None:
+        WriteFlow.resume_writing(self)
+        if self.pipe is not None:
+            self.pipe.resume_writing()
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -635,6 +693,10 @@ class _Conn(WriteFlow, asyncio.Protocol):
         url = self.url
         headers = self.headers
         parser = self.parser
+        if self.conn_header and parser.should_upgrade():
+            upgrade = True
+        else:
+            upgrade = False
         if url[0] == 47 and 35 not in url:  # origin form ("/..."), no "#"
             if 63 in url:  # "?"
                 raw_path, _, query = url.partition(b"?")
@@ -653,7 +715,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         # get_http_version() is slow (a str.format); keep-alive without a Connection
         # header is HTTP/1.1 (HTTP/1.0 needs "Connection: keep-alive" for it).
         version = "1.1" if keep_alive and not self.conn_header else parser.get_http_version()
-        scope = {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": version,
@@ -669,6 +731,8 @@ class _Conn(WriteFlow, asyncio.Protocol):
         }
         http10 = version == "1.0"
         cycle = _Cycle(self, scope, headers, method, keep_alive and not http10, http10)
+        if upgrade:
+            scope["extensions"] = {"torpor.upgrade": {"accept": cycle.upgrade}}
         self.parsing = cycle
         if self.active is None:
             self.active = cycle
@@ -749,6 +813,8 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def tick(self, now: float) -> None:
         """Enforce the deadlines that apply to this connection now."""
         server = self.server
+        if self.pipe is not None:
+            return  # upgraded: the pipe keeps its own time
         if self.linger_until:
             if now >= self.linger_until:
                 self.transport.abort()
@@ -829,6 +895,8 @@ class _Conn(WriteFlow, asyncio.Protocol):
     def shutdown(self) -> None:
         """Server stopping: close now if idle, else after the current response."""
         self.closing = True
+        if self.pipe is not None:
+            return  # upgraded: it ends when its app does (or at the graceful timeout)
         if self.active is None:
             self.close()
         else:

@@ -22,8 +22,8 @@ Failure contract (what the caller sees):
 - The upstream fails after the request was sent and before the response head (closed,
   reset, unparsable response): a 503 JSON body ``{"error": "replica failed", ...}``
   with ``Retry-After: 1``.
-- The upstream fails or stalls for ``timeout`` seconds mid-body, after the head went
-  to the client: the status can no longer change, so ``proxy`` raises
+- The upstream fails or stalls mid-body for ``idle_timeout`` seconds (the spec's
+  ``stream_idle``; ``timeout`` when not given), after the head went to the client: the status can no longer change, so ``proxy`` raises
   ``ConnectionResetError`` without sending a final body message. The ASGI server then
   closes the client connection and the client sees a truncated response (never a
   silently complete one, never a hang).
@@ -414,8 +414,13 @@ class UpstreamPool:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not port.isdigit():
             raise ValueError(f"endpoint must be host:port, got {endpoint!r}")
+        # an IPv6 address comes bracketed ("[fd00::7]:8080", as in a URL and the Host
+        # header); connect() takes it bare
+        bracketed = host.startswith("[") and host.endswith("]")
+        if not bracketed and ":" in host:
+            raise ValueError(f"endpoint must be host:port with an IPv6 address in brackets, got {endpoint!r}")
         self.endpoint = endpoint
-        self.host = host[1:-1] if host.startswith("[") else host
+        self.host = host[1:-1] if bracketed else host
         self.port = int(port)
         self.host_header = endpoint.encode()
         self.max_idle = max_idle
@@ -676,8 +681,12 @@ async def proxy(
     add_request_lines: bytes = b"",
     add_response_headers: Iterable[tuple[bytes, bytes]] = (),
     first_chunk: Message | None = None,
+    idle_timeout: float | None = None,
 ) -> int:
     """Forward one ASGI http request to ``pool``'s endpoint and stream the response.
+
+    ``timeout`` bounds the wait for the response head; ``idle_timeout`` (default:
+    ``timeout``) each silence between body chunks after it.
 
     ``add_request_lines`` is more request headers, already encoded (``name: value``
     lines, each ending in CRLF, as ``Forwarding.lines`` makes them).
@@ -818,13 +827,14 @@ async def proxy(
                     f"replica failed mid-response: {conn.error or 'connection closed'}"
                 )
             conn.timed_out = False
-            conn.expire_in(timeout)
+            idle = timeout if idle_timeout is None else idle_timeout
+            conn.expire_in(idle)
             try:
                 await conn.wait()
             finally:
                 conn.disarm()
             if conn.timed_out and not conn.chunks and not conn.complete:
-                raise ConnectionResetError(f"replica sent nothing for {timeout:g} s mid-response")
+                raise ConnectionResetError(f"replica sent nothing for {idle:g} s mid-response")
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -86,7 +86,8 @@ async def _lines(store: Store, sub: AsyncIterator[dict[str, Any]], rid: str, fol
         while True:
             try:
                 # a tail that stalls this long means its controller is gone; a follow may idle
-                msg = await asyncio.wait_for(anext(sub), None if follow else TAIL_STALL)
+                async with asyncio.timeout(None if follow else TAIL_STALL):  # not wait_for (lost cancels)
+                    msg = await anext(sub)
             except StopAsyncIteration:
                 return
             except TimeoutError:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
+DEFAULT_STREAM_IDLE = 60.0  # Spec.stream_idle: silence allowed between chunks of a streamed response
+DEFAULT_MAX_CONNECTION = 3600.0  # Spec.max_connection: longest a WebSocket may stay open
 # Upper bounds (seconds) of the request-latency histogram the gateway keeps and reports.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -76,6 +78,9 @@ class Spec:
     args: list[str] | None = None  # image functions: replaces the image's CMD
     labels: dict[str, str] = field(default_factory=dict)  # put on containers and Pods
     async_calls: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` key
+    stream_idle: float = DEFAULT_STREAM_IDLE  # seconds; a streamed response silent longer is ended
+    max_connection: float = DEFAULT_MAX_CONNECTION  # seconds; a WebSocket open longer is closed
+    websocket: str | None = None  # module:function serving WebSocket upgrades (source builds)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

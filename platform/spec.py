@@ -24,7 +24,14 @@ The bounds (the constants below; the control API applies the same ones):
 field                      accepted
 =========================  ===================================================
 ``port``                   integer 1..65535
-``timeout``                duration, 0 < t <= 600s (``MAX_TIMEOUT``)
+``timeout``                duration, 0 < t <= 600s (``MAX_TIMEOUT``); for a
+                           streamed response: the time to its first byte
+``stream_idle``            duration, 0 < t <= 1h (``MAX_STREAM_IDLE``; default
+                           60s): silence between chunks of a streamed response
+``max_connection``         duration, 0 < t <= 24h (``MAX_CONNECTION``; default
+                           1h): how long one WebSocket may stay open
+``websocket``              ``module:function``, with ``handler`` only (not
+                           ``image``): the WebSocket handler of a source build
 ``scale.min``              integer 0..1000 (``MAX_SCALE``), <= ``scale.max``
 ``scale.max``              integer 1..1000, >= ``scale.min``; and at most the
                            platform's cap (``torpor up --max-replicas``) when
@@ -110,10 +117,13 @@ CONTRACT_ENV = frozenset({"K_SERVICE", "K_CONFIGURATION", "K_REVISION"})  # set 
 
 MAX_ASYNC_CONCURRENCY = 1000  # async.concurrency: 1..1000 calls running at once
 MAX_ASYNC_ATTEMPTS = 20  # async.max_attempts: 1..20
-MAX_BODY = 1024**3  # `max_body` is at most 1Gi (the gateway buffers a body before dispatch)
+MAX_BODY = 1024**3  # `max_body` is at most 1Gi (larger bodies stream through the gateway)
+MAX_STREAM_IDLE = 3600.0  # stream_idle: (0, 1h]
+MAX_CONNECTION = 86_400.0  # max_connection: (0, 24h]
 
 TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
-            "secrets", "handler_style", "command", "args", "labels", "async")
+            "secrets", "handler_style", "command", "args", "labels", "stream_idle", "max_connection", "websocket",
+            "async")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window", "panic_window", "panic_threshold")
 HANDLER_STYLES = ("torpor", "openfaas")  # handle(request) / OpenFaaS python3-http handle(event, context)
 MAX_ARGV = 256  # command: / args: items
@@ -738,6 +748,19 @@ def _parse_spec(data: Any, cap: int) -> Spec:
         spec.max_body = parse_size(v, "max_body")
         if not 1 <= spec.max_body <= MAX_BODY:
             raise SpecError("max_body", 'a size from 1 byte to "1Gi"', v)
+    if (v := _get(top, "stream_idle")) is not _MISSING:
+        spec.stream_idle = parse_duration(v, "stream_idle")
+        if not 0 < spec.stream_idle <= MAX_STREAM_IDLE:
+            raise SpecError("stream_idle", "a duration > 0 and <= 1h", v)
+    if (v := _get(top, "max_connection")) is not _MISSING:
+        spec.max_connection = parse_duration(v, "max_connection")
+        if not 0 < spec.max_connection <= MAX_CONNECTION:
+            raise SpecError("max_connection", "a duration > 0 and <= 24h", v)
+    if (v := _get(top, "websocket")) is not _MISSING:
+        if spec.image is not None:
+            raise SpecError("websocket", "`websocket:` with `handler:` (a source build); an `image:` serves "
+                            "WebSockets on its own", problem="websocket does not apply to an image")
+        spec.websocket = _parse_handler(v, "websocket")
     spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
@@ -890,6 +913,10 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     out["port"] = spec.port
     out["timeout"] = format_duration(spec.timeout)
     out["max_body"] = format_size(spec.max_body)
+    out["stream_idle"] = format_duration(spec.stream_idle)
+    out["max_connection"] = format_duration(spec.max_connection)
+    if spec.websocket:
+        out["websocket"] = spec.websocket
     s = spec.scale
     out["scale"] = {
         "min": s.min,

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -80,6 +81,7 @@ class UpConfig:
     token_source: str = ""  # where the token came from, for messages (never the token)
     api_allowed_hosts: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_HOSTS"))
     api_allowed_origins: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_ORIGINS"))
+    public_url: str | None = None  # scheme://host[:port] users reach the gateway at; None: its own address
     state_dir: Path = field(default_factory=default_state_dir)
     domain: str = "torpor.localhost"
     max_replicas: int = 100
@@ -114,6 +116,24 @@ def read_token(token_file: str | None) -> tuple[str, str] | None:
     return (tok.value, tok.source) if tok else None
 
 
+def check_public_url(url: str) -> str:
+    """``scheme://host[:port]`` (http or https, no path, query or credentials), without a
+    trailing slash; UpError naming what is wrong otherwise."""
+    parts = urlsplit(url.strip())
+    what = f"--public-url {url[:100]!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpError(f"{what}: expected http:// or https:// and a host, e.g. https://fn.example.com")
+    if parts.username is not None or parts.password is not None:
+        raise UpError(f"{what}: credentials do not belong in a public URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UpError(f"{what}: expected scheme://host[:port] only (function URLs are NAME.DOMAIN on it)")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise UpError(f"{what}: the port is not a number from 0 to 65535") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
     if not 0 <= cfg.archive_grace <= 86400:  # NaN fails it too
         raise UpError(f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}")
@@ -124,6 +144,8 @@ def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"}))
             raise UpError(f"--health-port {cfg.health_port}: expected a TCP port from 1 to 65535")
     if "api" not in components:
         return
+    if cfg.public_url:
+        cfg.public_url = check_public_url(cfg.public_url)
     if cfg.api_host not in LOOPBACK and not cfg.token:
         raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN "
                       f"(the generated {token_path(cfg.state_dir)} serves loopback only)")
@@ -291,7 +313,8 @@ class Platform:
                 graceful_timeout=cfg.graceful_timeout)
             self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
         if "api" in components:
-            gateway_url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+            gateway_url = cfg.public_url or \
+                f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
             ready = self.controller.ready if self.controller else (lambda: True)
             token, self.token_source = api_token(cfg)  # written before the API listens
             api = create_app(self.store, ApiConfig(
@@ -337,7 +360,9 @@ class Platform:
                         seen.add(r.replica)
                         tasks.append(asyncio.create_task(pump(r)))
                 try:
-                    yield await asyncio.wait_for(queue.get(), 1.0)
+                    async with asyncio.timeout(1.0):  # not wait_for: it can lose a cancel
+                        line = await queue.get()
+                    yield line
                     while not queue.empty():
                         yield queue.get_nowait()
                 except TimeoutError:
@@ -347,10 +372,13 @@ class Platform:
                 t.cancel()
 
     async def _identity(self) -> str:
-        """The installation's id, from the store (created once; an embedded store takes the
-        id its state dir gave before ids were kept in the store)."""
-        default = None if self.cfg.redis else legacy_instance(self.cfg.state_dir)
-        return await self.store.instance_id(default)
+        """The installation's id, from the store (created once). An installation from before
+        ids were kept in the store (an embedded one, or a Redis one that already holds
+        functions) takes the id this state dir gave it, so what runs is still adopted."""
+        legacy: str | None = legacy_instance(self.cfg.state_dir)
+        if self.cfg.redis and not await self.store.list_functions():
+            legacy = None  # a new installation: a random id
+        return await self.store.instance_id(legacy)
 
     async def _gateway_heartbeats(self) -> None:
         assert self.gateway is not None

@@ -11,7 +11,8 @@
 # port-forwards the gateway and the API, deploys functions/hello with the torpor CLI
 # (TORPOR_API + the token from the chart's Secret), waits for it to scale to zero and
 # wakes it, sends a burst (hey when installed, else a Python loop) expecting no errors,
-# runs a canary rollout (`torpor deploy --canary 20`, watched to promotion), and uninstalls.
+# runs a canary rollout (`torpor deploy --canary 20`, watched to promotion), and uninstalls
+# (`torpor delete`, `helm uninstall`, then checks that no function Pod is left).
 #
 # Settings (environment):
 #   TORPOR_IMAGE          platform image REPO:TAG (default torpor/torpor:<chart appVersion>)
@@ -50,14 +51,19 @@ case "$RELEASE" in *torpor*) FULLNAME=$RELEASE ;; *) FULLNAME=$RELEASE-torpor ;;
 
 pids=()
 workdir=$(mktemp -d)
+uninstalled=0
+stop_background() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    pids=()
+}
 cleanup() {
     local rc=$?
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    if [ "$KEEP" != 1 ]; then
-        say "uninstall"
+    stop_background
+    if [ "$KEEP" != 1 ] && [ "$uninstalled" != 1 ]; then
+        say "uninstall (after a failure)"
         helm uninstall "$RELEASE" --namespace "$NAMESPACE" --wait >/dev/null 2>&1 || true
-        # function Pods belong to the controller, not to the release
-        kubectl -n "$NAMESPACE" delete pods -l "torpor.managed=true" --wait=false >/dev/null 2>&1 || true
+        # function Pods belong to the controller's per-revision ConfigMaps, not to the release
+        kubectl -n "$NAMESPACE" delete configmaps,pods -l "torpor.managed=true" --wait=false >/dev/null 2>&1 || true
         kubectl delete namespace "$NAMESPACE" --wait=false >/dev/null 2>&1 || true
     fi
     rm -rf "$workdir"
@@ -169,3 +175,17 @@ pids+=("$!")
 torpor deploy "$workdir/hello" --canary 20 || die "the canary rollout did not promote"
 curl -fsS -H "Host: $HOST" "$TORPOR_GATEWAY/?name=after" | grep -q "howdy, after" || die "the new revision does not serve"
 torpor describe hello >&2
+
+if [ "$KEEP" != 1 ]; then
+    say "uninstall"
+    torpor delete hello
+    stop_background  # the traffic loop and the port-forwards
+    helm uninstall "$RELEASE" --namespace "$NAMESPACE" --wait
+    # what the controller left (none after `torpor delete`; a crashed run may leave some):
+    # deleting the per-revision ConfigMaps makes the garbage collector delete their Pods
+    kubectl -n "$NAMESPACE" delete configmaps -l "torpor.managed=true" --wait=true
+    no_function_pods() { [ -z "$(kubectl -n "$NAMESPACE" get pods -l torpor.managed=true -o name)" ]; }
+    wait_for "$TIMEOUT" "function Pods to be garbage-collected" no_function_pods
+    kubectl delete namespace "$NAMESPACE" --wait=false
+    uninstalled=1
+fi

@@ -4,7 +4,8 @@
 #   Docker Engine + the locally built base image (docker driver tests),
 #   nginx + wrk (benchmarks), Go with sprig and sigs.k8s.io/yaml (the offline chart
 #   renderer behind scripts/render-chart when helm is absent), shellcheck (script
-#   lint), the project itself with its test extras.
+#   lint), chromium (the dashboard's browser tests, driven by Playwright), the project
+#   itself with its test extras.
 # Runs as root on Debian/Ubuntu; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ command -v go >/dev/null 2>&1 || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/Masterminds/sprig ] || need+=(golang-github-masterminds-sprig-dev)
 [ -d /usr/share/gocode/src/sigs.k8s.io/yaml ] || need+=(golang-k8s-sigs-yaml-dev)
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "test.sh: apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -95,3 +95,33 @@ def selects(selector: Doc, labels: dict[str, str]) -> bool:
         if op == "DoesNotExist" and key in labels:
             return False
     return True
+
+
+_ENV_READERS = frozenset({"get", "getenv", "pop", "env", "_csv_env", "_seconds", "_size"})
+
+
+def env_names_read(*roots: Path, exclude: tuple[Path, ...] = ()) -> set[str]:
+    """``TORPOR_*`` names the Python code under ``roots`` reads from its environment:
+    the first argument of ``os.environ.get``/``os.getenv``/``env(...)``-style calls, and
+    ``os.environ["..."]`` subscripts (parsed, not grepped: a name in a comment or a
+    message does not count)."""
+    import ast
+
+    names: set[str] = set()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if any(path.is_relative_to(x) for x in exclude):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                arg: ast.expr | None = None
+                if isinstance(node, ast.Call) and node.args:
+                    fn = node.func
+                    called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                    if called in _ENV_READERS:
+                        arg = node.args[0]
+                elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                        and node.value.attr == "environ":
+                    arg = node.slice
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("TORPOR_"):
+                    names.add(arg.value)
+    return names

@@ -5,7 +5,9 @@ only), the core/v1 ``pods`` (with ``log``) and ``configmaps`` of the namespaces 
 given, and enforces what the driver relies on:
 
 - bearer-token authentication (401), namespaces that exist (404), names and labels that
-  are valid (422), ``AlreadyExists`` (409) on a duplicate create, ``NotFound`` (404);
+  are valid (422), a created object that validates strictly against the Kubernetes 1.30
+  schema (422 for an unknown field or a wrong type, via ``kubernetes-validate``),
+  ``AlreadyExists`` (409) on a duplicate create, ``NotFound`` (404);
 - a ``resourceVersion`` that grows with every write; ``PUT`` with a stale one is a 409
   ``Conflict``, as are DeleteOptions ``preconditions`` that do not hold;
 - list and watch with ``labelSelector`` (``=``, ``==``, ``!=``, ``in``, ``notin``,
@@ -24,7 +26,8 @@ Its "kubelet" makes Pods run for real: each Pod gets an address of its own in 12
 IP, as on a cluster. A container's image is looked up in ``images`` (image -> argv); an
 unknown image waits with ``ErrImagePull``. The container is a local process (its own
 session, stdout and stderr in its log); emptyDir volumes are folders of their own; the
-kubelet runs readiness probes (httpGet, tcpSocket) and reports ``Ready``; a process that
+kubelet runs readiness probes (httpGet, tcpSocket) and reports ``Ready`` (at once for a
+container without one); a process that
 ends makes the Pod ``Succeeded``/``Failed`` with its exit code (``restartPolicy`` is not
 applied: the driver only uses ``Never``); deletion sends SIGTERM, then SIGKILL after the
 grace period.
@@ -203,8 +206,10 @@ class SimCluster:
         bookmark_interval: float = 1.0,
         token: str | None = None,
         ip_delay: float = 0.0,
+        schema: str | None = "1.30.0",
     ) -> None:
         self.namespaces = set(namespaces)
+        self.schema = schema  # Kubernetes version whose schemas a created object must validate against
         self.ip_delay = ip_delay  # seconds between scheduling a Pod and giving it an IP
         self.images = dict(images or {})
         self.secrets = dict(secrets or {})
@@ -349,6 +354,8 @@ class SimCluster:
         for ref in meta.get("ownerReferences") or []:
             if not all(ref.get(k) for k in ("apiVersion", "kind", "name", "uid")):
                 raise ApiFailure(422, "metadata.ownerReferences: apiVersion, kind, name and uid are required")
+        if self.schema:
+            self._check_schema(kind, name, body)
         if kind == "Pod":
             containers = (body.get("spec") or {}).get("containers") or []
             if not containers or not all(c.get("name") and c.get("image") for c in containers):
@@ -377,6 +384,18 @@ class SimCluster:
                                  name=f"k8s-sim-kubelet-{name}")
             t.start()
         return out
+
+    def _check_schema(self, kind: str, name: str, body: dict[str, Any]) -> None:
+        """422 for a body the real API server would refuse by its schema: an unknown field,
+        a wrong type (strict validation against the Kubernetes ``schema`` version)."""
+        import kubernetes_validate
+
+        doc = {**body, "apiVersion": body.get("apiVersion") or "v1", "kind": kind}
+        try:
+            kubernetes_validate.validate(doc, self.schema, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(map(str, e.path)) or "(root)"
+            raise ApiFailure(422, f'{kind} "{name}" is invalid: {where}: {e.message}') from None
 
     def replace(self, plural: str, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         with self.cond:
@@ -731,6 +750,15 @@ class SimCluster:
 
         self._update_pod(uid, running)
         probe = cont.get("readinessProbe") or {}
+        if not probe:  # no readiness probe: Ready as soon as the container runs (as on a cluster)
+
+            def ready_now(p: dict[str, Any]) -> None:
+                for cond in p["status"]["conditions"]:
+                    if cond["type"] == "Ready":
+                        cond["status"] = "True"
+                p["status"]["containerStatuses"][0]["ready"] = True
+
+            self._update_pod(uid, ready_now)
         period = float(probe.get("periodSeconds", 10))
         next_probe = time.monotonic()
         ready = False

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from torpor.api import hosts
 from torpor.api.archives import archive_routes
 from torpor.api.auth import BearerAuth
+from torpor.api.buildlog import build_log_routes, public_event
 from torpor.api.calls import call_routes
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
@@ -37,6 +38,7 @@ from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
 from torpor.api.rollouts import rollout_routes
 from torpor.api.secrets import secret_routes
 from torpor.api.status import status
+from torpor.api.ui import UiGate, UiSessions, ui_routes
 from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.lease import Lease
@@ -72,6 +74,7 @@ REQUEST_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/v1/functions/{name}/rollback"): JSON_TYPES,  # body optional
     ("PUT", "/v1/secrets/{name}"): SECRET_TYPES,  # the raw value
     ("DELETE", "/v1/secrets/{name}"): (),
+    ("POST", "/v1/ui/code"): JSON_TYPES,  # body optional
 }
 
 
@@ -140,7 +143,7 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
         "rollout": asdict(fn.rollout) if fn.rollout else None,
     }
     if events is not None:
-        out["events"] = [e.to_dict() for e in events]
+        out["events"] = [public_event(e) for e in events]
     problems = non_finite({k: out[k] for k in ("scale", "scale_override", "revisions", "rollout")})
     if problems:  # stored before numbers were checked: shown as null, named here
         out["problems"] = [f"{p} is not a finite number (stored before numbers were checked; shown as null)"
@@ -218,6 +221,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
     if not cfg.token:
         raise ValueError("the control API needs a bearer token")
     uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
+    ui_sessions = UiSessions()
     registry = CollectorRegistry()
     api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
 
@@ -371,7 +375,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         limit = query_int(request, "limit", 50, MAX_EVENTS_LIMIT)
         since = query_time(request, "since")
         events = [e for e in await store.list_events(name, limit) if e.time > since]
-        return JSONResponse({"events": [e.to_dict() for e in events]})
+        return JSONResponse({"events": [public_event(e) for e in events]})
 
     async def logs(request: Request) -> Response:
         name = request.path_params["name"]
@@ -459,6 +463,8 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         *secret_routes(store, ApiError),
         *archive_routes(store, ApiError),
         *call_routes(store, ApiError, query_int),
+        *build_log_routes(store, ApiError),
+        *ui_routes(store, cfg, ui_sessions, ApiError),
     ]
 
     async def api_error(request: Request, exc: Exception) -> Response:
@@ -489,7 +495,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
     bodies = BodyRules(REQUEST_BODIES)
     bodies.check_covers(routes)
-    return BrowserGuard(BearerAuth(counted, cfg.token), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
+    return BrowserGuard(UiGate(BearerAuth(counted, cfg.token), cfg.token, ui_sessions), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
                         bodies=bodies, allowed_origins=cfg.allowed_origins)
 
 

@@ -7,7 +7,8 @@ refuses, on every path:
   ``evil.example`` whose name now resolves to 127.0.0.1 sends ``Host: evil.example``):
   421 ``misdirected request``. See :class:`HostPolicy` for the names.
 - an ``Origin`` that is not in the allowed list (empty by default, so any page's
-  request), and ``Sec-Fetch-Site: cross-site | same-site`` without an allowed
+  request) and is not the API's own (``Origin`` equal to this ``Host`` with
+  ``Sec-Fetch-Site: same-origin``: the dashboard at /ui, torpor.api.ui), and ``Sec-Fetch-Site: cross-site | same-site`` without an allowed
   ``Origin``: 403 ``cross-origin request``. No CORS header is granted, except to an
   origin the operator listed (then preflights are answered and ``Access-Control-Allow-
   Origin`` names it).
@@ -185,7 +186,10 @@ class BrowserGuard:
             return
 
         origins = _header(headers, b"origin")
+        sites = _header(headers, b"sec-fetch-site")
         allowed_origin: bytes | None = None
+        if len(origins) == 1 and _same_origin(origins[0], hosts[0], sites):
+            origins = []  # the API's own page (/ui): no CORS header needed
         if origins:
             if len(origins) > 1 or _normalize_origin(origins[0].decode("latin-1")) not in self.origins:
                 await _refuse(send, 403, "cross-origin request",
@@ -193,7 +197,6 @@ class BrowserGuard:
                               "(allow one with --api-allowed-origins)", "origin")
                 return
             allowed_origin = origins[0]
-        sites = _header(headers, b"sec-fetch-site")
         if allowed_origin is None and any(s.strip().lower() in CROSS_FETCH_SITES for s in sites):
             await _refuse(send, 403, "cross-origin request",
                           f"Sec-Fetch-Site {_show(sites[0])} without an allowed Origin: a web page "
@@ -240,6 +243,16 @@ class BrowserGuard:
         if kind not in accepted or any(p != "charset" for p in params):
             return f"{where}: Content-Type {_show(types[0])} is not accepted; this route accepts {wants}"
         return None
+
+
+def _same_origin(origin: bytes, host: bytes, sites: list[bytes]) -> bool:
+    """A request of the API's own page: ``Origin`` is this very ``Host`` (already checked)
+    and the browser says ``Sec-Fetch-Site: same-origin``."""
+    if len(sites) != 1 or sites[0].strip().lower() != b"same-origin":
+        return False
+    o = _normalize_origin(origin.decode("latin-1"))
+    h = host.decode("latin-1").strip().lower()
+    return o in (f"http://{h}", f"https://{h}")
 
 
 def _cors_headers(origin: bytes) -> list[tuple[bytes, bytes]]:

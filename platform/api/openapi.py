@@ -190,5 +190,27 @@ OPENAPI: dict[str, Any] = {
                                      "415": _WRITE_ERRORS["415"],
                                      "409": _resp("in use: used_by names the functions", _ERROR)}},
         },
+        "/v1/functions/{name}/build-log": {
+            "parameters": [_NAME],
+            "get": {"summary": "a revision's build log as text (revision=REV, default the newest build); "
+                               "follow=1 streams a running build",
+                    "parameters": [{"name": "revision", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "follow", "in": "query", "schema": {"type": "boolean"}}],
+                    "responses": {"200": {"description": "the log", "content": {"text/plain": {}}},
+                                  "404": _resp("no such function or revision, or no build on record", _ERROR)}},
+        },
+        "/v1/ui/code": {
+            "post": {"summary": "a one-time code (60 s) that signs a browser in to the dashboard at "
+                                "/ui/login?code=CODE (torpor ui); refused to a dashboard session",
+                     "requestBody": _body(JSON_TYPES, {"type": "object"}, required=False),
+                     "responses": {"200": _resp("the code", {"type": "object", "properties": {
+                         "code": {"type": "string"}, "path": {"type": "string"}, "expires_in": {"type": "number"}}}),
+                         "401": _resp("missing or wrong token", _ERROR), "403": _resp("a dashboard session", _ERROR),
+                         "415": _WRITE_ERRORS["415"]}},
+        },
+        "/v1/ui/stream": {
+            "get": {"summary": "the dashboard's live feed: server-sent `state` events, one a second",
+                    "responses": {"200": {"description": "text/event-stream", "content": {"text/event-stream": {}}}}},
+        },
     },
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -22,8 +21,14 @@ import httpx
 from torpor.apitoken import client_token, default_state_dir, token_path
 from torpor.cli.calls import add_parsers as add_call_parsers
 from torpor.cli.calls import invoke_async
+from torpor.cli.completion import SHELLS, completion_script
+from torpor.cli.deploy import follow as follow_deploy
+from torpor.cli.new import add_parser as add_new_parser
+from torpor.cli.new import cmd_new
+from torpor.cli.output import EXIT_CODES, EXIT_FAILED, EXIT_NOT_FOUND, add_output, emit, version
 from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
+from torpor.cli.ui import add_parser as add_ui_parser
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -31,10 +36,12 @@ SKIP = {".git", "__pycache__", ".deps", ".venv", "node_modules", ".mypy_cache", 
 
 
 class CliError(Exception):
-    pass
+    def __init__(self, msg: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(msg)
+        self.code = code
 
 
-def die(msg: str, code: int = 1) -> NoReturn:
+def die(msg: str, code: int = EXIT_FAILED) -> NoReturn:
     print(f"torpor: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -74,7 +81,7 @@ class Api:
             msg = r.text[:200]
         if r.status_code == 401 and self.token_hint:
             msg = f"{msg}; {self.token_hint}"
-        return CliError(f"{msg} (HTTP {r.status_code})")
+        return CliError(f"{msg} (HTTP {r.status_code})", EXIT_NOT_FOUND if r.status_code == 404 else EXIT_FAILED)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -135,7 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
                 "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
                 "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace", "lease_ttl",
-                "health_port", "health_host"):
+                "health_port", "health_host", "public_url"):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -184,36 +191,20 @@ def deploy_params(args: argparse.Namespace) -> dict[str, str]:
 
 def upload(api: Api, name: str, body: bytes, params: dict[str, str], args: argparse.Namespace,
            quiet_url: bool = False) -> tuple[str, int]:
-    """POST the packed function, show the build, wait for the revision; -> (revision, exit code)."""
-    started = time.time() - 1
+    """POST the packed function, follow the new revision (one line per phase; see
+    torpor.cli.deploy) and print its URL; -> (revision, exit code). Exits when it fails."""
     out = api.call("POST", "/v1/functions", params=params, content=body,
                    headers={"content-type": "application/gzip"})
     rev = out["revision"]
-    print(f"deploying {name}: revision {rev}", file=sys.stderr)
-    seen = started
-    deadline = time.time() + args.wait
-    while time.time() < deadline:
-        ev = api.call("GET", f"/v1/functions/{name}/events", params={"since": seen, "limit": 200})["events"]
-        for item in ev:
-            seen = max(seen, item["time"])
-            of_rev = item.get("data", {}).get("revision", rev) == rev
-            if of_rev and (item["kind"] in ("build", "error") or rev in item["message"]):
-                print(f"  {item['message']}", file=sys.stderr)
-        r = api.call("GET", f"/v1/functions/{name}/revisions/{rev}")
-        if r["status"] == "ready":
-            fn = api.call("GET", f"/v1/functions/{name}")
-            if not quiet_url:
-                print(f"{rev} ready; traffic: " + ", ".join(
-                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-                    for t in fn["traffic"]), file=sys.stderr)
-                print(fn["url"])
-            if args.canary is not None and not args.no_watch:
-                return rev, watch(api, name, to=rev)
-            return rev, 0
-        if r["status"] == "failed":
-            die(f"deploy: {rev} failed: {r['reason'].splitlines()[0] if r['reason'] else 'unknown reason'}")
-        time.sleep(0.2)
-    die(f"deploy: {rev} not ready after {args.wait:g}s (see `torpor describe {name}`)")
+    code, fn = follow_deploy(api, name, rev, len(body), wait=args.wait, verbose=getattr(args, "verbose", False),
+                             quiet=getattr(args, "quiet", False))
+    if fn is None:
+        sys.exit(code)
+    if not quiet_url:
+        print(fn["url"])
+    if args.canary is not None and not args.no_watch:
+        return rev, watch(api, name, to=rev)
+    return rev, 0
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -227,17 +218,22 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     path = args.path if args.path.startswith("/") else "/" + args.path
     if args.async_:
         return invoke_async(gateway, args, data, path)
+    if args.ws:
+        from torpor.cli import wsclient
+
+        return wsclient.main(gateway, host, path, args.timeout)
     try:
-        with httpx.Client(timeout=args.timeout) as c:
-            r = c.request(method, gateway + path, content=data, headers={"Host": host})
+        with httpx.Client(timeout=args.timeout) as c, \
+                c.stream(method, gateway + path, content=data, headers={"Host": host}) as r:
+            if args.verbose:
+                print(f"HTTP {r.status_code}", file=sys.stderr)
+                for k, v in r.headers.items():
+                    print(f"{k}: {v}", file=sys.stderr)
+            for chunk in r.iter_bytes():  # a streamed response is printed as it comes
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
     except httpx.HTTPError as e:
         die(f"invoke: {e}")
-    if args.verbose:
-        print(f"HTTP {r.status_code}", file=sys.stderr)
-        for k, v in r.headers.items():
-            print(f"{k}: {v}", file=sys.stderr)
-    sys.stdout.buffer.write(r.content)
-    sys.stdout.flush()
     if r.status_code >= 400:
         die(f"invoke: HTTP {r.status_code}")
     return 0
@@ -245,8 +241,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 def cmd_ls(api: Api, args: argparse.Namespace) -> int:
     fns = api.call("GET", "/v1/functions")["functions"]
-    if args.json:
-        print(json.dumps(fns, indent=2))
+    if emit(args, fns):
         return 0
     print(f"{'NAME':<24} {'LATEST':<20} {'STATUS':<10} {'READY':>5}  TRAFFIC")
     for f in fns:
@@ -272,8 +267,7 @@ def _leader_line(api: Api) -> str:
 
 def cmd_status(api: Api, args: argparse.Namespace) -> int:
     st = api.call("GET", "/v1/status")
-    if args.output == "json":
-        print(json.dumps(st, indent=2))
+    if emit(args, st):
         return 0
     print(f"Torpor {st['version']}  store {st['store']}  installation {st['instance']}")
     lead = st.get("leader")
@@ -302,8 +296,7 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
 
 def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     fn = api.call("GET", f"/v1/functions/{args.name}", params={"events": 15})
-    if args.json:
-        print(json.dumps(fn, indent=2))
+    if emit(args, fn):
         return 0
     print(f"Name:     {fn['name']}\nURL:      {fn['url']}\n          {fn['path_url']}")
     sc = fn.get("scale") or {}
@@ -351,6 +344,10 @@ def cmd_delete(api: Api, args: argparse.Namespace) -> int:
 
 
 def cmd_logs(api: Api, args: argparse.Namespace) -> int:
+    if args.build is not None:
+        params = {"revision": args.build} if args.build else {}
+        sys.stdout.write(api.call("GET", f"/v1/functions/{args.name}/build-log", params=params))
+        return 0
     params = {"follow": "1" if args.follow else "0", "tail": str(args.tail)}
     try:
         with api.client.stream("GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None) as r:
@@ -403,7 +400,7 @@ def cmd_top(api: Api, args: argparse.Namespace) -> int:
     gateway = (args.gateway or os.environ.get("TORPOR_GATEWAY") or DEFAULT_GATEWAY).rstrip("/")
     from torpor.cli.top import run_top
 
-    return run_top(api, gateway, args.interval, args.once)
+    return run_top(api, gateway, args.interval, args.once, args.output)
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -492,7 +489,9 @@ def _gateway_limits(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.")
+    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.", epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"torpor {version()}")
     p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
     p.add_argument("--state-dir", dest="global_state_dir", metavar="DIR",
                    help="state directory of `torpor up`, whose token file the CLI sends when TORPOR_TOKEN is "
@@ -510,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
-        sp.add_argument("--driver", default="auto", choices=["auto", "process", "docker", "kubernetes"])
+        sp.add_argument("--driver", default=os.environ.get("TORPOR_DRIVER") or "auto",
+                        choices=["auto", "process", "docker", "kubernetes"],
+                        help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)")
         sp.add_argument("--namespace", default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
                         help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
                         "controller's own namespace in a cluster, else the kubeconfig's, else default)")
@@ -539,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
                         help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
                         "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
+        sp.add_argument("--public-url", default=os.environ.get("TORPOR_PUBLIC_URL") or None, metavar="URL",
+                        help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
+                        "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
+                        "gateway's own address)")
         add_upload_limits(sp)
     add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
@@ -556,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-traffic", action="store_true")
     d.add_argument("--no-watch", action="store_true", help="with --canary: return once ready, leave the rollout running")
     d.add_argument("--wait", type=finite_float, default=600.0, help="seconds to wait for the revision")
+    d.add_argument("-v", "--verbose", action="store_true", help="stream the whole build log")
+    d.add_argument("-q", "--quiet", action="store_true", help="print only the URL")
 
     i = sub.add_parser("invoke", help="call a function through the gateway")
     i.add_argument("name")
@@ -568,14 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-v", "--verbose", action="store_true")
     i.add_argument("--async", dest="async_", action="store_true", help="queue the call; print its id")
     i.add_argument("--callback", help="with --async: URL the result is POSTed to (X-Callback-Url)")
+    i.add_argument("--ws", action="store_true",
+                   help="open a WebSocket: stdin lines are sent, messages are printed")
 
     stp = sub.add_parser("status", help="which controller leads, standbys and gateways seen, counts")
-    stp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    add_output(stp)
     ls = sub.add_parser("ls", help="list functions")
-    ls.add_argument("--json", action="store_true")
+    add_output(ls)
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
     de.add_argument("name")
-    de.add_argument("--json", action="store_true")
+    add_output(de)
     ex = sub.add_parser("export", help="write a function as a Knative Service or an OpenFaaS stack entry")
     ex.add_argument("name")
     ex.add_argument("--format", choices=["knative", "openfaas"], default="knative")
@@ -585,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("--tail", type=int, default=200)
+    lg.add_argument("--build", nargs="?", const="", metavar="REVISION",
+                    help="the last build log (of REVISION, default the newest build) instead of replica logs")
     tr = sub.add_parser("traffic", help="set the traffic split: REV=PCT ...")
     tr.add_argument("name")
     tr.add_argument("split", nargs="+", metavar="REV=PCT")
@@ -600,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=finite_float, default=1.0)
     top.add_argument("--once", action="store_true")
     top.add_argument("--gateway")
+    add_output(top)
     im = sub.add_parser("images", help="images for the docker and kubernetes drivers")
     im_sub = im.add_subparsers(dest="images_cmd", required=True)
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
@@ -612,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
     API_COMMANDS.update(add_call_parsers(sub))
+    add_new_parser(sub)
+    API_COMMANDS.update(add_ui_parser(sub))
+    cp = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish")
+    cp.add_argument("shell", choices=SHELLS)
     return p
 
 
@@ -637,11 +653,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(cmd_invoke(args))
         if args.cmd == "images":
             sys.exit(cmd_images(args))
+        if args.cmd == "new":
+            sys.exit(cmd_new(args))
+        if args.cmd == "completion":
+            sys.stdout.write(completion_script(build_parser(), args.shell))
+            sys.exit(0)
         token, hint = api_token(args.api, _state_dir(args))
         api = Api(args.api, token, hint)
         sys.exit(API_COMMANDS[args.cmd](api, args))
     except CliError as e:
-        die(f"{args.cmd}: {e}")
+        die(f"{args.cmd}: {e}", e.code)
     except KeyboardInterrupt:
         sys.exit(130)
 

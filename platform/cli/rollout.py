@@ -7,7 +7,8 @@
     torpor rollback NAME                             traffic back to the previous stable revision
 
 ``--to`` watches until the rollout ends: each step change is printed; exit 0 once
-promoted, 1 with the reason once rolled back or aborted. Ctrl-C stops watching only:
+promoted, 4 with the reason once rolled back by the judgement, 1 once aborted. Status
+(no action) takes ``-o json|yaml``. Ctrl-C stops watching only:
 the rollout runs in the controller.
 """
 
@@ -20,12 +21,14 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from torpor.cli.output import EXIT_ROLLED_BACK, add_output, emit
+
 ACTIVE = ("running", "paused")
 
 
-def _fail(msg: str) -> NoReturn:
+def _fail(msg: str, code: int = 1) -> NoReturn:
     print(f"torpor: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def finite_float(text: str) -> float:
@@ -103,7 +106,7 @@ def watch(api: Any, name: str, to: str | None = None, timeout: float | None = No
                 return 0
             if ro["state"] == "rolled_back":
                 print(f"rolled back to {ro['stable']}; traffic: {_traffic(tr)}", file=sys.stderr)
-                _fail(f"rollout: rolled back: {ro['reason']}")
+                _fail(f"rollout: rolled back: {ro['reason']}", EXIT_ROLLED_BACK)
             if ro["state"] == "aborted":
                 _fail(f"rollout: aborted: {ro['reason']}; traffic: {_traffic(tr)}")
             if deadline is not None and time.monotonic() > deadline:
@@ -135,7 +138,8 @@ def cmd_rollout(api: Any, args: argparse.Namespace) -> int:
                 return 0
             return watch(api, name, timeout=args.timeout)
         out = api.call("GET", f"/v1/functions/{name}/rollout")
-        print(_status(out["rollout"], out["traffic"]))
+        if not emit(args, out):
+            print(_status(out["rollout"], out["traffic"]))
         return 0
     body: dict[str, Any] = {"to": args.to}
     for k in ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests"):
@@ -174,6 +178,7 @@ def add_parsers(sub: Any) -> dict[str, Callable[[Any, argparse.Namespace], int]]
     ro.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
     ro.add_argument("--no-watch", action="store_true", help="with --to: start it and return")
     ro.add_argument("--timeout", type=finite_float, metavar="S", help="stop watching after S seconds (exit 1)")
+    add_output(ro)
     rb = sub.add_parser("rollback", help="all traffic back to the previous stable revision")
     rb.add_argument("name")
     return {"rollout": cmd_rollout, "rollback": cmd_rollback}

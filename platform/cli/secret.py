@@ -3,7 +3,7 @@
     torpor secret set NAME [--from-file F]   value from F (verbatim), else from stdin: typed
                                              without echo on a terminal; piped, one trailing
                                              newline is dropped (`echo pw | ...`)
-    torpor secret ls [--json]                NAME, VERSION, UPDATED, USED BY
+    torpor secret ls [-o json|yaml]                NAME, VERSION, UPDATED, USED BY
     torpor secret rm NAME [--force]          refused while a function uses it, unless --force
 
 A spec maps env names to secrets: ``secrets: {DB_PASSWORD: db-password}``. A new value
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
+
+from torpor.cli.output import add_output, emit
 
 MAX_VALUE = 64 * 1024  # the API's cap (torpor.secret.MAX_VALUE)
 
@@ -77,8 +78,7 @@ def cmd_secret(api: Any, args: argparse.Namespace) -> int:
         return 0
     if args.secret_cmd == "ls":
         secrets = api.call("GET", "/v1/secrets")["secrets"]
-        if args.json:
-            print(json.dumps(secrets, indent=2))
+        if emit(args, secrets):
             return 0
         print(f"{'NAME':<32} {'VERSION':>7}  {'UPDATED':>7}  USED BY")
         for s in secrets:
@@ -99,7 +99,7 @@ def add_parsers(sub: Any) -> dict[str, Any]:
     st.add_argument("name")
     st.add_argument("--from-file", metavar="F", help="read the value from F, verbatim")
     ls = ss.add_parser("ls", help="secrets and the functions that use them (never values)")
-    ls.add_argument("--json", action="store_true")
+    add_output(ls)
     rm = ss.add_parser("rm", help="delete a secret")
     rm.add_argument("name")
     rm.add_argument("--force", action="store_true", help="delete even while functions use it")

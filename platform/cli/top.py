@@ -6,6 +6,7 @@ gateway's /metrics (what the autoscaler sees).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Any
@@ -32,11 +33,11 @@ def gateway_gauges(gateway: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def render(api: Any, gateway: str) -> str:
+def snapshot(api: Any, gateway: str) -> list[dict[str, Any]]:
+    """One row per revision with traffic or replicas (what ``-o json|yaml`` prints)."""
     fns = api.call("GET", "/v1/functions")["functions"]
     gauges = gateway_gauges(gateway)
-    lines = [f"{'FUNCTION':<20} {'REVISION':<20} {'TRAFFIC':>7} {'READY':>5} {'STARTING':>8} "
-             f"{'IN-FLIGHT':>9} {'QUEUED':>6} {'REQUESTS':>9}"]
+    rows: list[dict[str, Any]] = []
     for f in fns:
         fn = api.call("GET", f"/v1/functions/{f['name']}", params={"events": 0})
         shown = {t["revision"] for t in fn["traffic"]} | {r["revision"] for r in fn["replicas"]}
@@ -45,14 +46,30 @@ def render(api: Any, gateway: str) -> str:
                 continue
             reps = [r for r in fn["replicas"] if r["revision"] == rev["name"]]
             g = gauges.get(rev["name"], {})
-            lines.append(
-                f"{fn['name']:<20} {rev['name']:<20} {rev['traffic']:>6}% "
-                f"{sum(r['state'] == 'ready' for r in reps):>5} {sum(r['state'] == 'starting' for r in reps):>8} "
-                f"{int(g.get('in_flight', 0)):>9} {int(g.get('queued', 0)):>6} {int(g.get('requests', 0)):>9}")
+            rows.append({"function": fn["name"], "revision": rev["name"], "traffic": rev["traffic"],
+                         "ready": sum(r["state"] == "ready" for r in reps),
+                         "starting": sum(r["state"] == "starting" for r in reps),
+                         "in_flight": int(g.get("in_flight", 0)), "queued": int(g.get("queued", 0)),
+                         "requests": int(g.get("requests", 0))})
+    return rows
+
+
+def render(api: Any, gateway: str) -> str:
+    lines = [f"{'FUNCTION':<20} {'REVISION':<20} {'TRAFFIC':>7} {'READY':>5} {'STARTING':>8} "
+             f"{'IN-FLIGHT':>9} {'QUEUED':>6} {'REQUESTS':>9}"]
+    for r in snapshot(api, gateway):
+        lines.append(
+            f"{r['function']:<20} {r['revision']:<20} {r['traffic']:>6}% {r['ready']:>5} {r['starting']:>8} "
+            f"{r['in_flight']:>9} {r['queued']:>6} {r['requests']:>9}")
     return "\n".join(lines)
 
 
-def run_top(api: Any, gateway: str, interval: float, once: bool) -> int:
+def run_top(api: Any, gateway: str, interval: float, once: bool, output: str = "table") -> int:
+    if output != "table":  # machine-readable: one snapshot, as with --once
+        from torpor.cli.output import emit
+
+        emit(argparse.Namespace(output=output), snapshot(api, gateway))
+        return 0
     if once:
         print(render(api, gateway))
         return 0

@@ -68,7 +68,10 @@ class Leadership:
         self.failed = False
         limit = self.ttl if self.held is None else max(0.0, self.held.valid_until - self.clock())
         try:
-            return await asyncio.wait_for(self.lease.acquire(self.holder, self.ttl), max(limit, 0.05))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that arrives
+            # as the call completes, and the loop would then never stop
+            async with asyncio.timeout(max(limit, 0.05)):
+                return await self.lease.acquire(self.holder, self.ttl)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the store is down or slow: not leader until it answers
@@ -107,7 +110,8 @@ class Leadership:
         """How long a standby waits before asking again: ``poll``, or less if the lease
         runs out sooner (so a dead leader is replaced right when its lease ends)."""
         try:
-            cur = await asyncio.wait_for(self.lease.current(), self.poll)
+            async with asyncio.timeout(self.poll):
+                cur = await self.lease.current()
         except asyncio.CancelledError:
             raise
         except Exception:

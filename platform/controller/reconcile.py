@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from torpor.archive import ArchiveLimits
 from torpor.autoscaler.service import Autoscaler
 from torpor.controller.blobs import GRACE, referenced, sweep
+from torpor.controller.buildlog import BUILD_LOG, BuildLog
 from torpor.controller.fence import FencedDriver, FencedStore, fence_store
 from torpor.controller.leader import Leadership
 from torpor.controller.retention import collectable
@@ -290,7 +291,8 @@ class Controller:
                 log.warning("controller: heartbeat failed: %s: %s", type(e).__name__, e)
             self._beat_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_EVERY)
+                async with asyncio.timeout(HEARTBEAT_EVERY):  # not wait_for: it can lose a cancel
+                    await self._beat_now.wait()
 
     def _spawn(self, coro: Any) -> asyncio.Future[Any]:
         """A piece of this term's work: cancelled if the lease is lost."""
@@ -415,7 +417,8 @@ class Controller:
         delay = self.settings.tick
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: on 3.11 it can lose a cancel
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -694,30 +697,44 @@ class Controller:
 
     # -- builds --------------------------------------------------------------------------
     async def _build(self, fn_name: str, rev: Revision) -> None:
+        """Build one revision: one ``build`` event as it starts and one as it ends (see
+        torpor.controller.buildlog); its log lines go over the bus as they come."""
+        blog = BuildLog(rev.name)
+        loop = asyncio.get_running_loop()
+
+        def progress(line: str) -> None:  # from the loop or a driver's build thread
+            kept = blog.add(line)
+            loop.call_soon_threadsafe(lambda: self._spawn(self._publish_quietly(
+                BUILD_LOG, {"function": fn_name, "revision": rev.name, "line": kept})))
+
         try:
-            await self._event(fn_name, "build", f"{rev.name}: building", {"revision": rev.name})
-            lines: list[str] = []
-
-            def progress(line: str) -> None:
-                lines.append(line)
-                asyncio.get_running_loop().call_soon_threadsafe(
-                    lambda: self._spawn(self._event(fn_name, "build", line[:500], {"revision": rev.name})))
-
+            await self._event(fn_name, "build", f"{rev.name}: build started", {"revision": rev.name})
             local, _ = await self._local(rev)
             async with self._prepare_lock(local):
                 built = await self.driver.prepare(local, progress)
             image = built.image or ""
+            info_of = getattr(self.driver, "build_info", None)
+            info: dict[str, Any] = await asyncio.to_thread(info_of, built, blog.lines) if info_of else {}
             await self._set_revision(fn_name, rev.name, image=image, reason="starting its first replica")
-        except BuildError as e:
-            await self._fail_revision(fn_name, rev.name, f"build failed: {e}")
+            await self._event(fn_name, "build", blog.finished_message(info), blog.data(**info, image=image))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # driver bug or engine down: same outcome for the user
-            log.exception("build of %s failed", rev.name)
-            await self._fail_revision(fn_name, rev.name, f"build failed: {type(e).__name__}: {e}")
+        except Exception as e:  # BuildError, or a driver bug / engine down: same outcome for the user
+            if not isinstance(e, BuildError):
+                log.exception("build of %s failed", rev.name)
+            reason = f"build failed: {e}" if isinstance(e, BuildError) else f"build failed: {type(e).__name__}: {e}"
+            await self._set_revision(fn_name, rev.name, status="failed", reason=reason)
+            await self._event(fn_name, "build", blog.failed_message(reason), blog.data(failed=True))
         finally:
+            await self._publish_quietly(BUILD_LOG, {"function": fn_name, "revision": rev.name, "done": True})
             self.building.pop(rev.name, None)
             self.wake()
+
+    async def _publish_quietly(self, channel: str, payload: dict[str, Any]) -> None:
+        try:
+            await self.store.publish(channel, payload)
+        except Exception:
+            log.debug("controller: publishing on %s failed", channel, exc_info=True)
 
     async def _set_revision(self, fn_name: str, rev_name: str, **changes: Any) -> Function | None:
         def mutate(fn: Function | None) -> Function | None:
@@ -809,7 +826,8 @@ class Controller:
         started, checked = self.clock(), self.clock()
         while True:
             endpoint = tr.running.endpoint  # may be empty until the driver knows it (a Pod's IP)
-            if endpoint and await probe_once(endpoint):
+            if await self._probe(tr.running, deadline):
+                endpoint = tr.running.endpoint
                 break
             now = self.clock()
             # poll fast while a cold start is likely to finish (a refused connect costs ~50 us)
@@ -833,6 +851,22 @@ class Controller:
             await self._revision_ready(fn.name, rev.name)  # type: ignore[union-attr]
         if not adopted:
             await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
+
+    async def _probe(self, running: Running, deadline: float) -> bool:
+        """Whether the replica is ready: the driver's word when it reports readiness (a Pod's
+        Ready condition: the controller then never connects to replicas), else a request to
+        the replica's health path."""
+        wait_ready = getattr(self.driver, "wait_ready", None)
+        if wait_ready is not None:
+            try:
+                ready = await wait_ready(running, max(0.0, min(1.0, deadline - self.clock())))
+            except Exception as e:  # the cluster did not answer: not ready yet (the deadline decides)
+                log.warning("readiness of %s unknown: %s", running.replica, e)
+                await asyncio.sleep(0.2)
+                return False
+            if ready is not None:
+                return bool(ready) and bool(running.endpoint)
+        return bool(running.endpoint) and await probe_once(running.endpoint)
 
     async def _list(self, since: float = 0.0) -> tuple[float, list[Running]]:
         """driver.list(), shared by concurrent callers and reused for 0.2 s: many replicas

@@ -30,9 +30,14 @@ def contract_env(revision: Revision) -> dict[str, str]:
 def runtime_env(revision: Revision) -> dict[str, str]:
     """Settings of the Torpor runtime that follow from the spec of a source function."""
     spec = revision.spec
-    if spec.image or spec.handler_style == "torpor":
+    if spec.image:
         return {}
-    return {"TORPOR_HANDLER_STYLE": spec.handler_style}
+    env: dict[str, str] = {}
+    if spec.handler_style != "torpor":
+        env["TORPOR_HANDLER_STYLE"] = spec.handler_style
+    if spec.websocket:
+        env["TORPOR_WEBSOCKET"] = spec.websocket
+    return env
 
 
 @dataclass
@@ -90,3 +95,16 @@ class Pausable(Protocol):
 
     async def pause(self, running: Running) -> None: ...
     async def unpause(self, running: Running) -> None: ...
+
+
+class ReportsReadiness(Protocol):
+    """Optional: drivers whose platform already probes replicas (a Pod's readiness probe,
+    run by the kubelet). The controller then asks the driver instead of connecting to the
+    replica itself, so nothing but the gateways needs to reach a replica (on a cluster, a
+    NetworkPolicy lets only the gateways in)."""
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """Wait up to ``timeout`` s for ``running`` to be ready: True once it is, False if
+        it is not (yet), None if the driver cannot tell (the controller then probes the
+        endpoint itself). Updates ``running.endpoint`` when it learns it."""
+        ...

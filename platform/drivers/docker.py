@@ -112,6 +112,22 @@ def engine_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cached_from_log(lines: Iterable[str]) -> bool | None:
+    """Did every COPY/RUN/ADD step of a ``docker build`` log reuse a cached layer? (None:
+    no such step.) Metadata steps, such as the revision's own LABEL, never count."""
+    work: list[bool] = []
+    current: str | None = None
+    for line in lines:
+        m = re.match(r"Step \d+/\d+ : (\w+)", line)
+        if m:
+            current = m.group(1).upper()
+            if current in ("COPY", "RUN", "ADD"):
+                work.append(False)
+        elif "Using cache" in line and current in ("COPY", "RUN", "ADD") and work:
+            work[-1] = True
+    return all(work) if work else None
+
+
 def _tail(lines: Iterable[str], n: int = 8) -> str:
     kept = [line for line in lines if line.strip()]
     return "\n".join(kept[-n:])
@@ -219,6 +235,20 @@ class DockerDriver:
             shutil.rmtree(ctx, ignore_errors=True)
         revision.image = tag
         return revision
+
+    def build_info(self, revision: Revision, lines: list[str]) -> dict[str, Any]:
+        """``{"size": bytes, "cached": bool}`` of a revision just built (blocking; the
+        controller's one-line build event). Cached: every COPY/RUN step reused a layer."""
+        info: dict[str, Any] = {}
+        if revision.image:
+            try:
+                info["size"] = int(self.client.images.get(revision.image).attrs.get("Size") or 0)
+            except docker.errors.DockerException:
+                pass
+        cached = cached_from_log(lines)
+        if cached is not None:
+            info["cached"] = cached
+        return info
 
     async def _ensure_base(self, say: Callable[[str], None]) -> None:
         async with self._base_lock:

@@ -41,9 +41,20 @@ key, which the controller hands the driver through ``use_archive_key``; it fetch
 one archive and nothing else), checks the hash and runs it. ``image:`` functions
 are pulled by the kubelet as usual.
 
-Endpoints are ``PODIP:PORT``: ``start()`` waits (bounded, with a watch resumed from the
-last resourceVersion) for the Pod's IP; ``list()`` reports current IPs. The controller
-runs in the cluster and probes Pod IPs itself; the gateways route to them.
+Endpoints are ``PODIP:PORT`` (``[PODIP]:PORT`` for an IPv6 address): ``start()`` waits
+(bounded, with a watch resumed from the last resourceVersion) for the Pod's IP;
+``list()`` reports current IPs; the gateways route to them. Readiness is the kubelet's:
+the Pod's readiness probe (``/_torpor/health`` of the runtime, a TCP connect for
+``image:`` functions) sets its ``Ready`` condition, and ``wait_ready()`` watches for it
+through the API server, so the controller never connects to a Pod and a NetworkPolicy
+can admit the gateways alone. The kubelet probes once a second at most, so this adds up
+to a second to a cold start; ``TORPOR_K8S_READINESS=direct`` makes the controller probe
+Pod IPs itself instead (every few ms), which needs a NetworkPolicy that lets the
+controller in (the chart's ``networkPolicy.functionsFromController``).
+
+Image pulls: ``TORPOR_RUNTIME_PULL_POLICY`` is the runtime image's ``imagePullPolicy``
+(``image:`` functions keep the kubelet's default), ``TORPOR_IMAGE_PULL_SECRETS`` (names,
+comma-separated) the ``imagePullSecrets`` of every function Pod.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +82,7 @@ from lightkube.models.core_v1 import (
     EmptyDirVolumeSource,
     EnvVar,
     HTTPGetAction,
+    LocalObjectReference,
     PodSecurityContext,
     PodSpec,
     Probe,
@@ -176,6 +189,36 @@ class PodSettings:
     archive_url_base: str | None = None
     archive_key: bytes | None = None  # the installation's archive-token key (the controller passes it)
     tmp_size: str = TMP_SIZE
+    runtime_pull_policy: str | None = None  # imagePullPolicy of the runtime image (None: the kubelet's default)
+    image_pull_secrets: tuple[str, ...] = ()  # imagePullSecrets of every function Pod
+
+
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+READINESS = ("kubelet", "direct")  # who judges a replica ready (TORPOR_K8S_READINESS)
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def pull_policy(value: str | None, what: str = "TORPOR_RUNTIME_PULL_POLICY") -> str | None:
+    """``value`` if it is an ``imagePullPolicy`` (empty: None), else KubernetesError."""
+    if not value or not value.strip():
+        return None
+    value = value.strip()
+    if value not in PULL_POLICIES:
+        raise KubernetesError(f"{what}={value[:40]!r}: expected one of {', '.join(PULL_POLICIES)}")
+    return value
+
+
+def pull_secrets(value: str | None, what: str = "TORPOR_IMAGE_PULL_SECRETS") -> tuple[str, ...]:
+    """Comma-separated Secret names -> a tuple of them; a name Kubernetes would refuse is a
+    KubernetesError naming it."""
+    names = tuple(x.strip() for x in (value or "").split(",") if x.strip())
+    for n in names:
+        if len(n) > 253 or not _DNS_SUBDOMAIN.fullmatch(n):
+            raise KubernetesError(f"{what}: {n[:60]!r} is not a Secret name (lowercase letters, digits, "
+                                  "'-' and '.', at most 253 characters)")
+    if len(names) > 32:
+        raise KubernetesError(f"{what}: {len(names)} names; at most 32")
+    return names
 
 
 def _labels(instance: str, revision: Revision, replica: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
@@ -244,7 +287,8 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
             "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
         })
         probe = Probe(httpGet=HTTPGetAction(path=HEALTH_PATH, port=spec.port))
-    probe.periodSeconds, probe.timeoutSeconds, probe.failureThreshold = 2, 1, 3
+    # 1 s, the shortest period Kubernetes allows: a cold start waits at most that long for the kubelet
+    probe.periodSeconds, probe.timeoutSeconds, probe.failureThreshold = 1, 1, 3
     quantities: dict[str, str] = {}
     if spec.resources.cpu > 0:
         quantities["cpu"] = cpu_quantity(spec.resources.cpu)
@@ -253,6 +297,7 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
     container = Container(
         name=CONTAINER,
         image=image,
+        imagePullPolicy=None if spec.image else settings.runtime_pull_policy,
         ports=[ContainerPort(containerPort=spec.port, name="http", protocol="TCP")],
         env=[EnvVar(name=k, value=v) for k, v in env.items()],
         resources=ResourceRequirements(requests=dict(quantities), limits=dict(quantities)),
@@ -295,6 +340,7 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
                 seccompProfile=SeccompProfile(type="RuntimeDefault"),
             ),
             volumes=[Volume(name="tmp", emptyDir=EmptyDirVolumeSource(sizeLimit=settings.tmp_size))],
+            imagePullSecrets=[LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
         ),
     )
 
@@ -375,6 +421,13 @@ def running_of(pod: Pod) -> Running:
     )
 
 
+def is_ready(pod: Pod) -> bool:
+    """Alive and its ``Ready`` condition is True (the kubelet's readiness probe passed)."""
+    if not is_alive(pod) or pod.status is None:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
 def _has_ip(pod: Pod | None) -> bool:
     return pod is None or not is_alive(pod) or bool(pod.status and pod.status.podIP)
 
@@ -411,6 +464,9 @@ class KubernetesDriver:
         *,
         runtime_image: str | None = None,
         archive_url_base: str | None = None,
+        runtime_pull_policy: str | None = None,
+        image_pull_secrets: tuple[str, ...] | None = None,
+        readiness: str | None = None,
         ip_timeout: float = 30.0,
         stop_margin: float = 15.0,
         trust_env: bool = True,
@@ -421,6 +477,10 @@ class KubernetesDriver:
         self.namespace = namespace or os.environ.get("TORPOR_K8S_NAMESPACE") or self.config.namespace
         self.instance = instance
         self.ip_timeout = ip_timeout
+        self.readiness = (readiness or os.environ.get("TORPOR_K8S_READINESS") or "kubelet").strip()
+        if self.readiness not in READINESS:
+            raise KubernetesError(f"TORPOR_K8S_READINESS={self.readiness[:40]!r}: expected kubelet (the Pod's "
+                                  "Ready condition) or direct (the controller probes Pod IPs)")
         self.stop_margin = stop_margin
         self._trust_env = trust_env
         self.settings = PodSettings(
@@ -429,6 +489,10 @@ class KubernetesDriver:
             runtime_image=runtime_image or default_runtime_image(),
             archive_url_base=archive_url_base if archive_url_base is not None
             else os.environ.get("TORPOR_ARCHIVE_URL_BASE") or None,
+            runtime_pull_policy=pull_policy(runtime_pull_policy, "runtime_pull_policy") if runtime_pull_policy
+            else pull_policy(os.environ.get("TORPOR_RUNTIME_PULL_POLICY")),
+            image_pull_secrets=pull_secrets(",".join(image_pull_secrets), "image_pull_secrets")
+            if image_pull_secrets is not None else pull_secrets(os.environ.get("TORPOR_IMAGE_PULL_SECRETS")),
         )
         self.client = self._new_client()
 
@@ -657,6 +721,32 @@ class KubernetesDriver:
         if gone is not None:
             log.warning("Pod %s still exists %gs after its deletion (is its node unreachable?)",
                         name, seconds + self.stop_margin)
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """Watch the replica's Pod (at most ``timeout`` s) until its ``Ready`` condition is
+        True: True then (with ``running.endpoint`` set), False if it is not ready by then,
+        gone, or no longer this replica's Pod."""
+        if self.readiness == "direct":
+            return None  # the controller probes the endpoint itself
+        name = pod_name(running.replica)
+        try:
+            pod = await self.client.get(Pod, name, namespace=self.namespace)
+        except ApiError as e:
+            if _code(e) == 404:
+                return False
+            raise self._fail(f"reading Pod {name}", e) from e
+        assert pod.metadata is not None
+        if running.driver_id and pod.metadata.uid != running.driver_id:
+            return False
+        got = await self._wait(Pod, name, pod, lambda p: p is None or not is_alive(p) or is_ready(p),
+                               max(0.0, timeout))
+        if got is None or not is_ready(got):
+            return False
+        endpoint = running_of(got).endpoint
+        if not endpoint:
+            return False
+        running.endpoint = endpoint
+        return True
 
     async def list(self) -> list[Running]:
         try:

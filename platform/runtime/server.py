@@ -17,6 +17,10 @@ Environment
   TORPOR_DRAIN_TIMEOUT  seconds in-flight requests get after SIGTERM (default 30)
   TORPOR_IDLE_TIMEOUT   seconds a connection may stay silent before it is closed (default 120)
   TORPOR_THREADS        worker threads for sync handlers (default 64)
+  TORPOR_BODY_BUFFER    request bodies up to this are read before the handler runs (default 8Mi);
+                        a larger (or chunked and longer) one is read as the handler asks
+  TORPOR_WEBSOCKET      ``module:function`` serving WebSocket upgrades (none by default: an
+                        upgrade request then goes to the HTTP handler like any other)
   TORPOR_HANDLER_STYLE  ``torpor`` (default: ``handle(request)``) or ``openfaas``
                         (``handle(event, context)`` as OpenFaaS python3-http runs it; the
                         adapter is ``openfaas.py`` beside this file)
@@ -38,6 +42,26 @@ Handler contract
   ``headers`` and ``body`` such as ``Response`` (``from torpor_runtime import Response``).
   An exception becomes a 500 ``{"error": "handler raised", "detail": "Type: message"}``
   with the traceback on stderr; the replica keeps serving.
+
+Streams
+  A handler may return an iterator/generator or an async iterable of bytes/str, or a
+  ``Response`` whose body is one: it is sent chunked (close-delimited to HTTP/1.0), each
+  piece written as it is produced; the head waits for the first piece (its type sets the
+  default Content-Type). An exception before the first piece is a 500; after it, the
+  chunked body gets its last chunk, the connection closes, and the error is logged.
+  ``sse(events)`` wraps events into ``text/event-stream``. ``request.stream()`` gives the
+  body in pieces (``for`` in a sync handler, ``async for`` in an async one);
+  ``await request.read()`` gives it whole. A body the handler left unread closes the
+  connection after the response (``Connection: close``).
+
+WebSockets (RFC 6455)
+  With ``TORPOR_WEBSOCKET``, a ``GET`` with ``Upgrade: websocket`` is answered 101 and
+  the handler gets a ``WebSocket`` (async) or ``SyncWebSocket`` (sync; in its own thread):
+  ``receive()`` -> str | bytes (raises ``WebSocketClosed``), ``send(str | bytes)``,
+  ``close(code, reason)``, iteration until close, ``request``. Pings are answered,
+  fragments joined, client frames must be masked (else 1002), text must be UTF-8 (else
+  1007), messages are at most ``TORPOR_MAX_BODY`` (else 1009); a raising handler closes
+  with 1011. On SIGTERM open sockets keep 80% of the drain timeout, then get 1001.
 """
 
 from __future__ import annotations
@@ -57,7 +81,20 @@ import traceback  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
-__all__ = ["Headers", "Request", "Response", "main", "run", "load_config", "load_handler"]
+__all__ = [
+    "Headers",
+    "Request",
+    "RequestBodyError",
+    "Response",
+    "SyncWebSocket",
+    "WebSocket",
+    "WebSocketClosed",
+    "load_config",
+    "load_handler",
+    "main",
+    "run",
+    "sse",
+]
 
 PATH = os.path.abspath(__file__)
 HEALTH_PATH = "/_torpor/health"
@@ -73,6 +110,7 @@ EXIT_DRAIN_TIMEOUT = 5
 MAX_HEAD = 64 * 1024  # request line + header section
 MAX_LINE = 8 * 1024  # one chunk-size or trailer line
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
+DEFAULT_BODY_BUFFER = 8 * 1024 * 1024  # larger (or chunked past it) bodies are streamed
 _READ_HIGH = 256 * 1024  # pause reading when this much is buffered and nobody asked for it
 _LINGER = 2.0  # seconds to swallow an unread body before closing after an error
 
@@ -211,11 +249,12 @@ class Request:
         "raw_path",
         "query_string",
         "headers",
-        "body",
+        "_body",
         "http_version",
         "client",
         "_path",
         "_query_list",
+        "_reader",
     )
 
     def __init__(
@@ -232,7 +271,8 @@ class Request:
         self.raw_path = raw_path  # as sent, still percent-encoded
         self.query_string = query_string
         self.headers = headers if headers is not None else Headers()
-        self.body = body
+        self._body = body
+        self._reader: _BodyReader | None = None  # set when the body is streamed (see stream())
         self.http_version = http_version
         self.client = client
         self._path: str | None = None
@@ -256,6 +296,39 @@ class Request:
     def query(self) -> dict[str, str]:
         """Query parameters; the last value of a repeated name wins."""
         return dict(self.query_list)
+
+    @property
+    def body(self) -> bytes:
+        """The whole body. A body too large to be read before the handler ran (over
+        ``TORPOR_BODY_BUFFER``) is read now, when a sync handler asks; an async handler
+        uses ``await request.read()`` or ``request.stream()`` for it."""
+        reader = self._reader
+        if reader is not None:
+            self._body = reader.read_all_blocking()
+            self._reader = None
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._body, self._reader = value, None
+
+    async def read(self) -> bytes:
+        """The whole body (an async handler's way to get a streamed body whole)."""
+        reader = self._reader
+        if reader is not None:
+            self._body = await reader.read_all()
+            self._reader = None
+        return self._body
+
+    def stream(self) -> _BodyStream:
+        """The body in pieces as they arrive, for ``for`` (sync handlers) or ``async for``
+        (async handlers); within ``TORPOR_MAX_BODY``. Once streamed, ``body`` is gone."""
+        reader = self._reader
+        if reader is None:
+            reader = _BodyReader.complete(self._body)
+        self._reader = None
+        self._body = b""
+        return _BodyStream(reader)
 
     def json(self) -> Any:
         """The body parsed as JSON (raises ValueError when it is not JSON)."""
@@ -293,7 +366,7 @@ class Response:
 
 # --------------------------------------------------------------------------- rendering
 
-Rendered = tuple[int, list[tuple[str, str]], bytes]
+Rendered = tuple[int, list[tuple[str, str]], Any]  # body: bytes, or a stream (_is_stream)
 
 
 class _BadResult(Exception):
@@ -321,9 +394,11 @@ def _error(status: int, error: str, detail: str) -> Rendered:
     return status, [("Content-Type", _JSON)], _dumps({"error": error, "detail": detail})
 
 
-def _encode_body(body: Any) -> tuple[bytes, str | None]:
+def _encode_body(body: Any) -> tuple[Any, str | None]:
     if isinstance(body, bytes):
         return body, _OCTET
+    if _is_stream(body):
+        return body, None  # its type is told by its first piece (_send_stream)
     if isinstance(body, str):
         return body.encode("utf-8"), _TEXT
     if body is None:
@@ -343,6 +418,8 @@ def _render(result: Any) -> Rendered:
         if isinstance(result, (bytes, str, dict, list, bytearray, memoryview)):
             body, ctype = _encode_body(result)
             return 200, [("Content-Type", ctype or _OCTET)], body
+        if _is_stream(result):
+            return 200, [], result
         try:
             status, raw_headers, raw_body = result.status, result.headers, result.body
         except AttributeError:
@@ -368,6 +445,8 @@ def _render(result: Any) -> Rendered:
                 has_type = has_type or low == "content-type"
                 headers.append((name, value))
         if status == 204 or status == 304:
+            if _is_stream(body):
+                _close_quietly(body)
             return status, headers, b""
         if ctype is not None and not has_type:
             headers.append(("Content-Type", ctype))
@@ -743,21 +822,761 @@ class _Conn(asyncio.Protocol):
                 raise _HttpError(417, "only 100-continue is supported")
             if (length or chunked) and not http10 and self.transport is not None:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reader: _BodyReader | None = None
         if chunked:
-            body = await self._read_chunked(server.max_body)
+            body, reader = await _begin_chunked(self, server)
+        elif length > server.body_buffer:
+            body, reader = b"", _BodyReader(self, length, server.max_body)  # streamed
         elif length:
             body = await self._read_body(length)
         else:
             body = b""
         request = Request(method, raw_path, qs, headers, body, version[5:], self.client)
+        request._reader = reader
+        if server.ws_handler is not None and _wants_websocket(method, headers):
+            return await _serve_websocket(self, request, http10)
         if raw_path.startswith(RESERVED_PREFIX):
             status, out_headers, out = server.internal(request)
         else:
             status, out_headers, out = await server.dispatch(request)
         keep = keep and not server.draining
-        self._write_response(status, out_headers, out, method == "HEAD", keep, http10)
-        await self._drain()
+        if reader is not None:
+            if reader.error is not None:
+                status, out_headers, out = _body_failed(reader, out)
+            if not reader.done and isinstance(out, bytes):
+                keep = False  # the rest of the body is not wanted: say so, then close
+        if not isinstance(out, bytes):
+            keep = await _send_stream(self, request, status, out_headers, out, method == "HEAD", keep, http10)
+        else:
+            self._write_response(status, out_headers, out, method == "HEAD", keep, http10)
+            await self._drain()
+        if reader is not None and not reader.done:
+            await self._linger()  # the rest of the body was not wanted: close, without a reset
+            return False
         return keep
+
+
+# --------------------------------------------------------------------------- streamed bodies
+
+_PIECE = 256 * 1024  # largest piece request.stream() gives at once
+_STREAM_TYPES = (bytes, str, bytearray, memoryview, dict, list, tuple)
+
+
+def _is_stream(body: Any) -> bool:
+    """An iterator/generator or an async iterable: a body sent as it is produced."""
+    if isinstance(body, _STREAM_TYPES):
+        return False
+    return hasattr(body, "__anext__") or hasattr(body, "__aiter__") or hasattr(body, "__next__")
+
+
+def _close_quietly(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None and not hasattr(stream, "__anext__"):
+        try:
+            close()
+        except Exception:
+            pass
+
+
+class RequestBodyError(Exception):
+    """Reading a streamed request body failed (too large, malformed, client gone)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class _BodyReader:
+    """Reads one request body from its connection piece by piece, as the handler asks:
+    ``length`` bytes, or chunked (``length`` None), never more than ``limit``."""
+
+    def __init__(self, conn: _Conn | None, length: int | None, limit: int, prefix: bytes = b"") -> None:
+        self.conn = conn
+        self.left = length if length is not None else -1  # -1: chunked
+        self.limit = limit
+        self.prefix: list[bytes] = [prefix] if prefix else []  # read ahead, given first
+        self.got = len(prefix)
+        self.chunk_left = 0
+        self.done = conn is None or length == 0
+        self.error: _HttpError | _PeerGone | None = None
+        self.thread = threading_ident()
+
+    @classmethod
+    def complete(cls, body: bytes) -> _BodyReader:
+        return cls(None, None, len(body), body)
+
+    async def next(self) -> bytes:
+        """The next piece of the body; b"" at its end. Raises RequestBodyError."""
+        if self.prefix:
+            return self.prefix.pop(0)
+        if self.done:
+            return b""
+        if self.error is not None:
+            raise _body_error(self.error)
+        try:
+            return await self._next()
+        except (_HttpError, _PeerGone, TimeoutError, ConnectionError) as exc:
+            self.error = exc if isinstance(exc, (_HttpError, _PeerGone)) else _PeerGone()
+            raise _body_error(self.error) from None
+
+    async def _next(self) -> bytes:
+        conn = self.conn
+        assert conn is not None
+        if self.left >= 0:
+            if not conn.buf and not await conn._fill(conn.server.idle_timeout):
+                raise _PeerGone()
+            n = min(len(conn.buf), self.left, _PIECE)
+            piece = bytes(conn.buf[:n])
+            del conn.buf[:n]
+            self.left -= n
+            self.done = self.left == 0
+            return piece
+        if self.chunk_left == 0:
+            line = await conn._read_line()
+            size_s = line.split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size_s):
+                raise _HttpError(400, "malformed chunk size")
+            size = int(size_s, 16)
+            if size == 0:
+                trailers = 0
+                while True:  # trailer fields are read and ignored
+                    line = await conn._read_line()
+                    if not line:
+                        self.done = True
+                        return b""
+                    trailers += len(line)
+                    if trailers > MAX_HEAD:
+                        raise _HttpError(431, "trailer section too large")
+            if self.got + size > self.limit:
+                raise _HttpError(413, f"request body larger than {self.limit} bytes")
+            self.got += size
+            self.chunk_left = size
+        if not conn.buf and not await conn._fill(conn.server.idle_timeout):
+            raise _PeerGone()
+        n = min(len(conn.buf), self.chunk_left, _PIECE)
+        piece = bytes(conn.buf[:n])
+        del conn.buf[:n]
+        self.chunk_left -= n
+        if self.chunk_left == 0:
+            await conn._need(2)
+            if conn.buf[:2] != b"\r\n":
+                raise _HttpError(400, "malformed chunk")
+            del conn.buf[:2]
+        return piece
+
+    async def read_all(self) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            piece = await self.next()
+            if not piece:
+                return b"".join(parts)
+            parts.append(piece)
+
+    def read_all_blocking(self) -> bytes:
+        """read_all() from a handler's worker thread."""
+        conn = self.conn
+        if conn is None:
+            piece, self.prefix = b"".join(self.prefix), []
+            return piece
+        if threading_ident() == self.thread:
+            raise RuntimeError(
+                "the request body is streamed (larger than TORPOR_BODY_BUFFER or chunked): "
+                "use `await request.read()` or `async for piece in request.stream()`"
+            )
+        return asyncio.run_coroutine_threadsafe(self.read_all(), conn.loop).result()
+
+
+def threading_ident() -> int:
+    import threading
+
+    return threading.get_ident()
+
+
+def _body_error(err: _HttpError | _PeerGone) -> RequestBodyError:
+    if isinstance(err, _HttpError):
+        return RequestBodyError(err.status, err.detail)
+    return RequestBodyError(400, "the client went away during the request body")
+
+
+class _BodyStream:
+    """What ``request.stream()`` returns: iterate it (``for`` in a sync handler, ``async
+    for`` in an async one) for the body's pieces."""
+
+    def __init__(self, reader: _BodyReader) -> None:
+        self.reader = reader
+
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self.reader.next()
+        if not piece:
+            raise StopAsyncIteration
+        return piece
+
+    def __iter__(self) -> _BodyStream:
+        return self
+
+    def __next__(self) -> bytes:
+        reader = self.reader
+        if reader.prefix:
+            piece = reader.prefix.pop(0)
+        elif reader.conn is None:
+            piece = b""
+        elif threading_ident() == reader.thread:
+            raise RuntimeError("on the event loop, use `async for piece in request.stream()`")
+        else:
+            piece = asyncio.run_coroutine_threadsafe(reader.next(), reader.conn.loop).result()
+        if not piece:
+            raise StopIteration
+        return piece
+
+
+async def _begin_chunked(conn: _Conn, server: _Server) -> tuple[bytes, _BodyReader | None]:
+    """Read a chunked body up to ``body_buffer``: whole (reader None) or its beginning
+    and a reader for the rest."""
+    reader = _BodyReader(conn, None, server.max_body)
+    parts: list[bytes] = []
+    got = 0
+    while got <= server.body_buffer:
+        try:
+            piece = await reader._next()
+        except TimeoutError:
+            raise _PeerGone() from None
+        if not piece:
+            if reader.done:
+                return b"".join(parts), None
+            continue
+        parts.append(piece)
+        got += len(piece)
+    reader.prefix = parts
+    return b"", reader
+
+
+def _body_failed(reader: _BodyReader, out: Any) -> Rendered:
+    """The handler ran into a bad or broken request body: answer that, not its result."""
+    err = reader.error
+    if _is_stream(out):
+        _close_quietly(out)
+    if isinstance(err, _HttpError):
+        return _error(err.status, _REASONS.get(err.status, "error").lower(), err.detail)
+    raise _PeerGone()
+
+
+class _Source:
+    """Pulls a response stream: async iterables on the loop, sync iterators in the pool
+    (their ``next()`` may block)."""
+
+    def __init__(self, stream: Any, server: _Server) -> None:
+        self.server = server
+        self.is_async = hasattr(stream, "__anext__") or hasattr(stream, "__aiter__")
+        if self.is_async:
+            self.it = stream if hasattr(stream, "__anext__") else stream.__aiter__()
+        else:
+            self.it = stream
+
+    async def next(self) -> Any:
+        """The next piece, or _END."""
+        if self.is_async:
+            try:
+                return await self.it.__anext__()
+            except StopAsyncIteration:
+                return _END
+        return await self.server.loop.run_in_executor(self.server._pool(), next, self.it, _END)
+
+    async def close(self) -> None:
+        try:
+            if self.is_async:
+                aclose = getattr(self.it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            elif getattr(self.it, "close", None) is not None:
+                await self.server.loop.run_in_executor(self.server._pool(), self.it.close)
+        except Exception:
+            pass
+
+
+_END: Any = object()
+
+
+def _piece_bytes(piece: Any) -> bytes:
+    if isinstance(piece, bytes):
+        return piece
+    if isinstance(piece, str):
+        return piece.encode("utf-8")
+    if isinstance(piece, (bytearray, memoryview)):
+        return bytes(piece)
+    raise TypeError(f"stream yielded {type(piece).__name__}; expected bytes or str")
+
+
+def _log_stream_error(request: Request, exc: BaseException, started: bool) -> None:
+    when = "mid-stream" if started else "before the first piece"
+    print(
+        f"torpor-runtime: response stream raised {when} on {request.method} {request.raw_path}:",
+        file=sys.stderr,
+    )
+    traceback.print_exception(exc)
+    sys.stderr.flush()
+
+
+async def _send_stream(
+    conn: _Conn,
+    request: Request,
+    status: int,
+    headers: list[tuple[str, str]],
+    stream: Any,
+    head_only: bool,
+    keep: bool,
+    http10: bool,
+) -> bool:
+    """Send a streamed body chunked (close-delimited to HTTP/1.0), each piece as it is
+    produced. The head waits for the first piece: a stream that fails before it gets a
+    500; one that fails later ends with a last chunk (after which the connection closes),
+    and the error is logged. -> keep the connection?"""
+    source = _Source(stream, conn.server)
+    if head_only:
+        await source.close()
+        conn._write_response(status, headers, b"", True, keep, http10)
+        return keep
+    try:
+        first = await source.next()
+        data = b"" if first is _END else _piece_bytes(first)
+    except Exception as exc:
+        _log_stream_error(request, exc, False)
+        await source.close()
+        msg = str(exc)
+        err = _error(500, "handler raised", f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
+        conn._write_response(*err, False, keep, http10)
+        await conn._drain()
+        return keep
+    if not any(n.lower() == "content-type" for n, _ in headers):
+        headers = [*headers, ("Content-Type", _TEXT if isinstance(first, str) else _OCTET)]
+    keep = keep and not http10
+    parts = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
+    parts += [f"{n}: {v}\r\n" for n, v in headers]
+    if not http10:
+        parts.append("Transfer-Encoding: chunked\r\n")
+    if not keep:
+        parts.append("Connection: close\r\n")
+    parts.append("\r\n")
+    t = conn.transport
+    if conn.lost or t is None:
+        await source.close()
+        raise _PeerGone()
+    t.write("".join(parts).encode("latin-1"))
+    try:
+        while first is not _END:
+            if data:
+                t.write(data if http10 else b"%x\r\n%b\r\n" % (len(data), data))
+                if conn.write_paused:
+                    await conn._drain()
+            if conn.lost:
+                raise _PeerGone()
+            try:
+                first = await source.next()
+                data = b"" if first is _END else _piece_bytes(first)
+            except Exception as exc:
+                _log_stream_error(request, exc, True)
+                keep = False
+                break
+    except BaseException:
+        await source.close()
+        raise
+    if not http10 and not conn.lost:
+        t.write(b"0\r\n\r\n")
+    await conn._drain()
+    return keep
+
+
+def sse(events: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A ``text/event-stream`` response from an iterable or async iterable of events.
+
+    An event is a str (its ``data``), or a dict with any of ``data`` (a str, or anything
+    else sent as JSON), ``event``, ``id``, ``retry`` (ms) and ``comment``."""
+    out = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+           "X-Accel-Buffering": "no"}
+    out.update(headers or {})
+    if hasattr(events, "__aiter__"):
+
+        async def agen() -> Any:
+            async for ev in events:
+                yield _sse_event(ev)
+
+        return Response(agen(), status, out)
+    return Response((_sse_event(ev) for ev in events), status, out)
+
+
+def _sse_event(ev: Any) -> str:
+    if not isinstance(ev, Mapping):
+        ev = {"data": ev}
+    lines = []
+    if ev.get("comment") is not None:
+        lines += [": " + c for c in str(ev["comment"]).splitlines() or [""]]
+    for key in ("event", "id"):
+        if ev.get(key) is not None:
+            value = str(ev[key])
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"SSE {key} must be one line")
+            lines.append(f"{key}: {value}")
+    if ev.get("retry") is not None:
+        lines.append(f"retry: {int(ev['retry'])}")
+    if "data" in ev:
+        data = ev["data"]
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        elif not isinstance(data, str):
+            data = _dumps(data).decode()
+        lines += ["data: " + d for d in data.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return "\n".join(lines) + "\n\n"
+
+
+# --------------------------------------------------------------------------- WebSockets (RFC 6455)
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WS_QUEUE = 16  # received messages held for the handler before reading pauses
+_WS_WAIT = 86_400.0  # a socket may stay silent this long (the gateway bounds its life)
+_WS_CLOSE_WAIT = 2.0  # seconds to wait for the client's close frame after ours
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0, 1, 2, 8, 9, 10
+
+
+class WebSocketClosed(Exception):
+    """The socket is closed; ``code`` and ``reason`` are from the close handshake."""
+
+    def __init__(self, code: int = 1006, reason: str = "") -> None:
+        super().__init__(f"websocket closed ({code}{': ' + reason if reason else ''})")
+        self.code, self.reason = code, reason
+
+
+def _wants_websocket(method: str, headers: Headers) -> bool:
+    up = headers.get("upgrade")
+    if up is None or method != "GET":
+        return False
+    conn = headers.get("connection") or ""
+    return any(t.strip().lower() == "websocket" for t in up.split(",")) and any(
+        t.strip().lower() == "upgrade" for t in conn.split(",")
+    )
+
+
+def ws_accept(key: str) -> str:
+    """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key."""
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """One frame; ``mask`` (4 bytes) for a client's frames, None for a server's."""
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
+    mbit = 0x80 if mask is not None else 0
+    if n < 126:
+        head = bytes((b0, mbit | n))
+    elif n < 65536:
+        head = bytes((b0, mbit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, mbit | 127)) + n.to_bytes(8, "big")
+    if mask is not None:
+        return head + mask + ws_mask(payload, mask)
+    return head + payload
+
+
+def ws_mask(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` (masking and unmasking are the same)."""
+    n = len(data)
+    if not n:
+        return b""
+    k = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
+
+
+class _WsProtocolError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class WebSocket:
+    """One server-side WebSocket, as an ``async def`` websocket handler gets it.
+    ``request`` is the upgrade request. Sync handlers get a :class:`SyncWebSocket`."""
+
+    def __init__(self, conn: _Conn, request: Request, max_message: int) -> None:
+        self.conn = conn
+        self.request = request
+        self.max_message = max_message
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue(_WS_QUEUE)
+        self.sent_close = False
+        self.got_close = asyncio.Event()
+        self.close_code = 1006
+        self.close_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self.sent_close or self.got_close.is_set()
+
+    async def receive(self) -> str | bytes:
+        """The next message (str for text, bytes for binary); raises WebSocketClosed."""
+        if self.got_close.is_set() and self.inbox.empty():
+            raise WebSocketClosed(self.close_code, self.close_reason)
+        msg = await self.inbox.get()
+        if msg is None:
+            self.inbox.put_nowait(None)  # later receive() calls see the close too
+            raise WebSocketClosed(self.close_code, self.close_reason)
+        return msg  # type: ignore[no-any-return]
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closed:
+            raise WebSocketClosed(self.close_code, self.close_reason)
+        if isinstance(data, str):
+            await self._write(ws_frame(_OP_TEXT, data.encode("utf-8")))
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            await self._write(ws_frame(_OP_BINARY, bytes(data)))
+        else:
+            raise TypeError(f"send() takes str or bytes, not {type(data).__name__}")
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start (or answer) the close handshake; idempotent."""
+        if self.sent_close:
+            return
+        self.sent_close = True
+        if not self.got_close.is_set():
+            self.close_code, self.close_reason = code, reason
+        payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+        try:
+            await self._write(ws_frame(_OP_CLOSE, payload))
+        except _PeerGone:
+            pass
+
+    def __aiter__(self) -> WebSocket:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        try:
+            return await self.receive()
+        except WebSocketClosed:
+            raise StopAsyncIteration from None
+
+    async def _write(self, frame: bytes) -> None:
+        conn = self.conn
+        if conn.lost or conn.transport is None:
+            raise _PeerGone()
+        conn.transport.write(frame)
+        if conn.write_paused:
+            await conn._drain()
+
+    # -- the reading side: one task per socket
+    async def _need(self, n: int) -> None:
+        conn = self.conn
+        while len(conn.buf) < n:
+            if not await conn._fill(_WS_WAIT):
+                raise _PeerGone()
+
+    async def _frame(self) -> tuple[bool, int, bytes]:
+        buf = self.conn.buf
+        await self._need(2)
+        b0, b1 = buf[0], buf[1]
+        if b0 & 0x70:
+            raise _WsProtocolError(1002, "reserved bits set")
+        if not b1 & 0x80:
+            raise _WsProtocolError(1002, "client frames must be masked")
+        fin, opcode, n, pos = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F, 2
+        if n == 126:
+            await self._need(4)
+            n, pos = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            await self._need(10)
+            n, pos = int.from_bytes(buf[2:10], "big"), 10
+        if opcode >= 8 and (n > 125 or not fin):
+            raise _WsProtocolError(1002, "bad control frame")
+        if n > self.max_message:
+            raise _WsProtocolError(1009, f"frame larger than {self.max_message} bytes")
+        await self._need(pos + 4 + n)
+        key = bytes(buf[pos : pos + 4])
+        payload = ws_mask(bytes(buf[pos + 4 : pos + 4 + n]), key)
+        del buf[: pos + 4 + n]
+        return fin, opcode, payload
+
+    async def _read_loop(self) -> None:
+        """Frames -> messages in the inbox, pings answered, the close handshake."""
+        parts: list[bytes] = []
+        kind = 0
+        size = 0
+        try:
+            while True:
+                fin, opcode, payload = await self._frame()
+                if opcode == _OP_PING:
+                    if not self.sent_close:
+                        await self._write(ws_frame(_OP_PONG, payload))
+                    continue
+                if opcode == _OP_PONG:
+                    continue
+                if opcode == _OP_CLOSE:
+                    code, reason = 1005, ""
+                    if len(payload) == 1:
+                        raise _WsProtocolError(1002, "bad close frame")
+                    if len(payload) >= 2:
+                        code = int.from_bytes(payload[:2], "big")
+                        if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code < 5000):
+                            raise _WsProtocolError(1002, "bad close code")
+                        try:
+                            reason = payload[2:].decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise _WsProtocolError(1007, "close reason is not UTF-8") from None
+                    if not self.sent_close:
+                        self.close_code, self.close_reason = code, reason
+                    self.got_close.set()
+                    await self.close(1000 if code == 1005 else code)
+                    return
+                if opcode in (_OP_TEXT, _OP_BINARY):
+                    if parts or kind:
+                        raise _WsProtocolError(1002, "new message inside a fragmented one")
+                    kind = opcode
+                elif opcode == _OP_CONT:
+                    if not kind:
+                        raise _WsProtocolError(1002, "continuation without a message")
+                else:
+                    raise _WsProtocolError(1002, f"unknown opcode {opcode}")
+                size += len(payload)
+                if size > self.max_message:
+                    raise _WsProtocolError(1009, f"message larger than {self.max_message} bytes")
+                parts.append(payload)
+                if fin:
+                    data = b"".join(parts)
+                    parts, size = [], 0
+                    if kind == _OP_TEXT:
+                        try:
+                            msg: str | bytes = data.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise _WsProtocolError(1007, "text message is not UTF-8") from None
+                    else:
+                        msg = data
+                    kind = 0
+                    await self.inbox.put(msg)
+        except _WsProtocolError as exc:
+            await self.close(exc.code, exc.reason)
+        except (_PeerGone, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self.got_close.set()
+            while self.inbox.full():  # make room for the end mark (the handler has left)
+                self.inbox.get_nowait()
+            self.inbox.put_nowait(None)
+
+
+class SyncWebSocket:
+    """A :class:`WebSocket` for a sync handler (which runs in a worker thread)."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.request = ws.request
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.ws.conn.loop).result()
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    def receive(self) -> str | bytes:
+        return self._call(self.ws.receive())  # type: ignore[no-any-return]
+
+    def send(self, data: str | bytes) -> None:
+        self._call(self.ws.send(data))
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        self._call(self.ws.close(code, reason))
+
+    def __iter__(self) -> Iterator[str | bytes]:
+        while True:
+            try:
+                yield self.receive()
+            except WebSocketClosed:
+                return
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+async def _in_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], arg: Any) -> None:
+    """Run a sync socket handler in a thread of its own: a socket may stay open for
+    hours, and must not hold one of the pool's threads that HTTP requests need."""
+    import threading
+
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn(arg)
+        except BaseException as exc:  # handed to the loop, which logs it
+            loop.call_soon_threadsafe(_settle, fut, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, fut, None)
+
+    threading.Thread(target=run, name="torpor-websocket", daemon=True).start()
+    await fut
+
+
+async def _serve_websocket(conn: _Conn, request: Request, http10: bool) -> bool:
+    """Answer an upgrade request: the handshake, then the handler on the socket. -> False
+    (the connection is done afterwards)."""
+    server = conn.server
+    h = request.headers
+    key = h.get("sec-websocket-key") or ""
+    refusal = None
+    if http10:
+        refusal = _error(400, "bad request", "WebSocket needs HTTP/1.1")
+    elif h.get("sec-websocket-version") != "13":
+        status, headers, body = _error(426, "upgrade required", "Sec-WebSocket-Version 13 only")
+        refusal = status, [*headers, ("Sec-WebSocket-Version", "13")], body
+    elif len(key) != 24 or not key.endswith("=="):
+        refusal = _error(400, "bad request", "malformed Sec-WebSocket-Key")
+    elif request._reader is not None or request._body:
+        refusal = _error(400, "bad request", "an upgrade request has no body")
+    elif server.draining:
+        refusal = _error(503, "draining", "this replica is shutting down")
+    if refusal is not None:
+        conn._write_response(*refusal, False, False, http10)
+        await conn._drain()
+        return False
+    t = conn.transport
+    if t is None or conn.lost:
+        raise _PeerGone()
+    t.write(
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {ws_accept(key)}\r\n\r\n"
+        ).encode("latin-1")
+    )
+    ws = WebSocket(conn, request, server.max_body)
+    server.websockets.add(ws)
+    reading = conn.loop.create_task(ws._read_loop())
+    handler = server.ws_handler
+    assert handler is not None
+    try:
+        if server.ws_async:
+            await handler(ws)  # type: ignore[misc]
+        else:
+            await _in_own_thread(conn.loop, handler, SyncWebSocket(ws))
+    except (Exception, SystemExit) as exc:
+        if not isinstance(exc, WebSocketClosed):
+            print(f"torpor-runtime: websocket handler raised on {request.raw_path}:", file=sys.stderr)
+            traceback.print_exception(exc)
+            sys.stderr.flush()
+            await ws.close(1011, "handler raised")
+    finally:
+        server.websockets.discard(ws)
+        await ws.close(1000)
+        try:
+            await asyncio.wait_for(ws.got_close.wait(), _WS_CLOSE_WAIT)
+        except TimeoutError:
+            pass
+        reading.cancel()
+    return False
 
 
 # --------------------------------------------------------------------------- server
@@ -773,6 +1592,8 @@ class Config:
         "drain_timeout",
         "idle_timeout",
         "threads",
+        "body_buffer",
+        "websocket",
     )
 
     def __init__(
@@ -785,10 +1606,14 @@ class Config:
         drain_timeout: float = 30.0,
         idle_timeout: float = 120.0,
         threads: int = 64,
+        body_buffer: int = DEFAULT_BODY_BUFFER,
+        websocket: str | None = None,
     ) -> None:
         self.port, self.host, self.handler, self.dir = port, host, handler, dir
         self.max_body, self.drain_timeout, self.idle_timeout = max_body, drain_timeout, idle_timeout
         self.threads = threads
+        self.body_buffer = body_buffer  # bodies up to this are read before the handler runs
+        self.websocket = websocket  # module:function of the WebSocket handler, if any
 
 
 def _seconds(name: str, raw: str) -> float:
@@ -835,6 +1660,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     module, sep, attr = handler.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"TORPOR_HANDLER={handler!r}: expected module:function")
+    websocket = env.get("TORPOR_WEBSOCKET") or None
+    if websocket is not None:
+        module, sep, attr = websocket.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"TORPOR_WEBSOCKET={websocket!r}: expected module:function")
     threads = env.get("TORPOR_THREADS") or "64"
     if not threads.isdigit() or int(threads) < 1:
         raise ValueError(f"TORPOR_THREADS={threads!r}: expected a positive integer")
@@ -847,6 +1677,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         drain_timeout=_seconds("TORPOR_DRAIN_TIMEOUT", env.get("TORPOR_DRAIN_TIMEOUT") or "30"),
         idle_timeout=_seconds("TORPOR_IDLE_TIMEOUT", env.get("TORPOR_IDLE_TIMEOUT") or "120"),
         threads=int(threads),
+        body_buffer=_size(
+            "TORPOR_BODY_BUFFER", env.get("TORPOR_BODY_BUFFER") or str(DEFAULT_BODY_BUFFER)
+        ),
+        websocket=websocket,
     )
 
 
@@ -915,6 +1749,10 @@ class _Server:
         self.is_async = _is_async(handler)
         self.max_body = cfg.max_body
         self.idle_timeout = cfg.idle_timeout
+        self.body_buffer = cfg.body_buffer
+        self.ws_handler: Callable[..., Any] | None = None
+        self.ws_async = False
+        self.websockets: set[WebSocket] = set()
         self.conns: set[_Conn] = set()
         self.draining = False
         self.listener: asyncio.AbstractServer | None = None
@@ -1005,7 +1843,13 @@ class _Server:
             if conn.idle and not conn.buf and conn.transport is not None:
                 conn.transport.close()  # idle keep-alive connection
         self.loop.call_later(self.cfg.drain_timeout, self.hard_stop, "drain timeout")
+        if self.websockets:  # open sockets get most of the grace period, then 1001
+            self.loop.call_later(self.cfg.drain_timeout * 0.8, self.close_websockets)
         self.check_drained()
+
+    def close_websockets(self) -> None:
+        for ws in list(self.websockets):
+            self.loop.create_task(ws.close(1001, "going away"))
 
     def check_drained(self) -> None:
         if self.draining and not self.conns and not self.done.done():
@@ -1021,11 +1865,19 @@ class _Server:
         os._exit(EXIT_DRAIN_TIMEOUT)
 
 
-def run(cfg: Config, handler: Callable[..., Any], t0: float | None = None) -> int:
-    """Serve ``handler`` until SIGTERM/SIGINT and a drain; -> exit code."""
+def run(
+    cfg: Config,
+    handler: Callable[..., Any],
+    t0: float | None = None,
+    ws_handler: Callable[..., Any] | None = None,
+) -> int:
+    """Serve ``handler`` (and ``ws_handler`` for WebSocket upgrades) until SIGTERM/SIGINT
+    and a drain; -> exit code."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = _Server(cfg, handler, loop, time.perf_counter() if t0 is None else t0)
+    if ws_handler is not None:
+        server.ws_handler, server.ws_async = ws_handler, _is_async(ws_handler)
     try:
         code = loop.run_until_complete(server.serve())
         if code == EXIT_OK:
@@ -1075,7 +1927,20 @@ def main(t0: float | None = None) -> int:
             flush=True,
         )
         return EXIT_IMPORT
-    return run(cfg, handler, t0)
+    ws_handler = None
+    if cfg.websocket is not None:
+        try:
+            ws_handler = load_handler(cfg.websocket)
+        except (Exception, SystemExit) as exc:
+            traceback.print_exc()
+            print(
+                f"torpor-runtime: {type(exc).__name__}: {exc} (loading websocket handler "
+                f"{cfg.websocket} from {cfg.dir})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_IMPORT
+    return run(cfg, handler, t0, ws_handler)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,26 @@ async def test_an_embedded_installation_keeps_the_id_its_state_dir_gave_it(tmp_p
     assert await again.instance_id("ffff0000ffff") == legacy  # durable: read back from the state dir
     await again.close()
     assert (state / "instance").read_text().strip() == legacy
+
+
+async def test_a_redis_installation_with_functions_keeps_its_controllers_old_id(tmp_path: Path, redis_url: str) -> None:
+    """Distributed installations from before: their containers carry the id the controller's
+    state dir gave; a new installation (no functions yet) gets a random id instead."""
+    from torpor.model import Function
+    from torpor.up import Platform, UpConfig
+
+    def controller(state: Path) -> Platform:
+        return Platform(UpConfig(redis=redis_url, state_dir=state, driver="process"), frozenset({"controller"}))
+
+    fresh = controller(tmp_path / "fresh")
+    iid = await fresh._identity()
+    assert iid != legacy_instance(tmp_path / "fresh")
+    await fresh.store.close()
+
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_url).flushall()
+    old = controller(tmp_path / "old")
+    await old.store.update_function("hello", lambda _: Function(name="hello"))
+    assert await old._identity() == legacy_instance(tmp_path / "old")
+    await old.store.close()

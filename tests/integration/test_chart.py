@@ -15,8 +15,10 @@ import pytest
 import yaml
 from chart_tools import (
     CHART,
+    ROOT,
     Doc,
     containers,
+    env_names_read,
     env_of,
     of_kind,
     one,
@@ -28,7 +30,10 @@ from chart_tools import (
     workloads,
 )
 
+from torpor.api.app import ApiConfig, function_url
+from torpor.api.guard import HostPolicy
 from torpor.cli.main import build_parser
+from torpor.up import check_public_url
 
 KUBE = "1.30.0"
 EXTERNAL = "redis://x:6379/0"
@@ -140,7 +145,8 @@ def test_controller_runs_two_replicas_in_its_namespace_with_the_runtime_image(do
     assert env["TORPOR_K8S_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["TORPOR_RUNTIME_IMAGE"]["value"] == f"torpor/runtime:{APP_VERSION}"
     assert env["TORPOR_DRIVER"]["value"] == "kubernetes"
-    assert env["TORPOR_API_URL"]["value"] == "http://torpor-api.default.svc:8081"
+    assert env["TORPOR_ARCHIVE_URL_BASE"]["value"] == "http://torpor-api.default.svc:8081/v1/archives"
+    assert env["TORPOR_K8S_READINESS"]["value"] == "kubelet"
 
 
 def test_images_default_to_the_app_version_and_follow_values() -> None:
@@ -167,6 +173,80 @@ def test_container_args_are_flags_the_torpor_cli_accepts(rendered: dict[str, lis
             assert (args.host, args.port) == ("0.0.0.0", 8080)
         if component == "api":
             assert (args.api_host, args.api_port) == ("0.0.0.0", 8081)
+
+
+# Env the chart sets that no Torpor code reads, each with why.
+NOT_READ_BY_CODE = {
+    # only expanded by the kubelet into TORPOR_REDIS's $(TORPOR_REDIS_PASSWORD)
+    "TORPOR_REDIS_PASSWORD": "kubelet",
+}
+# The controller's health endpoint (`torpor controller --health-port N`, GET /healthz and
+# /readyz): a contract the controller's lease and fail-over work implements.
+HEALTH_CONTRACT = {"TORPOR_HEALTH_PORT"}
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_every_torpor_env_var_the_chart_sets_is_one_the_code_reads(
+        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    """No drift between the chart and the code: each TORPOR_* name a chart container gets
+    is read by platform/ or gateway/ (parsed from the source, the runtime left out: it runs
+    in function Pods, not in the chart's)."""
+    read = env_names_read(ROOT / "platform", ROOT / "gateway", exclude=(ROOT / "platform" / "runtime",))
+    assert {"TORPOR_REDIS", "TORPOR_DRIVER", "TORPOR_PUBLIC_URL"} <= read  # the scan itself works
+    prefix = "prod-torpor" if value_set == "release-prod" else "torpor"
+    for component in DEPLOYMENTS:
+        c = container(rendered[value_set], component, prefix)
+        names = {e["name"] for e in c["env"] if e["name"].startswith("TORPOR_")}
+        unknown = names - read - set(NOT_READ_BY_CODE) - HEALTH_CONTRACT
+        assert not unknown, f"{value_set}: {component} gets {sorted(unknown)}, which no Torpor code reads"
+
+
+def test_the_controller_serves_the_health_contract_its_probes_use(docs: list[Doc]) -> None:
+    c = container(docs, "controller")
+    (port,) = [p for p in c["ports"] if p["name"] == "health"]
+    assert env_of(c)["TORPOR_HEALTH_PORT"]["value"] == str(port["containerPort"]) == "8082"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    # a standby controller is ready too (/readyz: store reachable and synced, leader or not):
+    # no Service routes to the controller, so readiness only gates rollouts of the Deployment
+    assert not [s for s in of_kind(docs, "Service") if selects(
+        {"matchLabels": s["spec"]["selector"]}, pods_labels(docs)["torpor-controller"])]
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "release-prod"])
+def test_function_pods_reach_the_api_at_the_archive_url(rendered: dict[str, list[Doc]], value_set: str) -> None:
+    """The archive URL the driver gives function Pods names the API Service and port; the
+    API answers to that Host (it refuses unknown names) and its NetworkPolicy admits
+    function Pods on that port."""
+    docs = rendered[value_set]
+    prefix = "prod-torpor" if value_set == "release-prod" else "torpor"
+    ns = docs[0]["metadata"]["namespace"]
+    base = env_of(container(docs, "controller", prefix))["TORPOR_ARCHIVE_URL_BASE"]["value"]
+    m = re.fullmatch(r"http://([a-z0-9.-]+):(\d+)/v1/archives", base)
+    assert m, base
+    host, port = m[1], int(m[2])
+    assert host == f"{prefix}-api.{ns}.svc"
+    svc = one(docs, "Service", f"{prefix}-api")
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    api = container(docs, "api", prefix)
+    assert svc_port["targetPort"] in {p["name"] for p in api["ports"]}
+    env = env_of(api)
+    hosts = HostPolicy("0.0.0.0", env["TORPOR_API_ALLOWED_HOSTS"]["value"].split(","))
+    assert hosts.allows(f"{host}:{port}") and hosts.allows(f"{prefix}-api:{port}")
+    assert not hosts.allows("evil.example") and not hosts.allows(f"{prefix}-api.{ns}.svc.evil.example")
+    pol = one(docs, "NetworkPolicy", f"{prefix}-api")
+    assert _peers_allow(pol, FUNCTION_POD)
+    assert [p["port"] for p in pol["spec"]["ingress"][0]["ports"]] == [svc_port["targetPort"]]
+
+
+def test_the_public_url_is_one_the_api_accepts(rendered: dict[str, list[Doc]]) -> None:
+    for value_set, shown in (("defaults", "http://hello.torpor.example.com/"),
+                             ("custom-domain", "https://hello.fn.acme.example/")):
+        env = env_of(container(rendered[value_set], "api"))
+        url = check_public_url(env["TORPOR_PUBLIC_URL"]["value"])
+        cfg = ApiConfig(state_dir=Path("unused"), token="t" * 20, gateway_url=url,
+                        domain=env["TORPOR_DOMAIN"]["value"])
+        assert function_url(cfg, "hello") == shown
 
 
 # -- hardening ------------------------------------------------------------------------
@@ -229,11 +309,11 @@ def test_only_the_controller_mounts_a_service_account_token(rendered: dict[str, 
 
 
 # -- RBAC -----------------------------------------------------------------------------
+# tests/integration/test_kubernetes_driver.py checks these against the requests the driver makes
 EXPECTED_RULES = sorted([
-    ("", "pods", ("create", "delete", "get", "list", "patch", "watch")),
+    ("", "pods", ("create", "delete", "get", "list", "watch")),
     ("", "pods/log", ("get",)),
-    ("", "events", ("create",)),
-    ("coordination.k8s.io", "leases", ("create", "get", "update")),
+    ("", "configmaps", ("create", "delete", "get", "watch")),
 ])
 
 
@@ -311,6 +391,26 @@ def test_function_pods_can_also_admit_the_controller_when_asked(rendered: dict[s
     labels = pods_labels(docs)
     assert _peers_allow(pol, labels["torpor-controller"]) and _peers_allow(pol, labels["torpor-gateway"])
     assert not _peers_allow(pol, labels["torpor-api"])
+    # ...and only then does the controller connect to function Pods (its own probes)
+    assert env_of(container(docs, "controller"))["TORPOR_K8S_READINESS"]["value"] == "direct"
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_the_controller_connects_to_function_pods_only_where_the_policy_lets_it(
+        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    """The default works under its own NetworkPolicy: with readiness from the kubelet the
+    controller needs no connection to function Pods (the driver watches their Ready
+    condition through the API server; kubelet probes come from the node, which
+    NetworkPolicies always admit); with direct readiness the policy must admit it."""
+    docs = rendered[value_set]
+    prefix = "prod-torpor" if value_set == "release-prod" else "torpor"
+    readiness = env_of(container(docs, "controller", prefix))["TORPOR_K8S_READINESS"]["value"]
+    assert readiness in ("kubelet", "direct")
+    pols = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{prefix}-functions"]
+    if readiness == "direct" and pols:
+        assert _peers_allow(pols[0], pods_labels(docs)[f"{prefix}-controller"]), value_set
+    if value_set == "defaults":
+        assert readiness == "kubelet" and not _peers_allow(pols[0], pods_labels(docs)["torpor-controller"])
 
 
 def test_redis_accepts_only_torpor_components(docs: list[Doc]) -> None:

@@ -95,6 +95,21 @@ def test_invalid_names_and_labels_are_422(api: httpx.Client) -> None:
     assert r.status_code == 422
 
 
+def test_objects_that_the_schema_refuses_are_422(api: httpx.Client) -> None:
+    """As the API server does: an unknown field or a wrong type is refused by the schema."""
+    pod = {"metadata": {"name": "p"}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "c", "image": "i", "securityContext": {"runAsRoot": False}}]}}
+    r = api.post("/pods", json=pod)
+    assert r.status_code == 422 and "runAsRoot" in r.json()["message"], r.text
+    pod["spec"]["containers"][0]["securityContext"] = {"runAsNonRoot": True}
+    pod["spec"]["terminationGracePeriodSeconds"] = "soon"
+    r = api.post("/pods", json=pod)
+    assert r.status_code == 422 and "terminationGracePeriodSeconds" in r.json()["message"], r.text
+    r = api.post("/configmaps", json={"metadata": {"name": "c"}, "data": {"k": 1}})
+    assert r.status_code == 422
+    assert api.post("/configmaps", json=cm("fine")).status_code == 201
+
+
 def test_label_selectors(api: httpx.Client) -> None:
     api.post("/configmaps", json=cm("a", {"app": "x", "tier": "web"}))
     api.post("/configmaps", json=cm("b", {"app": "y"}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -421,3 +422,179 @@ async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_
     assert await until(lambda: serving(r.endpoint), what="the replica serving")
     await asyncio.sleep(0.3)  # several garbage-collector sweeps: a Pod with a live owner stays
     assert [x.driver_id for x in await d.list()] == [r.driver_id]
+
+
+# -- readiness without controller->Pod traffic ---------------------------------------------
+class _NoDirectProbe:
+    """Stands in for the controller's own probe: records each call and fails it, as a
+    NetworkPolicy that admits only the gateways would."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, endpoint: str, timeout: float = 1.0) -> bool:
+        self.calls.append(endpoint)
+        return False
+
+
+async def _one_replica(env: Env, tmp_path: Path, driver: KubernetesDriver, rev: Revision,
+                       startup_timeout: float = 30.0) -> tuple[Any, Controller]:
+    store = open_store(state_dir=tmp_path / f"store-{rev.name}-{len(env.drivers)}")
+    fn = Function(name=rev.function, revisions=[rev], traffic=[TrafficTarget(revision=rev.name, percent=100)],
+                  next_number=rev.number + 1)
+    await store.update_function(rev.function, lambda _cur: fn)
+    ctl = Controller(store, driver, settings=Settings(tick=0.1, startup_timeout=startup_timeout, drain_grace=1))
+    await ctl.start()
+    return store, ctl
+
+
+async def test_the_controller_takes_readiness_from_the_pods_ready_condition_and_never_connects_to_it(
+        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's default NetworkPolicy lets only gateways reach function Pods: the
+    controller must judge a replica ready from the kubelet's Ready condition, read through
+    the API server, without a connection of its own to the Pod."""
+    import torpor.controller.reconcile as reconcile
+
+    probe = _NoDirectProbe()
+    monkeypatch.setattr(reconcile, "probe_once", probe)
+    rev = env.revision(scale=Scale(min=1))
+    store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)
+    try:
+        async def ready() -> Any:
+            reps = [r for r in await store.list_replicas("hello") if r.state == "ready"]
+            return reps[0] if reps else None
+
+        rep = await until(ready, timeout=30, what="a ready replica")
+        pod = env.sim.get("pods", NS, pod_name(rep.name))
+        assert pod is not None
+        assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "True"
+        assert rep.endpoint == f"{pod['status']['podIP']}:{rev.spec.port}"
+        assert (await get(rep.endpoint, "/x")).text == "hello from a pod"  # the "gateway" reaches it
+        assert probe.calls == []
+        # the driver watched the Pod (from a resourceVersion) rather than polling it
+        assert any(f"metadata.name={pod_name(rep.name)}" in q.get("fieldSelector", "") and q.get("resourceVersion")
+                   for q in env.sim.watch_requests())
+    finally:
+        await ctl.stop()
+        await store.close()
+
+
+async def test_a_running_pod_that_never_turns_ready_fails_its_revision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running is not ready: an image whose port never answers keeps the Pod's Ready
+    condition False, and the revision fails on the startup timeout."""
+    import torpor.controller.reconcile as reconcile
+
+    monkeypatch.setattr(reconcile, "probe_once", _NoDirectProbe())
+    e = Env(tmp_path)
+    e.sim.images["sleeper:1"] = [sys.executable, "-c", "import time; time.sleep(120)"]
+    try:
+        spec = Spec(name="sleepy", image="sleeper:1", port=8080, scale=Scale(min=1))
+        rev = Revision(name="sleepy-00001", function="sleepy", number=1, spec=spec)
+        store, ctl = await _one_replica(e, tmp_path, e.driver(), rev, startup_timeout=3.0)
+        try:
+            async def failed() -> Any:
+                fn = await store.get_function("sleepy")
+                return fn is not None and fn.revisions[0].status == "failed" and fn.revisions[0]
+
+            got = await until(failed, timeout=30, what="the revision failed")
+            assert "not ready within 3s" in got.reason
+            assert not [r for r in await store.list_replicas("sleepy") if r.state == "ready"]
+        finally:
+            await ctl.stop()
+            await store.close()
+    finally:
+        await e.close()
+
+
+async def test_direct_readiness_lets_the_controller_probe_pod_ips_itself(
+        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORPOR_K8S_READINESS=direct (with networkPolicy.functionsFromController): the driver
+    leaves readiness to the controller's own probe of the Pod IP."""
+    import torpor.controller.reconcile as reconcile
+
+    real = reconcile.probe_once
+    seen: list[str] = []
+
+    async def recording(endpoint: str, timeout: float = 1.0) -> bool:
+        seen.append(endpoint)
+        return await real(endpoint, timeout)
+
+    monkeypatch.setattr(reconcile, "probe_once", recording)
+    monkeypatch.setenv("TORPOR_K8S_READINESS", "direct")
+    rev = env.revision(scale=Scale(min=1))
+    store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)
+    try:
+        async def ready() -> Any:
+            reps = [r for r in await store.list_replicas("hello") if r.state == "ready"]
+            return reps[0] if reps else None
+
+        rep = await until(ready, timeout=30, what="a ready replica")
+        assert rep.endpoint in seen
+    finally:
+        await ctl.stop()
+        await store.close()
+
+
+def test_readiness_and_pull_settings_from_the_env_are_checked(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORPOR_K8S_READINESS", "sometimes")
+    with pytest.raises(KubernetesError, match="TORPOR_K8S_READINESS='sometimes'"):
+        env.driver()
+    monkeypatch.delenv("TORPOR_K8S_READINESS")
+    monkeypatch.setenv("TORPOR_RUNTIME_PULL_POLICY", "Maybe")
+    with pytest.raises(KubernetesError, match="TORPOR_RUNTIME_PULL_POLICY='Maybe'"):
+        env.driver()
+    monkeypatch.setenv("TORPOR_RUNTIME_PULL_POLICY", "Always")
+    monkeypatch.setenv("TORPOR_IMAGE_PULL_SECRETS", "regcred, Bad_Name")
+    with pytest.raises(KubernetesError, match="'Bad_Name' is not a Secret name"):
+        env.driver()
+    monkeypatch.setenv("TORPOR_IMAGE_PULL_SECRETS", "regcred,mirror.creds")
+    d = env.driver()
+    assert d.settings.runtime_pull_policy == "Always"
+    assert d.settings.image_pull_secrets == ("regcred", "mirror.creds")
+
+
+# -- RBAC: the chart's Role is exactly what the driver does --------------------------------
+_SIM_PATH = re.compile(r"^/api/v1/namespaces/[^/]+/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?$")
+
+
+def _verbs_used(requests: list[tuple[str, str, dict[str, str]]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of each request the simulation received, in RBAC terms."""
+    used: set[tuple[str, str, str]] = set()
+    for method, path, query in requests:
+        m = _SIM_PATH.match(path)
+        assert m, f"a request outside the namespaced core API: {method} {path}"
+        resource = m["plural"] + (f"/{m['sub']}" if m["sub"] else "")
+        if method == "GET":
+            verb = "watch" if query.get("watch") in ("true", "1") else "get" if m["name"] else "list"
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+        used.add(("", resource, verb))
+    return used
+
+
+async def test_the_charts_role_grants_exactly_the_verbs_the_driver_uses(env: Env) -> None:
+    """Every driver operation runs against the simulation, which records each request; the
+    verbs they need, mapped as RBAC maps them, are exactly those the chart's Role grants:
+    a driver change that needs a new verb fails here until the Role follows."""
+    from chart_tools import one, render
+
+    d = env.driver()
+    rev = await d.prepare(env.revision())  # owner: get, create
+    r = await d.start(rev, f"{rev.name}-aaaaaa")  # Pod: create, watch
+    assert await until(lambda: d.wait_ready(r, 2.0), what="ready")  # get, watch
+    await d.start(rev, f"{rev.name}-aaaaaa")  # 409: get the existing Pod
+    await d.list()
+    _ = [line async for line in d.logs(r, tail=5)]  # pods/log
+    await d.stop(r, grace=0)  # get, delete, watch
+    stale = env.revision()  # same revision name, another function instance: replace the owner
+    stale.created += 1
+    await d.prepare(stale)  # configmap: delete, watch
+    await d.remove(stale)
+    used = _verbs_used(list(env.sim.requests))
+
+    role = one(render(), "Role", "torpor-controller")
+    granted = {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"]
+               for v in rule["verbs"]}
+    assert used == granted, f"used but not granted: {sorted(used - granted)}; granted but unused: " \
+                            f"{sorted(granted - used)}"

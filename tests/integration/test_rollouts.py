@@ -224,7 +224,7 @@ def test_failing_canary_rolls_back_at_the_first_step_and_stable_keeps_serving(up
                    "--min-requests", "20", check=False, timeout=60)
         rolled_back_at = len(load.results)
         up.wait_for(lambda: len(load.results) > rolled_back_at + 100, 20, "load after the rollback")
-    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.returncode == 4, (r.stdout, r.stderr)  # refused by the rollout judgement
     assert "rolled back" in r.stderr and "5xx ratio" in r.stderr, r.stderr
     ro = rollout_of(up, "slow")["rollout"]
     assert ro["state"] == "rolled_back" and ro["step"] == 0, ro

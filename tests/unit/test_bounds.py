@@ -64,6 +64,11 @@ GOOD_EDGES: list[tuple[dict[str, Any], Any]] = [
     ({"rollout": {"max_p95_ratio": MAX_P95_RATIO}}, lambda s: s.rollout.max_p95_ratio == 1000.0),
     ({"rollout": {"min_requests": MAX_MIN_REQUESTS}}, lambda s: s.rollout.min_requests == 10**6),
     ({"timeout": 1e-3}, lambda s: s.timeout == 0.001),
+    ({"stream_idle": "1h"}, lambda s: s.stream_idle == 3600.0),
+    ({"stream_idle": "250ms"}, lambda s: s.stream_idle == 0.25),
+    ({"max_connection": "24h"}, lambda s: s.max_connection == 86_400.0),
+    ({"websocket": "chat:serve"}, lambda s: s.websocket == "chat:serve"),
+    ({}, lambda s: (s.stream_idle, s.max_connection, s.websocket) == (60.0, 3600.0, None)),
 ]
 
 
@@ -91,6 +96,13 @@ BAD_NUMBERS: list[tuple[dict[str, Any], str]] = [
     ({"scale": {"window": math.nan}}, "scale.window"),
     ({"scale": {"window": HUGE}}, "scale.window"),
     ({"timeout": math.nan}, "timeout"),
+    ({"stream_idle": 0}, "stream_idle"),
+    ({"stream_idle": "61m"}, "stream_idle"),
+    ({"stream_idle": math.inf}, "stream_idle"),
+    ({"stream_idle": HUGE}, "stream_idle"),
+    ({"max_connection": "25h"}, "max_connection"),
+    ({"max_connection": -1}, "max_connection"),
+    ({"max_connection": math.nan}, "max_connection"),
     ({"timeout": HUGE}, "timeout"),
     ({"timeout": "99999999999999999999h"}, "timeout"),
     ({"port": HUGE}, "port"),
@@ -418,3 +430,17 @@ def test_gateway_two_tags_on_one_host_resolve_to_the_first_function_by_name(orde
     assert table.hosts["a-b-c"][0].name == "b-c"
     table.apply("b-c", None, [])
     assert table.hosts["a-b-c"][0].name == "c"
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"websocket": "not a handler"}, "module:function"),
+        ({"websocket": 3}, "module:function"),
+        ({"websocket": "class:handle"}, "module:function"),
+        ({"image": "myorg/app:1", "websocket": "ws:serve"}, "does not apply to an image"),
+    ],
+)
+def test_websocket_handler_is_validated(data: dict[str, Any], words: str) -> None:
+    err = spec_error(data)
+    assert err.path == "websocket" and words in str(err)

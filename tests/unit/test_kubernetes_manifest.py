@@ -127,7 +127,7 @@ def test_a_source_function_runs_the_runtime_image_with_its_archive() -> None:
         "hello", "hello-00003", "hello-00003-abc123")
     assert (env["K_SERVICE"], env["K_REVISION"]) == ("hello", "hello-00003")
     assert c["ports"] == [{"containerPort": 8080, "name": "http", "protocol": "TCP"}]
-    assert c["readinessProbe"] == {"httpGet": {"path": "/_torpor/health", "port": 8080}, "periodSeconds": 2,
+    assert c["readinessProbe"] == {"httpGet": {"path": "/_torpor/health", "port": 8080}, "periodSeconds": 1,
                                    "timeoutSeconds": 1, "failureThreshold": 3}
 
 
@@ -232,3 +232,44 @@ def test_the_knative_contract_command_args_and_labels_reach_the_pod() -> None:
     assert env_of(src)["TORPOR_HANDLER_STYLE"] == "openfaas"
     assert "command" not in src["spec"]["containers"][0]  # a source function runs the runtime image's own
     assert "TORPOR_HANDLER_STYLE" not in env_of(pod())
+
+
+def test_every_torpor_env_var_of_a_source_pod_is_read_by_the_runtime() -> None:
+    """No drift between the Pod the driver writes and the runtime image's code: each
+    TORPOR_* name it sets is read by platform/runtime (parsed from the source), but for the
+    names that tell the function's own code who it is."""
+    from chart_tools import ROOT, env_names_read
+
+    for_the_function = {"TORPOR_FUNCTION", "TORPOR_REVISION", "TORPOR_REPLICA"}
+    read = env_names_read(ROOT / "platform" / "runtime")
+    names = {e["name"] for e in pod()["spec"]["containers"][0]["env"]}
+    torpor = {n for n in names if n.startswith("TORPOR_")}
+    assert {"TORPOR_ARCHIVE_URL", "TORPOR_HANDLER", "TORPOR_ARCHIVE_TOKEN"} <= torpor
+    assert not torpor - read - for_the_function, sorted(torpor - read - for_the_function)
+
+
+def test_pull_policy_applies_to_the_runtime_image_and_pull_secrets_to_every_pod() -> None:
+    settings = PodSettings(**{**SETTINGS.__dict__, "runtime_pull_policy": "Always",
+                              "image_pull_secrets": ("regcred", "mirror")})
+    src = pod(settings=settings)
+    assert src["spec"]["containers"][0]["imagePullPolicy"] == "Always"
+    assert src["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    img = pod(rev(image="docker.io/library/nginx:1"), settings)
+    assert "imagePullPolicy" not in img["spec"]["containers"][0]  # the kubelet's default for the user's image
+    assert img["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in pod()["spec"]
+
+
+def test_a_pod_is_ready_only_alive_with_its_ready_condition_true() -> None:
+    from torpor.drivers.kubernetes import is_ready
+
+    def status(phase: str, ready: str, deleting: bool = False) -> Pod:
+        meta: dict[str, Any] = {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {"name": "p"}
+        return Pod.from_dict({"metadata": meta, "status": {"phase": phase, "podIP": "10.0.0.7", "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": ready}]}})
+
+    assert is_ready(status("Running", "True"))
+    assert not is_ready(status("Running", "False"))
+    assert not is_ready(status("Succeeded", "True"))
+    assert not is_ready(status("Running", "True", deleting=True))
+    assert not is_ready(Pod.from_dict({"metadata": {"name": "p"}}))

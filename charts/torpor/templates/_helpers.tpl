@@ -66,6 +66,19 @@ app.kubernetes.io/part-of: torpor
 {{- end -}}
 {{- end -}}
 
+{{/* The API Service as Pods in the cluster reach it: HOST:PORT. */}}
+{{- define "torpor.apiAuthority" -}}
+{{- printf "%s-api.%s.svc:%d" (include "torpor.fullname" .) .Release.Namespace (int .Values.api.service.port) -}}
+{{- end -}}
+
+{{/* The Host names the API answers to beyond IP literals: its Service's DNS names, and api.allowedHosts. */}}
+{{- define "torpor.apiAllowedHosts" -}}
+{{- $svc := printf "%s-api" (include "torpor.fullname" .) -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) -}}
+{{- join "," (concat $names .Values.api.allowedHosts) -}}
+{{- end -}}
+
 {{/* The Secret holding the API token, and its key. */}}
 {{- define "torpor.apiSecretName" -}}
 {{- .Values.api.existingSecret | default (printf "%s-api" (include "torpor.fullname" .)) -}}

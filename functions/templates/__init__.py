@@ -1,0 +1,1 @@
+"""Function templates of `torpor new` (package data; see README.md here)."""
