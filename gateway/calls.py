@@ -144,13 +144,26 @@ class CallWorker:
         try:
             if length is not None or chunked:
                 try:
-                    first, held = await self.gw._read_body(rr, length, receive)
+                    first, held, upload = await self.gw._read_body(rr, length, receive)
                 except _Refused as r:
                     await send_json(send, r.status, r.body, r.retry_after, close=True)
                     return
                 if first is None:
                     return  # the client left during its upload: nothing accepted
                 body = first["body"]
+                if upload is not None:  # over the gateway's streaming threshold: a call keeps it whole
+                    parts, more = [body], bool(first.get("more_body"))
+                    while more:
+                        msg = await upload.receive()
+                        if msg["type"] != "http.request":
+                            if upload.over:
+                                await send_json(send, 413, {"error": "request body too large", "field": "max_body",
+                                                            "detail": f"the body is over {name}'s max_body"},
+                                                close=True)
+                            return
+                        parts.append(msg.get("body", b""))
+                        more = bool(msg.get("more_body"))
+                    body = b"".join(parts)
             raw: bytes = scope.get("raw_path") or path.encode()
             prefix = (PREFIX + name).encode()
             rest = raw[len(prefix):] if raw.startswith(prefix) else b"/"

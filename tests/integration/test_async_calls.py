@@ -4,6 +4,7 @@ replicas, the real CLI; distributed mode with real Redis and separate processes.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
 import signal
 import subprocess
@@ -402,3 +403,19 @@ async def test_callback_redirects_are_not_followed(attack: Any) -> None:
         t.close()
         r.close()
     attack.ended("delivery failed on the 307; the Location was never contacted")
+
+
+def test_a_body_over_the_gateways_streaming_threshold_is_kept_whole(up: Torpor, tmp_path: Path) -> None:
+    """Bodies over 1 MiB stream through the gateway to a replica; a call stores them whole."""
+    folder = function_copy(tmp_path, "echo", name="bigecho", max_body="4Mi", scale={"idle": "2s"})
+    (folder / "handler.py").write_text(
+        "import hashlib\n\n\ndef handle(request):\n"
+        "    return {'length': len(request.body), 'sha256': hashlib.sha256(request.body).hexdigest()}\n")
+    up.deploy(folder)
+    body = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    cid = fire(up, "bigecho", body=body)
+    [c] = wait_final(up, [cid], 60).values()
+    assert (c["state"], c["status"]) == ("done", 200)
+    assert json.loads(c["body"]) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    r = httpx.post(f"{up.gateway}/async-function/bigecho", content=body + body, timeout=30)
+    assert r.status_code == 413 and r.json()["field"] == "max_body"
