@@ -27,6 +27,10 @@ A request whose client leaves while it waits in the activator leaves the queue a
 and is neither sent to a replica nor counted. Every proxied request carries
 ``Forwarded`` / ``X-Forwarded-*`` headers built by ``torpor.gateway.forwarded`` from
 the socket's peer; the client's own are replaced unless the peer is a trusted proxy.
+
+``/async-function/NAME[/path]`` (on a Host outside the function domain) is accepted by
+``torpor.gateway.calls``: stored, answered 202, run later by the gateway's call worker
+through this same app.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from urllib.parse import quote
 
 from torpor.gateway.activator import ClientGone, QueueFull
 from torpor.gateway.balancer import Backend
+from torpor.gateway.calls import PREFIX as ASYNC_PREFIX
+from torpor.gateway.calls import CallWorker
 from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
@@ -52,6 +58,7 @@ from torpor.gateway.upstream import NotSent, Pools, proxy
 from torpor.model import MiB
 from torpor.spec import format_size
 from torpor.store.base import CHANGES, POKES, STATS, Store
+from torpor.store.callq import open_queue
 
 log = logging.getLogger("torpor.gateway")
 
@@ -145,6 +152,7 @@ class Gateway:
         self.max_buffered = max_buffered
         self.buffered = 0  # request body bytes held now (being read or waiting to be sent)
         self.forwarding = Forwarding(trusted_proxies)
+        self.calls = CallWorker(self, open_queue(store))  # /async-function/: torpor.gateway.calls
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str, queued: int) -> None:
@@ -157,14 +165,17 @@ class Gateway:
             asyncio.create_task(self._report(), name="gateway-report"),
         ]
         await asyncio.wait_for(self.synced.wait(), 30)
+        self.calls.start()
 
     async def stop(self, drain: float = 30.0) -> None:
         """Wait for in-flight requests (bounded), then stop background work."""
+        await self.calls.stop_claiming()  # calls' tries in flight drain with the rest
         deadline = time.monotonic() + drain
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.in_flight:
             log.warning("gateway: %d requests still in flight after %.0fs", self.in_flight, drain)
+        await self.calls.stop()  # what is still queued or waiting waits for the next start
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -247,11 +258,14 @@ class Gateway:
                 prefix = b"/function/" + name.encode()
                 scope["raw_path"] = (raw[len(prefix):] or b"/") if raw.startswith(prefix) \
                     else quote("/" + rest).encode()
+            elif path.startswith(ASYNC_PREFIX):
+                await self.calls.accept(scope, receive, send, length, chunked)
+                return
             elif path in ("/healthz", "/readyz"):
                 await send_json(send, 200, {"status": "ok"})
                 return
             elif path == "/metrics":
-                body = metrics_text(self.table).encode()
+                body = (metrics_text(self.table) + self.calls.metrics_text()).encode()
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
                     (b"content-length", str(len(body)).encode())]})

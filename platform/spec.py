@@ -57,6 +57,8 @@ field                      accepted
 ``labels``                 at most 64 Kubernetes-style labels (key
                            ``[prefix/]name``, value <= 63 characters); no
                            ``torpor.`` keys
+``async.concurrency``      integer 1..1000 (``MAX_ASYNC_CONCURRENCY``; default 10)
+``async.max_attempts``     integer 1..20 (``MAX_ASYNC_ATTEMPTS``; default 3)
 =========================  ===================================================
 
 Imports nothing of Torpor except :mod:`torpor.model`.
@@ -76,7 +78,7 @@ from typing import Any
 
 import yaml
 
-from torpor.model import Resources, RolloutPolicy, Scale, Spec
+from torpor.model import AsyncPolicy, Resources, RolloutPolicy, Scale, Spec
 
 __all__ = [
     "SpecError",
@@ -113,18 +115,22 @@ MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
 CONTRACT_ENV = frozenset({"K_SERVICE", "K_CONFIGURATION", "K_REVISION"})  # set by Torpor in every replica
 
+MAX_ASYNC_CONCURRENCY = 1000  # async.concurrency: 1..1000 calls running at once
+MAX_ASYNC_ATTEMPTS = 20  # async.max_attempts: 1..20
 MAX_BODY = 1024**3  # `max_body` is at most 1Gi (larger bodies stream through the gateway)
 MAX_STREAM_IDLE = 3600.0  # stream_idle: (0, 1h]
 MAX_CONNECTION = 86_400.0  # max_connection: (0, 24h]
 
 TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
-            "secrets", "handler_style", "command", "args", "labels", "stream_idle", "max_connection", "websocket")
+            "secrets", "handler_style", "command", "args", "labels", "stream_idle", "max_connection", "websocket",
+            "async")
 SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window", "panic_window", "panic_threshold")
 HANDLER_STYLES = ("torpor", "openfaas")  # handle(request) / OpenFaaS python3-http handle(event, context)
 MAX_ARGV = 256  # command: / args: items
 MAX_ARG_CHARS = 4096  # characters per item
 MAX_LABELS = 64
 RESOURCES_KEYS = ("cpu", "memory")
+ASYNC_KEYS = ("concurrency", "max_attempts")
 ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
 
 _MAX_SHOWN = 60
@@ -650,6 +656,22 @@ def _parse_rollout(value: Any) -> RolloutPolicy:
     return out
 
 
+def _parse_async(value: Any) -> AsyncPolicy:
+    sec = _section(value, "async", ASYNC_KEYS)
+    out = AsyncPolicy()
+    if (v := _get(sec, "concurrency")) is not _MISSING:
+        words = f"an integer from 1 to {MAX_ASYNC_CONCURRENCY} (calls running at once)"
+        out.concurrency = _as_int(v, "async.concurrency", words)
+        if not 1 <= out.concurrency <= MAX_ASYNC_CONCURRENCY:
+            raise SpecError("async.concurrency", words, v)
+    if (v := _get(sec, "max_attempts")) is not _MISSING:
+        words = f"an integer from 1 to {MAX_ASYNC_ATTEMPTS}"
+        out.max_attempts = _as_int(v, "async.max_attempts", words)
+        if not 1 <= out.max_attempts <= MAX_ASYNC_ATTEMPTS:
+            raise SpecError("async.max_attempts", words, v)
+    return out
+
+
 def _parse_steps(value: Any, path: str) -> list[int]:
     words = "a list of percents from 1 to 100, strictly increasing, ending with 100"
     if not isinstance(value, list) or not value:
@@ -742,6 +764,7 @@ def _parse_spec(data: Any, cap: int) -> Spec:
     spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
     spec.rollout = _parse_rollout(top.get("rollout"))
+    spec.async_calls = _parse_async(top.get("async"))
     if "secrets" in top:
         spec.secrets = _parse_secrets(top["secrets"], "secrets", spec.env)
     if (v := _get(top, "handler_style")) is not _MISSING:
@@ -921,4 +944,5 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     if spec.args is not None:
         out["args"] = list(spec.args)
     out["labels"] = dict(spec.labels)
+    out["async"] = {"concurrency": spec.async_calls.concurrency, "max_attempts": spec.async_calls.max_attempts}
     return out

@@ -43,6 +43,7 @@ from torpor.lease import Lease, lease_for
 from torpor.logs import LogReader, LogServer, local_reader, remote_reader
 from torpor.spec import MAX_IDLE, MAX_SCALE
 from torpor.store import open_store
+from torpor.store.callq import close_queue
 
 log = logging.getLogger("torpor")
 
@@ -436,6 +437,7 @@ class Platform:
                     await asyncio.gather(task, return_exceptions=True)
             if self.driver:
                 await self.driver.close()
+            await close_queue(self.store)
             await self.store.close()
 
 

@@ -30,6 +30,7 @@ from torpor.api import hosts
 from torpor.api.archives import archive_routes
 from torpor.api.auth import BearerAuth
 from torpor.api.buildlog import build_log_routes, public_event
+from torpor.api.calls import call_routes
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
 from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
@@ -461,6 +462,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         *rollout_routes(store, ApiError),
         *secret_routes(store, ApiError),
         *archive_routes(store, ApiError),
+        *call_routes(store, ApiError, query_int),
         *build_log_routes(store, ApiError),
         *ui_routes(store, cfg, ui_sessions, ApiError),
     ]

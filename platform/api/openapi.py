@@ -161,6 +161,15 @@ OPENAPI: dict[str, Any] = {
             "responses": {"200": {"description": "the archive", "content": {"application/gzip": {}}},
                           **_ERRORS, "400": _resp("malformed sha (admin token only)", _ERROR),
                           "404": _resp("no such archive", _ERROR)}}},
+        "/v1/calls/{id}": {"parameters": [{"name": "id", "in": "path", "required": True,
+                                           "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}], "get": {
+            "summary": "one asynchronous call: state queued|running|done|failed, attempts, status, created, "
+                       "finished; once final the result's headers and body (up to 64 KiB)",
+            "responses": {"200": _resp("call"), **_ERRORS}}},
+        "/v1/functions/{name}/calls": {"parameters": [_NAME], "get": {
+            "summary": "the function's recent asynchronous calls, newest first (limit 1..1000)",
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+            "responses": {"200": _resp("calls"), **_ERRORS}}},
         "/v1/secrets": {"get": {
             "summary": "every secret's name, version, update time and the functions using it (never a value)",
             "responses": {"200": _resp("secrets", {"type": "object", "properties": {

@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import httpx
 
 from torpor.apitoken import client_token, default_state_dir, token_path
+from torpor.cli.calls import add_parsers as add_call_parsers
+from torpor.cli.calls import invoke_async
 from torpor.cli.completion import SHELLS, completion_script
 from torpor.cli.deploy import follow as follow_deploy
 from torpor.cli.new import add_parser as add_new_parser
@@ -214,6 +216,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if args.d is not None and args.d.startswith("@"):
         data = Path(args.d[1:]).read_bytes()
     path = args.path if args.path.startswith("/") else "/" + args.path
+    if args.async_:
+        return invoke_async(gateway, args, data, path)
     if args.ws:
         from torpor.cli import wsclient
 
@@ -569,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
     i.add_argument("--timeout", type=finite_float, default=60.0)
     i.add_argument("-v", "--verbose", action="store_true")
+    i.add_argument("--async", dest="async_", action="store_true", help="queue the call; print its id")
+    i.add_argument("--callback", help="with --async: URL the result is POSTed to (X-Callback-Url)")
     i.add_argument("--ws", action="store_true",
                    help="open a WebSocket: stdin lines are sent, messages are printed")
 
@@ -617,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--base", help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)")
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
+    API_COMMANDS.update(add_call_parsers(sub))
     add_new_parser(sub)
     API_COMMANDS.update(add_ui_parser(sub))
     cp = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish")
