@@ -227,12 +227,12 @@ class EmbeddedStore:
                 continue
             self._secrets[name] = (info, value)
 
-    def _write_private_file(self, folder: Path, name: str, text: str) -> None:
-        """Atomically replace ``folder/name`` with ``text``, mode 0600 (mkstemp's)."""
+    def _write_private_file(self, folder: Path, name: str, data: str | bytes) -> None:
+        """Atomically replace ``folder/name`` with ``data`` (text as UTF-8), mode 0600 (mkstemp's)."""
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, folder / name)
@@ -243,19 +243,7 @@ class EmbeddedStore:
         _fsync_dir(folder)
 
     def _write_function_file(self, name: str, text: str) -> None:
-        fn_dir = self._fn_dir()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=fn_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, fn_dir / f"{name}.json")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(fn_dir)
+        self._write_private_file(self._fn_dir(), f"{name}.json", text)
 
     def _delete_function_file(self, name: str) -> None:
         fn_dir = self._fn_dir()
@@ -483,18 +471,7 @@ class EmbeddedStore:
             if path.is_file():
                 os.utime(path)  # refreshed: a garbage collection leaves it alone for a while
                 return
-            fd, tmp = tempfile.mkstemp(prefix=f".{sha[:12]}.", suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(folder)
+            self._write_private_file(folder, sha, data)
 
         await asyncio.to_thread(write)
 

@@ -6,59 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import pytest
+from fakes import Clock, NullDriver
 
 from torpor.controller.reconcile import ERROR_EVENT_EVERY, Controller, Settings
-from torpor.drivers.base import Progress, Running
+from torpor.drivers.base import Running
 from torpor.model import Function, Revision, ScaleOverride, Spec, TrafficTarget
 from torpor.store.embedded import EmbeddedStore
 
 
-class RecordingDriver:
+class RecordingDriver(NullDriver):
     name = "recording"
 
     def __init__(self) -> None:
         self.started: list[str] = []
-
-    async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
-        return revision
 
     async def start(self, revision: Revision, replica: str,
                     secret_env: Mapping[str, str] | None = None) -> Running:
         self.started.append(revision.name)
         raise RuntimeError("no engine here")
 
-    async def stop(self, running: Running, grace: float = 10.0) -> None:
-        pass
-
-    async def list(self) -> list[Running]:
-        return []
-
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
-        if False:
-            yield ""
-
-    async def remove(self, revision: Revision) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
 
 def _ready_fn(name: str, scale: ScaleOverride) -> Function:
     rev = Revision(name=f"{name}-00001", function=name, number=1, spec=Spec(name=name), status="ready",
                    image="img")
     return Function(name=name, revisions=[rev], traffic=[TrafficTarget(rev.name, 100)], scale=scale)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _events(store: EmbeddedStore, name: str, kind: str) -> list[str]:

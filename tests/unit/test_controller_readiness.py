@@ -4,43 +4,25 @@ replica; a driver that cannot tell, or has no such method, leaves it to the prob
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from fakes import NullDriver
 
 import torpor.controller.reconcile as reconcile
 from torpor.controller.reconcile import Controller
-from torpor.drivers.base import Progress, Running
+from torpor.drivers.base import Running
 from torpor.model import Revision
 from torpor.store.embedded import EmbeddedStore
 
 
-class RecordingDriver:
+class RecordingDriver(NullDriver):
     name = "recording"
-
-    async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
-        return revision
 
     async def start(self, revision: Revision, replica: str,
                     secret_env: Mapping[str, str] | None = None) -> Running:
         raise RuntimeError("not used here")
-
-    async def stop(self, running: Running, grace: float = 10.0) -> None:
-        pass
-
-    async def list(self) -> list[Running]:
-        return []
-
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
-        if False:
-            yield ""
-
-    async def remove(self, revision: Revision) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 class ReportingDriver(RecordingDriver):

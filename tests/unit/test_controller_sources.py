@@ -4,11 +4,12 @@ the store by hash: a recording driver stands in for a real one and shows what it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import Clock, NullDriver
 
 from torpor.controller.reconcile import Controller, Settings
 from torpor.drivers.base import Progress, Running
@@ -17,7 +18,7 @@ from torpor.sources import pack
 from torpor.store.embedded import EmbeddedStore
 
 
-class RecordingDriver:
+class RecordingDriver(NullDriver):
     name = "recording"
 
     def __init__(self) -> None:
@@ -35,30 +36,6 @@ class RecordingDriver:
         assert revision.source is not None
         self.seen_files.append((Path(revision.source) / "handler.py").read_text())
         raise RuntimeError("no engine here")  # all the test needs is what start() was given
-
-    async def stop(self, running: Running, grace: float = 10.0) -> None:
-        pass
-
-    async def list(self) -> list[Running]:
-        return []
-
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
-        if False:
-            yield ""
-
-    async def remove(self, revision: Revision) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _setup(tmp: Path, status: str = "ready", image: str | None = "") -> tuple[
