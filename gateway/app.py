@@ -97,8 +97,13 @@ class _Upload:
         return msg
 
 
-async def send_json(send: Any, status: int, body: dict[str, Any], retry_after: int | None = None,
-                    close: bool = False) -> int:
+async def send_json(
+    send: Any,
+    status: int,
+    body: dict[str, Any],
+    retry_after: int | None = None,
+    close: bool = False,
+) -> int:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     if retry_after is not None:
@@ -127,17 +132,32 @@ class _Refused(Exception):
 
 
 def _over_max_body(rr: RevisionRoute, what: str) -> _Refused:
-    return _Refused(413, {"error": "request body too large", "field": "max_body",
-                          "detail": f"{what} is over {rr.function}'s max_body ({format_size(rr.max_body)})"})
+    return _Refused(
+        413,
+        {
+            "error": "request body too large",
+            "field": "max_body",
+            "detail": f"{what} is over {rr.function}'s max_body ({format_size(rr.max_body)})",
+        },
+    )
 
 
 def _buffer_full() -> _Refused:
-    return _Refused(503, {"error": "overloaded", "detail": "the gateway's request body buffer is full"}, 1)
+    return _Refused(
+        503, {"error": "overloaded", "detail": "the gateway's request body buffer is full"}, 1
+    )
 
 
 class Gateway:
-    def __init__(self, store: Store, *, domain: str = "torpor.localhost", queue: int = 1000,
-                 max_buffered: int = MAX_BUFFERED, trusted_proxies: Iterable[Network] = ()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        domain: str = "torpor.localhost",
+        queue: int = 1000,
+        max_buffered: int = MAX_BUFFERED,
+        trusted_proxies: Iterable[Network] = (),
+    ) -> None:
         self.store = store
         self.domain = domain
         self.suffix = "." + domain
@@ -156,8 +176,12 @@ class Gateway:
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str, queued: int) -> None:
-        asyncio.ensure_future(self.store.publish(
-            POKES, {"function": function, "revision": revision, "queued": queued, "gateway": self.id}))
+        asyncio.ensure_future(
+            self.store.publish(
+                POKES,
+                {"function": function, "revision": revision, "queued": queued, "gateway": self.id},
+            )
+        )
 
     async def start(self) -> None:
         self._tasks = [
@@ -214,7 +238,9 @@ class Gateway:
                 await asyncio.sleep(1)
 
     async def _publish_stats(self, revisions: dict[str, dict[str, Any]]) -> None:
-        await self.store.publish(STATS, {"gateway": self.id, "time": time.time(), "revisions": revisions})
+        await self.store.publish(
+            STATS, {"gateway": self.id, "time": time.time(), "revisions": revisions}
+        )
 
     # -- data plane --------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -240,7 +266,11 @@ class Gateway:
         if label:
             found = self.table.hosts.get(label)
             if found is None:
-                await send_json(send, 404, {"error": "function not found", "detail": f"no function or tag {label[:63]!r}"})
+                await send_json(
+                    send,
+                    404,
+                    {"error": "function not found", "detail": f"no function or tag {label[:63]!r}"},
+                )
                 return
         else:
             path: str = scope["path"]
@@ -248,7 +278,11 @@ class Gateway:
                 name, _, rest = path[10:].partition("/")
                 found = self.table.hosts.get(name)
                 if found is None:
-                    await send_json(send, 404, {"error": "function not found", "detail": f"no function {name[:63]!r}"})
+                    await send_json(
+                        send,
+                        404,
+                        {"error": "function not found", "detail": f"no function {name[:63]!r}"},
+                    )
                     return
                 scope = dict(scope)
                 scope["path"] = "/" + rest
@@ -256,8 +290,11 @@ class Gateway:
                 # decoded one would send spaces or %2F as-is to the replica
                 raw: bytes = scope.get("raw_path") or path.encode()
                 prefix = b"/function/" + name.encode()
-                scope["raw_path"] = (raw[len(prefix):] or b"/") if raw.startswith(prefix) \
+                scope["raw_path"] = (
+                    (raw[len(prefix) :] or b"/")
+                    if raw.startswith(prefix)
                     else quote("/" + rest).encode()
+                )
             elif path.startswith(ASYNC_PREFIX):
                 await self.calls.accept(scope, receive, send, length, chunked)
                 return
@@ -266,28 +303,53 @@ class Gateway:
                 return
             elif path == "/metrics":
                 body = (metrics_text(self.table) + self.calls.metrics_text()).encode()
-                await send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
             else:
-                await send_json(send, 404, {"error": "function not found",
-                                            "detail": f"use Host: NAME{self.suffix} or /function/NAME/"})
+                await send_json(
+                    send,
+                    404,
+                    {
+                        "error": "function not found",
+                        "detail": f"use Host: NAME{self.suffix} or /function/NAME/",
+                    },
+                )
                 return
         fr, rr = found
         if rr is None:
             rr = fr.pick()
             if rr is None:
-                await send_json(send, 503, {"error": "no traffic", "detail": f"function {fr.name} has no revision with traffic"}, 5)
+                await send_json(
+                    send,
+                    503,
+                    {
+                        "error": "no traffic",
+                        "detail": f"function {fr.name} has no revision with traffic",
+                    },
+                    5,
+                )
                 return
         first: dict[str, Any] | None = None
         held = 0  # body bytes this request holds of max_buffered
         upload: _Upload | None = None
         accept = wants_websocket(scope) if "extensions" in scope else None
         if accept is not None and (length is not None or chunked):
-            await send_json(send, 400, {"error": "bad request", "detail": "a WebSocket upgrade has no body"},
-                            close=True)
+            await send_json(
+                send,
+                400,
+                {"error": "bad request", "detail": "a WebSocket upgrade has no body"},
+                close=True,
+            )
             return
         try:
             if length is not None or chunked:
@@ -304,8 +366,9 @@ class Gateway:
             start = perf_counter()
             status = 500
             try:
-                status = await self._serve(fr, rr, found[1] is not None, scope, receive, send, host, first,
-                                           accept)
+                status = await self._serve(
+                    fr, rr, found[1] is not None, scope, receive, send, host, first, accept
+                )
                 if upload is not None and upload.over and status == _CLIENT_GONE:
                     over = _over_max_body(rr, "the body")
                     status = await send_json(send, over.status, over.body, close=True)
@@ -317,8 +380,9 @@ class Gateway:
             if held:
                 self.buffered -= held
 
-    async def _read_body(self, rr: RevisionRoute, length: bytes | None,
-                         receive: Any) -> tuple[dict[str, Any] | None, int, _Upload | None]:
+    async def _read_body(
+        self, rr: RevisionRoute, length: bytes | None, receive: Any
+    ) -> tuple[dict[str, Any] | None, int, _Upload | None]:
         """The body as one ``http.request`` message (None: the client left), the bytes it
         holds of ``max_buffered``, and for a body over ``STREAM_ABOVE`` the _Upload that
         streams the rest (the message then has ``more_body``); raises _Refused."""
@@ -336,9 +400,14 @@ class Gateway:
                 raise _over_max_body(rr, f"Content-Length {n}")
             n = min(n, STREAM_ABOVE)  # a larger body streams past its first STREAM_ABOVE bytes
             if n > self.max_buffered:
-                raise _Refused(413, {"error": "request body too large",
-                                     "detail": f"Content-Length {n} is over the gateway's body buffer "
-                                               f"({format_size(self.max_buffered)})"})
+                raise _Refused(
+                    413,
+                    {
+                        "error": "request body too large",
+                        "detail": f"Content-Length {n} is over the gateway's body buffer "
+                        f"({format_size(self.max_buffered)})",
+                    },
+                )
             if self.buffered + n > self.max_buffered:
                 raise _buffer_full()
             held = n
@@ -384,9 +453,18 @@ class Gateway:
         self._labels[host] = label
         return label
 
-    async def _serve(self, fr: FunctionRoute, rr: RevisionRoute, tagged: bool, scope: Scope, receive: Any,
-                     send: Any, host: bytes, first_chunk: dict[str, Any] | None,
-                     accept: Accept | None = None) -> int:
+    async def _serve(
+        self,
+        fr: FunctionRoute,
+        rr: RevisionRoute,
+        tagged: bool,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        host: bytes,
+        first_chunk: dict[str, Any] | None,
+        accept: Accept | None = None,
+    ) -> int:
         cold = False
         forwarding = self.forwarding.lines(scope, host)
         b = rr.balancer.pick()
@@ -394,8 +472,15 @@ class Gateway:
         for _attempt in range(MAX_ATTEMPTS):
             if b is None:
                 if rr.held_at_zero:
-                    return await send_json(send, 503, {"error": "scaled to zero",
-                        "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)"}, 30)
+                    return await send_json(
+                        send,
+                        503,
+                        {
+                            "error": "scaled to zero",
+                            "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)",
+                        },
+                        30,
+                    )
                 cold = cold or not rr.balancer.backends
                 self.table.hot.add(rr.name)
                 # (a body still streaming must stay unread until a replica takes it: then a
@@ -407,18 +492,31 @@ class Gateway:
                 except ClientGone:
                     return _NOT_COUNTED  # left the queue: not sent, not counted
                 except QueueFull:
-                    return await send_json(send, 503, {"error": "overloaded",
-                        "detail": f"activator queue for {rr.name} is full"}, 1)
+                    return await send_json(
+                        send,
+                        503,
+                        {"error": "overloaded", "detail": f"activator queue for {rr.name} is full"},
+                        1,
+                    )
                 except TimeoutError:
-                    return await send_json(send, 504, {"error": "no replica ready in time",
-                        "detail": f"{rr.name} had no ready replica within {rr.timeout:g}s"}, 1)
+                    return await send_json(
+                        send,
+                        504,
+                        {
+                            "error": "no replica ready in time",
+                            "detail": f"{rr.name} had no ready replica within {rr.timeout:g}s",
+                        },
+                        1,
+                    )
                 except LookupError as e:
                     # the revision left the traffic table while we queued (rollback, promote):
                     # re-pick from the function's current table rather than fail
                     current = self.table.functions.get(fr.name)
                     nxt = current.pick() if current is not None and not tagged else None
                     if nxt is None or nxt is rr:
-                        return await send_json(send, 503, {"error": "revision gone", "detail": str(e)}, 1)
+                        return await send_json(
+                            send, 503, {"error": "revision gone", "detail": str(e)}, 1
+                        )
                     fr, rr = current, nxt  # type: ignore[assignment]
                     b = rr.balancer.pick()
                     cold = False
@@ -431,15 +529,23 @@ class Gateway:
             try:
                 if accept is None:
                     status = await proxy(
-                        b.pool, scope, receive, send,
+                        b.pool,
+                        scope,
+                        receive,
+                        send,
                         timeout=max(deadline - time.monotonic(), 0.001),
                         add_request_lines=forwarding,
-                        add_response_headers=[(H_REVISION, rr.name_b), (H_COLD, TRUE if cold else FALSE)],
+                        add_response_headers=[
+                            (H_REVISION, rr.name_b),
+                            (H_COLD, TRUE if cold else FALSE),
+                        ],
                         first_chunk=first_chunk,
                         idle_timeout=rr.stream_idle,
                     )
                 else:
-                    status = await self._tunnel(rr, b, scope, send, accept, deadline, forwarding, cold)
+                    status = await self._tunnel(
+                        rr, b, scope, send, accept, deadline, forwarding, cold
+                    )
             except NotSent as e:
                 first_chunk = e.first_chunk
                 # the replica is gone (crashed/draining): take it out of rotation, try another
@@ -454,16 +560,35 @@ class Gateway:
                 self.table.eject(rr, b)
             rr.activator.release(b)
             return status
-        return await send_json(send, 503, {"error": "no replica answered",
-                                           "detail": f"{rr.name}: replicas refused the connection"}, 1)
+        return await send_json(
+            send,
+            503,
+            {
+                "error": "no replica answered",
+                "detail": f"{rr.name}: replicas refused the connection",
+            },
+            1,
+        )
 
-    async def _tunnel(self, rr: RevisionRoute, b: Backend, scope: Scope, send: Any, accept: Accept,
-                      deadline: float, forwarding: bytes, cold: bool) -> int:
+    async def _tunnel(
+        self,
+        rr: RevisionRoute,
+        b: Backend,
+        scope: Scope,
+        send: Any,
+        accept: Accept,
+        deadline: float,
+        forwarding: bytes,
+        cold: bool,
+    ) -> int:
         """A WebSocket on replica ``b``: it holds ``b``'s slot (one in flight) until it
         closes; counted once in the stats, with the time to its 101."""
         t0 = perf_counter()
         status = await tunnel(
-            b.pool, scope, send, accept,
+            b.pool,
+            scope,
+            send,
+            accept,
             timeout=max(deadline - time.monotonic(), 0.001),
             max_connection=rr.max_connection,
             add_request_lines=forwarding,

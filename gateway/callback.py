@@ -102,7 +102,9 @@ class Target:
 def check_url(url: str, allow: Allow) -> Target:
     """The parsed callback URL; raise CallbackRefused saying what is wrong."""
     if not url or len(url) > MAX_URL or not _PRINTABLE.fullmatch(url):
-        raise CallbackRefused(f"X-Callback-Url must be printable ASCII without spaces, 1 to {MAX_URL} characters")
+        raise CallbackRefused(
+            f"X-Callback-Url must be printable ASCII without spaces, 1 to {MAX_URL} characters"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -124,7 +126,9 @@ def check_url(url: str, allow: Allow) -> Target:
         addr = None
     if addr is not None:
         if not allow.allows(addr):
-            raise CallbackRefused(f"callback host {host} is not on the platform's callback allow-list ({ENV})")
+            raise CallbackRefused(
+                f"callback host {host} is not on the platform's callback allow-list ({ENV})"
+            )
     elif not _dns_name(host):
         raise CallbackRefused(f"callback host {host[:64]!r} is not an IP address or a DNS name")
     return Target(host, addr, port or 80, target)
@@ -136,7 +140,9 @@ async def resolve(t: Target, allow: Allow) -> Address:
         return t.address
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM), TIMEOUT)
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(t.host, t.port, type=socket.SOCK_STREAM), TIMEOUT
+        )
     except (OSError, TimeoutError) as e:
         raise CallbackRefused(f"callback host {t.host} does not resolve: {e}") from None
     addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
@@ -145,27 +151,38 @@ async def resolve(t: Target, allow: Allow) -> Address:
     if t.host.rstrip(".") not in allow.names:
         bad = [a for a in addrs if not allow.allows(a)]
         if bad:
-            raise CallbackRefused(f"callback host {t.host} resolves to {bad[0]}, outside the callback allow-list ({ENV})")
+            raise CallbackRefused(
+                f"callback host {t.host} resolves to {bad[0]}, outside the callback allow-list ({ENV})"
+            )
     return addrs[0]
 
 
 def payload(call: Call) -> bytes:
-    return json.dumps({
-        "id": call.id, "function": call.function, "state": call.state, "status": call.status,
-        "attempts": call.attempts, "headers": dict(call.result_headers),
-        "body": base64.b64encode(call.result_body).decode("ascii"), "body_truncated": call.truncated,
-        "error": call.error or None,
-    }).encode()
+    return json.dumps(
+        {
+            "id": call.id,
+            "function": call.function,
+            "state": call.state,
+            "status": call.status,
+            "attempts": call.attempts,
+            "headers": dict(call.result_headers),
+            "body": base64.b64encode(call.result_body).decode("ascii"),
+            "body_truncated": call.truncated,
+            "error": call.error or None,
+        }
+    ).encode()
 
 
 async def _post_once(addr: Address, t: Target, call: Call, body: bytes) -> int:
     host = t.host if t.address is None or t.address.version == 4 else f"[{t.host}]"
     if t.port != 80:
         host += f":{t.port}"
-    head = (f"POST {t.target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nX-Call-Id: {call.id}\r\nX-Torpor-Call-State: {call.state}\r\n"
-            f"X-Torpor-Status: {call.status if call.status is not None else ''}\r\n"
-            "User-Agent: torpor-callback\r\nConnection: close\r\n\r\n").encode("latin-1")
+    head = (
+        f"POST {t.target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Call-Id: {call.id}\r\nX-Torpor-Call-State: {call.state}\r\n"
+        f"X-Torpor-Status: {call.status if call.status is not None else ''}\r\n"
+        "User-Agent: torpor-callback\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
     async with asyncio.timeout(TIMEOUT):
         reader, writer = await asyncio.open_connection(str(addr), t.port)
         try:
@@ -202,7 +219,13 @@ async def deliver(call: Call, allow: Allow) -> str:
             return "refused"
         try:
             status = await _post_once(addr, t, call, body)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
             continue
         if 200 <= status < 300:
             return "delivered"

@@ -67,10 +67,23 @@ POLICY_TTL = 2.0
 DEMAND_EVERY = 1.0
 DEMAND_SOURCE = "async-queue"  # one source for every gateway: they all see the same backlog
 LOOP_PAUSE = 0.01  # s: the worker looks at the queue at most 100 times a second
-_DROP = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"proxy-connection",
-    b"te", b"trailer", b"upgrade", b"expect", b"x-callback-url", b"x-call-id", b"x-torpor-attempt",
-})
+_DROP = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+        b"x-callback-url",
+        b"x-call-id",
+        b"x-torpor-attempt",
+    }
+)
 H_REVISION = b"x-torpor-revision"
 BACKOFF_BASE = 0.5  # s before the 2nd try; doubles per try
 BACKOFF_CAP = 10.0  # s, the longest wait between tries
@@ -88,8 +101,6 @@ def retryable(status: int) -> bool:
     return status >= 500
 
 
-
-
 class CallWorker:
     def __init__(self, gateway: Gateway, queue: CallQueue, allow: Allow | None = None) -> None:
         self.gw = gateway
@@ -98,7 +109,9 @@ class CallWorker:
         self.consumer = gateway.id
         self.reclaim_idle = _reclaim_idle()
         self.heartbeat_every = min(HEARTBEAT, self.reclaim_idle / 3)
-        self.held: dict[str, dict[str, Call]] = {}  # function -> call id -> call, held by this worker
+        self.held: dict[
+            str, dict[str, Call]
+        ] = {}  # function -> call id -> call, held by this worker
         self.backlog: dict[str, tuple[int, int]] = {}  # last counts: function -> (queued, held)
         self.attempts_total: dict[str, int] = {}
         self.failed_total: dict[str, int] = {}
@@ -109,21 +122,34 @@ class CallWorker:
         self._stopping = False
 
     # -- accepting -------------------------------------------------------------------------
-    async def accept(self, scope: dict[str, Any], receive: Any, send: Any, length: bytes | None,
-                     chunked: bool) -> None:
+    async def accept(
+        self, scope: dict[str, Any], receive: Any, send: Any, length: bytes | None, chunked: bool
+    ) -> None:
         from torpor.gateway.app import _Refused, send_json
 
         path: str = scope["path"]
-        name, _, _ = path[len(PREFIX):].partition("/")
+        name, _, _ = path[len(PREFIX) :].partition("/")
         fr = self.gw.table.functions.get(name)
         if fr is None:
-            await send_json(send, 404, {"error": "function not found", "detail": f"no function {name[:63]!r}"},
-                            close=bool(length and length != b"0") or chunked)
+            await send_json(
+                send,
+                404,
+                {"error": "function not found", "detail": f"no function {name[:63]!r}"},
+                close=bool(length and length != b"0") or chunked,
+            )
             return
         rr = fr.pick()
         if rr is None:
-            await send_json(send, 503, {"error": "no traffic",
-                                        "detail": f"function {fr.name} has no revision with traffic"}, 5, close=True)
+            await send_json(
+                send,
+                503,
+                {
+                    "error": "no traffic",
+                    "detail": f"function {fr.name} has no revision with traffic",
+                },
+                5,
+                close=True,
+            )
             return
         callback = None
         stored: list[tuple[str, str]] = []
@@ -136,8 +162,12 @@ class CallWorker:
             try:
                 check_url(callback, self.allow)
             except CallbackRefused as e:
-                await send_json(send, 400, {"error": "callback refused", "field": "X-Callback-Url",
-                                            "detail": str(e)}, close=True)
+                await send_json(
+                    send,
+                    400,
+                    {"error": "callback refused", "field": "X-Callback-Url", "detail": str(e)},
+                    close=True,
+                )
                 return
         body = b""
         held = 0
@@ -151,26 +181,43 @@ class CallWorker:
                 if first is None:
                     return  # the client left during its upload: nothing accepted
                 body = first["body"]
-                if upload is not None:  # over the gateway's streaming threshold: a call keeps it whole
+                if (
+                    upload is not None
+                ):  # over the gateway's streaming threshold: a call keeps it whole
                     parts, more = [body], bool(first.get("more_body"))
                     while more:
                         msg = await upload.receive()
                         if msg["type"] != "http.request":
                             if upload.over:
-                                await send_json(send, 413, {"error": "request body too large", "field": "max_body",
-                                                            "detail": f"the body is over {name}'s max_body"},
-                                                close=True)
+                                await send_json(
+                                    send,
+                                    413,
+                                    {
+                                        "error": "request body too large",
+                                        "field": "max_body",
+                                        "detail": f"the body is over {name}'s max_body",
+                                    },
+                                    close=True,
+                                )
                             return
                         parts.append(msg.get("body", b""))
                         more = bool(msg.get("more_body"))
                     body = b"".join(parts)
             raw: bytes = scope.get("raw_path") or path.encode()
             prefix = (PREFIX + name).encode()
-            rest = raw[len(prefix):] if raw.startswith(prefix) else b"/"
+            rest = raw[len(prefix) :] if raw.startswith(prefix) else b"/"
             client = scope.get("client")
-            call = Call(id=new_id(), function=name, method=scope["method"],
-                        path=(rest or b"/").decode("latin-1"), query=scope.get("query_string", b"").decode("latin-1"),
-                        headers=stored, body=body, callback=callback, client=client[0] if client else "")
+            call = Call(
+                id=new_id(),
+                function=name,
+                method=scope["method"],
+                path=(rest or b"/").decode("latin-1"),
+                query=scope.get("query_string", b"").decode("latin-1"),
+                headers=stored,
+                body=body,
+                callback=callback,
+                client=client[0] if client else "",
+            )
             try:
                 await self.queue.put(call)
             except QueueFull as e:
@@ -180,11 +227,25 @@ class CallWorker:
             if held:
                 self.gw.buffered -= held
         self._wake.set()
-        data = json.dumps({"id": call.id, "function": name, "state": "queued",
-                           "status_url": f"/v1/calls/{call.id}"}).encode()
-        await send({"type": "http.response.start", "status": 202, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-            (b"x-call-id", call.id.encode())]})
+        data = json.dumps(
+            {
+                "id": call.id,
+                "function": name,
+                "state": "queued",
+                "status_url": f"/v1/calls/{call.id}",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 202,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                    (b"x-call-id", call.id.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
     # -- the worker loop -------------------------------------------------------------------
@@ -216,7 +277,9 @@ class CallWorker:
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_every:
                     last_beat = now
-                    await self.queue.heartbeat(self.consumer, [c for d in self.held.values() for c in d.values()])
+                    await self.queue.heartbeat(
+                        self.consumer, [c for d in self.held.values() for c in d.values()]
+                    )
                 if now - last_reclaim >= self.heartbeat_every:
                     last_reclaim = now
                     for call in await self.queue.reclaim(self.consumer, self.reclaim_idle):
@@ -228,7 +291,9 @@ class CallWorker:
                 if now - last_demand >= DEMAND_EVERY:
                     last_demand = now
                     await self._report_demand()
-                prune = getattr(self.queue, "prune", None)  # the embedded queue forgets old records itself
+                prune = getattr(
+                    self.queue, "prune", None
+                )  # the embedded queue forgets old records itself
                 if prune is not None and now - last_prune >= 60:
                     last_prune = now
                     await prune()
@@ -295,9 +360,18 @@ class CallWorker:
             waiting = min(queued, max(pol.concurrency - held, 0))
             if waiting <= 0:
                 continue
-            rr = max(fr.slots, key=lambda r: sum(1 for s in fr.slots if s is r))  # the main revision
-            await self.gw.store.publish(POKES, {"function": name, "revision": rr.name, "queued": waiting,
-                                                  "gateway": DEMAND_SOURCE})
+            rr = max(
+                fr.slots, key=lambda r: sum(1 for s in fr.slots if s is r)
+            )  # the main revision
+            await self.gw.store.publish(
+                POKES,
+                {
+                    "function": name,
+                    "revision": rr.name,
+                    "queued": waiting,
+                    "gateway": DEMAND_SOURCE,
+                },
+            )
 
     # -- one call ----------------------------------------------------------------------------
     async def _run_call(self, call: Call) -> None:
@@ -307,7 +381,11 @@ class CallWorker:
             raise
         except Exception as e:
             log.exception("calls: %s failed in the worker", call.id)
-            call.state, call.error, call.finished = "failed", f"worker error: {type(e).__name__}", time.time()
+            call.state, call.error, call.finished = (
+                "failed",
+                f"worker error: {type(e).__name__}",
+                time.time(),
+            )
             with contextlib.suppress(Exception):
                 await self.queue.finish(call)
         finally:
@@ -321,7 +399,9 @@ class CallWorker:
                 await self._final(call, "failed", error="function deleted")
                 return
             if time.time() - call.created > MAX_AGE:
-                await self._final(call, "failed", error=f"not delivered to a replica within {MAX_AGE:g}s")
+                await self._final(
+                    call, "failed", error=f"not delivered to a replica within {MAX_AGE:g}s"
+                )
                 return
             if self._stopping:
                 return  # left held: it runs again after the restart (or where it is reclaimed)
@@ -332,11 +412,18 @@ class CallWorker:
             call.state = "running"
             await self.queue.save(call)
             self.attempts_total[call.function] = self.attempts_total.get(call.function, 0) + 1
-            status, headers, body, truncated, delivered, error = await self._dispatch(call, call.attempts + 1)
+            status, headers, body, truncated, delivered, error = await self._dispatch(
+                call, call.attempts + 1
+            )
             if delivered:
                 call.attempts += 1
             call.status = status
-            call.result_headers, call.result_body, call.truncated, call.error = headers, body, truncated, error
+            call.result_headers, call.result_body, call.truncated, call.error = (
+                headers,
+                body,
+                truncated,
+                error,
+            )
             if delivered and status is not None and not retryable(status):
                 await self._final(call, "done")
                 return
@@ -357,24 +444,35 @@ class CallWorker:
         if call.callback:
             call.callback_state = "pending"
         await self.queue.finish(call)
-        self.held.get(call.function, {}).pop(call.id, None)  # its slot is free while the callback goes
+        self.held.get(call.function, {}).pop(
+            call.id, None
+        )  # its slot is free while the callback goes
         self._wake.set()
         if call.callback:
             call.callback_state = await deliver(call, self.allow)
             await self.queue.finish(call)  # the record again, with how the callback went
 
-    async def _dispatch(self, call: Call, attempt: int) -> tuple[
-            int | None, list[tuple[str, str]], bytes, bool, bool, str]:
+    async def _dispatch(
+        self, call: Call, attempt: int
+    ) -> tuple[int | None, list[tuple[str, str]], bytes, bool, bool, str]:
         """(status, headers, body up to RESULT_CAP, truncated, reached a replica, error)."""
         host = f"{call.function}.{self.gw.domain}".encode()
         headers = [(b"host", host), (b"content-length", str(len(call.body)).encode())]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in call.headers]
         headers += [(b"x-call-id", call.id.encode()), (b"x-torpor-attempt", str(attempt).encode())]
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": call.method,
-            "scheme": "http", "path": unquote(call.path), "raw_path": call.path.encode("latin-1"),
-            "query_string": call.query.encode("latin-1"), "root_path": "", "headers": headers,
-            "client": (call.client or "127.0.0.1", 0), "server": ("127.0.0.1", 0),
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": call.method,
+            "scheme": "http",
+            "path": unquote(call.path),
+            "raw_path": call.path.encode("latin-1"),
+            "query_string": call.query.encode("latin-1"),
+            "root_path": "",
+            "headers": headers,
+            "client": (call.client or "127.0.0.1", 0),
+            "server": ("127.0.0.1", 0),
         }
         done = asyncio.Event()
         sent_body = False
@@ -422,7 +520,9 @@ class CallWorker:
             return None, [], b"", False, False, "no answer"
         error = ""
         if status >= 500:
-            error = f"HTTP {status}" + ("" if delivered else " from the gateway (no replica reached)")
+            error = f"HTTP {status}" + (
+                "" if delivered else " from the gateway (no replica reached)"
+            )
         return status, out_headers, b"".join(parts), truncated, delivered, error
 
     # -- metrics ------------------------------------------------------------------------------
@@ -439,7 +539,11 @@ def _reclaim_idle() -> float:
     except ValueError:
         value = RECLAIM_IDLE
     if not 1.0 <= value <= 3600.0:  # NaN fails it too
-        log.warning("TORPOR_ASYNC_RECLAIM_IDLE=%r: expected seconds from 1 to 3600; using %gs", raw[:20], RECLAIM_IDLE)
+        log.warning(
+            "TORPOR_ASYNC_RECLAIM_IDLE=%r: expected seconds from 1 to 3600; using %gs",
+            raw[:20],
+            RECLAIM_IDLE,
+        )
         value = RECLAIM_IDLE
     return value
 
@@ -459,15 +563,27 @@ class _Collector(Collector):
         self.w = worker
 
     def collect(self) -> Iterator[Any]:
-        queued = GaugeMetricFamily("torpor_async_queued", "Asynchronous calls waiting to run", labels=["function"])
-        running = GaugeMetricFamily("torpor_async_running", "Asynchronous calls held by workers (running or "
-                                    "waiting for their next attempt)", labels=["function"])
-        attempts = CounterMetricFamily("torpor_async_attempts", "Attempts this gateway made at asynchronous calls",
-                                       labels=["function"])
-        failed = CounterMetricFamily("torpor_async_failed", "Asynchronous calls this gateway ended as failed",
-                                     labels=["function"])
-        held = GaugeMetricFamily("torpor_async_held", "Asynchronous calls this gateway holds now",
-                                 labels=["function"])
+        queued = GaugeMetricFamily(
+            "torpor_async_queued", "Asynchronous calls waiting to run", labels=["function"]
+        )
+        running = GaugeMetricFamily(
+            "torpor_async_running",
+            "Asynchronous calls held by workers (running or waiting for their next attempt)",
+            labels=["function"],
+        )
+        attempts = CounterMetricFamily(
+            "torpor_async_attempts",
+            "Attempts this gateway made at asynchronous calls",
+            labels=["function"],
+        )
+        failed = CounterMetricFamily(
+            "torpor_async_failed",
+            "Asynchronous calls this gateway ended as failed",
+            labels=["function"],
+        )
+        held = GaugeMetricFamily(
+            "torpor_async_held", "Asynchronous calls this gateway holds now", labels=["function"]
+        )
         for fn in sorted(set(self.w.backlog) | set(self.w.attempts_total)):
             q, h = self.w.backlog.get(fn, (0, 0))
             queued.add_metric([fn], q)

@@ -98,7 +98,9 @@ class Forwarding:
         got = self._lines.get(key)
         if got is not None:
             return got
-        out = b"".join([name + b": " + value + b"\r\n" for name, value in self.headers(scope, host)])
+        out = b"".join(
+            [name + b": " + value + b"\r\n" for name, value in self.headers(scope, host)]
+        )
         if not self._peers[key[0]].trusted:  # (headers() remembered the peer)
             if len(self._lines) >= _MEMO:
                 self._lines.clear()

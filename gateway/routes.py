@@ -58,18 +58,33 @@ class RevisionRoute:
     """Data-plane state of one revision; survives route rebuilds."""
 
     __slots__ = (
-        "name", "function", "name_b", "timeout", "max_body", "balancer", "activator", "stats",
-        "held_at_zero", "ready", "ejected", "stream_idle", "max_connection",
+        "name",
+        "function",
+        "name_b",
+        "timeout",
+        "max_body",
+        "balancer",
+        "activator",
+        "stats",
+        "held_at_zero",
+        "ready",
+        "ejected",
+        "stream_idle",
+        "max_connection",
     )
 
-    def __init__(self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int) -> None:
+    def __init__(
+        self, function: str, name: str, poke: Callable[[str, str, int], None], queue: int
+    ) -> None:
         self.function = function
         self.name = name
         self.name_b = name.encode()
         self.timeout = 30.0
         self.max_body = DEFAULT_MAX_BODY  # the revision's spec.max_body (bytes)
         self.balancer = Balancer()
-        self.activator = Activator(self.balancer, lambda queued: poke(function, name, queued), queue)
+        self.activator = Activator(
+            self.balancer, lambda queued: poke(function, name, queued), queue
+        )
         self.stats = RevisionStats()
         self.held_at_zero = False  # `torpor scale --replicas 0`: refuse instead of cold start
         self.ready: list[Replica] = []  # the controller's last list of ready replicas
@@ -115,7 +130,9 @@ def weighted_slots(weights: list[tuple[str, int]]) -> list[str]:
 
 
 class RouteTable:
-    def __init__(self, pools: Pools, poke: Callable[[str, str, int], None], queue: int = 1000) -> None:
+    def __init__(
+        self, pools: Pools, poke: Callable[[str, str, int], None], queue: int = 1000
+    ) -> None:
         self.pools = pools
         self.poke = poke
         self.queue = queue
@@ -184,10 +201,14 @@ class RouteTable:
             rr.max_connection = rev.spec.max_connection
             rr.balancer.limit = scale.concurrency
             rr.held_at_zero = scale.max == 0
-            ready = [r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint]
+            ready = [
+                r for r in replicas if r.revision == rev.name and r.state == "ready" and r.endpoint
+            ]
             dropped += self._set_backends(rr, ready)
         # revisions that left the function's routes keep serving in-flight requests only
-        for rev_name in [n for n, r in self.revisions.items() if r.function == name and n not in keep]:
+        for rev_name in [
+            n for n, r in self.revisions.items() if r.function == name and n not in keep
+        ]:
             rr = self.revisions.pop(rev_name)
             dropped += self._set_backends(rr, [])
             rr.activator.fail_all(LookupError(f"revision {rev_name} no longer routed"))

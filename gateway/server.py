@@ -122,6 +122,7 @@ class Pipe(Protocol):
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
 
+
 # ---------------------------------------------------------------------------
 # Constants computed once.
 

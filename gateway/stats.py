@@ -36,12 +36,19 @@ class Sampler:
             next_at = loop.time()
             # sample only revisions that can have requests (replicas or a queue), chosen once
             # per report: the sampler's cost must not grow with the number of idle functions
-            active = [(n, r) for n, r in self.table.revisions.items() if r.balancer.backends or len(r.activator)]
+            active = [
+                (n, r)
+                for n, r in self.table.revisions.items()
+                if r.balancer.backends or len(r.activator)
+            ]
             for _ in range(per_report):
                 if self.table.hot:  # revisions whose requests started queueing since
                     names = {n for n, _ in active}
-                    active += [(n, self.table.revisions[n]) for n in self.table.hot
-                               if n not in names and n in self.table.revisions]
+                    active += [
+                        (n, self.table.revisions[n])
+                        for n in self.table.hot
+                        if n not in names and n in self.table.revisions
+                    ]
                     self.table.hot.clear()
                 for name, rr in active:
                     c = rr.in_flight + len(rr.activator)
@@ -58,7 +65,9 @@ class Sampler:
         self._reported = set()
         for name, rr in self.table.revisions.items():
             st = rr.stats
-            prev_req, prev_err, prev_lat = self._last.get(name, (0, 0, [0] * len(st.latency_counts)))
+            prev_req, prev_err, prev_lat = self._last.get(
+                name, (0, 0, [0] * len(st.latency_counts))
+            )
             requests = st.requests - prev_req
             active = requests or name in sums or rr.balancer.backends or len(rr.activator)
             # one trailing report after a revision goes quiet, so that the autoscaler's last
@@ -88,15 +97,24 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Any]:
         labels = ["function", "revision"]
-        requests = CounterMetricFamily("torpor_requests", "Requests answered, by status class",
-                                       labels=[*labels, "code"])
-        cold = CounterMetricFamily("torpor_cold_starts", "Requests that waited for a replica to start",
-                                   labels=labels)
-        in_flight = GaugeMetricFamily("torpor_in_flight_requests", "Requests being proxied now", labels=labels)
-        queued = GaugeMetricFamily("torpor_queued_requests", "Requests waiting in the activator", labels=labels)
-        ready = GaugeMetricFamily("torpor_ready_replicas", "Replicas the gateway routes to", labels=labels)
-        latency = HistogramMetricFamily("torpor_request_duration_seconds", "Request latency through the gateway",
-                                        labels=labels)
+        requests = CounterMetricFamily(
+            "torpor_requests", "Requests answered, by status class", labels=[*labels, "code"]
+        )
+        cold = CounterMetricFamily(
+            "torpor_cold_starts", "Requests that waited for a replica to start", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "torpor_in_flight_requests", "Requests being proxied now", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "torpor_queued_requests", "Requests waiting in the activator", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "torpor_ready_replicas", "Replicas the gateway routes to", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "torpor_request_duration_seconds", "Request latency through the gateway", labels=labels
+        )
         for rr in self.table.revisions.values():
             lv = [rr.function, rr.name]
             st = rr.stats

@@ -39,8 +39,18 @@ Accept = Callable[[Any], asyncio.Transport]
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is a failed replica
 MAX_REFUSAL = 1024 * 1024  # body of a non-101 answer relayed to the client
-_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"content-length",
-                  b"trailer", b"te", b"proxy-connection"})
+_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"trailer",
+        b"te",
+        b"proxy-connection",
+    }
+)
 
 
 def wants_websocket(scope: MutableMapping[str, Any]) -> Accept | None:
@@ -166,8 +176,9 @@ class _Refusal:
         self.complete = True
 
 
-async def _relay_refusal(up: _Upstream, send: Send, add: Iterable[tuple[bytes, bytes]],
-                         timeout: float) -> int:
+async def _relay_refusal(
+    up: _Upstream, send: Send, add: Iterable[tuple[bytes, bytes]], timeout: float
+) -> int:
     """The replica did not switch protocols: pass its answer on as plain HTTP."""
     raw = bytes(up.head_buf)
     status, headers = _response_headers(raw.split(b"\r\n\r\n", 1)[0])
@@ -187,8 +198,11 @@ async def _relay_refusal(up: _Upstream, send: Send, add: Iterable[tuple[bytes, b
             if up.done.done() or loop.time() >= deadline:
                 break
             up.more = loop.create_future()
-            await asyncio.wait({up.more, up.done}, timeout=max(deadline - loop.time(), 0.001),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {up.more, up.done},
+                timeout=max(deadline - loop.time(), 0.001),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if not up.pending:
                 continue
         data, up.pending = b"".join(up.pending), []
@@ -202,10 +216,18 @@ async def _relay_refusal(up: _Upstream, send: Send, add: Iterable[tuple[bytes, b
     return status
 
 
-async def tunnel(pool: UpstreamPool, scope: MutableMapping[str, Any], send: Send, accept: Accept, *,
-                 timeout: float, max_connection: float, add_request_lines: bytes = b"",
-                 add_response_headers: Iterable[tuple[bytes, bytes]] = (),
-                 on_open: Callable[[int], None] | None = None) -> int:
+async def tunnel(
+    pool: UpstreamPool,
+    scope: MutableMapping[str, Any],
+    send: Send,
+    accept: Accept,
+    *,
+    timeout: float,
+    max_connection: float,
+    add_request_lines: bytes = b"",
+    add_response_headers: Iterable[tuple[bytes, bytes]] = (),
+    on_open: Callable[[int], None] | None = None,
+) -> int:
     """Pass one WebSocket upgrade to ``pool``'s replica and pipe the connection until it
     ends; -> the status the client got (101 once switched). ``on_open`` is called with
     101 as the protocol switches (before the pipe runs). Raises NotSent."""
@@ -213,7 +235,9 @@ async def tunnel(pool: UpstreamPool, scope: MutableMapping[str, Any], send: Send
     done: asyncio.Future[None] = loop.create_future()
     try:
         async with asyncio.timeout(pool.connect_timeout):
-            transport, up = await loop.create_connection(lambda: _Upstream(done, loop), pool.host, pool.port)
+            transport, up = await loop.create_connection(
+                lambda: _Upstream(done, loop), pool.host, pool.port
+            )
     except TimeoutError:
         raise NotSent(f"connect to {pool.endpoint} timed out") from None
     except OSError as exc:
@@ -227,13 +251,20 @@ async def tunnel(pool: UpstreamPool, scope: MutableMapping[str, Any], send: Send
             async with asyncio.timeout(timeout):
                 await up.head
         except TimeoutError:
-            return await _send_error(send, 504, "upstream timeout",
-                                    f"the replica did not answer the upgrade within {timeout:g} s", add)
+            return await _send_error(
+                send,
+                504,
+                "upstream timeout",
+                f"the replica did not answer the upgrade within {timeout:g} s",
+                add,
+            )
         raw = bytes(up.head_buf)
         head, sep, rest = raw.partition(b"\r\n\r\n")
         try:
             if not sep:
-                raise ValueError("no complete response head" if up.done.done() else "response head too large")
+                raise ValueError(
+                    "no complete response head" if up.done.done() else "response head too large"
+                )
             status, _ = _response_headers(head)
         except ValueError as exc:
             return await _send_error(send, 503, "replica failed", f"upgrade: {exc}", add)

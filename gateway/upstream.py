@@ -418,7 +418,9 @@ class UpstreamPool:
         # header); connect() takes it bare
         bracketed = host.startswith("[") and host.endswith("]")
         if not bracketed and ":" in host:
-            raise ValueError(f"endpoint must be host:port with an IPv6 address in brackets, got {endpoint!r}")
+            raise ValueError(
+                f"endpoint must be host:port with an IPv6 address in brackets, got {endpoint!r}"
+            )
         self.endpoint = endpoint
         self.host = host[1:-1] if bracketed else host
         self.port = int(port)
@@ -784,7 +786,9 @@ async def proxy(
             # (or a proxy in front of it, such as Docker's, has nothing behind it).
             pool.suspect = True
             if repeatable:
-                raise NotSent(f"{pool.endpoint} closed a new connection without answering", first_chunk)
+                raise NotSent(
+                    f"{pool.endpoint} closed a new connection without answering", first_chunk
+                )
         return await _send_error(send, 503, "replica failed", error, add_response_headers)
 
     conn.disarm()

@@ -34,7 +34,9 @@ def default_state_dir() -> Path:
     env = os.environ.get("TORPOR_STATE_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(base) / "torpor"
 
 
@@ -88,10 +90,14 @@ def _read_own(path: Path) -> str:
         if not stat.S_ISREG(st.st_mode):
             raise TokenError(f"{path} is not a regular file")
         if st.st_uid != os.geteuid():
-            raise TokenError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
+            raise TokenError(
+                f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})"
+            )
         if st.st_mode & 0o077:
-            raise TokenError(f"{path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
-                             f"chmod 600 {path}, or delete it to get a new token")
+            raise TokenError(
+                f"{path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"chmod 600 {path}, or delete it to get a new token"
+            )
         with os.fdopen(fd, "r", closefd=False) as f:
             text = f.read()
     finally:

@@ -140,13 +140,18 @@ class _Counting:
 
     def read(self, size: int = -1) -> bytes:
         if self.head:
-            out, self.head = (self.head, b"") if size < 0 or size >= len(self.head) else (
-                self.head[:size], self.head[size:])
+            out, self.head = (
+                (self.head, b"")
+                if size < 0 or size >= len(self.head)
+                else (self.head[:size], self.head[size:])
+            )
             return out
         data = self.raw.read(size if size >= 0 else CHUNK)
         self.count += len(data)
         if self.count > self.cap:
-            raise ArchiveError(413, f"the upload is over the {human_size(self.cap)} cap on compressed size")
+            raise ArchiveError(
+                413, f"the upload is over the {human_size(self.cap)} cap on compressed size"
+            )
         return data
 
     def peek(self, n: int) -> bytes:
@@ -193,11 +198,14 @@ class _Reader:
             except ArchiveError:
                 raise
             except _DECOMPRESS_ERRORS as e:
-                raise ArchiveError(400, f"the upload is not a valid {self.kind} stream: {e}") from None
+                raise ArchiveError(
+                    400, f"the upload is not a valid {self.kind} stream: {e}"
+                ) from None
             if not data:
                 where = f" in member {_show(member)}" if member else ""
-                raise ArchiveError(400, f"the archive is truncated{where} (at byte {self.offset + got})",
-                                   member)
+                raise ArchiveError(
+                    400, f"the archive is truncated{where} (at byte {self.offset + got})", member
+                )
             parts.append(data)
             got += len(data)
         self.offset += n
@@ -241,7 +249,9 @@ def _number(field: bytes, what: str, offset: int) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise ArchiveError(400, f"bad {what} {text[:20]!r} in the tar header at byte {offset}") from None
+        raise ArchiveError(
+            400, f"bad {what} {text[:20]!r} in the tar header at byte {offset}"
+        ) from None
 
 
 def _text(field: bytes, what: str, offset: int) -> str:
@@ -249,7 +259,9 @@ def _text(field: bytes, what: str, offset: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ArchiveError(400, f"{what} {raw[:60]!r} (tar header at byte {offset}) is not UTF-8") from None
+        raise ArchiveError(
+            400, f"{what} {raw[:60]!r} (tar header at byte {offset}) is not UTF-8"
+        ) from None
 
 
 @dataclass
@@ -301,15 +313,17 @@ def _pax_records(data: bytes, offset: int) -> dict[str, str]:
         except ValueError:
             length = 0
         end = pos + length
-        if length <= 0 or end > len(data) or data[end - 1:end] != b"\n":
+        if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n":
             raise ArchiveError(400, f"malformed pax header at byte {offset}")
-        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq:
             raise ArchiveError(400, f"malformed pax record in the header at byte {offset}")
         try:
             out[key.decode("utf-8")] = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ArchiveError(400, f"pax record in the header at byte {offset} is not UTF-8") from None
+            raise ArchiveError(
+                400, f"pax record in the header at byte {offset} is not UTF-8"
+            ) from None
         pos = end
     return out
 
@@ -324,21 +338,32 @@ def clean_name(name: str, limits: ArchiveLimits) -> tuple[str, ...]:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         raise ArchiveError(400, f"member name {shown} contains a control character", name)
     if name.startswith("/"):
-        raise ArchiveError(400, f"member {shown} has an absolute name: names must be relative", name)
+        raise ArchiveError(
+            400, f"member {shown} has an absolute name: names must be relative", name
+        )
     if "\\" in name:
-        raise ArchiveError(400, f"member name {shown} contains a backslash: separate folders with /", name)
+        raise ArchiveError(
+            400, f"member name {shown} contains a backslash: separate folders with /", name
+        )
     if len(name.encode()) > PATH_MAX:
         raise ArchiveError(400, f"member name {shown} is longer than {PATH_MAX} bytes", name)
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise ArchiveError(400, f"member {shown} has a '..' component: it would escape the folder", name)
+        raise ArchiveError(
+            400, f"member {shown} has a '..' component: it would escape the folder", name
+        )
     for p in parts:
         if len(p.encode()) > NAME_MAX:
-            raise ArchiveError(400, f"member name {shown} has a component longer than {NAME_MAX} bytes",
-                               name)
+            raise ArchiveError(
+                400, f"member name {shown} has a component longer than {NAME_MAX} bytes", name
+            )
     if len(parts) > limits.max_depth:
-        raise ArchiveError(413, f"member {shown} is {len(parts)} levels deep, over the cap of "
-                           f"{limits.max_depth} levels", name)
+        raise ArchiveError(
+            413,
+            f"member {shown} is {len(parts)} levels deep, over the cap of "
+            f"{limits.max_depth} levels",
+            name,
+        )
     return parts
 
 
@@ -361,8 +386,11 @@ class _Writer:
     def _check_parents(self, parts: tuple[str, ...], name: str) -> None:
         for i in range(1, len(parts)):
             if self.kinds.get(parts[:i]) == "f":
-                raise ArchiveError(400, f"member {_show(name)} is inside {_show('/'.join(parts[:i]))}, "
-                                   "which is a file", name)
+                raise ArchiveError(
+                    400,
+                    f"member {_show(name)} is inside {_show('/'.join(parts[:i]))}, which is a file",
+                    name,
+                )
 
     def _make_dirs(self, parts: tuple[str, ...]) -> None:
         for i in range(1, len(parts) + 1):
@@ -375,7 +403,9 @@ class _Writer:
     def directory(self, parts: tuple[str, ...], name: str) -> None:
         self._check_parents(parts, name)
         if self.kinds.get(parts) == "f":
-            raise ArchiveError(400, f"directory member {_show(name)} would replace a file of that name", name)
+            raise ArchiveError(
+                400, f"directory member {_show(name)} would replace a file of that name", name
+            )
         self._make_dirs(parts)
 
     def open_file(self, parts: tuple[str, ...], name: str, mode: int) -> int:
@@ -384,7 +414,9 @@ class _Writer:
         self._check_parents(parts, name)
         kind = self.kinds.get(parts)
         if kind == "d":
-            raise ArchiveError(400, f"file member {_show(name)} would replace a directory of that name", name)
+            raise ArchiveError(
+                400, f"file member {_show(name)} would replace a directory of that name", name
+            )
         if kind == "f":
             raise ArchiveError(400, f"member {_show(name)} appears twice in the archive", name)
         self._make_dirs(parts[:-1])
@@ -396,8 +428,11 @@ class _Writer:
         return fd
 
 
-def extract(source: str | os.PathLike[str] | BinaryIO, dest: str | os.PathLike[str],
-            limits: ArchiveLimits | None = None) -> Extracted:
+def extract(
+    source: str | os.PathLike[str] | BinaryIO,
+    dest: str | os.PathLike[str],
+    limits: ArchiveLimits | None = None,
+) -> Extracted:
     """Unpack the tar archive ``source`` (a path or a binary file object read from its
     current position) into ``dest`` (created if missing; must be empty). Returns what
     was written; raises :class:`ArchiveError` (see the module docstring). Blocking: run
@@ -426,9 +461,13 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
     def budget(n: int, what: str, name: str | None) -> None:
         nonlocal unpacked
         if unpacked + n > limits.max_unpacked:
-            raise ArchiveError(413, f"{what} ({human_size(n)}) takes the archive over the cap of "
-                               f"{human_size(limits.max_unpacked)} unpacked (after "
-                               f"{human_size(unpacked)})", name)
+            raise ArchiveError(
+                413,
+                f"{what} ({human_size(n)}) takes the archive over the cap of "
+                f"{human_size(limits.max_unpacked)} unpacked (after "
+                f"{human_size(unpacked)})",
+                name,
+            )
         unpacked += n
 
     while True:
@@ -441,15 +480,24 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
             break
         padded = -header.size % BLOCK
 
-        if header.type in _PAX_TYPES or header.type == _PAX_GLOBAL or header.type in (
-                _GNU_LONGNAME, _GNU_LONGLINK):
+        if (
+            header.type in _PAX_TYPES
+            or header.type == _PAX_GLOBAL
+            or header.type in (_GNU_LONGNAME, _GNU_LONGLINK)
+        ):
             extensions += 1
             if extensions > MAX_EXTENSIONS_PER_MEMBER:
-                raise ArchiveError(400, f"more than {MAX_EXTENSIONS_PER_MEMBER} extension headers in a row "
-                                   f"at byte {offset}")
+                raise ArchiveError(
+                    400,
+                    f"more than {MAX_EXTENSIONS_PER_MEMBER} extension headers in a row "
+                    f"at byte {offset}",
+                )
             if header.size > MAX_EXTENSION_HEADER:
-                raise ArchiveError(400, f"extension header of {human_size(header.size)} at byte {offset} "
-                                   f"(at most {human_size(MAX_EXTENSION_HEADER)})")
+                raise ArchiveError(
+                    400,
+                    f"extension header of {human_size(header.size)} at byte {offset} "
+                    f"(at most {human_size(MAX_EXTENSION_HEADER)})",
+                )
             budget(header.size, "an extension header", None)
             data = reader.read(header.size, None)
             reader.read(padded, None)
@@ -460,8 +508,11 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
             elif header.type in _PAX_TYPES:
                 records = _pax_records(data, offset)
                 if any(k.startswith("GNU.sparse.") for k in records):
-                    raise ArchiveError(400, f"sparse file at byte {offset}: only regular files and "
-                                       "directories are accepted")
+                    raise ArchiveError(
+                        400,
+                        f"sparse file at byte {offset}: only regular files and "
+                        "directories are accepted",
+                    )
                 pax.update(records)
             continue
 
@@ -473,20 +524,33 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
             except ValueError:
                 size = -1
             if size < 0:
-                raise ArchiveError(400, f"bad pax size {pax['size'][:20]!r} for member {_show(name)}", name)
+                raise ArchiveError(
+                    400, f"bad pax size {pax['size'][:20]!r} for member {_show(name)}", name
+                )
             padded = -size % BLOCK
         pax, long_name, extensions = {}, None, 0
 
         members += 1
         if members > limits.max_members:
-            raise ArchiveError(413, f"more than {limits.max_members} members: the cap was reached at "
-                               f"{_show(name)}", name)
+            raise ArchiveError(
+                413,
+                f"more than {limits.max_members} members: the cap was reached at {_show(name)}",
+                name,
+            )
         if header.type in _REFUSED_TYPES:
-            raise ArchiveError(400, f"member {_show(name)} is {_REFUSED_TYPES[header.type]}: only regular "
-                               "files and directories are accepted", name)
+            raise ArchiveError(
+                400,
+                f"member {_show(name)} is {_REFUSED_TYPES[header.type]}: only regular "
+                "files and directories are accepted",
+                name,
+            )
         if header.type != _DIR_TYPE and header.type not in _FILE_TYPES:
-            raise ArchiveError(400, f"member {_show(name)} has the unknown type {header.type!r}: only "
-                               "regular files and directories are accepted", name)
+            raise ArchiveError(
+                400,
+                f"member {_show(name)} has the unknown type {header.type!r}: only "
+                "regular files and directories are accepted",
+                name,
+            )
         parts = clean_name(name, limits)
 
         if header.type == _DIR_TYPE:
@@ -503,7 +567,7 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
                 chunk = reader.read(min(CHUNK, left), name)
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 left -= len(chunk)
                 data_bytes += len(chunk)
         finally:

@@ -143,8 +143,13 @@ return 0
 class RedisLease:
     """A lease in Redis, shared by every controller of an installation."""
 
-    def __init__(self, redis: Any, prefix: str = "torpor", name: str = "controller",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        prefix: str = "torpor",
+        name: str = "controller",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis  # a redis.asyncio.Redis with decode_responses=True
         self.key = f"{prefix}:lease:{name}"
         self.epoch_key = f"{self.key}:epoch"
@@ -155,7 +160,9 @@ class RedisLease:
     async def acquire(self, holder: str, ttl: float) -> Held | None:
         _check(holder, ttl)
         sent = self._clock()
-        tok = int(await self._acquire(keys=[self.key, self.epoch_key], args=[holder, int(ttl * 1000)]))
+        tok = int(
+            await self._acquire(keys=[self.key, self.epoch_key], args=[holder, int(ttl * 1000)])
+        )
         if tok < 0:
             return None
         return Held(tok, _valid_until(sent, ttl))

@@ -55,13 +55,16 @@ def answer_channel(request_id: str) -> str:
     return f"{LOGS}:{request_id}"
 
 
-async def local_reader(source: LineSource, function: str, follow: bool, tail: int) -> AsyncIterator[str]:
+async def local_reader(
+    source: LineSource, function: str, follow: bool, tail: int
+) -> AsyncIterator[str]:
     """The in-process :data:`LogReader`: the driver is right here."""
     return source(function, follow, tail)
 
 
-async def remote_reader(store: Store, function: str, follow: bool, tail: int,
-                        timeout: float = 5.0) -> AsyncIterator[str]:
+async def remote_reader(
+    store: Store, function: str, follow: bool, tail: int, timeout: float = 5.0
+) -> AsyncIterator[str]:
     """The :data:`LogReader` of an API process without a driver: ask a controller."""
     rid = secrets.token_hex(8)
     sub = store.subscribe(answer_channel(rid))
@@ -80,13 +83,17 @@ async def remote_reader(store: Store, function: str, follow: bool, tail: int,
     return _lines(store, sub, rid, follow)
 
 
-async def _lines(store: Store, sub: AsyncIterator[dict[str, Any]], rid: str, follow: bool) -> AsyncIterator[str]:
+async def _lines(
+    store: Store, sub: AsyncIterator[dict[str, Any]], rid: str, follow: bool
+) -> AsyncIterator[str]:
     keepalive = asyncio.create_task(_keep_alive(store, rid)) if follow else None
     try:
         while True:
             try:
                 # a tail that stalls this long means its controller is gone; a follow may idle
-                async with asyncio.timeout(None if follow else TAIL_STALL):  # not wait_for (lost cancels)
+                async with asyncio.timeout(
+                    None if follow else TAIL_STALL
+                ):  # not wait_for (lost cancels)
                     msg = await anext(sub)
             except StopAsyncIteration:
                 return
@@ -124,11 +131,15 @@ async def _close(sub: AsyncIterator[dict[str, Any]]) -> None:
 class LogServer:
     """The controller's side: serves log requests from the bus with ``source``."""
 
-    def __init__(self, store: Store, source: LineSource, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, store: Store, source: LineSource, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
         self.source = source
         self.clock = clock
-        self.sessions: dict[str, tuple[asyncio.Task[None], list[float]]] = {}  # id -> (pump, [last keep-alive])
+        self.sessions: dict[
+            str, tuple[asyncio.Task[None], list[float]]
+        ] = {}  # id -> (pump, [last keep-alive])
         self.listening = asyncio.Event()  # set once requests published from now on are received
 
     async def run(self) -> None:
@@ -191,7 +202,9 @@ class LogServer:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.publish(channel, end))
 
-    async def _pump(self, function: str, follow: bool, tail: int, queue: asyncio.Queue[str | _Done]) -> None:
+    async def _pump(
+        self, function: str, follow: bool, tail: int, queue: asyncio.Queue[str | _Done]
+    ) -> None:
         error = ""
         try:
             async for line in self.source(function, follow, tail):

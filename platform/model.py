@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
-DEFAULT_STREAM_IDLE = 60.0  # Spec.stream_idle: silence allowed between chunks of a streamed response
+DEFAULT_STREAM_IDLE = (
+    60.0  # Spec.stream_idle: silence allowed between chunks of a streamed response
+)
 DEFAULT_MAX_CONNECTION = 3600.0  # Spec.max_connection: longest a WebSocket may stay open
 # Upper bounds (seconds) of the request-latency histogram the gateway keeps and reports.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -341,35 +343,66 @@ class Call:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "function": self.function, "method": self.method, "path": self.path,
-            "query": self.query, "headers": [list(h) for h in self.headers], "body": _b64(self.body),
-            "callback": self.callback, "client": self.client, "created": self.created, "state": self.state,
-            "attempts": self.attempts, "tries": self.tries, "status": self.status,
-            "result_headers": [list(h) for h in self.result_headers], "result_body": _b64(self.result_body),
-            "truncated": self.truncated, "error": self.error, "finished": self.finished,
+            "id": self.id,
+            "function": self.function,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": [list(h) for h in self.headers],
+            "body": _b64(self.body),
+            "callback": self.callback,
+            "client": self.client,
+            "created": self.created,
+            "state": self.state,
+            "attempts": self.attempts,
+            "tries": self.tries,
+            "status": self.status,
+            "result_headers": [list(h) for h in self.result_headers],
+            "result_body": _b64(self.result_body),
+            "truncated": self.truncated,
+            "error": self.error,
+            "finished": self.finished,
             "callback_state": self.callback_state,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Call:
         return cls(
-            id=str(d["id"]), function=str(d["function"]), method=str(d.get("method", "POST")),
-            path=str(d.get("path", "/")), query=str(d.get("query", "")),
+            id=str(d["id"]),
+            function=str(d["function"]),
+            method=str(d.get("method", "POST")),
+            path=str(d.get("path", "/")),
+            query=str(d.get("query", "")),
             headers=[(str(k), str(v)) for k, v in d.get("headers", [])],
-            body=base64.b64decode(d.get("body", "")), callback=d.get("callback"), client=str(d.get("client", "")),
-            created=float(d.get("created", 0.0)), state=d.get("state", "queued"),
-            attempts=int(d.get("attempts", 0)), tries=int(d.get("tries", 0)), status=d.get("status"),
+            body=base64.b64decode(d.get("body", "")),
+            callback=d.get("callback"),
+            client=str(d.get("client", "")),
+            created=float(d.get("created", 0.0)),
+            state=d.get("state", "queued"),
+            attempts=int(d.get("attempts", 0)),
+            tries=int(d.get("tries", 0)),
+            status=d.get("status"),
             result_headers=[(str(k), str(v)) for k, v in d.get("result_headers", [])],
-            result_body=base64.b64decode(d.get("result_body", "")), truncated=bool(d.get("truncated", False)),
-            error=str(d.get("error", "")), finished=d.get("finished"), callback_state=d.get("callback_state"),
+            result_body=base64.b64decode(d.get("result_body", "")),
+            truncated=bool(d.get("truncated", False)),
+            error=str(d.get("error", "")),
+            finished=d.get("finished"),
+            callback_state=d.get("callback_state"),
         )
 
     def view(self) -> dict[str, Any]:
         """What ``GET /v1/calls/ID`` answers (never the request body or headers)."""
         out: dict[str, Any] = {
-            "id": self.id, "function": self.function, "state": self.state, "attempts": self.attempts,
-            "status": self.status, "created": self.created, "finished": self.finished,
-            "method": self.method, "path": self.path, "error": self.error or None,
+            "id": self.id,
+            "function": self.function,
+            "state": self.state,
+            "attempts": self.attempts,
+            "status": self.status,
+            "created": self.created,
+            "finished": self.finished,
+            "method": self.method,
+            "path": self.path,
+            "error": self.error or None,
             "callback": self.callback_state,
         }
         if self.final:

@@ -23,10 +23,20 @@ from collections.abc import Iterable
 from torpor.model import Function, Spec
 from torpor.store.base import Store
 
-__all__ = ["MAX_VALUE", "MissingSecret", "SecretValueError", "check_value", "redact", "resolve", "users"]
+__all__ = [
+    "MAX_VALUE",
+    "MissingSecret",
+    "SecretValueError",
+    "check_value",
+    "redact",
+    "resolve",
+    "users",
+]
 
 MAX_VALUE = 64 * 1024  # bytes
-MIN_REDACTED = 4  # values shorter than this are not searched for in text (they would match everywhere)
+MIN_REDACTED = (
+    4  # values shorter than this are not searched for in text (they would match everywhere)
+)
 
 
 class SecretValueError(ValueError):
@@ -38,8 +48,9 @@ class MissingSecret(Exception):
 
     def __init__(self, env: str, name: str) -> None:
         self.env, self.name = env, name
-        super().__init__(f"secret {name!r} (for {env}) does not exist; "
-                         f"set it with `torpor secret set {name}`")
+        super().__init__(
+            f"secret {name!r} (for {env}) does not exist; set it with `torpor secret set {name}`"
+        )
 
 
 def check_value(value: bytes) -> str:
@@ -54,8 +65,10 @@ def check_value(value: bytes) -> str:
         raise SecretValueError(f"value: not valid UTF-8 (at byte {e.start})") from None
     nul = text.find("\x00")
     if nul >= 0:
-        raise SecretValueError(f"value: holds a NUL character (at character {nul}), "
-                               "which an environment variable cannot carry")
+        raise SecretValueError(
+            f"value: holds a NUL character (at character {nul}), "
+            "which an environment variable cannot carry"
+        )
     return text
 
 

@@ -91,8 +91,10 @@ def pack(folder: Path) -> Packed:
     """The normalised archive of ``folder`` (see the module docstring). Blocking."""
     out = io.BytesIO()
     # tar straight into gzip: the uncompressed tar is never held in memory whole
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for name, path, is_dir in _members(folder):
             info = tarfile.TarInfo(name)
             info.mtime = 0
@@ -123,7 +125,9 @@ def unpack(blob: bytes, expected_sha: str, dest: Path, limits: ArchiveLimits | N
     check_sha(expected_sha)
     actual = sha256_of(blob)
     if not hmac.compare_digest(actual, expected_sha):
-        raise SourceError(f"archive {expected_sha[:12]} does not match its hash (got {actual[:12]}): refused")
+        raise SourceError(
+            f"archive {expected_sha[:12]} does not match its hash (got {actual[:12]}): refused"
+        )
     limits = limits or ArchiveLimits()
     limits = replace(limits, max_upload=max(limits.max_upload, len(blob), 1))
     try:

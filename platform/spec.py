@@ -113,7 +113,9 @@ MAX_INTERVAL = 86_400.0  # rollout.interval: (0, 24h]
 MAX_P95_RATIO = 1000.0  # rollout.max_p95_ratio: 1..1000
 MAX_MIN_REQUESTS = 1_000_000  # rollout.min_requests: 0..10^6
 RESERVED_ENV = frozenset({"PORT"})  # set by Torpor from `port`
-CONTRACT_ENV = frozenset({"K_SERVICE", "K_CONFIGURATION", "K_REVISION"})  # set by Torpor in every replica
+CONTRACT_ENV = frozenset(
+    {"K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+)  # set by Torpor in every replica
 
 MAX_ASYNC_CONCURRENCY = 1000  # async.concurrency: 1..1000 calls running at once
 MAX_ASYNC_ATTEMPTS = 20  # async.max_attempts: 1..20
@@ -121,11 +123,41 @@ MAX_BODY = 1024**3  # `max_body` is at most 1Gi (larger bodies stream through th
 MAX_STREAM_IDLE = 3600.0  # stream_idle: (0, 1h]
 MAX_CONNECTION = 86_400.0  # max_connection: (0, 24h]
 
-TOP_KEYS = ("name", "handler", "image", "env", "port", "timeout", "max_body", "scale", "resources", "rollout",
-            "secrets", "handler_style", "command", "args", "labels", "stream_idle", "max_connection", "websocket",
-            "async")
-SCALE_KEYS = ("min", "max", "target", "concurrency", "idle", "window", "panic_window", "panic_threshold")
-HANDLER_STYLES = ("torpor", "openfaas")  # handle(request) / OpenFaaS python3-http handle(event, context)
+TOP_KEYS = (
+    "name",
+    "handler",
+    "image",
+    "env",
+    "port",
+    "timeout",
+    "max_body",
+    "scale",
+    "resources",
+    "rollout",
+    "secrets",
+    "handler_style",
+    "command",
+    "args",
+    "labels",
+    "stream_idle",
+    "max_connection",
+    "websocket",
+    "async",
+)
+SCALE_KEYS = (
+    "min",
+    "max",
+    "target",
+    "concurrency",
+    "idle",
+    "window",
+    "panic_window",
+    "panic_threshold",
+)
+HANDLER_STYLES = (
+    "torpor",
+    "openfaas",
+)  # handle(request) / OpenFaaS python3-http handle(event, context)
 MAX_ARGV = 256  # command: / args: items
 MAX_ARG_CHARS = 4096  # characters per item
 MAX_LABELS = 64
@@ -355,8 +387,10 @@ def format_size(size: int) -> str | int:
 
 
 def _parse_cpu(value: Any, path: str) -> float:
-    expected = ('a number of CPUs from 0.001 to 64 in whole millicores, such as 0.5 or 2, '
-                'or millicores such as "500m"')
+    expected = (
+        "a number of CPUs from 0.001 to 64 in whole millicores, such as 0.5 or 2, "
+        'or millicores such as "500m"'
+    )
     if isinstance(value, str):
         text = value.strip()
         if m := re.fullmatch(r"(\d{1,9})m", text, re.ASCII):
@@ -467,11 +501,15 @@ def _parse_env(value: Any, path: str) -> dict[str, str]:
                 key_path, "the `port:` key instead", problem=f"{key} is set by Torpor from `port`"
             )
         if key in CONTRACT_ENV:
-            raise SpecError(key_path, "a variable name Torpor does not set",
-                            problem=f"{key} is set by Torpor (the Knative runtime contract)")
+            raise SpecError(
+                key_path,
+                "a variable name Torpor does not set",
+                problem=f"{key} is set by Torpor (the Knative runtime contract)",
+            )
         if key.startswith("TORPOR_"):
             raise SpecError(
-                key_path, "a name without the TORPOR_ prefix",
+                key_path,
+                "a name without the TORPOR_ prefix",
                 problem="TORPOR_* variables configure the runtime and are set by Torpor",
             )
         env[key] = _env_value(raw, key_path)
@@ -486,23 +524,36 @@ def _parse_secrets(value: Any, path: str, env: Mapping[str, str]) -> dict[str, s
     out: dict[str, str] = {}
     for key, raw in section.items():
         if not isinstance(key, str):
-            raise SpecError(path, "variable names as strings", key,
-                            problem=f"key {describe(key)} is not a string")
+            raise SpecError(
+                path,
+                "variable names as strings",
+                key,
+                problem=f"key {describe(key)} is not a string",
+            )
         key_path = _join(path, key)
         if _ENV_NAME_RE.fullmatch(key) is None:
             raise SpecError(
                 key_path, "a variable name: letters, digits and '_', not starting with a digit", key
             )
         if key in RESERVED_ENV or key.startswith(("TORPOR_", "K_")):
-            raise SpecError(key_path, "a variable name Torpor does not set",
-                            problem=f"{key} is reserved (PORT, TORPOR_* and K_* are set by Torpor)")
+            raise SpecError(
+                key_path,
+                "a variable name Torpor does not set",
+                problem=f"{key} is reserved (PORT, TORPOR_* and K_* are set by Torpor)",
+            )
         if key in env:
-            raise SpecError(key_path, "a variable set either in `env:` or in `secrets:`",
-                            problem=f"{key} is also set in env")
+            raise SpecError(
+                key_path,
+                "a variable set either in `env:` or in `secrets:`",
+                problem=f"{key} is also set in env",
+            )
         if not isinstance(raw, str) or _SECRET_RE.fullmatch(raw) is None:
             # not echoed: a value pasted here by mistake must not be printed back
-            raise SpecError(key_path, _SECRET_WORDS,
-                            problem="not a secret name (secrets: maps to names, never to values)")
+            raise SpecError(
+                key_path,
+                _SECRET_WORDS,
+                problem="not a secret name (secrets: maps to names, never to values)",
+            )
         out[key] = raw
     return out
 
@@ -567,8 +618,9 @@ def _parse_scale(value: Any, cap: int = MAX_SCALE) -> Scale:
         if not 0 <= out.min <= MAX_SCALE:
             raise SpecError("scale.min", f"an integer from 0 to {MAX_SCALE}", v)
         if out.min > cap:
-            raise SpecError("scale.min", f"an integer <= {cap}",
-                            problem=f"{describe(v)} is above {cap_words}")
+            raise SpecError(
+                "scale.min", f"an integer <= {cap}", problem=f"{describe(v)} is above {cap_words}"
+            )
     if (v := _get(sec, "max")) is not _MISSING:
         low = max(1, out.min)
         expected = f"an integer >= scale.min ({out.min})" if out.min >= 1 else "an integer >= 1"
@@ -578,13 +630,19 @@ def _parse_scale(value: Any, cap: int = MAX_SCALE) -> Scale:
         if out.max > MAX_SCALE:
             raise SpecError("scale.max", f"an integer <= {MAX_SCALE}", v)
         if out.max > cap:
-            raise SpecError("scale.max", f"an integer from {low} to {cap}",
-                            problem=f"{describe(v)} is above {cap_words}")
+            raise SpecError(
+                "scale.max",
+                f"an integer from {low} to {cap}",
+                problem=f"{describe(v)} is above {cap_words}",
+            )
     else:
         out.max = min(d.max, cap)  # an omitted max is the default, within the cap
         if out.min > out.max:
-            where = f"{cap_words}; lower scale.min" if capped and d.max > cap \
+            where = (
+                f"{cap_words}; lower scale.min"
+                if capped and d.max > cap
                 else f"{d.max}, the default; raise scale.max"
+            )
             raise SpecError("scale.min", f"an integer <= scale.max ({where})", out.min)
     if (v := _get(sec, "target")) is not _MISSING:
         words = f"a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
@@ -758,8 +816,12 @@ def _parse_spec(data: Any, cap: int) -> Spec:
             raise SpecError("max_connection", "a duration > 0 and <= 24h", v)
     if (v := _get(top, "websocket")) is not _MISSING:
         if spec.image is not None:
-            raise SpecError("websocket", "`websocket:` with `handler:` (a source build); an `image:` serves "
-                            "WebSockets on its own", problem="websocket does not apply to an image")
+            raise SpecError(
+                "websocket",
+                "`websocket:` with `handler:` (a source build); an `image:` serves "
+                "WebSockets on its own",
+                problem="websocket does not apply to an image",
+            )
         spec.websocket = _parse_handler(v, "websocket")
     spec.scale = _parse_scale(top.get("scale"), cap)
     spec.resources = _parse_resources(top.get("resources"))
@@ -769,16 +831,24 @@ def _parse_spec(data: Any, cap: int) -> Spec:
         spec.secrets = _parse_secrets(top["secrets"], "secrets", spec.env)
     if (v := _get(top, "handler_style")) is not _MISSING:
         if v not in HANDLER_STYLES:
-            raise SpecError("handler_style", "torpor (handle(request)) or openfaas (handle(event, context))", v)
+            raise SpecError(
+                "handler_style", "torpor (handle(request)) or openfaas (handle(event, context))", v
+            )
         if spec.image and v != "torpor":
-            raise SpecError("handler_style", "no handler_style with `image:` (the image serves HTTP itself)",
-                            problem="an image function has no handler")
+            raise SpecError(
+                "handler_style",
+                "no handler_style with `image:` (the image serves HTTP itself)",
+                problem="an image function has no handler",
+            )
         spec.handler_style = v
     for key in ("command", "args"):
         if (v := _get(top, key)) is not _MISSING:
             if not spec.image:
-                raise SpecError(key, f"`{key}:` only with `image:`",
-                                problem="a source function runs the Torpor runtime, not a command")
+                raise SpecError(
+                    key,
+                    f"`{key}:` only with `image:`",
+                    problem="a source function runs the Torpor runtime, not a command",
+                )
             setattr(spec, key, _parse_argv(v, key))
     if "labels" in top:
         spec.labels = _parse_labels(top["labels"], "labels")
@@ -795,7 +865,9 @@ def _parse_argv(value: Any, path: str) -> list[str]:
         if _is_number(item) and not isinstance(item, float):
             item = str(item)
         if not isinstance(item, str) or len(item) > MAX_ARG_CHARS:
-            raise SpecError(item_path, f"a string of at most {MAX_ARG_CHARS} characters (quote numbers)", item)
+            raise SpecError(
+                item_path, f"a string of at most {MAX_ARG_CHARS} characters (quote numbers)", item
+            )
         if "\x00" in item:
             raise SpecError(item_path, "a string without NUL characters", item)
         out.append(item)
@@ -817,19 +889,28 @@ def _parse_labels(value: Any, path: str) -> dict[str, str]:
             raise SpecError(path, key_words, key, problem=f"key {describe(key)} is not a string")
         key_path = _join(path, key)
         prefix, _, name = key.rpartition("/")
-        if _LABEL_NAME_RE.fullmatch(name) is None or (prefix and _LABEL_PREFIX_RE.fullmatch(prefix) is None):
+        if _LABEL_NAME_RE.fullmatch(name) is None or (
+            prefix and _LABEL_PREFIX_RE.fullmatch(prefix) is None
+        ):
             raise SpecError(key_path, key_words, key)
         if key.startswith(("torpor.", "torpor/")):
-            raise SpecError(key_path, "a key without the torpor. prefix",
-                            problem="torpor.* labels are set by Torpor")
+            raise SpecError(
+                key_path,
+                "a key without the torpor. prefix",
+                problem="torpor.* labels are set by Torpor",
+            )
         text = _env_value(raw, key_path)
         if text and _LABEL_NAME_RE.fullmatch(text) is None:
-            raise SpecError(key_path, "a label value: at most 63 letters, digits, '-', '_', '.'", raw)
+            raise SpecError(
+                key_path, "a label value: at most 63 letters, digits, '-', '_', '.'", raw
+            )
         out[key] = text
     return out
 
 
-def load_spec(folder: str | Path, *, source: str | None = None, max_replicas: int | None = None) -> Spec:
+def load_spec(
+    folder: str | Path, *, source: str | None = None, max_replicas: int | None = None
+) -> Spec:
     """Read and validate ``torpor.yaml`` (or ``torpor.yml``) in ``folder``.
 
     Messages name the file by its path, or by ``source`` when given (a server that
@@ -944,5 +1025,8 @@ def spec_to_yaml_dict(spec: Spec) -> dict[str, Any]:
     if spec.args is not None:
         out["args"] = list(spec.args)
     out["labels"] = dict(spec.labels)
-    out["async"] = {"concurrency": spec.async_calls.concurrency, "max_attempts": spec.async_calls.max_attempts}
+    out["async"] = {
+        "concurrency": spec.async_calls.concurrency,
+        "max_attempts": spec.async_calls.max_attempts,
+    }
     return out

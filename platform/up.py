@@ -71,7 +71,9 @@ def _csv_env(name: str) -> tuple[str, ...]:
 @dataclass
 class UpConfig:
     driver: str = "auto"  # auto | process | docker | kubernetes
-    namespace: str | None = None  # kubernetes: TORPOR_K8S_NAMESPACE, else in-cluster namespace, else default
+    namespace: str | None = (
+        None  # kubernetes: TORPOR_K8S_NAMESPACE, else in-cluster namespace, else default
+    )
     redis: str | None = None
     host: str = "127.0.0.1"  # gateway bind address
     port: int = 8080
@@ -79,9 +81,15 @@ class UpConfig:
     api_port: int = 8081
     token: str | None = None  # given (TORPOR_TOKEN / --token-file); None: STATE_DIR/token
     token_source: str = ""  # where the token came from, for messages (never the token)
-    api_allowed_hosts: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_HOSTS"))
-    api_allowed_origins: tuple[str, ...] = field(default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_ORIGINS"))
-    public_url: str | None = None  # scheme://host[:port] users reach the gateway at; None: its own address
+    api_allowed_hosts: tuple[str, ...] = field(
+        default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_HOSTS")
+    )
+    api_allowed_origins: tuple[str, ...] = field(
+        default_factory=lambda: _csv_env("TORPOR_API_ALLOWED_ORIGINS")
+    )
+    public_url: str | None = (
+        None  # scheme://host[:port] users reach the gateway at; None: its own address
+    )
     state_dir: Path = field(default_factory=default_state_dir)
     domain: str = "torpor.localhost"
     max_replicas: int = 100
@@ -89,9 +97,13 @@ class UpConfig:
     drain: float = 30.0
     base_image: str | None = None
     pause_idle: float = 0.0  # keep scaled-to-zero replicas paused this long (0 = remove at once)
-    limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload (API), and on unpacking
+    limits: ArchiveLimits = field(
+        default_factory=ArchiveLimits
+    )  # caps on a deploy's upload (API), and on unpacking
     # s a source archive that no revision names is kept after its last put (TORPOR_ARCHIVE_GRACE)
-    archive_grace: float = field(default_factory=lambda: _seconds_env("TORPOR_ARCHIVE_GRACE", GRACE))
+    archive_grace: float = field(
+        default_factory=lambda: _seconds_env("TORPOR_ARCHIVE_GRACE", GRACE)
+    )
     log_level: str = "warning"
     # the gateway's bounds on what a client can hold (see torpor.gateway.server / app)
     trusted_proxies: str = ""  # CIDR,... whose Forwarded/X-Forwarded-* are appended to
@@ -101,8 +113,12 @@ class UpConfig:
     write_timeout: float = 30.0  # a client that reads nothing of its response for this long
     max_connections: int = 10_000  # open client connections; beyond: 503 + Retry-After
     max_buffered: int = MAX_BUFFERED  # request body bytes held at once; beyond: 503
-    lease_ttl: float = 5.0  # controller lease: a standby takes over at most this long after the leader's end
-    health_port: int | None = None  # controller: /healthz and /readyz for probes (TORPOR_HEALTH_PORT)
+    lease_ttl: float = (
+        5.0  # controller lease: a standby takes over at most this long after the leader's end
+    )
+    health_port: int | None = (
+        None  # controller: /healthz and /readyz for probes (TORPOR_HEALTH_PORT)
+    )
     health_host: str = "0.0.0.0"
 
 
@@ -122,11 +138,15 @@ def check_public_url(url: str) -> str:
     parts = urlsplit(url.strip())
     what = f"--public-url {url[:100]!r}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UpError(f"{what}: expected http:// or https:// and a host, e.g. https://fn.example.com")
+        raise UpError(
+            f"{what}: expected http:// or https:// and a host, e.g. https://fn.example.com"
+        )
     if parts.username is not None or parts.password is not None:
         raise UpError(f"{what}: credentials do not belong in a public URL")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UpError(f"{what}: expected scheme://host[:port] only (function URLs are NAME.DOMAIN on it)")
+        raise UpError(
+            f"{what}: expected scheme://host[:port] only (function URLs are NAME.DOMAIN on it)"
+        )
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
@@ -136,7 +156,9 @@ def check_public_url(url: str) -> str:
 
 def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"})) -> None:
     if not 0 <= cfg.archive_grace <= 86400:  # NaN fails it too
-        raise UpError(f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}")
+        raise UpError(
+            f"TORPOR_ARCHIVE_GRACE: expected seconds from 0 to 86400, got {cfg.archive_grace:g}"
+        )
     if "controller" in components:
         if not 0.5 <= cfg.lease_ttl <= 60:  # NaN fails it too
             raise UpError(f"--lease-ttl {cfg.lease_ttl}: expected seconds from 0.5 to 60")
@@ -147,12 +169,16 @@ def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"}))
     if cfg.public_url:
         cfg.public_url = check_public_url(cfg.public_url)
     if cfg.api_host not in LOOPBACK and not cfg.token:
-        raise UpError(f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN "
-                      f"(the generated {token_path(cfg.state_dir)} serves loopback only)")
+        raise UpError(
+            f"--api-host {cfg.api_host} is beyond loopback: give a token with --token-file or TORPOR_TOKEN "
+            f"(the generated {token_path(cfg.state_dir)} serves loopback only)"
+        )
     if cfg.token is not None and len(cfg.token) < 16:
         raise UpError("the API token must be at least 16 characters")
     if not 1 <= cfg.max_replicas <= MAX_SCALE:
-        raise UpError(f"--max-replicas {cfg.max_replicas}: expected an integer from 1 to {MAX_SCALE}")
+        raise UpError(
+            f"--max-replicas {cfg.max_replicas}: expected an integer from 1 to {MAX_SCALE}"
+        )
     if not 0 <= cfg.pause_idle <= MAX_IDLE:  # NaN fails it too
         raise UpError(f"--pause-idle {cfg.pause_idle}: expected seconds from 0 to {MAX_IDLE:g}")
 
@@ -160,8 +186,12 @@ def check_config(cfg: UpConfig, components: frozenset[str] = frozenset({"api"}))
         parse_trusted_proxies(cfg.trusted_proxies)
     except ValueError as e:
         raise UpError(f"--trusted-proxies: {e}") from None
-    for flag, value in (("--graceful-timeout", cfg.graceful_timeout), ("--head-timeout", cfg.head_timeout),
-                        ("--body-timeout", cfg.body_timeout), ("--write-timeout", cfg.write_timeout)):
+    for flag, value in (
+        ("--graceful-timeout", cfg.graceful_timeout),
+        ("--head-timeout", cfg.head_timeout),
+        ("--body-timeout", cfg.body_timeout),
+        ("--write-timeout", cfg.write_timeout),
+    ):
         if not 0 < value <= 3600:
             raise UpError(f"{flag}: expected seconds > 0 and <= 3600, got {value:g}")
     if cfg.max_connections < 1:
@@ -179,7 +209,9 @@ def api_token(cfg: UpConfig) -> tuple[str, str]:
     except TokenError as e:
         raise UpError(str(e)) from e
     except OSError as e:
-        raise UpError(f"cannot write the API token to {token_path(cfg.state_dir)}: {e.strerror}") from e
+        raise UpError(
+            f"cannot write the API token to {token_path(cfg.state_dir)}: {e.strerror}"
+        ) from e
     return tok.value, f"{tok.source} ({'new, ' if tok.generated else ''}the CLI reads it)"
 
 
@@ -211,7 +243,11 @@ def use_instance(driver: Driver, instance: str) -> None:
 
         driver.instance = instance
         settings = getattr(driver, "settings", None)
-        if settings is not None and dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        if (
+            settings is not None
+            and dataclasses.is_dataclass(settings)
+            and not isinstance(settings, type)
+        ):
             driver.settings = dataclasses.replace(settings, instance=instance)  # type: ignore[attr-defined]
 
 
@@ -236,7 +272,9 @@ def make_driver(cfg: UpConfig) -> Driver:
         try:
             from torpor.drivers.kubernetes import KubernetesDriver, KubernetesError
         except ImportError as e:
-            raise UpError(f"--driver kubernetes needs lightkube: pip install 'torpor[kubernetes]' ({e})") from e
+            raise UpError(
+                f"--driver kubernetes needs lightkube: pip install 'torpor[kubernetes]' ({e})"
+            ) from e
         try:  # the installation's id from the store replaces this one before anything starts
             return KubernetesDriver(legacy_instance(cfg.state_dir), cfg.namespace)
         except KubernetesError as e:
@@ -253,10 +291,21 @@ class _Server(uvicorn.Server):
 
 
 def _uvicorn(app: Any, host: str, port: int, level: str, graceful: float | None = None) -> _Server:
-    config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_level=level,
-                            http="httptools", loop="none", timeout_keep_alive=75, server_header=False,
-                            date_header=False, proxy_headers=False,
-                            timeout_graceful_shutdown=None if graceful is None else max(1, round(graceful)))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        access_log=False,
+        log_level=level,
+        http="httptools",
+        loop="none",
+        timeout_keep_alive=75,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=None if graceful is None else max(1, round(graceful)),
+    )
     return _Server(config)
 
 
@@ -273,7 +322,9 @@ class Platform:
     def __init__(self, cfg: UpConfig, components: frozenset[str] = ALL) -> None:
         check_config(cfg, components)
         if components != ALL and not cfg.redis:
-            raise UpError(f"{'/'.join(sorted(components))} alone needs a shared store: give --redis URL")
+            raise UpError(
+                f"{'/'.join(sorted(components))} alone needs a shared store: give --redis URL"
+            )
         self.cfg = cfg
         self.components = components
         if not cfg.state_dir.exists():
@@ -286,44 +337,99 @@ class Platform:
         self.servers: list[tuple[str, _Server | GatewayServer, str]] = []
         self.store_kind = "redis" if cfg.redis else "embedded"
         # one lease per installation: the controller holds it, the API names its holder
-        self.lease: Lease | None = lease_for(self.store) if components & {"controller", "api"} else None
+        self.lease: Lease | None = (
+            lease_for(self.store) if components & {"controller", "api"} else None
+        )
         if "controller" in components:
             assert self.lease is not None
             self.driver = make_driver(cfg)
             ttl = cfg.lease_ttl
-            leadership = Leadership(self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10))
-            self.controller = Controller(self.store, self.driver, settings=Settings(
-                max_replicas=cfg.max_replicas, pause_for=cfg.pause_idle, source_root=cfg.state_dir / "sources",
-                source_cache=cfg.state_dir / "sources-cache", source_limits=cfg.limits, blob_grace=cfg.archive_grace,
-                drain_grace=cfg.drain, keep_revisions=max(cfg.keep_revisions, 0)),
-                leadership=leadership, lease_key=getattr(self.lease, "key", None),
-                info={"host": socket.gethostname(), "pid": os.getpid(), "driver": self.driver.name,
-                      "store": self.store_kind, "version": version()})
+            leadership = Leadership(
+                self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10)
+            )
+            self.controller = Controller(
+                self.store,
+                self.driver,
+                settings=Settings(
+                    max_replicas=cfg.max_replicas,
+                    pause_for=cfg.pause_idle,
+                    source_root=cfg.state_dir / "sources",
+                    source_cache=cfg.state_dir / "sources-cache",
+                    source_limits=cfg.limits,
+                    blob_grace=cfg.archive_grace,
+                    drain_grace=cfg.drain,
+                    keep_revisions=max(cfg.keep_revisions, 0),
+                ),
+                leadership=leadership,
+                lease_key=getattr(self.lease, "key", None),
+                info={
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "driver": self.driver.name,
+                    "store": self.store_kind,
+                    "version": version(),
+                },
+            )
             if cfg.health_port is not None:
                 ctl = self.controller
                 app = health_app(ctl.alive, ctl.ready, lambda: ctl.role)
-                self.servers.append(("health", _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
-                                     f"{cfg.health_host}:{cfg.health_port}"))
+                self.servers.append(
+                    (
+                        "health",
+                        _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
+                        f"{cfg.health_host}:{cfg.health_port}",
+                    )
+                )
         if "gateway" in components:
-            self.gateway = Gateway(self.store, domain=cfg.domain, max_buffered=cfg.max_buffered,
-                                   trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies))
+            self.gateway = Gateway(
+                self.store,
+                domain=cfg.domain,
+                max_buffered=cfg.max_buffered,
+                trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies),
+            )
             server = GatewayServer(
-                self.gateway, cfg.host, cfg.port, head_timeout=cfg.head_timeout, body_timeout=cfg.body_timeout,
-                write_timeout=cfg.write_timeout, max_connections=cfg.max_connections,
-                graceful_timeout=cfg.graceful_timeout)
+                self.gateway,
+                cfg.host,
+                cfg.port,
+                head_timeout=cfg.head_timeout,
+                body_timeout=cfg.body_timeout,
+                write_timeout=cfg.write_timeout,
+                max_connections=cfg.max_connections,
+                graceful_timeout=cfg.graceful_timeout,
+            )
             self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
         if "api" in components:
-            gateway_url = cfg.public_url or \
-                f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+            gateway_url = (
+                cfg.public_url
+                or f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+            )
             ready = self.controller.ready if self.controller else (lambda: True)
             token, self.token_source = api_token(cfg)  # written before the API listens
-            api = create_app(self.store, ApiConfig(
-                state_dir=cfg.state_dir, token=token, gateway_url=gateway_url, domain=cfg.domain,
-                max_replicas=cfg.max_replicas, bind_host=cfg.api_host, allowed_hosts=cfg.api_allowed_hosts,
-                allowed_origins=cfg.api_allowed_origins, ready=ready, logs=self._log_reader(), limits=cfg.limits,
-                lease=self.lease, store_kind=self.store_kind))
-            self.servers.append(("api", _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level,
-                                                 cfg.graceful_timeout), f"{cfg.api_host}:{cfg.api_port}"))
+            api = create_app(
+                self.store,
+                ApiConfig(
+                    state_dir=cfg.state_dir,
+                    token=token,
+                    gateway_url=gateway_url,
+                    domain=cfg.domain,
+                    max_replicas=cfg.max_replicas,
+                    bind_host=cfg.api_host,
+                    allowed_hosts=cfg.api_allowed_hosts,
+                    allowed_origins=cfg.api_allowed_origins,
+                    ready=ready,
+                    logs=self._log_reader(),
+                    limits=cfg.limits,
+                    lease=self.lease,
+                    store_kind=self.store_kind,
+                ),
+            )
+            self.servers.append(
+                (
+                    "api",
+                    _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level, cfg.graceful_timeout),
+                    f"{cfg.api_host}:{cfg.api_port}",
+                )
+            )
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -382,8 +488,12 @@ class Platform:
 
     async def _gateway_heartbeats(self) -> None:
         assert self.gateway is not None
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "address": f"{self.cfg.host}:{self.cfg.port}",
-                "version": version()}
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "address": f"{self.cfg.host}:{self.cfg.port}",
+            "version": version(),
+        }
         while True:
             try:
                 await self.store.heartbeat("gateway", self.gateway.id, info)
@@ -442,8 +552,11 @@ class Platform:
 
 
 def run_up(cfg: UpConfig, components: frozenset[str] = ALL) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if os.environ.get("TORPOR_LOOP", "uvloop") == "uvloop":
         try:
             import uvloop
@@ -464,18 +577,36 @@ def run_up(cfg: UpConfig, components: frozenset[str] = ALL) -> int:
             loop.add_signal_handler(sig, platform.request_stop)
         store = "redis" if cfg.redis else "embedded"
         if platform.driver is not None:
-            reason = "" if cfg.driver != "auto" else (
-                " (a Docker Engine answers)" if platform.driver.name == "docker" else " (no Docker Engine answers)")
-            print(f"torpor {name}: driver={platform.driver.name}{reason} store={store} state={cfg.state_dir}",
-                  file=sys.stderr, flush=True)
+            reason = (
+                ""
+                if cfg.driver != "auto"
+                else (
+                    " (a Docker Engine answers)"
+                    if platform.driver.name == "docker"
+                    else " (no Docker Engine answers)"
+                )
+            )
+            print(
+                f"torpor {name}: driver={platform.driver.name}{reason} store={store} state={cfg.state_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def started(p: Platform) -> None:
             if p.gateway is not None:
-                print(f"torpor {name}: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or "
-                      "/function/NAME/)", file=sys.stderr, flush=True)
+                print(
+                    f"torpor {name}: gateway http://{cfg.host}:{cfg.port}  (Host: NAME.{cfg.domain} or "
+                    "/function/NAME/)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if "api" in p.components:
-                print(f"torpor {name}: api     http://{cfg.api_host}:{cfg.api_port}/v1  (bearer token: "
-                      f"{p.token_source})", file=sys.stderr, flush=True)
+                print(
+                    f"torpor {name}: api     http://{cfg.api_host}:{cfg.api_port}/v1  (bearer token: "
+                    f"{p.token_source})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if p.driver is None and p.gateway is None:
                 print(f"torpor {name}: ready (store={store})", file=sys.stderr, flush=True)
 

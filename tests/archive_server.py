@@ -73,7 +73,13 @@ class ArchiveServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-            def _reply(self, code: int, body: bytes, ctype: str = "text/plain", extra: dict[str, str] | None = None) -> None:
+            def _reply(
+                self,
+                code: int,
+                body: bytes,
+                ctype: str = "text/plain",
+                extra: dict[str, str] | None = None,
+            ) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -88,7 +94,10 @@ class ArchiveServer:
                     srv.fail_first -= 1
                     self._reply(503, b"busy")
                     return
-                if srv.token is not None and self.headers.get("Authorization") != f"Bearer {srv.token}":
+                if (
+                    srv.token is not None
+                    and self.headers.get("Authorization") != f"Bearer {srv.token}"
+                ):
                     self._reply(401, b'{"error":"unauthorized"}', "application/json")
                     return
                 sha = self.path.rsplit("/", 1)[-1]
@@ -96,7 +105,10 @@ class ArchiveServer:
                     from torpor.sources import SHA256, archive_token
 
                     given = self.headers.get("Authorization")
-                    if not SHA256.fullmatch(sha) or given != f"Bearer {archive_token(srv.key, sha)}":
+                    if (
+                        not SHA256.fullmatch(sha)
+                        or given != f"Bearer {archive_token(srv.key, sha)}"
+                    ):
                         self._reply(401, b'{"error":"unauthorized"}', "application/json")
                         return
                 if srv.redirect_to is not None:
@@ -110,7 +122,9 @@ class ArchiveServer:
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, name="archive-server", daemon=True).start()
+        threading.Thread(
+            target=self._httpd.serve_forever, name="archive-server", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:

@@ -27,12 +27,20 @@ class M:
     mode: int | None = None
 
 
-_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-          "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
-          "fifo": tarfile.FIFOTYPE}
+_TYPES = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
 
 
-def tar(members: list[M], *, gz: bool = True, fmt: int = tarfile.PAX_FORMAT, end: bool = True) -> bytes:
+def tar(
+    members: list[M], *, gz: bool = True, fmt: int = tarfile.PAX_FORMAT, end: bool = True
+) -> bytes:
     """The members as a tar (gzip-compressed unless ``gz=False``; ``end=False``: plain,
     without the end-of-archive blocks, for appending more)."""
     buf = io.BytesIO()
@@ -109,14 +117,21 @@ def sdist(marker: str, name: str = "p", version: str = "1.0") -> bytes:
         "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
         "    raise RuntimeError('this sdist only proves that it was built')\n"
     )
-    pyproject = ('[build-system]\nrequires = []\nbuild-backend = "evil_backend"\nbackend-path = ["."]\n'
-                 f'[project]\nname = "{name}"\nversion = "{version}"\n')
+    pyproject = (
+        '[build-system]\nrequires = []\nbuild-backend = "evil_backend"\nbackend-path = ["."]\n'
+        f'[project]\nname = "{name}"\nversion = "{version}"\n'
+    )
     top = f"{name}-{version}"
-    return tar([
-        M(f"{top}/pyproject.toml", data=pyproject.encode()),
-        M(f"{top}/evil_backend.py", data=backend.encode()),
-        M(f"{top}/PKG-INFO", data=f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()),
-    ])
+    return tar(
+        [
+            M(f"{top}/pyproject.toml", data=pyproject.encode()),
+            M(f"{top}/evil_backend.py", data=backend.encode()),
+            M(
+                f"{top}/PKG-INFO",
+                data=f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+            ),
+        ]
+    )
 
 
 def pip_shadow(marker: str) -> dict[str, str]:

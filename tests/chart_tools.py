@@ -24,15 +24,27 @@ Doc = dict[str, Any]
 def require_renderer() -> None:
     """Fail (never skip) when neither helm nor go can render: CI installs go."""
     if shutil.which("helm") is None and shutil.which("go") is None:
-        pytest.fail("scripts/render-chart needs helm or go on PATH; neither is installed. On Debian: "
-                    "apt-get install golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev "
-                    "(scripts/test.sh does this)", pytrace=False)
+        pytest.fail(
+            "scripts/render-chart needs helm or go on PATH; neither is installed. On Debian: "
+            "apt-get install golang-go golang-github-masterminds-sprig-dev golang-k8s-sigs-yaml-dev "
+            "(scripts/test.sh does this)",
+            pytrace=False,
+        )
 
 
-def run_render(*args: str | Path, chart: Path = CHART, env: dict[str, str] | None = None,
-               timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(RENDER), str(chart), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def run_render(
+    *args: str | Path,
+    chart: Path = CHART,
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RENDER), str(chart), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def render_text(*args: str | Path, chart: Path = CHART) -> str:
@@ -52,7 +64,9 @@ def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
 
 def one(docs: list[Doc], kind: str, name: str) -> Doc:
     found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {[d['metadata']['name'] for d in of_kind(docs, kind)]}"
+    assert len(found) == 1, (
+        f"expected one {kind} {name}, found {[d['metadata']['name'] for d in of_kind(docs, kind)]}"
+    )
     return found[0]
 
 
@@ -116,12 +130,25 @@ def env_names_read(*roots: Path, exclude: tuple[Path, ...] = ()) -> set[str]:
                 arg: ast.expr | None = None
                 if isinstance(node, ast.Call) and node.args:
                     fn = node.func
-                    called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                    called = (
+                        fn.attr
+                        if isinstance(fn, ast.Attribute)
+                        else fn.id
+                        if isinstance(fn, ast.Name)
+                        else ""
+                    )
                     if called in _ENV_READERS:
                         arg = node.args[0]
-                elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
-                        and node.value.attr == "environ":
+                elif (
+                    isinstance(node, ast.Subscript)
+                    and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "environ"
+                ):
                     arg = node.slice
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("TORPOR_"):
+                if (
+                    isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                    and arg.value.startswith("TORPOR_")
+                ):
                     names.add(arg.value)
     return names

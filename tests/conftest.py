@@ -44,12 +44,28 @@ def _start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], i
         log_path = workdir / f"redis-{port}.log"
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [binary, "--save", "", "--appendonly", "no", "--port", str(port),
-                 "--bind", "127.0.0.1", "--dir", str(workdir), "--daemonize", "no"],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    binary,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(workdir),
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1,
-                             socket_timeout=1)
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=1
+        )
         deadline = time.monotonic() + REDIS_START_TIMEOUT
         try:
             while time.monotonic() < deadline and proc.poll() is None:
@@ -64,8 +80,11 @@ def _start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], i
         last_log = log_path.read_text(errors="replace")[-2000:]
         if attempt == 2:
             break
-    pytest.fail(f"redis-server did not answer PING within {REDIS_START_TIMEOUT}s; "
-                f"its log ends with:\n{last_log}", pytrace=False)
+    pytest.fail(
+        f"redis-server did not answer PING within {REDIS_START_TIMEOUT}s; "
+        f"its log ends with:\n{last_log}",
+        pytrace=False,
+    )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -131,7 +150,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _security_rows.append((report.nodeid, report.outcome, ended))
 
 
-def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter: object, exitstatus: int, config: pytest.Config
+) -> None:
     if not _security_rows:
         return
     write = terminalreporter.write_line  # type: ignore[attr-defined]

@@ -17,8 +17,9 @@ class NullDriver:
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
         return revision
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         raise RuntimeError("no engine here")
 
     async def stop(self, running: Running, grace: float = 10.0) -> None:
@@ -27,7 +28,9 @@ class NullDriver:
     async def list(self) -> list[Running]:
         return []
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         if False:
             yield ""
 

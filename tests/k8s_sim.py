@@ -63,7 +63,9 @@ from pathlib import Path
 from typing import Any
 
 KINDS = {"pods": "Pod", "configmaps": "ConfigMap"}
-_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?$")
+_PATH = re.compile(
+    r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?$"
+)
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _FIELDS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -81,18 +83,39 @@ def now_rfc3339() -> str:
 class ApiFailure(Exception):
     """Becomes a ``Status`` response."""
 
-    REASONS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
-               409: "Conflict", 410: "Expired", 422: "Invalid"}
+    REASONS = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        404: "NotFound",
+        405: "MethodNotAllowed",
+        409: "Conflict",
+        410: "Expired",
+        422: "Invalid",
+    }
 
-    def __init__(self, code: int, message: str, reason: str | None = None, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code, self.message = code, message
         self.reason = reason or self.REASONS.get(code, "InternalError")
         self.details = details or {}
 
     def status(self) -> dict[str, Any]:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
-                "reason": self.reason, "details": self.details, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
 
 
 # -- selectors -----------------------------------------------------------------------------
@@ -132,7 +155,9 @@ def parse_label_selector(text: str) -> Callable[[dict[str, str]], bool]:
     for req in _split_top(text or ""):
         m = re.fullmatch(r"([^\s!=,()]+)\s+(in|notin)\s+\(([^()]*)\)", req)
         if m:
-            reqs.append((m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}))
+            reqs.append(
+                (m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()})
+            )
             continue
         m = re.fullmatch(r"([^\s!=,()]+)\s*(==|=|!=)\s*([^\s!=,()]*)", req)
         if m:
@@ -167,13 +192,22 @@ def _check_labels(labels: Any, where: str) -> None:
         raise ApiFailure(422, f"{where}: must be a map of strings")
     for k, v in labels.items():
         prefix, _, name = k.rpartition("/")
-        if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))) or len(name) > 63 \
-                or not _LABEL_NAME.fullmatch(name):
-            raise ApiFailure(422, f"{where}: Invalid value: {k!r}: name part must consist of alphanumeric "
-                                  "characters, '-', '_' or '.', and must start and end with an alphanumeric character")
+        if (
+            (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)))
+            or len(name) > 63
+            or not _LABEL_NAME.fullmatch(name)
+        ):
+            raise ApiFailure(
+                422,
+                f"{where}: Invalid value: {k!r}: name part must consist of alphanumeric "
+                "characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+            )
         if not isinstance(v, str) or len(v) > 63 or (v and not _LABEL_NAME.fullmatch(v)):
-            raise ApiFailure(422, f"{where}: Invalid value: {v!r}: must be no more than 63 characters "
-                                  "and consist of alphanumerics, '-', '_' or '.'")
+            raise ApiFailure(
+                422,
+                f"{where}: Invalid value: {v!r}: must be no more than 63 characters "
+                "and consist of alphanumerics, '-', '_' or '.'",
+            )
 
 
 # -- the simulated node --------------------------------------------------------------------
@@ -209,7 +243,9 @@ class SimCluster:
         schema: str | None = "1.30.0",
     ) -> None:
         self.namespaces = set(namespaces)
-        self.schema = schema  # Kubernetes version whose schemas a created object must validate against
+        self.schema = (
+            schema  # Kubernetes version whose schemas a created object must validate against
+        )
         self.ip_delay = ip_delay  # seconds between scheduling a Pod and giving it an IP
         self.images = dict(images or {})
         self.secrets = dict(secrets or {})
@@ -221,9 +257,13 @@ class SimCluster:
         self.rv = 0
         self.compacted = 0  # watches from a resourceVersion below this get 410 Gone
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (plural, ns, name)
-        self.history: deque[tuple[int, str, str, dict[str, Any] | None, dict[str, Any] | None]] = deque(maxlen=history)
+        self.history: deque[tuple[int, str, str, dict[str, Any] | None, dict[str, Any] | None]] = (
+            deque(maxlen=history)
+        )
         self.containers: dict[str, _Container] = {}  # pod uid -> container
-        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query) as received
+        self.requests: list[
+            tuple[str, str, dict[str, str]]
+        ] = []  # (method, path, query) as received
         self._cut = 0  # generation: open watches whose generation is older are cut
         self._closing = False
         self._root = Path(tempfile.mkdtemp(prefix="k8s-sim-"))
@@ -258,7 +298,9 @@ class SimCluster:
         if namespace:
             ctx["namespace"] = namespace
         return {
-            "apiVersion": "v1", "kind": "Config", "current-context": "sim",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "sim",
             "clusters": [{"name": "sim", "cluster": {"server": self.url}}],
             "users": [{"name": "sim", "user": {"token": self.token}}],
             "contexts": [{"name": "sim", "context": ctx}],
@@ -304,11 +346,18 @@ class SimCluster:
 
     def objects_of(self, plural: str, ns: str) -> list[dict[str, Any]]:
         with self.lock:
-            return [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items()) if p == plural and n == ns]
+            return [
+                copy.deepcopy(o)
+                for (p, n, _), o in sorted(self.objects.items())
+                if p == plural and n == ns
+            ]
 
     def watch_requests(self, plural: str = "pods") -> list[dict[str, str]]:
-        return [q for m, p, q in list(self.requests) if m == "GET" and p.endswith(f"/{plural}")
-                and q.get("watch") in ("true", "1")]
+        return [
+            q
+            for m, p, q in list(self.requests)
+            if m == "GET" and p.endswith(f"/{plural}") and q.get("watch") in ("true", "1")
+        ]
 
     def process_of(self, ns: str, name: str) -> subprocess.Popen[bytes] | None:
         with self.lock:
@@ -333,7 +382,9 @@ class SimCluster:
 
     def _need_ns(self, ns: str) -> None:
         if ns not in self.namespaces:
-            raise ApiFailure(404, f'namespaces "{ns}" not found', details={"name": ns, "kind": "namespaces"})
+            raise ApiFailure(
+                404, f'namespaces "{ns}" not found', details={"name": ns, "kind": "namespaces"}
+            )
 
     def create(self, plural: str, ns: str, body: dict[str, Any]) -> dict[str, Any]:
         kind = KINDS[plural]
@@ -343,34 +394,55 @@ class SimCluster:
             raise ApiFailure(400, f"the body is a {body.get('kind')}, not a {kind}")
         meta = body["metadata"]
         if meta.get("namespace") not in (None, ns):
-            raise ApiFailure(400, "the namespace of the provided object does not match the namespace sent on the request")
+            raise ApiFailure(
+                400,
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + pysecrets.token_hex(3)[:5]
         name = meta.get("name") or ""
         if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
-            raise ApiFailure(422, f'{kind} "{name}" is invalid: metadata.name: Invalid value: a lowercase RFC 1123 '
-                                  "subdomain must consist of lower case alphanumeric characters, '-' or '.'")
+            raise ApiFailure(
+                422,
+                f'{kind} "{name}" is invalid: metadata.name: Invalid value: a lowercase RFC 1123 '
+                "subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+            )
         _check_labels(meta.get("labels"), "metadata.labels")
         for ref in meta.get("ownerReferences") or []:
             if not all(ref.get(k) for k in ("apiVersion", "kind", "name", "uid")):
-                raise ApiFailure(422, "metadata.ownerReferences: apiVersion, kind, name and uid are required")
+                raise ApiFailure(
+                    422, "metadata.ownerReferences: apiVersion, kind, name and uid are required"
+                )
         if self.schema:
             self._check_schema(kind, name, body)
         if kind == "Pod":
             containers = (body.get("spec") or {}).get("containers") or []
             if not containers or not all(c.get("name") and c.get("image") for c in containers):
-                raise ApiFailure(422, f'Pod "{name}" is invalid: spec.containers: Required value (name and image)')
-            if (body.get("spec") or {}).get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
+                raise ApiFailure(
+                    422,
+                    f'Pod "{name}" is invalid: spec.containers: Required value (name and image)',
+                )
+            if (body.get("spec") or {}).get("restartPolicy", "Always") not in (
+                "Always",
+                "OnFailure",
+                "Never",
+            ):
                 raise ApiFailure(422, "spec.restartPolicy: Unsupported value")
         with self.cond:
             self._need_ns(ns)
             key = (plural, ns, name)
             if key in self.objects:
-                raise ApiFailure(409, f'{plural} "{name}" already exists', reason="AlreadyExists",
-                                 details={"name": name, "kind": plural})
+                raise ApiFailure(
+                    409,
+                    f'{plural} "{name}" already exists',
+                    reason="AlreadyExists",
+                    details={"name": name, "kind": plural},
+                )
             obj = copy.deepcopy(body)
             obj["kind"], obj["apiVersion"] = kind, "v1"
-            obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+            obj["metadata"].update(
+                namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339()
+            )
             obj["metadata"].pop("deletionTimestamp", None)
             if kind == "Pod":
                 obj["status"] = {"phase": "Pending", "qosClass": "Guaranteed"}
@@ -380,8 +452,12 @@ class SimCluster:
             c = _Container(key)
             with self.lock:
                 self.containers[obj["metadata"]["uid"]] = c
-            t = threading.Thread(target=self._run_pod, args=(c, obj["metadata"]["uid"]), daemon=True,
-                                 name=f"k8s-sim-kubelet-{name}")
+            t = threading.Thread(
+                target=self._run_pod,
+                args=(c, obj["metadata"]["uid"]),
+                daemon=True,
+                name=f"k8s-sim-kubelet-{name}",
+            )
             t.start()
         return out
 
@@ -403,17 +479,28 @@ class SimCluster:
             key = (plural, ns, name)
             cur = self.objects.get(key)
             if cur is None:
-                raise ApiFailure(404, f'{plural} "{name}" not found', details={"name": name, "kind": plural})
+                raise ApiFailure(
+                    404, f'{plural} "{name}" not found', details={"name": name, "kind": plural}
+                )
             meta = body.get("metadata") or {}
             if meta.get("name") not in (None, name):
                 raise ApiFailure(400, "the name of the object does not match the name on the URL")
             if meta.get("uid") and meta["uid"] != cur["metadata"]["uid"]:
-                raise ApiFailure(409, f"Precondition failed: UID in precondition: {meta['uid']}, "
-                                      f"UID in object meta: {cur['metadata']['uid']}")
-            if meta.get("resourceVersion") and meta["resourceVersion"] != cur["metadata"]["resourceVersion"]:
-                raise ApiFailure(409, f'Operation cannot be fulfilled on {plural} "{name}": the object has been '
-                                      "modified; please apply your changes to the latest version and try again",
-                                 details={"name": name, "kind": plural})
+                raise ApiFailure(
+                    409,
+                    f"Precondition failed: UID in precondition: {meta['uid']}, "
+                    f"UID in object meta: {cur['metadata']['uid']}",
+                )
+            if (
+                meta.get("resourceVersion")
+                and meta["resourceVersion"] != cur["metadata"]["resourceVersion"]
+            ):
+                raise ApiFailure(
+                    409,
+                    f'Operation cannot be fulfilled on {plural} "{name}": the object has been '
+                    "modified; please apply your changes to the latest version and try again",
+                    details={"name": name, "kind": plural},
+                )
             _check_labels(meta.get("labels"), "metadata.labels")
             new = copy.deepcopy(cur)
             for k in ("labels", "annotations", "ownerReferences", "finalizers"):
@@ -423,31 +510,54 @@ class SimCluster:
                     new["metadata"].pop(k, None)
             if plural == "pods":
                 if body.get("spec") is not None and body["spec"] != cur.get("spec"):
-                    raise ApiFailure(422, f'Pod "{name}" is invalid: spec: Forbidden: pod updates may not change '
-                                          "fields other than metadata in this simulation")
+                    raise ApiFailure(
+                        422,
+                        f'Pod "{name}" is invalid: spec: Forbidden: pod updates may not change '
+                        "fields other than metadata in this simulation",
+                    )
             else:
                 new["data"] = copy.deepcopy(body.get("data") or {})
             self._commit(KINDS[plural], key, new)
             return copy.deepcopy(new)
 
-    def delete(self, plural: str, ns: str, name: str, grace: int | None = None, policy: str | None = None,
-               preconditions: dict[str, Any] | None = None) -> dict[str, Any]:
+    def delete(
+        self,
+        plural: str,
+        ns: str,
+        name: str,
+        grace: int | None = None,
+        policy: str | None = None,
+        preconditions: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if policy not in (None, "Background", "Orphan"):
-            raise ApiFailure(400, f"propagationPolicy {policy!r} is not supported by this simulation")
+            raise ApiFailure(
+                400, f"propagationPolicy {policy!r} is not supported by this simulation"
+            )
         with self.cond:
             self._need_ns(ns)
             key = (plural, ns, name)
             cur = self.objects.get(key)
             if cur is None:
-                raise ApiFailure(404, f'{plural} "{name}" not found', details={"name": name, "kind": plural})
+                raise ApiFailure(
+                    404, f'{plural} "{name}" not found', details={"name": name, "kind": plural}
+                )
             pre = preconditions or {}
             if pre.get("uid") and pre["uid"] != cur["metadata"]["uid"]:
-                raise ApiFailure(409, f"Precondition failed: UID in precondition: {pre['uid']}, "
-                                      f"UID in object meta: {cur['metadata']['uid']}")
-            if pre.get("resourceVersion") and pre["resourceVersion"] != cur["metadata"]["resourceVersion"]:
-                raise ApiFailure(409, f"Precondition failed: ResourceVersion in precondition: "
-                                      f"{pre['resourceVersion']}, ResourceVersion in object meta: "
-                                      f"{cur['metadata']['resourceVersion']}")
+                raise ApiFailure(
+                    409,
+                    f"Precondition failed: UID in precondition: {pre['uid']}, "
+                    f"UID in object meta: {cur['metadata']['uid']}",
+                )
+            if (
+                pre.get("resourceVersion")
+                and pre["resourceVersion"] != cur["metadata"]["resourceVersion"]
+            ):
+                raise ApiFailure(
+                    409,
+                    f"Precondition failed: ResourceVersion in precondition: "
+                    f"{pre['resourceVersion']}, ResourceVersion in object meta: "
+                    f"{cur['metadata']['resourceVersion']}",
+                )
             uid = cur["metadata"]["uid"]
             if policy == "Orphan":
                 for k, o in list(self.objects.items()):
@@ -470,7 +580,10 @@ class SimCluster:
                     c.kill_at = time.monotonic()
                 return copy.deepcopy(cur)
             meta = cur["metadata"]
-            if meta.get("deletionTimestamp") and int(meta.get("deletionGracePeriodSeconds", grace)) <= grace:
+            if (
+                meta.get("deletionTimestamp")
+                and int(meta.get("deletionGracePeriodSeconds", grace)) <= grace
+            ):
                 return copy.deepcopy(cur)  # already terminating, no sooner
             new = copy.deepcopy(cur)
             new["metadata"]["deletionTimestamp"] = now_rfc3339()
@@ -485,13 +598,23 @@ class SimCluster:
         match_l, match_f = parse_label_selector(labels), parse_field_selector(fields)
         with self.lock:
             self._need_ns(ns)
-            items = [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items())
-                     if p == plural and n == ns and match_l(o["metadata"].get("labels") or {}) and match_f(o)]
+            items = [
+                copy.deepcopy(o)
+                for (p, n, _), o in sorted(self.objects.items())
+                if p == plural
+                and n == ns
+                and match_l(o["metadata"].get("labels") or {})
+                and match_f(o)
+            ]
             for it in items:
                 it.pop("kind", None)
                 it.pop("apiVersion", None)
-            return {"kind": f"{KINDS[plural]}List", "apiVersion": "v1",
-                    "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+            return {
+                "kind": f"{KINDS[plural]}List",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": items,
+            }
 
     def watch(self, plural: str, ns: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
         """Check the parameters (ApiFailure), then return the events as dicts; they end on
@@ -500,8 +623,12 @@ class SimCluster:
         match_f = parse_field_selector(params.get("fieldSelector", ""))
 
         def matches(o: dict[str, Any] | None) -> bool:
-            return o is not None and o["metadata"].get("namespace") == ns \
-                and match_l(o["metadata"].get("labels") or {}) and match_f(o)
+            return (
+                o is not None
+                and o["metadata"].get("namespace") == ns
+                and match_l(o["metadata"].get("labels") or {})
+                and match_f(o)
+            )
 
         try:
             timeout = float(params.get("timeoutSeconds") or 1800)
@@ -513,12 +640,17 @@ class SimCluster:
             self._need_ns(ns)
             gen = self._cut
             if rv_param in ("", "0"):
-                initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for (p, n, _), o in sorted(self.objects.items())
-                           if p == plural and n == ns and matches(o)]
+                initial = [
+                    {"type": "ADDED", "object": copy.deepcopy(o)}
+                    for (p, n, _), o in sorted(self.objects.items())
+                    if p == plural and n == ns and matches(o)
+                ]
                 pos = self.rv
             else:
                 if not rv_param.isdigit():
-                    raise ApiFailure(400, f"resourceVersion {rv_param!r}: not a resource version of this server")
+                    raise ApiFailure(
+                        400, f"resourceVersion {rv_param!r}: not a resource version of this server"
+                    )
                 pos = int(rv_param)
                 initial = []
         return self._events(plural, ns, matches, initial, pos, gen, timeout, bookmarks)
@@ -528,9 +660,17 @@ class SimCluster:
         lost = self.history[0][0] - 1 if len(self.history) == self.history.maxlen else 0
         return max(self.compacted - 1, lost)
 
-    def _events(self, plural: str, ns: str, matches: Callable[[dict[str, Any] | None], bool],
-                initial: list[dict[str, Any]], pos: int, gen: int, timeout: float,
-                bookmarks: bool) -> Iterator[dict[str, Any]]:
+    def _events(
+        self,
+        plural: str,
+        ns: str,
+        matches: Callable[[dict[str, Any] | None], bool],
+        initial: list[dict[str, Any]],
+        pos: int,
+        gen: int,
+        timeout: float,
+        bookmarks: bool,
+    ) -> Iterator[dict[str, Any]]:
         kind = KINDS[plural]
         yield from initial
         end = time.monotonic() + timeout
@@ -539,8 +679,12 @@ class SimCluster:
             out: list[dict[str, Any]] = []
             with self.cond:
                 if pos < self._oldest_kept():
-                    yield {"type": "ERROR", "object": ApiFailure(
-                        410, f"too old resource version: {pos} ({self._oldest_kept()})").status()}
+                    yield {
+                        "type": "ERROR",
+                        "object": ApiFailure(
+                            410, f"too old resource version: {pos} ({self._oldest_kept()})"
+                        ).status(),
+                    }
                     return
                 while True:
                     if self._closing:
@@ -550,7 +694,9 @@ class SimCluster:
                     newer = [e for e in self.history if e[0] > pos]
                     if newer or time.monotonic() >= min(end, next_bookmark if bookmarks else end):
                         break
-                    self.cond.wait(max(0.01, min(end, next_bookmark if bookmarks else end) - time.monotonic()))
+                    self.cond.wait(
+                        max(0.01, min(end, next_bookmark if bookmarks else end) - time.monotonic())
+                    )
                 for rv, p, n, new, old in newer:
                     pos = rv
                     if p != plural or n != ns:
@@ -564,8 +710,16 @@ class SimCluster:
                         out.append({"type": "DELETED", "object": new if new is not None else old})
                 if not newer and bookmarks and time.monotonic() >= next_bookmark:
                     pos = max(pos, self.rv)
-                    out.append({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
-                                                               "metadata": {"resourceVersion": str(pos)}}})
+                    out.append(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": kind,
+                                "apiVersion": "v1",
+                                "metadata": {"resourceVersion": str(pos)},
+                            },
+                        }
+                    )
                     next_bookmark = time.monotonic() + self.bookmark_interval
             yield from out
             if time.monotonic() >= end:
@@ -578,15 +732,25 @@ class SimCluster:
             self._need_ns(ns)
             obj = self.objects.get(("pods", ns, name))
             if obj is None:
-                raise ApiFailure(404, f'pods "{name}" not found', details={"name": name, "kind": "pods"})
+                raise ApiFailure(
+                    404, f'pods "{name}" not found', details={"name": name, "kind": "pods"}
+                )
             cname = obj["spec"]["containers"][0]["name"]
             if params.get("container") not in (None, "", cname):
-                raise ApiFailure(400, f'container {params["container"]} is not valid for pod {name}')
+                raise ApiFailure(
+                    400, f"container {params['container']} is not valid for pod {name}"
+                )
             c = self.containers.get(obj["metadata"]["uid"])
             if c is None or c.log_path is None or not c.started.is_set():
-                waiting = ((obj.get("status") or {}).get("containerStatuses") or [{}])[0].get("state", {}).get(
-                    "waiting", {}).get("reason", "ContainerCreating")
-                raise ApiFailure(400, f'container "{cname}" in pod "{name}" is waiting to start: {waiting}')
+                waiting = (
+                    ((obj.get("status") or {}).get("containerStatuses") or [{}])[0]
+                    .get("state", {})
+                    .get("waiting", {})
+                    .get("reason", "ContainerCreating")
+                )
+                raise ApiFailure(
+                    400, f'container "{cname}" in pod "{name}" is waiting to start: {waiting}'
+                )
             uid = obj["metadata"]["uid"]
         n: int | None = None
         if tail not in (None, ""):
@@ -596,8 +760,9 @@ class SimCluster:
                 raise ApiFailure(400, "tailLines: expected an integer") from None
         return self._log_chunks(c, ns, name, uid, n, follow)
 
-    def _log_chunks(self, c: _Container, ns: str, name: str, uid: str, n: int | None,
-                    follow: bool) -> Iterator[bytes]:
+    def _log_chunks(
+        self, c: _Container, ns: str, name: str, uid: str, n: int | None, follow: bool
+    ) -> Iterator[bytes]:
         assert c.log_path is not None
         with open(c.log_path, "rb") as f:
             data = f.read()
@@ -665,22 +830,38 @@ class SimCluster:
         spec = pod["spec"]
         cont = spec["containers"][0]
         ip = self._alloc_ip()
-        cstatus = {"name": cont["name"], "image": cont["image"], "imageID": "", "ready": False,
-                   "restartCount": 0, "started": False}
+        cstatus = {
+            "name": cont["name"],
+            "image": cont["image"],
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "started": False,
+        }
 
         def scheduled(p: dict[str, Any]) -> None:
             p["spec"]["nodeName"] = "sim-node"
-            p["status"].update(conditions=[{"type": "PodScheduled", "status": "True"},
-                                           {"type": "Ready", "status": "False"}],
-                               containerStatuses=[{**cstatus, "state": {"waiting": {"reason": "ContainerCreating"}}}])
+            p["status"].update(
+                conditions=[
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "False"},
+                ],
+                containerStatuses=[
+                    {**cstatus, "state": {"waiting": {"reason": "ContainerCreating"}}}
+                ],
+            )
 
         if not self._update_pod(uid, scheduled):
             return
         until = time.monotonic() + self.ip_delay  # the sandbox (and its IP) takes this long
         while time.monotonic() < until and c.kill_at is None and not self._closing:
             time.sleep(0.02)
-        if not self._update_pod(uid, lambda p: p["status"].update(hostIP="127.0.0.1", podIP=ip, podIPs=[{"ip": ip}],
-                                                                  startTime=now_rfc3339())):
+        if not self._update_pod(
+            uid,
+            lambda p: p["status"].update(
+                hostIP="127.0.0.1", podIP=ip, podIPs=[{"ip": ip}], startTime=now_rfc3339()
+            ),
+        ):
             return
         argv = self._image_argv(cont["image"])
         env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": name}
@@ -704,7 +885,10 @@ class SimCluster:
                 ref = e["valueFrom"]["secretKeyRef"]
                 value = self.secrets.get((ns, ref.get("name", "")), {}).get(ref.get("key", ""))
                 if value is None and not ref.get("optional"):
-                    waiting = ("CreateContainerConfigError", f'secret "{ref.get("name")}" not found')
+                    waiting = (
+                        "CreateContainerConfigError",
+                        f'secret "{ref.get("name")}" not found',
+                    )
                 elif value is not None:
                     env[e["name"]] = value
         for k, v in list(env.items()):
@@ -712,15 +896,19 @@ class SimCluster:
                 env[k] = ip  # no network namespace: "all my interfaces" is the Pod's IP
             for mount, host in mounts.items():
                 if v == mount or v.startswith(mount + "/"):
-                    env[k] = host + v[len(mount):]
+                    env[k] = host + v[len(mount) :]
         if argv is None:
-            waiting = ("ErrImagePull", f'image "{cont["image"]}" is not known to the simulated kubelet')
+            waiting = (
+                "ErrImagePull",
+                f'image "{cont["image"]}" is not known to the simulated kubelet',
+            )
         if waiting is not None:
             reason, message = waiting
 
             def wait_state(p: dict[str, Any]) -> None:
-                p["status"]["containerStatuses"] = [{**cstatus, "state": {"waiting": {"reason": reason,
-                                                                                      "message": message}}}]
+                p["status"]["containerStatuses"] = [
+                    {**cstatus, "state": {"waiting": {"reason": reason, "message": message}}}
+                ]
 
             self._update_pod(uid, wait_state)
             while not self._closing and c.kill_at is None:
@@ -732,21 +920,40 @@ class SimCluster:
         c.log_path = c.dir / "container.log"
         with open(c.log_path, "ab") as log:
             try:
-                c.proc = subprocess.Popen(argv, env=env, cwd=str(c.dir), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                c.proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=str(c.dir),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             except OSError as e:
                 log.write(f"k8s-sim: cannot start {argv[0]}: {e}\n".encode())
         started = now_rfc3339()
         c.started.set()
         if c.proc is None:
-            self._update_pod(uid, lambda p: p["status"].update(phase="Failed", containerStatuses=[
-                {**cstatus, "state": {"terminated": {"exitCode": 128, "reason": "StartError"}}}]))
+            self._update_pod(
+                uid,
+                lambda p: p["status"].update(
+                    phase="Failed",
+                    containerStatuses=[
+                        {
+                            **cstatus,
+                            "state": {"terminated": {"exitCode": 128, "reason": "StartError"}},
+                        }
+                    ],
+                ),
+            )
             return
 
         def running(p: dict[str, Any]) -> None:
             p["status"]["phase"] = "Running"
-            p["status"]["containerStatuses"] = [{**cstatus, "started": True,
-                                                 "state": {"running": {"startedAt": started}}}]
+            p["status"]["containerStatuses"] = [
+                {**cstatus, "started": True, "state": {"running": {"startedAt": started}}}
+            ]
 
         self._update_pod(uid, running)
         probe = cont.get("readinessProbe") or {}
@@ -798,14 +1005,29 @@ class SimCluster:
             for cond in p["status"]["conditions"]:
                 if cond["type"] == "Ready":
                     cond["status"] = "False"
-            p["status"]["containerStatuses"] = [{**cstatus, "started": False, "state": {"terminated": {
-                "exitCode": code if code >= 0 else 128 - code, "reason": "Completed" if code == 0 else "Error",
-                "startedAt": started, "finishedAt": finished}}}]
+            p["status"]["containerStatuses"] = [
+                {
+                    **cstatus,
+                    "started": False,
+                    "state": {
+                        "terminated": {
+                            "exitCode": code if code >= 0 else 128 - code,
+                            "reason": "Completed" if code == 0 else "Error",
+                            "startedAt": started,
+                            "finishedAt": finished,
+                        }
+                    },
+                }
+            ]
 
         self._update_pod(uid, terminated)
         with self.cond:  # a Pod being deleted goes once its container has stopped
             for key, o in list(self.objects.items()):
-                if key[0] == "pods" and o["metadata"]["uid"] == uid and o["metadata"].get("deletionTimestamp"):
+                if (
+                    key[0] == "pods"
+                    and o["metadata"]["uid"] == uid
+                    and o["metadata"].get("deletionTimestamp")
+                ):
                     self._commit("Pod", key, None)
 
     # -- garbage collector -----------------------------------------------------------------
@@ -818,9 +1040,13 @@ class SimCluster:
                 if self._closing:
                     return
                 uids = {o["metadata"]["uid"] for o in self.objects.values()}
-                doomed = [k for k, o in self.objects.items()
-                          if o["metadata"].get("ownerReferences") and not o["metadata"].get("deletionTimestamp")
-                          and not any(r.get("uid") in uids for r in o["metadata"]["ownerReferences"])]
+                doomed = [
+                    k
+                    for k, o in self.objects.items()
+                    if o["metadata"].get("ownerReferences")
+                    and not o["metadata"].get("deletionTimestamp")
+                    and not any(r.get("uid") in uids for r in o["metadata"]["ownerReferences"])
+                ]
                 for plural, ns, name in doomed:
                     try:
                         self.delete(plural, ns, name)
@@ -850,7 +1076,9 @@ def _probe(ip: str, probe: dict[str, Any]) -> bool:
             if "httpGet" not in probe:
                 return True
             path = probe["httpGet"].get("path", "/")
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
             line = s.makefile("rb").readline()
             parts = line.split()
             return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
@@ -933,7 +1161,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         cluster = self.cluster
         url = urllib.parse.urlsplit(self.path)
-        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+        query = {
+            k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()
+        }
         with cluster.lock:
             cluster.requests.append((method, url.path, query))
         try:
@@ -941,15 +1171,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise ApiFailure(401, "Unauthorized")
             body = self._body() if method in ("POST", "PUT", "DELETE", "PATCH") else None
             if url.path == "/version" and method == "GET":
-                self._send_json(200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0-torpor-sim"})
+                self._send_json(
+                    200, {"major": "1", "minor": "30", "gitVersion": "v1.30.0-torpor-sim"}
+                )
                 return
             m = _PATH.match(url.path)
             if m is None or m.group("plural") not in KINDS:
-                raise ApiFailure(404, f"the server could not find the requested resource ({url.path})")
-            ns, plural, name, sub = m.group("ns"), m.group("plural"), m.group("name"), m.group("sub")
+                raise ApiFailure(
+                    404, f"the server could not find the requested resource ({url.path})"
+                )
+            ns, plural, name, sub = (
+                m.group("ns"),
+                m.group("plural"),
+                m.group("name"),
+                m.group("sub"),
+            )
             if sub is not None:
                 if sub != "log" or plural != "pods" or method != "GET":
-                    raise ApiFailure(404, f"the server could not find the requested resource ({url.path})")
+                    raise ApiFailure(
+                        404, f"the server could not find the requested resource ({url.path})"
+                    )
                 assert name is not None
                 self._stream("text/plain", cluster.log_stream(ns, name, query))
                 return
@@ -957,22 +1198,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise ApiFailure(405, "PATCH is not supported by this simulation")
             if name is None:
                 if method == "GET" and query.get("watch") in ("true", "1"):
-                    events = (json.dumps(e).encode() + b"\n" for e in cluster.watch(plural, ns, query))
+                    events = (
+                        json.dumps(e).encode() + b"\n" for e in cluster.watch(plural, ns, query)
+                    )
                     self._stream("application/json", events)
                 elif method == "GET":
-                    self._send_json(200, cluster.list_objects(plural, ns, query.get("labelSelector", ""),
-                                                              query.get("fieldSelector", "")))
+                    self._send_json(
+                        200,
+                        cluster.list_objects(
+                            plural,
+                            ns,
+                            query.get("labelSelector", ""),
+                            query.get("fieldSelector", ""),
+                        ),
+                    )
                 elif method == "POST":
                     self._send_json(201, cluster.create(plural, ns, body or {}))
                 else:
-                    raise ApiFailure(405, f"{method} on a collection is not supported by this simulation")
+                    raise ApiFailure(
+                        405, f"{method} on a collection is not supported by this simulation"
+                    )
                 return
             if method == "GET":
                 obj = cluster.get(plural, ns, name)
                 if obj is None:
                     with cluster.lock:
                         cluster._need_ns(ns)
-                    raise ApiFailure(404, f'{plural} "{name}" not found', details={"name": name, "kind": plural})
+                    raise ApiFailure(
+                        404, f'{plural} "{name}" not found', details={"name": name, "kind": plural}
+                    )
                 self._send_json(200, obj)
             elif method == "PUT":
                 self._send_json(200, cluster.replace(plural, ns, name, body or {}))
@@ -980,12 +1234,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 opts = body if isinstance(body, dict) else {}
                 grace = query.get("gracePeriodSeconds", opts.get("gracePeriodSeconds"))
                 policy = query.get("propagationPolicy", opts.get("propagationPolicy"))
-                self._send_json(200, cluster.delete(plural, ns, name, None if grace in (None, "") else int(grace),
-                                                    policy or None, opts.get("preconditions")))
+                self._send_json(
+                    200,
+                    cluster.delete(
+                        plural,
+                        ns,
+                        name,
+                        None if grace in (None, "") else int(grace),
+                        policy or None,
+                        opts.get("preconditions"),
+                    ),
+                )
             else:
                 raise ApiFailure(405, f"{method} is not supported by this simulation")
         except ApiFailure as e:
             self._send_json(e.code, e.status())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-

@@ -41,9 +41,17 @@ def function_copy(tmp: Path, fn: str, **overrides: Any) -> Path:
 class Torpor:
     """A running ``torpor up`` plus helpers to drive it through the CLI and HTTP."""
 
-    def __init__(self, state_dir: Path, *, driver: str = "process", redis: str | None = None,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 api_host: str = "127.0.0.1", state_dir_flag: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        driver: str = "process",
+        redis: str | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        api_host: str = "127.0.0.1",
+        state_dir_flag: bool = True,
+    ) -> None:
         self.state_dir = state_dir
         self.state_dir_flag = state_dir_flag  # False: `up` finds it through TORPOR_STATE_DIR alone
         self.port = free_port()
@@ -55,16 +63,35 @@ class Torpor:
         self.extra = extra or []
         self.api_host = api_host
         # TORPOR_STATE_DIR: CLI calls find the token `torpor up` wrote to STATE_DIR/token
-        self.env = {**os.environ, "TORPOR_API": self.api, "TORPOR_GATEWAY": self.gateway,
-                    "TORPOR_STATE_DIR": str(state_dir), **(env or {})}
+        self.env = {
+            **os.environ,
+            "TORPOR_API": self.api,
+            "TORPOR_GATEWAY": self.gateway,
+            "TORPOR_STATE_DIR": str(state_dir),
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"torpor-up-{self.port}.log"
 
     def start(self, wait: float = 30.0) -> Torpor:
-        cmd = [sys.executable, "-m", "torpor.cli.main", "up", "--driver", self.driver,
-               *(["--state-dir", str(self.state_dir)] if self.state_dir_flag else []),
-               "--port", str(self.port), "--api-port", str(self.api_port),
-               "--api-host", self.api_host, "--log-level", "warning", *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "up",
+            "--driver",
+            self.driver,
+            *(["--state-dir", str(self.state_dir)] if self.state_dir_flag else []),
+            "--port",
+            str(self.port),
+            "--api-port",
+            str(self.api_port),
+            "--api-host",
+            self.api_host,
+            "--log-level",
+            "warning",
+            *self.extra,
+        ]
         if self.redis:
             cmd += ["--redis", self.redis]
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +100,9 @@ class Torpor:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"torpor up exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"torpor up exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.api}/readyz", timeout=1).status_code == 200:
                     return self
@@ -94,19 +123,36 @@ class Torpor:
         return self.proc.returncode
 
     # -- driving it ----------------------------------------------------------------------
-    def cli(self, *args: str, check: bool = True, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=self.env, capture_output=True,
-                           text=True, timeout=timeout)
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 180.0
+    ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(
+            [sys.executable, "-m", "torpor.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"torpor {' '.join(args)} exited {r.returncode}:\n{r.stderr}\n{r.stdout}")
+            raise AssertionError(
+                f"torpor {' '.join(args)} exited {r.returncode}:\n{r.stderr}\n{r.stdout}"
+            )
         return r
 
     def deploy(self, folder: Path, *args: str) -> str:
         r = self.cli("deploy", str(folder), *args)
         return r.stdout.strip()
 
-    def request(self, name: str, path: str = "/", method: str = "GET", *, tag: str | None = None,
-                timeout: float = 60.0, **kw: Any) -> httpx.Response:
+    def request(
+        self,
+        name: str,
+        path: str = "/",
+        method: str = "GET",
+        *,
+        tag: str | None = None,
+        timeout: float = 60.0,
+        **kw: Any,
+    ) -> httpx.Response:
         host = f"{tag}-{name}.{DOMAIN}" if tag else f"{name}.{DOMAIN}"
         headers = {"Host": host, **kw.pop("headers", {})}
         return httpx.request(method, self.gateway + path, headers=headers, timeout=timeout, **kw)

@@ -20,8 +20,11 @@ def handle(request):
         return ticks()
     if request.path == "/events":  # server-sent events
         n = min(int(request.query.get("n", "3")), 1000)
-        return sse({"event": "tick", "id": i, "data": {"i": i, "t": time.time()}}
-                   for i in range(n) if i == 0 or time.sleep(0.5) is None)
+        return sse(
+            {"event": "tick", "id": i, "data": {"i": i, "t": time.time()}}
+            for i in range(n)
+            if i == 0 or time.sleep(0.5) is None
+        )
     if request.path == "/upload":  # any size within max_body, one piece in memory at a time
         digest, size = hashlib.sha256(), 0
         for piece in request.stream():

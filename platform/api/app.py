@@ -126,7 +126,9 @@ def revision_view(fn: Function, rev: Revision) -> dict[str, Any]:
     }
 
 
-def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: list[Event] | None = None) -> dict[str, Any]:
+def function_view(
+    cfg: ApiConfig, fn: Function, replicas: list[Any], events: list[Event] | None = None
+) -> dict[str, Any]:
     latest = fn.latest()
     scale = fn.effective_scale(latest) if latest else None
     out: dict[str, Any] = {
@@ -136,8 +138,16 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
         "created": fn.created,
         "revisions": [revision_view(fn, r) for r in fn.revisions],
         "traffic": [asdict(t) for t in fn.traffic],
-        "replicas": [{"name": r.name, "revision": r.revision, "state": r.state, "endpoint": r.endpoint,
-                      "started": r.started} for r in replicas],
+        "replicas": [
+            {
+                "name": r.name,
+                "revision": r.revision,
+                "state": r.state,
+                "endpoint": r.endpoint,
+                "started": r.started,
+            }
+            for r in replicas
+        ],
         "scale": asdict(scale) if scale else None,
         "scale_override": asdict(fn.scale),
         "rollout": asdict(fn.rollout) if fn.rollout else None,
@@ -146,8 +156,10 @@ def function_view(cfg: ApiConfig, fn: Function, replicas: list[Any], events: lis
         out["events"] = [public_event(e) for e in events]
     problems = non_finite({k: out[k] for k in ("scale", "scale_override", "revisions", "rollout")})
     if problems:  # stored before numbers were checked: shown as null, named here
-        out["problems"] = [f"{p} is not a finite number (stored before numbers were checked; shown as null)"
-                           for p in problems]
+        out["problems"] = [
+            f"{p} is not a finite number (stored before numbers were checked; shown as null)"
+            for p in problems
+        ]
     return out
 
 
@@ -157,8 +169,12 @@ def query_int(request: Request, name: str, default: int, high: int) -> int:
     if raw is None or raw == "":
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) > high:
-        raise ApiError(400, "bad request", f"{name}: expected an integer from 0 to {high}, got {raw[:20]!r}",
-                       field=name)
+        raise ApiError(
+            400,
+            "bad request",
+            f"{name}: expected an integer from 0 to {high}, got {raw[:20]!r}",
+            field=name,
+        )
     return int(raw)
 
 
@@ -172,8 +188,12 @@ def query_time(request: Request, name: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ApiError(400, "bad request", f"{name}: expected a Unix time (a number of seconds >= 0), "
-                                           f"got {raw[:20]!r}", field=name)
+        raise ApiError(
+            400,
+            "bad request",
+            f"{name}: expected a Unix time (a number of seconds >= 0), got {raw[:20]!r}",
+            field=name,
+        )
     return value
 
 
@@ -185,8 +205,11 @@ async def _spool(request: Request, out: IO[bytes], cap: int) -> int:
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise ApiError(413, "upload too large",
-                           f"the upload is over the {human_size(cap)} cap on compressed size")
+            raise ApiError(
+                413,
+                "upload too large",
+                f"the upload is over the {human_size(cap)} cap on compressed size",
+            )
         pending += chunk
         if len(pending) >= SPOOL_BATCH:
             await asyncio.to_thread(out.write, pending)
@@ -204,7 +227,9 @@ def _unpack(body: IO[bytes], dest: Path, limits: ArchiveLimits, max_replicas: in
     try:
         extract(body, dest, limits)
     except ArchiveError as e:
-        raise ApiError(e.status, "upload too large" if e.status == 413 else "bad upload", e.reason) from None
+        raise ApiError(
+            e.status, "upload too large" if e.status == 413 else "bad upload", e.reason
+        ) from None
     try:
         spec = load_spec(dest, source="torpor.yaml", max_replicas=max_replicas)
     except SpecError as e:
@@ -223,7 +248,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
     uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
     ui_sessions = UiSessions()
     registry = CollectorRegistry()
-    api_requests = Counter("torpor_api_requests", "API requests", ["method", "status"], registry=registry)
+    api_requests = Counter(
+        "torpor_api_requests", "API requests", ["method", "status"], registry=registry
+    )
 
     async def get_fn(name: str) -> Function:
         fn = await store.get_function(name)
@@ -246,12 +273,24 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if not spec.secrets:
             return
         known = {s.name for s in await store.list_secrets()}
-        missing = [(env, spec.secrets[env]) for env in sorted(spec.secrets) if spec.secrets[env] not in known]
+        missing = [
+            (env, spec.secrets[env])
+            for env in sorted(spec.secrets)
+            if spec.secrets[env] not in known
+        ]
         if missing:
             detail = "; ".join(f"secrets.{env}: no secret named {name!r}" for env, name in missing)
-            hint = f"`torpor secret set {missing[0][1]}`" if len(missing) == 1 else "`torpor secret set NAME`"
-            raise ApiError(400, "unknown secret", f"{detail}; set it first with {hint}",
-                           field=f"secrets.{missing[0][0]}")
+            hint = (
+                f"`torpor secret set {missing[0][1]}`"
+                if len(missing) == 1
+                else "`torpor secret set NAME`"
+            )
+            raise ApiError(
+                400,
+                "unknown secret",
+                f"{detail}; set it first with {hint}",
+                field=f"secrets.{missing[0][0]}",
+            )
 
     # -- health ------------------------------------------------------------------------
     async def healthz(request: Request) -> Response:
@@ -279,21 +318,25 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         for fn in sorted(fns, key=lambda f: f.name):
             mine = [r for r in replicas if r.function == fn.name]
             latest = fn.latest()
-            out.append({
-                "name": fn.name,
-                "url": function_url(cfg, fn.name),
-                "latest": latest.name if latest else None,
-                "status": latest.status if latest else None,
-                "traffic": [asdict(t) for t in fn.traffic],
-                "replicas": sum(1 for r in mine if r.state == "ready"),
-            })
+            out.append(
+                {
+                    "name": fn.name,
+                    "url": function_url(cfg, fn.name),
+                    "latest": latest.name if latest else None,
+                    "status": latest.status if latest else None,
+                    "traffic": [asdict(t) for t in fn.traffic],
+                    "replicas": sum(1 for r in mine if r.state == "ready"),
+                }
+            )
         return JSONResponse({"functions": out})
 
     async def get_function(request: Request) -> Response:
         name = request.path_params["name"]
         fn = await get_fn(name)
         replicas = await store.list_replicas(name)
-        events = await store.list_events(name, limit=query_int(request, "events", 20, MAX_EVENTS_LIMIT))
+        events = await store.list_events(
+            name, limit=query_int(request, "events", 20, MAX_EVENTS_LIMIT)
+        )
         return JSONResponse(function_view(cfg, fn, replicas, events))
 
     async def delete_function(request: Request) -> Response:
@@ -314,19 +357,33 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                 raise ApiError(400, "invalid tag", str(e), field="tag") from e
         on_ready = "promote"
         if canary is not None:
-            if not (canary.isascii() and canary.isdigit()) or len(canary) > 2 or not 1 <= int(canary) <= 99:
-                raise ApiError(400, "invalid canary", f"canary: expected a percent 1..99, got {canary[:10]!r}",
-                               field="canary")
+            if (
+                not (canary.isascii() and canary.isdigit())
+                or len(canary) > 2
+                or not 1 <= int(canary) <= 99
+            ):
+                raise ApiError(
+                    400,
+                    "invalid canary",
+                    f"canary: expected a percent 1..99, got {canary[:10]!r}",
+                    field="canary",
+                )
             on_ready = f"canary:{int(canary)}"
         if no_traffic:
             if canary is not None:
-                raise ApiError(400, "conflicting options", "--canary and --no-traffic exclude each other")
+                raise ApiError(
+                    400, "conflicting options", "--canary and --no-traffic exclude each other"
+                )
             on_ready = "none"
         limits = cfg.limits
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_upload:
-            raise ApiError(413, "upload too large", f"the upload is {human_size(int(declared))}, over the "
-                           f"{human_size(limits.max_upload)} cap on compressed size")
+            raise ApiError(
+                413,
+                "upload too large",
+                f"the upload is {human_size(int(declared))}, over the "
+                f"{human_size(limits.max_upload)} cap on compressed size",
+            )
         uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The body goes to an unnamed file (O_TMPFILE) and is unpacked from there in a
         # worker thread into a private directory. Once it passed every check, the folder is
@@ -349,14 +406,28 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                     sha = packed.sha256
             finally:
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
-        fn = await store.update_function(name, lambda cur: _add_revision(cur, name, spec, sha, on_ready, tag))
+        fn = await store.update_function(
+            name, lambda cur: _add_revision(cur, name, spec, sha, on_ready, tag)
+        )
         assert fn is not None
         rev = fn.revisions[-1]
-        await store.add_event(Event(function=name, kind="deploy",
-                                    message=f"{rev.name} created ({on_ready}{', tag ' + tag if tag else ''})"))
-        return JSONResponse({"function": name, "revision": rev.name, "status": rev.status,
-                             "url": function_url(cfg, name), "path_url": f"{cfg.gateway_url}/function/{name}/"},
-                            status_code=201)
+        await store.add_event(
+            Event(
+                function=name,
+                kind="deploy",
+                message=f"{rev.name} created ({on_ready}{', tag ' + tag if tag else ''})",
+            )
+        )
+        return JSONResponse(
+            {
+                "function": name,
+                "revision": rev.name,
+                "status": rev.status,
+                "url": function_url(cfg, name),
+                "path_url": f"{cfg.gateway_url}/function/{name}/",
+            },
+            status_code=201,
+        )
 
     async def list_revisions(request: Request) -> Response:
         fn = await get_fn(request.path_params["name"])
@@ -366,7 +437,11 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         fn = await get_fn(request.path_params["name"])
         rev = fn.revision(request.path_params["revision"])
         if rev is None:
-            raise ApiError(404, "revision not found", f"{fn.name} has no revision {request.path_params['revision'][:80]!r}")
+            raise ApiError(
+                404,
+                "revision not found",
+                f"{fn.name} has no revision {request.path_params['revision'][:80]!r}",
+            )
         return JSONResponse(revision_view(fn, rev))
 
     async def list_events(request: Request) -> Response:
@@ -381,7 +456,9 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         name = request.path_params["name"]
         await get_fn(name)
         if cfg.logs is None:
-            raise ApiError(501, "logs unavailable", "this API process has no access to replica logs")
+            raise ApiError(
+                501, "logs unavailable", "this API process has no access to replica logs"
+            )
         follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
         tail = query_int(request, "tail", 200, MAX_LOG_TAIL)
         try:
@@ -415,8 +492,16 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         fn2 = await store.update_function(name, mutate)
         if fn2 is None:
             raise ApiError(404, "function not found", f"no function named {name!r}")
-        await store.add_event(Event(function=name, kind="traffic", message="traffic set by hand: " + ", ".join(
-            f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in targets)))
+        await store.add_event(
+            Event(
+                function=name,
+                kind="traffic",
+                message="traffic set by hand: "
+                + ", ".join(
+                    f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in targets
+                ),
+            )
+        )
         return JSONResponse({"traffic": [asdict(t) for t in fn2.traffic]})
 
     async def set_scale(request: Request) -> Response:
@@ -436,12 +521,24 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
         if fn2 is None:
             raise ApiError(404, "function not found", f"no function named {name!r}")
         who = request.client.host if request.client else "unknown"
-        await store.add_event(Event(function=name, kind="scale", message=(
-            f"scale set by hand from {who}: {_fmt_override(old)} -> {_fmt_override(new)}"),
-            data={"who": who, "old": asdict(old), "new": asdict(new), "time": time.time()}))
+        await store.add_event(
+            Event(
+                function=name,
+                kind="scale",
+                message=(
+                    f"scale set by hand from {who}: {_fmt_override(old)} -> {_fmt_override(new)}"
+                ),
+                data={"who": who, "old": asdict(old), "new": asdict(new), "time": time.time()},
+            )
+        )
         latest = fn2.latest()
-        return JSONResponse({"name": name, "scale_override": asdict(fn2.scale),
-                             "scale": asdict(fn2.effective_scale(latest)) if latest else None})
+        return JSONResponse(
+            {
+                "name": name,
+                "scale_override": asdict(fn2.scale),
+                "scale": asdict(fn2.effective_scale(latest)) if latest else None,
+            }
+        )
 
     routes = [
         Route("/healthz", healthz),
@@ -473,13 +570,23 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, "not found" if exc.status_code == 404 else "http error", str(exc.detail))
+        return _error(
+            exc.status_code,
+            "not found" if exc.status_code == 404 else "http error",
+            str(exc.detail),
+        )
 
     async def server_error(request: Request, exc: Exception) -> Response:
         return _error(500, "internal error", type(exc).__name__)
 
-    app = Starlette(routes=routes, exception_handlers={
-        ApiError: api_error, HTTPException: http_error, Exception: server_error})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
+    )
 
     async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -495,42 +602,77 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
     bodies = BodyRules(REQUEST_BODIES)
     bodies.check_covers(routes)
-    return BrowserGuard(UiGate(BearerAuth(counted, cfg.token), cfg.token, ui_sessions), hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
-                        bodies=bodies, allowed_origins=cfg.allowed_origins)
+    return BrowserGuard(
+        UiGate(BearerAuth(counted, cfg.token), cfg.token, ui_sessions),
+        hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
+        bodies=bodies,
+        allowed_origins=cfg.allowed_origins,
+    )
 
 
-def _add_revision(cur: Function | None, name: str, spec: Spec, sha: str | None, on_ready: str,
-                  tag: str | None) -> Function:
+def _add_revision(
+    cur: Function | None, name: str, spec: Spec, sha: str | None, on_ready: str, tag: str | None
+) -> Function:
     fn = cur or Function(name=name)
     number = fn.next_number
     fn.next_number += 1
-    fn.revisions.append(Revision(name=f"{name}-{number:05d}", function=name, number=number, spec=spec,
-                                 source_sha256=sha, on_ready=on_ready, tag=tag))
+    fn.revisions.append(
+        Revision(
+            name=f"{name}-{number:05d}",
+            function=name,
+            number=number,
+            spec=spec,
+            source_sha256=sha,
+            on_ready=on_ready,
+            tag=tag,
+        )
+    )
     return fn
 
 
 def parse_traffic(fn: Function, raw: Any) -> list[TrafficTarget]:
     if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "invalid traffic", "traffic: expected a non-empty list of {revision, percent, tag}",
-                       field="traffic")
+        raise ApiError(
+            400,
+            "invalid traffic",
+            "traffic: expected a non-empty list of {revision, percent, tag}",
+            field="traffic",
+        )
     out: list[TrafficTarget] = []
     tags: set[str] = set()
     for i, t in enumerate(raw):
         path = f"traffic[{i}]"
         if not isinstance(t, dict) or set(t) - {"revision", "percent", "tag"}:
-            raise ApiError(400, "invalid traffic", f"{path}: expected an object with revision, percent, tag",
-                           field=path)
+            raise ApiError(
+                400,
+                "invalid traffic",
+                f"{path}: expected an object with revision, percent, tag",
+                field=path,
+            )
         rev_name = t.get("revision")
         rev = fn.revision(rev_name) if isinstance(rev_name, str) else None
         if rev is None:
-            raise ApiError(400, "invalid traffic", f"{path}.revision: {str(rev_name)[:80]!r} is not a revision of {fn.name}",
-                           field=f"{path}.revision")
+            raise ApiError(
+                400,
+                "invalid traffic",
+                f"{path}.revision: {str(rev_name)[:80]!r} is not a revision of {fn.name}",
+                field=f"{path}.revision",
+            )
         if rev.status != "ready":
-            raise ApiError(400, "invalid traffic", f"{path}.revision: {rev.name} is {rev.status}, not ready",
-                           field=f"{path}.revision")
+            raise ApiError(
+                400,
+                "invalid traffic",
+                f"{path}.revision: {rev.name} is {rev.status}, not ready",
+                field=f"{path}.revision",
+            )
         pct = t.get("percent", 0)
         if not isinstance(pct, int) or isinstance(pct, bool) or not 0 <= pct <= 100:
-            raise ApiError(400, "invalid traffic", f"{path}.percent: expected an integer 0..100", field=f"{path}.percent")
+            raise ApiError(
+                400,
+                "invalid traffic",
+                f"{path}.percent: expected an integer 0..100",
+                field=f"{path}.percent",
+            )
         tag = t.get("tag")
         if tag is not None:
             try:
@@ -538,12 +680,22 @@ def parse_traffic(fn: Function, raw: Any) -> list[TrafficTarget]:
             except SpecError as e:
                 raise ApiError(400, "invalid traffic", str(e), field=e.path) from e
             if tag in tags:
-                raise ApiError(400, "invalid traffic", f"{path}.tag: tag {tag!r} used twice", field=f"{path}.tag")
+                raise ApiError(
+                    400,
+                    "invalid traffic",
+                    f"{path}.tag: tag {tag!r} used twice",
+                    field=f"{path}.tag",
+                )
             tags.add(tag)
         out.append(TrafficTarget(rev.name, pct, tag))
     total = sum(t.percent for t in out)
     if total != 100:
-        raise ApiError(400, "invalid traffic", f"traffic: percents must sum to 100, got {total}", field="traffic")
+        raise ApiError(
+            400,
+            "invalid traffic",
+            f"traffic: percents must sum to 100, got {total}",
+            field="traffic",
+        )
     return out
 
 
@@ -558,8 +710,12 @@ def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOver
     unknown = set(body) - allowed
     if unknown:
         key = sorted(unknown)[0]
-        raise ApiError(400, "invalid scale", f"{key[:40]}: unknown field; expected one of {', '.join(sorted(allowed))}",
-                       field=key)
+        raise ApiError(
+            400,
+            "invalid scale",
+            f"{key[:40]}: unknown field; expected one of {', '.join(sorted(allowed))}",
+            field=key,
+        )
     cap = min(cap, MAX_SCALE)
     vals: dict[str, Any] = {}
     for key in ("min", "max", "replicas", "concurrency"):
@@ -568,18 +724,33 @@ def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOver
             continue
         high = MAX_CONCURRENCY if key == "concurrency" else cap
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ApiError(400, "invalid scale", f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
-                           field=key)
+            raise ApiError(
+                400,
+                "invalid scale",
+                f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
+                field=key,
+            )
         if key != "concurrency" and v > cap:
-            raise ApiError(400, "invalid scale", f"{key}: {describe(v)} is above the platform's cap of {cap} "
-                                                 "replicas (torpor up --max-replicas)", field=key)
+            raise ApiError(
+                400,
+                "invalid scale",
+                f"{key}: {describe(v)} is above the platform's cap of {cap} "
+                "replicas (torpor up --max-replicas)",
+                field=key,
+            )
         if v > high:
-            raise ApiError(400, "invalid scale", f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
-                           field=key)
+            raise ApiError(
+                400,
+                "invalid scale",
+                f"{key}: expected an integer from 0 to {high}, got {describe(v)}",
+                field=key,
+            )
         vals[key] = v
     if body.get("target") is not None:
         t = body["target"]
-        words = f"target: expected a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
+        words = (
+            f"target: expected a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
+        )
         if not isinstance(t, int | float) or isinstance(t, bool):
             raise ApiError(400, "invalid scale", f"{words}, got {describe(t)}", field="target")
         # compared as given (NaN and infinities fail it), before float(): an int too
@@ -589,7 +760,12 @@ def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOver
         vals["target"] = float(t)
     if "replicas" in vals:
         if "min" in vals or "max" in vals:
-            raise ApiError(400, "invalid scale", "replicas: cannot be combined with min or max", field="replicas")
+            raise ApiError(
+                400,
+                "invalid scale",
+                "replicas: cannot be combined with min or max",
+                field="replicas",
+            )
         vals["min"] = vals["max"] = vals.pop("replicas")
     new = ScaleOverride(**{**asdict(fn.scale), **vals})
     if new.target is not None and not 0 < new.target <= MAX_TARGET:
@@ -600,7 +776,9 @@ def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOver
     if latest is not None:
         eff = new.apply(latest.spec.scale)
         if eff.min > eff.max:
-            raise ApiError(400, "invalid scale", f"min: {eff.min} is above max {eff.max}", field="min")
+            raise ApiError(
+                400, "invalid scale", f"min: {eff.min} is above max {eff.max}", field="min"
+            )
     elif new.min is not None and new.max is not None and new.min > new.max:
         raise ApiError(400, "invalid scale", f"min: {new.min} is above max {new.max}", field="min")
     return new
@@ -609,4 +787,3 @@ def parse_scale_patch(fn: Function, body: dict[str, Any], cap: int) -> ScaleOver
 def _fmt_override(o: ScaleOverride) -> str:
     parts = [f"{k}={v}" for k, v in asdict(o).items() if v is not None]
     return "{" + ", ".join(parts) + "}" if parts else "{spec defaults}"
-

@@ -30,7 +30,10 @@ ARCHIVE_PREFIX = "/v1/archives/"
 
 def is_archive_path(path: str) -> bool:
     """True for ``/v1/archives/SHA`` with a well-formed SHA, nothing else (no suffix, no dots)."""
-    return path.startswith(ARCHIVE_PREFIX) and SHA256.fullmatch(path[len(ARCHIVE_PREFIX):]) is not None
+    return (
+        path.startswith(ARCHIVE_PREFIX)
+        and SHA256.fullmatch(path[len(ARCHIVE_PREFIX) :]) is not None
+    )
 
 
 def _bearer(request: Request) -> str:
@@ -52,13 +55,20 @@ def archive_routes(store: Store, api_error: Callable[..., Exception]) -> list[Ro
         admin = bool(request.scope.get("torpor.admin"))
         if not SHA256.fullmatch(sha):
             # only the admin token gets this far with a malformed name (BearerAuth)
-            raise api_error(400, "bad archive name", "expected the archive's sha256: 64 lowercase hex digits",
-                            field="sha")
+            raise api_error(
+                400,
+                "bad archive name",
+                "expected the archive's sha256: 64 lowercase hex digits",
+                field="sha",
+            )
         if not admin:
             token = _bearer(request)
             if not token or not token_matches(await key(), sha, token):
-                raise api_error(401, "unauthorized", "missing bearer token" if not token else
-                                "wrong token for this archive")
+                raise api_error(
+                    401,
+                    "unauthorized",
+                    "missing bearer token" if not token else "wrong token for this archive",
+                )
         blob = await store.get_blob(sha)
         if blob is None:
             raise api_error(404, "archive not found", f"no archive {sha[:12]}... in the store")

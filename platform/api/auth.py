@@ -38,7 +38,15 @@ class BearerAuth:
             return
         detail = "missing bearer token" if not given else "wrong token"
         body = json.dumps({"error": "unauthorized", "detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="torpor"')]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="torpor"'),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

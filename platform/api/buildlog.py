@@ -41,8 +41,11 @@ def public_event(e: Event) -> dict[str, Any]:
 
 def _closing(events: list[Event], revision: str | None) -> Event | None:
     for e in reversed(events):  # newest last
-        if e.kind == "build" and isinstance(e.data.get("log"), list) and \
-                (revision is None or e.data.get("revision") == revision):
+        if (
+            e.kind == "build"
+            and isinstance(e.data.get("log"), list)
+            and (revision is None or e.data.get("revision") == revision)
+        ):
             return e
     return None
 
@@ -68,11 +71,17 @@ def build_log_routes(store: Store, error: Any) -> list[Route]:
             rev = fn.revisions[-1]
         if follow and rev is not None and rev.status == "building" and not rev.image:
             return StreamingResponse(_follow(store, name, rev.name), media_type=TEXT)
-        found = _closing(await store.list_events(name, EVENTS_SEARCHED), rev.name if rev else wanted)
+        found = _closing(
+            await store.list_events(name, EVENTS_SEARCHED), rev.name if rev else wanted
+        )
         if found is None:
             which = f"revision {wanted}" if wanted else name
-            raise error(404, "no build log", f"no build of {which} is on record (image functions are not "
-                        "built; old build logs go with their events)")
+            raise error(
+                404,
+                "no build log",
+                f"no build of {which} is on record (image functions are not "
+                "built; old build logs go with their events)",
+            )
         return Response(_text(found), media_type=TEXT)
 
     return [Route("/v1/functions/{name}/build-log", build_log, methods=["GET"])]
@@ -99,7 +108,11 @@ async def _follow(store: Store, name: str, revision: str) -> AsyncIterator[bytes
                 continue
             except StopAsyncIteration:
                 return
-            if not isinstance(msg, dict) or msg.get("revision") != revision or msg.get("function") != name:
+            if (
+                not isinstance(msg, dict)
+                or msg.get("revision") != revision
+                or msg.get("function") != name
+            ):
                 continue
             if msg.get("done"):
                 return

@@ -33,7 +33,9 @@ def call_routes(store: Store, error: Any, query_int: Any) -> list[Route]:
             raise error(400, "invalid call id", "a call id is 32 lowercase hex digits", field="id")
         call = await queue.get(cid)
         if call is None:
-            raise error(404, "call not found", f"no call {cid} (unknown, or older than its retention)")
+            raise error(
+                404, "call not found", f"no call {cid} (unknown, or older than its retention)"
+            )
         return JSONResponse(call.view())
 
     async def list_calls(request: Request) -> Response:

@@ -45,8 +45,8 @@ def split_host(value: str) -> tuple[str, str | None]:
         end = value.find("]")
         if end < 0:
             return value, None
-        rest = value[end + 1:]
-        return value[:end + 1], rest[1:] if rest.startswith(":") else None
+        rest = value[end + 1 :]
+        return value[: end + 1], rest[1:] if rest.startswith(":") else None
     name, sep, port = value.rpartition(":")
     if sep and port.isdigit() and ":" not in name:
         return name, port
@@ -144,8 +144,13 @@ class BodyRules:
     def check_covers(self, routes: Iterable[BaseRoute]) -> None:
         """Raise if a state-changing route has no declared body types (fail closed)."""
         declared = {(m, t) for m, _, t, _ in self.rules}
-        missing = [f"{m} {r.path}" for r in routes if isinstance(r, Route)
-                   for m in sorted((r.methods or set()) - SAFE_METHODS) if (m, r.path) not in declared]
+        missing = [
+            f"{m} {r.path}"
+            for r in routes
+            if isinstance(r, Route)
+            for m in sorted((r.methods or set()) - SAFE_METHODS)
+            if (m, r.path) not in declared
+        ]
         if missing:
             raise ValueError(f"routes without declared request body types: {', '.join(missing)}")
 
@@ -162,8 +167,9 @@ def _show(value: bytes | str) -> str:
 class BrowserGuard:
     """ASGI middleware: Host, Origin / Sec-Fetch-Site and Content-Type checks (see module doc)."""
 
-    def __init__(self, app: Any, *, hosts: HostPolicy, bodies: BodyRules,
-                 allowed_origins: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: Any, *, hosts: HostPolicy, bodies: BodyRules, allowed_origins: Iterable[str] = ()
+    ) -> None:
         self.app = app
         self.hosts = hosts
         self.bodies = bodies
@@ -178,11 +184,21 @@ class BrowserGuard:
 
         hosts = _header(headers, b"host")
         if len(hosts) != 1 or not self.hosts.allows(hosts[0].decode("latin-1")):
-            got = "no Host header" if not hosts else "several Host headers" if len(hosts) > 1 else \
-                f"Host {_show(hosts[0])}"
-            await _refuse(send, 421, "misdirected request",
-                          f"{got}: this API answers to {', '.join(self.hosts.shown)} "
-                          "(add names with --api-allowed-hosts)", "host")
+            got = (
+                "no Host header"
+                if not hosts
+                else "several Host headers"
+                if len(hosts) > 1
+                else f"Host {_show(hosts[0])}"
+            )
+            await _refuse(
+                send,
+                421,
+                "misdirected request",
+                f"{got}: this API answers to {', '.join(self.hosts.shown)} "
+                "(add names with --api-allowed-hosts)",
+                "host",
+            )
             return
 
         origins = _header(headers, b"origin")
@@ -191,18 +207,35 @@ class BrowserGuard:
         if len(origins) == 1 and _same_origin(origins[0], hosts[0], sites):
             origins = []  # the API's own page (/ui): no CORS header needed
         if origins:
-            if len(origins) > 1 or _normalize_origin(origins[0].decode("latin-1")) not in self.origins:
-                await _refuse(send, 403, "cross-origin request",
-                              f"Origin {_show(origins[0])} is not allowed to call this API "
-                              "(allow one with --api-allowed-origins)", "origin")
+            if (
+                len(origins) > 1
+                or _normalize_origin(origins[0].decode("latin-1")) not in self.origins
+            ):
+                await _refuse(
+                    send,
+                    403,
+                    "cross-origin request",
+                    f"Origin {_show(origins[0])} is not allowed to call this API "
+                    "(allow one with --api-allowed-origins)",
+                    "origin",
+                )
                 return
             allowed_origin = origins[0]
         if allowed_origin is None and any(s.strip().lower() in CROSS_FETCH_SITES for s in sites):
-            await _refuse(send, 403, "cross-origin request",
-                          f"Sec-Fetch-Site {_show(sites[0])} without an allowed Origin: a web page "
-                          "may not call this API", "sec-fetch-site")
+            await _refuse(
+                send,
+                403,
+                "cross-origin request",
+                f"Sec-Fetch-Site {_show(sites[0])} without an allowed Origin: a web page "
+                "may not call this API",
+                "sec-fetch-site",
+            )
             return
-        if allowed_origin is not None and method == "OPTIONS" and _header(headers, b"access-control-request-method"):
+        if (
+            allowed_origin is not None
+            and method == "OPTIONS"
+            and _header(headers, b"access-control-request-method")
+        ):
             await _preflight(send, allowed_origin)
             return
 
@@ -223,14 +256,18 @@ class BrowserGuard:
 
         await self.app(scope, receive, send_cors)
 
-    def _body_problem(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    def _body_problem(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]]
+    ) -> str | None:
         found = self.bodies.lookup(method, path)
         if found is None:
             return None  # no such route: the app answers 404 / 405
         template, accepted = found
         types = _header(headers, b"content-type")
         lengths = _header(headers, b"content-length")
-        has_body = bool(_header(headers, b"transfer-encoding")) or any(v.strip() not in (b"", b"0") for v in lengths)
+        has_body = bool(_header(headers, b"transfer-encoding")) or any(
+            v.strip() not in (b"", b"0") for v in lengths
+        )
         where = f"{method} {template}"
         wants = ", ".join(accepted) if accepted else "no request body"
         if not types:
@@ -260,16 +297,32 @@ def _cors_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
 
 
 async def _preflight(send: Any, origin: bytes) -> None:
-    await send({"type": "http.response.start", "status": 204, "headers": [
-        *_cors_headers(origin),
-        (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE"),
-        (b"access-control-allow-headers", b"authorization, content-type"),
-        (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 204,
+            "headers": [
+                *_cors_headers(origin),
+                (b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE"),
+                (b"access-control-allow-headers", b"authorization, content-type"),
+                (b"access-control-max-age", b"600"),
+                (b"content-length", b"0"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
 
 
 async def _refuse(send: Any, status: int, error: str, detail: str, field: str) -> None:
     body = json.dumps({"error": error, "detail": detail, "field": field}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

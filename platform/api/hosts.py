@@ -48,8 +48,10 @@ def claims(fn: Function) -> dict[str, str]:
             out.setdefault(tag_host(t.tag, fn.name), f"tag {t.tag!r} of function {fn.name}")
     for rev in fn.revisions:
         if rev.tag and rev.status == "building":
-            out.setdefault(tag_host(rev.tag, fn.name),
-                           f"tag {rev.tag!r} of function {fn.name} (for {rev.name}, once ready)")
+            out.setdefault(
+                tag_host(rev.tag, fn.name),
+                f"tag {rev.tag!r} of function {fn.name} (for {rev.name}, once ready)",
+            )
     return out
 
 
@@ -61,22 +63,33 @@ def _holder(functions: Iterable[Function], label: str, exclude: str) -> str | No
     return None
 
 
-def deploy_clash(functions: list[Function], name: str, tag: str | None, domain: str) -> Clash | None:
+def deploy_clash(
+    functions: list[Function], name: str, tag: str | None, domain: str
+) -> Clash | None:
     """The clash a deploy of ``name`` (with ``--tag tag``) would create, if any."""
     current = next((f for f in functions if f.name == name), None)
     if current is None and (who := _holder(functions, name, name)) is not None:
-        return Clash("name", f"name: {name}.{domain} is already the host of {who}; "
-                             "pick another name or move that tag")
+        return Clash(
+            "name",
+            f"name: {name}.{domain} is already the host of {who}; "
+            "pick another name or move that tag",
+        )
     if tag is not None:
         host = tag_host(tag, name)
-        if (current is None or host not in claims(current)) and (who := _holder(functions, host, name)) is not None:
-            return Clash("tag", f"tag: {host}.{domain} (tag {tag!r} of {name}) is already the host of {who}; "
-                                "pick another tag")
+        if (current is None or host not in claims(current)) and (
+            who := _holder(functions, host, name)
+        ) is not None:
+            return Clash(
+                "tag",
+                f"tag: {host}.{domain} (tag {tag!r} of {name}) is already the host of {who}; "
+                "pick another tag",
+            )
     return None
 
 
-def traffic_clash(functions: list[Function], fn: Function, targets: list[TrafficTarget],
-                  domain: str) -> Clash | None:
+def traffic_clash(
+    functions: list[Function], fn: Function, targets: list[TrafficTarget], domain: str
+) -> Clash | None:
     """The clash a new traffic table of ``fn`` would create, if any (tags new to ``fn`` only)."""
     mine = claims(fn)
     for i, t in enumerate(targets):
@@ -84,6 +97,9 @@ def traffic_clash(functions: list[Function], fn: Function, targets: list[Traffic
             continue
         host = tag_host(t.tag, fn.name)
         if host not in mine and (who := _holder(functions, host, fn.name)) is not None:
-            return Clash(f"traffic[{i}].tag", f"traffic[{i}].tag: {host}.{domain} (tag {t.tag!r} of {fn.name}) "
-                                              f"is already the host of {who}; pick another tag")
+            return Clash(
+                f"traffic[{i}].tag",
+                f"traffic[{i}].tag: {host}.{domain} (tag {t.tag!r} of {fn.name}) "
+                f"is already the host of {who}; pick another tag",
+            )
     return None

@@ -85,7 +85,9 @@ def loads(raw: bytes | str) -> Any:
         path, node = stack.pop()
         if isinstance(node, _Refused):
             where = path or "body"
-            raise BadJson(f"{where}: expected a finite number in range, got {node.text}", path or None)
+            raise BadJson(
+                f"{where}: expected a finite number in range, got {node.text}", path or None
+            )
         if isinstance(node, dict):
             stack.extend((_join(path, k), v) for k, v in node.items())
         elif isinstance(node, list):
@@ -127,6 +129,8 @@ class SafeJSONResponse(JSONResponse):
         try:
             return super().render(content)
         except ValueError:  # "Out of range float values are not JSON compliant"
-            log.warning("api: a response held non-finite numbers (%s); rendered as null",
-                        ", ".join(non_finite(content)[:5]))
+            log.warning(
+                "api: a response held non-finite numbers (%s); rendered as null",
+                ", ".join(non_finite(content)[:5]),
+            )
             return super().render(finite(content))

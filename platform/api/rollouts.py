@@ -40,11 +40,16 @@ POLICY_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_req
 
 
 def _fmt(fn: Function) -> str:
-    return ", ".join(f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic)
+    return ", ".join(
+        f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic
+    )
 
 
 def _view(fn: Function) -> dict[str, Any]:
-    return {"rollout": asdict(fn.rollout) if fn.rollout else None, "traffic": [asdict(t) for t in fn.traffic]}
+    return {
+        "rollout": asdict(fn.rollout) if fn.rollout else None,
+        "traffic": [asdict(t) for t in fn.traffic],
+    }
 
 
 def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> RolloutPolicy:
@@ -63,7 +68,12 @@ def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> Rollo
         except SpecError as e:
             raise error(400, "invalid rollout", str(e), field="interval") from e
         if not 0 < out.interval <= MAX_INTERVAL:
-            raise error(400, "invalid rollout", "interval: expected a duration > 0 and <= 24h", field="interval")
+            raise error(
+                400,
+                "invalid rollout",
+                "interval: expected a duration > 0 and <= 24h",
+                field="interval",
+            )
 
     def number(key: str, low: float, high: float, words: str) -> float | None:
         v = body.get(key)
@@ -71,19 +81,26 @@ def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> Rollo
             return None
         # compared as given (NaN fails it), before float(): a huge int must not overflow
         if not isinstance(v, int | float) or isinstance(v, bool) or not low <= v <= high:
-            raise error(400, "invalid rollout", f"{key}: expected {words}, got {describe(v)}", field=key)
+            raise error(
+                400, "invalid rollout", f"{key}: expected {words}, got {describe(v)}", field=key
+            )
         return float(v)
 
     if (v := number("max_error_ratio", 0.0, 1.0, "a number from 0 to 1")) is not None:
         out.max_error_ratio = v
-    if (v := number("max_p95_ratio", 1.0, MAX_P95_RATIO, f"a number from 1 to {MAX_P95_RATIO:g}")) is not None:
+    if (
+        v := number("max_p95_ratio", 1.0, MAX_P95_RATIO, f"a number from 1 to {MAX_P95_RATIO:g}")
+    ) is not None:
         out.max_p95_ratio = v
     mr = body.get("min_requests")
     if mr is not None:
         if not isinstance(mr, int) or isinstance(mr, bool) or not 0 <= mr <= MAX_MIN_REQUESTS:
-            raise error(400, "invalid rollout",
-                        f"min_requests: expected an integer from 0 to {MAX_MIN_REQUESTS}, got {describe(mr)}",
-                        field="min_requests")
+            raise error(
+                400,
+                "invalid rollout",
+                f"min_requests: expected an integer from 0 to {MAX_MIN_REQUESTS}, got {describe(mr)}",
+                field="min_requests",
+            )
         out.min_requests = mr
     return out
 
@@ -148,14 +165,25 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
         unknown = set(body) - {"to", *POLICY_KEYS}
         if unknown:
             key = sorted(unknown)[0][:40]
-            raise error(400, "invalid rollout", f"{key}: unknown field; expected to, {', '.join(POLICY_KEYS)}",
-                        field=key)
+            raise error(
+                400,
+                "invalid rollout",
+                f"{key}: unknown field; expected to, {', '.join(POLICY_KEYS)}",
+                field=key,
+            )
         to = body.get("to")
         rev = fn.revision(to) if isinstance(to, str) else None
         if rev is None:
-            raise error(400, "invalid rollout", f"to: {str(to)[:80]!r} is not a revision of {name}", field="to")
+            raise error(
+                400,
+                "invalid rollout",
+                f"to: {str(to)[:80]!r} is not a revision of {name}",
+                field="to",
+            )
         if rev.status != "ready":
-            raise error(400, "invalid rollout", f"to: {rev.name} is {rev.status}, not ready", field="to")
+            raise error(
+                400, "invalid rollout", f"to: {rev.name} is {rev.status}, not ready", field="to"
+            )
         policy = parse_policy(rev.spec.rollout, body, error)
         now = time.time()
 
@@ -163,7 +191,8 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
             ro = cur.rollout
             if ro is not None and ro.state in traffic.ACTIVE:
                 raise traffic.RolloutError(
-                    f"a rollout to {ro.to} is {ro.state}; promote or abort it first (torpor rollout {name} --abort)")
+                    f"a rollout to {ro.to} is {ro.state}; promote or abort it first (torpor rollout {name} --abort)"
+                )
             shares = {t.revision: t.percent for t in cur.traffic if t.percent}
             if shares.get(rev.name) == 100:
                 raise traffic.RolloutError(f"{rev.name} already serves all traffic")
@@ -172,17 +201,29 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
         fn2 = await update(name, act)
         ro = fn2.rollout
         assert ro is not None
-        await store.add_event(Event(function=name, kind="rollout", message=(
-            f"rollout {ro.stable} -> {ro.to} started: steps {','.join(map(str, ro.steps))}, every "
-            f"{ro.policy.interval:g}s, max 5xx {ro.policy.max_error_ratio:.1%}, max p95 x{ro.policy.max_p95_ratio:g}, "
-            f"min {ro.policy.min_requests} requests; traffic: {_fmt(fn2)}"), data={"to": ro.to, "stable": ro.stable}))
+        await store.add_event(
+            Event(
+                function=name,
+                kind="rollout",
+                message=(
+                    f"rollout {ro.stable} -> {ro.to} started: steps {','.join(map(str, ro.steps))}, every "
+                    f"{ro.policy.interval:g}s, max 5xx {ro.policy.max_error_ratio:.1%}, max p95 x{ro.policy.max_p95_ratio:g}, "
+                    f"min {ro.policy.min_requests} requests; traffic: {_fmt(fn2)}"
+                ),
+                data={"to": ro.to, "stable": ro.stable},
+            )
+        )
         return JSONResponse(_view(fn2), status_code=201)
 
     async def action(request: Request) -> Response:
         name = request.path_params["name"]
         what = request.path_params["action"]
         if what not in ACTIONS:
-            raise error(404, "not found", f"no rollout action {what[:20]!r}; expected one of {', '.join(ACTIONS)}")
+            raise error(
+                404,
+                "not found",
+                f"no rollout action {what[:20]!r}; expected one of {', '.join(ACTIONS)}",
+            )
         await get_fn(name)
         await json_body(request)
         now = time.time()
@@ -199,7 +240,11 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
             elif what == "resume":
                 if ro.state == "running":
                     raise traffic.RolloutError("the rollout is already running")
-                ro.state, ro.reason, ro.step_started = "running", "resumed by hand", now  # the step is measured afresh
+                ro.state, ro.reason, ro.step_started = (
+                    "running",
+                    "resumed by hand",
+                    now,
+                )  # the step is measured afresh
             elif what == "promote":
                 traffic.promote(cur, ro, "promoted by hand")
             else:
@@ -208,8 +253,15 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
         fn2 = await update(name, act)
         ro2: Rollout | None = fn2.rollout
         assert ro2 is not None
-        await store.add_event(Event(function=name, kind="rollout", message=(
-            f"rollout {ro2.stable} -> {ro2.to}: {what} by hand; state {ro2.state}; traffic: {_fmt(fn2)}")))
+        await store.add_event(
+            Event(
+                function=name,
+                kind="rollout",
+                message=(
+                    f"rollout {ro2.stable} -> {ro2.to}: {what} by hand; state {ro2.state}; traffic: {_fmt(fn2)}"
+                ),
+            )
+        )
         return JSONResponse(_view(fn2))
 
     async def rollback(request: Request) -> Response:
@@ -231,8 +283,14 @@ def rollout_routes(store: Store, error: Any) -> list[Route]:
                 cur.traffic = traffic.sole_traffic(cur.traffic, to)
 
         fn2 = await update(name, act)
-        await store.add_event(Event(function=name, kind="rollout", message=(
-            f"rolled back to {target[0]} by hand; traffic: {_fmt(fn2)}"), data={"to": target[0]}))
+        await store.add_event(
+            Event(
+                function=name,
+                kind="rollout",
+                message=(f"rolled back to {target[0]} by hand; traffic: {_fmt(fn2)}"),
+                data={"to": target[0]},
+            )
+        )
         return JSONResponse({"revision": target[0], **_view(fn2)})
 
     return [

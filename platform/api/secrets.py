@@ -50,7 +50,9 @@ def secret_routes(store: Store, error: Any) -> list[Route]:
 
     async def list_secrets(request: Request) -> Response:
         by = await used()
-        return JSONResponse({"secrets": [_view(s, by.get(s.name, [])) for s in await store.list_secrets()]})
+        return JSONResponse(
+            {"secrets": [_view(s, by.get(s.name, [])) for s in await store.list_secrets()]}
+        )
 
     async def get_secret(request: Request) -> Response:
         name = check_name(request.path_params["name"])
@@ -63,8 +65,11 @@ def secret_routes(store: Store, error: Any) -> list[Route]:
         name = check_name(request.path_params["name"])
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype != CONTENT_TYPE:
-            raise error(415, "unsupported media type",
-                        f"send the raw value as {CONTENT_TYPE}, got {ctype[:60] or 'no content type'!r}")
+            raise error(
+                415,
+                "unsupported media type",
+                f"send the raw value as {CONTENT_TYPE}, got {ctype[:60] or 'no content type'!r}",
+            )
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
@@ -78,9 +83,16 @@ def secret_routes(store: Store, error: Any) -> list[Route]:
         by = (await used()).get(name, [])
         verb = "created" if info.version == 1 else f"set (version {info.version})"
         for fn in by:
-            await store.add_event(Event(function=fn, kind="secret", message=(
-                f"secret {name} {verb}; takes effect for replicas started from now on"),
-                data={"secret": name, "version": info.version}))
+            await store.add_event(
+                Event(
+                    function=fn,
+                    kind="secret",
+                    message=(
+                        f"secret {name} {verb}; takes effect for replicas started from now on"
+                    ),
+                    data={"secret": name, "version": info.version},
+                )
+            )
         return JSONResponse(_view(info, by), status_code=201 if info.version == 1 else 200)
 
     async def delete_secret(request: Request) -> Response:
@@ -90,14 +102,27 @@ def secret_routes(store: Store, error: Any) -> list[Route]:
             raise error(404, "secret not found", f"no secret named {name!r}")
         by = (await used()).get(name, [])
         if by and not force:
-            raise error(409, "secret in use", (
-                f"secret {name} is used by {', '.join(by)}; their new replicas would fail to start. "
-                "Remove it from their specs and deploy, or delete anyway with force=true"), used_by=by)
+            raise error(
+                409,
+                "secret in use",
+                (
+                    f"secret {name} is used by {', '.join(by)}; their new replicas would fail to start. "
+                    "Remove it from their specs and deploy, or delete anyway with force=true"
+                ),
+                used_by=by,
+            )
         await store.delete_secret(name)
         for fn in by:
-            await store.add_event(Event(function=fn, kind="secret", message=(
-                f"secret {name} deleted while in use (forced); new replicas fail to start until it is set again"),
-                data={"secret": name}))
+            await store.add_event(
+                Event(
+                    function=fn,
+                    kind="secret",
+                    message=(
+                        f"secret {name} deleted while in use (forced); new replicas fail to start until it is set again"
+                    ),
+                    data={"secret": name},
+                )
+            )
         return JSONResponse({"deleted": name, "used_by": by})
 
     return [

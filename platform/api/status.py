@@ -32,11 +32,22 @@ async def status(store: Store, lease: Lease | None, store_kind: str) -> dict[str
     current = await lease.current() if lease is not None else None
     leader: dict[str, Any] | None = None
     if current is not None:
-        beat: dict[str, Any] = next((c for c in controllers if c.get("id") == current.holder
-                                     and c.get("token") == current.token), {})
-        leader = {"id": current.holder, "host": beat.get("host"), "pid": beat.get("pid"),
-                  "since": beat.get("since"), "token": current.token,
-                  "lease_expires_in": round(current.expires_in, 3)}
+        beat: dict[str, Any] = next(
+            (
+                c
+                for c in controllers
+                if c.get("id") == current.holder and c.get("token") == current.token
+            ),
+            {},
+        )
+        leader = {
+            "id": current.holder,
+            "host": beat.get("host"),
+            "pid": beat.get("pid"),
+            "since": beat.get("since"),
+            "token": current.token,
+            "lease_expires_in": round(current.expires_in, 3),
+        }
     functions = await store.list_functions()
     replicas = await store.list_replicas()
     revisions = Counter(rev.status for fn in functions for rev in fn.revisions)

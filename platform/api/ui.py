@@ -59,13 +59,21 @@ EVENTS_SHOWN = 15
 MAX_FUNCTIONS_SHOWN = 100  # functions in one frame (by name); the rest are counted
 COOKIE = "torpor_ui"
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # package data of torpor.api
-STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
-          "index.html": "text/html; charset=utf-8"}
+STATIC = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "index.html": "text/html; charset=utf-8",
+}
 _CODE_RE = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                 b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"),
 ]
 
@@ -141,16 +149,29 @@ def static_file(name: str) -> bytes | None:
         return None
 
 
-async def _send(send: Any, status: int, body: bytes, ctype: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS,
-        *extra]})
+async def _send(
+    send: Any, status: int, body: bytes, ctype: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", ctype.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *SECURITY_HEADERS,
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 def _page(title: str, text: str) -> bytes:
-    return (f"<!doctype html><meta charset=utf-8><title>{title}</title>"
-            f"<body style='font-family:sans-serif'><h1>{title}</h1><p>{text}</p>").encode()
+    return (
+        f"<!doctype html><meta charset=utf-8><title>{title}</title>"
+        f"<body style='font-family:sans-serif'><h1>{title}</h1><p>{text}</p>"
+    ).encode()
 
 
 class UiGate:
@@ -173,20 +194,29 @@ class UiGate:
         if not any(k == b"authorization" for k, _ in headers) and path.startswith("/v1/"):
             session = _cookie(headers)
             if session and self.sessions.valid(session):
-                scope = {**scope, "headers": [*headers, (b"authorization", self.auth)], "torpor.ui_session": True}
+                scope = {
+                    **scope,
+                    "headers": [*headers, (b"authorization", self.auth)],
+                    "torpor.ui_session": True,
+                }
         await self.app(scope, receive, send)
 
     async def _ui(self, scope: dict[str, Any], send: Any) -> None:
         path: str = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
-            await _send(send, 405, b'{"error": "method not allowed", "detail": "the dashboard is read with GET"}',
-                        "application/json", [(b"allow", b"GET, HEAD")])
+            await _send(
+                send,
+                405,
+                b'{"error": "method not allowed", "detail": "the dashboard is read with GET"}',
+                "application/json",
+                [(b"allow", b"GET, HEAD")],
+            )
             return
         if path in ("/ui", "/ui/"):
             await _send(send, 200, static_file("index.html") or b"", STATIC["index.html"])
             return
         if path.startswith("/ui/static/"):
-            name = path[len("/ui/static/"):]
+            name = path[len("/ui/static/") :]
             body = static_file(name) if name != "index.html" else None
             if body is None:
                 await _send(send, 404, _page("Not found", "no such file"), STATIC["index.html"])
@@ -195,15 +225,30 @@ class UiGate:
             return
         if path == "/ui/login":
             query = scope.get("query_string", b"").decode("latin-1")
-            code = next((v for k, _, v in (p.partition("=") for p in query.split("&")) if k == "code"), "")
+            code = next(
+                (v for k, _, v in (p.partition("=") for p in query.split("&")) if k == "code"), ""
+            )
             session = self.sessions.redeem(code)
             if session is None:
-                await _send(send, 401, _page("Sign-in link expired", "This link was used already or is older "
-                                             f"than {CODE_TTL:.0f} seconds. Run <code>torpor ui</code> again."),
-                            STATIC["index.html"])
+                await _send(
+                    send,
+                    401,
+                    _page(
+                        "Sign-in link expired",
+                        "This link was used already or is older "
+                        f"than {CODE_TTL:.0f} seconds. Run <code>torpor ui</code> again.",
+                    ),
+                    STATIC["index.html"],
+                )
                 return
-            cookie = (f"{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/v1; Max-Age={int(SESSION_TTL)}")
-            await _send(send, 303, b"", "text/plain", [(b"location", b"/ui"), (b"set-cookie", cookie.encode())])
+            cookie = f"{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/v1; Max-Age={int(SESSION_TTL)}"
+            await _send(
+                send,
+                303,
+                b"",
+                "text/plain",
+                [(b"location", b"/ui"), (b"set-cookie", cookie.encode())],
+            )
             return
         await _send(send, 404, _page("Not found", "no such page"), STATIC["index.html"])
 
@@ -261,7 +306,9 @@ class _Stats:
         return out
 
 
-async def dashboard_state(store: Store, cfg: Any, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+async def dashboard_state(
+    store: Store, cfg: Any, stats: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     from torpor.api.app import function_url
 
     every = sorted(await store.list_functions(), key=lambda f: f.name)
@@ -274,25 +321,43 @@ async def dashboard_state(store: Store, cfg: Any, stats: dict[str, dict[str, Any
         by_state: dict[str, int] = {}
         for r in mine:
             by_state[r.state] = by_state.get(r.state, 0) + 1
-        out.append({
-            "name": fn.name, "url": function_url(cfg, fn.name),
-            "revisions": [{"name": r.name, "status": r.status,
-                           "traffic": sum(t.percent for t in fn.traffic if t.revision == r.name),
-                           "replicas": sum(1 for x in mine if x.revision == r.name and x.state == "ready")}
-                          for r in fn.revisions[-5:]],
-            "traffic": [asdict(t) for t in fn.traffic],
-            "replicas": by_state,
-            "rollout": asdict(fn.rollout) if fn.rollout else None,
-            "stats": stats.get(fn.name, {"in_flight": 0, "rps": 0, "p95_ms": None, "errors": 0, "queued": 0}),
-        })
+        out.append(
+            {
+                "name": fn.name,
+                "url": function_url(cfg, fn.name),
+                "revisions": [
+                    {
+                        "name": r.name,
+                        "status": r.status,
+                        "traffic": sum(t.percent for t in fn.traffic if t.revision == r.name),
+                        "replicas": sum(
+                            1 for x in mine if x.revision == r.name and x.state == "ready"
+                        ),
+                    }
+                    for r in fn.revisions[-5:]
+                ],
+                "traffic": [asdict(t) for t in fn.traffic],
+                "replicas": by_state,
+                "rollout": asdict(fn.rollout) if fn.rollout else None,
+                "stats": stats.get(
+                    fn.name, {"in_flight": 0, "rps": 0, "p95_ms": None, "errors": 0, "queued": 0}
+                ),
+            }
+        )
         for e in await store.list_events(fn.name, EVENTS_SHOWN):
             d = public_event(e)
             d.pop("data", None)
-            d["message"] = str(d.get("message", "")).splitlines()[0][:300] if d.get("message") else ""
+            d["message"] = (
+                str(d.get("message", "")).splitlines()[0][:300] if d.get("message") else ""
+            )
             events.append(d)
     events.sort(key=lambda e: e["time"])
-    return {"time": time.time(), "functions": out, "events": events[-EVENTS_SHOWN:],
-            "functions_not_shown": len(every) - len(fns)}
+    return {
+        "time": time.time(),
+        "functions": out,
+        "events": events[-EVENTS_SHOWN:],
+        "functions_not_shown": len(every) - len(fns),
+    }
 
 
 def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[Route]:
@@ -300,14 +365,22 @@ def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[
 
     async def code(request: Request) -> Response:
         if request.scope.get("torpor.ui_session"):
-            raise error(403, "forbidden", "a dashboard session cannot mint sign-in codes; use the API token")
+            raise error(
+                403, "forbidden", "a dashboard session cannot mint sign-in codes; use the API token"
+            )
         c = sessions.issue_code()
-        return Response(json.dumps({"code": c, "path": f"/ui/login?code={c}", "expires_in": CODE_TTL}),
-                        media_type="application/json", headers={"cache-control": "no-store"})
+        return Response(
+            json.dumps({"code": c, "path": f"/ui/login?code={c}", "expires_in": CODE_TTL}),
+            media_type="application/json",
+            headers={"cache-control": "no-store"},
+        )
 
     async def stream(request: Request) -> Response:
-        return StreamingResponse(_feed(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            _feed(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
 
     async def _feed() -> AsyncIterator[bytes]:
         if live["streams"] >= MAX_STREAMS:  # counted here: a feed never started holds no place
@@ -324,7 +397,11 @@ def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[
                 while time.monotonic() < end:
                     state = await dashboard_state(store, cfg, stats.frame(time.monotonic() - last))
                     last = time.monotonic()
-                    yield b"event: state\ndata: " + json.dumps(finite(state), default=str).encode() + b"\n\n"
+                    yield (
+                        b"event: state\ndata: "
+                        + json.dumps(finite(state), default=str).encode()
+                        + b"\n\n"
+                    )
                     tick_end = last + TICK
                     while (left := tick_end - time.monotonic()) > 0:
                         try:
@@ -338,4 +415,7 @@ def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[
         finally:
             live["streams"] -= 1
 
-    return [Route("/v1/ui/code", code, methods=["POST"]), Route("/v1/ui/stream", stream, methods=["GET"])]
+    return [
+        Route("/v1/ui/code", code, methods=["POST"]),
+        Route("/v1/ui/stream", stream, methods=["GET"]),
+    ]

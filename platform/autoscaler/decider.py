@@ -50,7 +50,9 @@ from torpor.autoscaler.windows import TimedWindow
 from torpor.model import Scale
 
 PANIC_WINDOW_FRACTION = 0.1  # default panic window = 10 % of the stable window (scale.panic_window)
-PANIC_THRESHOLD = 2.0  # default desired_panic / ready that starts panic mode (200 %, scale.panic_threshold)
+PANIC_THRESHOLD = (
+    2.0  # default desired_panic / ready that starts panic mode (200 %, scale.panic_threshold)
+)
 MAX_QUEUED_SAMPLE = 1e6  # a poke's queue length is capped at this (it comes off the bus)
 MAX_SCALE_UP_RATE = 1000.0  # at most this x ready per decision
 MAX_SCALE_DOWN_RATE = 2.0  # at least ready / this per decision

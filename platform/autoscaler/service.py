@@ -48,7 +48,9 @@ class Autoscaler:
                 scale = scale_of(rev)
                 if scale is None:
                     continue
-                self._scaler(rev, scale).record(now, float(r["concurrency"]), int(r["requests"]), source)
+                self._scaler(rev, scale).record(
+                    now, float(r["concurrency"]), int(r["requests"]), source
+                )
             except (ValueError, TypeError, KeyError, OverflowError) as e:
                 log.debug("autoscaler: skipping %s in a report: %s", rev, e)
                 continue

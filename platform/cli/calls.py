@@ -1,11 +1,11 @@
 """`torpor calls` and `torpor invoke --async`: asynchronous calls from the command line.
 
-    torpor invoke NAME --async [-d DATA] [--path P] [-X METHOD] [--callback URL]
-                                     queue a call at the gateway; prints its id
-    torpor calls NAME [--limit N] [--json]
-                                     the function's recent calls, newest first
-    torpor calls NAME --id ID [--json]
-                                     one call: state, attempts, status and its result
+torpor invoke NAME --async [-d DATA] [--path P] [-X METHOD] [--callback URL]
+                                 queue a call at the gateway; prints its id
+torpor calls NAME [--limit N] [--json]
+                                 the function's recent calls, newest first
+torpor calls NAME --id ID [--json]
+                                 one call: state, attempts, status and its result
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def invoke_async(gateway: str, args: argparse.Namespace, data: bytes | None, pat
     headers = {"X-Callback-Url": args.callback} if args.callback else {}
     try:
         with httpx.Client(timeout=args.timeout) as c:
-            r = c.request(method, f"{gateway}/async-function/{args.name}{path}", content=data, headers=headers)
+            r = c.request(
+                method, f"{gateway}/async-function/{args.name}{path}", content=data, headers=headers
+            )
     except httpx.HTTPError as e:
         print(f"torpor: invoke: {e}", file=sys.stderr)
         return 1
@@ -62,15 +64,19 @@ def cmd_calls(api: Any, args: argparse.Namespace) -> int:
             print()
             print(call["body"])
         return 0
-    calls = api.call("GET", f"/v1/functions/{args.name}/calls", params={"limit": args.limit})["calls"]
+    calls = api.call("GET", f"/v1/functions/{args.name}/calls", params={"limit": args.limit})[
+        "calls"
+    ]
     if args.json:
         print(json.dumps(calls, indent=2))
         return 0
     print(f"{'ID':<34} {'STATE':<8} {'ATTEMPTS':>8} {'STATUS':>6} {'CREATED':>8} {'TOOK':>7}")
     for c in calls:
         took = f"{c['finished'] - c['created']:.1f}s" if c.get("finished") else "-"
-        print(f"{c['id']:<34} {c['state']:<8} {c['attempts']:>8} {c['status'] or '-':>6} "
-              f"{_ago(c['created']):>8} {took:>7}")
+        print(
+            f"{c['id']:<34} {c['state']:<8} {c['attempts']:>8} {c['status'] or '-':>6} "
+            f"{_ago(c['created']):>8} {took:>7}"
+        )
     return 0
 
 

@@ -37,8 +37,10 @@ def tree(p: argparse.ArgumentParser) -> dict[str, tuple[list[str], list[str]]]:
 
 
 def _bash(t: dict[str, tuple[list[str], list[str]]]) -> str:
-    entries = "\n".join(f"    [{shlex.quote(key or '_')}]={shlex.quote(' '.join(subs + flags))}"
-                        for key, (subs, flags) in t.items())
+    entries = "\n".join(
+        f"    [{shlex.quote(key or '_')}]={shlex.quote(' '.join(subs + flags))}"
+        for key, (subs, flags) in t.items()
+    )
     return f"""# bash completion for torpor (torpor completion bash)
 declare -A _torpor_words=(
 {entries}
@@ -58,8 +60,10 @@ complete -o default -F _torpor torpor
 
 
 def _zsh(t: dict[str, tuple[list[str], list[str]]]) -> str:
-    return "#compdef torpor\n# zsh completion for torpor (torpor completion zsh)\n" \
+    return (
+        "#compdef torpor\n# zsh completion for torpor (torpor completion zsh)\n"
         "autoload -U bashcompinit && bashcompinit\n" + _bash(t).split("\n", 1)[1]
+    )
 
 
 def _fish(t: dict[str, tuple[list[str], list[str]]]) -> str:
@@ -73,7 +77,9 @@ def _fish(t: dict[str, tuple[list[str], list[str]]]) -> str:
             continue
         cond = f"__fish_seen_subcommand_from {key}"
         if subs:
-            lines.append(f"complete -c torpor -n {shlex.quote(cond)} -a {shlex.quote(' '.join(subs))}")
+            lines.append(
+                f"complete -c torpor -n {shlex.quote(cond)} -a {shlex.quote(' '.join(subs))}"
+            )
         for f in sflags:
             lines.append(f"complete -c torpor -n {shlex.quote(cond)} -l {f[2:]}")
         for sub in subs:

@@ -26,8 +26,10 @@ POLL = 0.2  # s between looks at the revision
 
 
 def _traffic(fn: dict[str, Any]) -> str:
-    return ", ".join(f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
-                     for t in fn["traffic"])
+    return ", ".join(
+        f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
+        for t in fn["traffic"]
+    )
 
 
 class LogStream:
@@ -42,8 +44,12 @@ class LogStream:
 
     def _run(self) -> None:
         try:
-            with self.api.client.stream("GET", f"/v1/functions/{self.name}/build-log",
-                                        params={"revision": self.rev, "follow": "1"}, timeout=None) as r:
+            with self.api.client.stream(
+                "GET",
+                f"/v1/functions/{self.name}/build-log",
+                params={"revision": self.rev, "follow": "1"},
+                timeout=None,
+            ) as r:
                 if r.status_code >= 400:
                     return
                 for line in r.iter_lines():
@@ -63,7 +69,9 @@ class LogStream:
         if missed <= 0:
             return
         try:
-            text = self.api.call("GET", f"/v1/functions/{self.name}/build-log", params={"revision": self.rev})
+            text = self.api.call(
+                "GET", f"/v1/functions/{self.name}/build-log", params={"revision": self.rev}
+            )
         except Exception:
             return
         lines = [x for x in str(text).splitlines() if not x.startswith("... (")][:total]
@@ -72,8 +80,17 @@ class LogStream:
             self.phases.raw(line)
 
 
-def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verbose: bool = False,
-           quiet: bool = False, phases: Phases | None = None) -> tuple[int, dict[str, Any] | None]:
+def follow(
+    api: Any,
+    name: str,
+    rev: str,
+    upload_size: int,
+    *,
+    wait: float,
+    verbose: bool = False,
+    quiet: bool = False,
+    phases: Phases | None = None,
+) -> tuple[int, dict[str, Any] | None]:
     """Follow ``rev`` until ready or failed: (exit code, the function's view when ready)."""
     phases = phases or Phases(quiet=quiet)
     phases.done(f"uploaded {name} ({human_size(upload_size)}): revision {rev}")
@@ -84,7 +101,9 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
     try:
         phases.wait(f"{rev}: building")
         while time.monotonic() < deadline:
-            for e in api.call("GET", f"/v1/functions/{name}/events", params={"limit": 50})["events"]:
+            for e in api.call("GET", f"/v1/functions/{name}/events", params={"limit": 50})[
+                "events"
+            ]:
                 data = e.get("data") or {}
                 key = (e["time"], e["message"])
                 if data.get("revision") != rev or e["kind"] != "build" or key in seen_events:
@@ -101,8 +120,11 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
             if r["status"] == "failed":
                 phases.close()
                 reason = (r.get("reason") or "unknown reason").splitlines()
-                if phases.quiet or not any("build failed" in m for _, m in seen_events) or \
-                        not reason[0].startswith("build failed"):
+                if (
+                    phases.quiet
+                    or not any("build failed" in m for _, m in seen_events)
+                    or not reason[0].startswith("build failed")
+                ):
                     phases.fail(f"{rev} failed: {reason[0]}")
                     for extra in reason[1:9]:
                         phases.done(f"  {extra}")
@@ -114,8 +136,13 @@ def follow(api: Any, name: str, rev: str, upload_size: int, *, wait: float, verb
                 fn = api.call("GET", f"/v1/functions/{name}")
                 phases.done(f"{rev}: ready in {phases.elapsed():.1f}s; traffic: {_traffic(fn)}")
                 return EXIT_OK, fn
-            if phase == "build" and r.get("image") is not None and r.get("image") != "" or \
-                    phase == "build" and "starting" in (r.get("reason") or ""):
+            if (
+                phase == "build"
+                and r.get("image") is not None
+                and r.get("image") != ""
+                or phase == "build"
+                and "starting" in (r.get("reason") or "")
+            ):
                 phase = "start"
                 phases.done(f"{rev}: starting its first replica")
                 phases.wait(f"{rev}: waiting for its first replica to answer")

@@ -36,8 +36,12 @@ def read_file(path: Path, only: str | None) -> tuple[str, list[Imported]]:
         return kind, knative.import_documents(docs, path.name)
     if kind == "openfaas":
         return kind, openfaas.import_stack(docs[0], path, only)
-    raise ImportRefused(path.name, "", "neither a Knative Service (apiVersion serving.knative.dev/v1, kind Service) "
-                        "nor an OpenFaaS stack (functions: and provider:); for a torpor.yaml give its folder")
+    raise ImportRefused(
+        path.name,
+        "",
+        "neither a Knative Service (apiVersion serving.knative.dev/v1, kind Service) "
+        "nor an OpenFaaS stack (functions: and provider:); for a torpor.yaml give its folder",
+    )
 
 
 def pack_imported(imp: Imported) -> bytes:
@@ -64,7 +68,11 @@ def pack_imported(imp: Imported) -> bytes:
                 rel = path.relative_to(imp.source)
                 if any(part in SKIP for part in rel.parts):
                     continue
-                if not imp.package and rel.parts[0] in ("torpor.yaml", "torpor.yml", "requirements.txt"):
+                if not imp.package and rel.parts[0] in (
+                    "torpor.yaml",
+                    "torpor.yml",
+                    "requirements.txt",
+                ):
                     continue
                 if path.is_symlink() or not (path.is_file() or path.is_dir()):
                     _say(f"skipping {rel}: not a regular file or folder")
@@ -76,34 +84,52 @@ def pack_imported(imp: Imported) -> bytes:
 def deploy_file(api: Api, path: Path, args: argparse.Namespace) -> int:
     try:
         kind, functions = read_file(path, args.filter)
-        specs = [imp.validate(path.name) for imp in functions]  # every one, before anything is uploaded
+        specs = [
+            imp.validate(path.name) for imp in functions
+        ]  # every one, before anything is uploaded
     except ImportRefused as e:
         die(f"deploy: {e}")
     if len(functions) > 1 and (args.canary is not None or args.tag):
-        die("deploy: --canary and --tag apply to one function; use --filter NAME (OpenFaaS) or one Service a file")
+        die(
+            "deploy: --canary and --tag apply to one function; use --filter NAME (OpenFaaS) or one Service a file"
+        )
     for imp in functions:
         for line in imp.warnings:
             _say(f"warning: {line}")
     for imp in functions:
         if imp.traffic is not None:
             if args.canary is not None or args.no_traffic or args.tag:
-                die(f"deploy: {imp.name}: the file's spec.traffic sets the split; drop --canary/--tag/--no-traffic")
+                die(
+                    f"deploy: {imp.name}: the file's spec.traffic sets the split; drop --canary/--tag/--no-traffic"
+                )
             _check_traffic(api, imp)
     code = 0
     for imp, spec in zip(functions, specs, strict=True):
-        print(f"{kind}: {imp.name} ({'image ' + spec.image if spec.image else 'built from ' + str(imp.source)})",
-              file=sys.stderr)
+        print(
+            f"{kind}: {imp.name} ({'image ' + spec.image if spec.image else 'built from ' + str(imp.source)})",
+            file=sys.stderr,
+        )
         params = deploy_params(args)
         if imp.traffic is not None:
             params = {"no_traffic": "1"}
-        rev, rc = upload(api, imp.name, pack_imported(imp), params, args, quiet_url=imp.traffic is not None)
+        rev, rc = upload(
+            api, imp.name, pack_imported(imp), params, args, quiet_url=imp.traffic is not None
+        )
         code = code or rc
         if imp.traffic is not None:
-            targets = [{"revision": t.revision or rev, "percent": t.percent, "tag": t.tag} for t in imp.traffic]
+            targets = [
+                {"revision": t.revision or rev, "percent": t.percent, "tag": t.tag}
+                for t in imp.traffic
+            ]
             out = api.call("PUT", f"/v1/functions/{imp.name}/traffic", json={"traffic": targets})
-            print(f"{rev} ready; traffic: " + ", ".join(
-                f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-                for t in out["traffic"]), file=sys.stderr)
+            print(
+                f"{rev} ready; traffic: "
+                + ", ".join(
+                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
+                    for t in out["traffic"]
+                ),
+                file=sys.stderr,
+            )
             fn = api.call("GET", f"/v1/functions/{imp.name}")
             print(fn["url"])
     return code
@@ -122,10 +148,14 @@ def _check_traffic(api: Api, imp: Imported) -> None:
     for name in named:
         if name not in revisions:
             known = ", ".join(sorted(revisions)) or "none yet"
-            die(f"deploy: {imp.name}: spec.traffic names revision {name!r}, which Torpor does not have (its "
-                f"revisions: {known}; Torpor names them {imp.name}-00001, ...)")
+            die(
+                f"deploy: {imp.name}: spec.traffic names revision {name!r}, which Torpor does not have (its "
+                f"revisions: {known}; Torpor names them {imp.name}-00001, ...)"
+            )
         if revisions[name] != "ready":
-            die(f"deploy: {imp.name}: spec.traffic names revision {name!r}, which is {revisions[name]}")
+            die(
+                f"deploy: {imp.name}: spec.traffic names revision {name!r}, which is {revisions[name]}"
+            )
 
 
 def export(api: Api, args: argparse.Namespace) -> int:

@@ -56,13 +56,20 @@ def api_token(api_url: str, state_dir: Path) -> tuple[str | None, str]:
     if os.environ.get("TORPOR_TOKEN"):
         return client_token(state_dir), "the API refused TORPOR_TOKEN"
     if (httpx.URL(api_url).host or "").strip("[]") not in LOOPBACK_HOSTS:
-        return None, f"set TORPOR_TOKEN for an API beyond loopback ({path} is sent only to an API on loopback)"
+        return (
+            None,
+            f"set TORPOR_TOKEN for an API beyond loopback ({path} is sent only to an API on loopback)",
+        )
     token = client_token(state_dir)
     if token is None:
-        return None, (f"TORPOR_TOKEN is unset and {path} is missing or unreadable; set TORPOR_TOKEN, or give "
-                      "--state-dir / TORPOR_STATE_DIR as `torpor up` had it")
-    return token, (f"the API refused the token in {path}; set TORPOR_TOKEN, or give --state-dir / "
-                   "TORPOR_STATE_DIR as `torpor up` had it")
+        return None, (
+            f"TORPOR_TOKEN is unset and {path} is missing or unreadable; set TORPOR_TOKEN, or give "
+            "--state-dir / TORPOR_STATE_DIR as `torpor up` had it"
+        )
+    return token, (
+        f"the API refused the token in {path}; set TORPOR_TOKEN, or give --state-dir / "
+        "TORPOR_STATE_DIR as `torpor up` had it"
+    )
 
 
 class Api:
@@ -81,13 +88,17 @@ class Api:
             msg = r.text[:200]
         if r.status_code == 401 and self.token_hint:
             msg = f"{msg}; {self.token_hint}"
-        return CliError(f"{msg} (HTTP {r.status_code})", EXIT_NOT_FOUND if r.status_code == 404 else EXIT_FAILED)
+        return CliError(
+            f"{msg} (HTTP {r.status_code})", EXIT_NOT_FOUND if r.status_code == 404 else EXIT_FAILED
+        )
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self.client.request(method, path, **kw)
         except httpx.ConnectError as e:
-            raise CliError(f"cannot reach the API at {self.url} ({e}); is `torpor up` running?") from e
+            raise CliError(
+                f"cannot reach the API at {self.url} ({e}); is `torpor up` running?"
+            ) from e
         except httpx.HTTPError as e:
             raise CliError(f"API call {method} {path} failed: {e}") from e
         if r.status_code >= 400:
@@ -111,8 +122,10 @@ def pack(folder: Path, warn: Callable[[str], None] | None = None) -> bytes:
                 continue
             if path.is_symlink():
                 if warn:
-                    warn(f"skipping symlink {rel} -> {os.readlink(path)}: the platform accepts regular "
-                         "files and folders only (copy the target into the folder to ship it)")
+                    warn(
+                        f"skipping symlink {rel} -> {os.readlink(path)}: the platform accepts regular "
+                        "files and folders only (copy the target into the folder to ship it)"
+                    )
                 continue
             if not (path.is_file() or path.is_dir()):
                 if warn:
@@ -139,10 +152,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = UpConfig(redis=args.redis, state_dir=_state_dir(args), log_level=args.log_level)
     if given:
         cfg.token, cfg.token_source = given
-    for key in ("driver", "host", "port", "api_host", "api_port", "domain", "max_replicas", "base_image",
-                "keep_revisions", "pause_idle", "trusted_proxies", "graceful_timeout", "head_timeout",
-                "body_timeout", "write_timeout", "max_connections", "max_buffered", "namespace", "lease_ttl",
-                "health_port", "health_host", "public_url"):
+    for key in (
+        "driver",
+        "host",
+        "port",
+        "api_host",
+        "api_port",
+        "domain",
+        "max_replicas",
+        "base_image",
+        "keep_revisions",
+        "pause_idle",
+        "trusted_proxies",
+        "graceful_timeout",
+        "head_timeout",
+        "body_timeout",
+        "write_timeout",
+        "max_connections",
+        "max_buffered",
+        "namespace",
+        "lease_ttl",
+        "health_port",
+        "health_host",
+        "public_url",
+    ):
         if hasattr(args, key):
             setattr(cfg, key, getattr(args, key))
     for key in ("api_allowed_hosts", "api_allowed_origins"):
@@ -189,15 +222,33 @@ def deploy_params(args: argparse.Namespace) -> dict[str, str]:
     return params
 
 
-def upload(api: Api, name: str, body: bytes, params: dict[str, str], args: argparse.Namespace,
-           quiet_url: bool = False) -> tuple[str, int]:
+def upload(
+    api: Api,
+    name: str,
+    body: bytes,
+    params: dict[str, str],
+    args: argparse.Namespace,
+    quiet_url: bool = False,
+) -> tuple[str, int]:
     """POST the packed function, follow the new revision (one line per phase; see
     torpor.cli.deploy) and print its URL; -> (revision, exit code). Exits when it fails."""
-    out = api.call("POST", "/v1/functions", params=params, content=body,
-                   headers={"content-type": "application/gzip"})
+    out = api.call(
+        "POST",
+        "/v1/functions",
+        params=params,
+        content=body,
+        headers={"content-type": "application/gzip"},
+    )
     rev = out["revision"]
-    code, fn = follow_deploy(api, name, rev, len(body), wait=args.wait, verbose=getattr(args, "verbose", False),
-                             quiet=getattr(args, "quiet", False))
+    code, fn = follow_deploy(
+        api,
+        name,
+        rev,
+        len(body),
+        wait=args.wait,
+        verbose=getattr(args, "verbose", False),
+        quiet=getattr(args, "quiet", False),
+    )
     if fn is None:
         sys.exit(code)
     if not quiet_url:
@@ -223,8 +274,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
         return wsclient.main(gateway, host, path, args.timeout)
     try:
-        with httpx.Client(timeout=args.timeout) as c, \
-                c.stream(method, gateway + path, content=data, headers={"Host": host}) as r:
+        with (
+            httpx.Client(timeout=args.timeout) as c,
+            c.stream(method, gateway + path, content=data, headers={"Host": host}) as r,
+        ):
             if args.verbose:
                 print(f"HTTP {r.status_code}", file=sys.stderr)
                 for k, v in r.headers.items():
@@ -245,8 +298,12 @@ def cmd_ls(api: Api, args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<24} {'LATEST':<20} {'STATUS':<10} {'READY':>5}  TRAFFIC")
     for f in fns:
-        traffic = ", ".join(f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"])
-        print(f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}")
+        traffic = ", ".join(
+            f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"]
+        )
+        print(
+            f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}"
+        )
     print(_leader_line(api))
     return 0
 
@@ -273,24 +330,32 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
     lead = st.get("leader")
     if lead:
         held = _ago(lead["since"]) if lead.get("since") else "?"
-        print(f"Leader:  {lead['id']}  host {lead.get('host') or '?'}  pid {lead.get('pid') or '?'}  "
-              f"token {lead['token']}  for {held}  lease expires in {lead['lease_expires_in']:.1f}s")
+        print(
+            f"Leader:  {lead['id']}  host {lead.get('host') or '?'}  pid {lead.get('pid') or '?'}  "
+            f"token {lead['token']}  for {held}  lease expires in {lead['lease_expires_in']:.1f}s"
+        )
     else:
         print("Leader:  none (no controller holds the lease: nothing is started or stopped)")
     print(f"\n{'KIND':<11} {'ID':<40} {'ROLE':<8} {'HOST':<20} {'PID':>7}  {'HEARTBEAT':>9}")
     for c in st["controllers"]:
-        print(f"{'controller':<11} {c['id'][:40]:<40} {c.get('role', '?'):<8} {str(c.get('host', '?'))[:20]:<20} "
-              f"{c.get('pid', '?'):>7}  {c['age']:>8.1f}s")
+        print(
+            f"{'controller':<11} {c['id'][:40]:<40} {c.get('role', '?'):<8} {str(c.get('host', '?'))[:20]:<20} "
+            f"{c.get('pid', '?'):>7}  {c['age']:>8.1f}s"
+        )
     for g in st["gateways"]:
-        print(f"{'gateway':<11} {g['id'][:40]:<40} {'-':<8} {str(g.get('host', '?'))[:20]:<20} "
-              f"{g.get('pid', '?'):>7}  {g['age']:>8.1f}s")
+        print(
+            f"{'gateway':<11} {g['id'][:40]:<40} {'-':<8} {str(g.get('host', '?'))[:20]:<20} "
+            f"{g.get('pid', '?'):>7}  {g['age']:>8.1f}s"
+        )
     counts = st["counts"]
 
     def pairs(d: dict[str, int]) -> str:
         return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
-    print(f"\nFunctions: {counts['functions']}   revisions: {pairs(counts['revisions'])}   "
-          f"replicas: {pairs(counts['replicas'])}")
+    print(
+        f"\nFunctions: {counts['functions']}   revisions: {pairs(counts['revisions'])}   "
+        f"replicas: {pairs(counts['replicas'])}"
+    )
     return 0
 
 
@@ -302,29 +367,40 @@ def cmd_describe(api: Api, args: argparse.Namespace) -> int:
     sc = fn.get("scale") or {}
 
     def num(v: Any) -> str:
-        return "?" if v is None else f"{v:g}"  # null: a stored number that is not finite (see Problems)
+        return (
+            "?" if v is None else f"{v:g}"
+        )  # null: a stored number that is not finite (see Problems)
 
     if sc:
-        print(f"Scale:    min {sc['min']}  max {sc['max']}  target {num(sc['target'])}  concurrency {sc['concurrency']}"
-              f"  idle {num(sc['idle'])}s  window {num(sc['window'])}s")
+        print(
+            f"Scale:    min {sc['min']}  max {sc['max']}  target {num(sc['target'])}  concurrency {sc['concurrency']}"
+            f"  idle {num(sc['idle'])}s  window {num(sc['window'])}s"
+        )
     latest = fn["revisions"][-1]["spec"] if fn["revisions"] else {}
     if latest.get("secrets"):  # names only: the API never returns a value
-        print("Secrets:  " + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items())))
+        print(
+            "Secrets:  "
+            + "  ".join(f"{env} <- {name}" for env, name in sorted(latest["secrets"].items()))
+        )
     for problem in fn.get("problems", []):
         print(f"Problem:  {problem}")
     print(_leader_line(api))
     if fn.get("rollout"):
         ro = fn["rollout"]
-        print(f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
-              f"({ro['steps'][min(ro['step'], len(ro['steps']) - 1)]}%)  {ro['state']}  {ro['reason']}")
+        print(
+            f"Rollout:  {ro['stable']} -> {ro['to']}  step {ro['step'] + 1}/{len(ro['steps'])} "
+            f"({ro['steps'][min(ro['step'], len(ro['steps']) - 1)]}%)  {ro['state']}  {ro['reason']}"
+        )
     print("\nRevisions:")
     for r in reversed(fn["revisions"]):
         tags = f" tags={','.join(r['tags'])}" if r["tags"] else ""
         reason = f"  {r['reason'].splitlines()[0][:200]}" if r["reason"] else ""
         reps = [x for x in fn["replicas"] if x["revision"] == r["name"]]
         ready = sum(1 for x in reps if x["state"] == "ready")
-        print(f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}"
-              f"  replicas {ready}/{len(reps)} ready{tags}{reason}")
+        print(
+            f"  {r['name']:<20} {r['status']:<9} {r['traffic']:>3}%  age {_ago(r['created']):>4}"
+            f"  replicas {ready}/{len(reps)} ready{tags}{reason}"
+        )
     print("\nReplicas:")
     if not fn["replicas"]:
         print("  (none: scaled to zero)")
@@ -350,7 +426,9 @@ def cmd_logs(api: Api, args: argparse.Namespace) -> int:
         return 0
     params = {"follow": "1" if args.follow else "0", "tail": str(args.tail)}
     try:
-        with api.client.stream("GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None) as r:
+        with api.client.stream(
+            "GET", f"/v1/functions/{args.name}/logs", params=params, timeout=None
+        ) as r:
             if r.status_code >= 400:
                 r.read()
                 raise api.failure(r)
@@ -379,20 +457,29 @@ def cmd_traffic(api: Api, args: argparse.Namespace) -> int:
         targets.append({"revision": rev, "percent": int(pct), "tag": tags.pop(rev, None)})
     targets += [{"revision": rev, "percent": 0, "tag": tag} for rev, tag in tags.items()]
     out = api.call("PUT", f"/v1/functions/{args.name}/traffic", json={"traffic": targets})
-    print(", ".join(f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-                    for t in out["traffic"]))
+    print(
+        ", ".join(
+            f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
+            for t in out["traffic"]
+        )
+    )
     return 0
 
 
 def cmd_scale(api: Api, args: argparse.Namespace) -> int:
-    body = {k: getattr(args, k) for k in ("min", "max", "replicas", "target", "concurrency")
-            if getattr(args, k) is not None}
+    body = {
+        k: getattr(args, k)
+        for k in ("min", "max", "replicas", "target", "concurrency")
+        if getattr(args, k) is not None
+    }
     if not body:
         die("scale: give at least one of --min --max --replicas --target --concurrency")
     out = api.call("PATCH", f"/v1/functions/{args.name}/scale", json=body)
     sc = out.get("scale") or {}
-    print(f"{args.name}: min {sc.get('min')} max {sc.get('max')} target {sc.get('target')} "
-          f"concurrency {sc.get('concurrency')}")
+    print(
+        f"{args.name}: min {sc.get('min')} max {sc.get('max')} target {sc.get('target')} "
+        f"concurrency {sc.get('concurrency')}"
+    )
     return 0
 
 
@@ -408,8 +495,9 @@ def cmd_images(args: argparse.Namespace) -> int:
         from torpor.drivers.runtimeimage import RuntimeImageError, build_runtime_image
 
         try:
-            tag = build_runtime_image(tag=args.tag, base=args.base,
-                                      progress=lambda line: print(line, file=sys.stderr))
+            tag = build_runtime_image(
+                tag=args.tag, base=args.base, progress=lambda line: print(line, file=sys.stderr)
+            )
         except RuntimeImageError as e:
             die(f"images build-runtime: {e}")
         print(tag)
@@ -429,7 +517,9 @@ def _size_arg(text: str) -> int:
     try:
         size = parse_size(text, "size")
     except SpecError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64Mi, 1Gi or 512Ki, got {text[:40]!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 64Mi, 1Gi or 512Ki, got {text[:40]!r}"
+        ) from None
     if size < 1:
         raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text[:40]!r}")
     return size
@@ -445,85 +535,182 @@ def upload_limits(args: argparse.Namespace) -> Any:
     """The ``ArchiveLimits`` of ``--max-upload/--max-unpacked/--max-members/--max-depth``."""
     from torpor.archive import ArchiveLimits
 
-    return ArchiveLimits(max_upload=args.max_upload, max_unpacked=args.max_unpacked,
-                         max_members=args.max_members, max_depth=args.max_depth)
+    return ArchiveLimits(
+        max_upload=args.max_upload,
+        max_unpacked=args.max_unpacked,
+        max_members=args.max_members,
+        max_depth=args.max_depth,
+    )
 
 
 def add_upload_limits(sp: argparse.ArgumentParser) -> None:
     """The caps on a deploy's upload (``torpor.archive.ArchiveLimits``), env defaults."""
     env = os.environ.get
-    sp.add_argument("--max-upload", type=_size_arg, default=env("TORPOR_MAX_UPLOAD", "64Mi"), metavar="SIZE",
-                    help="largest deploy upload, compressed (env TORPOR_MAX_UPLOAD; default 64Mi)")
-    sp.add_argument("--max-unpacked", type=_size_arg, default=env("TORPOR_MAX_UNPACKED", "256Mi"), metavar="SIZE",
-                    help="largest function folder once unpacked (env TORPOR_MAX_UNPACKED; default 256Mi)")
-    sp.add_argument("--max-members", type=_count_arg, default=env("TORPOR_MAX_MEMBERS", "10000"), metavar="N",
-                    help="most files and folders in an upload (env TORPOR_MAX_MEMBERS; default 10000)")
-    sp.add_argument("--max-depth", type=_count_arg, default=env("TORPOR_MAX_DEPTH", "32"), metavar="N",
-                    help="deepest path in an upload, in folders (env TORPOR_MAX_DEPTH; default 32)")
+    sp.add_argument(
+        "--max-upload",
+        type=_size_arg,
+        default=env("TORPOR_MAX_UPLOAD", "64Mi"),
+        metavar="SIZE",
+        help="largest deploy upload, compressed (env TORPOR_MAX_UPLOAD; default 64Mi)",
+    )
+    sp.add_argument(
+        "--max-unpacked",
+        type=_size_arg,
+        default=env("TORPOR_MAX_UNPACKED", "256Mi"),
+        metavar="SIZE",
+        help="largest function folder once unpacked (env TORPOR_MAX_UNPACKED; default 256Mi)",
+    )
+    sp.add_argument(
+        "--max-members",
+        type=_count_arg,
+        default=env("TORPOR_MAX_MEMBERS", "10000"),
+        metavar="N",
+        help="most files and folders in an upload (env TORPOR_MAX_MEMBERS; default 10000)",
+    )
+    sp.add_argument(
+        "--max-depth",
+        type=_count_arg,
+        default=env("TORPOR_MAX_DEPTH", "32"),
+        metavar="N",
+        help="deepest path in an upload, in folders (env TORPOR_MAX_DEPTH; default 32)",
+    )
 
 
 def _gateway_limits(sp: argparse.ArgumentParser) -> None:
     """The gateway's bounds on what one client can hold (`torpor up` and `torpor gateway`)."""
     env = os.environ.get
     g = sp.add_argument_group("gateway limits (each also from the environment variable named)")
-    g.add_argument("--trusted-proxies", default=env("TORPOR_TRUSTED_PROXIES", ""), metavar="CIDR,...",
-                   help="peers whose Forwarded/X-Forwarded-* headers are appended to rather than replaced "
-                   "(TORPOR_TRUSTED_PROXIES; default: none, not even loopback)")
-    g.add_argument("--graceful-timeout", type=float, default=env("TORPOR_GRACEFUL_TIMEOUT", "30"),
-                   metavar="SECONDS", help="on SIGTERM, in-flight requests get this long, then are cut off "
-                   "(TORPOR_GRACEFUL_TIMEOUT; default 30)")
-    g.add_argument("--head-timeout", type=float, default=env("TORPOR_HEAD_TIMEOUT", "10"), metavar="SECONDS",
-                   help="a request head must arrive whole within this, else 408 (TORPOR_HEAD_TIMEOUT; default 10)")
-    g.add_argument("--body-timeout", type=float, default=env("TORPOR_BODY_TIMEOUT", "30"), metavar="SECONDS",
-                   help="silence allowed while a request body is coming, else 408 (TORPOR_BODY_TIMEOUT; "
-                   "default 30)")
-    g.add_argument("--write-timeout", type=float, default=env("TORPOR_WRITE_TIMEOUT", "30"), metavar="SECONDS",
-                   help="a client that reads nothing of its response for this long is disconnected "
-                   "(TORPOR_WRITE_TIMEOUT; default 30)")
-    g.add_argument("--max-connections", type=int, default=env("TORPOR_MAX_CONNECTIONS", "10000"), metavar="N",
-                   help="open client connections; beyond: 503 + Retry-After (TORPOR_MAX_CONNECTIONS; "
-                   "default 10000)")
-    g.add_argument("--max-buffered", type=_size_arg, default=env("TORPOR_MAX_BUFFERED", "256Mi"), metavar="SIZE",
-                   help="request body bytes the gateway holds at once, all requests; beyond: 503 + "
-                   "Retry-After (TORPOR_MAX_BUFFERED; default 256Mi)")
+    g.add_argument(
+        "--trusted-proxies",
+        default=env("TORPOR_TRUSTED_PROXIES", ""),
+        metavar="CIDR,...",
+        help="peers whose Forwarded/X-Forwarded-* headers are appended to rather than replaced "
+        "(TORPOR_TRUSTED_PROXIES; default: none, not even loopback)",
+    )
+    g.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=env("TORPOR_GRACEFUL_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="on SIGTERM, in-flight requests get this long, then are cut off "
+        "(TORPOR_GRACEFUL_TIMEOUT; default 30)",
+    )
+    g.add_argument(
+        "--head-timeout",
+        type=float,
+        default=env("TORPOR_HEAD_TIMEOUT", "10"),
+        metavar="SECONDS",
+        help="a request head must arrive whole within this, else 408 (TORPOR_HEAD_TIMEOUT; default 10)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        default=env("TORPOR_BODY_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="silence allowed while a request body is coming, else 408 (TORPOR_BODY_TIMEOUT; "
+        "default 30)",
+    )
+    g.add_argument(
+        "--write-timeout",
+        type=float,
+        default=env("TORPOR_WRITE_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="a client that reads nothing of its response for this long is disconnected "
+        "(TORPOR_WRITE_TIMEOUT; default 30)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=env("TORPOR_MAX_CONNECTIONS", "10000"),
+        metavar="N",
+        help="open client connections; beyond: 503 + Retry-After (TORPOR_MAX_CONNECTIONS; "
+        "default 10000)",
+    )
+    g.add_argument(
+        "--max-buffered",
+        type=_size_arg,
+        default=env("TORPOR_MAX_BUFFERED", "256Mi"),
+        metavar="SIZE",
+        help="request body bytes the gateway holds at once, all requests; beyond: 503 + "
+        "Retry-After (TORPOR_MAX_BUFFERED; default 256Mi)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torpor", description="Scale-to-zero functions.", epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="torpor",
+        description="Scale-to-zero functions.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"torpor {version()}")
-    p.add_argument("--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)")
-    p.add_argument("--state-dir", dest="global_state_dir", metavar="DIR",
-                   help="state directory of `torpor up`, whose token file the CLI sends when TORPOR_TOKEN is "
-                   "unset (env TORPOR_STATE_DIR; default ~/.local/share/torpor)")
+    p.add_argument(
+        "--api", default=os.environ.get("TORPOR_API", DEFAULT_API), help="API URL (env TORPOR_API)"
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="global_state_dir",
+        metavar="DIR",
+        help="state directory of `torpor up`, whose token file the CLI sends when TORPOR_TOKEN is "
+        "unset (env TORPOR_STATE_DIR; default ~/.local/share/torpor)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="run the platform in the foreground")
     gw = sub.add_parser("gateway", help="run one gateway (distributed mode: needs --redis)")
-    ctl = sub.add_parser("controller", help="run the controller and autoscaler (distributed mode: needs --redis)")
+    ctl = sub.add_parser(
+        "controller", help="run the controller and autoscaler (distributed mode: needs --redis)"
+    )
     ap = sub.add_parser("api", help="run the control API (distributed mode: needs --redis)")
     for sp in (up, gw, ctl, ap):
-        sp.add_argument("--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)")
-        sp.add_argument("--state-dir", help="where state persists (env TORPOR_STATE_DIR; default "
-                        "~/.local/share/torpor)")
+        sp.add_argument(
+            "--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)"
+        )
+        sp.add_argument(
+            "--state-dir",
+            help="where state persists (env TORPOR_STATE_DIR; default ~/.local/share/torpor)",
+        )
         sp.add_argument("--log-level", default="warning")
         sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
     for sp in (up, ctl):
-        sp.add_argument("--driver", default=os.environ.get("TORPOR_DRIVER") or "auto",
-                        choices=["auto", "process", "docker", "kubernetes"],
-                        help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)")
-        sp.add_argument("--namespace", default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
-                        help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
-                        "controller's own namespace in a cluster, else the kubeconfig's, else default)")
-        sp.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
-        sp.add_argument("--keep-revisions", type=int, default=5, help="retired revisions kept before garbage collection")
+        sp.add_argument(
+            "--driver",
+            default=os.environ.get("TORPOR_DRIVER") or "auto",
+            choices=["auto", "process", "docker", "kubernetes"],
+            help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)",
+        )
+        sp.add_argument(
+            "--namespace",
+            default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
+            help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
+            "controller's own namespace in a cluster, else the kubeconfig's, else default)",
+        )
+        sp.add_argument(
+            "--max-replicas", type=int, default=100, help="platform cap on replicas per revision"
+        )
+        sp.add_argument(
+            "--keep-revisions",
+            type=int,
+            default=5,
+            help="retired revisions kept before garbage collection",
+        )
         sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
-        sp.add_argument("--pause-idle", type=finite_float, default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
-                        metavar="SECONDS", help="keep a replica scaled to zero paused (no CPU, memory kept) this "
-                        "long for a fast wake before removing it; 0 = off")
-        sp.add_argument("--lease-ttl", type=finite_float, default=os.environ.get("TORPOR_LEASE_TTL", "5"),
-                        metavar="SECONDS", help="controller lease: only its holder acts; a standby takes over "
-                        "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)")
+        sp.add_argument(
+            "--pause-idle",
+            type=finite_float,
+            default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
+            metavar="SECONDS",
+            help="keep a replica scaled to zero paused (no CPU, memory kept) this "
+            "long for a fast wake before removing it; 0 = off",
+        )
+        sp.add_argument(
+            "--lease-ttl",
+            type=finite_float,
+            default=os.environ.get("TORPOR_LEASE_TTL", "5"),
+            metavar="SECONDS",
+            help="controller lease: only its holder acts; a standby takes over "
+            "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)",
+        )
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
@@ -532,35 +719,69 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (up, ap):
         sp.add_argument("--api-host", default="127.0.0.1")
         sp.add_argument("--api-port", type=int, default=8081)
-        sp.add_argument("--token-file", help="file holding the API bearer token (env TORPOR_TOKEN overrides; "
-                        "default STATE_DIR/token, generated at first start)")
-        sp.add_argument("--api-allowed-hosts", metavar="NAMES",
-                        help="comma-separated extra Host names the API answers to, name or name:port; * = any "
-                        "(env TORPOR_API_ALLOWED_HOSTS)")
-        sp.add_argument("--api-allowed-origins", metavar="ORIGINS",
-                        help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
-                        "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)")
-        sp.add_argument("--public-url", default=os.environ.get("TORPOR_PUBLIC_URL") or None, metavar="URL",
-                        help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
-                        "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
-                        "gateway's own address)")
+        sp.add_argument(
+            "--token-file",
+            help="file holding the API bearer token (env TORPOR_TOKEN overrides; "
+            "default STATE_DIR/token, generated at first start)",
+        )
+        sp.add_argument(
+            "--api-allowed-hosts",
+            metavar="NAMES",
+            help="comma-separated extra Host names the API answers to, name or name:port; * = any "
+            "(env TORPOR_API_ALLOWED_HOSTS)",
+        )
+        sp.add_argument(
+            "--api-allowed-origins",
+            metavar="ORIGINS",
+            help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
+            "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)",
+        )
+        sp.add_argument(
+            "--public-url",
+            default=os.environ.get("TORPOR_PUBLIC_URL") or None,
+            metavar="URL",
+            help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
+            "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
+            "gateway's own address)",
+        )
         add_upload_limits(sp)
     add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
-    ap.add_argument("--max-replicas", type=int, default=100, help="platform cap on replicas per revision")
-    ctl.add_argument("--health-port", type=int, default=os.environ.get("TORPOR_HEALTH_PORT") or None, metavar="N",
-                     help="serve GET /healthz and /readyz (probes) on this port (env TORPOR_HEALTH_PORT)")
-    ctl.add_argument("--health-host", default=os.environ.get("TORPOR_HEALTH_HOST", "0.0.0.0"),
-                     help="address of the health endpoint (env TORPOR_HEALTH_HOST; default 0.0.0.0)")
+    ap.add_argument(
+        "--max-replicas", type=int, default=100, help="platform cap on replicas per revision"
+    )
+    ctl.add_argument(
+        "--health-port",
+        type=int,
+        default=os.environ.get("TORPOR_HEALTH_PORT") or None,
+        metavar="N",
+        help="serve GET /healthz and /readyz (probes) on this port (env TORPOR_HEALTH_PORT)",
+    )
+    ctl.add_argument(
+        "--health-host",
+        default=os.environ.get("TORPOR_HEALTH_HOST", "0.0.0.0"),
+        help="address of the health endpoint (env TORPOR_HEALTH_HOST; default 0.0.0.0)",
+    )
 
-    d = sub.add_parser("deploy", help="build, create a revision, route traffic (a folder, a Knative service.yaml "
-                       "or an OpenFaaS stack.yml)")
-    d.add_argument("dir", nargs="?", default=".", help="function folder, or a Knative/OpenFaaS file")
+    d = sub.add_parser(
+        "deploy",
+        help="build, create a revision, route traffic (a folder, a Knative service.yaml "
+        "or an OpenFaaS stack.yml)",
+    )
+    d.add_argument(
+        "dir", nargs="?", default=".", help="function folder, or a Knative/OpenFaaS file"
+    )
     d.add_argument("--filter", metavar="NAME", help="OpenFaaS stack: deploy only this function")
     d.add_argument("--canary", type=int, metavar="PCT")
     d.add_argument("--tag")
     d.add_argument("--no-traffic", action="store_true")
-    d.add_argument("--no-watch", action="store_true", help="with --canary: return once ready, leave the rollout running")
-    d.add_argument("--wait", type=finite_float, default=600.0, help="seconds to wait for the revision")
+    d.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="with --canary: return once ready, leave the rollout running",
+    )
+    d.add_argument(
+        "--wait", type=finite_float, default=600.0, help="seconds to wait for the revision"
+    )
     d.add_argument("-v", "--verbose", action="store_true", help="stream the whole build log")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the URL")
 
@@ -573,19 +794,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gateway", help="gateway URL (env TORPOR_GATEWAY)")
     i.add_argument("--timeout", type=finite_float, default=60.0)
     i.add_argument("-v", "--verbose", action="store_true")
-    i.add_argument("--async", dest="async_", action="store_true", help="queue the call; print its id")
+    i.add_argument(
+        "--async", dest="async_", action="store_true", help="queue the call; print its id"
+    )
     i.add_argument("--callback", help="with --async: URL the result is POSTed to (X-Callback-Url)")
-    i.add_argument("--ws", action="store_true",
-                   help="open a WebSocket: stdin lines are sent, messages are printed")
+    i.add_argument(
+        "--ws",
+        action="store_true",
+        help="open a WebSocket: stdin lines are sent, messages are printed",
+    )
 
-    stp = sub.add_parser("status", help="which controller leads, standbys and gateways seen, counts")
+    stp = sub.add_parser(
+        "status", help="which controller leads, standbys and gateways seen, counts"
+    )
     add_output(stp)
     ls = sub.add_parser("ls", help="list functions")
     add_output(ls)
     de = sub.add_parser("describe", help="one function's revisions, traffic, replicas, events")
     de.add_argument("name")
     add_output(de)
-    ex = sub.add_parser("export", help="write a function as a Knative Service or an OpenFaaS stack entry")
+    ex = sub.add_parser(
+        "export", help="write a function as a Knative Service or an OpenFaaS stack entry"
+    )
     ex.add_argument("name")
     ex.add_argument("--format", choices=["knative", "openfaas"], default="knative")
     rm = sub.add_parser("delete", help="remove a function, its revisions and replicas")
@@ -594,8 +824,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("name")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("--tail", type=int, default=200)
-    lg.add_argument("--build", nargs="?", const="", metavar="REVISION",
-                    help="the last build log (of REVISION, default the newest build) instead of replica logs")
+    lg.add_argument(
+        "--build",
+        nargs="?",
+        const="",
+        metavar="REVISION",
+        help="the last build log (of REVISION, default the newest build) instead of replica logs",
+    )
     tr = sub.add_parser("traffic", help="set the traffic split: REV=PCT ...")
     tr.add_argument("name")
     tr.add_argument("split", nargs="+", metavar="REV=PCT")
@@ -617,10 +852,16 @@ def build_parser() -> argparse.ArgumentParser:
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
     bb.add_argument("--name")
     bb.add_argument("--force", action="store_true")
-    br = im_sub.add_parser("build-runtime", help="build the generic runtime image of source functions on a cluster "
-                           "(push it to your registry; TORPOR_RUNTIME_IMAGE)")
+    br = im_sub.add_parser(
+        "build-runtime",
+        help="build the generic runtime image of source functions on a cluster "
+        "(push it to your registry; TORPOR_RUNTIME_IMAGE)",
+    )
     br.add_argument("--tag", help="image tag (default torpor/runtime:VERSION)")
-    br.add_argument("--base", help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)")
+    br.add_argument(
+        "--base",
+        help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)",
+    )
     API_COMMANDS.update(add_parsers(sub))
     API_COMMANDS.update(add_secret_parsers(sub))
     API_COMMANDS.update(add_call_parsers(sub))
@@ -632,8 +873,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 API_COMMANDS: dict[str, Any] = {
-    "deploy": cmd_deploy, "ls": cmd_ls, "describe": cmd_describe, "delete": cmd_delete, "logs": cmd_logs,
-    "traffic": cmd_traffic, "scale": cmd_scale, "top": cmd_top, "export": lambda api, args: cmd_export(api, args),
+    "deploy": cmd_deploy,
+    "ls": cmd_ls,
+    "describe": cmd_describe,
+    "delete": cmd_delete,
+    "logs": cmd_logs,
+    "traffic": cmd_traffic,
+    "scale": cmd_scale,
+    "top": cmd_top,
+    "export": lambda api, args: cmd_export(api, args),
     "status": cmd_status,
 }
 

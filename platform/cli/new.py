@@ -47,7 +47,7 @@ def available() -> dict[str, dict[str, str]]:
 def _describe(tpl: Traversable) -> str:
     handler = tpl.joinpath("handler.py")
     if handler.is_file():
-        first = handler.read_text(encoding="utf-8").lstrip('"\' \n').splitlines()[0]
+        first = handler.read_text(encoding="utf-8").lstrip("\"' \n").splitlines()[0]
         return first.replace(f"{PLACEHOLDER}: ", "").strip()
     return ""
 
@@ -65,7 +65,9 @@ def _files(tpl: Traversable, prefix: str = "") -> list[tuple[str, Traversable]]:
     return out
 
 
-def create(name: str, parent: Path, lang: str = DEFAULT_LANG, template: str = DEFAULT_TEMPLATE) -> Path:
+def create(
+    name: str, parent: Path, lang: str = DEFAULT_LANG, template: str = DEFAULT_TEMPLATE
+) -> Path:
     """Write ``parent/name`` from the template; the folder written."""
     try:
         validate_name(name, "name")
@@ -73,10 +75,14 @@ def create(name: str, parent: Path, lang: str = DEFAULT_LANG, template: str = DE
         raise NewError(str(e)) from None
     found = available()
     if lang not in found:
-        raise NewError(f"--lang {lang!r}: no such language; templates exist for {', '.join(sorted(found))}")
+        raise NewError(
+            f"--lang {lang!r}: no such language; templates exist for {', '.join(sorted(found))}"
+        )
     if template not in found[lang]:
-        raise NewError(f"--template {template!r}: no such {lang} template; expected one of "
-                       f"{', '.join(sorted(found[lang]))}")
+        raise NewError(
+            f"--template {template!r}: no such {lang} template; expected one of "
+            f"{', '.join(sorted(found[lang]))}"
+        )
     dest = parent / name
     if dest.exists() or dest.is_symlink():
         raise NewError(f"{dest} already exists; choose another name or remove it first")
@@ -107,8 +113,13 @@ def cmd_new(args: argparse.Namespace) -> int:
         print(f"torpor: new: {e}", file=sys.stderr)
         return 2 if "already exists" not in str(e) else 1
     shown = dest if args.dir != "." else Path(args.name)
-    print(f"created {shown}/ ({args.lang} {args.template}): " + ", ".join(r for r, _ in _files(
-        templates_root().joinpath(args.lang).joinpath(args.template))), file=sys.stderr)
+    print(
+        f"created {shown}/ ({args.lang} {args.template}): "
+        + ", ".join(
+            r for r, _ in _files(templates_root().joinpath(args.lang).joinpath(args.template))
+        ),
+        file=sys.stderr,
+    )
     print(f"next: torpor deploy {shown}   (test it: cd {shown} && pytest)", file=sys.stderr)
     return 0
 
@@ -117,6 +128,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("new", help="write a new function folder from a template")
     p.add_argument("name", nargs="?", help="the function's name (and its folder's)")
     p.add_argument("--lang", default=DEFAULT_LANG, help=f"language (default {DEFAULT_LANG})")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"template (default {DEFAULT_TEMPLATE}; see --list)")
-    p.add_argument("--dir", default=".", metavar="PARENT", help="where to create the folder (default .)")
+    p.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"template (default {DEFAULT_TEMPLATE}; see --list)",
+    )
+    p.add_argument(
+        "--dir", default=".", metavar="PARENT", help="where to create the folder (default .)"
+    )
     p.add_argument("--list", action="store_true", help="show the templates")

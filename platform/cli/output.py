@@ -34,9 +34,16 @@ FORMATS = ("table", "json", "yaml")
 
 def add_output(p: argparse.ArgumentParser) -> None:
     """``-o/--output table|json|yaml`` and the older ``--json`` alias."""
-    p.add_argument("-o", "--output", choices=FORMATS, default="table",
-                   help="output format (default table); json and yaml print the API's JSON")
-    p.add_argument("--json", dest="output", action="store_const", const="json", help="same as -o json")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default="table",
+        help="output format (default table); json and yaml print the API's JSON",
+    )
+    p.add_argument(
+        "--json", dest="output", action="store_const", const="json", help="same as -o json"
+    )
 
 
 def wants_data(args: argparse.Namespace) -> bool:
@@ -53,6 +60,7 @@ def emit(args: argparse.Namespace, data: Any) -> bool:
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return True
     return False
+
 
 EXIT_CODES = """exit codes:
   0  ok

@@ -13,7 +13,9 @@ from typing import Any, TextIO
 
 
 class Phases:
-    def __init__(self, quiet: bool = False, stream: TextIO | None = None, live: bool | None = None) -> None:
+    def __init__(
+        self, quiet: bool = False, stream: TextIO | None = None, live: bool | None = None
+    ) -> None:
         self.out = stream or sys.stderr
         self.quiet = quiet
         self.live = (not quiet) and (self.out.isatty() if live is None else live)

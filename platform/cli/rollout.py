@@ -53,8 +53,10 @@ def _steps(text: str) -> list[int]:
 
 
 def _traffic(traffic: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
-                     for t in traffic)
+    return ", ".join(
+        f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
+        for t in traffic
+    )
 
 
 def _step_line(ro: dict[str, Any]) -> str:
@@ -67,17 +69,22 @@ def _status(ro: dict[str, Any] | None, traffic: list[dict[str, Any]]) -> str:
     if ro is None:
         return f"no rollout; traffic: {_traffic(traffic)}"
     pol = ro.get("policy") or {}
-    lines = [f"rollout {ro['stable']} -> {ro['to']}: {ro['state']}" + (f" ({ro['reason']})" if ro["reason"] else ""),
-             f"  steps {','.join(map(str, ro['steps']))}, every {pol.get('interval', 0):g}s, max 5xx "
-             f"{pol.get('max_error_ratio', 0):.1%}, max p95 x{pol.get('max_p95_ratio', 0):g}, "
-             f"min {pol.get('min_requests', 0)} requests"]
+    lines = [
+        f"rollout {ro['stable']} -> {ro['to']}: {ro['state']}"
+        + (f" ({ro['reason']})" if ro["reason"] else ""),
+        f"  steps {','.join(map(str, ro['steps']))}, every {pol.get('interval', 0):g}s, max 5xx "
+        f"{pol.get('max_error_ratio', 0):.1%}, max p95 x{pol.get('max_p95_ratio', 0):g}, "
+        f"min {pol.get('min_requests', 0)} requests",
+    ]
     if ro["state"] in ACTIVE:
         lines.append(f"  {_step_line(ro)}, for {max(0, int(time.time() - ro['step_started']))}s")
     lines.append(f"  traffic: {_traffic(traffic)}")
     return "\n".join(lines)
 
 
-def watch(api: Any, name: str, to: str | None = None, timeout: float | None = None, every: float = 0.5) -> int:
+def watch(
+    api: Any, name: str, to: str | None = None, timeout: float | None = None, every: float = 0.5
+) -> int:
     """Follow the rollout of ``name`` (to ``to``, if given) until it ends; print each step
     change. 0 once promoted, 1 once rolled back or aborted."""
     deadline = time.monotonic() + timeout if timeout else None
@@ -88,21 +95,30 @@ def watch(api: Any, name: str, to: str | None = None, timeout: float | None = No
             ro, tr = out["rollout"], out["traffic"]
             if ro is None or (to is not None and ro["to"] != to):
                 if shown is not None and ro is not None:
-                    _fail(f"rollout: superseded by a rollout to {ro['to']}; traffic: {_traffic(tr)}")
+                    _fail(
+                        f"rollout: superseded by a rollout to {ro['to']}; traffic: {_traffic(tr)}"
+                    )
                 print(f"no rollout to {to or 'watch'}; traffic: {_traffic(tr)}", file=sys.stderr)
                 return 0
             key = (ro["to"], ro["step"], ro["state"])
             if key != shown:
                 if shown is None:
-                    print(f"rollout {ro['stable']} -> {ro['to']}: steps {','.join(map(str, ro['steps']))}",
-                          file=sys.stderr)
+                    print(
+                        f"rollout {ro['stable']} -> {ro['to']}: steps {','.join(map(str, ro['steps']))}",
+                        file=sys.stderr,
+                    )
                 if ro["state"] == "running":
-                    print(f"  {_step_line(ro)}" + (f"  ({ro['reason']})" if ro["reason"] else ""), file=sys.stderr)
+                    print(
+                        f"  {_step_line(ro)}" + (f"  ({ro['reason']})" if ro["reason"] else ""),
+                        file=sys.stderr,
+                    )
                 elif ro["state"] == "paused":
                     print(f"  paused at {_step_line(ro)}", file=sys.stderr)
                 shown = key
             if ro["state"] == "promoted":
-                print(f"promoted {ro['to']}: {ro['reason']}; traffic: {_traffic(tr)}", file=sys.stderr)
+                print(
+                    f"promoted {ro['to']}: {ro['reason']}; traffic: {_traffic(tr)}", file=sys.stderr
+                )
                 return 0
             if ro["state"] == "rolled_back":
                 print(f"rolled back to {ro['stable']}; traffic: {_traffic(tr)}", file=sys.stderr)
@@ -110,18 +126,25 @@ def watch(api: Any, name: str, to: str | None = None, timeout: float | None = No
             if ro["state"] == "aborted":
                 _fail(f"rollout: aborted: {ro['reason']}; traffic: {_traffic(tr)}")
             if deadline is not None and time.monotonic() > deadline:
-                _fail(f"rollout: still {ro['state']} after {timeout:g}s (it goes on; torpor rollout {name} --watch)")
+                _fail(
+                    f"rollout: still {ro['state']} after {timeout:g}s (it goes on; torpor rollout {name} --watch)"
+                )
             time.sleep(every)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; the rollout goes on (torpor rollout {name} --watch)", file=sys.stderr)
+        print(
+            f"\nstopped watching; the rollout goes on (torpor rollout {name} --watch)",
+            file=sys.stderr,
+        )
         return 130
 
 
 def cmd_rollout(api: Any, args: argparse.Namespace) -> int:
     name = args.name
     action = next((a for a in ("pause", "resume", "promote", "abort") if getattr(args, a)), None)
-    policy_given = any(getattr(args, k) is not None for k in
-                       ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests"))
+    policy_given = any(
+        getattr(args, k) is not None
+        for k in ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_requests")
+    )
     if action is not None:
         if policy_given:
             _fail(f"rollout: --{action} takes no policy options")
@@ -148,7 +171,10 @@ def cmd_rollout(api: Any, args: argparse.Namespace) -> int:
             body[k] = v
     out = api.call("POST", f"/v1/functions/{name}/rollout", json=body)
     ro = out["rollout"]
-    print(f"rollout {ro['stable']} -> {ro['to']} started; traffic: {_traffic(out['traffic'])}", file=sys.stderr)
+    print(
+        f"rollout {ro['stable']} -> {ro['to']} started; traffic: {_traffic(out['traffic'])}",
+        file=sys.stderr,
+    )
     if args.no_watch:
         return 0
     return watch(api, name, to=args.to, timeout=args.timeout)
@@ -162,22 +188,48 @@ def cmd_rollback(api: Any, args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> dict[str, Callable[[Any, argparse.Namespace], int]]:
     """Add subcommands to ``sub``; return {command name: handler(api, args)}."""
-    ro = sub.add_parser("rollout", help="start, watch, pause, resume, promote or abort a gradual rollout")
+    ro = sub.add_parser(
+        "rollout", help="start, watch, pause, resume, promote or abort a gradual rollout"
+    )
     ro.add_argument("name")
     acts = ro.add_mutually_exclusive_group()
-    acts.add_argument("--to", metavar="REV", help="start a rollout to this revision (then watch it)")
+    acts.add_argument(
+        "--to", metavar="REV", help="start a rollout to this revision (then watch it)"
+    )
     acts.add_argument("--pause", action="store_true", help="hold traffic at the current step")
-    acts.add_argument("--resume", action="store_true", help="continue a paused rollout (the step is measured afresh)")
+    acts.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a paused rollout (the step is measured afresh)",
+    )
     acts.add_argument("--promote", action="store_true", help="give the candidate 100%% now")
-    acts.add_argument("--abort", action="store_true", help="stop; all traffic back to the stable revision")
-    ro.add_argument("--steps", type=_steps, metavar="P,P,...", help="percents per step, ending with 100")
+    acts.add_argument(
+        "--abort", action="store_true", help="stop; all traffic back to the stable revision"
+    )
+    ro.add_argument(
+        "--steps", type=_steps, metavar="P,P,...", help="percents per step, ending with 100"
+    )
     ro.add_argument("--interval", metavar="DURATION", help="minimum time per step (30s, 2m)")
-    ro.add_argument("--max-error-ratio", type=finite_float, metavar="F", help="canary 5xx/requests that rolls back")
-    ro.add_argument("--max-p95-ratio", type=finite_float, metavar="F", help="canary p95 / stable p95 that rolls back")
-    ro.add_argument("--min-requests", type=int, metavar="N", help="canary requests per step before judging")
+    ro.add_argument(
+        "--max-error-ratio",
+        type=finite_float,
+        metavar="F",
+        help="canary 5xx/requests that rolls back",
+    )
+    ro.add_argument(
+        "--max-p95-ratio",
+        type=finite_float,
+        metavar="F",
+        help="canary p95 / stable p95 that rolls back",
+    )
+    ro.add_argument(
+        "--min-requests", type=int, metavar="N", help="canary requests per step before judging"
+    )
     ro.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
     ro.add_argument("--no-watch", action="store_true", help="with --to: start it and return")
-    ro.add_argument("--timeout", type=finite_float, metavar="S", help="stop watching after S seconds (exit 1)")
+    ro.add_argument(
+        "--timeout", type=finite_float, metavar="S", help="stop watching after S seconds (exit 1)"
+    )
     add_output(ro)
     rb = sub.add_parser("rollback", help="all traffic back to the previous stable revision")
     rb.add_argument("name")

@@ -61,7 +61,15 @@ def read_value(name: str, from_file: str | None) -> bytes:
 
 def _ago(t: float) -> str:
     s = max(0, int(time.time() - t))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+    return (
+        f"{s}s"
+        if s < 120
+        else f"{s // 60}m"
+        if s < 7200
+        else f"{s // 3600}h"
+        if s < 172800
+        else f"{s // 86400}d"
+    )
 
 
 def cmd_secret(api: Any, args: argparse.Namespace) -> int:
@@ -69,11 +77,18 @@ def cmd_secret(api: Any, args: argparse.Namespace) -> int:
         value = read_value(args.name, args.from_file)
         if not value:
             _fail("secret set: the value is empty")
-        out = api.call("PUT", f"/v1/secrets/{args.name}", content=value,
-                       headers={"content-type": "application/octet-stream"})
+        out = api.call(
+            "PUT",
+            f"/v1/secrets/{args.name}",
+            content=value,
+            headers={"content-type": "application/octet-stream"},
+        )
         verb = "created" if out["version"] == 1 else f"updated (version {out['version']})"
-        users = f"; used by {', '.join(out['used_by'])}: takes effect for replicas started from now on" \
-            if out["used_by"] else ""
+        users = (
+            f"; used by {', '.join(out['used_by'])}: takes effect for replicas started from now on"
+            if out["used_by"]
+            else ""
+        )
         print(f"secret {out['name']} {verb}{users}", file=sys.stderr)
         return 0
     if args.secret_cmd == "ls":
@@ -82,11 +97,17 @@ def cmd_secret(api: Any, args: argparse.Namespace) -> int:
             return 0
         print(f"{'NAME':<32} {'VERSION':>7}  {'UPDATED':>7}  USED BY")
         for s in secrets:
-            print(f"{s['name']:<32} {s['version']:>7}  {_ago(s['updated']):>7}  {', '.join(s['used_by']) or '-'}")
+            print(
+                f"{s['name']:<32} {s['version']:>7}  {_ago(s['updated']):>7}  {', '.join(s['used_by']) or '-'}"
+            )
         return 0
     params = {"force": "true"} if args.force else {}
     out = api.call("DELETE", f"/v1/secrets/{args.name}", params=params)
-    note = f" (still named by {', '.join(out['used_by'])}: their new replicas fail to start)" if out["used_by"] else ""
+    note = (
+        f" (still named by {', '.join(out['used_by'])}: their new replicas fail to start)"
+        if out["used_by"]
+        else ""
+    )
     print(f"deleted secret {out['deleted']}{note}", file=sys.stderr)
     return 0
 

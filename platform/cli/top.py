@@ -22,8 +22,12 @@ def gateway_gauges(gateway: str) -> dict[str, dict[str, float]]:
         text = httpx.get(f"{gateway}/metrics", timeout=2).text
     except httpx.HTTPError:
         return out
-    names = {"torpor_in_flight_requests": "in_flight", "torpor_queued_requests": "queued",
-             "torpor_ready_replicas": "ready", "torpor_requests_total": "requests"}
+    names = {
+        "torpor_in_flight_requests": "in_flight",
+        "torpor_queued_requests": "queued",
+        "torpor_ready_replicas": "ready",
+        "torpor_requests_total": "requests",
+    }
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             key = names.get(s.name)
@@ -46,21 +50,31 @@ def snapshot(api: Any, gateway: str) -> list[dict[str, Any]]:
                 continue
             reps = [r for r in fn["replicas"] if r["revision"] == rev["name"]]
             g = gauges.get(rev["name"], {})
-            rows.append({"function": fn["name"], "revision": rev["name"], "traffic": rev["traffic"],
-                         "ready": sum(r["state"] == "ready" for r in reps),
-                         "starting": sum(r["state"] == "starting" for r in reps),
-                         "in_flight": int(g.get("in_flight", 0)), "queued": int(g.get("queued", 0)),
-                         "requests": int(g.get("requests", 0))})
+            rows.append(
+                {
+                    "function": fn["name"],
+                    "revision": rev["name"],
+                    "traffic": rev["traffic"],
+                    "ready": sum(r["state"] == "ready" for r in reps),
+                    "starting": sum(r["state"] == "starting" for r in reps),
+                    "in_flight": int(g.get("in_flight", 0)),
+                    "queued": int(g.get("queued", 0)),
+                    "requests": int(g.get("requests", 0)),
+                }
+            )
     return rows
 
 
 def render(api: Any, gateway: str) -> str:
-    lines = [f"{'FUNCTION':<20} {'REVISION':<20} {'TRAFFIC':>7} {'READY':>5} {'STARTING':>8} "
-             f"{'IN-FLIGHT':>9} {'QUEUED':>6} {'REQUESTS':>9}"]
+    lines = [
+        f"{'FUNCTION':<20} {'REVISION':<20} {'TRAFFIC':>7} {'READY':>5} {'STARTING':>8} "
+        f"{'IN-FLIGHT':>9} {'QUEUED':>6} {'REQUESTS':>9}"
+    ]
     for r in snapshot(api, gateway):
         lines.append(
             f"{r['function']:<20} {r['revision']:<20} {r['traffic']:>6}% {r['ready']:>5} {r['starting']:>8} "
-            f"{r['in_flight']:>9} {r['queued']:>6} {r['requests']:>9}")
+            f"{r['in_flight']:>9} {r['queued']:>6} {r['requests']:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -76,7 +90,9 @@ def run_top(api: Any, gateway: str, interval: float, once: bool, output: str = "
     try:
         while True:
             table = render(api, gateway)
-            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + "  torpor top\n\n" + table + "\n")
+            sys.stdout.write(
+                "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S") + "  torpor top\n\n" + table + "\n"
+            )
             sys.stdout.flush()
             time.sleep(interval)
     except KeyboardInterrupt:

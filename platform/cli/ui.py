@@ -17,7 +17,11 @@ from typing import Any
 def _can_open() -> bool:
     """A browser is plausible: a desktop session, or a non-Linux desktop OS."""
     if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("BROWSER"))
+        return bool(
+            os.environ.get("DISPLAY")
+            or os.environ.get("WAYLAND_DISPLAY")
+            or os.environ.get("BROWSER")
+        )
     return True
 
 
@@ -32,8 +36,12 @@ def cmd_ui(api: Any, args: argparse.Namespace) -> int:
         opened = webbrowser.open(url)
     except webbrowser.Error:
         opened = False
-    print("opened in your browser" if opened else
-          f"no browser found: open the URL within {out['expires_in']:.0f}s", file=sys.stderr)
+    print(
+        "opened in your browser"
+        if opened
+        else f"no browser found: open the URL within {out['expires_in']:.0f}s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -128,15 +128,18 @@ def _reader(conn: _Conn, out: TextIO) -> None:
                 if kind == _TEXT:
                     out.write(data.decode("utf-8", "replace") + "\n")
                 else:
-                    out.write(f"<{len(data)} bytes: {data[:32].hex()}{'...' if len(data) > 32 else ''}>\n")
+                    out.write(
+                        f"<{len(data)} bytes: {data[:32].hex()}{'...' if len(data) > 32 else ''}>\n"
+                    )
                 out.flush()
     except (WsError, OSError) as exc:
         if conn.closed is None:
             conn.closed = (1006, str(exc))
 
 
-def run(url: str, host: str, path: str, timeout: float, stdin: BinaryIO, out: TextIO,
-        err: TextIO) -> int:
+def run(
+    url: str, host: str, path: str, timeout: float, stdin: BinaryIO, out: TextIO, err: TextIO
+) -> int:
     """Open the socket, pump stdin to it and it to ``out``; -> exit code."""
     u = urlsplit(url)
     if u.scheme != "http" or not u.hostname:
@@ -154,7 +157,11 @@ def run(url: str, host: str, path: str, timeout: float, stdin: BinaryIO, out: Te
                 break
             conn.send(_TEXT, line.rstrip(b"\r\n"))
         deadline = time.monotonic() + timeout
-        while conn.closed is None and time.monotonic() < deadline and time.monotonic() - conn.last < QUIET:
+        while (
+            conn.closed is None
+            and time.monotonic() < deadline
+            and time.monotonic() - conn.last < QUIET
+        ):
             time.sleep(0.05)
         if conn.closed is None:
             conn.send(_CLOSE, (1000).to_bytes(2, "big"))

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-BUILD_LOG = "build-log"  # bus channel; payload {"function", "revision", "line"} or {..., "done": True}
+BUILD_LOG = (
+    "build-log"  # bus channel; payload {"function", "revision", "line"} or {..., "done": True}
+)
 MAX_LINES = 400  # lines of a build log kept in its closing event
 MAX_LINE = 500  # characters of one line kept
 FAIL_TAIL = 8  # lines of a failed build's log shown in its event message
@@ -47,8 +49,13 @@ class BuildLog:
         return time.monotonic() - self.started
 
     def data(self, **extra: Any) -> dict[str, Any]:
-        return {"revision": self.revision, "seconds": round(self.elapsed(), 2), "log": list(self.lines),
-                "log_dropped": self.dropped, **extra}
+        return {
+            "revision": self.revision,
+            "seconds": round(self.elapsed(), 2),
+            "log": list(self.lines),
+            "log_dropped": self.dropped,
+            **extra,
+        }
 
     def finished_message(self, info: dict[str, Any]) -> str:
         parts = [f"{self.revision}: built in {self.elapsed():.1f}s"]
@@ -58,7 +65,9 @@ class BuildLog:
             parts.append("cached" if info["cached"] else "not cached")
         warnings = [line for line in self.lines if line.lower().startswith("warning")]
         if warnings:  # a driver's warning stays visible in the one line (e.g. the cluster's)
-            parts.append(warnings[0][:200] + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""))
+            parts.append(
+                warnings[0][:200] + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
+            )
         return ", ".join(parts)
 
     def failed_message(self, reason: str) -> str:

@@ -48,8 +48,9 @@ class FencedDriver:
         _require(self.check, f"build of {revision.name}")
         return await self.inner.prepare(revision, progress)
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         _require(self.check, f"start of {replica}")
         self.busy.add(replica)
         try:

@@ -21,14 +21,20 @@ from starlette.routing import Route
 __all__ = ["health_app"]
 
 
-def health_app(alive: Callable[[], bool], ready: Callable[[], bool], role: Callable[[], str]) -> Any:
+def health_app(
+    alive: Callable[[], bool], ready: Callable[[], bool], role: Callable[[], str]
+) -> Any:
     async def healthz(request: Request) -> Response:
         ok = alive()
-        return JSONResponse({"status": "ok" if ok else "stopped", "role": role()}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "stopped", "role": role()}, status_code=200 if ok else 503
+        )
 
     async def readyz(request: Request) -> Response:
         ok = alive() and ready()
-        return JSONResponse({"status": "ready" if ok else "not ready", "role": role()},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "role": role()},
+            status_code=200 if ok else 503,
+        )
 
     return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz)])

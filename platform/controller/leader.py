@@ -40,9 +40,16 @@ def holder_id() -> str:
 
 
 class Leadership:
-    def __init__(self, lease: Lease, holder: str | None = None, *, ttl: float = TTL,
-                 renew_every: float = RENEW_EVERY, poll: float = POLL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        lease: Lease,
+        holder: str | None = None,
+        *,
+        ttl: float = TTL,
+        renew_every: float = RENEW_EVERY,
+        poll: float = POLL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not renew_every < ttl * 0.8:
             raise ValueError(f"renew_every ({renew_every}) must be well under the ttl ({ttl})")
         self.lease = lease
@@ -75,12 +82,15 @@ class Leadership:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the store is down or slow: not leader until it answers
-            log.warning("lease %s: %s: %s", "renewal" if self.held else "request", type(e).__name__, e)
+            log.warning(
+                "lease %s: %s: %s", "renewal" if self.held else "request", type(e).__name__, e
+            )
             self.failed = True
             return None
 
-    async def run(self, elected: Callable[[int], Awaitable[None]],
-                  deposed: Callable[[], Awaitable[None]]) -> None:
+    async def run(
+        self, elected: Callable[[int], Awaitable[None]], deposed: Callable[[], Awaitable[None]]
+    ) -> None:
         """Standby until elected, act while leading, give way when deposed; forever."""
         try:
             while True:

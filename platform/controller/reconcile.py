@@ -59,7 +59,9 @@ log = logging.getLogger("torpor.controller")
 
 PROBE_PATH = b"/_torpor/health"
 HEAD_START = 0.5  # s a revision's first replica from zero starts alone (unless ready sooner)
-ERROR_EVENT_EVERY = 30.0  # s: at most one `error` event per failing function this often (and only a new message)
+ERROR_EVENT_EVERY = (
+    30.0  # s: at most one `error` event per failing function this often (and only a new message)
+)
 SWEEP_EVERY = 2.0  # s between looks for replicas no one tracks (an orphan must be seen twice)
 HEARTBEAT_EVERY = 1.0  # s between a controller's heartbeats into the store (torpor status)
 
@@ -90,9 +92,13 @@ class Settings:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     max_replicas: int = 100  # platform cap (torpor up --max-replicas)
-    pause_for: float = 0.0  # keep a replica scaled to zero paused this long before removing it (0 = off)
+    pause_for: float = (
+        0.0  # keep a replica scaled to zero paused this long before removing it (0 = off)
+    )
     keep_revisions: int = 5  # retired revisions kept (with their images) before garbage collection
-    source_root: Path | None = None  # where revisions made before content-addressed sources keep their folder
+    source_root: Path | None = (
+        None  # where revisions made before content-addressed sources keep their folder
+    )
     source_cache: Path | None = None  # this controller's unpacked archives (None: a temp folder)
     source_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps when unpacking one
     blob_grace: float = GRACE  # s an archive no revision names is kept after its last put
@@ -106,7 +112,9 @@ async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
     except (OSError, TimeoutError, ValueError):  # ValueError: no endpoint (yet)
         return False
     try:
-        w.write(b"GET " + PROBE_PATH + b" HTTP/1.1\r\nHost: torpor-probe\r\nConnection: close\r\n\r\n")
+        w.write(
+            b"GET " + PROBE_PATH + b" HTTP/1.1\r\nHost: torpor-probe\r\nConnection: close\r\n\r\n"
+        )
         line = await asyncio.wait_for(r.readline(), timeout)
         return line.startswith(b"HTTP/1.")
     except (OSError, TimeoutError):
@@ -116,10 +124,17 @@ async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
 
 
 class Controller:
-    def __init__(self, store: Store, driver: Driver, autoscaler: Autoscaler | None = None,
-                 settings: Settings | None = None, clock: Callable[[], float] = time.monotonic,
-                 leadership: Leadership | None = None, lease_key: str | None = None,
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        driver: Driver,
+        autoscaler: Autoscaler | None = None,
+        settings: Settings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        leadership: Leadership | None = None,
+        lease_key: str | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.base_store = store
         self.leadership = leadership
         self.lease_key = lease_key  # the lease's key in a Redis store: writes are fenced there too
@@ -127,12 +142,16 @@ class Controller:
         # the leader's view: with a leadership every action needs the lease (fence.py)
         self._fenced_store = FencedStore(store, self.leading) if leadership is not None else None
         self.store: Store = self._fenced_store if self._fenced_store is not None else store  # type: ignore[assignment]
-        self.driver: Driver = FencedDriver(driver, self.leading) if leadership is not None else driver  # type: ignore[assignment]
+        self.driver: Driver = (
+            FencedDriver(driver, self.leading) if leadership is not None else driver
+        )  # type: ignore[assignment]
         self.autoscaler = autoscaler or Autoscaler(clock)
         self.settings = settings or Settings()
         self.clock = clock
         self.tracked: dict[str, Tracked] = {}  # replica name -> tracked
-        self.parked: dict[str, tuple[Tracked, float]] = {}  # paused replicas -> (tracked, paused at)
+        self.parked: dict[
+            str, tuple[Tracked, float]
+        ] = {}  # paused replicas -> (tracked, paused at)
         self.revs: dict[str, RevisionState] = {}
         self.functions: dict[str, Function] = {}  # last synced desired state
         self.building: dict[str, asyncio.Task[None]] = {}
@@ -141,7 +160,9 @@ class Controller:
         self.store_ok_at = 0.0  # when a store call last succeeded (readiness)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._work: set[asyncio.Future[Any]] = set()  # in-flight work of this term, cancelled when deposed
+        self._work: set[asyncio.Future[Any]] = (
+            set()
+        )  # in-flight work of this term, cancelled when deposed
         self._acting: asyncio.Task[None] | None = None
         self._leader_task: asyncio.Task[None] | None = None
         self._orphans: dict[str, float] = {}  # replica no one tracks -> when first seen
@@ -151,10 +172,16 @@ class Controller:
         self.rollouts = Rollouts(store, clock)
         self._listing: asyncio.Future[list[Running]] | None = None
         self._listed_at = 0.0  # when self._listing was asked for
-        self._failing: dict[str, tuple[str, float, str]] = {}  # function -> (last error reported, when, doing)
+        self._failing: dict[
+            str, tuple[str, float, str]
+        ] = {}  # function -> (last error reported, when, doing)
         self._cache: SourceCache | None = None
-        self._source_locks: dict[str, asyncio.Lock] = {}  # sha -> lock: one fetch (and prepare) at a time
-        self._sha_of: dict[str, str] = {}  # revision -> archive hash, for revisions given a local copy
+        self._source_locks: dict[
+            str, asyncio.Lock
+        ] = {}  # sha -> lock: one fetch (and prepare) at a time
+        self._sha_of: dict[
+            str, str
+        ] = {}  # revision -> archive hash, for revisions given a local copy
         self._next_sweep = 0.0
         self._sweeping: asyncio.Task[None] | None = None
 
@@ -193,10 +220,14 @@ class Controller:
         await self._sync_functions()
         self.store_ok_at = self.clock()
         self._tasks = [
-            asyncio.create_task(self._listen(CHANGES, subs[CHANGES], self._on_change), name="ctl-changes"),
+            asyncio.create_task(
+                self._listen(CHANGES, subs[CHANGES], self._on_change), name="ctl-changes"
+            ),
             asyncio.create_task(self._listen(POKES, subs[POKES], self._on_poke), name="ctl-pokes"),
             asyncio.create_task(self._listen(STATS, subs[STATS], self._on_stats), name="ctl-stats"),
-            asyncio.create_task(self._listen(SECRETS, subs[SECRETS], self._on_secret), name="ctl-secrets"),
+            asyncio.create_task(
+                self._listen(SECRETS, subs[SECRETS], self._on_secret), name="ctl-secrets"
+            ),
         ]
         self.watching.set()
         if self.leadership is None:
@@ -206,7 +237,9 @@ class Controller:
             return
         self._tasks.append(asyncio.create_task(self._heartbeats(), name="ctl-heartbeat"))
         leadership = self.leadership
-        self._leader_task = asyncio.create_task(leadership.run(self._elected, self._deposed), name="ctl-lease")
+        self._leader_task = asyncio.create_task(
+            leadership.run(self._elected, self._deposed), name="ctl-lease"
+        )
         # return once it is known whether this controller leads (and, if so, once it synced)
         await leadership.attempted.wait()
         while leadership.valid() and not self.synced.is_set() and not self._leader_task.done():
@@ -232,11 +265,15 @@ class Controller:
             except FencedError:
                 return  # deposed meanwhile: the leadership loop says so at once
             except Exception:
-                log.exception("controller: syncing as the leader (token %d) failed; retrying", token)
+                log.exception(
+                    "controller: syncing as the leader (token %d) failed; retrying", token
+                )
                 await asyncio.sleep(1.0)
         self.synced.set()
         self._beat_now.set()
-        log.warning("controller: leading (lease token %d); adopted %d replica(s)", token, len(self.tracked))
+        log.warning(
+            "controller: leading (lease token %d); adopted %d replica(s)", token, len(self.tracked)
+        )
         self.wake()
         await self._loop()
 
@@ -245,7 +282,9 @@ class Controller:
         self.synced.clear()
         self._beat_now.set()
         await self._cancel_term()
-        log.warning("controller: deposed; %d replica(s) left running for the next leader", len(self.tracked))
+        log.warning(
+            "controller: deposed; %d replica(s) left running for the next leader", len(self.tracked)
+        )
         self._forget_term()
 
     async def _cancel_term(self) -> None:
@@ -258,7 +297,11 @@ class Controller:
             tasks.append(self._sweeping)
         tasks += list(self.building.values())
         tasks += [tr.task for tr in self.tracked.values() if tr.task is not None]
-        tasks += [tr.starting for tr in self.tracked.values() if tr.starting is not None and not tr.starting.done()]
+        tasks += [
+            tr.starting
+            for tr in self.tracked.values()
+            if tr.starting is not None and not tr.starting.done()
+        ]
         for t in tasks:
             t.cancel()
         if tasks:
@@ -280,10 +323,18 @@ class Controller:
         while True:
             try:
                 held = self.leadership.held
-                await self.base_store.heartbeat("controller", self.leadership.holder, {
-                    **self.info, "role": self.role, "token": held.token if held else None,
-                    "since": self.leadership.since, "terms": self.leadership.terms,
-                    "replicas": len(self.tracked) if self.leading() else None})
+                await self.base_store.heartbeat(
+                    "controller",
+                    self.leadership.holder,
+                    {
+                        **self.info,
+                        "role": self.role,
+                        "token": held.token if held else None,
+                        "since": self.leadership.since,
+                        "terms": self.leadership.terms,
+                        "replicas": len(self.tracked) if self.leading() else None,
+                    },
+                )
                 self.store_ok_at = self.clock()
             except asyncio.CancelledError:
                 raise
@@ -317,8 +368,11 @@ class Controller:
             self._sweeping.cancel()
         if stop_replicas and self.leading():
             parked = [self._expire_parked(name, "platform stopping") for name in list(self.parked)]
-            await asyncio.gather(*(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
-                                 *parked, return_exceptions=True)
+            await asyncio.gather(
+                *(self._drain(tr, "platform stopping") for tr in list(self.tracked.values())),
+                *parked,
+                return_exceptions=True,
+            )
         else:
             for tr in self.tracked.values():
                 if tr.task:
@@ -332,7 +386,9 @@ class Controller:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _listen(self, channel: str, sub: Any, handle: Callable[[dict[str, Any]], Any]) -> None:
+    async def _listen(
+        self, channel: str, sub: Any, handle: Callable[[dict[str, Any]], Any]
+    ) -> None:
         """Feed ``handle`` from a bus channel; resubscribe (and resync) if the bus fails."""
         while True:
             try:
@@ -347,7 +403,10 @@ class Controller:
                     return
             except asyncio.CancelledError:
                 raise
-            except (ConnectionError, RedisConnectionError) as e:  # the store went or came back: resubscribe, resync
+            except (
+                ConnectionError,
+                RedisConnectionError,
+            ) as e:  # the store went or came back: resubscribe, resync
                 log.warning("controller: %s subscription ended (%s); resubscribing", channel, e)
             except Exception:
                 log.exception("controller: %s subscription failed; resubscribing", channel)
@@ -380,8 +439,12 @@ class Controller:
         except (TypeError, ValueError):
             queued = 0.0
         try:
-            self.autoscaler.poke(rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", "")))
-        except Exception as e:  # e.g. a scale stored before it was validated: this function's problem alone
+            self.autoscaler.poke(
+                rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", ""))
+            )
+        except (
+            Exception
+        ) as e:  # e.g. a scale stored before it was validated: this function's problem alone
             self._function_failed(fn.name, e, "waking")
             return
         self.wake()
@@ -455,8 +518,13 @@ class Controller:
             await self.driver.stop(running, grace=1.0)
             await self.store.delete_replica(running.function, running.replica)
             return
-        rep = Replica(name=running.replica, function=running.function, revision=running.revision,
-                      state="starting", driver_id=running.driver_id)
+        rep = Replica(
+            name=running.replica,
+            function=running.function,
+            revision=running.revision,
+            state="starting",
+            driver_id=running.driver_id,
+        )
         tr = Tracked(replica=rep, running=running)
         self.tracked[rep.name] = tr
         tr.task = asyncio.create_task(self._await_ready(tr, adopted=True))
@@ -475,7 +543,9 @@ class Controller:
             if listed_at - first < SWEEP_EVERY * 0.9:
                 continue
             del self._orphans[r.replica]
-            log.warning("controller: %s runs but nobody tracks it: adopting or stopping it", r.replica)
+            log.warning(
+                "controller: %s runs but nobody tracks it: adopting or stopping it", r.replica
+            )
             await self._adopt_one(r)
         for name in [n for n in self._orphans if n not in seen]:
             del self._orphans[name]
@@ -521,8 +591,11 @@ class Controller:
         if failing is not None and failing[2] == "reconciling":
             del self._failing[fn.name]
             log.warning("controller: %s reconciles again", fn.name)
-            self._spawn(self._event_quietly(fn.name, "controller", f"controller: reconciling {fn.name} "
-                                                                             "works again"))
+            self._spawn(
+                self._event_quietly(
+                    fn.name, "controller", f"controller: reconciling {fn.name} works again"
+                )
+            )
 
     async def _reconcile_function(self, fn: Function, now: float) -> None:
         if fn.rollout is not None and fn.rollout.state in ("running", "paused"):
@@ -531,8 +604,12 @@ class Controller:
             for rev_name in collectable(fn, self.settings.keep_revisions):
                 await self._collect_revision(fn, rev_name)
         for rev in fn.revisions:
-            if rev.status == "building" and rev.name not in self.building and rev.image is None \
-                    and not self._replicas_of(rev.name):
+            if (
+                rev.status == "building"
+                and rev.name not in self.building
+                and rev.image is None
+                and not self._replicas_of(rev.name)
+            ):
                 self.building[rev.name] = asyncio.create_task(self._build(fn.name, rev))
             desired = self._desired(fn, rev, now)
             self._converge(fn, rev, desired, now)
@@ -548,10 +625,18 @@ class Controller:
             return
         self._failing[name] = (message, now, doing)
         log.error("%s (other functions are not affected; retrying)", message, exc_info=exc)
-        self._spawn(self._event_quietly(name, "error", message + "; retrying on every pass",
-                                                  {"error": type(exc).__name__, "doing": doing}))
+        self._spawn(
+            self._event_quietly(
+                name,
+                "error",
+                message + "; retrying on every pass",
+                {"error": type(exc).__name__, "doing": doing},
+            )
+        )
 
-    async def _event_quietly(self, function: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    async def _event_quietly(
+        self, function: str, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         try:
             await self._event(function, kind, message, data)
         except Exception:
@@ -568,22 +653,50 @@ class Controller:
         if rev.status != "ready" or rev.name not in fn.routed():
             return 0
         scale = fn.effective_scale(rev)
-        if st.desired == 0 and scale.min == 0 and rev.name not in self.autoscaler.fresh \
-                and not self._replicas_of(rev.name):
-            return 0  # at rest: nothing new to decide on (keeps a pass cheap with many idle functions)
+        if (
+            st.desired == 0
+            and scale.min == 0
+            and rev.name not in self.autoscaler.fresh
+            and not self._replicas_of(rev.name)
+        ):
+            return (
+                0  # at rest: nothing new to decide on (keeps a pass cheap with many idle functions)
+            )
         ready = sum(1 for t in self._replicas_of(rev.name) if t.replica.state == "ready")
         decision = self.autoscaler.decide(rev.name, scale, ready)
         if decision.desired is None:
-            desired = st.desired if st.desired else len(
-                [t for t in self._replicas_of(rev.name) if t.replica.state in ("starting", "ready")])
+            desired = (
+                st.desired
+                if st.desired
+                else len(
+                    [
+                        t
+                        for t in self._replicas_of(rev.name)
+                        if t.replica.state in ("starting", "ready")
+                    ]
+                )
+            )
         else:
             desired = decision.desired
         desired = min(max(desired, scale.min), scale.max, self.settings.max_replicas)  # max wins
         if desired != st.desired:
             msg = f"{rev.name}: desired {st.desired} -> {desired} ({decision.reason})"
-            self._spawn(self._event(fn.name, "scale", msg, {
-                "revision": rev.name, "from": st.desired, "to": desired, "panic": decision.panic,
-                "stable": decision.stable, "panic_concurrency": decision.panicked, "reason": decision.reason}))
+            self._spawn(
+                self._event(
+                    fn.name,
+                    "scale",
+                    msg,
+                    {
+                        "revision": rev.name,
+                        "from": st.desired,
+                        "to": desired,
+                        "panic": decision.panic,
+                        "stable": decision.stable,
+                        "panic_concurrency": decision.panicked,
+                        "reason": decision.reason,
+                    },
+                )
+            )
             st.desired = desired
         return desired
 
@@ -609,7 +722,8 @@ class Controller:
         elif len(live) > desired:
             # stop the ones still starting first, then the newest ready ones
             extra = [t for t in live if t.replica.state == "starting"] + sorted(
-                [t for t in live if t.replica.state == "ready"], key=lambda t: -t.replica.started)
+                [t for t in live if t.replica.state == "ready"], key=lambda t: -t.replica.started
+            )
             park = desired == 0 and self.settings.pause_for > 0 and hasattr(self.driver, "pause")
             for tr in extra[: len(live) - desired]:
                 if park and tr.replica.state == "ready":
@@ -643,8 +757,10 @@ class Controller:
             if not cache.has(sha):
                 blob = await self.store.get_blob(sha)
                 if blob is None:
-                    raise BuildError(f"the source archive {sha[:12]} of {rev.name} is not in the store "
-                                     "(deploy the function again)")
+                    raise BuildError(
+                        f"the source archive {sha[:12]} of {rev.name} is not in the store "
+                        "(deploy the function again)"
+                    )
                 try:
                     await asyncio.to_thread(cache.install, sha, blob)
                 except SourceError as e:
@@ -680,20 +796,31 @@ class Controller:
             if self._cache is None:
                 return
             keep = referenced(self.functions.values())
-            in_use = {self._sha_of.get(t.replica.revision) for t in
-                      [*self.tracked.values(), *(p[0] for p in self.parked.values())]}
+            in_use = {
+                self._sha_of.get(t.replica.revision)
+                for t in [*self.tracked.values(), *(p[0] for p in self.parked.values())]
+            }
             for sha in self._cache.shas():
-                if sha not in keep and sha not in in_use and not self._source_locks.get(sha, asyncio.Lock()).locked():
+                if (
+                    sha not in keep
+                    and sha not in in_use
+                    and not self._source_locks.get(sha, asyncio.Lock()).locked()
+                ):
                     await asyncio.to_thread(self._cache.remove, sha)
                     self._source_locks.pop(sha, None)
             live = {rev.name for fn in self.functions.values() for rev in fn.revisions}
-            in_use_revs = {t.replica.revision for t in [*self.tracked.values(), *(p[0] for p in self.parked.values())]}
+            in_use_revs = {
+                t.replica.revision
+                for t in [*self.tracked.values(), *(p[0] for p in self.parked.values())]
+            }
             for rev_name in [r for r in self._sha_of if r not in live and r not in in_use_revs]:
                 del self._sha_of[rev_name]
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("controller: garbage collection of source archives failed; retrying later")
+            log.exception(
+                "controller: garbage collection of source archives failed; retrying later"
+            )
 
     # -- builds --------------------------------------------------------------------------
     async def _build(self, fn_name: str, rev: Revision) -> None:
@@ -704,29 +831,50 @@ class Controller:
 
         def progress(line: str) -> None:  # from the loop or a driver's build thread
             kept = blog.add(line)
-            loop.call_soon_threadsafe(lambda: self._spawn(self._publish_quietly(
-                BUILD_LOG, {"function": fn_name, "revision": rev.name, "line": kept})))
+            loop.call_soon_threadsafe(
+                lambda: self._spawn(
+                    self._publish_quietly(
+                        BUILD_LOG, {"function": fn_name, "revision": rev.name, "line": kept}
+                    )
+                )
+            )
 
         try:
-            await self._event(fn_name, "build", f"{rev.name}: build started", {"revision": rev.name})
+            await self._event(
+                fn_name, "build", f"{rev.name}: build started", {"revision": rev.name}
+            )
             local, _ = await self._local(rev)
             async with self._prepare_lock(local):
                 built = await self.driver.prepare(local, progress)
             image = built.image or ""
             info_of = getattr(self.driver, "build_info", None)
-            info: dict[str, Any] = await asyncio.to_thread(info_of, built, blog.lines) if info_of else {}
-            await self._set_revision(fn_name, rev.name, image=image, reason="starting its first replica")
-            await self._event(fn_name, "build", blog.finished_message(info), blog.data(**info, image=image))
+            info: dict[str, Any] = (
+                await asyncio.to_thread(info_of, built, blog.lines) if info_of else {}
+            )
+            await self._set_revision(
+                fn_name, rev.name, image=image, reason="starting its first replica"
+            )
+            await self._event(
+                fn_name, "build", blog.finished_message(info), blog.data(**info, image=image)
+            )
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # BuildError, or a driver bug / engine down: same outcome for the user
+        except (
+            Exception
+        ) as e:  # BuildError, or a driver bug / engine down: same outcome for the user
             if not isinstance(e, BuildError):
                 log.exception("build of %s failed", rev.name)
-            reason = f"build failed: {e}" if isinstance(e, BuildError) else f"build failed: {type(e).__name__}: {e}"
+            reason = (
+                f"build failed: {e}"
+                if isinstance(e, BuildError)
+                else f"build failed: {type(e).__name__}: {e}"
+            )
             await self._set_revision(fn_name, rev.name, status="failed", reason=reason)
             await self._event(fn_name, "build", blog.failed_message(reason), blog.data(failed=True))
         finally:
-            await self._publish_quietly(BUILD_LOG, {"function": fn_name, "revision": rev.name, "done": True})
+            await self._publish_quietly(
+                BUILD_LOG, {"function": fn_name, "revision": rev.name, "done": True}
+            )
             self.building.pop(rev.name, None)
             self.wake()
 
@@ -770,8 +918,15 @@ class Controller:
         fn = await self.store.update_function(fn_name, mutate)
         if fn is not None:
             self.functions[fn_name] = fn
-            await self._event(fn_name, "deploy", f"{rev_name} is ready; traffic: " + ", ".join(
-                f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic))
+            await self._event(
+                fn_name,
+                "deploy",
+                f"{rev_name} is ready; traffic: "
+                + ", ".join(
+                    f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "")
+                    for t in fn.traffic
+                ),
+            )
 
     # -- replicas --------------------------------------------------------------------------
     def _spawn_start(self, fn: Function, rev: Revision) -> None:
@@ -807,12 +962,15 @@ class Controller:
             return
         try:
             starting: asyncio.Future[Running] = asyncio.ensure_future(
-                self.driver.start(local, tr.replica.name, secret_env=secret_env))
+                self.driver.start(local, tr.replica.name, secret_env=secret_env)
+            )
             tr.starting = starting
             running: Running = await asyncio.shield(starting)
             tr.running = running
             tr.started_at = self.clock()
-            asyncio.get_running_loop().call_later(HEAD_START, self.wake)  # replicas held back behind it
+            asyncio.get_running_loop().call_later(
+                HEAD_START, self.wake
+            )  # replicas held back behind it
         except Exception as e:
             await self._replica_failed(tr, f"start failed: {e}")
             return
@@ -833,7 +991,9 @@ class Controller:
             # poll fast while a cold start is likely to finish (a refused connect costs ~50 us)
             delay = 0.004 if now - started < 3.0 else 0.05
             if now > deadline:
-                await self._replica_failed(tr, f"not ready within {self.settings.startup_timeout:g}s")
+                await self._replica_failed(
+                    tr, f"not ready within {self.settings.startup_timeout:g}s"
+                )
                 return
             if now - checked > 0.25:
                 checked = now
@@ -850,7 +1010,9 @@ class Controller:
         if rev is not None and rev.status == "building":
             await self._revision_ready(fn.name, rev.name)  # type: ignore[union-attr]
         if not adopted:
-            await self._event(tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}")
+            await self._event(
+                tr.replica.function, "replica", f"{tr.replica.name} ready at {endpoint}"
+            )
 
     async def _probe(self, running: Running, deadline: float) -> bool:
         """Whether the replica is ready: the driver's word when it reports readiness (a Pod's
@@ -860,7 +1022,9 @@ class Controller:
         if wait_ready is not None:
             try:
                 ready = await wait_ready(running, max(0.0, min(1.0, deadline - self.clock())))
-            except Exception as e:  # the cluster did not answer: not ready yet (the deadline decides)
+            except (
+                Exception
+            ) as e:  # the cluster did not answer: not ready yet (the deadline decides)
                 log.warning("readiness of %s unknown: %s", running.replica, e)
                 await asyncio.sleep(0.2)
                 return False
@@ -875,8 +1039,11 @@ class Controller:
         before ``since`` is not reused: a replica started after it began may be missing
         from it, which must not read as "vanished"."""
         now = self.clock()
-        if (self._listing is None or self._listed_at < since
-                or (self._listing.done() and now - self._listed_at >= 0.2)):
+        if (
+            self._listing is None
+            or self._listed_at < since
+            or (self._listing.done() and now - self._listed_at >= 0.2)
+        ):
             self._listed_at = now
             self._listing = asyncio.ensure_future(self.driver.list())
         at = self._listed_at
@@ -908,7 +1075,9 @@ class Controller:
             r = seen.get(tr.replica.name)
             if r is None or not r.alive:
                 code = r.exit_code if r else None
-                await self._replica_failed(tr, f"exited (code {code})" if code is not None else "vanished")
+                await self._replica_failed(
+                    tr, f"exited (code {code})" if code is not None else "vanished"
+                )
             elif self.clock() - tr.ready_since > 10:
                 self.revs.setdefault(tr.replica.revision, RevisionState()).failures = 0
 
@@ -929,15 +1098,18 @@ class Controller:
         rep.state, rep.endpoint = "failed", ""
         self.tracked.pop(rep.name, None)
         await self.store.put_replica(rep)
-        asyncio.get_running_loop().call_later(max(delay, 5.0), lambda: self._spawn(
-            self._forget_failed(rep)))
+        asyncio.get_running_loop().call_later(
+            max(delay, 5.0), lambda: self._spawn(self._forget_failed(rep))
+        )
         values = await self._secret_values(rep.function, rep.revision)
         if values:  # the replica's output or a driver's error may quote one
             reason, tail = redact(reason, values), redact(tail, values)
         # the log's last line (usually the exception) leads; the tail follows for context
         last = f": {tail.strip().splitlines()[-1].strip()[:200]}" if tail.strip() else ""
         full = f"\n{tail}" if tail else ""
-        await self._event(rep.function, "replica", f"{rep.name} {reason}; next start in {delay:g}s{last}{full}")
+        await self._event(
+            rep.function, "replica", f"{rep.name} {reason}; next start in {delay:g}s{last}{full}"
+        )
         fn = self.functions.get(rep.function)
         rev = fn.revision(rep.revision) if fn else None
         if rev is not None and rev.status == "building":
@@ -986,8 +1158,12 @@ class Controller:
         self.tracked.pop(rep.name, None)
         await self.store.delete_replica(rep.function, rep.name)
         self.parked[rep.name] = (tr, self.clock())
-        await self._event(rep.function, "replica", f"{rep.name} paused (scaled to zero; kept up to "
-                                                   f"{self.settings.pause_for:g}s for a fast wake)")
+        await self._event(
+            rep.function,
+            "replica",
+            f"{rep.name} paused (scaled to zero; kept up to "
+            f"{self.settings.pause_for:g}s for a fast wake)",
+        )
 
     async def _unpark(self, tr: Tracked) -> None:
         rep = tr.replica
@@ -1012,7 +1188,9 @@ class Controller:
             await self.driver.unpause(tr.running)  # type: ignore[attr-defined]
             await self.driver.stop(tr.running, grace=self.settings.drain_grace)
         finally:
-            await self._event(tr.replica.function, "replica", f"{tr.replica.name} stopped: {reason}")
+            await self._event(
+                tr.replica.function, "replica", f"{tr.replica.name} stopped: {reason}"
+            )
 
     def _spawn_drain(self, tr: Tracked, reason: str) -> None:
         tr.replica.state = "draining"
@@ -1039,7 +1217,9 @@ class Controller:
             if rev is not None:
                 grace = max(grace, rev.spec.timeout)
         else:
-            grace = 1.0  # never served a request: nothing to drain (and it may not handle SIGTERM yet)
+            grace = (
+                1.0  # never served a request: nothing to drain (and it may not handle SIGTERM yet)
+            )
         try:
             if tr.running is not None:
                 await self.driver.stop(tr.running, grace=grace)
@@ -1048,8 +1228,12 @@ class Controller:
             await self.store.delete_replica(rep.function, rep.name)
         await self._event(rep.function, "replica", f"{rep.name} stopped: {reason}")
 
-    async def _event(self, function: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        await self.store.add_event(Event(function=function, kind=kind, message=message, data=data or {}))
+    async def _event(
+        self, function: str, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        await self.store.add_event(
+            Event(function=function, kind=kind, message=message, data=data or {})
+        )
 
     # -- deletion ------------------------------------------------------------------------
     async def _collect_revision(self, fn: Function, rev_name: str) -> None:
@@ -1068,11 +1252,19 @@ class Controller:
         if new is not None and new.revision(rev_name) is None and rev is not None:
             self.functions[fn.name] = new
             await self.driver.remove(rev)
-            if rev.source and self.settings.source_root and Path(rev.source).is_relative_to(self.settings.source_root):
+            if (
+                rev.source
+                and self.settings.source_root
+                and Path(rev.source).is_relative_to(self.settings.source_root)
+            ):
                 shutil.rmtree(rev.source, ignore_errors=True)  # a folder from before archives
             if rev.source_sha256:
                 self._sweep_soon()
-            await self._event(fn.name, "gc", f"{rev_name} garbage-collected (retention keeps {self.settings.keep_revisions})")
+            await self._event(
+                fn.name,
+                "gc",
+                f"{rev_name} garbage-collected (retention keeps {self.settings.keep_revisions})",
+            )
 
     async def _forget_later(self, fn: Function) -> None:
         self.wake()

@@ -24,4 +24,4 @@ def collectable(fn: Function, keep: int) -> list[str]:
         protected |= {ro.to, ro.stable}
     retired = [r for r in fn.revisions if r.name not in protected and r.status != "building"]
     retired.sort(key=lambda r: r.number, reverse=True)
-    return [r.name for r in reversed(retired[max(keep, 0):])]
+    return [r.name for r in reversed(retired[max(keep, 0) :])]

@@ -84,7 +84,9 @@ class StepStats:
         return quantile(0.95, self.latency)
 
 
-def quantile(q: float, counts: Sequence[int], bounds: Sequence[float] = LATENCY_BUCKETS) -> float | None:
+def quantile(
+    q: float, counts: Sequence[int], bounds: Sequence[float] = LATENCY_BUCKETS
+) -> float | None:
     """Estimate the ``q`` quantile from bucket counts (``counts[i]`` = observations in
     ``(bounds[i-1], bounds[i]]``, the last one above ``bounds[-1]``). Linear within a
     bucket; the open last bucket answers its lower bound. None without observations."""
@@ -113,32 +115,48 @@ def _fmt_s(x: float) -> str:
     return f"{x * 1000:.0f}ms" if x < 1 else f"{x:.2f}s"
 
 
-def judge(policy: RolloutPolicy, canary: StepStats, stable: StepStats, step_age: float,
-          floor: float = P95_FLOOR) -> Verdict:
+def judge(
+    policy: RolloutPolicy,
+    canary: StepStats,
+    stable: StepStats,
+    step_age: float,
+    floor: float = P95_FLOOR,
+) -> Verdict:
     """Decide one step of a rollout (pure). ``step_age``: seconds since the step began."""
     need = max(policy.min_requests, 1)
     if canary.requests < need:
         return Verdict("wait", f"{canary.requests}/{need} canary requests")
     ratio = canary.error_ratio
     if ratio > policy.max_error_ratio:
-        return Verdict("rollback", f"5xx ratio {ratio:.1%} > {policy.max_error_ratio:.1%} "
-                                   f"({canary.errors} of {canary.requests} canary requests)")
+        return Verdict(
+            "rollback",
+            f"5xx ratio {ratio:.1%} > {policy.max_error_ratio:.1%} "
+            f"({canary.errors} of {canary.requests} canary requests)",
+        )
     cp95, sp95 = canary.p95(), stable.p95()
     measured = canary.samples >= need and cp95 is not None
     baseline = stable.samples >= need and sp95 is not None
     if measured and baseline and cp95 is not None and sp95 is not None:
         limit = policy.max_p95_ratio * max(sp95, floor)
         if cp95 > limit:
-            return Verdict("rollback", f"p95 {_fmt_s(cp95)} > {policy.max_p95_ratio:g} x stable p95 "
-                                       f"{_fmt_s(sp95)} ({canary.samples} canary requests timed)")
+            return Verdict(
+                "rollback",
+                f"p95 {_fmt_s(cp95)} > {policy.max_p95_ratio:g} x stable p95 "
+                f"{_fmt_s(sp95)} ({canary.samples} canary requests timed)",
+            )
     if step_age < policy.interval:
-        return Verdict("wait", f"healthy so far; {policy.interval - step_age:.0f}s of the interval left")
+        return Verdict(
+            "wait", f"healthy so far; {policy.interval - step_age:.0f}s of the interval left"
+        )
     if not measured:
         return Verdict("wait", f"{canary.samples}/{need} canary requests timed (warming up)")
     if not baseline:
         return Verdict("wait", f"{stable.samples}/{need} stable requests for a p95 baseline")
     assert cp95 is not None and sp95 is not None
-    return Verdict("advance", f"5xx {ratio:.1%} of {canary.requests}, p95 {_fmt_s(cp95)} vs stable {_fmt_s(sp95)}")
+    return Verdict(
+        "advance",
+        f"5xx {ratio:.1%} of {canary.requests}, p95 {_fmt_s(cp95)} vs stable {_fmt_s(sp95)}",
+    )
 
 
 # -- the I/O shell ---------------------------------------------------------------------------
@@ -161,14 +179,18 @@ def _describe_step(ro: Rollout) -> str:
 
 
 class Rollouts:
-    def __init__(self, store: Store, clock: Callable[[], float], wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, clock: Callable[[], float], wall: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.clock = clock  # monotonic: bookkeeping only
         self.wall = wall  # wall clock: step_started is stored and must survive restarts
         self.stats: dict[str, StepStats] = {}  # revision -> current step's stats
         self.watching: dict[str, _Watch] = {}  # function -> the step being measured
         self.last: dict[str, Verdict] = {}  # function -> last verdict (for describe/debugging)
-        self.warm: dict[tuple[str, str], bool] = {}  # (gateway, revision) -> had a ready replica last report
+        self.warm: dict[
+            tuple[str, str], bool
+        ] = {}  # (gateway, revision) -> had a ready replica last report
 
     def observe(self, report: dict[str, Any]) -> None:
         """One gateway stats report (torpor.gateway.stats.Sampler.collect)."""
@@ -201,7 +223,9 @@ class Rollouts:
         return True
 
     def _unwatch_revisions(self, key: Key, keep: set[str] | None = None) -> None:
-        busy = {r for w in self.watching.values() if w.key != key for r in w.key[:2]} | (keep or set())
+        busy = {r for w in self.watching.values() if w.key != key for r in w.key[:2]} | (
+            keep or set()
+        )
         for rev in key[:2]:
             if rev not in busy:
                 self.stats.pop(rev, None)
@@ -236,10 +260,14 @@ class Rollouts:
             return
         if self._watch(cur, ro):
             what = "paused at" if ro.state == "paused" else "measuring"
-            await self._event(fn.name, f"rollout {ro.stable} -> {ro.to}: {what} {_describe_step(ro)}", ro)
+            await self._event(
+                fn.name, f"rollout {ro.stable} -> {ro.to}: {what} {_describe_step(ro)}", ro
+            )
         if ro.state == "paused":
             return
-        verdict = judge(ro.policy, self.stats[ro.to], self.stats[ro.stable], self.wall() - ro.step_started)
+        verdict = judge(
+            ro.policy, self.stats[ro.to], self.stats[ro.stable], self.wall() - ro.step_started
+        )
         self.last[fn.name] = verdict
         if verdict.action == "wait":
             return
@@ -285,8 +313,20 @@ class Rollouts:
 
     async def _event(self, function: str, message: str, ro: Rollout) -> None:
         try:
-            await self.store.add_event(Event(function=function, kind="rollout", message=message, data={
-                "to": ro.to, "stable": ro.stable, "step": ro.step, "steps": ro.steps, "state": ro.state,
-                "reason": ro.reason}))
+            await self.store.add_event(
+                Event(
+                    function=function,
+                    kind="rollout",
+                    message=message,
+                    data={
+                        "to": ro.to,
+                        "stable": ro.stable,
+                        "step": ro.step,
+                        "steps": ro.steps,
+                        "state": ro.state,
+                        "reason": ro.reason,
+                    },
+                )
+            )
         except Exception:
             log.exception("rollout: recording an event for %s failed", function)

@@ -27,8 +27,9 @@ class RolloutError(ValueError):
     """A rollout that cannot start or act (one line for the user)."""
 
 
-def split(current: list[TrafficTarget], weights: list[tuple[str, int]],
-          tags: dict[str, str] | None = None) -> list[TrafficTarget]:
+def split(
+    current: list[TrafficTarget], weights: list[tuple[str, int]], tags: dict[str, str] | None = None
+) -> list[TrafficTarget]:
     """A new table: ``weights`` (revision, percent) in order, each with the tag it had in
     ``current`` (or the one ``tags`` gives it, which wins over the same tag elsewhere);
     every other tag of ``current`` kept at 0 %. Zero weights are left out (their tags stay)."""
@@ -41,8 +42,14 @@ def split(current: list[TrafficTarget], weights: list[tuple[str, int]],
             continue
         tag = explicit.pop(rev, None)
         if tag is None:
-            tag = next((t.tag for t in current if t.revision == rev and t.tag and t.tag not in claimed
-                        and t.tag not in used), None)
+            tag = next(
+                (
+                    t.tag
+                    for t in current
+                    if t.revision == rev and t.tag and t.tag not in claimed and t.tag not in used
+                ),
+                None,
+            )
         if tag is not None:
             used.add(tag)
         out.append(TrafficTarget(rev, pct, tag))
@@ -63,12 +70,19 @@ def step_weights(canary: str, stable: str, pct: int) -> list[tuple[str, int]]:
     return [(canary, pct), (stable, 100 - pct)]
 
 
-def step_traffic(current: list[TrafficTarget], canary: str, stable: str, pct: int,
-                 tags: dict[str, str] | None = None) -> list[TrafficTarget]:
+def step_traffic(
+    current: list[TrafficTarget],
+    canary: str,
+    stable: str,
+    pct: int,
+    tags: dict[str, str] | None = None,
+) -> list[TrafficTarget]:
     return split(current, step_weights(canary, stable, pct), tags)
 
 
-def sole_traffic(current: list[TrafficTarget], rev: str, tags: dict[str, str] | None = None) -> list[TrafficTarget]:
+def sole_traffic(
+    current: list[TrafficTarget], rev: str, tags: dict[str, str] | None = None
+) -> list[TrafficTarget]:
     """All traffic to ``rev``; every tag kept (others at 0 %)."""
     return split(current, [(rev, 100)], tags)
 
@@ -113,8 +127,15 @@ def canary_steps(pct: int, policy_steps: list[int]) -> list[int]:
     return steps
 
 
-def start_rollout(fn: Function, to: str, policy: RolloutPolicy, now: float, *, steps: list[int] | None = None,
-                  tags: dict[str, str] | None = None) -> Rollout:
+def start_rollout(
+    fn: Function,
+    to: str,
+    policy: RolloutPolicy,
+    now: float,
+    *,
+    steps: list[int] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Rollout:
     """Start moving traffic to ``to`` (pure; mutates ``fn``). The stable revision is the one
     a running rollout replaces, else the ready revision with the most traffic. A rollout
     that is running or paused is superseded (aborted). A first step of 100 promotes at once."""
@@ -136,12 +157,21 @@ def start_rollout(fn: Function, to: str, policy: RolloutPolicy, now: float, *, s
     if stable is None:
         stable = main_revision(fn, exclude=to)
     if stable is None:
-        raise RolloutError(f"no other ready revision serves traffic; {to} has nothing to replace "
-                           f"(route it by hand: torpor traffic {fn.name} {to}=100)")
+        raise RolloutError(
+            f"no other ready revision serves traffic; {to} has nothing to replace "
+            f"(route it by hand: torpor traffic {fn.name} {to}=100)"
+        )
     if old is not None and old.state in ACTIVE:
         old.state, old.reason = "aborted", f"superseded by a rollout to {to}"
-    ro = Rollout(to=to, stable=stable, steps=steps, step=0, state="running", step_started=now,
-                 policy=replace(policy, steps=list(steps)))
+    ro = Rollout(
+        to=to,
+        stable=stable,
+        steps=steps,
+        step=0,
+        state="running",
+        step_started=now,
+        policy=replace(policy, steps=list(steps)),
+    )
     fn.rollout = ro
     if steps[0] >= 100:
         promote(fn, ro, "first step is 100%", tags)
@@ -189,7 +219,9 @@ def rollback_target(fn: Function) -> str | None:
     if ro is not None and ro.state == "promoted" and current == ro.to and ready(ro.stable):
         return ro.stable
     cur = fn.revision(current) if current else None
-    older = [r for r in fn.revisions if r.status == "ready" and (cur is None or r.number < cur.number)]
+    older = [
+        r for r in fn.revisions if r.status == "ready" and (cur is None or r.number < cur.number)
+    ]
     return older[-1].name if older else None
 
 
@@ -206,14 +238,22 @@ def apply_on_ready(fn: Function, rev: Revision, now: float | None = None) -> Non
         pct = int(intent.split(":", 1)[1])
         policy = rev.spec.rollout
         try:
-            start_rollout(fn, rev.name, policy, time.time() if now is None else now,
-                          steps=canary_steps(pct, policy.steps), tags=tags)
+            start_rollout(
+                fn,
+                rev.name,
+                policy,
+                time.time() if now is None else now,
+                steps=canary_steps(pct, policy.steps),
+                tags=tags,
+            )
             return
         except RolloutError:
             intent = "promote"  # nothing to replace: it simply gets the traffic
     if intent == "none" and fn.traffic:
         if rev.tag:
-            fn.traffic = split(fn.traffic, [(t.revision, t.percent) for t in fn.traffic if t.percent > 0], tags)
+            fn.traffic = split(
+                fn.traffic, [(t.revision, t.percent) for t in fn.traffic if t.percent > 0], tags
+            )
         return
     ro = fn.rollout
     if ro is not None and ro.state in ACTIVE:

@@ -23,8 +23,11 @@ def contract_env(revision: Revision) -> dict[str, str]:
     """What the Knative runtime contract promises every replica, next to ``PORT``:
     ``K_SERVICE`` and ``K_CONFIGURATION`` (the function) and ``K_REVISION``. Every
     driver sets these, so a container written for Knative or Cloud Run finds them."""
-    return {"K_SERVICE": revision.function, "K_CONFIGURATION": revision.function,
-            "K_REVISION": revision.name}
+    return {
+        "K_SERVICE": revision.function,
+        "K_CONFIGURATION": revision.function,
+        "K_REVISION": revision.name,
+    }
 
 
 def runtime_env(revision: Revision) -> dict[str, str]:
@@ -62,8 +65,9 @@ class Driver(Protocol):
         ``image`` filled in where the driver uses one. Raises BuildError."""
         ...
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         """Start one replica; returns at once (readiness is the controller's probe).
 
         ``secret_env`` is the env the revision's ``secrets:`` resolve to (the controller

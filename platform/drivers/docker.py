@@ -296,19 +296,25 @@ class DockerDriver:
             raise BuildError(f"runtime {server} is missing")
         (ctx / "torpor").mkdir()
         shutil.copy2(server, ctx / "torpor" / "server.py")
-        shutil.copy2(server.parent / "openfaas.py", ctx / "torpor" / "openfaas.py")  # handler_style: openfaas
+        shutil.copy2(
+            server.parent / "openfaas.py", ctx / "torpor" / "openfaas.py"
+        )  # handler_style: openfaas
         shutil.copytree(
             src,
             ctx / "fn",
             symlinks=True,  # never dereference a link to a host file
             ignore=lambda _d, names: [n for n in names if n in _SKIP or n.endswith(".pyc")],
         )
-        requirements = pip.read_requirements(src)  # before anything runs: a bad line is a BuildError
+        requirements = pip.read_requirements(
+            src
+        )  # before anything runs: a bad line is a BuildError
         if requirements:
             self._pip(requirements, ctx / "fn" / ".deps", say)
         _make_readable(ctx)
         (ctx / "Dockerfile").write_text(
-            dockerfile(self.base_image, revision.spec.handler or "handler:handle", revision.spec.port)
+            dockerfile(
+                self.base_image, revision.spec.handler or "handler:handle", revision.spec.port
+            )
         )
 
     def _pip(self, requirements: list[str], target: Path, say: Callable[[str], None]) -> None:
@@ -321,9 +327,17 @@ class DockerDriver:
         host_py = f"{sys.version_info[0]}.{sys.version_info[1]}"
         # Cross-version install: wheels for the image's interpreter.
         cross = base_py if base_py and base_py != host_py else None
-        say(f"pip install -r requirements.txt (for python {base_py or host_py}, on the host, wheels only)")
-        pip.install(requirements, target, python=sys.executable, python_version=cross,
-                    cache_dir=self.state_dir / "pip-cache", say=say)
+        say(
+            f"pip install -r requirements.txt (for python {base_py or host_py}, on the host, wheels only)"
+        )
+        pip.install(
+            requirements,
+            target,
+            python=sys.executable,
+            python_version=cross,
+            cache_dir=self.state_dir / "pip-cache",
+            say=say,
+        )
 
     def _build(self, revision: Revision, ctx: Path, tag: str, say: Callable[[str], None]) -> None:
         say(f"building image {tag} from {self.base_image}")
@@ -374,20 +388,25 @@ class DockerDriver:
         await asyncio.to_thread(rm)
 
     # -- replicas --------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         image = revision.image or revision.spec.image
         if not image:
             raise BuildError(f"revision {revision.name} has no image: prepare it first")
         spec = revision.spec
         env = {
             **spec.env,
-            **(secret_env or {}),  # Docker keeps env in the container's config: `docker inspect` shows it
+            **(
+                secret_env or {}
+            ),  # Docker keeps env in the container's config: `docker inspect` shows it
             "PORT": str(spec.port),
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
-            "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
+            "TORPOR_MAX_BODY": str(
+                spec.max_body
+            ),  # the runtime takes what the gateway lets through
             **runtime_env(revision),
             **contract_env(revision),
         }
@@ -603,7 +622,11 @@ class DockerDriver:
         def pump() -> None:
             try:
                 stream = self.client.api.logs(
-                    ref, stdout=True, stderr=True, stream=True, follow=follow,
+                    ref,
+                    stdout=True,
+                    stderr=True,
+                    stream=True,
+                    follow=follow,
                     tail=tail if tail else 0,
                 )
                 box["stream"] = stream
@@ -658,4 +681,3 @@ class DockerDriver:
                 log.warning("pruning empty networks failed: %s", e)
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
-

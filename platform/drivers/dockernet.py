@@ -50,16 +50,32 @@ BRIDGE_PREFIX = "torpor"
 FIREWALL_COMMENT = "torpor: containers may not open connections to the host"
 # The INPUT rule (after the chain name): everything a torpor bridge opens towards the host.
 FIREWALL_RULE = [
-    "-i", f"{BRIDGE_PREFIX}+",
-    "-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED",
-    "-m", "comment", "--comment", FIREWALL_COMMENT,
-    "-j", "DROP",
+    "-i",
+    f"{BRIDGE_PREFIX}+",
+    "-m",
+    "conntrack",
+    "!",
+    "--ctstate",
+    "ESTABLISHED,RELATED",
+    "-m",
+    "comment",
+    "--comment",
+    FIREWALL_COMMENT,
+    "-j",
+    "DROP",
 ]
 METADATA_COMMENT = "torpor: containers may not reach link-local addresses (instance metadata)"
 METADATA_RULE = [
-    "-i", f"{BRIDGE_PREFIX}+", "-d", "169.254.0.0/16",
-    "-m", "comment", "--comment", METADATA_COMMENT,
-    "-j", "DROP",
+    "-i",
+    f"{BRIDGE_PREFIX}+",
+    "-d",
+    "169.254.0.0/16",
+    "-m",
+    "comment",
+    "--comment",
+    METADATA_COMMENT,
+    "-j",
+    "DROP",
 ]
 
 
@@ -92,12 +108,14 @@ def ensure_rule(chain: str, rule: list[str], iptables: str | None = None) -> str
     if os.geteuid() != 0:
         return "the platform does not run as root"
     try:
-        check = subprocess.run([binary, "-w", "5", "-C", chain, *rule],
-                               capture_output=True, text=True, timeout=15)
+        check = subprocess.run(
+            [binary, "-w", "5", "-C", chain, *rule], capture_output=True, text=True, timeout=15
+        )
         if check.returncode == 0:
             return None
-        add = subprocess.run([binary, "-w", "5", "-I", chain, "1", *rule],
-                             capture_output=True, text=True, timeout=15)
+        add = subprocess.run(
+            [binary, "-w", "5", "-I", chain, "1", *rule], capture_output=True, text=True, timeout=15
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{binary} failed: {e}"
     if add.returncode != 0:
@@ -159,8 +177,13 @@ class Networks:
             "com.docker.network.bridge.name": bridge_name(self.instance, function),
         }
         try:
-            return self.client.networks.create(name, driver="bridge", labels=self.labels(function),
-                                               options=options, check_duplicate=True)
+            return self.client.networks.create(
+                name,
+                driver="bridge",
+                labels=self.labels(function),
+                options=options,
+                check_duplicate=True,
+            )
         except docker.errors.APIError as e:
             if e.status_code != 409:  # created meanwhile by another driver: use that one
                 raise
@@ -172,15 +195,21 @@ class Networks:
         self._firewall_checked = True
         metadata = ensure_metadata_block()
         if metadata:
-            log.warning("docker driver: containers can reach link-local addresses such as a "
-                        "cloud's metadata service (%s)", metadata)
+            log.warning(
+                "docker driver: containers can reach link-local addresses such as a "
+                "cloud's metadata service (%s)",
+                metadata,
+            )
         if host_access_allowed():
             self.firewall_problem = "TORPOR_DOCKER_HOST_ACCESS=1"
             return
         self.firewall_problem = ensure_host_firewall()
         if self.firewall_problem:
-            log.warning("docker driver: containers can open connections to this host (%s): "
-                        "run the platform as root with iptables to block them", self.firewall_problem)
+            log.warning(
+                "docker driver: containers can open connections to this host (%s): "
+                "run the platform as root with iptables to block them",
+                self.firewall_problem,
+            )
 
     def forget(self, function: str) -> None:
         """Drop the cached name (the network vanished): the next ensure() looks again."""
@@ -191,8 +220,13 @@ class Networks:
         with self._lock:
             self._known.pop(function, None)
             name = network_name(self.instance, function)
-            filters = {"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}",
-                                 f"torpor.function={function}"]}
+            filters = {
+                "label": [
+                    f"{MANAGED}=true",
+                    f"{INSTANCE}={self.instance}",
+                    f"torpor.function={function}",
+                ]
+            }
             if self.client.api.containers(all=True, filters=filters):
                 return False
             return self._remove(name)

@@ -117,10 +117,17 @@ TMP_SIZE = "256Mi"  # the emptyDir on /tmp: the fetched function, its temp files
 HEALTH_PATH = "/_torpor/health"
 DRAIN_FLOOR = 30  # s: the runtime's default drain (TORPOR_DRAIN_TIMEOUT)
 # Waiting reasons after which a container will not start without someone changing something.
-FATAL_WAITING = frozenset({
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-})
+FATAL_WAITING = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
 
 
 class KubernetesError(Exception):
@@ -187,9 +194,13 @@ class PodSettings:
     namespace: str
     runtime_image: str
     archive_url_base: str | None = None
-    archive_key: bytes | None = None  # the installation's archive-token key (the controller passes it)
+    archive_key: bytes | None = (
+        None  # the installation's archive-token key (the controller passes it)
+    )
     tmp_size: str = TMP_SIZE
-    runtime_pull_policy: str | None = None  # imagePullPolicy of the runtime image (None: the kubelet's default)
+    runtime_pull_policy: str | None = (
+        None  # imagePullPolicy of the runtime image (None: the kubelet's default)
+    )
     image_pull_secrets: tuple[str, ...] = ()  # imagePullSecrets of every function Pod
 
 
@@ -214,14 +225,18 @@ def pull_secrets(value: str | None, what: str = "TORPOR_IMAGE_PULL_SECRETS") -> 
     names = tuple(x.strip() for x in (value or "").split(",") if x.strip())
     for n in names:
         if len(n) > 253 or not _DNS_SUBDOMAIN.fullmatch(n):
-            raise KubernetesError(f"{what}: {n[:60]!r} is not a Secret name (lowercase letters, digits, "
-                                  "'-' and '.', at most 253 characters)")
+            raise KubernetesError(
+                f"{what}: {n[:60]!r} is not a Secret name (lowercase letters, digits, "
+                "'-' and '.', at most 253 characters)"
+            )
     if len(names) > 32:
         raise KubernetesError(f"{what}: {len(names)} names; at most 32")
     return names
 
 
-def _labels(instance: str, revision: Revision, replica: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+def _labels(
+    instance: str, revision: Revision, replica: str | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
     full = {FUNCTION: revision.function, REVISION: revision.name}
     if replica is not None:
         full[REPLICA] = replica
@@ -237,8 +252,12 @@ def owner_manifest(revision: Revision, settings: PodSettings) -> ConfigMap:
     if revision.spec.image:
         data["image"] = revision.spec.image
     return ConfigMap(
-        metadata=ObjectMeta(name=owner_name(revision.name), namespace=settings.namespace, labels=labels,
-                            annotations={**full, CREATED: f"{revision.created:.6f}"}),
+        metadata=ObjectMeta(
+            name=owner_name(revision.name),
+            namespace=settings.namespace,
+            labels=labels,
+            annotations={**full, CREATED: f"{revision.created:.6f}"},
+        ),
         data=data,
     )
 
@@ -247,8 +266,13 @@ def archive_url(base: str, sha256: str) -> str:
     return f"{base.rstrip('/')}/{sha256}"
 
 
-def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: PodSettings,
-                 secret_env: Mapping[str, str] | None = None) -> Pod:
+def pod_manifest(
+    revision: Revision,
+    replica: str,
+    owner_uid: str,
+    settings: PodSettings,
+    secret_env: Mapping[str, str] | None = None,
+) -> Pod:
     """The Pod of one replica (pure: tests read it field by field)."""
     spec = revision.spec
     labels, full = _labels(settings.instance, revision, replica)
@@ -264,28 +288,40 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
     }
     if spec.image:
         image = spec.image
-        probe = Probe(tcpSocket=TCPSocketAction(port=spec.port))  # the user's image may not serve /_torpor/
+        probe = Probe(
+            tcpSocket=TCPSocketAction(port=spec.port)
+        )  # the user's image may not serve /_torpor/
     else:
         if not revision.source_sha256:
-            raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
-                             "driver runs source functions from content-addressed archives; deploy it again")
+            raise BuildError(
+                f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
+                "driver runs source functions from content-addressed archives; deploy it again"
+            )
         if not settings.archive_url_base:
-            raise BuildError("no archive URL for source functions: set TORPOR_ARCHIVE_URL_BASE "
-                             "(the API's /v1/archives as Pods reach it)")
+            raise BuildError(
+                "no archive URL for source functions: set TORPOR_ARCHIVE_URL_BASE "
+                "(the API's /v1/archives as Pods reach it)"
+            )
         if not settings.archive_key:
-            raise BuildError("no archive key: the controller passes the installation's key to the driver "
-                             "(use_archive_key) before it starts source functions")
+            raise BuildError(
+                "no archive key: the controller passes the installation's key to the driver "
+                "(use_archive_key) before it starts source functions"
+            )
         image = revision.image or settings.runtime_image
-        env.update({
-            "TORPOR_HANDLER": spec.handler or "handler:handle",
-            "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
-            "TORPOR_ARCHIVE_URL": archive_url(settings.archive_url_base, revision.source_sha256),
-            "TORPOR_ARCHIVE_SHA256": revision.source_sha256,
-            # read-only, this archive only (an HMAC of its hash): never the API's admin token
-            "TORPOR_ARCHIVE_TOKEN": archive_token(settings.archive_key, revision.source_sha256),
-            "TORPOR_FETCH_DIR": FETCH_DIR,
-            "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
-        })
+        env.update(
+            {
+                "TORPOR_HANDLER": spec.handler or "handler:handle",
+                "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
+                "TORPOR_ARCHIVE_URL": archive_url(
+                    settings.archive_url_base, revision.source_sha256
+                ),
+                "TORPOR_ARCHIVE_SHA256": revision.source_sha256,
+                # read-only, this archive only (an HMAC of its hash): never the API's admin token
+                "TORPOR_ARCHIVE_TOKEN": archive_token(settings.archive_key, revision.source_sha256),
+                "TORPOR_FETCH_DIR": FETCH_DIR,
+                "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
+            }
+        )
         probe = Probe(httpGet=HTTPGetAction(path=HEALTH_PATH, port=spec.port))
     # 1 s, the shortest period Kubernetes allows: a cold start waits at most that long for the kubelet
     probe.periodSeconds, probe.timeoutSeconds, probe.failureThreshold = 1, 1, 3
@@ -323,8 +359,16 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
             namespace=settings.namespace,
             labels={**spec.labels, **labels},
             annotations=dict(full),
-            ownerReferences=[OwnerReference(apiVersion="v1", kind="ConfigMap", name=owner_name(revision.name),
-                                            uid=owner_uid, controller=False, blockOwnerDeletion=False)],
+            ownerReferences=[
+                OwnerReference(
+                    apiVersion="v1",
+                    kind="ConfigMap",
+                    name=owner_name(revision.name),
+                    uid=owner_uid,
+                    controller=False,
+                    blockOwnerDeletion=False,
+                )
+            ],
         ),
         spec=PodSpec(
             containers=[container],
@@ -339,8 +383,11 @@ def pod_manifest(revision: Revision, replica: str, owner_uid: str, settings: Pod
                 fsGroup=USER_ID,
                 seccompProfile=SeccompProfile(type="RuntimeDefault"),
             ),
-            volumes=[Volume(name="tmp", emptyDir=EmptyDirVolumeSource(sizeLimit=settings.tmp_size))],
-            imagePullSecrets=[LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
+            volumes=[
+                Volume(name="tmp", emptyDir=EmptyDirVolumeSource(sizeLimit=settings.tmp_size))
+            ],
+            imagePullSecrets=[LocalObjectReference(name=n) for n in settings.image_pull_secrets]
+            or None,
         ),
     )
 
@@ -368,7 +415,9 @@ def _waiting(pod: Pod) -> tuple[str, str] | None:
 def _started(pod: Pod) -> bool:
     """The container has run (is running or has terminated): it has logs."""
     for cs in (pod.status.containerStatuses or []) if pod.status else []:
-        if cs.state is not None and (cs.state.running is not None or cs.state.terminated is not None):
+        if cs.state is not None and (
+            cs.state.running is not None or cs.state.terminated is not None
+        ):
             return True
     return False
 
@@ -447,7 +496,9 @@ def load_config(kubeconfig: str | None = None) -> SingleConfig:
     try:
         conf = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
     except (ConfigError, OSError) as e:
-        raise KubernetesError(f"no Kubernetes configuration: not in a cluster and no usable kubeconfig ({e})") from e
+        raise KubernetesError(
+            f"no Kubernetes configuration: not in a cluster and no usable kubeconfig ({e})"
+        ) from e
     if conf is None:
         raise KubernetesError("the kubeconfig has no current context")
     return conf
@@ -474,25 +525,32 @@ class KubernetesDriver:
         if isinstance(config, KubeConfig):
             config = config.get()
         self.config: SingleConfig = config if config is not None else load_config()
-        self.namespace = namespace or os.environ.get("TORPOR_K8S_NAMESPACE") or self.config.namespace
+        self.namespace = (
+            namespace or os.environ.get("TORPOR_K8S_NAMESPACE") or self.config.namespace
+        )
         self.instance = instance
         self.ip_timeout = ip_timeout
         self.readiness = (readiness or os.environ.get("TORPOR_K8S_READINESS") or "kubelet").strip()
         if self.readiness not in READINESS:
-            raise KubernetesError(f"TORPOR_K8S_READINESS={self.readiness[:40]!r}: expected kubelet (the Pod's "
-                                  "Ready condition) or direct (the controller probes Pod IPs)")
+            raise KubernetesError(
+                f"TORPOR_K8S_READINESS={self.readiness[:40]!r}: expected kubelet (the Pod's "
+                "Ready condition) or direct (the controller probes Pod IPs)"
+            )
         self.stop_margin = stop_margin
         self._trust_env = trust_env
         self.settings = PodSettings(
             instance=instance,
             namespace=self.namespace,
             runtime_image=runtime_image or default_runtime_image(),
-            archive_url_base=archive_url_base if archive_url_base is not None
+            archive_url_base=archive_url_base
+            if archive_url_base is not None
             else os.environ.get("TORPOR_ARCHIVE_URL_BASE") or None,
-            runtime_pull_policy=pull_policy(runtime_pull_policy, "runtime_pull_policy") if runtime_pull_policy
+            runtime_pull_policy=pull_policy(runtime_pull_policy, "runtime_pull_policy")
+            if runtime_pull_policy
             else pull_policy(os.environ.get("TORPOR_RUNTIME_PULL_POLICY")),
             image_pull_secrets=pull_secrets(",".join(image_pull_secrets), "image_pull_secrets")
-            if image_pull_secrets is not None else pull_secrets(os.environ.get("TORPOR_IMAGE_PULL_SECRETS")),
+            if image_pull_secrets is not None
+            else pull_secrets(os.environ.get("TORPOR_IMAGE_PULL_SECRETS")),
         )
         self.client = self._new_client()
 
@@ -502,7 +560,9 @@ class KubernetesDriver:
         self.settings.archive_key = bytes(key)
 
     def _new_client(self) -> AsyncClient:
-        return AsyncClient(self.config, namespace=self.namespace, field_manager="torpor", trust_env=self._trust_env)
+        return AsyncClient(
+            self.config, namespace=self.namespace, field_manager="torpor", trust_env=self._trust_env
+        )
 
     def _selector(self) -> dict[str, Any]:
         return {MANAGED: "true", INSTANCE: self.instance}
@@ -519,8 +579,14 @@ class KubernetesDriver:
         return KubernetesError(f"{what}: HTTP {code}: {msg}{hint}")
 
     # -- watching one object -----------------------------------------------------------------
-    async def _wait(self, kind: type[Pod] | type[ConfigMap], name: str, current: Any,
-                    done: Callable[[Any], bool], timeout: float) -> Any:
+    async def _wait(
+        self,
+        kind: type[Pod] | type[ConfigMap],
+        name: str,
+        current: Any,
+        done: Callable[[Any], bool],
+        timeout: float,
+    ) -> Any:
         """Watch ``name`` from ``current``'s resourceVersion until ``done(obj)`` (``obj`` is
         None once it is deleted) or ``timeout``; returns the last state seen. A cut watch
         resumes from the last resourceVersion; 410 Gone (too old) re-reads the object."""
@@ -536,14 +602,21 @@ class KubernetesDriver:
                 return current
             try:
                 async with asyncio.timeout(left):
-                    events = self.client.watch(kind, namespace=self.namespace, fields={"metadata.name": name},
-                                               resource_version=rv, server_timeout=max(1, min(60, math.ceil(left))),
-                                               on_error=_watch_retry)
+                    events = self.client.watch(
+                        kind,
+                        namespace=self.namespace,
+                        fields={"metadata.name": name},
+                        resource_version=rv,
+                        server_timeout=max(1, min(60, math.ceil(left))),
+                        on_error=_watch_retry,
+                    )
                     async with contextlib.aclosing(events) as stream:  # type: ignore[type-var]
                         async for event, obj in stream:
                             if event == "BOOKMARK":
                                 continue
-                            same = uid is None or (obj.metadata is not None and obj.metadata.uid == uid)
+                            same = uid is None or (
+                                obj.metadata is not None and obj.metadata.uid == uid
+                            )
                             if event == "DELETED" and same:
                                 return None
                             if not same:
@@ -574,24 +647,39 @@ class KubernetesDriver:
             revision.image = revision.spec.image  # pulled by the kubelet
         else:
             if not revision.source_sha256:
-                raise BuildError(f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
-                                 "driver runs source functions from content-addressed archives, which the API "
-                                 "records on deploy (a revision made before them has none: deploy it again)")
+                raise BuildError(
+                    f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
+                    "driver runs source functions from content-addressed archives, which the API "
+                    "records on deploy (a revision made before them has none: deploy it again)"
+                )
             if not self.settings.archive_url_base:
-                raise BuildError("source functions on a cluster need TORPOR_ARCHIVE_URL_BASE: the URL of the API's "
-                                 "/v1/archives as Pods reach it")
+                raise BuildError(
+                    "source functions on a cluster need TORPOR_ARCHIVE_URL_BASE: the URL of the API's "
+                    "/v1/archives as Pods reach it"
+                )
             if not self.settings.archive_key:
-                raise BuildError("no archive key: the controller passes the installation's key to the driver "
-                                 "(use_archive_key) before it prepares source functions")
+                raise BuildError(
+                    "no archive key: the controller passes the installation's key to the driver "
+                    "(use_archive_key) before it prepares source functions"
+                )
             req = Path(revision.source or "", "requirements.txt")
-            if revision.source and req.is_file() and req.read_text(errors="replace").strip() and progress:
-                progress("warning: requirements.txt is not installed on a cluster: the runtime image "
-                         f"({self.settings.runtime_image}) must already provide those packages")
+            if (
+                revision.source
+                and req.is_file()
+                and req.read_text(errors="replace").strip()
+                and progress
+            ):
+                progress(
+                    "warning: requirements.txt is not installed on a cluster: the runtime image "
+                    f"({self.settings.runtime_image}) must already provide those packages"
+                )
             revision.image = self.settings.runtime_image
         await self._ensure_owner(revision)
         if progress:
-            progress(f"owner ConfigMap {owner_name(revision.name)} ready in namespace {self.namespace}; "
-                     f"image {revision.image}")
+            progress(
+                f"owner ConfigMap {owner_name(revision.name)} ready in namespace {self.namespace}; "
+                f"image {revision.image}"
+            )
         return revision
 
     async def _ensure_owner(self, revision: Revision) -> str:
@@ -615,15 +703,21 @@ class KubernetesDriver:
             assert meta is not None
             owner = (meta.labels or {}).get(INSTANCE)
             if owner != self.instance:
-                raise BuildError(f"ConfigMap {name} in namespace {self.namespace} exists and belongs to another "
-                                 f"Torpor installation (torpor.instance={owner!r}); not touching it")
-            if (meta.annotations or {}).get(CREATED) == f"{revision.created:.6f}" and meta.deletionTimestamp is None:
+                raise BuildError(
+                    f"ConfigMap {name} in namespace {self.namespace} exists and belongs to another "
+                    f"Torpor installation (torpor.instance={owner!r}); not touching it"
+                )
+            if (meta.annotations or {}).get(
+                CREATED
+            ) == f"{revision.created:.6f}" and meta.deletionTimestamp is None:
                 assert meta.uid
                 return meta.uid
             # left by an earlier function of the same name: delete it (its Pods with it), then create anew
             log.info("replacing stale owner %s of an earlier revision %s", name, revision.name)
             with contextlib.suppress(ApiError):
-                await self.client.delete(ConfigMap, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND)
+                await self.client.delete(
+                    ConfigMap, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND
+                )
             await self._wait(ConfigMap, name, cm, lambda o: o is None, timeout=30.0)
         raise KubernetesError(f"ConfigMap {name}: could not create it (it kept changing)")
 
@@ -634,14 +728,17 @@ class KubernetesDriver:
             cm = await self.client.get(ConfigMap, name, namespace=self.namespace)
             if cm.metadata is None or (cm.metadata.labels or {}).get(INSTANCE) != self.instance:
                 return  # another installation's
-            await self.client.delete(ConfigMap, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND)
+            await self.client.delete(
+                ConfigMap, name, namespace=self.namespace, cascade=CascadeType.BACKGROUND
+            )
         except ApiError as e:
             if _code(e) != 404:
                 raise self._fail(f"deleting ConfigMap {name}", e) from e
 
     # -- replicas ------------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         owner_uid = await self._ensure_owner(revision)
         pod = pod_manifest(revision, replica, owner_uid, self.settings, secret_env)
         name = pod_name(replica)
@@ -652,7 +749,9 @@ class KubernetesDriver:
             if code == 409:
                 created = await self._existing(revision, pod)
             elif code == 422:
-                raise BuildError(f"the cluster refused Pod {name}: {getattr(e.status, 'message', e)}") from e
+                raise BuildError(
+                    f"the cluster refused Pod {name}: {getattr(e.status, 'message', e)}"
+                ) from e
             else:
                 raise self._fail(f"creating Pod {name}", e) from e
         try:
@@ -661,7 +760,9 @@ class KubernetesDriver:
             with contextlib.suppress(Exception):
                 await self.client.delete(Pod, name, namespace=self.namespace, grace_period=0)
             raise
-        if got is None:  # deleted already (its owner deleted meanwhile?): the controller will see it dead
+        if (
+            got is None
+        ):  # deleted already (its owner deleted meanwhile?): the controller will see it dead
             gone = running_of(created)
             gone.alive, gone.endpoint = False, ""
             return gone
@@ -682,8 +783,10 @@ class KubernetesDriver:
             if cur is not None:
                 assert cur.metadata is not None
                 if (cur.metadata.labels or {}).get(INSTANCE) != self.instance:
-                    raise KubernetesError(f"Pod {name} exists in namespace {self.namespace} and was not started "
-                                          "by this Torpor installation")
+                    raise KubernetesError(
+                        f"Pod {name} exists in namespace {self.namespace} and was not started "
+                        "by this Torpor installation"
+                    )
                 found = running_of(cur)
                 if found.alive and found.revision == revision.name:
                     return cur  # an earlier create of this very replica went through
@@ -717,10 +820,15 @@ class KubernetesDriver:
             if _code(e) == 404:
                 return
             raise self._fail(f"deleting Pod {name}", e) from e
-        gone = await self._wait(Pod, name, pod, lambda p: p is None, timeout=seconds + self.stop_margin)
+        gone = await self._wait(
+            Pod, name, pod, lambda p: p is None, timeout=seconds + self.stop_margin
+        )
         if gone is not None:
-            log.warning("Pod %s still exists %gs after its deletion (is its node unreachable?)",
-                        name, seconds + self.stop_margin)
+            log.warning(
+                "Pod %s still exists %gs after its deletion (is its node unreachable?)",
+                name,
+                seconds + self.stop_margin,
+            )
 
     async def wait_ready(self, running: Running, timeout: float) -> bool | None:
         """Watch the replica's Pod (at most ``timeout`` s) until its ``Ready`` condition is
@@ -738,8 +846,9 @@ class KubernetesDriver:
         assert pod.metadata is not None
         if running.driver_id and pod.metadata.uid != running.driver_id:
             return False
-        got = await self._wait(Pod, name, pod, lambda p: p is None or not is_alive(p) or is_ready(p),
-                               max(0.0, timeout))
+        got = await self._wait(
+            Pod, name, pod, lambda p: p is None or not is_alive(p) or is_ready(p), max(0.0, timeout)
+        )
         if got is None or not is_ready(got):
             return False
         endpoint = running_of(got).endpoint
@@ -750,19 +859,31 @@ class KubernetesDriver:
 
     async def list(self) -> list[Running]:
         try:
-            pods = [p async for p in self.client.list(Pod, namespace=self.namespace, labels=self._selector())]
+            pods = [
+                p
+                async for p in self.client.list(
+                    Pod, namespace=self.namespace, labels=self._selector()
+                )
+            ]
         except ApiError as e:
             raise self._fail("listing Pods", e) from e
         return sorted((running_of(p) for p in pods), key=lambda r: r.replica)
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         name = pod_name(running.replica)
         # a follow holds its HTTP stream open: on its own client, closed when the caller stops
         client = self._new_client() if follow else self.client
         try:
             while True:
-                lines = client.log(name, namespace=self.namespace, follow=follow, tail_lines=max(0, tail),
-                                   newlines=False)
+                lines = client.log(
+                    name,
+                    namespace=self.namespace,
+                    follow=follow,
+                    tail_lines=max(0, tail),
+                    newlines=False,
+                )
                 try:
                     async for line in lines:
                         yield line
@@ -781,14 +902,21 @@ class KubernetesDriver:
                     raise
                 waiting = _waiting(pod)
                 if waiting:
-                    yield f"torpor: Pod {name} is waiting: {waiting[0]}" + (f": {waiting[1]}" if waiting[1] else "")
+                    yield f"torpor: Pod {name} is waiting: {waiting[0]}" + (
+                        f": {waiting[1]}" if waiting[1] else ""
+                    )
                 elif not _started(pod):
                     phase = pod.status.phase if pod.status else None
                     yield f"torpor: Pod {name} has not started yet (phase {phase or 'unknown'})"
                 if not follow or not is_alive(pod):
                     return
-                await self._wait(Pod, name, pod, lambda p: p is None or _started(p) or not is_alive(p),
-                                 timeout=60.0)
+                await self._wait(
+                    Pod,
+                    name,
+                    pod,
+                    lambda p: p is None or _started(p) or not is_alive(p),
+                    timeout=60.0,
+                )
         finally:
             if client is not self.client:
                 await client.close()

@@ -42,14 +42,41 @@ MAX_LINE = 1000  # characters of one logical line (after joining continuations)
 TIMEOUT = 900.0  # seconds for one pip install
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Operator settings pip may still see: how to reach the index, never what to install.
-PASSED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-              "no_proxy", "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-              "CURL_CA_BUNDLE")
-EXPECTED = ('a package name with optional [extras], version and ; markers (PEP 508), '
-            'e.g. requests[socks]>=2.31; python_version >= "3.10"')
+PASSED_ENV = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
+EXPECTED = (
+    "a package name with optional [extras], version and ; markers (PEP 508), "
+    'e.g. requests[socks]>=2.31; python_version >= "3.10"'
+)
 # File names pip would open instead of asking the index (pip's ARCHIVE_EXTENSIONS, .egg).
-_ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2",
-                     ".tar.xz", ".txz", ".tlz", ".tar.lz", ".tar.lzma", ".egg")
+_ARCHIVE_SUFFIXES = (
+    ".whl",
+    ".zip",
+    ".tar",
+    ".tar.gz",
+    ".tgz",
+    ".tar.bz2",
+    ".tbz",
+    ".tbz2",
+    ".tar.xz",
+    ".txz",
+    ".tlz",
+    ".tar.lz",
+    ".tar.lzma",
+    ".egg",
+)
 _COMMENT = re.compile(r"(^|\s+)#.*$")
 _OPTION = re.compile(r"(^|\s)(--?[A-Za-z][\w-]*)")
 
@@ -122,7 +149,9 @@ def parse_line(line: Line) -> str:
         first = str(e).splitlines()[0] if str(e) else "not a valid requirement"
         raise refuse(f"not a valid requirement ({first})") from None
     if req.url:
-        raise refuse("direct references (name @ URL) are not accepted: name a package from the index")
+        raise refuse(
+            "direct references (name @ URL) are not accepted: name a package from the index"
+        )
     if req.name.lower().endswith(_ARCHIVE_SUFFIXES):
         raise refuse("a file name, not a package name: files in the upload are never installed")
     return str(req)
@@ -154,12 +183,30 @@ def read_requirements(folder: str | os.PathLike[str]) -> list[str] | None:
     return parse_requirements(text) or None
 
 
-def pip_command(requirements: Sequence[str], target: Path, *, python: str = sys.executable,
-                python_version: str | None = None, cache_dir: Path | None = None) -> list[str]:
+def pip_command(
+    requirements: Sequence[str],
+    target: Path,
+    *,
+    python: str = sys.executable,
+    python_version: str | None = None,
+    cache_dir: Path | None = None,
+) -> list[str]:
     """The pip command line: wheels only, no configuration read, requirements after ``--``."""
     cmd = [
-        python, "-I", "-m", "pip", "install", "--isolated", "--no-input", "--disable-pip-version-check",
-        "--no-warn-script-location", "--progress-bar", "off", "--only-binary=:all:", "--target", str(target),
+        python,
+        "-I",
+        "-m",
+        "pip",
+        "install",
+        "--isolated",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        "--progress-bar",
+        "off",
+        "--only-binary=:all:",
+        "--target",
+        str(target),
     ]
     cmd += ["--cache-dir", str(cache_dir)] if cache_dir is not None else ["--no-cache-dir"]
     if python_version:
@@ -175,7 +222,13 @@ def pip_command(requirements: Sequence[str], target: Path, *, python: str = sys.
 
 def pip_env(home: Path) -> dict[str, str]:
     """The scrubbed environment pip runs in."""
-    env = {"PATH": PATH, "HOME": str(home), "TMPDIR": str(home), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    env = {
+        "PATH": PATH,
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
     env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
     return env
 
@@ -185,9 +238,16 @@ def _tail(lines: Sequence[str], n: int = 8) -> str:
     return "\n".join(kept[-n:])
 
 
-def install(requirements: Sequence[str], target: Path, *, python: str = sys.executable,
-            python_version: str | None = None, cache_dir: Path | None = None,
-            say: Callable[[str], None] | None = None, timeout: float = TIMEOUT) -> None:
+def install(
+    requirements: Sequence[str],
+    target: Path,
+    *,
+    python: str = sys.executable,
+    python_version: str | None = None,
+    cache_dir: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    timeout: float = TIMEOUT,
+) -> None:
     """``pip install --target target`` of already validated ``requirements`` (from
     :func:`parse_requirements`); each output line goes to ``say``. Blocking (run it in
     a worker thread). Raises BuildError with pip's last lines on failure."""
@@ -201,13 +261,22 @@ def install(requirements: Sequence[str], target: Path, *, python: str = sys.exec
         home, cwd = Path(work) / "home", Path(work) / "empty"
         home.mkdir()
         cwd.mkdir()
-        cmd = pip_command(requirements, target, python=python, python_version=python_version,
-                          cache_dir=cache_dir)
+        cmd = pip_command(
+            requirements, target, python=python, python_version=python_version, cache_dir=cache_dir
+        )
         lines: list[str] = []
         try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=pip_env(home), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace", start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env=pip_env(home),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
         except OSError as e:
             raise BuildError(f"cannot run pip ({python}): {e}") from e
         timed_out = threading.Event()

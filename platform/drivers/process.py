@@ -111,8 +111,13 @@ def _proc_start_time(pid: int) -> str | None:
 class ProcessDriver:
     name = "process"
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", python: str = sys.executable,
-                 zygote: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        python: str = sys.executable,
+        zygote: bool = True,
+    ) -> None:
         self.dir = Path(state_dir) / "replicas"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -141,8 +146,13 @@ class ProcessDriver:
             # pip's output shows only if it fails.
             if progress:
                 progress("installing requirements.txt (wheels only)")
-            await asyncio.to_thread(pip.install, requirements, Path(revision.source) / ".deps",
-                                    python=self.python, cache_dir=self.dir.parent / "pip-cache")
+            await asyncio.to_thread(
+                pip.install,
+                requirements,
+                Path(revision.source) / ".deps",
+                python=self.python,
+                cache_dir=self.dir.parent / "pip-cache",
+            )
         return revision
 
     async def remove(self, revision: Revision) -> None:
@@ -157,8 +167,9 @@ class ProcessDriver:
             log.unlink(missing_ok=True)
 
     # -- replicas ------------------------------------------------------------------------
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         if not revision.source:
             raise BuildError("revision has no source folder")
         port = _free_port(self.host)
@@ -178,7 +189,9 @@ class ProcessDriver:
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
             "TORPOR_REPLICA": replica,
-            "TORPOR_MAX_BODY": str(spec.max_body),  # the runtime takes what the gateway lets through
+            "TORPOR_MAX_BODY": str(
+                spec.max_body
+            ),  # the runtime takes what the gateway lets through
             **runtime_env(revision),
             **contract_env(revision),
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -227,8 +240,9 @@ class ProcessDriver:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def _spawn(self, cwd: str, env: dict[str, str], log_path: Path,
-               limits: dict[str, tuple[int, int]]) -> int:
+    def _spawn(
+        self, cwd: str, env: dict[str, str], log_path: Path, limits: dict[str, tuple[int, int]]
+    ) -> int:
         """A plain ``python server.py`` with exactly ``env``; rlimits are set with
         prlimit(2) as soon as it is exec'd, before the runtime imports the handler
         (not preexec_fn: it can deadlock in a process with threads)."""
@@ -259,9 +273,13 @@ class ProcessDriver:
             try:
                 self._zygote = subprocess.Popen(
                     [self.python, "-s", str(ZYGOTE), str(self._zygote_sock)],
-                    env=self._zygote_env(), cwd=str(self.homes / ".zygote"),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, close_fds=True,
+                    env=self._zygote_env(),
+                    cwd=str(self.homes / ".zygote"),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
                 )
             finally:
                 log.close()
@@ -274,13 +292,25 @@ class ProcessDriver:
             self.use_zygote = False  # fall back to plain spawns for good
             return False
 
-    async def _spawn_forked(self, replica: str, cwd: str, env: dict[str, str], log_path: Path,
-                            limits: dict[str, tuple[int, int]]) -> int | None:
+    async def _spawn_forked(
+        self,
+        replica: str,
+        cwd: str,
+        env: dict[str, str],
+        log_path: Path,
+        limits: dict[str, tuple[int, int]],
+    ) -> int | None:
         """Fork the replica from the zygote; None if the zygote is unavailable."""
         if not await self._ensure_zygote():
             return None
-        req = {"replica": replica, "cwd": cwd, "env": env, "log": str(log_path),
-               "exit": str(self.dir / f"{replica}.exit"), "limits": limits}
+        req = {
+            "replica": replica,
+            "cwd": cwd,
+            "env": env,
+            "log": str(log_path),
+            "exit": str(self.dir / f"{replica}.exit"),
+            "limits": limits,
+        }
         try:
             reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
             writer.write(json.dumps(req).encode() + b"\n")
@@ -383,7 +413,9 @@ class ProcessDriver:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         path = self.dir / f"{running.replica}.log"
         if not path.exists():
             return

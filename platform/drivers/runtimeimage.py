@@ -67,16 +67,23 @@ def build_context(ctx: Path, base: str, version: str) -> None:
     """Write the build context (Dockerfile + torpor/*.py) into the empty folder ``ctx``."""
     src = runtime_dir()
     files = sorted(p for p in src.glob("*.py") if p.name != "__init__.py")
-    if not any(p.name == "fetch.py" for p in files) or not any(p.name == "server.py" for p in files):
-        raise RuntimeImageError(f"the runtime in {src} is incomplete (fetch.py and server.py needed)")
+    if not any(p.name == "fetch.py" for p in files) or not any(
+        p.name == "server.py" for p in files
+    ):
+        raise RuntimeImageError(
+            f"the runtime in {src} is incomplete (fetch.py and server.py needed)"
+        )
     (ctx / "torpor").mkdir()
     for p in files:
         shutil.copy2(p, ctx / "torpor" / p.name)
-    (ctx / "Dockerfile").write_text(DOCKERFILE.format(base=base, label=RUNTIME_LABEL, version=version))
+    (ctx / "Dockerfile").write_text(
+        DOCKERFILE.format(base=base, label=RUNTIME_LABEL, version=version)
+    )
 
 
-def build_runtime_image(tag: str | None = None, base: str | None = None,
-                        progress: Callable[[str], None] = print) -> str:
+def build_runtime_image(
+    tag: str | None = None, base: str | None = None, progress: Callable[[str], None] = print
+) -> str:
     """Build the image; returns its tag. Raises RuntimeImageError."""
     import docker
     import docker.errors
@@ -93,23 +100,31 @@ def build_runtime_image(tag: str | None = None, base: str | None = None,
         try:
             client.images.get(base)
         except docker.errors.ImageNotFound:
-            raise RuntimeImageError(f"base image {base} not found locally: build it with `torpor images build-base` "
-                                    "or give --base (any image with python3 and a uid 65534)") from None
+            raise RuntimeImageError(
+                f"base image {base} not found locally: build it with `torpor images build-base` "
+                "or give --base (any image with python3 and a uid 65534)"
+            ) from None
         build_context(ctx, base, torpor_version())
         progress(f"building {tag} from {base}")
         lines: list[str] = []
         try:
-            for chunk in client.api.build(path=str(ctx), tag=tag, rm=True, forcerm=True, pull=False, decode=True):
+            for chunk in client.api.build(
+                path=str(ctx), tag=tag, rm=True, forcerm=True, pull=False, decode=True
+            ):
                 for line in str(chunk.get("stream", "")).splitlines():
                     if line.strip():
                         lines.append(line)
                         progress(line)
                 if "error" in chunk:
                     detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
-                    raise RuntimeImageError(f"docker build of {tag} failed: {detail}\n" + "\n".join(lines[-8:]))
+                    raise RuntimeImageError(
+                        f"docker build of {tag} failed: {detail}\n" + "\n".join(lines[-8:])
+                    )
         except docker.errors.DockerException as e:
             raise RuntimeImageError(f"docker build of {tag} failed: {e}") from e
-        progress(f"built {tag}: push it to your registry (docker tag/push) and set TORPOR_RUNTIME_IMAGE")
+        progress(
+            f"built {tag}: push it to your registry (docker tag/push) and set TORPOR_RUNTIME_IMAGE"
+        )
         return tag
     finally:
         shutil.rmtree(ctx, ignore_errors=True)

@@ -43,7 +43,9 @@ class Imported:
     package: str | None = None  # ship the folder's files under this package (OpenFaaS: "function")
     requirements: Path | None = None  # a requirements.txt to ship at the top
     traffic: list[TrafficEntry] | None = None  # None: the new revision takes all traffic
-    secrets_needed: dict[str, str] = field(default_factory=dict)  # Torpor secret -> where it came from
+    secrets_needed: dict[str, str] = field(
+        default_factory=dict
+    )  # Torpor secret -> where it came from
     warnings: list[str] = field(default_factory=list)
     origin: dict[str, str] = field(default_factory=dict)  # spec field -> field of the source file
 
@@ -55,8 +57,12 @@ class Imported:
             top = e.path.split(".")[0].split("[")[0]
             where = self.origin.get(e.path) or self.origin.get(top) or ""
             prefix = f"{where} (as {e.path})" if where and e.path else e.path
-            body = str(e)[len(e.path) + 2:] if e.path and str(e).startswith(e.path + ": ") else str(e)
-            raise ImportRefused(source, f"{self.name}: {prefix}" if prefix else self.name, body) from None
+            body = (
+                str(e)[len(e.path) + 2 :] if e.path and str(e).startswith(e.path + ": ") else str(e)
+            )
+            raise ImportRefused(
+                source, f"{self.name}: {prefix}" if prefix else self.name, body
+            ) from None
 
 
 def detect(docs: list[Any]) -> str | None:
@@ -66,7 +72,12 @@ def detect(docs: list[Any]) -> str | None:
             api = doc.get("apiVersion")
             if isinstance(api, str) and api.startswith("serving.knative.dev/"):
                 return "knative"
-    if len(docs) == 1 and isinstance(docs[0], Mapping) and "functions" in docs[0] and "provider" in docs[0]:
+    if (
+        len(docs) == 1
+        and isinstance(docs[0], Mapping)
+        and "functions" in docs[0]
+        and "provider" in docs[0]
+    ):
         return "openfaas"
     return None
 
@@ -114,10 +125,17 @@ def number(value: Any, source: str, where: str, *, integer: bool = False) -> flo
     if isinstance(value, bool):
         raise ImportRefused(source, where, f"expected a number, got {describe(value)}")
     try:
-        out = float(value) if isinstance(value, str | int | float) and len(str(value)) <= 30 else None
+        out = (
+            float(value) if isinstance(value, str | int | float) and len(str(value)) <= 30 else None
+        )
     except ValueError:
         out = None
-    if out is None or out != out or out in (float("inf"), float("-inf")) or (integer and not out.is_integer()):
+    if (
+        out is None
+        or out != out
+        or out in (float("inf"), float("-inf"))
+        or (integer and not out.is_integer())
+    ):
         kind = "an integer" if integer else "a number"
         raise ImportRefused(source, where, f"expected {kind}, got {describe(value)}")
     return out

@@ -30,10 +30,27 @@ AUTOSCALING = "autoscaling.knative.dev/"
 KNATIVE_TARGET = 100.0  # container-concurrency-target-default
 KNATIVE_UTILIZATION = 70.0  # container-concurrency-target-percentage
 
-SCHEDULING = ("nodeSelector", "affinity", "tolerations", "topologySpreadConstraints", "priorityClassName",
-              "schedulerName", "runtimeClassName", "nodeName")
-CLUSTER_STATE = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "selfLink",
-                 "finalizers", "ownerReferences", "deletionTimestamp")
+SCHEDULING = (
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "topologySpreadConstraints",
+    "priorityClassName",
+    "schedulerName",
+    "runtimeClassName",
+    "nodeName",
+)
+CLUSTER_STATE = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "selfLink",
+    "finalizers",
+    "ownerReferences",
+    "deletionTimestamp",
+)
 VISIBILITY = ("networking.knative.dev/visibility", "serving.knative.dev/visibility")
 _SAFE_SECRET = re.compile(r"[^a-z0-9-]+")
 
@@ -58,18 +75,26 @@ def import_documents(docs: list[Any], source: str) -> list[Imported]:
     skipped: list[str] = []
     for i, doc in enumerate(docs):
         if not isinstance(doc, Mapping):
-            raise ImportRefused(source, f"document {i + 1}", f"expected a mapping, got {describe(doc)}")
+            raise ImportRefused(
+                source, f"document {i + 1}", f"expected a mapping, got {describe(doc)}"
+            )
         api, kind = doc.get("apiVersion"), doc.get("kind")
         if api == API_VERSION and kind == "Service":
             out.append(import_service(doc, source))
             continue
         if isinstance(api, str) and api.startswith("serving.knative.dev/"):
             if kind == "Service":
-                raise ImportRefused(source, f"document {i + 1}: apiVersion",
-                                    f"{api} is not supported; expected {API_VERSION} (convert it first)")
-            raise ImportRefused(source, f"document {i + 1}: kind",
-                                f"{describe(kind)} of {api}: only Service documents are deployed (a Route or "
-                                "Configuration alone has no Torpor equivalent)")
+                raise ImportRefused(
+                    source,
+                    f"document {i + 1}: apiVersion",
+                    f"{api} is not supported; expected {API_VERSION} (convert it first)",
+                )
+            raise ImportRefused(
+                source,
+                f"document {i + 1}: kind",
+                f"{describe(kind)} of {api}: only Service documents are deployed (a Route or "
+                "Configuration alone has no Torpor equivalent)",
+            )
         skipped.append(f"document {i + 1} ({describe(kind)} of {describe(api)})")
     if not out:
         raise ImportRefused(source, "", f"no {API_VERSION} Service document found")
@@ -78,7 +103,9 @@ def import_documents(docs: list[Any], source: str) -> list[Imported]:
     names = [f.name for f in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ImportRefused(source, "metadata.name", f"{dupes[0]!r} is named by more than one Service")
+        raise ImportRefused(
+            source, "metadata.name", f"{dupes[0]!r} is named by more than one Service"
+        )
     return out
 
 
@@ -111,9 +138,15 @@ def import_service(doc: Mapping[Any, Any], source: str) -> Imported:
     tmeta = mapping(template.get("metadata"), source, "spec.template.metadata")
     template_name = tmeta.get("name") if isinstance(tmeta.get("name"), str) else None
     if template_name:
-        d.warn("spec.template.metadata.name", f"Torpor names revisions itself ({raw_name}-00001, ...); "
-               f"traffic that names {template_name!r} goes to the revision this deploy creates")
-    annotations = {**_annotations(d, meta, "metadata"), **_annotations(d, tmeta, "spec.template.metadata")}
+        d.warn(
+            "spec.template.metadata.name",
+            f"Torpor names revisions itself ({raw_name}-00001, ...); "
+            f"traffic that names {template_name!r} goes to the revision this deploy creates",
+        )
+    annotations = {
+        **_annotations(d, meta, "metadata"),
+        **_annotations(d, tmeta, "spec.template.metadata"),
+    }
     _metadata(d, tmeta, "spec.template.metadata", labels, service=False)
     tspec = mapping(template.get("spec"), source, "spec.template.spec")
     concurrency = _revision_spec(d, tspec, spec, scale, resources, origin)
@@ -127,11 +160,19 @@ def import_service(doc: Mapping[Any, Any], source: str) -> Imported:
         spec["resources"] = resources
     secrets = {env: name for env, name in spec.get("secrets", {}).items()}
     traffic = _traffic(d, body.get("traffic"), template_name)
-    return Imported(name=raw_name, spec=spec, traffic=traffic, warnings=d.warnings, origin=origin,
-                    secrets_needed={name: f"env {env}" for env, name in secrets.items()})
+    return Imported(
+        name=raw_name,
+        spec=spec,
+        traffic=traffic,
+        warnings=d.warnings,
+        origin=origin,
+        secrets_needed={name: f"env {env}" for env, name in secrets.items()},
+    )
 
 
-def _metadata(d: _Doc, meta: Mapping[Any, Any], where: str, labels: dict[str, str], service: bool) -> None:
+def _metadata(
+    d: _Doc, meta: Mapping[Any, Any], where: str, labels: dict[str, str], service: bool
+) -> None:
     for key, value in meta.items():
         if key in ("name", "annotations"):
             continue
@@ -140,9 +181,12 @@ def _metadata(d: _Doc, meta: Mapping[Any, Any], where: str, labels: dict[str, st
                 lk = text(lk, d.source, f"{where}.labels")
                 if lk in VISIBILITY:
                     if str(lv) == "cluster-local":
-                        raise d.refuse(f"{where}.labels.{lk}", "cluster-local: Torpor has no cluster-only "
-                                       "visibility, every function is reachable on the gateway; remove the label "
-                                       "to deploy it as public")
+                        raise d.refuse(
+                            f"{where}.labels.{lk}",
+                            "cluster-local: Torpor has no cluster-only "
+                            "visibility, every function is reachable on the gateway; remove the label "
+                            "to deploy it as public",
+                        )
                     continue
                 if lk.startswith(("serving.knative.dev/", "networking.knative.dev/")):
                     d.warn(f"{where}.labels.{lk}", "a Knative setting, not supported, ignored")
@@ -163,7 +207,7 @@ def _annotations(d: _Doc, meta: Mapping[Any, Any], where: str) -> dict[str, tupl
         key = text(key, d.source, f"{where}.annotations")
         path = f"{where}.annotations.{key}"
         if key.startswith(AUTOSCALING):
-            out[key[len(AUTOSCALING):]] = (text(value, d.source, path), path)
+            out[key[len(AUTOSCALING) :]] = (text(value, d.source, path), path)
         elif key.startswith("kubectl.kubernetes.io/"):
             d.warn(path, "kubectl bookkeeping, ignored")
         else:
@@ -171,8 +215,14 @@ def _annotations(d: _Doc, meta: Mapping[Any, Any], where: str) -> dict[str, tupl
     return out
 
 
-def _revision_spec(d: _Doc, tspec: Mapping[Any, Any], spec: dict[str, Any], scale: dict[str, Any],
-                   resources: dict[str, Any], origin: dict[str, str]) -> int | None:
+def _revision_spec(
+    d: _Doc,
+    tspec: Mapping[Any, Any],
+    spec: dict[str, Any],
+    scale: dict[str, Any],
+    resources: dict[str, Any],
+    origin: dict[str, str],
+) -> int | None:
     """``spec.template.spec``: the container, containerConcurrency, timeoutSeconds.
     Returns containerConcurrency (None when not given)."""
     where = "spec.template.spec"
@@ -200,14 +250,24 @@ def _revision_spec(d: _Doc, tspec: Mapping[Any, Any], spec: dict[str, Any], scal
     if not isinstance(containers, list) or not containers:
         raise d.refuse(f"{where}.containers", "expected a list with one container")
     if len(containers) > 1:
-        raise d.refuse(f"{where}.containers", f"{len(containers)} containers: Torpor runs one container per "
-                       "replica (sidecars are not supported)")
-    _container(d, mapping(containers[0], d.source, f"{where}.containers[0]"), spec, resources, origin)
+        raise d.refuse(
+            f"{where}.containers",
+            f"{len(containers)} containers: Torpor runs one container per "
+            "replica (sidecars are not supported)",
+        )
+    _container(
+        d, mapping(containers[0], d.source, f"{where}.containers[0]"), spec, resources, origin
+    )
     return concurrency
 
 
-def _container(d: _Doc, c: Mapping[Any, Any], spec: dict[str, Any], resources: dict[str, Any],
-               origin: dict[str, str]) -> None:
+def _container(
+    d: _Doc,
+    c: Mapping[Any, Any],
+    spec: dict[str, Any],
+    resources: dict[str, Any],
+    origin: dict[str, str],
+) -> None:
     where = "spec.template.spec.containers[0]"
     if "image" not in c:
         raise d.refuse(f"{where}.image", "required: the image that serves HTTP on $PORT")
@@ -226,16 +286,27 @@ def _container(d: _Doc, c: Mapping[Any, Any], spec: dict[str, Any], resources: d
             spec[key] = value
             origin[key] = path
         elif key == "envFrom":
-            raise d.refuse(path, "variables from a whole ConfigMap or Secret are not known at deploy time; list "
-                           "them under env (a Secret's keys as valueFrom.secretKeyRef)")
+            raise d.refuse(
+                path,
+                "variables from a whole ConfigMap or Secret are not known at deploy time; list "
+                "them under env (a Secret's keys as valueFrom.secretKeyRef)",
+            )
         elif key == "volumeMounts":
             raise d.refuse(path, "volumes are not supported: the mounted files would be missing")
         elif key in ("readinessProbe", "livenessProbe", "startupProbe"):
             d.warn(path, "ignored: Torpor counts a replica ready once its port answers")
         elif key == "securityContext":
-            d.warn(path, "ignored: Torpor runs every replica as uid 65534 with a read-only root file system and "
-                   "no capabilities")
-        elif key in ("name", "imagePullPolicy", "terminationMessagePath", "terminationMessagePolicy"):
+            d.warn(
+                path,
+                "ignored: Torpor runs every replica as uid 65534 with a read-only root file system and "
+                "no capabilities",
+            )
+        elif key in (
+            "name",
+            "imagePullPolicy",
+            "terminationMessagePath",
+            "terminationMessagePolicy",
+        ):
             d.warn(path, "ignored")
         else:
             d.warn(path, "not supported, ignored")
@@ -278,15 +349,21 @@ def _secret_ref(d: _Doc, value: Any, where: str) -> str:
     src = mapping(value, d.source, where)
     if set(src) != {"secretKeyRef"}:
         other = ", ".join(sorted(str(k) for k in src if k != "secretKeyRef")) or "nothing"
-        raise d.refuse(where, f"only secretKeyRef maps to Torpor (a secret); {other} has no equivalent: set the "
-                       "value under env, or store it with `torpor secret set`")
+        raise d.refuse(
+            where,
+            f"only secretKeyRef maps to Torpor (a secret); {other} has no equivalent: set the "
+            "value under env, or store it with `torpor secret set`",
+        )
     ref = mapping(src["secretKeyRef"], d.source, f"{where}.secretKeyRef")
     name, key = ref.get("name"), ref.get("key")
     if not isinstance(name, str) or not isinstance(key, str):
         raise d.refuse(f"{where}.secretKeyRef", "expected name and key")
     if ref.get("optional") is True:
-        d.warn(f"{where}.secretKeyRef.optional", "Torpor refuses a deploy whose secret is missing; "
-               "set it first with `torpor secret set`")
+        d.warn(
+            f"{where}.secretKeyRef.optional",
+            "Torpor refuses a deploy whose secret is missing; "
+            "set it first with `torpor secret set`",
+        )
     wanted = name if name == key else f"{name}-{key}"
     secret = _SAFE_SECRET.sub("-", wanted.lower()).strip("-")[:63].strip("-")
     try:
@@ -294,7 +371,9 @@ def _secret_ref(d: _Doc, value: Any, where: str) -> str:
     except SpecError:
         raise d.refuse(f"{where}.secretKeyRef", f"{wanted!r} gives no usable secret name") from None
     if secret != wanted:
-        d.warn(f"{where}.secretKeyRef", f"Secret {name!r} key {key!r} is the Torpor secret {secret!r}")
+        d.warn(
+            f"{where}.secretKeyRef", f"Secret {name!r} key {key!r} is the Torpor secret {secret!r}"
+        )
     return secret
 
 
@@ -313,8 +392,11 @@ def _ports(d: _Doc, value: Any, where: str, spec: dict[str, Any], origin: dict[s
             origin["port"] = path
         elif key == "name":
             if item == "h2c":
-                raise d.refuse(path, "h2c (HTTP/2 without TLS): Torpor speaks HTTP/1.1 to replicas; remove the "
-                               "name to serve HTTP/1.1")
+                raise d.refuse(
+                    path,
+                    "h2c (HTTP/2 without TLS): Torpor speaks HTTP/1.1 to replicas; remove the "
+                    "name to serve HTTP/1.1",
+                )
             if item not in ("http1", "http"):
                 d.warn(path, "ignored")
         elif key == "protocol":
@@ -324,8 +406,9 @@ def _ports(d: _Doc, value: Any, where: str, spec: dict[str, Any], origin: dict[s
             d.warn(path, "not supported, ignored")
 
 
-def _resources(d: _Doc, res: Mapping[Any, Any], where: str, resources: dict[str, Any],
-               origin: dict[str, str]) -> None:
+def _resources(
+    d: _Doc, res: Mapping[Any, Any], where: str, resources: dict[str, Any], origin: dict[str, str]
+) -> None:
     """Torpor enforces one value per resource, as a limit: ``limits`` where given, else
     ``requests`` (a warning says so)."""
     limits = mapping(res.get("limits"), d.source, f"{where}.limits")
@@ -338,11 +421,17 @@ def _resources(d: _Doc, res: Mapping[Any, Any], where: str, resources: dict[str,
             resources[kind] = limits[kind]
             origin[f"resources.{kind}"] = f"{where}.limits.{kind}"
             if kind in requests:
-                d.warn(f"{where}.requests.{kind}", "Torpor reserves nothing ahead; it enforces the limit only")
+                d.warn(
+                    f"{where}.requests.{kind}",
+                    "Torpor reserves nothing ahead; it enforces the limit only",
+                )
         elif kind in requests:
             resources[kind] = requests[kind]
             origin[f"resources.{kind}"] = f"{where}.requests.{kind}"
-            d.warn(f"{where}.requests.{kind}", "no limit given: Torpor enforces this request as the limit")
+            d.warn(
+                f"{where}.requests.{kind}",
+                "no limit given: Torpor enforces this request as the limit",
+            )
     for section, values in (("limits", limits), ("requests", requests)):
         for key in values:
             if key in ("cpu", "memory"):
@@ -352,8 +441,13 @@ def _resources(d: _Doc, res: Mapping[Any, Any], where: str, resources: dict[str,
             d.warn(f"{where}.{section}.{key}", "not supported, ignored")
 
 
-def _autoscaling(d: _Doc, ann: dict[str, tuple[str, str]], concurrency: int | None, scale: dict[str, Any],
-                 origin: dict[str, str]) -> None:
+def _autoscaling(
+    d: _Doc,
+    ann: dict[str, tuple[str, str]],
+    concurrency: int | None,
+    scale: dict[str, Any],
+    origin: dict[str, str],
+) -> None:
     def num(key: str, integer: bool = False) -> float | None:
         if key not in ann:
             return None
@@ -361,15 +455,32 @@ def _autoscaling(d: _Doc, ann: dict[str, tuple[str, str]], concurrency: int | No
 
     for key, (value, path) in ann.items():
         if key == "class" and value not in ("kpa.autoscaling.knative.dev", "kpa"):
-            raise d.refuse(path, f"{value!r}: Torpor's autoscaler is KPA-style (in-flight requests); remove the "
-                           "annotation to use it")
+            raise d.refuse(
+                path,
+                f"{value!r}: Torpor's autoscaler is KPA-style (in-flight requests); remove the "
+                "annotation to use it",
+            )
         if key == "metric" and value != "concurrency":
             if value == "rps":
-                raise d.refuse(path, "rps is not supported yet: Torpor scales on concurrency (in-flight requests); "
-                               "use metric concurrency with a target")
+                raise d.refuse(
+                    path,
+                    "rps is not supported yet: Torpor scales on concurrency (in-flight requests); "
+                    "use metric concurrency with a target",
+                )
             raise d.refuse(path, f"{value!r}: Torpor scales on concurrency only")
-    known = {"class", "metric", "min-scale", "max-scale", "initial-scale", "target", "target-utilization-percentage",
-             "window", "panic-window-percentage", "panic-threshold-percentage", "scale-to-zero-pod-retention-period"}
+    known = {
+        "class",
+        "metric",
+        "min-scale",
+        "max-scale",
+        "initial-scale",
+        "target",
+        "target-utilization-percentage",
+        "window",
+        "panic-window-percentage",
+        "panic-threshold-percentage",
+        "scale-to-zero-pod-retention-period",
+    }
     for key, (_, path) in ann.items():
         if key not in known:
             d.warn(path, "not supported, ignored")
@@ -378,14 +489,20 @@ def _autoscaling(d: _Doc, ann: dict[str, tuple[str, str]], concurrency: int | No
         origin["scale.min"] = ann["min-scale"][1]
     if (v := num("max-scale", True)) is not None:
         if v == 0:
-            d.warn(ann["max-scale"][1], "0 (unbounded in Knative): Torpor's default max applies (20, within the "
-                   "platform's --max-replicas)")
+            d.warn(
+                ann["max-scale"][1],
+                "0 (unbounded in Knative): Torpor's default max applies (20, within the "
+                "platform's --max-replicas)",
+            )
         else:
             scale["max"] = int(v)
             origin["scale.max"] = ann["max-scale"][1]
     if (v := num("initial-scale", True)) is not None and v != 1:
-        d.warn(ann["initial-scale"][1], f"{v:g}: Torpor starts one replica to verify a revision, then follows "
-               "the load (as initial-scale 1)")
+        d.warn(
+            ann["initial-scale"][1],
+            f"{v:g}: Torpor starts one replica to verify a revision, then follows "
+            "the load (as initial-scale 1)",
+        )
     target = num("target")
     util = num("target-utilization-percentage")
     # Knative's rule, with Knative's defaults for what is not given
@@ -394,15 +511,22 @@ def _autoscaling(d: _Doc, ann: dict[str, tuple[str, str]], concurrency: int | No
         base = float(concurrency)  # Knative caps the target at the hard limit
     share = (util if util is not None else KNATIVE_UTILIZATION) / 100
     if not 0 < share <= 1:
-        raise d.refuse(ann["target-utilization-percentage"][1], "expected a percent above 0 and at most 100")
+        raise d.refuse(
+            ann["target-utilization-percentage"][1], "expected a percent above 0 and at most 100"
+        )
     effective = base * share
     scale["target"] = math.floor(effective * 1000) / 1000 or effective
-    origin["scale.target"] = ann.get("target", ann.get("target-utilization-percentage", ("", "spec.template.spec"
-                                     ".containerConcurrency")))[1]
+    origin["scale.target"] = ann.get(
+        "target",
+        ann.get("target-utilization-percentage", ("", "spec.template.spec.containerConcurrency")),
+    )[1]
     if target is None and not concurrency:
-        d.warn("spec.template.metadata.annotations", f"no autoscaling.knative.dev/target: Knative's default "
-               f"applies ({KNATIVE_TARGET:g} x {util if util is not None else KNATIVE_UTILIZATION:g} % = "
-               f"{effective:g} in-flight requests per replica; Torpor's own default is 10)")
+        d.warn(
+            "spec.template.metadata.annotations",
+            f"no autoscaling.knative.dev/target: Knative's default "
+            f"applies ({KNATIVE_TARGET:g} x {util if util is not None else KNATIVE_UTILIZATION:g} % = "
+            f"{effective:g} in-flight requests per replica; Torpor's own default is 10)",
+        )
     if "window" in ann:
         scale["window"] = ann["window"][0]
         origin["scale.window"] = ann["window"][1]
@@ -433,13 +557,17 @@ def _traffic(d: _Doc, value: Any, template_name: str | None) -> list[TrafficEntr
             if key == "url":
                 d.warn(f"{path}.url", "status, ignored (Torpor serves a tag at TAG-NAME.<domain>)")
             elif key == "configurationName":
-                raise d.refuse(f"{path}.configurationName", "Torpor routes to revisions; use revisionName or "
-                               "latestRevision")
+                raise d.refuse(
+                    f"{path}.configurationName",
+                    "Torpor routes to revisions; use revisionName or latestRevision",
+                )
             elif key not in ("revisionName", "latestRevision", "percent", "tag"):
                 d.warn(f"{path}.{key}", "not supported, ignored")
         rev, latest = t.get("revisionName"), t.get("latestRevision")
         if latest is not None and not isinstance(latest, bool):
-            raise d.refuse(f"{path}.latestRevision", f"expected true or false, got {describe(latest)}")
+            raise d.refuse(
+                f"{path}.latestRevision", f"expected true or false, got {describe(latest)}"
+            )
         if rev is not None and not isinstance(rev, str):
             raise d.refuse(f"{path}.revisionName", f"expected a revision name, got {describe(rev)}")
         if rev and latest:

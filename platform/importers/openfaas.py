@@ -38,8 +38,15 @@ IMAGE_LANGS = ("dockerfile",)
 SCALE = "com.openfaas.scale."
 OPENFAAS_MIN = 1  # OpenFaaS's default com.openfaas.scale.min
 OPENFAAS_PROPORTION = 0.9  # default com.openfaas.scale.target-proportion
-IGNORED_KEYS = ("skip_build", "build_args", "build_options", "build_secrets", "platforms", "namespace",
-                "fprocess")
+IGNORED_KEYS = (
+    "skip_build",
+    "build_args",
+    "build_options",
+    "build_secrets",
+    "platforms",
+    "namespace",
+    "fprocess",
+)
 
 
 def import_stack(doc: Any, stack: Path, only: str | None = None) -> list[Imported]:
@@ -53,12 +60,18 @@ def import_stack(doc: Any, stack: Path, only: str | None = None) -> list[Importe
         if key == "provider":
             prov = mapping(value, source, "provider")
             if prov.get("name") not in (None, "openfaas", "faas"):
-                warnings.append(f"{source}: provider.name: {describe(prov.get('name'))} is not openfaas; read as "
-                                "an OpenFaaS stack anyway")
+                warnings.append(
+                    f"{source}: provider.name: {describe(prov.get('name'))} is not openfaas; read as "
+                    "an OpenFaaS stack anyway"
+                )
             if "gateway" in prov:
-                warnings.append(f"{source}: provider.gateway: ignored (Torpor deploys to its own API: --api)")
+                warnings.append(
+                    f"{source}: provider.gateway: ignored (Torpor deploys to its own API: --api)"
+                )
         elif key == "configuration":
-            warnings.append(f"{source}: configuration: ignored (templates are not fetched; python3-http is built in)")
+            warnings.append(
+                f"{source}: configuration: ignored (templates are not fetched; python3-http is built in)"
+            )
         else:
             warnings.append(f"{source}: {key}: not supported, ignored")
     functions = mapping(top.get("functions"), source, "functions")
@@ -66,12 +79,16 @@ def import_stack(doc: Any, stack: Path, only: str | None = None) -> list[Importe
         raise ImportRefused(source, "functions", "no function listed")
     if only is not None and only not in functions:
         known = ", ".join(sorted(str(k) for k in functions))
-        raise ImportRefused(source, "functions", f"--filter {only!r}: no such function (the stack has {known})")
+        raise ImportRefused(
+            source, "functions", f"--filter {only!r}: no such function (the stack has {known})"
+        )
     out = []
     for name, body in functions.items():
         if only is not None and name != only:
             continue
-        fn = import_function(text(name, source, "functions"), mapping(body, source, f"functions.{name}"), stack)
+        fn = import_function(
+            text(name, source, "functions"), mapping(body, source, f"functions.{name}"), stack
+        )
         out.append(fn)
     out[0].warnings[:0] = warnings
     return out
@@ -98,8 +115,11 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
     folder: Path | None = None
     requirements: Path | None = None
     if lang is not None and lang not in PYTHON_LANGS + IMAGE_LANGS:
-        raise refuse("lang", f"{describe(lang)}: Torpor builds {', '.join(PYTHON_LANGS)} from source and runs "
-                     "images (lang: dockerfile, or image: without lang); other templates are not supported")
+        raise refuse(
+            "lang",
+            f"{describe(lang)}: Torpor builds {', '.join(PYTHON_LANGS)} from source and runs "
+            "images (lang: dockerfile, or image: without lang); other templates are not supported",
+        )
     if lang in PYTHON_LANGS:
         handler = body.get("handler")
         if not isinstance(handler, str) or not handler:
@@ -113,22 +133,38 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
         if (folder / "requirements.txt").is_file():
             requirements = folder / "requirements.txt"
         if image is not None:
-            warn("image", "the tag OpenFaaS pushes its build to; Torpor builds from the handler folder itself")
+            warn(
+                "image",
+                "the tag OpenFaaS pushes its build to; Torpor builds from the handler folder itself",
+            )
     else:
         if not isinstance(image, str) or not image:
-            raise refuse("image", "required: the image to run (or lang: python3-http to build from source)")
+            raise refuse(
+                "image", "required: the image to run (or lang: python3-http to build from source)"
+            )
         spec["image"] = image
         origin["image"] = f"{where}.image"
         if lang == "dockerfile":
-            warn("lang", f"dockerfile: Torpor runs the image {image}, it does not build it; build it first "
-                 f"(docker build -t {image} {body.get('handler') or '.'})")
+            warn(
+                "lang",
+                f"dockerfile: Torpor runs the image {image}, it does not build it; build it first "
+                f"(docker build -t {image} {body.get('handler') or '.'})",
+            )
         elif "handler" in body:
             warn("handler", "ignored without lang (the image runs)")
 
     env: dict[str, Any] = {}
-    for i, item in enumerate(_list(body.get("environment_file"), source, f"{where}.environment_file")):
-        env.update(_env_file(base, text(item, source, f"{where}.environment_file[{i}]"), source,
-                             f"{where}.environment_file[{i}]"))
+    for i, item in enumerate(
+        _list(body.get("environment_file"), source, f"{where}.environment_file")
+    ):
+        env.update(
+            _env_file(
+                base,
+                text(item, source, f"{where}.environment_file[{i}]"),
+                source,
+                f"{where}.environment_file[{i}]",
+            )
+        )
         origin.setdefault("env", f"{where}.environment_file[{i}]")
     inline = mapping(body.get("environment"), source, f"{where}.environment")
     if inline:
@@ -142,14 +178,18 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
         try:
             spec["timeout"] = parse_duration(str(timeout), key)
         except SpecError:
-            warn(f"environment.{key}", f"{describe(timeout)} is not a duration Torpor reads; timeout left at 30s")
+            warn(
+                f"environment.{key}",
+                f"{describe(timeout)} is not a duration Torpor reads; timeout left at 30s",
+            )
         else:
             origin["timeout"] = f"{where}.environment.{key}"
 
     scale: dict[str, Any] = {}
     if "max_inflight" in env:  # of-watchdog's hard in-flight limit
-        scale["concurrency"] = int(number(env["max_inflight"], source, f"{where}.environment.max_inflight",
-                                          integer=True))
+        scale["concurrency"] = int(
+            number(env["max_inflight"], source, f"{where}.environment.max_inflight", integer=True)
+        )
         origin["scale.concurrency"] = f"{where}.environment.max_inflight"
     secrets: dict[str, str] = {}
     for i, raw in enumerate(_list(body.get("secrets"), source, f"{where}.secrets")):
@@ -164,12 +204,23 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
             raise refuse(path, f"{secret!r} becomes the variable {var}, which is already set")
         secrets[var] = secret
         origin[f"secrets.{var}"] = f"{where}.{path}"
-        warn(path, f"OpenFaaS mounts it as the file /var/openfaas/secrets/{secret}; Torpor sets it in the "
-             f"environment as {var} (read os.environ[{var!r}])")
+        warn(
+            path,
+            f"OpenFaaS mounts it as the file /var/openfaas/secrets/{secret}; Torpor sets it in the "
+            f"environment as {var} (read os.environ[{var!r}])",
+        )
 
     labels: dict[str, str] = {}
-    _labels(mapping(body.get("labels"), source, f"{where}.labels"), source, where, scale, labels, origin, warn,
-            refuse)
+    _labels(
+        mapping(body.get("labels"), source, f"{where}.labels"),
+        source,
+        where,
+        scale,
+        labels,
+        origin,
+        warn,
+        refuse,
+    )
     for key, value in mapping(body.get("annotations"), source, f"{where}.annotations").items():
         warn(f"annotations.{key}", f"{describe(value)}: not supported, ignored")
     resources: dict[str, Any] = {}
@@ -180,7 +231,9 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
             resources[kind] = limits[kind]
             origin[f"resources.{kind}"] = f"{where}.limits.{kind}"
             if kind in requests:
-                warn(f"requests.{kind}", "Torpor reserves nothing ahead; it enforces the limit only")
+                warn(
+                    f"requests.{kind}", "Torpor reserves nothing ahead; it enforces the limit only"
+                )
         elif kind in requests:
             resources[kind] = requests[kind]
             origin[f"resources.{kind}"] = f"{where}.requests.{kind}"
@@ -191,14 +244,27 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
                 warn(f"{section}.{key}", "not supported, ignored")
 
     for key, value in body.items():
-        if key in ("lang", "handler", "image", "environment", "environment_file", "secrets", "labels",
-                   "annotations", "limits", "requests"):
+        if key in (
+            "lang",
+            "handler",
+            "image",
+            "environment",
+            "environment_file",
+            "secrets",
+            "labels",
+            "annotations",
+            "limits",
+            "requests",
+        ):
             continue
         if key == "constraints":
             warn(key, "scheduling constraints, ignored (Torpor places replicas itself)")
         elif key == "readonly_root_filesystem":
             if value is not True:
-                warn(key, "Torpor always runs replicas with a read-only root file system (writable /tmp)")
+                warn(
+                    key,
+                    "Torpor always runs replicas with a read-only root file system (writable /tmp)",
+                )
         elif key in IGNORED_KEYS:
             warn(key, "a build or deploy option of faas-cli, ignored")
         else:
@@ -214,9 +280,16 @@ def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported
     if labels:
         spec["labels"] = labels
         origin["labels"] = f"{where}.labels"
-    return Imported(name=name, spec=spec, source=folder, package="function" if folder else None,
-                    requirements=requirements, warnings=warnings, origin=origin,
-                    secrets_needed={s: f"secrets ({v})" for v, s in secrets.items()})
+    return Imported(
+        name=name,
+        spec=spec,
+        source=folder,
+        package="function" if folder else None,
+        requirements=requirements,
+        warnings=warnings,
+        origin=origin,
+        secrets_needed={s: f"secrets ({v})" for v, s in secrets.items()},
+    )
 
 
 def _list(value: Any, source: str, where: str) -> list[Any]:
@@ -240,15 +313,29 @@ def _env_file(base: Path, rel: str, source: str, where: str) -> Mapping[Any, Any
     try:
         data = yaml.safe_load(raw)
     except (yaml.YAMLError, ValueError, RecursionError) as e:
-        raise ImportRefused(source, where, f"{rel}: invalid YAML: {str(e).splitlines()[0][:120]}") from None
+        raise ImportRefused(
+            source, where, f"{rel}: invalid YAML: {str(e).splitlines()[0][:120]}"
+        ) from None
     doc = mapping(data, source, f"{where} ({rel})")
     return mapping(doc.get("environment"), source, f"{where} ({rel}): environment")
 
 
-def _labels(raw: Mapping[Any, Any], source: str, where: str, scale: dict[str, Any], labels: dict[str, str],
-            origin: dict[str, str], warn: Any, refuse: Any) -> None:
+def _labels(
+    raw: Mapping[Any, Any],
+    source: str,
+    where: str,
+    scale: dict[str, Any],
+    labels: dict[str, str],
+    origin: dict[str, str],
+    warn: Any,
+    refuse: Any,
+) -> None:
     """``com.openfaas.scale.*`` -> scale; other labels are kept as labels."""
-    sc = {str(k)[len(SCALE):]: (v, f"{where}.labels.{k}") for k, v in raw.items() if str(k).startswith(SCALE)}
+    sc = {
+        str(k)[len(SCALE) :]: (v, f"{where}.labels.{k}")
+        for k, v in raw.items()
+        if str(k).startswith(SCALE)
+    }
     for key, value in raw.items():
         if not str(key).startswith(SCALE):
             labels[str(key)] = text(value, source, f"{where}.labels.{key}")
@@ -265,14 +352,20 @@ def _labels(raw: Mapping[Any, Any], source: str, where: str, scale: dict[str, An
         scale["min"] = 0
         origin["scale.min"] = sc["zero"][1]
         if low is not None and low > 1:
-            warn(f"labels.{SCALE}min", f"{low:g} while active and 0 when idle in OpenFaaS; Torpor scales between "
-                 "0 and max on the load")
+            warn(
+                f"labels.{SCALE}min",
+                f"{low:g} while active and 0 when idle in OpenFaaS; Torpor scales between "
+                "0 and max on the load",
+            )
     else:
         scale["min"] = int(low) if low is not None else OPENFAAS_MIN
         origin["scale.min"] = sc["min"][1] if "min" in sc else f"{where}.labels"
         if scale["min"] >= 1:
-            warn("labels", f"{SCALE}zero is not true: {scale['min']} replica(s) always run, as in OpenFaaS "
-                 f"(set {SCALE}zero: true to scale to zero)")
+            warn(
+                "labels",
+                f"{SCALE}zero is not true: {scale['min']} replica(s) always run, as in OpenFaaS "
+                f"(set {SCALE}zero: true to scale to zero)",
+            )
     if (v := num("max", True)) is not None:
         scale["max"] = int(v)
         origin["scale.max"] = sc["max"][1]
@@ -281,8 +374,11 @@ def _labels(raw: Mapping[Any, Any], source: str, where: str, scale: dict[str, An
         origin["scale.idle"] = sc["zero-duration"][1]
     if "target" in sc:
         if kind != "capacity":
-            raise refuse(f"labels.{SCALE}target", f"a target in {kind!r} ({SCALE}type, rps by default) is not "
-                         f"supported: Torpor scales on in-flight requests; set {SCALE}type: capacity")
+            raise refuse(
+                f"labels.{SCALE}target",
+                f"a target in {kind!r} ({SCALE}type, rps by default) is not "
+                f"supported: Torpor scales on in-flight requests; set {SCALE}type: capacity",
+            )
         target = num("target")
         proportion = num("target-proportion")
         share = OPENFAAS_PROPORTION if proportion is None else proportion
@@ -291,7 +387,17 @@ def _labels(raw: Mapping[Any, Any], source: str, where: str, scale: dict[str, An
             scale["target"] = math.floor(effective * 1000) / 1000 or effective
             origin["scale.target"] = sc["target"][1]
     elif "type" in sc and kind not in ("capacity", "rps"):
-        raise refuse(f"labels.{SCALE}type", f"{kind!r}: Torpor scales on in-flight requests (capacity) only")
+        raise refuse(
+            f"labels.{SCALE}type", f"{kind!r}: Torpor scales on in-flight requests (capacity) only"
+        )
     for key in sc:
-        if key not in ("min", "max", "zero", "zero-duration", "target", "target-proportion", "type"):
+        if key not in (
+            "min",
+            "max",
+            "zero",
+            "zero-duration",
+            "target",
+            "target-proportion",
+            "type",
+        ):
             warn(f"labels.{SCALE}{key}", "not supported, ignored")

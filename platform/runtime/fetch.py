@@ -75,8 +75,12 @@ def _size(name: str, raw: str) -> int:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        raise FetchError(f"the archive server redirected to {newurl[:200]!r} (HTTP {code}): refused")
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> None:
+        raise FetchError(
+            f"the archive server redirected to {newurl[:200]!r} (HTTP {code}): refused"
+        )
 
 
 def download(url: str, token: str | None, out: IO[bytes], max_bytes: int, timeout: float) -> str:
@@ -97,7 +101,9 @@ def download(url: str, token: str | None, out: IO[bytes], max_bytes: int, timeou
         out.seek(0)
         out.truncate()
         try:
-            return _get(opener, urllib.request.Request(url, headers=headers), out, max_bytes, deadline)
+            return _get(
+                opener, urllib.request.Request(url, headers=headers), out, max_bytes, deadline
+            )
         except urllib.error.HTTPError as e:
             retry = e.code == 429 or e.code >= 500
             why = f"HTTP {e.code} {e.reason}"
@@ -112,28 +118,38 @@ def download(url: str, token: str | None, out: IO[bytes], max_bytes: int, timeou
             why = str(getattr(e, "reason", e))
         if not retry or time.monotonic() + delay > deadline:
             raise FetchError(f"GET {url}: {why}")
-        print(f"torpor-fetch: GET {url}: {why}; retrying in {delay:.1f}s", file=sys.stderr, flush=True)
+        print(
+            f"torpor-fetch: GET {url}: {why}; retrying in {delay:.1f}s", file=sys.stderr, flush=True
+        )
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
 
 
-def _get(opener: Any, req: urllib.request.Request, out: IO[bytes], max_bytes: int, deadline: float) -> str:
+def _get(
+    opener: Any, req: urllib.request.Request, out: IO[bytes], max_bytes: int, deadline: float
+) -> str:
     remaining = max(0.5, deadline - time.monotonic())
     with opener.open(req, timeout=min(remaining, 15.0)) as resp:
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
-            raise Refused(f"the archive is {int(length)} bytes, over the {max_bytes}-byte cap (TORPOR_ARCHIVE_MAX_DOWNLOAD)")
+            raise Refused(
+                f"the archive is {int(length)} bytes, over the {max_bytes}-byte cap (TORPOR_ARCHIVE_MAX_DOWNLOAD)"
+            )
         digest = hashlib.sha256()
         total = 0
         while True:
             if time.monotonic() > deadline:
-                raise FetchError(f"GET {req.full_url}: not complete within the timeout ({total} bytes)")
+                raise FetchError(
+                    f"GET {req.full_url}: not complete within the timeout ({total} bytes)"
+                )
             chunk = resp.read(_CHUNK)
             if not chunk:
                 break
             total += len(chunk)
             if total > max_bytes:
-                raise Refused(f"the archive is over the {max_bytes}-byte cap (TORPOR_ARCHIVE_MAX_DOWNLOAD)")
+                raise Refused(
+                    f"the archive is over the {max_bytes}-byte cap (TORPOR_ARCHIVE_MAX_DOWNLOAD)"
+                )
             digest.update(chunk)
             out.write(chunk)
         out.flush()
@@ -206,9 +222,20 @@ def extract(archive: IO[bytes], target: str, max_size: int, max_members: int) ->
                 parts = _parts(m.name)
                 kind = "a directory" if m.isdir() else "a file"
                 if m.issparse() or not (m.isreg() or m.isdir()):
-                    what = ("a symlink" if m.issym() else "a hard link" if m.islnk() else
-                            "a device" if m.isdev() else "a sparse file" if m.issparse() else "a special file")
-                    raise Refused(f"member {m.name[:200]!r} is {what}: only regular files and directories are accepted")
+                    what = (
+                        "a symlink"
+                        if m.issym()
+                        else "a hard link"
+                        if m.islnk()
+                        else "a device"
+                        if m.isdev()
+                        else "a sparse file"
+                        if m.issparse()
+                        else "a special file"
+                    )
+                    raise Refused(
+                        f"member {m.name[:200]!r} is {what}: only regular files and directories are accepted"
+                    )
                 if not parts:
                     if m.isdir():
                         continue  # the archive's root entry
@@ -225,14 +252,20 @@ def extract(archive: IO[bytes], target: str, max_size: int, max_members: int) ->
                     files += 1
                     size += m.size
                     if size > max_size:
-                        raise Refused(f"the files add up to more than {max_size} bytes (TORPOR_ARCHIVE_MAX_SIZE) "
-                                      f"at {m.name[:200]!r}")
+                        raise Refused(
+                            f"the files add up to more than {max_size} bytes (TORPOR_ARCHIVE_MAX_SIZE) "
+                            f"at {m.name[:200]!r}"
+                        )
                     parent = os.path.dirname(path)
                     if not os.path.isdir(parent):
                         os.makedirs(parent, mode=0o700)
                     src = tar.extractfile(m)
                     assert src is not None
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                    fd = os.open(
+                        path,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                    )
                     with os.fdopen(fd, "wb") as dst:
                         shutil.copyfileobj(src, dst, _CHUNK)
                     if m.mode & 0o111:
@@ -240,7 +273,9 @@ def extract(archive: IO[bytes], target: str, max_size: int, max_members: int) ->
                 except FileExistsError:
                     raise Refused(f"member {m.name[:200]!r} appears twice") from None
                 except (NotADirectoryError, IsADirectoryError):
-                    raise Refused(f"member {m.name[:200]!r} ({kind}) clashes with an earlier member") from None
+                    raise Refused(
+                        f"member {m.name[:200]!r} ({kind}) clashes with an earlier member"
+                    ) from None
         except (tarfile.TarError, EOFError) as e:
             raise Refused(f"broken tar archive: {e}") from e
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
@@ -276,11 +311,21 @@ def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
             raise ValueError("TORPOR_ARCHIVE_URL is not set")
         if _SHA256.fullmatch(want) is None:
             raise ValueError(f"TORPOR_ARCHIVE_SHA256={want[:80]!r}: expected 64 hex digits")
-        max_download = _size("TORPOR_ARCHIVE_MAX_DOWNLOAD", env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD))
-        max_size = _size("TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE))
-        max_members = _size("TORPOR_ARCHIVE_MAX_MEMBERS", env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS))
+        max_download = _size(
+            "TORPOR_ARCHIVE_MAX_DOWNLOAD",
+            env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD),
+        )
+        max_size = _size(
+            "TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE)
+        )
+        max_members = _size(
+            "TORPOR_ARCHIVE_MAX_MEMBERS",
+            env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS),
+        )
         timeout = float(env.get("TORPOR_FETCH_TIMEOUT") or DEFAULT_TIMEOUT)
-        if os.path.lexists(target) and (not os.path.isdir(target) or os.path.islink(target) or os.listdir(target)):
+        if os.path.lexists(target) and (
+            not os.path.isdir(target) or os.path.islink(target) or os.listdir(target)
+        ):
             raise ValueError(f"TORPOR_FETCH_DIR={target!r} exists and is not an empty folder")
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
@@ -299,8 +344,10 @@ def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
             except ValueError as e:
                 return _fail(EXIT_CONFIG, str(e))
             if not hmac.compare_digest(got, want):
-                return _fail(EXIT_MISMATCH, f"sha256 mismatch for {url}: expected {want}, got {got}; "
-                                            "refusing to run it")
+                return _fail(
+                    EXIT_MISMATCH,
+                    f"sha256 mismatch for {url}: expected {want}, got {got}; refusing to run it",
+                )
             f.seek(0)
             os.mkdir(partial, 0o700)
             try:
@@ -325,7 +372,10 @@ def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
             os.chmod(partial, 0o700)
             shutil.rmtree(partial, ignore_errors=True)
     ms = (time.perf_counter() - t0) * 1000
-    print(f"torpor-fetch: sha256:{want[:12]} ok, {files} files, {size} bytes in {target} ({ms:.0f} ms)", flush=True)
+    print(
+        f"torpor-fetch: sha256:{want[:12]} ok, {files} files, {size} bytes in {target} ({ms:.0f} ms)",
+        flush=True,
+    )
     env["TORPOR_DIR"] = target
     if not exec_runtime:
         return 0

@@ -846,7 +846,9 @@ class _Conn(asyncio.Protocol):
             if not reader.done and isinstance(out, bytes):
                 keep = False  # the rest of the body is not wanted: say so, then close
         if not isinstance(out, bytes):
-            keep = await _send_stream(self, request, status, out_headers, out, method == "HEAD", keep, http10)
+            keep = await _send_stream(
+                self, request, status, out_headers, out, method == "HEAD", keep, http10
+            )
         else:
             self._write_response(status, out_headers, out, method == "HEAD", keep, http10)
             await self._drain()
@@ -890,7 +892,9 @@ class _BodyReader:
     """Reads one request body from its connection piece by piece, as the handler asks:
     ``length`` bytes, or chunked (``length`` None), never more than ``limit``."""
 
-    def __init__(self, conn: _Conn | None, length: int | None, limit: int, prefix: bytes = b"") -> None:
+    def __init__(
+        self, conn: _Conn | None, length: int | None, limit: int, prefix: bytes = b""
+    ) -> None:
         self.conn = conn
         self.left = length if length is not None else -1  # -1: chunked
         self.limit = limit
@@ -1145,7 +1149,9 @@ async def _send_stream(
         _log_stream_error(request, exc, False)
         await source.close()
         msg = str(exc)
-        err = _error(500, "handler raised", f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__)
+        err = _error(
+            500, "handler raised", f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+        )
         conn._write_response(*err, False, keep, http10)
         await conn._drain()
         return keep
@@ -1193,8 +1199,11 @@ def sse(events: Any, *, status: int = 200, headers: Mapping[str, str] | None = N
 
     An event is a str (its ``data``), or a dict with any of ``data`` (a str, or anything
     else sent as JSON), ``event``, ``id``, ``retry`` (ms) and ``comment``."""
-    out = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-           "X-Accel-Buffering": "no"}
+    out = {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
     out.update(headers or {})
     if hasattr(events, "__aiter__"):
 
@@ -1416,7 +1425,11 @@ class WebSocket:
                         raise _WsProtocolError(1002, "bad close frame")
                     if len(payload) >= 2:
                         code = int.from_bytes(payload[:2], "big")
-                        if not (1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code < 5000):
+                        if not (
+                            1000 <= code <= 1014
+                            and code not in (1004, 1005, 1006)
+                            or 3000 <= code < 5000
+                        ):
                             raise _WsProtocolError(1002, "bad close code")
                         try:
                             reason = payload[2:].decode("utf-8")
@@ -1564,7 +1577,9 @@ async def _serve_websocket(conn: _Conn, request: Request, http10: bool) -> bool:
             await _in_own_thread(conn.loop, handler, SyncWebSocket(ws))
     except (Exception, SystemExit) as exc:
         if not isinstance(exc, WebSocketClosed):
-            print(f"torpor-runtime: websocket handler raised on {request.raw_path}:", file=sys.stderr)
+            print(
+                f"torpor-runtime: websocket handler raised on {request.raw_path}:", file=sys.stderr
+            )
             traceback.print_exception(exc)
             sys.stderr.flush()
             await ws.close(1011, "handler raised")

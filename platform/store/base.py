@@ -17,7 +17,9 @@ from torpor.model import Event, Function, Replica, SecretInfo
 CHANGES = "changes"  # payload: {"kind": "function"|"replica"|"deleted", "function": name}
 POKES = "pokes"  # payload: {"function", "revision", "queued": n, "gateway": id}   gateway -> controller: "need replicas now"
 STATS = "stats"  # payload: gateway stats report, see torpor.gateway.stats
-SECRETS = "secrets"  # payload: {"kind": "set"|"deleted", "name": secret, "version": n}, never a value
+SECRETS = (
+    "secrets"  # payload: {"kind": "set"|"deleted", "name": secret, "version": n}, never a value
+)
 
 Mutator = Callable[[Function | None], Function | None]
 
@@ -32,6 +34,8 @@ class FencedError(Exception):
 
 
 HEARTBEAT_KINDS = ("controller", "gateway")
+
+
 class Subscription(Protocol):
     """Messages of one channel, in order: ``async for msg in sub``."""
 

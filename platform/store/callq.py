@@ -123,7 +123,9 @@ class EmbeddedCallQueue:
                         else:  # a state line (no "body") keeps the body of the line before
                             records[str(d["id"])] = {**records.get(str(d["id"]), {}), **d}
                     except (ValueError, KeyError, TypeError, AttributeError):
-                        log.warning("calls journal: skipping unreadable line %d (an interrupted write?)", n)
+                        log.warning(
+                            "calls journal: skipping unreadable line %d (an interrupted write?)", n
+                        )
         now = time.time()
         for d in sorted(records.values(), key=lambda d: float(d.get("created", 0))):
             try:
@@ -152,7 +154,9 @@ class EmbeddedCallQueue:
         tmp = self.path.with_name(f".{JOURNAL}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        with os.fdopen(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8"
+        ) as f:
             for call in self._calls.values():
                 f.write(json.dumps(call.to_dict()) + "\n")
             f.flush()
@@ -279,7 +283,7 @@ class EmbeddedCallQueue:
         return Call.from_dict(call.to_dict()) if call is not None else None
 
     async def recent(self, function: str, limit: int = 50) -> list[Call]:
-        ids = list(self._recent.get(function, ()))[::-1][:max(0, limit)]
+        ids = list(self._recent.get(function, ()))[::-1][: max(0, limit)]
         return [Call.from_dict(self._calls[i].to_dict()) for i in ids if i in self._calls]
 
     async def counts(self) -> dict[str, tuple[int, int]]:
@@ -304,7 +308,9 @@ class EmbeddedCallQueue:
     async def prune(self, now: float | None = None) -> int:
         """Forget finished calls older than ``RETENTION``; return how many."""
         now = time.time() if now is None else now
-        old = [c.id for c in self._calls.values() if c.final and (c.finished or 0) + RETENTION < now]
+        old = [
+            c.id for c in self._calls.values() if c.final and (c.finished or 0) + RETENTION < now
+        ]
         for cid in old:
             call = self._calls.pop(cid)
             with contextlib.suppress(ValueError):

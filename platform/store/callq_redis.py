@@ -68,7 +68,9 @@ class RedisCallQueue:
         self._r = r
         self.prefix = prefix
         self._groups: set[str] = set()
-        self._entries: dict[str, tuple[str, str]] = {}  # call id -> (function, stream entry id) held here
+        self._entries: dict[
+            str, tuple[str, str]
+        ] = {}  # call id -> (function, stream entry id) held here
         self._claim_script = r.register_script(_CLAIM)
         self._trim_script = r.register_script(_TRIM)
         self._new = asyncio.Event()
@@ -121,7 +123,9 @@ class RedisCallQueue:
             pipe.sadd(self._fns, call.function)
             await pipe.execute()
         # beyond the newest LISTED, a call is no longer listed and, once final, forgotten
-        await self._trim_script(keys=[self._recent_key(call.function)], args=[LISTED, f"{self.prefix}:call:"])
+        await self._trim_script(
+            keys=[self._recent_key(call.function)], args=[LISTED, f"{self.prefix}:call:"]
+        )
         self._new.set()
 
     async def _load(self, fn: str, entries: list[Any], consumer: str) -> list[Call]:
@@ -160,7 +164,9 @@ class RedisCallQueue:
             return []
         await self._group(function)
         try:
-            entries = await self._claim_script(keys=[self._stream(function)], args=[GROUP, consumer, limit, n])
+            entries = await self._claim_script(
+                keys=[self._stream(function)], args=[GROUP, consumer, limit, n]
+            )
         except ResponseError as e:
             if "NOGROUP" in str(e):
                 self._groups.discard(function)
@@ -233,8 +239,9 @@ class RedisCallQueue:
         out: list[Call] = []
         for fn in sorted(str(f) for f in await self._r.smembers(self._fns)):
             try:
-                reply = await self._r.xautoclaim(self._stream(fn), GROUP, consumer, int(idle * 1000), "0-0",
-                                                 count=100)
+                reply = await self._r.xautoclaim(
+                    self._stream(fn), GROUP, consumer, int(idle * 1000), "0-0", count=100
+                )
             except ResponseError:
                 continue
             entries = reply[1] if len(reply) > 1 else []

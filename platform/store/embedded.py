@@ -387,10 +387,18 @@ class EmbeddedStore:
         value = bytes(value)
         async with self._lock:
             old = self._secrets.get(name)
-            info = SecretInfo(name=name, version=old[0].version + 1 if old else 1, updated=time.time())
+            info = SecretInfo(
+                name=name, version=old[0].version + 1 if old else 1, updated=time.time()
+            )
             if self.state_dir is not None:
-                text = json.dumps({"name": name, "version": info.version, "updated": info.updated,
-                                   "value": base64.b64encode(value).decode("ascii")})
+                text = json.dumps(
+                    {
+                        "name": name,
+                        "version": info.version,
+                        "updated": info.updated,
+                        "value": base64.b64encode(value).decode("ascii"),
+                    }
+                )
                 self._write_private_file(self.state_dir / SECRETS_DIR, f"{name}.json", text)
             self._secrets[name] = (info, value)
         self._publish(SECRETS, {"kind": "set", "name": name, "version": info.version})
@@ -449,6 +457,7 @@ class EmbeddedStore:
         for m in [m for m, i in seen.items() if now - i["seen"] > max_age]:
             del seen[m]
         return [dict(seen[m]) for m in sorted(seen)]
+
     # -- blobs ---------------------------------------------------------------------------
 
     def _blob_dir(self) -> Path:
@@ -546,7 +555,9 @@ class EmbeddedStore:
         except ValueError:
             key = b""
         if len(key) < 32:
-            raise RuntimeError(f"{path} does not hold an archive key (64 hex digits): remove it to make a new one")
+            raise RuntimeError(
+                f"{path} does not hold an archive key (64 hex digits): remove it to make a new one"
+            )
         self._archive_key = key
         return key
 
@@ -601,4 +612,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -80,7 +80,9 @@ EVENTS_KEPT = 200  # per function
 MAX_ATTEMPTS = 20  # optimistic update attempts before ConflictError
 SUBSCRIBE_TIMEOUT = 10.0  # seconds to get a SUBSCRIBE confirmed
 CONNECT_TIMEOUT = 2.0  # seconds to open a connection
-RETRIES = 4  # a command retries a dropped connection this often (backoff 0.05 s doubling, at most 0.5 s)
+RETRIES = (
+    4  # a command retries a dropped connection this often (backoff 0.05 s doubling, at most 0.5 s)
+)
 
 
 # The fence: KEYS[1] is the lease key ("TOKEN:HOLDER"), ARGV[1] the writer's token.
@@ -91,23 +93,32 @@ local sep = string.find(cur, ':', 1, true)
 if not sep or string.sub(cur, 1, sep - 1) ~= ARGV[1] then return -1 end
 """
 # KEYS: lease, replicas hash, rfns set; ARGV: token, replica name, JSON, function, channel, change
-_PUT_REPLICA = _FENCE + """
+_PUT_REPLICA = (
+    _FENCE
+    + """
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
+)
 # KEYS: lease, replicas hash; ARGV: token, replica name, channel, change
-_DELETE_REPLICA = _FENCE + """
+_DELETE_REPLICA = (
+    _FENCE
+    + """
 if redis.call('HDEL', KEYS[2], ARGV[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 """
+)
 # KEYS: lease, events list; ARGV: token, JSON, how many to keep
-_ADD_EVENT = _FENCE + """
+_ADD_EVENT = (
+    _FENCE
+    + """
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 return 1
 """
+)
 
 
 def _token_of(value: str | bytes | None) -> int | None:
@@ -155,8 +166,10 @@ async def _pump(ps: Any, state: _SubState) -> None:
             if msg is None:
                 continue
             if msg["type"] == "subscribe":  # redis-py reconnected and re-subscribed by itself
-                raise ConnectionError(f"pub/sub connection to {state.channel} was re-established; messages "
-                                      "published meanwhile may be lost: subscribe again and resync")
+                raise ConnectionError(
+                    f"pub/sub connection to {state.channel} was re-established; messages "
+                    "published meanwhile may be lost: subscribe again and resync"
+                )
             if msg["type"] != "message":
                 continue
             try:
@@ -243,9 +256,13 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT, socket_keepalive=True,
+            url,
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_keepalive=True,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError])
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._raw: aioredis.Redis | None = None  # bytes in and out: blobs (made on first use)
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -269,7 +286,9 @@ class RedisStore:
 
     def _refused(self, what: str) -> FencedError:
         assert self._fence is not None
-        return FencedError(f"{what} refused: fencing token {self._fence[1]} is no longer the lease's")
+        return FencedError(
+            f"{what} refused: fencing token {self._fence[1]} is no longer the lease's"
+        )
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -393,17 +412,27 @@ class RedisStore:
         if self._fence is not None:
             done = await self._put_replica(
                 keys=[self._fence[0], self._replicas_key(replica.function), self._rfns_key],
-                args=[self._fence[1], replica.name, json.dumps(replica.to_dict()), replica.function,
-                      self._channel(CHANGES), json.dumps({"kind": "replica", "function": replica.function})])
+                args=[
+                    self._fence[1],
+                    replica.name,
+                    json.dumps(replica.to_dict()),
+                    replica.function,
+                    self._channel(CHANGES),
+                    json.dumps({"kind": "replica", "function": replica.function}),
+                ],
+            )
             if int(done) != 1:
                 raise self._refused(f"write of replica {replica.name!r}")
             return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._replicas_key(replica.function), replica.name,
-                      json.dumps(replica.to_dict()))
+            pipe.hset(
+                self._replicas_key(replica.function), replica.name, json.dumps(replica.to_dict())
+            )
             pipe.sadd(self._rfns_key, replica.function)
-            pipe.publish(self._channel(CHANGES),
-                         json.dumps({"kind": "replica", "function": replica.function}))
+            pipe.publish(
+                self._channel(CHANGES),
+                json.dumps({"kind": "replica", "function": replica.function}),
+            )
             await pipe.execute()
 
     async def delete_replica(self, function: str, name: str) -> None:
@@ -411,8 +440,13 @@ class RedisStore:
         if self._fence is not None:
             done = await self._delete_replica(
                 keys=[self._fence[0], self._replicas_key(function)],
-                args=[self._fence[1], name, self._channel(CHANGES),
-                      json.dumps({"kind": "replica", "function": function})])
+                args=[
+                    self._fence[1],
+                    name,
+                    self._channel(CHANGES),
+                    json.dumps({"kind": "replica", "function": function}),
+                ],
+            )
             if int(done) != 1:
                 raise self._refused(f"deletion of replica {name!r}")
             return
@@ -439,8 +473,10 @@ class RedisStore:
         await self._enter()
         key = self._events_key(event.function)
         if self._fence is not None:
-            done = await self._add_event(keys=[self._fence[0], key],
-                                         args=[self._fence[1], json.dumps(event.to_dict()), EVENTS_KEPT])
+            done = await self._add_event(
+                keys=[self._fence[0], key],
+                args=[self._fence[1], json.dumps(event.to_dict()), EVENTS_KEPT],
+            )
             if int(done) != 1:
                 raise self._refused(f"event of {event.function!r}")
             return
@@ -466,8 +502,13 @@ class RedisStore:
         updated = time.time()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "version", 1)
-            pipe.hset(key, mapping={"value": base64.b64encode(bytes(value)).decode("ascii"),
-                                    "updated": repr(updated)})
+            pipe.hset(
+                key,
+                mapping={
+                    "value": base64.b64encode(bytes(value)).decode("ascii"),
+                    "updated": repr(updated),
+                },
+            )
             pipe.sadd(self._secrets_key, name)
             version, *_ = await pipe.execute()
         await self.publish(SECRETS, {"kind": "set", "name": name, "version": int(version)})
@@ -497,8 +538,11 @@ class RedisStore:
             for n in names:
                 pipe.hmget(self._secret_key(n), ["version", "updated"])  # never the value
             rows: list[list[str | None]] = await pipe.execute()
-        return [SecretInfo(name=n, version=int(v), updated=float(u))
-                for n, (v, u) in zip(names, rows, strict=True) if v is not None and u is not None]
+        return [
+            SecretInfo(name=n, version=int(v), updated=float(u))
+            for n, (v, u) in zip(names, rows, strict=True)
+            if v is not None and u is not None
+        ]
 
     # -- installation identity and presence ---------------------------------------------
 
@@ -513,8 +557,11 @@ class RedisStore:
 
     async def heartbeat(self, kind: str, member: str, info: dict[str, Any]) -> None:
         await self._enter()
-        await self._redis.hset(f"{self.prefix}:seen:{kind}", member,
-                               json.dumps({**info, "id": member, "seen": time.time()}))
+        await self._redis.hset(
+            f"{self.prefix}:seen:{kind}",
+            member,
+            json.dumps({**info, "id": member, "seen": time.time()}),
+        )
 
     async def members(self, kind: str, max_age: float) -> list[dict[str, Any]]:
         await self._enter()

@@ -38,26 +38,58 @@ from platform_proc import DOMAIN, Torpor, function_copy  # noqa: E402
 from proxy_bench import NGINX_CONF, cpu_seconds, nginx_worker, parse_wrk, started  # noqa: E402
 
 __all__ = [
-    "DOMAIN", "ROOT", "Torpor", "function_copy", "free_port", "cpu_seconds", "header",
-    "wrk", "nginx_proxy", "ttfb", "poll_200", "rss_kb", "descendants", "pct", "stats_ms",
-    "platform", "set_scale", "hold_then_release", "docker_cleanup", "py_spy_top",
-    "replica_pid", "loadavg", "cmdline", "median", "stop_pid",
+    "DOMAIN",
+    "ROOT",
+    "Torpor",
+    "function_copy",
+    "free_port",
+    "cpu_seconds",
+    "header",
+    "wrk",
+    "nginx_proxy",
+    "ttfb",
+    "poll_200",
+    "rss_kb",
+    "descendants",
+    "pct",
+    "stats_ms",
+    "platform",
+    "set_scale",
+    "hold_then_release",
+    "docker_cleanup",
+    "py_spy_top",
+    "replica_pid",
+    "loadavg",
+    "cmdline",
+    "median",
+    "stop_pid",
 ]
 
 
 def header(title: str) -> None:
     print(f"== {title}")
-    print(f"   commit {commit()}, {os.cpu_count()} cpus, load average {loadavg()} "
-          "(other work on this machine adds noise)", flush=True)
+    print(
+        f"   commit {commit()}, {os.cpu_count()} cpus, load average {loadavg()} "
+        "(other work on this machine adds noise)",
+        flush=True,
+    )
 
 
 def commit() -> str:
     """The checked-out commit, with "+changes" if gateway/ or platform/ differ from it."""
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway", "platform"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway", "platform"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("+changes" if dirty else "") if head else "unknown"
@@ -90,17 +122,34 @@ def stats_ms(seconds: list[float]) -> dict[str, float]:
 # Load: wrk and nginx.
 
 
-def wrk(url: str, *, connections: int, duration: float, host: str | None = None, threads: int = 2,
-        timeout: float = 10.0, pids: list[int] | None = None, quiet: bool = False) -> dict[str, float]:
+def wrk(
+    url: str,
+    *,
+    connections: int,
+    duration: float,
+    host: str | None = None,
+    threads: int = 2,
+    timeout: float = 10.0,
+    pids: list[int] | None = None,
+    quiet: bool = False,
+) -> dict[str, float]:
     """``wrk -tT -cC -dD --latency`` -> rps, requests, p50/p99 (ms), non_2xx, socket_errors,
     and cpu_us: CPU microseconds per request of each of ``pids`` (key ``cpu_us_<pid>``)."""
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency",
-           "--timeout", f"{timeout:g}s"]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "--timeout",
+        f"{timeout:g}s",
+    ]
     if host:
         cmd += ["-H", f"Host: {host}"]
     cpu0 = {p: cpu_seconds(p) for p in pids or []}
-    out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True,
-                         timeout=duration + timeout + 30).stdout
+    out = subprocess.run(
+        [*cmd, url], check=True, capture_output=True, text=True, timeout=duration + timeout + 30
+    ).stdout
     cpu1 = {p: cpu_seconds(p) for p in pids or []}
     if quiet:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
@@ -141,8 +190,12 @@ def nginx_proxy(endpoint: str) -> Iterator[tuple[int, int]]:
 # One request, timed.
 
 
-def ttfb(port: int, path: str = "/", host: str = "localhost", timeout: float = 60.0,
-         ) -> tuple[float, float, int, dict[str, str], bytes]:
+def ttfb(
+    port: int,
+    path: str = "/",
+    host: str = "localhost",
+    timeout: float = 60.0,
+) -> tuple[float, float, int, dict[str, str], bytes]:
     """One ``GET`` on a new connection to 127.0.0.1:port -> (seconds to the first response
     byte, seconds to the whole response, status, headers (lowercase), body). The clock
     starts before ``connect``."""
@@ -171,8 +224,14 @@ def ttfb(port: int, path: str = "/", host: str = "localhost", timeout: float = 6
     return t_first, t_all, status, headers, body
 
 
-def poll_200(port: int, path: str, t0: float, alive: Callable[[], bool], limit: float = 30.0,
-             every: float = 0.0005) -> float:
+def poll_200(
+    port: int,
+    path: str,
+    t0: float,
+    alive: Callable[[], bool],
+    limit: float = 30.0,
+    every: float = 0.0005,
+) -> float:
     """Poll ``GET path`` on 127.0.0.1:port until a 200 -> seconds since ``t0``
     (perf_counter). Refused/reset connections (also docker-proxy's accept-then-reset) retry."""
     deadline = t0 + limit
@@ -224,7 +283,9 @@ def descendants(pid: int) -> list[int]:
 
 def cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 
@@ -242,8 +303,9 @@ def replica_pid(state_dir: Path, replica: str) -> int | None:
 
 
 @contextlib.contextmanager
-def platform(tmp: Path, driver: str = "process", extra: list[str] | None = None,
-             label: str = "state") -> Iterator[Torpor]:
+def platform(
+    tmp: Path, driver: str = "process", extra: list[str] | None = None, label: str = "state"
+) -> Iterator[Torpor]:
     """A running ``torpor up`` (harness), stopped on exit; with docker, any container or
     image of this installation still there afterwards is removed."""
     state = tmp / label
@@ -262,13 +324,15 @@ def docker_cleanup(state_dir: Path) -> None:
     from torpor.drivers.docker import instance_id
 
     label = f"label=torpor.instance={instance_id(state_dir)}"
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", label],
-                         capture_output=True, text=True, timeout=60).stdout.split()
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", label], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     if ids:
         print(f"   clean-up: removing {len(ids)} leftover container(s)")
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
-    imgs = subprocess.run(["docker", "images", "-q", "--filter", label], capture_output=True, text=True,
-                          timeout=60).stdout.split()
+    imgs = subprocess.run(
+        ["docker", "images", "-q", "--filter", label], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     if imgs:
         subprocess.run(["docker", "rmi", "-f", *set(imgs)], capture_output=True, timeout=120)
 
@@ -278,8 +342,15 @@ def set_scale(t: Torpor, name: str, **body: int) -> None:
     r.raise_for_status()
 
 
-def hold_then_release(t: Torpor, name: str, max_: int, last_request: float = 0.0, quiet: float = 3.0,
-                      settle: float = 1.0, timeout: float = 90.0) -> int:
+def hold_then_release(
+    t: Torpor,
+    name: str,
+    max_: int,
+    last_request: float = 0.0,
+    quiet: float = 3.0,
+    settle: float = 1.0,
+    timeout: float = 90.0,
+) -> int:
     """Force the function to zero (``torpor scale --replicas 0``), wait until its replicas
     are gone, release it (``--min 0 --max MAX``), wait ``settle`` s, check it stayed at zero.
     -> how many times a replica came back with no traffic after the release (each time it
@@ -308,7 +379,9 @@ def hold_then_release(t: Torpor, name: str, max_: int, last_request: float = 0.0
         flaps += 1
         if flaps > 3:
             raise RuntimeError(f"{name}: replicas keep coming back without traffic: {left}")
-        t.wait_for(lambda: not t.function(name)["replicas"], timeout, f"{name} back at zero", every=0.05)
+        t.wait_for(
+            lambda: not t.function(name)["replicas"], timeout, f"{name} back at zero", every=0.05
+        )
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
@@ -323,16 +396,39 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
 # Profiling.
 
 
-def py_spy_top(pid: int, seconds: float, load: Callable[[], Any], top: int = 18,
-               rate: int = 200, native: bool = False) -> str:
+def py_spy_top(
+    pid: int,
+    seconds: float,
+    load: Callable[[], Any],
+    top: int = 18,
+    rate: int = 200,
+    native: bool = False,
+) -> str:
     """Run ``load()`` while ``py-spy record`` samples ``pid``; -> a text summary: busy
     fraction, then the functions with the most self and most inclusive samples."""
     if shutil.which("py-spy") is None:
         return "(py-spy not installed: pip install py-spy)"
     out = Path(tempfile.mkdtemp(prefix="torpor-pyspy-")) / "stacks.txt"
-    spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", f"{int(seconds)}", "-r", str(rate),
-                            "--nolineno", "-f", "raw", "-o", str(out), *(["--native"] if native else [])],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            f"{int(seconds)}",
+            "-r",
+            str(rate),
+            "--nolineno",
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            *(["--native"] if native else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         time.sleep(0.5)
         load()
@@ -362,8 +458,11 @@ def py_spy_top(pid: int, seconds: float, load: Callable[[], Any], top: int = 18,
             incl[f] += count
     shutil.rmtree(out.parent, ignore_errors=True)
     expected = seconds * rate
-    lines = [f"py-spy: {total} busy samples of ~{expected:.0f} ({total / expected:.0%} of one core busy "
-             f"in Python; idle waits not counted)", f"  {'self %':>7}  function"]
+    lines = [
+        f"py-spy: {total} busy samples of ~{expected:.0f} ({total / expected:.0%} of one core busy "
+        f"in Python; idle waits not counted)",
+        f"  {'self %':>7}  function",
+    ]
     for f, c in self_c.most_common(top):
         lines.append(f"  {c / total:7.1%}  {f}")
     lines.append(f"  {'incl %':>7}  function")

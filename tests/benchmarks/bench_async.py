@@ -32,8 +32,10 @@ from _common import function_copy, header, loadavg, pct, platform, set_scale
 
 async def _client(port: int, n: int, lat: list[float], ids: list[str], errors: list[str]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    req = (b"POST /async-function/slow/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           b"Content-Length: 13\r\n\r\n{\"job\": 1234}")
+    req = (
+        b"POST /async-function/slow/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 13\r\n\r\n{"job": 1234}'
+    )
     try:
         for _ in range(n):
             t0 = time.perf_counter()
@@ -59,7 +61,9 @@ async def _client(port: int, n: int, lat: list[float], ids: list[str], errors: l
         writer.close()
 
 
-async def fire(port: int, calls: int, clients: int) -> tuple[float, list[float], list[str], list[str]]:
+async def fire(
+    port: int, calls: int, clients: int
+) -> tuple[float, list[float], list[str], list[str]]:
     lat: list[float] = []
     ids: list[str] = []
     errors: list[str] = []
@@ -86,22 +90,34 @@ def main() -> int:
     ap.add_argument("--ms", type=int, default=50, help="time per call in the function")
     ap.add_argument("--concurrency", type=int, default=50, help="async.concurrency of the function")
     ap.add_argument("--driver", default="process")
-    ap.add_argument("--redis", help="use this Redis (its data is overwritten) instead of the embedded store")
+    ap.add_argument(
+        "--redis", help="use this Redis (its data is overwritten) instead of the embedded store"
+    )
     args = ap.parse_args()
-    header(f"async: {args.calls} calls from {args.clients} clients, functions/slow ({args.ms} ms, target 5, max 10, "
-           f"async.concurrency {args.concurrency}), driver {args.driver}, store {'redis' if args.redis else 'embedded'}")
+    header(
+        f"async: {args.calls} calls from {args.clients} clients, functions/slow ({args.ms} ms, target 5, max 10, "
+        f"async.concurrency {args.concurrency}), driver {args.driver}, store {'redis' if args.redis else 'embedded'}"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-async-"))
     try:
         with platform(tmp, args.driver, extra=["--redis", args.redis] if args.redis else None) as t:
-            t.deploy(function_copy(tmp, "slow", env={"SLEEP_MS": str(args.ms), "FAIL_RATE": "0"},
-                                   scale={"min": 0, "max": 10, "target": 5, "idle": "10s"},
-                                   **{"async": {"concurrency": args.concurrency}}))
+            t.deploy(
+                function_copy(
+                    tmp,
+                    "slow",
+                    env={"SLEEP_MS": str(args.ms), "FAIL_RATE": "0"},
+                    scale={"min": 0, "max": 10, "target": 5, "idle": "10s"},
+                    **{"async": {"concurrency": args.concurrency}},
+                )
+            )
             set_scale(t, "slow", replicas=0)
             t.wait_for(lambda: not t.function("slow")["replicas"], 60, "slow at zero")
             took, lat, ids, errors = asyncio.run(fire(t.port, args.calls, args.clients))
-            print(f"   accepted {len(ids)} calls in {took:.2f} s: {len(ids) / took:.0f} calls/s "
-                  f"(p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms per accept); "
-                  f"refused {len(errors)} {sorted(set(errors))}")
+            print(
+                f"   accepted {len(ids)} calls in {took:.2f} s: {len(ids) / took:.0f} calls/s "
+                f"(p50 {pct(lat, 50) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms per accept); "
+                f"refused {len(errors)} {sorted(set(errors))}"
+            )
             q, r = gauges(t.gateway)
             print(f"   backlog before release: queued {q:.0f}, running {r:.0f}")
             t0 = time.monotonic()
@@ -115,8 +131,10 @@ def main() -> int:
                 time.sleep(0.25)
             drain = time.monotonic() - t0
             ideal = min(args.concurrency, 10 * 5) / (args.ms / 1000)
-            print(f"   backlog drained in {drain:.2f} s from zero replicas: {len(ids) / drain:.0f} calls/s "
-                  f"(ideal at min(concurrency, 10 x 5) in flight: {ideal:.0f} calls/s); peak ready replicas {peak}")
+            print(
+                f"   backlog drained in {drain:.2f} s from zero replicas: {len(ids) / drain:.0f} calls/s "
+                f"(ideal at min(concurrency, 10 x 5) in flight: {ideal:.0f} calls/s); peak ready replicas {peak}"
+            )
             states: dict[str, int] = {}
             for cid in ids:
                 st = t.api_call("GET", f"/v1/calls/{cid}").json()["state"]

@@ -74,7 +74,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
-async def _client(port: int, host: str, t0: float, stop_at: float, timeout: float, out: list[Record]) -> None:
+async def _client(
+    port: int, host: str, t0: float, stop_at: float, timeout: float, out: list[Record]
+) -> None:
     req = f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: torpor-bench\r\n\r\n".encode()
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
@@ -90,8 +92,15 @@ async def _client(port: int, host: str, t0: float, stop_at: float, timeout: floa
             if close:
                 writer.close()
                 reader = writer = None
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ValueError, IndexError) as e:
+        except (
+            OSError,
+            EOFError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ValueError,
+            IndexError,
+        ) as e:
             out.append((start - t0, time.perf_counter() - t0, type(e).__name__))
             if writer is not None:
                 writer.close()
@@ -117,12 +126,16 @@ def run_burst(port: int, host: str, clients: int, duration: float, t0: float) ->
         return asyncio.run(_burst(port, host, clients, duration, t0))
 
 
-def _sample(t: Torpor, name: str, t0: float, samples: list[tuple[float, int, int]], stop: threading.Event) -> None:
+def _sample(
+    t: Torpor, name: str, t0: float, samples: list[tuple[float, int, int]], stop: threading.Event
+) -> None:
     with httpx.Client(timeout=5, headers=t.api_headers) as c:
         while not stop.is_set():
             try:
                 reps = c.get(f"{t.api}/v1/functions/{name}").json()["replicas"]
-                samples.append((time.perf_counter() - t0, sum(r["state"] == "ready" for r in reps), len(reps)))
+                samples.append(
+                    (time.perf_counter() - t0, sum(r["state"] == "ready" for r in reps), len(reps))
+                )
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             stop.wait(0.25)
@@ -149,8 +162,13 @@ def steady(samples: list[tuple[float, int, int]], until: float) -> tuple[float |
 
 def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, Any]:
     name = "slow"
-    folder = function_copy(tmp, "slow", name=name, env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
-                           scale={"target": 5, "max": 30})
+    folder = function_copy(
+        tmp,
+        "slow",
+        name=name,
+        env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
+        scale={"target": 5, "max": 30},
+    )
     with platform(tmp, driver, label=f"burst-{driver}") as t:
         try:
             t.deploy(folder)
@@ -158,7 +176,9 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
             samples: list[tuple[float, int, int]] = []
             stop = threading.Event()
             t0, wall0 = time.perf_counter(), time.time()
-            watcher = threading.Thread(target=_sample, args=(t, name, t0, samples, stop), daemon=True)
+            watcher = threading.Thread(
+                target=_sample, args=(t, name, t0, samples, stop), daemon=True
+            )
             watcher.start()
             try:
                 records = run_burst(t.port, f"{name}.{DOMAIN}", clients, duration, t0)
@@ -167,8 +187,12 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
             finally:
                 stop.set()
                 watcher.join(10)
-            r = t.api_call("GET", f"/v1/functions/{name}/events", params={"since": wall0 - 1, "limit": 1000},
-                           timeout=10)
+            r = t.api_call(
+                "GET",
+                f"/v1/functions/{name}/events",
+                params={"since": wall0 - 1, "limit": 1000},
+                timeout=10,
+            )
             events = [(e["time"] - wall0, e["kind"], e["message"]) for e in r.json()["events"]]
         finally:
             if driver == "docker":
@@ -185,34 +209,64 @@ def report(driver: str, res: dict[str, Any], clients: int, duration: float) -> d
     st_time, st_count = steady(samples, duration)
     peak = max((s[1] for s in samples), default=0)
     during = [s for s in samples if s[0] <= duration]
-    last_change = next((during[i][0] for i in range(len(during) - 1, 0, -1)
-                        if during[i][1] != during[i - 1][1]), None)
-    print(f"\n   {driver}: {len(records)} requests, {len(ok)} 2xx, errors {sum(bad.values())} {dict(bad) or ''}")
-    print(f"   {driver}: first 2xx at {first_ok * 1000:.0f} ms; ready replicas: peak {peak}, "
-          + (f"steady {st_count} from {st_time:.2f} s" if st_time is not None else "never steady for 3 s")
-          + (f"; last change during the burst at {last_change:.2f} s (-> {during[-1][1]})" if last_change else ""))
+    last_change = next(
+        (during[i][0] for i in range(len(during) - 1, 0, -1) if during[i][1] != during[i - 1][1]),
+        None,
+    )
+    print(
+        f"\n   {driver}: {len(records)} requests, {len(ok)} 2xx, errors {sum(bad.values())} {dict(bad) or ''}"
+    )
+    print(
+        f"   {driver}: first 2xx at {first_ok * 1000:.0f} ms; ready replicas: peak {peak}, "
+        + (
+            f"steady {st_count} from {st_time:.2f} s"
+            if st_time is not None
+            else "never steady for 3 s"
+        )
+        + (
+            f"; last change during the burst at {last_change:.2f} s (-> {during[-1][1]})"
+            if last_change
+            else ""
+        )
+    )
     lat = [(r[1] - r[0]) * 1000 for r in ok]
-    print(f"   {driver}: 2xx latency p50 {pct(lat, 50):.0f} ms  p99 {pct(lat, 99):.0f} ms  max {max(lat, default=0):.0f} ms"
-          f"  (the function sleeps 100 ms)")
-    print(f"   {'s':>4} {'ready':>6} {'all':>4} {'2xx/s':>6} {'err/s':>6} {'p50 ms':>7} {'max ms':>7}")
+    print(
+        f"   {driver}: 2xx latency p50 {pct(lat, 50):.0f} ms  p99 {pct(lat, 99):.0f} ms  max {max(lat, default=0):.0f} ms"
+        f"  (the function sleeps 100 ms)"
+    )
+    print(
+        f"   {'s':>4} {'ready':>6} {'all':>4} {'2xx/s':>6} {'err/s':>6} {'p50 ms':>7} {'max ms':>7}"
+    )
     for sec in range(int(duration + 0.999)):
         in_sec = [r for r in records if sec <= r[1] < sec + 1]
         ok_s = [(r[1] - r[0]) * 1000 for r in in_sec if isinstance(r[2], int) and 200 <= r[2] < 300]
         errs = len(in_sec) - len(ok_s)
         at = [s for s in samples if s[0] <= sec + 1]
         ready, total = (at[-1][1], at[-1][2]) if at else (0, 0)
-        print(f"   {sec:>3}s {ready:6d} {total:4d} {len(ok_s):6d} {errs:6d} {pct(ok_s, 50):7.0f} "
-              f"{max(ok_s, default=0):7.0f}")
+        print(
+            f"   {sec:>3}s {ready:6d} {total:4d} {len(ok_s):6d} {errs:6d} {pct(ok_s, 50):7.0f} "
+            f"{max(ok_s, default=0):7.0f}"
+        )
     decisions = [(ts, m) for ts, kind, m in res["events"] if kind == "scale" and "desired" in m]
     for ts, m in decisions[:8]:
         print(f"   {driver}: {ts:6.2f} s  {m.split(': ', 1)[-1][:110]}")
-    ready_at = sorted(ts for ts, kind, m in res["events"] if kind == "replica" and " ready at " in m)
+    ready_at = sorted(
+        ts for ts, kind, m in res["events"] if kind == "replica" and " ready at " in m
+    )
     if ready_at:
         marks = [(n, ready_at[n - 1]) for n in (1, 5, 10, 15, 20, 25, 30) if n <= len(ready_at)]
-        print(f"   {driver}: replica 'ready' events (n-th at): "
-              + ", ".join(f"#{n} {ts:.2f} s" for n, ts in marks))
-    return {"first_ok": first_ok, "errors": sum(bad.values()), "steady_t": st_time, "steady_n": st_count,
-            "peak": peak, "requests": len(records)}
+        print(
+            f"   {driver}: replica 'ready' events (n-th at): "
+            + ", ".join(f"#{n} {ts:.2f} s" for n, ts in marks)
+        )
+    return {
+        "first_ok": first_ok,
+        "errors": sum(bad.values()),
+        "steady_t": st_time,
+        "steady_n": st_count,
+        "peak": peak,
+        "requests": len(records),
+    }
 
 
 def main() -> int:
@@ -222,7 +276,9 @@ def main() -> int:
     ap.add_argument("--drivers", default="process,docker")
     ap.add_argument("--events", action="store_true", help="print every platform event of the burst")
     args = ap.parse_args()
-    header(f"burst: 0 -> {args.clients} clients for {args.duration:g}s, functions/slow (100 ms, target 5, max 30)")
+    header(
+        f"burst: 0 -> {args.clients} clients for {args.duration:g}s, functions/slow (100 ms, target 5, max 30)"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-burst-"))
     summary: dict[str, dict[str, Any]] = {}
     try:
@@ -235,12 +291,18 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(f"   {'driver':8s} {'first 2xx':>10} {'errors':>7} {'requests':>9} {'steady at':>10} {'replicas':>9} {'peak':>5}")
+    print(
+        f"   {'driver':8s} {'first 2xx':>10} {'errors':>7} {'requests':>9} {'steady at':>10} {'replicas':>9} {'peak':>5}"
+    )
     for d, s in summary.items():
         st = f"{s['steady_t']:.2f} s" if s["steady_t"] is not None else "never"
-        print(f"   {d:8s} {s['first_ok'] * 1000:7.0f} ms {s['errors']:7d} {s['requests']:9d} {st:>10} "
-              f"{s['steady_n'] or 0:9d} {s['peak']:5d}")
-    print(f"   (ideal steady count: {args.clients} clients / target 5 = {args.clients // 5}; errors: target 0)")
+        print(
+            f"   {d:8s} {s['first_ok'] * 1000:7.0f} ms {s['errors']:7d} {s['requests']:9d} {st:>10} "
+            f"{s['steady_n'] or 0:9d} {s['peak']:5d}"
+        )
+    print(
+        f"   (ideal steady count: {args.clients} clients / target 5 = {args.clients // 5}; errors: target 0)"
+    )
     print(f"   load average at the end: {loadavg()}")
     return 0
 

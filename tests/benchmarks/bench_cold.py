@@ -66,12 +66,16 @@ PATH = "/?name=bench"
 
 
 def events_since(t: Torpor, name: str, since: float) -> list[dict[str, Any]]:
-    r = t.api_call("GET", f"/v1/functions/{name}/events", params={"since": since, "limit": 200}, timeout=10)
+    r = t.api_call(
+        "GET", f"/v1/functions/{name}/events", params={"since": since, "limit": 200}, timeout=10
+    )
     r.raise_for_status()
     return list(r.json()["events"])
 
 
-def event_time(t: Torpor, name: str, since: float, needle: str, timeout: float = 10.0) -> float | None:
+def event_time(
+    t: Torpor, name: str, since: float, needle: str, timeout: float = 10.0
+) -> float | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         hits = [e["time"] for e in events_since(t, name, since) if needle in e["message"]]
@@ -97,13 +101,25 @@ def gateway_request(t: Torpor, name: str) -> tuple[float, float, dict[str, str]]
 def bare_process(folder: Path) -> float:
     port = free_port()
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "GREETING": "hello",
-        "PORT": str(port), "TORPOR_HOST": "127.0.0.1", "TORPOR_DIR": str(folder),
-        "TORPOR_HANDLER": "handler:handle", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "GREETING": "hello",
+        "PORT": str(port),
+        "TORPOR_HOST": "127.0.0.1",
+        "TORPOR_DIR": str(folder),
+        "TORPOR_HANDLER": "handler:handle",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
     }
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-s", str(SERVER)], cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-s", str(SERVER)],
+        cwd=folder,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         return poll_200(port, PATH, t0, lambda: proc.poll() is None)
     finally:
@@ -118,8 +134,23 @@ def bare_process(folder: Path) -> float:
 def bare_docker_run(image: str) -> float:
     port = free_port()
     t0 = time.perf_counter()
-    out = subprocess.run(["docker", "run", "-d", "-e", "PORT=8080", "-e", "GREETING=hello",
-                          "-p", f"127.0.0.1:{port}:8080", image], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "-e",
+            "PORT=8080",
+            "-e",
+            "GREETING=hello",
+            "-p",
+            f"127.0.0.1:{port}:8080",
+            image,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     cid = out.stdout.strip()
     try:
         if out.returncode != 0:
@@ -133,8 +164,11 @@ def bare_docker_run(image: str) -> float:
 def bare_docker_sdk(client: Any, image: str) -> float:
     port = free_port()
     t0 = time.perf_counter()
-    c = client.containers.create(image, environment={"PORT": "8080", "GREETING": "hello"},
-                                 ports={"8080/tcp": ("127.0.0.1", port)})
+    c = client.containers.create(
+        image,
+        environment={"PORT": "8080", "GREETING": "hello"},
+        ports={"8080/tcp": ("127.0.0.1", port)},
+    )
     try:
         c.start()
         return poll_200(port, PATH, t0, lambda: True)
@@ -143,8 +177,12 @@ def bare_docker_sdk(client: Any, image: str) -> float:
 
 
 def docker_gone(name: str) -> bool:
-    out = subprocess.run(["docker", "ps", "-q", "--filter", f"label=torpor.function={name}"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"label=torpor.function={name}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     return not out.strip()
 
 
@@ -173,8 +211,10 @@ def run_cold(tmp: Path, driver: str, runs: int) -> dict[str, list[float]]:
                 flaps = hold_then_release(t, name, 5, last_request=last)
                 if flaps:
                     out["flaps"].append(float(flaps))
-                    print(f"   {driver} {i + 1:2d}/{runs}: a replica came back after the release with no "
-                          f"traffic ({flaps}x); waited for zero again")
+                    print(
+                        f"   {driver} {i + 1:2d}/{runs}: a replica came back after the release with no "
+                        f"traffic ({flaps}x); waited for zero again"
+                    )
                 if driver == "docker":
                     t.wait_for(lambda: docker_gone(name), 30, "containers gone")
                 wall, first, headers = gateway_request(t, name)
@@ -190,9 +230,12 @@ def run_cold(tmp: Path, driver: str, runs: int) -> dict[str, list[float]]:
                 else:
                     out["bare"].append(bare_docker_run(image))
                     out["sdk"].append(bare_docker_sdk(client, image))
-                print(f"   {driver} {i + 1:2d}/{runs}: cold {first * 1000:7.1f} ms  "
-                      f"bare {out['bare'][-1] * 1000:7.1f} ms"
-                      + (f"  sdk {out['sdk'][-1] * 1000:7.1f} ms" if out["sdk"] else ""), flush=True)
+                print(
+                    f"   {driver} {i + 1:2d}/{runs}: cold {first * 1000:7.1f} ms  "
+                    f"bare {out['bare'][-1] * 1000:7.1f} ms"
+                    + (f"  sdk {out['sdk'][-1] * 1000:7.1f} ms" if out["sdk"] else ""),
+                    flush=True,
+                )
         finally:
             if client is not None:
                 client.close()
@@ -213,18 +256,33 @@ class BarePaused:
         self.container: Any = None
         self.client: Any = None
         if driver == "process":
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "GREETING": "hello",
-                   "PORT": str(self.port), "TORPOR_HOST": "127.0.0.1", "TORPOR_DIR": str(folder),
-                   "TORPOR_HANDLER": "handler:handle"}
-            self.proc = subprocess.Popen([sys.executable, "-s", str(SERVER)], cwd=folder, env=env,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True)
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LANG": "C.UTF-8",
+                "GREETING": "hello",
+                "PORT": str(self.port),
+                "TORPOR_HOST": "127.0.0.1",
+                "TORPOR_DIR": str(folder),
+                "TORPOR_HANDLER": "handler:handle",
+            }
+            self.proc = subprocess.Popen(
+                [sys.executable, "-s", str(SERVER)],
+                cwd=folder,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         else:
             import docker
 
             self.client = docker.from_env()
             self.container = self.client.containers.create(
-                image, environment={"PORT": "8080", "GREETING": "hello"}, ports={"8080/tcp": ("127.0.0.1", self.port)})
+                image,
+                environment={"PORT": "8080", "GREETING": "hello"},
+                ports={"8080/tcp": ("127.0.0.1", self.port)},
+            )
             self.container.start()
         poll_200(self.port, PATH, time.perf_counter(), lambda: True)
 
@@ -279,9 +337,12 @@ def run_paused(tmp: Path, driver: str, runs: int) -> dict[str, list[float]]:
                 else:
                     out["not_woken"].append(first)
                 out["bare"].append(bare.wake())
-                print(f"   {driver} paused {i + 1:2d}/{runs}: wake {first * 1000:7.1f} ms  "
-                      f"bare thaw {out['bare'][-1] * 1000:6.1f} ms"
-                      + ("" if unpaused is not None else "  (NOT an unpause: a new start)"), flush=True)
+                print(
+                    f"   {driver} paused {i + 1:2d}/{runs}: wake {first * 1000:7.1f} ms  "
+                    f"bare thaw {out['bare'][-1] * 1000:6.1f} ms"
+                    + ("" if unpaused is not None else "  (NOT an unpause: a new start)"),
+                    flush=True,
+                )
         finally:
             bare.close()
             if driver == "docker":
@@ -303,7 +364,9 @@ def main() -> int:
     ap.add_argument("--no-paused", action="store_true")
     args = ap.parse_args()
     drivers = [d for d in args.drivers.split(",") if d]
-    header(f"cold start: request at zero -> first byte, {args.runs} samples each, interleaved with the bare start")
+    header(
+        f"cold start: request at zero -> first byte, {args.runs} samples each, interleaved with the bare start"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-cold-"))
     cold: dict[str, dict[str, list[float]]] = {}
     paused: dict[str, dict[str, list[float]]] = {}
@@ -327,8 +390,10 @@ def main() -> int:
             print(line(f"{d}: bare SDK create+start", s["sdk"]))
     for d, s in cold.items():
         if s["flaps"]:
-            print(f"   {d}: {len(s['flaps'])} of {len(s['cold'])} releases brought a replica back without traffic "
-                  "(see hold_then_release in _common.py)")
+            print(
+                f"   {d}: {len(s['flaps'])} of {len(s['cold'])} releases brought a replica back without traffic "
+                "(see hold_then_release in _common.py)"
+            )
     for d, s in paused.items():
         print(line(f"{d}: paused wake (first byte)", s["wake"]))
         print(line(f"{d}:   of which until 'unpaused' event", s["unpaused"]))
@@ -342,15 +407,19 @@ def main() -> int:
         extra = ""
         if s["sdk"]:
             extra = f"   (cold/SDK create+start {c / stats_ms(s['sdk'])['p50']:.2f}x)"
-        print(f"   {d}: cold p50 / bare p50 = {c / b:.2f}x (target <= {TARGET_COLD}x: "
-              f"{'met' if c / b <= TARGET_COLD else 'MISSED'}){extra}")
+        print(
+            f"   {d}: cold p50 / bare p50 = {c / b:.2f}x (target <= {TARGET_COLD}x: "
+            f"{'met' if c / b <= TARGET_COLD else 'MISSED'}){extra}"
+        )
     for d, s in paused.items():
         if s["wake"]:
             p = stats_ms(s["wake"])["p50"]
             ratio = f", {p / stats_ms(cold[d]['bare'])['p50']:.2f}x bare start" if d in cold else ""
             ratio += f", {p / stats_ms(s['bare'])['p50']:.2f}x bare thaw"
-            print(f"   {d}: paused wake p50 = {p:.1f} ms (target <= {TARGET_PAUSED_MS:g} ms: "
-                  f"{'met' if p <= TARGET_PAUSED_MS else 'MISSED'}){ratio}")
+            print(
+                f"   {d}: paused wake p50 = {p:.1f} ms (target <= {TARGET_PAUSED_MS:g} ms: "
+                f"{'met' if p <= TARGET_PAUSED_MS else 'MISSED'}){ratio}"
+            )
     print(f"   load average at the end: {loadavg()}")
     return 0
 

@@ -67,7 +67,9 @@ HANDLER = 'def handle(request):\n    return "tiny\\n"\n'
 def tiny_folder(root: Path, name: str) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    (d / "torpor.yaml").write_text(f"name: {name}\nhandler: handler:handle\nscale: {{min: 0, max: 2, idle: 1s}}\n")
+    (d / "torpor.yaml").write_text(
+        f"name: {name}\nhandler: handler:handle\nscale: {{min: 0, max: 2, idle: 1s}}\n"
+    )
     (d / "handler.py").write_text(HANDLER)
     return d
 
@@ -93,8 +95,11 @@ def deploy_many(t: Torpor, tmp: Path, n: int, budget: float, window: int = 16) -
             while not out_of_time and len(posted) - len(done) - len(failed) < window and i < n:
                 name = f"tiny-{i:04d}"
                 i += 1
-                r = c.post(f"{t.api}/v1/functions", content=pack(tiny_folder(root, name)),
-                           headers={"content-type": "application/gzip"})
+                r = c.post(
+                    f"{t.api}/v1/functions",
+                    content=pack(tiny_folder(root, name)),
+                    headers={"content-type": "application/gzip"},
+                )
                 r.raise_for_status()
                 posted[name] = time.monotonic()
             if len(done) + len(failed) == len(posted) and (i >= n or out_of_time):
@@ -111,13 +116,20 @@ def deploy_many(t: Torpor, tmp: Path, n: int, budget: float, window: int = 16) -
                         failed.append(name)
             if time.monotonic() - last_print > 15:
                 last_print = time.monotonic()
-                print(f"   ... {len(done)} ready, {len(failed)} failed, {len(posted)} posted "
-                      f"after {last_print - t0:.0f} s (torpor up RSS {rss_kb(t.proc.pid) / 1024:.0f} MB)",  # type: ignore[union-attr]
-                      flush=True)
+                print(
+                    f"   ... {len(done)} ready, {len(failed)} failed, {len(posted)} posted "
+                    f"after {last_print - t0:.0f} s (torpor up RSS {rss_kb(t.proc.pid) / 1024:.0f} MB)",  # type: ignore[union-attr]
+                    flush=True,
+                )
     elapsed = time.monotonic() - t0
     lat = [done[k] - posted[k] for k in done]
-    return {"ready": len(done), "failed": failed, "elapsed": elapsed,
-            "deploy_p50": median(lat), "deploy_max": max(lat, default=float("nan"))}
+    return {
+        "ready": len(done),
+        "failed": failed,
+        "elapsed": elapsed,
+        "deploy_p50": median(lat),
+        "deploy_max": max(lat, default=float("nan")),
+    }
 
 
 def loop_lag(port: int, seconds: float) -> list[float]:
@@ -145,7 +157,9 @@ def zygote_of(pid: int) -> int | None:
     return None
 
 
-def measure(t: Torpor, label: str, hello_endpoint: str, rpid: int | None, args: argparse.Namespace) -> dict[str, float]:
+def measure(
+    t: Torpor, label: str, hello_endpoint: str, rpid: int | None, args: argparse.Namespace
+) -> dict[str, float]:
     assert t.proc is not None
     up = t.proc.pid
     zy = zygote_of(up)
@@ -164,7 +178,10 @@ def measure(t: Torpor, label: str, hello_endpoint: str, rpid: int | None, args: 
     m["lag_p50"], m["lag_p99"], m["lag_max"] = pct(lag, 50), pct(lag, 99), max(lag)
     # API latency
     with httpx.Client(timeout=60, headers=t.api_headers) as c:
-        for what, url in (("list_ms", f"{t.api}/v1/functions"), ("get_ms", f"{t.api}/v1/functions/hello")):
+        for what, url in (
+            ("list_ms", f"{t.api}/v1/functions"),
+            ("get_ms", f"{t.api}/v1/functions/hello"),
+        ):
             samples = []
             for _ in range(20):
                 s = time.perf_counter()
@@ -175,21 +192,34 @@ def measure(t: Torpor, label: str, hello_endpoint: str, rpid: int | None, args: 
     # routing: gateway vs direct, interleaved
     gw, direct = [], []
     for _ in range(args.rounds):
-        g = wrk(f"{t.gateway}/", connections=32, duration=args.duration, host=f"hello.{DOMAIN}", pids=[up],
-                quiet=True)
+        g = wrk(
+            f"{t.gateway}/",
+            connections=32,
+            duration=args.duration,
+            host=f"hello.{DOMAIN}",
+            pids=[up],
+            quiet=True,
+        )
         d = wrk(f"http://{hello_endpoint}/", connections=32, duration=args.duration, quiet=True)
         gw.append(g)
         direct.append(d)
-        print(f"   [{label}] gateway {g['rps']:7.0f} rps p99 {g['p99']:6.2f} ms cpu {g.get(f'cpu_us_{up}', 0):6.1f} us/req"
-              f"  | direct {d['rps']:7.0f} rps   errors {g['non_2xx'] + g['socket_errors']:.0f}", flush=True)
+        print(
+            f"   [{label}] gateway {g['rps']:7.0f} rps p99 {g['p99']:6.2f} ms cpu {g.get(f'cpu_us_{up}', 0):6.1f} us/req"
+            f"  | direct {d['rps']:7.0f} rps   errors {g['non_2xx'] + g['socket_errors']:.0f}",
+            flush=True,
+        )
     m["gw_rps"] = median([g["rps"] for g in gw])
     m["gw_p50"] = median([g["p50"] for g in gw])
     m["gw_p99"] = median([g["p99"] for g in gw])
     m["gw_cpu_us"] = median([g.get(f"cpu_us_{up}", float("nan")) for g in gw])
     # the same, less what torpor up burns at rest anyway (control plane), per request
-    m["gw_cpu_us_net"] = median([
-        g.get(f"cpu_us_{up}", float("nan")) - m["idle_cpu_pct"] / 100 * args.duration * 1e6 / max(g["requests"], 1)
-        for g in gw])
+    m["gw_cpu_us_net"] = median(
+        [
+            g.get(f"cpu_us_{up}", float("nan"))
+            - m["idle_cpu_pct"] / 100 * args.duration * 1e6 / max(g["requests"], 1)
+            for g in gw
+        ]
+    )
     m["direct_rps"] = median([d["rps"] for d in direct])
     m["gw_over_direct"] = median([g["rps"] / d["rps"] for g, d in zip(gw, direct, strict=True)])
     m["errors"] = sum(g["non_2xx"] + g["socket_errors"] for g in gw)
@@ -225,28 +255,45 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds of deploying at most")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the idle torpor up at N")
+    ap.add_argument(
+        "--profile", type=float, default=0.0, help="seconds of py-spy on the idle torpor up at N"
+    )
     args = ap.parse_args()
-    header(f"control plane at scale: 1 vs {args.functions} functions (process driver), "
-           f"deploy budget {args.budget:g}s")
+    header(
+        f"control plane at scale: 1 vs {args.functions} functions (process driver), "
+        f"deploy budget {args.budget:g}s"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="torpor-bench-scale-"))
     try:
         with platform(tmp, "process") as t:
             assert t.proc is not None
             t.deploy(function_copy(tmp, "hello"))
             set_scale(t, "hello", replicas=1)
-            [rep] = t.wait_for(lambda: (lambda rs: rs if len(rs) == 1 and rs[0]["state"] == "ready" else None)(
-                t.function("hello")["replicas"]), 30, "one ready hello replica")
+            [rep] = t.wait_for(
+                lambda: (lambda rs: rs if len(rs) == 1 and rs[0]["state"] == "ready" else None)(
+                    t.function("hello")["replicas"]
+                ),
+                30,
+                "one ready hello replica",
+            )
             endpoint = rep["endpoint"]
             rpid = replica_pid(t.state_dir, rep["name"])
-            wrk(f"{t.gateway}/", connections=32, duration=2, host=f"hello.{DOMAIN}", quiet=True)  # warm-up
+            wrk(
+                f"{t.gateway}/", connections=32, duration=2, host=f"hello.{DOMAIN}", quiet=True
+            )  # warm-up
             one = measure(t, "1 function", endpoint, rpid, args)
 
-            print(f"   deploying up to {args.functions - 1} tiny functions (budget {args.budget:g}s) ...", flush=True)
+            print(
+                f"   deploying up to {args.functions - 1} tiny functions (budget {args.budget:g}s) ...",
+                flush=True,
+            )
             dep = deploy_many(t, tmp, args.functions - 1, args.budget)
-            print(f"   deployed {dep['ready']} ready ({len(dep['failed'])} failed) in {dep['elapsed']:.0f} s: "
-                  f"{dep['ready'] / dep['elapsed']:.1f} functions/s; POST -> ready p50 {dep['deploy_p50']:.1f} s, "
-                  f"max {dep['deploy_max']:.1f} s", flush=True)
+            print(
+                f"   deployed {dep['ready']} ready ({len(dep['failed'])} failed) in {dep['elapsed']:.0f} s: "
+                f"{dep['ready'] / dep['elapsed']:.1f} functions/s; POST -> ready p50 {dep['deploy_p50']:.1f} s, "
+                f"max {dep['deploy_max']:.1f} s",
+                flush=True,
+            )
             zy = zygote_of(t.proc.pid)
 
             def settled() -> bool:
@@ -257,11 +304,16 @@ def main() -> int:
 
             t0 = time.monotonic()
             t.wait_for(settled, 300, "every verification replica gone", every=1.0)
-            print(f"   all tiny functions at zero {time.monotonic() - t0:.0f} s after the last deploy", flush=True)
+            print(
+                f"   all tiny functions at zero {time.monotonic() - t0:.0f} s after the last deploy",
+                flush=True,
+            )
             time.sleep(3)
             many = measure(t, f"{int(dep['ready']) + 1} functions", endpoint, rpid, args)
             if args.profile > 0:
-                print(f"\n   py-spy on the idle torpor up with {int(many['functions'])} functions, {args.profile:g}s:")
+                print(
+                    f"\n   py-spy on the idle torpor up with {int(many['functions'])} functions, {args.profile:g}s:"
+                )
                 prof = py_spy_top(t.proc.pid, args.profile, lambda: time.sleep(args.profile))
                 print("   " + prof.replace("\n", "\n   "))
 
@@ -271,7 +323,9 @@ def main() -> int:
                         while time.monotonic() < end:
                             list_functions(c, t)
 
-                print(f"\n   py-spy on torpor up answering GET /v1/functions back to back, {args.profile:g}s:")
+                print(
+                    f"\n   py-spy on torpor up answering GET /v1/functions back to back, {args.profile:g}s:"
+                )
                 prof = py_spy_top(t.proc.pid, args.profile, lists)
                 print("   " + prof.replace("\n", "\n   "))
             t.cli("delete", "hello", check=False)
@@ -287,18 +341,27 @@ def main() -> int:
         print(f"   {label:40s} {fmt.format(a):>10} {fmt.format(b):>10} {ratio}")
     rss = many["rss_up_mb"]
     print()
-    print(f"   torpor up RSS at {n:.0f} functions: {rss:.1f} MB (target <= {TARGET_RSS_MB:g} MB: "
-          f"{'met' if rss <= TARGET_RSS_MB else 'MISSED'})")
-    print(f"   routing: gateway rps/direct {one['gw_over_direct']:.3f} -> {many['gw_over_direct']:.3f} "
-          f"({many['gw_over_direct'] / one['gw_over_direct']:.2f}x); CPU per request {one['gw_cpu_us']:.1f} -> "
-          f"{many['gw_cpu_us']:.1f} us ({many['gw_cpu_us'] / one['gw_cpu_us']:.2f}x), less rest CPU "
-          f"{one['gw_cpu_us_net']:.1f} -> {many['gw_cpu_us_net']:.1f} us")
+    print(
+        f"   torpor up RSS at {n:.0f} functions: {rss:.1f} MB (target <= {TARGET_RSS_MB:g} MB: "
+        f"{'met' if rss <= TARGET_RSS_MB else 'MISSED'})"
+    )
+    print(
+        f"   routing: gateway rps/direct {one['gw_over_direct']:.3f} -> {many['gw_over_direct']:.3f} "
+        f"({many['gw_over_direct'] / one['gw_over_direct']:.2f}x); CPU per request {one['gw_cpu_us']:.1f} -> "
+        f"{many['gw_cpu_us']:.1f} us ({many['gw_cpu_us'] / one['gw_cpu_us']:.2f}x), less rest CPU "
+        f"{one['gw_cpu_us_net']:.1f} -> {many['gw_cpu_us_net']:.1f} us"
+    )
     want = args.functions
     if n < want and n > 1:
         k = (want - 1) / (n - 1)
-        print(f"   EXTRAPOLATED (linear, from 1 and {n:.0f} measured functions to {want}; not measured):")
-        for key, label in (("rss_up_mb", "torpor up RSS (MB)"), ("idle_cpu_pct", "CPU at rest (% of a core)"),
-                           ("list_ms", "GET /v1/functions (ms)")):
+        print(
+            f"   EXTRAPOLATED (linear, from 1 and {n:.0f} measured functions to {want}; not measured):"
+        )
+        for key, label in (
+            ("rss_up_mb", "torpor up RSS (MB)"),
+            ("idle_cpu_pct", "CPU at rest (% of a core)"),
+            ("list_ms", "GET /v1/functions (ms)"),
+        ):
             est = one[key] + (many[key] - one[key]) * k
             print(f"     {label:34s} ~{est:.1f}")
     print(f"   load average at the end: {loadavg()}")

@@ -268,7 +268,9 @@ def print_header(args: argparse.Namespace) -> None:
     )
 
 
-def wrk(port: int, duration: float, connections: int, pid: int | None = None, path: str = "/") -> dict[str, float]:
+def wrk(
+    port: int, duration: float, connections: int, pid: int | None = None, path: str = "/"
+) -> dict[str, float]:
     cpu0 = cpu_seconds(pid) if pid else None
     out = subprocess.run(
         [

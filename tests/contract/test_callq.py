@@ -46,8 +46,16 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[d
 
 
 def call(fn: str = "hello", body: bytes = b"payload", **kw: Any) -> Call:
-    return Call(id=new_id(), function=fn, method="POST", path="/x", query="a=1",
-                headers=[("content-type", "text/plain")], body=body, **kw)
+    return Call(
+        id=new_id(),
+        function=fn,
+        method="POST",
+        path="/x",
+        query="a=1",
+        headers=[("content-type", "text/plain")],
+        body=body,
+        **kw,
+    )
 
 
 async def test_put_get_roundtrip(env: dict[str, Any]) -> None:
@@ -56,8 +64,14 @@ async def test_put_get_roundtrip(env: dict[str, Any]) -> None:
     await q.put(c)
     got = await q.get(c.id)
     assert got is not None
-    assert (got.state, got.body, got.headers, got.path, got.query, got.callback) == \
-        ("queued", bytes(range(256)), [("content-type", "text/plain")], "/x", "a=1", "http://127.0.0.1:9/cb")
+    assert (got.state, got.body, got.headers, got.path, got.query, got.callback) == (
+        "queued",
+        bytes(range(256)),
+        [("content-type", "text/plain")],
+        "/x",
+        "a=1",
+        "http://127.0.0.1:9/cb",
+    )
     assert await q.get(new_id()) is None
 
 
@@ -88,7 +102,12 @@ async def test_finish_keeps_record_without_body(env: dict[str, Any]) -> None:
     held.state, held.status, held.result_body, held.finished = "done", 201, b"ok", 123.0
     await q.finish(held)
     got = await q.get(c.id)
-    assert got is not None and (got.state, got.status, got.result_body, got.body) == ("done", 201, b"ok", b"")
+    assert got is not None and (got.state, got.status, got.result_body, got.body) == (
+        "done",
+        201,
+        b"ok",
+        b"",
+    )
     assert "hello" not in await q.counts()
     assert await q.claim("hello", 5, 5, "w1") == []
 
@@ -164,6 +183,7 @@ async def test_concurrent_puts_all_durable(env: dict[str, Any]) -> None:
 
 # -- embedded specifics ------------------------------------------------------------------------
 
+
 async def test_embedded_journal_skips_torn_line_and_compacts(tmp_path: Path) -> None:
     q = EmbeddedCallQueue(tmp_path)
     c = call()
@@ -194,7 +214,7 @@ async def test_embedded_prune_forgets_old_finished(tmp_path: Path) -> None:
     [held] = await q.claim("hello", 1, 1, "w")
     held.state, held.finished = "done", 1.0
     await q.finish(held)
-    assert await q.prune(now=10 ** 6) == 1
+    assert await q.prune(now=10**6) == 1
     assert await q.get(c.id) is None
     await q.close()
     q2 = EmbeddedCallQueue(tmp_path)
@@ -214,8 +234,9 @@ async def test_open_queue_is_one_per_store(tmp_path: Path) -> None:
     await s.close()
 
 
-async def test_only_the_newest_calls_are_kept_per_function(env: dict[str, Any],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_the_newest_calls_are_kept_per_function(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     q: CallQueue = env["q"]
     import torpor.store.callq_redis as rq
 

@@ -74,8 +74,13 @@ HEALTH_TIMEOUT = 30.0
 class Harness:
     """A driver plus bookkeeping so that every test cleans up after itself."""
 
-    def __init__(self, kind: str, tmp: Path, make: Callable[[Path], Any],
-                 on_revision: Callable[[Revision], None] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        tmp: Path,
+        make: Callable[[Path], Any],
+        on_revision: Callable[[Revision], None] | None = None,
+    ) -> None:
         self.kind = kind
         self.tmp = tmp
         self.state = tmp / "state"
@@ -175,7 +180,9 @@ def _kubernetes_harness(tmp: Path) -> Harness:
     from torpor.runtime import fetch
 
     image = "torpor/runtime:contract"
-    sim = SimCluster(("torpor-test",), images={image: [sys.executable, "-s", fetch.__file__]}).start()
+    sim = SimCluster(
+        ("torpor-test",), images={image: [sys.executable, "-s", fetch.__file__]}
+    ).start()
     key = os.urandom(32)
     archives = ArchiveServer(key=key).start()  # each Pod must bring its archive's own token
     config = KubeConfig.from_dict(sim.kubeconfig())
@@ -183,8 +190,14 @@ def _kubernetes_harness(tmp: Path) -> Harness:
     def make(state: Path) -> Any:
         from torpor.drivers.docker import instance_id
 
-        d = KubernetesDriver(instance_id(state), "torpor-test", config, runtime_image=image,
-                             archive_url_base=archives.base, trust_env=False)
+        d = KubernetesDriver(
+            instance_id(state),
+            "torpor-test",
+            config,
+            runtime_image=image,
+            archive_url_base=archives.base,
+            trust_env=False,
+        )
         d.use_archive_key(key)  # as the controller does at start
         return d
 
@@ -203,7 +216,9 @@ async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Har
     if request.param == "kubernetes":
         harness = _kubernetes_harness(tmp_path)
     else:
-        harness = Harness(request.param, tmp_path, _process if request.param == "process" else _docker)
+        harness = Harness(
+            request.param, tmp_path, _process if request.param == "process" else _docker
+        )
     try:
         yield harness
     finally:
@@ -269,7 +284,9 @@ async def test_start_serves_the_handler(h: Harness) -> None:
     assert running.function == rev.function
     assert running.revision == rev.name
     host = running.endpoint.rpartition(":")[0]
-    assert ipaddress.ip_address(host).is_loopback  # 127.0.0.1 (process, docker) or a Pod IP in 127/8 (sim)
+    assert ipaddress.ip_address(
+        host
+    ).is_loopback  # 127.0.0.1 (process, docker) or a Pod IP in 127/8 (sim)
     assert running.driver_id
     r = await get(running.endpoint)
     assert r.status_code == 200
@@ -292,7 +309,10 @@ async def test_replicas_see_the_knative_runtime_contract(h: Harness) -> None:
     assert got["PORT"] == running.endpoint.rpartition(":")[2] or h.kind != "process"
     assert int(got["PORT"]) > 0
     assert {k: got[k] for k in ("K_SERVICE", "K_CONFIGURATION", "K_REVISION")} == {
-        "K_SERVICE": rev.function, "K_CONFIGURATION": rev.function, "K_REVISION": rev.name}
+        "K_SERVICE": rev.function,
+        "K_CONFIGURATION": rev.function,
+        "K_REVISION": rev.name,
+    }
     assert (got["tmp"], got["stdin"]) == ("writable", "eof")
 
 

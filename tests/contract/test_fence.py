@@ -39,7 +39,9 @@ class CountingDriver:
         self.calls.append("prepare")
         return revision
 
-    async def start(self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         self.calls.append("start")
         return Running(replica, revision.function, revision.name, "id", "127.0.0.1:1")
 
@@ -50,7 +52,9 @@ class CountingDriver:
         self.calls.append("list")
         return []
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         if False:
             yield ""
 
@@ -62,7 +66,9 @@ class CountingDriver:
 
 
 def _fn(name: str = "hello") -> Function:
-    rev = Revision(name=f"{name}-00001", function=name, number=1, spec=Spec(name=name), status="ready")
+    rev = Revision(
+        name=f"{name}-00001", function=name, number=1, spec=Spec(name=name), status="ready"
+    )
     return Function(name=name, revisions=[rev])
 
 
@@ -70,7 +76,9 @@ async def _writes(store: Store, tag: str) -> None:
     """One of each write a controller makes; each must raise FencedError when fenced out."""
     for write in (
         store.update_function("hello", lambda f: _fn()),
-        store.put_replica(Replica(name=f"hello-00001-{tag}", function="hello", revision="hello-00001")),
+        store.put_replica(
+            Replica(name=f"hello-00001-{tag}", function="hello", revision="hello-00001")
+        ),
         store.delete_replica("hello", "hello-00001-keep"),
         store.add_event(Event(function="hello", kind="replica", message=f"by {tag}")),
     ):
@@ -84,7 +92,9 @@ async def test_a_leader_frozen_past_its_lease_can_neither_write_nor_act() -> Non
     clock = Clock()
     lease = MemoryLease(clock)
     store = EmbeddedStore(None)
-    await store.put_replica(Replica(name="hello-00001-keep", function="hello", revision="hello-00001"))
+    await store.put_replica(
+        Replica(name="hello-00001-keep", function="hello", revision="hello-00001")
+    )
     a = Leadership(lease, "a", ttl=TTL, renew_every=0.1, clock=clock)
     a.held = await lease.acquire("a", TTL)
     assert a.held is not None and a.valid()
@@ -98,8 +108,12 @@ async def test_a_leader_frozen_past_its_lease_can_neither_write_nor_act() -> Non
     clock.now += TTL  # frozen for a whole ttl: the lease is no longer ours, locally
     assert not a.valid()
     await _writes(view, "late")
-    for action in (fenced.start(rev, "hello-00001-bbb"), fenced.stop(Running("x", "hello", rev.name, "i", "e")),
-                   fenced.prepare(rev), fenced.remove(rev)):
+    for action in (
+        fenced.start(rev, "hello-00001-bbb"),
+        fenced.stop(Running("x", "hello", rev.name, "i", "e")),
+        fenced.prepare(rev),
+        fenced.remove(rev),
+    ):
         with pytest.raises(FencedError):
             await action
     assert await fenced.list() == []  # reads still pass
@@ -127,14 +141,18 @@ async def _expired(lease: RedisLease, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_redis_refuses_a_stale_token_even_when_the_local_check_passes(redis_store: RedisStore) -> None:
+async def test_redis_refuses_a_stale_token_even_when_the_local_check_passes(
+    redis_store: RedisStore,
+) -> None:
     """The store's own check: a deposed leader whose local clock still believes in its lease
     (the injected clock never moves) writes with its old token, and Redis refuses every write
     because the lease key now holds a newer one."""
     clock = Clock()  # a's view of time: frozen, so its local check keeps saying "valid"
     lease_a = RedisLease(redis_store._redis, "fence", clock=clock)
     lease_b = RedisLease(redis_store._redis, "fence")
-    await redis_store.put_replica(Replica(name="hello-00001-keep", function="hello", revision="hello-00001"))
+    await redis_store.put_replica(
+        Replica(name="hello-00001-keep", function="hello", revision="hello-00001")
+    )
     held_a = await lease_a.acquire("a", 0.2)
     assert held_a is not None
     a = Leadership(lease_a, "a", ttl=0.2, renew_every=0.1, clock=clock)
@@ -152,7 +170,9 @@ async def test_redis_refuses_a_stale_token_even_when_the_local_check_passes(redi
     assert await redis_store.list_events("hello") == []
     # the new leader's writes with its token land
     view_b = fence_store(redis_store, lease_b.key, held_b.token, lambda: True)
-    await view_b.put_replica(Replica(name="hello-00001-new", function="hello", revision="hello-00001"))
+    await view_b.put_replica(
+        Replica(name="hello-00001-new", function="hello", revision="hello-00001")
+    )
     await view_b.delete_replica("hello", "hello-00001-keep")
     await view_b.add_event(Event(function="hello", kind="replica", message="by b"))
     fn = await view_b.update_function("hello", lambda f: _fn())
@@ -161,7 +181,9 @@ async def test_redis_refuses_a_stale_token_even_when_the_local_check_passes(redi
     assert [e.message for e in await redis_store.list_events("hello")] == ["by b"]
 
 
-async def test_redis_refuses_a_token_whose_lease_ran_out_with_no_new_holder(redis_store: RedisStore) -> None:
+async def test_redis_refuses_a_token_whose_lease_ran_out_with_no_new_holder(
+    redis_store: RedisStore,
+) -> None:
     lease = RedisLease(redis_store._redis, "fence")
     held = await lease.acquire("a", 0.2)
     assert held is not None
@@ -178,7 +200,9 @@ async def test_a_fenced_view_shares_the_store_and_never_closes_it(redis_store: R
     assert held is not None
     view = redis_store.fenced(lease.key, held.token)
     async with redis_store.subscribe("changes") as sub:
-        await view.put_replica(Replica(name="hello-00001-x", function="hello", revision="hello-00001"))
+        await view.put_replica(
+            Replica(name="hello-00001-x", function="hello", revision="hello-00001")
+        )
         msg = await asyncio.wait_for(sub.__anext__(), 5)
         assert msg == {"kind": "replica", "function": "hello"}
     await view.close()

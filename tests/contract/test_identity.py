@@ -29,7 +29,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await s.close()
 
 
-async def test_the_installation_id_is_created_once_and_then_the_same_for_everyone(store: Store) -> None:
+async def test_the_installation_id_is_created_once_and_then_the_same_for_everyone(
+    store: Store,
+) -> None:
     first = await store.instance_id("aaaa1111bbbb")
     assert first == "aaaa1111bbbb"
     assert await store.instance_id("cccc2222dddd") == first  # a later default does not replace it
@@ -52,7 +54,10 @@ async def test_heartbeats_list_the_living_and_forget_the_silent(store: Store) ->
     await store.heartbeat("gateway", "g1", {"address": "127.0.0.1:8080"})
     now = time.time()
     members = await store.members("controller", 10.0)
-    assert [(m["id"], m["role"], m["pid"]) for m in members] == [("c1", "leader", 1), ("c2", "standby", 2)]
+    assert [(m["id"], m["role"], m["pid"]) for m in members] == [
+        ("c1", "leader", 1),
+        ("c2", "standby", 2),
+    ]
     assert all(now - 5 <= m["seen"] <= now + 1 for m in members)
     assert [m["id"] for m in await store.members("gateway", 10.0)] == ["g1"]
     await store.heartbeat("controller", "c1", {"role": "standby", "pid": 1})  # the latest beat wins
@@ -72,19 +77,25 @@ async def test_an_embedded_installation_keeps_the_id_its_state_dir_gave_it(tmp_p
     assert await s.instance_id(legacy) == legacy
     await s.close()
     again = EmbeddedStore(state)
-    assert await again.instance_id("ffff0000ffff") == legacy  # durable: read back from the state dir
+    assert (
+        await again.instance_id("ffff0000ffff") == legacy
+    )  # durable: read back from the state dir
     await again.close()
     assert (state / "instance").read_text().strip() == legacy
 
 
-async def test_a_redis_installation_with_functions_keeps_its_controllers_old_id(tmp_path: Path, redis_url: str) -> None:
+async def test_a_redis_installation_with_functions_keeps_its_controllers_old_id(
+    tmp_path: Path, redis_url: str
+) -> None:
     """Distributed installations from before: their containers carry the id the controller's
     state dir gave; a new installation (no functions yet) gets a random id instead."""
     from torpor.model import Function
     from torpor.up import Platform, UpConfig
 
     def controller(state: Path) -> Platform:
-        return Platform(UpConfig(redis=redis_url, state_dir=state, driver="process"), frozenset({"controller"}))
+        return Platform(
+            UpConfig(redis=redis_url, state_dir=state, driver="process"), frozenset({"controller"})
+        )
 
     fresh = controller(tmp_path / "fresh")
     iid = await fresh._identity()

@@ -22,8 +22,11 @@ WAIT = 5.0
 
 @pytest.fixture(params=["embedded", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (EmbeddedStore(tmp_path / "state") if request.param == "embedded"
-                else RedisStore(request.getfixturevalue("redis_url")))
+    s: Store = (
+        EmbeddedStore(tmp_path / "state")
+        if request.param == "embedded"
+        else RedisStore(request.getfixturevalue("redis_url"))
+    )
     try:
         yield s
     finally:
@@ -54,7 +57,9 @@ class Source:
 async def serving(store: Store, source: Any) -> tuple[LogServer, asyncio.Task[None]]:
     server = LogServer(store, source)
     task = asyncio.create_task(server.run())
-    await asyncio.wait_for(server.listening.wait(), WAIT)  # its subscription is up (Redis: a round trip)
+    await asyncio.wait_for(
+        server.listening.wait(), WAIT
+    )  # its subscription is up (Redis: a round trip)
     return server, task
 
 
@@ -113,13 +118,17 @@ async def test_a_failing_source_ends_the_stream_with_its_error(store: Store) -> 
         task.cancel()
 
 
-async def test_a_follower_that_vanishes_is_ended_after_its_lease(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_follower_that_vanishes_is_ended_after_its_lease(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(logbus, "LEASE", 0.5)
     source = Source({"hello": []})
     server, task = await serving(store, source)
     try:
         # an API that asks to follow, then dies: no keep-alive, no cancel
-        await store.publish(logbus.LOGS, {"id": "gone", "function": "hello", "follow": True, "tail": 5})
+        await store.publish(
+            logbus.LOGS, {"id": "gone", "function": "hello", "follow": True, "tail": 5}
+        )
         await asyncio.wait_for(until(lambda: "gone" in server.sessions), WAIT)
         await asyncio.wait_for(source.closed.wait(), WAIT)  # the reaper runs every second
         await asyncio.wait_for(until(lambda: not server.sessions), WAIT)
@@ -128,7 +137,8 @@ async def test_a_follower_that_vanishes_is_ended_after_its_lease(store: Store, m
 
 
 async def test_a_tail_whose_controller_dies_mid_stream_ends_instead_of_hanging(
-        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(logbus, "TAIL_STALL", 0.5)
     requests = store.subscribe(logbus.LOGS)
 

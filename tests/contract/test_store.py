@@ -73,23 +73,46 @@ def full_function() -> Function:
         timeout=12.5,
         scale=Scale(min=1, max=5, target=3.5, concurrency=4, idle=10.0, window=20.0),
         resources=Resources(cpu=1.25, memory=512 * 1024 * 1024),
-        rollout=RolloutPolicy(steps=[5, 50, 100], interval=3.0, max_error_ratio=0.1,
-                              max_p95_ratio=1.5, min_requests=7),
+        rollout=RolloutPolicy(
+            steps=[5, 50, 100], interval=3.0, max_error_ratio=0.1, max_p95_ratio=1.5, min_requests=7
+        ),
     )
-    r1 = Revision(name="hello-00001", function="hello", number=1, spec=spec,
-                  source="/state/src/hello-00001", status="ready", created=1000.5,
-                  on_ready="canary:10", tag="canary")
-    r2 = Revision(name="hello-00002", function="hello", number=2,
-                  spec=Spec(name="hello", handler=None, image="myorg/app:1.2"),
-                  image="myorg/app:1.2", status="failed", reason="boom", created=1001.25)
+    r1 = Revision(
+        name="hello-00001",
+        function="hello",
+        number=1,
+        spec=spec,
+        source="/state/src/hello-00001",
+        status="ready",
+        created=1000.5,
+        on_ready="canary:10",
+        tag="canary",
+    )
+    r2 = Revision(
+        name="hello-00002",
+        function="hello",
+        number=2,
+        spec=Spec(name="hello", handler=None, image="myorg/app:1.2"),
+        image="myorg/app:1.2",
+        status="failed",
+        reason="boom",
+        created=1001.25,
+    )
     return Function(
         name="hello",
         revisions=[r1, r2],
         traffic=[TrafficTarget("hello-00001", 90), TrafficTarget("hello-00002", 10, "canary")],
         scale=ScaleOverride(min=2, max=None, target=4.0, concurrency=None),
-        rollout=Rollout(to="hello-00002", stable="hello-00001", steps=[10, 100], step=1,
-                        state="paused", step_started=1002.0, reason="waiting",
-                        policy=RolloutPolicy(steps=[10, 100])),
+        rollout=Rollout(
+            to="hello-00002",
+            stable="hello-00001",
+            steps=[10, 100],
+            step=1,
+            state="paused",
+            step_started=1002.0,
+            reason="waiting",
+            policy=RolloutPolicy(steps=[10, 100]),
+        ),
         next_number=3,
         created=999.0,
     )
@@ -189,8 +212,7 @@ async def test_concurrent_updates_lose_nothing(store: Store) -> None:
         cur.next_number += 1
         return cur
 
-    results = await asyncio.gather(*(store.update_function("hello", increment)
-                                     for _ in range(20)))
+    results = await asyncio.gather(*(store.update_function("hello", increment) for _ in range(20)))
     final = await store.get_function("hello")
     assert final is not None and final.next_number == 1 + 20
     # Every caller saw its own increment land: the returned values are all distinct.
@@ -201,8 +223,15 @@ async def test_concurrent_updates_lose_nothing(store: Store) -> None:
 
 
 async def test_replicas_put_list_delete(store: Store) -> None:
-    a = Replica("hello-00001-a", "hello", "hello-00001", state="ready",
-                endpoint="127.0.0.1:40001", driver_id="123", started=5.0)
+    a = Replica(
+        "hello-00001-a",
+        "hello",
+        "hello-00001",
+        state="ready",
+        endpoint="127.0.0.1:40001",
+        driver_id="123",
+        started=5.0,
+    )
     b = Replica("hello-00001-b", "hello", "hello-00001", started=6.0)
     c = Replica("web-00002-a", "web", "web-00002", state="draining", started=7.0)
     for r in (b, c, a):
@@ -415,12 +444,19 @@ async def test_secrets_are_apart_from_functions_and_messages_hold_no_value(store
         got = [await recv(sub) for _ in range(4)]
         await store.update_function("hello", create("hello"))
         first_change = await recv(changes)
-    assert got == [{"kind": "set", "name": "db-password", "version": 1},
-                   {"kind": "set", "name": "db-password", "version": 2},
-                   {"kind": "deleted", "name": "db-password"},
-                   {"kind": "set", "name": "api-key", "version": 1}]
-    assert first_change == {"kind": "function", "function": "hello"}  # secrets are not function changes
-    assert await store.list_functions() == [Function(name="hello", created=(await store.list_functions())[0].created)]
+    assert got == [
+        {"kind": "set", "name": "db-password", "version": 1},
+        {"kind": "set", "name": "db-password", "version": 2},
+        {"kind": "deleted", "name": "db-password"},
+        {"kind": "set", "name": "api-key", "version": 1},
+    ]
+    assert first_change == {
+        "kind": "function",
+        "function": "hello",
+    }  # secrets are not function changes
+    assert await store.list_functions() == [
+        Function(name="hello", created=(await store.list_functions())[0].created)
+    ]
 
 
 # -- copies ------------------------------------------------------------------------------
@@ -577,7 +613,9 @@ async def test_embedded_secret_files_are_private(tmp_path: Path, attack: Any) ->
 
 
 @pytest.mark.security
-async def test_embedded_blobs_and_archive_key_are_private_and_durable(tmp_path: Path, attack: Any) -> None:
+async def test_embedded_blobs_and_archive_key_are_private_and_durable(
+    tmp_path: Path, attack: Any
+) -> None:
     """Read a function's source archive or the archive-token key from the state dir"""
     old_umask = os.umask(0o022)
     sha, data = _blob(b"source archive bytes")
@@ -605,7 +643,8 @@ async def test_embedded_blobs_and_archive_key_are_private_and_durable(tmp_path: 
 
 
 async def test_embedded_skips_a_corrupt_secret_file_without_quoting_it(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = tmp_path / "secrets"
     folder.mkdir()
     (folder / "bad.json").write_text('{"value": "hunter2-not-base64!", "version": 1, "updated": 1}')
@@ -617,7 +656,6 @@ async def test_embedded_skips_a_corrupt_secret_file_without_quoting_it(
         await store.close()
     assert "bad.json" in caplog.text and "hunter2" not in caplog.text
     assert not (folder / ".ok.json.123.tmp").exists()
-
 
 
 async def test_embedded_survives_a_restart(tmp_path: Path) -> None:
@@ -638,7 +676,9 @@ async def test_embedded_survives_a_restart(tmp_path: Path) -> None:
         assert [e.message for e in await second.list_events("hello")] == ["m0", "m1", "m2"]
         assert await second.list_replicas() == []  # runtime state: re-adopted, not stored
         assert sorted(p.name for p in (tmp_path / "functions").iterdir()) == [
-            "hello.json", "web.json"]
+            "hello.json",
+            "web.json",
+        ]
     finally:
         await second.close()
 
@@ -766,8 +806,13 @@ async def test_redis_function_documents_hold_no_secret_value(redis_url: str, att
     sub = store.subscribe(CHANGES)
     try:
         await store.put_secret("db-password", b"hunter2-in-redis")
-        await store.update_function("hello", lambda cur: Function(name="hello", revisions=[
-            Revision(name="hello-00001", function="hello", number=1, spec=spec)]))
+        await store.update_function(
+            "hello",
+            lambda cur: Function(
+                name="hello",
+                revisions=[Revision(name="hello-00001", function="hello", number=1, spec=spec)],
+            ),
+        )
         await store.add_event(Event("hello", "deploy", "m"))
         change = await recv(sub)
     finally:
@@ -779,8 +824,15 @@ async def test_redis_function_documents_hold_no_secret_value(redis_url: str, att
         holding = []
         for key in r.scan_iter("tp:*"):
             kind = r.type(key)
-            content: Any = (r.get(key) if kind == b"string" else r.hgetall(key) if kind == b"hash"
-                            else r.smembers(key) if kind == b"set" else r.lrange(key, 0, -1))
+            content: Any = (
+                r.get(key)
+                if kind == b"string"
+                else r.hgetall(key)
+                if kind == b"hash"
+                else r.smembers(key)
+                if kind == b"set"
+                else r.lrange(key, 0, -1)
+            )
             dump = repr(content)
             if "hunter2" in dump or base64.b64encode(b"hunter2-in-redis").decode() in dump:
                 holding.append(key.decode())
@@ -790,8 +842,9 @@ async def test_redis_function_documents_hold_no_secret_value(redis_url: str, att
     finally:
         r.close()
     assert holding == ["tp:secret:db-password"]  # the value is under its own key only
-    attack.ended("the value is only under tp:secret:db-password; the function document holds the name")
-
+    attack.ended(
+        "the value is only under tp:secret:db-password; the function document holds the name"
+    )
 
 
 async def test_redis_key_layout(redis_url: str) -> None:
@@ -807,7 +860,8 @@ async def test_redis_key_layout(redis_url: str) -> None:
         assert json.loads(r.get("tp:fn:hello") or "")["name"] == "hello"  # type: ignore[arg-type]
         assert r.smembers("tp:fns") == {"hello"}
         assert json.loads(r.hget("tp:replicas:hello", "hello-00001-a") or "")["revision"] == (  # type: ignore[arg-type]
-            "hello-00001")
+            "hello-00001"
+        )
         assert r.llen("tp:events:hello") == 1
     finally:
         r.close()
@@ -853,8 +907,9 @@ async def test_redis_two_stores_share_state_and_bus(redis_url: str) -> None:
             cur.next_number += 1
             return cur
 
-        await asyncio.gather(*(s.update_function("hello", increment)
-                               for s in (api, gateway) for _ in range(10)))
+        await asyncio.gather(
+            *(s.update_function("hello", increment) for s in (api, gateway) for _ in range(10))
+        )
         final = await api.get_function("hello")
         assert final is not None and final.next_number == 21
     finally:
@@ -904,5 +959,3 @@ def free_redis_url() -> str:
     from helpers import free_port
 
     return f"redis://127.0.0.1:{free_port()}/0"
-
-

@@ -39,24 +39,38 @@ class Api:
         """Write functions straight into the store's files (before it opens)."""
         assert self._client is None
         for fn in fns:
-            (self.state / "functions" / f"{fn.name}.json").write_text(json.dumps(fn.to_dict()))  # NaN as written
+            (self.state / "functions" / f"{fn.name}.json").write_text(
+                json.dumps(fn.to_dict())
+            )  # NaN as written
         return self
 
     @property
     def c(self) -> TestClient:
         if self._client is None:
             self.store = EmbeddedStore(self.state)
-            app = create_app(self.store, ApiConfig(state_dir=self.state, max_replicas=CAP, token=TOKEN))
-            self._client = TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1",
-                                      headers={"Authorization": f"Bearer {TOKEN}"}).__enter__()
+            app = create_app(
+                self.store, ApiConfig(state_dir=self.state, max_replicas=CAP, token=TOKEN)
+            )
+            self._client = TestClient(
+                app,
+                raise_server_exceptions=False,
+                base_url="http://127.0.0.1",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ).__enter__()
         return self._client
 
     def deploy(self, folder: Path, **params: str) -> Any:
-        return self.c.post("/v1/functions", params=params, content=pack(folder),
-                           headers={"content-type": "application/gzip"})
+        return self.c.post(
+            "/v1/functions",
+            params=params,
+            content=pack(folder),
+            headers={"content-type": "application/gzip"},
+        )
 
     def raw(self, method: str, path: str, body: str) -> Any:
-        return self.c.request(method, path, content=body, headers={"content-type": "application/json"})
+        return self.c.request(
+            method, path, content=body, headers={"content-type": "application/json"}
+        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -70,11 +84,22 @@ def api(tmp_path: Path) -> Iterator[Api]:
     a.close()
 
 
-def ready_fn(name: str, revisions: int = 1, tag: str | None = None, scale: ScaleOverride | None = None) -> Function:
-    revs = [Revision(name=f"{name}-{i:05d}", function=name, number=i, spec=Spec(name=name), status="ready")
-            for i in range(1, revisions + 1)]
-    return Function(name=name, revisions=revs, traffic=[TrafficTarget(revs[0].name, 100, tag)],
-                    scale=scale or ScaleOverride(), next_number=revisions + 1)
+def ready_fn(
+    name: str, revisions: int = 1, tag: str | None = None, scale: ScaleOverride | None = None
+) -> Function:
+    revs = [
+        Revision(
+            name=f"{name}-{i:05d}", function=name, number=i, spec=Spec(name=name), status="ready"
+        )
+        for i in range(1, revisions + 1)
+    ]
+    return Function(
+        name=name,
+        revisions=revs,
+        traffic=[TrafficTarget(revs[0].name, 100, tag)],
+        scale=scale or ScaleOverride(),
+        next_number=revisions + 1,
+    )
 
 
 def small_hello(tmp: Path, **overrides: Any) -> Path:
@@ -96,7 +121,9 @@ def small_hello(tmp: Path, **overrides: Any) -> Path:
         ('{"target": 1e300}', "target"),
     ],
 )
-def test_scale_patch_with_a_non_finite_or_huge_number(api: Api, attack: Any, body: str, field: str) -> None:
+def test_scale_patch_with_a_non_finite_or_huge_number(
+    api: Api, attack: Any, body: str, field: str
+) -> None:
     """PATCH /scale with a NaN, infinite or huge number (stored, it made every GET a 500 and stalled the controller)"""
     assert api.deploy(small_hello(api.tmp)).status_code == 201
     r = api.raw("PATCH", "/v1/functions/hello/scale", body)
@@ -105,11 +132,22 @@ def test_scale_patch_with_a_non_finite_or_huge_number(api: Api, attack: Any, bod
     assert r.json()["field"] == field and r.json()["detail"].startswith(f"{field}: ")
     fn = api.c.get("/v1/functions/hello")
     assert fn.status_code == 200 and fn.json()["scale_override"] == {
-        "min": None, "max": None, "target": None, "concurrency": None}
+        "min": None,
+        "max": None,
+        "target": None,
+        "concurrency": None,
+    }
 
 
-@pytest.mark.parametrize(("body", "field"), [('{"max": 1e999}', "max"), ('{"max": 1000000}', "max"),
-                                              ('{"max": 11}', "max"), ('{"min": -Infinity}', "min")])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"max": 1e999}', "max"),
+        ('{"max": 1000000}', "max"),
+        ('{"max": 11}', "max"),
+        ('{"min": -Infinity}', "min"),
+    ],
+)
 def test_scale_patch_max_out_of_range_names_the_field(api: Api, body: str, field: str) -> None:
     assert api.deploy(small_hello(api.tmp)).status_code == 201
     r = api.raw("PATCH", "/v1/functions/hello/scale", body)
@@ -148,7 +186,9 @@ def test_deploy_without_a_max_takes_the_default_within_the_cap(api: Api) -> None
 
 @pytest.mark.security
 @pytest.mark.parametrize("canary", ["²", "1" * 5000])
-def test_deploy_with_a_canary_that_is_not_a_plain_percent(api: Api, attack: Any, canary: str) -> None:
+def test_deploy_with_a_canary_that_is_not_a_plain_percent(
+    api: Api, attack: Any, canary: str
+) -> None:
     """Deploy with ?canary=² or a 5000-digit percent (str.isdigit() accepted it, int() then raised: a 500)"""
     r = api.deploy(small_hello(api.tmp), canary=canary)
     attack.ended(f"{r.status_code} {r.json().get('detail', '')[:60]}")
@@ -173,7 +213,9 @@ def test_get_a_function_whose_stored_target_is_nan(api: Api, attack: Any) -> Non
     assert r.status_code == 200
     body = r.json()
     assert body["scale_override"]["target"] is None and body["scale"]["target"] is None
-    assert any(p.startswith("scale_override.target: nan is not a finite number") for p in body["problems"])
+    assert any(
+        p.startswith("scale_override.target: nan is not a finite number") for p in body["problems"]
+    )
     assert [f["name"] for f in api.c.get("/v1/functions").json()["functions"]] == ["echo", "hello"]
     # and it can be repaired by hand: a valid PATCH drops the bad value
     r = api.raw("PATCH", "/v1/functions/hello/scale", '{"max": 3}')
@@ -198,7 +240,9 @@ def test_get_a_function_whose_stored_target_is_nan(api: Api, attack: Any) -> Non
         ("/v1/functions/hello/events?limit=" + "9" * 5000, "limit"),
     ],
 )
-def test_query_parameters_that_are_not_numbers(api: Api, attack: Any, path: str, field: str) -> None:
+def test_query_parameters_that_are_not_numbers(
+    api: Api, attack: Any, path: str, field: str
+) -> None:
     """GET with ?events=abc, ?since=abc, ?limit=² or a 5000-digit limit (each raised in int()/float(): a 500)"""
     api.stored(ready_fn("hello"))
     r = api.c.get(path)
@@ -209,7 +253,9 @@ def test_query_parameters_that_are_not_numbers(api: Api, attack: Any, path: str,
 def test_query_parameters_in_range_still_work(api: Api) -> None:
     api.stored(ready_fn("hello"))
     assert api.c.get("/v1/functions/hello?events=5").status_code == 200
-    assert api.c.get("/v1/functions/hello/events?since=1700000000.5&limit=10").json() == {"events": []}
+    assert api.c.get("/v1/functions/hello/events?since=1700000000.5&limit=10").json() == {
+        "events": []
+    }
 
 
 # --- rollout policy -------------------------------------------------------------------------------
@@ -244,9 +290,14 @@ def test_deploy_a_function_named_like_another_functions_tag_host(api: Api, attac
     r = api.deploy(small_hello(api.tmp, name="canary-hello"))
     attack.ended(f"{r.status_code} {r.json().get('detail', '')}")
     assert r.status_code == 400 and r.json()["field"] == "name"
-    assert "canary-hello.torpor.localhost" in r.json()["detail"] and "tag 'canary'" in r.json()["detail"]
+    assert (
+        "canary-hello.torpor.localhost" in r.json()["detail"]
+        and "tag 'canary'" in r.json()["detail"]
+    )
     assert api.c.get("/v1/functions/canary-hello").status_code == 404
-    assert not (api.state / "blobs").exists() or not any((api.state / "blobs").iterdir())  # no archive kept
+    assert not (api.state / "blobs").exists() or not any(
+        (api.state / "blobs").iterdir()
+    )  # no archive kept
 
 
 @pytest.mark.security
@@ -264,8 +315,15 @@ def test_set_a_tag_whose_host_is_another_function(api: Api, attack: Any, how: st
     """Set tag canary on hello while a function canary-hello exists (deploy --tag, rollout tags, PUT traffic)"""
     api.stored(ready_fn("hello", revisions=2), ready_fn("canary-hello"))
     if how == "PUT traffic":
-        r = api.c.put("/v1/functions/hello/traffic", json={"traffic": [
-            {"revision": "hello-00001", "percent": 90}, {"revision": "hello-00002", "percent": 10, "tag": "canary"}]})
+        r = api.c.put(
+            "/v1/functions/hello/traffic",
+            json={
+                "traffic": [
+                    {"revision": "hello-00001", "percent": 90},
+                    {"revision": "hello-00002", "percent": 10, "tag": "canary"},
+                ]
+            },
+        )
         field = "traffic[1].tag"
     else:
         params = {"tag": "canary", **({"canary": "10"} if "canary" in how.split("--")[1] else {})}
@@ -280,8 +338,15 @@ def test_set_a_tag_whose_host_is_another_function(api: Api, attack: Any, how: st
 
 def test_tags_that_clash_with_nobody_still_work(api: Api) -> None:
     api.stored(ready_fn("hello", revisions=2), ready_fn("canary-hello"))
-    r = api.c.put("/v1/functions/hello/traffic", json={"traffic": [
-        {"revision": "hello-00001", "percent": 90}, {"revision": "hello-00002", "percent": 10, "tag": "beta"}]})
+    r = api.c.put(
+        "/v1/functions/hello/traffic",
+        json={
+            "traffic": [
+                {"revision": "hello-00001", "percent": 90},
+                {"revision": "hello-00002", "percent": 10, "tag": "beta"},
+            ]
+        },
+    )
     assert r.status_code == 200
     assert api.deploy(small_hello(api.tmp), tag="gamma").status_code == 201
     # the function that exists from before may be redeployed, the tag holder may keep its tag

@@ -30,15 +30,24 @@ class Api:
         self.tmp = tmp
         self.state = tmp / "state"
         self.store = EmbeddedStore(self.state)
-        asyncio.run(self.store.archive_key())  # made once per installation (a controller's start does it)
+        asyncio.run(
+            self.store.archive_key()
+        )  # made once per installation (a controller's start does it)
         app = create_app(self.store, ApiConfig(state_dir=self.state, token=TOKEN))
-        self.c = TestClient(app, raise_server_exceptions=False, base_url="http://127.0.0.1").__enter__()
+        self.c = TestClient(
+            app, raise_server_exceptions=False, base_url="http://127.0.0.1"
+        ).__enter__()
 
     def deploy(self, folder: Path) -> Any:
-        r = self.c.post("/v1/functions", content=pack(folder), headers={
-            "content-type": "application/gzip", "authorization": f"Bearer {TOKEN}"})
+        r = self.c.post(
+            "/v1/functions",
+            content=pack(folder),
+            headers={"content-type": "application/gzip", "authorization": f"Bearer {TOKEN}"},
+        )
         assert r.status_code == 201, r.text
-        fn = self.c.get(f"/v1/functions/{r.json()['function']}", headers={"authorization": f"Bearer {TOKEN}"})
+        fn = self.c.get(
+            f"/v1/functions/{r.json()['function']}", headers={"authorization": f"Bearer {TOKEN}"}
+        )
         return fn.json()["revisions"][-1]
 
     def key(self) -> bytes:
@@ -109,8 +118,14 @@ def test_an_archive_without_a_token_or_with_a_wrong_one(api: Api, attack: Any) -
     """Download a function's source archive with no token, a made-up token or another installation's token"""
     a, _ = _two(api)
     outcomes = []
-    for token in (None, "", "tpa1." + "0" * 64, archive_token(b"another installation's key.....", a),
-                  archive_token(api.key(), a)[:-1], TOKEN[:-1]):
+    for token in (
+        None,
+        "",
+        "tpa1." + "0" * 64,
+        archive_token(b"another installation's key.....", a),
+        archive_token(api.key(), a)[:-1],
+        TOKEN[:-1],
+    ):
         r = api.get(f"/v1/archives/{a}", token)
         assert r.status_code == 401, (token, r.text)
         assert r.json()["error"] == "unauthorized"
@@ -134,9 +149,16 @@ def test_an_archive_token_on_the_rest_of_the_api(api: Api, attack: Any) -> None:
     """Call the control API (list, deploy, secrets, metrics) with an archive's read-only token"""
     a, _ = _two(api)
     token = archive_token(api.key(), a)
-    for method, path in (("GET", "/v1/functions"), ("GET", "/v1/functions/hello"), ("GET", "/v1/secrets"),
-                         ("DELETE", "/v1/functions/hello"), ("GET", "/metrics"), ("GET", "/v1/openapi.json"),
-                         ("GET", "/v1/archives"), ("GET", "/v1/archives/")):
+    for method, path in (
+        ("GET", "/v1/functions"),
+        ("GET", "/v1/functions/hello"),
+        ("GET", "/v1/secrets"),
+        ("DELETE", "/v1/functions/hello"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/v1/archives"),
+        ("GET", "/v1/archives/"),
+    ):
         r = api.c.request(method, path, headers={"authorization": f"Bearer {token}"})
         assert r.status_code == 401, (method, path, r.status_code)
     assert api.get("/v1/functions/hello", TOKEN).status_code == 200  # still there
@@ -148,19 +170,38 @@ def test_malformed_archive_names_and_path_tricks(api: Api, attack: Any) -> None:
     """Reach another route or file through /v1/archives/ (.., encoded slashes, NUL, upper case, suffixes)"""
     a, _ = _two(api)
     token = archive_token(api.key(), a)
-    tricks = [f"/v1/archives/{a.upper()}", f"/v1/archives/{a}/", f"/v1/archives/{a}%2F..%2F..%2Ffunctions",
-              "/v1/archives/%2e%2e%2ffunctions", f"/v1/archives/{a[:-1]}", f"/v1/archives/{a}0",
-              f"/v1/archives/{a}%00", f"/v1/archives//{a}", f"/v1/archives/{a}.tar.gz",
-              "/v1/archives/..%2F..%2Fstate%2Farchive.key"]
+    tricks = [
+        f"/v1/archives/{a.upper()}",
+        f"/v1/archives/{a}/",
+        f"/v1/archives/{a}%2F..%2F..%2Ffunctions",
+        "/v1/archives/%2e%2e%2ffunctions",
+        f"/v1/archives/{a[:-1]}",
+        f"/v1/archives/{a}0",
+        f"/v1/archives/{a}%00",
+        f"/v1/archives//{a}",
+        f"/v1/archives/{a}.tar.gz",
+        "/v1/archives/..%2F..%2Fstate%2Farchive.key",
+    ]
     for path in tricks:
         r = api.c.get(path, headers={"authorization": f"Bearer {token}"})
-        assert r.status_code == 401, (path, r.status_code, r.text)  # only the admin token gets past auth
-        admin = api.c.get(path, headers={"authorization": f"Bearer {TOKEN}"}, follow_redirects=False)
-        assert admin.status_code in (307, 400, 404), (path, admin.status_code)  # 307: the slash dropped
+        assert r.status_code == 401, (
+            path,
+            r.status_code,
+            r.text,
+        )  # only the admin token gets past auth
+        admin = api.c.get(
+            path, headers={"authorization": f"Bearer {TOKEN}"}, follow_redirects=False
+        )
+        assert admin.status_code in (307, 400, 404), (
+            path,
+            admin.status_code,
+        )  # 307: the slash dropped
         assert admin.content[:2] != b"\x1f\x8b"
     r = api.get(f"/v1/archives/{a.upper()}", TOKEN)
     assert r.status_code == 400 and r.json()["field"] == "sha"
-    attack.ended("401 for the archive token; 400 bad archive name / 404 for the admin token; nothing served")
+    attack.ended(
+        "401 for the archive token; 400 bad archive name / 404 for the admin token; nothing served"
+    )
 
 
 @pytest.mark.security

@@ -22,7 +22,7 @@ from platform_proc import Torpor, function_copy, torpor_up
 
 pytestmark = pytest.mark.slow
 
-FLAKY = '''
+FLAKY = """
 from torpor_runtime import Response
 
 
@@ -33,7 +33,7 @@ def handle(request):
         return Response({"attempt": attempt, "ok": False}, status=500)
     status = int(request.query.get("status", "200"))
     return Response({"attempt": attempt, "ok": True, "call": request.headers.get("x-call-id")}, status=status)
-'''
+"""
 
 
 def flaky_copy(tmp: Path, **overrides: Any) -> Path:
@@ -42,10 +42,20 @@ def flaky_copy(tmp: Path, **overrides: Any) -> Path:
     return folder
 
 
-def fire(up: Torpor, name: str, path: str = "/", body: bytes = b"x", headers: dict[str, str] | None = None,
-         gateway: str | None = None) -> str:
-    r = httpx.post(f"{gateway or up.gateway}/async-function/{name}{path}", content=body, headers=headers or {},
-                   timeout=30)
+def fire(
+    up: Torpor,
+    name: str,
+    path: str = "/",
+    body: bytes = b"x",
+    headers: dict[str, str] | None = None,
+    gateway: str | None = None,
+) -> str:
+    r = httpx.post(
+        f"{gateway or up.gateway}/async-function/{name}{path}",
+        content=body,
+        headers=headers or {},
+        timeout=30,
+    )
     assert r.status_code == 202, r.text
     assert r.json()["id"] == r.headers["x-call-id"]
     return r.headers["x-call-id"]
@@ -73,7 +83,9 @@ def wait_final(up: Torpor, ids: list[str], timeout: float) -> dict[str, dict[str
         pending = still
         if pending:
             time.sleep(0.5)
-    assert not pending, f"{len(pending)} of {len(ids)} calls not final after {timeout}s: {call_of(up, pending[0])}"
+    assert not pending, (
+        f"{len(pending)} of {len(ids)} calls not final after {timeout}s: {call_of(up, pending[0])}"
+    )
     return out
 
 
@@ -95,7 +107,12 @@ def test_accept_run_status_cli_and_metrics(up: Torpor, tmp_path: Path) -> None:
     assert (c["state"], c["attempts"], c["status"]) == ("done", 1, 200)
     assert c["created"] <= c["finished"]
     seen = json.loads(c["body"])
-    assert (seen["method"], seen["path"], seen["query"], seen["body"]) == ("POST", "/a b", {"x": "1"}, "hello")
+    assert (seen["method"], seen["path"], seen["query"], seen["body"]) == (
+        "POST",
+        "/a b",
+        {"x": "1"},
+        "hello",
+    )
     assert seen["headers"]["x-call-id"] == cid and seen["headers"]["x-torpor-attempt"] == "1"
     assert seen["headers"]["x-custom"] == "yes"
     # the CLI: --async prints the id; `torpor calls` lists it; --id shows it
@@ -115,9 +132,15 @@ def test_accept_run_status_cli_and_metrics(up: Torpor, tmp_path: Path) -> None:
 
 
 def test_500_calls_at_zero_all_complete_with_scale_up(up: Torpor, tmp_path: Path) -> None:
-    up.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "300", "FAIL_RATE": "0"},
-                            scale={"min": 0, "max": 6, "target": 2, "idle": "30s"},
-                            **{"async": {"concurrency": 24}}))
+    up.deploy(
+        function_copy(
+            tmp_path,
+            "slow",
+            env={"SLEEP_MS": "300", "FAIL_RATE": "0"},
+            scale={"min": 0, "max": 6, "target": 2, "idle": "30s"},
+            **{"async": {"concurrency": 24}},
+        )
+    )
     up.cli("scale", "slow", "--replicas", "0")  # at zero, for sure
     up.wait_for(lambda: not up.function("slow")["replicas"], 60, "slow at zero")
     up.cli("scale", "slow", "--min", "0", "--max", "6")
@@ -128,8 +151,13 @@ def test_500_calls_at_zero_all_complete_with_scale_up(up: Torpor, tmp_path: Path
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         most = max(most, len(up.ready_replicas("slow")))
-        done = sum(1 for c in up.api_call("GET", "/v1/functions/slow/calls", params={"limit": 1000}).json()["calls"]
-                   if c["state"] == "done")
+        done = sum(
+            1
+            for c in up.api_call("GET", "/v1/functions/slow/calls", params={"limit": 1000}).json()[
+                "calls"
+            ]
+            if c["state"] == "done"
+        )
         if done == 500:
             break
         time.sleep(0.5)
@@ -151,8 +179,16 @@ def test_flaky_calls_succeed_within_attempts_and_4xx_is_final(up: Torpor, tmp_pa
         c = calls[cid]
         assert (c["state"], c["attempts"], c["status"]) == ("done", 3, 200)
         assert json.loads(c["body"]) == {"attempt": 3, "ok": True, "call": cid}
-    assert (calls[never]["state"], calls[never]["attempts"], calls[never]["status"]) == ("failed", 3, 500)
-    assert (calls[four]["state"], calls[four]["attempts"], calls[four]["status"]) == ("done", 1, 404)
+    assert (calls[never]["state"], calls[never]["attempts"], calls[never]["status"]) == (
+        "failed",
+        3,
+        500,
+    )
+    assert (calls[four]["state"], calls[four]["attempts"], calls[four]["status"]) == (
+        "done",
+        1,
+        404,
+    )
     metrics = httpx.get(f"{up.gateway}/metrics", timeout=10).text
     assert 'torpor_async_failed_total{function="flaky"} 1.0' in metrics
     assert 'torpor_async_attempts_total{function="flaky"} 19.0' in metrics  # 5x3 + 3 + 1
@@ -179,48 +215,86 @@ def test_callbacks_arrive_with_the_result(up: Torpor, tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{server.server_port}/hook?k=1"
         ids = [fire(up, "flaky", "/?ok_at=2", headers={"X-Callback-Url": url}) for _ in range(3)]
-        also = fire(up, "flaky", "/?status=409", headers={"X-Callback-Url": f"http://localhost:{server.server_port}/"})
+        also = fire(
+            up,
+            "flaky",
+            "/?status=409",
+            headers={"X-Callback-Url": f"http://localhost:{server.server_port}/"},
+        )
         up.wait_for(lambda: len(_Sink.got) >= 4, 60, "4 callbacks")
         by_id = {h["x-call-id"]: (h, json.loads(b)) for h, b in _Sink.got}
         assert set(by_id) == {*ids, also}
         for cid in ids:
             h, doc = by_id[cid]
-            assert (doc["id"], doc["state"], doc["status"], doc["attempts"]) == (cid, "done", 200, 2)
+            assert (doc["id"], doc["state"], doc["status"], doc["attempts"]) == (
+                cid,
+                "done",
+                200,
+                2,
+            )
             assert h["x-torpor-call-state"] == "done" and h["content-type"] == "application/json"
         assert by_id[also][1]["status"] == 409
-        up.wait_for(lambda: call_of(up, ids[0])["callback"] == "delivered", 30, "callback state recorded")
+        up.wait_for(
+            lambda: call_of(up, ids[0])["callback"] == "delivered", 30, "callback state recorded"
+        )
     finally:
         server.shutdown()
 
 
 @pytest.mark.security
-def test_callback_urls_beyond_the_allow_list_are_refused(up: Torpor, tmp_path: Path, attack: Any) -> None:
+def test_callback_urls_beyond_the_allow_list_are_refused(
+    up: Torpor, tmp_path: Path, attack: Any
+) -> None:
     """Use the call queue to reach other hosts: callback URLs to private, link-local and public addresses, user info, other schemes, numeric host names"""
     up.deploy(flaky_copy(tmp_path))
-    bad = ["http://10.0.0.1/x", "http://169.254.169.254/latest/meta-data", "http://8.8.8.8/", "https://127.0.0.1/",
-           "ftp://127.0.0.1/", "http://user:pw@127.0.0.1/", "http://2130706433/", "http://127.1/",
-           "http://0x7f.0.0.1/", "http://[::ffff:10.0.0.1]/", "http://127.0.0.1:0/", "http://127.0.0.1/a b",
-           "file:///etc/passwd", "http://127.0.0.1:99999/"]
+    bad = [
+        "http://10.0.0.1/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://8.8.8.8/",
+        "https://127.0.0.1/",
+        "ftp://127.0.0.1/",
+        "http://user:pw@127.0.0.1/",
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0x7f.0.0.1/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://127.0.0.1:0/",
+        "http://127.0.0.1/a b",
+        "file:///etc/passwd",
+        "http://127.0.0.1:99999/",
+    ]
     for url in bad:
-        r = httpx.post(f"{up.gateway}/async-function/flaky", content=b"x", headers={"X-Callback-Url": url}, timeout=10)
+        r = httpx.post(
+            f"{up.gateway}/async-function/flaky",
+            content=b"x",
+            headers={"X-Callback-Url": url},
+            timeout=10,
+        )
         assert r.status_code == 400, url
         assert r.json()["field"] == "X-Callback-Url"
-    assert up.api_call("GET", "/v1/functions/flaky/calls").json()["calls"] == []  # nothing was queued
+    assert (
+        up.api_call("GET", "/v1/functions/flaky/calls").json()["calls"] == []
+    )  # nothing was queued
     attack.ended(f"400 at accept for all {len(bad)} URLs; nothing queued")
 
 
 @pytest.mark.security
-def test_callback_name_resolving_outside_the_allow_list_is_not_contacted(up: Torpor, tmp_path: Path,
-                                                                       attack: Any) -> None:
+def test_callback_name_resolving_outside_the_allow_list_is_not_contacted(
+    up: Torpor, tmp_path: Path, attack: Any
+) -> None:
     """A callback host name that resolves outside the allow-list (DNS pointing at a private address)"""
     up.deploy(flaky_copy(tmp_path))
     # "localhost" resolves to loopback and is allowed; a name that does not resolve, or resolves
     # elsewhere, is checked at delivery: the call still runs, the callback is refused
     cid = fire(up, "flaky", headers={"X-Callback-Url": "http://nonexistent.invalid/hook"})
-    up.wait_for(lambda: call_of(up, cid)["callback"] in ("refused", "failed"), 60, "callback refused")
+    up.wait_for(
+        lambda: call_of(up, cid)["callback"] in ("refused", "failed"), 60, "callback refused"
+    )
     c = call_of(up, cid)
     assert (c["state"], c["status"], c["callback"]) == ("done", 200, "refused")
-    attack.ended("call ran; callback refused at delivery (name did not resolve into the allow-list)")
+    attack.ended(
+        "call ran; callback refused at delivery (name did not resolve into the allow-list)"
+    )
 
 
 def test_restart_of_up_with_calls_queued_loses_none(tmp_path: Path) -> None:
@@ -248,10 +322,18 @@ def test_kill_9_of_up_with_calls_running_loses_none(tmp_path: Path) -> None:
     state = tmp_path / "state"
     t = Torpor(state).start()
     try:
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
-                               **{"async": {"concurrency": 5}}))
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
+                **{"async": {"concurrency": 5}},
+            )
+        )
         ids = [fire(t, "slow") for _ in range(30)]
-        t.wait_for(lambda: [call_of(t, c)["state"] for c in ids].count("running"), 60, "calls running")
+        t.wait_for(
+            lambda: [call_of(t, c)["state"] for c in ids].count("running"), 60, "calls running"
+        )
     finally:
         t.stop(signal.SIGKILL)
     t2 = Torpor(state).start()
@@ -266,10 +348,18 @@ def test_sigterm_lets_running_calls_finish_and_keeps_the_rest(tmp_path: Path) ->
     state = tmp_path / "state"
     t = Torpor(state).start()
     try:
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "1500", "FAIL_RATE": "0"},
-                               **{"async": {"concurrency": 4}}))
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "1500", "FAIL_RATE": "0"},
+                **{"async": {"concurrency": 4}},
+            )
+        )
         ids = [fire(t, "slow") for _ in range(24)]
-        running = t.wait_for(lambda: [c for c in ids if call_of(t, c)["state"] == "running"], 60, "calls running")
+        running = t.wait_for(
+            lambda: [c for c in ids if call_of(t, c)["state"] == "running"], 60, "calls running"
+        )
     finally:
         assert t.stop() == 0
     stopped = time.time()
@@ -279,17 +369,24 @@ def test_sigterm_lets_running_calls_finish_and_keeps_the_rest(tmp_path: Path) ->
         assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
         # what was running when SIGTERM came finished during the drain, before the restart
         assert all(calls[c]["finished"] <= stopped for c in running)
-        assert any(c["finished"] > stopped for c in calls.values())  # the rest waited for the restart
+        assert any(
+            c["finished"] > stopped for c in calls.values()
+        )  # the rest waited for the restart
     finally:
         t2.stop()
 
 
 # -- distributed mode ---------------------------------------------------------------------------
 
+
 def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "torpor.cli.main", *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "torpor.cli.main", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 def _up(url: str, timeout: float = 30) -> None:
@@ -303,8 +400,9 @@ def _up(url: str, timeout: float = 30) -> None:
     raise AssertionError(f"{url} did not answer")
 
 
-def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp_path: Path,
-                                                                             redis_url: str) -> None:
+def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(
+    tmp_path: Path, redis_url: str
+) -> None:
     """Two gateways run calls and two controllers share the lease; the gateway holding
     calls and the leading controller are killed (-9) while calls run: the other gateway
     takes the calls over, the standby takes the lease, and every call completes."""
@@ -318,15 +416,30 @@ def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp
 
     logs = {n: tmp_path / f"{n}.log" for n in ("ctl1", "ctl2", "api", "gw1", "gw2")}
     procs = {
-        "ctl1": _start(["controller", *common("ctl1"), "--driver", "process", "--lease-ttl", "3"], logs["ctl1"], env),
-        "ctl2": _start(["controller", *common("ctl2"), "--driver", "process", "--lease-ttl", "3"], logs["ctl2"], env),
-        "api": _start(["api", *common("api"), "--api-port", str(api_port), "--port", str(gw1)], logs["api"], env),
+        "ctl1": _start(
+            ["controller", *common("ctl1"), "--driver", "process", "--lease-ttl", "3"],
+            logs["ctl1"],
+            env,
+        ),
+        "ctl2": _start(
+            ["controller", *common("ctl2"), "--driver", "process", "--lease-ttl", "3"],
+            logs["ctl2"],
+            env,
+        ),
+        "api": _start(
+            ["api", *common("api"), "--api-port", str(api_port), "--port", str(gw1)],
+            logs["api"],
+            env,
+        ),
         "gw1": _start(["gateway", *common("gw1"), "--port", str(gw1)], logs["gw1"], env),
         "gw2": _start(["gateway", *common("gw2"), "--port", str(gw2)], logs["gw2"], env),
     }
     try:
-        for url in (f"http://127.0.0.1:{api_port}/healthz", f"http://127.0.0.1:{gw1}/healthz",
-                    f"http://127.0.0.1:{gw2}/healthz"):
+        for url in (
+            f"http://127.0.0.1:{api_port}/healthz",
+            f"http://127.0.0.1:{gw1}/healthz",
+            f"http://127.0.0.1:{gw2}/healthz",
+        ):
             _up(url)
         t = Torpor(tmp_path / "api")
         t.api = f"http://127.0.0.1:{api_port}"
@@ -337,14 +450,26 @@ def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp
             return lead if lead and lead.get("pid") else None
 
         t.wait_for(leader, 60, "a leading controller", every=0.2)
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
-                               scale={"max": 4, "target": 2}, **{"async": {"concurrency": 8}}))
-        ids = [fire(t, "slow", gateway=f"http://127.0.0.1:{gw1 if i % 2 else gw2}") for i in range(60)]
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "2000", "FAIL_RATE": "0"},
+                scale={"max": 4, "target": 2},
+                **{"async": {"concurrency": 8}},
+            )
+        )
+        ids = [
+            fire(t, "slow", gateway=f"http://127.0.0.1:{gw1 if i % 2 else gw2}") for i in range(60)
+        ]
 
         def gw2_holds() -> bool:
             m = httpx.get(f"http://127.0.0.1:{gw2}/metrics", timeout=5).text
-            return any(line.startswith('torpor_async_held{function="slow"}') and float(line.split()[-1]) >= 1
-                       for line in m.splitlines())
+            return any(
+                line.startswith('torpor_async_held{function="slow"}')
+                and float(line.split()[-1]) >= 1
+                for line in m.splitlines()
+            )
 
         t.wait_for(gw2_holds, 90, "gw2 holding calls", every=0.1)
         old = leader()
@@ -354,8 +479,12 @@ def test_distributed_killing_a_gateway_and_the_leading_controller_loses_none(tmp
         procs[lead_name].send_signal(signal.SIGKILL)  # the standby takes the lease
         procs["gw2"].wait(10)
         procs[lead_name].wait(10)
-        t.wait_for(lambda: (lead := leader()) is not None and lead["id"] != old["id"], 60, "the standby leads",
-                   every=0.2)
+        t.wait_for(
+            lambda: (lead := leader()) is not None and lead["id"] != old["id"],
+            60,
+            "the standby leads",
+            every=0.2,
+        )
         calls = wait_final(t, ids, 240)
         assert {(c["state"], c["status"]) for c in calls.values()} == {("done", 200)}
         assert "took over" in logs["gw1"].read_text()
@@ -387,8 +516,10 @@ async def test_callback_redirects_are_not_followed(attack: Any) -> None:
 
     async def redirector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{tport}/\r\n"
-                     "Content-Length: 0\r\n\r\n".encode())
+        writer.write(
+            f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{tport}/\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
         writer.close()
 
     t = await asyncio.start_server(target, "127.0.0.1", 0)
@@ -396,7 +527,13 @@ async def test_callback_redirects_are_not_followed(attack: Any) -> None:
     tport = t.sockets[0].getsockname()[1]
     rport = r.sockets[0].getsockname()[1]
     try:
-        call = Call(id=new_id(), function="f", state="done", status=200, callback=f"http://127.0.0.1:{rport}/")
+        call = Call(
+            id=new_id(),
+            function="f",
+            state="done",
+            status=200,
+            callback=f"http://127.0.0.1:{rport}/",
+        )
         assert await deliver(call, Allow.parse(None)) == "failed"
         assert hits == []
     finally:
@@ -405,17 +542,23 @@ async def test_callback_redirects_are_not_followed(attack: Any) -> None:
     attack.ended("delivery failed on the 307; the Location was never contacted")
 
 
-def test_a_body_over_the_gateways_streaming_threshold_is_kept_whole(up: Torpor, tmp_path: Path) -> None:
+def test_a_body_over_the_gateways_streaming_threshold_is_kept_whole(
+    up: Torpor, tmp_path: Path
+) -> None:
     """Bodies over 1 MiB stream through the gateway to a replica; a call stores them whole."""
     folder = function_copy(tmp_path, "echo", name="bigecho", max_body="4Mi", scale={"idle": "2s"})
     (folder / "handler.py").write_text(
         "import hashlib\n\n\ndef handle(request):\n"
-        "    return {'length': len(request.body), 'sha256': hashlib.sha256(request.body).hexdigest()}\n")
+        "    return {'length': len(request.body), 'sha256': hashlib.sha256(request.body).hexdigest()}\n"
+    )
     up.deploy(folder)
     body = bytes(range(256)) * (3 * 4096)  # 3 MiB
     cid = fire(up, "bigecho", body=body)
     [c] = wait_final(up, [cid], 60).values()
     assert (c["state"], c["status"]) == ("done", 200)
-    assert json.loads(c["body"]) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert json.loads(c["body"]) == {
+        "length": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
     r = httpx.post(f"{up.gateway}/async-function/bigecho", content=body + body, timeout=30)
     assert r.status_code == 413 and r.json()["field"] == "max_body"

@@ -24,16 +24,36 @@ def _burst(t: Torpor, name: str, clients: int, seconds: float) -> dict[str, int]
     """Drive the burst with wrk (a real load generator: a Python client on these 2 cores
     cannot keep 60 connections busy). Returns requests, non-2xx count and socket errors."""
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "-H", f"Host: {name}.{DOMAIN}",
-         f"{t.gateway}/"], capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+        [
+            "wrk",
+            "-t2",
+            f"-c{clients}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "30s",
+            "-H",
+            f"Host: {name}.{DOMAIN}",
+            f"{t.gateway}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return {"requests": requests, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0, "output": out}  # type: ignore[dict-item]
+    return {
+        "requests": requests,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
+        "output": out,
+    }  # type: ignore[dict-item]
 
 
-def _watch_ready(t: Torpor, name: str, samples: list[tuple[float, int]], stop: threading.Event) -> None:
+def _watch_ready(
+    t: Torpor, name: str, samples: list[tuple[float, int]], stop: threading.Event
+) -> None:
     t0 = time.monotonic()
     while not stop.is_set():
         try:
@@ -45,7 +65,9 @@ def _watch_ready(t: Torpor, name: str, samples: list[tuple[float, int]], stop: t
 
 def _ready_count_over_time(t: Torpor, name: str, since: float) -> list[tuple[float, int]]:
     """(seconds after ``since``, ready replicas) at each replica event since then."""
-    events = t.api_call("GET", f"/v1/functions/{name}/events", params={"limit": "200"}, timeout=30).json()["events"]
+    events = t.api_call(
+        "GET", f"/v1/functions/{name}/events", params={"limit": "200"}, timeout=30
+    ).json()["events"]
     count, out = 0, []
     for e in sorted(events, key=lambda e: e["time"]):
         if e["kind"] != "replica" or e["time"] < since:
@@ -62,14 +84,24 @@ def _ready_count_over_time(t: Torpor, name: str, since: float) -> list[tuple[flo
 
 
 @pytest.mark.parametrize("driver", ["process", pytest.param("docker", marks=pytest.mark.docker)])
-def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: Path, driver: str) -> None:
+def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(
+    tmp_path: Path, driver: str
+) -> None:
     with torpor_up(tmp_path / "state", driver=driver) as t:
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
-                               scale={"target": 5, "max": 20, "idle": "4s", "window": "10s"}))
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "100", "FAIL_RATE": "0"},
+                scale={"target": 5, "max": 20, "idle": "4s", "window": "10s"},
+            )
+        )
         t.wait_for(lambda: not t.function("slow")["replicas"], 30, "start from zero")
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
-        watcher = threading.Thread(target=_watch_ready, args=(t, "slow", samples, stop), daemon=True)
+        watcher = threading.Thread(
+            target=_watch_ready, args=(t, "slow", samples, stop), daemon=True
+        )
         watcher.start()
         burst_start = time.time()
         try:
@@ -77,11 +109,18 @@ def test_burst_from_zero_scales_out_without_errors_then_back_to_zero(tmp_path: P
             burst_end = samples[-1][0] if samples else BURST_SECONDS
         finally:
             # keep watching the scale-down
-            t.wait_for(lambda: samples and samples[-1][1] == 0, 60, "scale to zero after the burst", every=0.5)
+            t.wait_for(
+                lambda: samples and samples[-1][1] == 0,
+                60,
+                "scale to zero after the burst",
+                every=0.5,
+            )
             stop.set()
             watcher.join(5)
         assert result["requests"] > 2000, f"load too light to mean anything:\n{result['output']}"
-        assert result["non_2xx"] == 0 and result["socket_errors"] == 0, f"requests failed:\n{result['output']}"
+        assert result["non_2xx"] == 0 and result["socket_errors"] == 0, (
+            f"requests failed:\n{result['output']}"
+        )
         # the climb, from the controller's own record: each replica's "ready at" event (the
         # API polled under this load answers late, so its samples would lag the truth)
         climb = _ready_count_over_time(t, "slow", burst_start)
@@ -105,14 +144,26 @@ def test_gateway_metrics_parse_and_carry_the_series(tmp_path: Path) -> None:
             t.request("slow", f"/?status={status}")
         text = httpx.get(f"{t.gateway}/metrics", timeout=5).text
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        for name in ("torpor_requests", "torpor_request_duration_seconds", "torpor_in_flight_requests",
-                     "torpor_queued_requests", "torpor_cold_starts", "torpor_ready_replicas"):
+        for name in (
+            "torpor_requests",
+            "torpor_request_duration_seconds",
+            "torpor_in_flight_requests",
+            "torpor_queued_requests",
+            "torpor_cold_starts",
+            "torpor_ready_replicas",
+        ):
             assert name in families, f"{name} missing from /metrics"
-        reqs = {(s.labels["revision"], s.labels["code"]): s.value
-                for s in families["torpor_requests"].samples if s.name == "torpor_requests_total"}
+        reqs = {
+            (s.labels["revision"], s.labels["code"]): s.value
+            for s in families["torpor_requests"].samples
+            if s.name == "torpor_requests_total"
+        }
         assert reqs[("slow-00001", "2xx")] >= 2 and reqs[("slow-00001", "5xx")] == 1
-        hist = [s for s in families["torpor_request_duration_seconds"].samples
-                if s.name.endswith("_count") and s.labels["function"] == "slow"]
+        hist = [
+            s
+            for s in families["torpor_request_duration_seconds"].samples
+            if s.name.endswith("_count") and s.labels["function"] == "slow"
+        ]
         assert hist and hist[0].value >= 3
         top = t.cli("top", "--once").stdout
         assert "slow-00001" in top and "IN-FLIGHT" in top
@@ -124,8 +175,14 @@ def test_hard_concurrency_limit_queues_excess_requests_instead_of_piling_on(tmp_
     serving when each arrived); the excess waits in the activator queue and is served
     in turn, so all 8 succeed, spread over both replicas."""
     with torpor_up(tmp_path / "state") as t:
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "400", "FAIL_RATE": "0"},
-                               scale={"min": 2, "max": 2, "target": 1, "concurrency": 1}))
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "400", "FAIL_RATE": "0"},
+                scale={"min": 2, "max": 2, "target": 1, "concurrency": 1},
+            )
+        )
         t.wait_for(lambda: len(t.ready_replicas("slow")) == 2, 15, "2 ready replicas")
         results: list[httpx.Response] = []
 

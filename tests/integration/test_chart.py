@@ -43,15 +43,29 @@ DEPLOYMENTS = {"gateway", "api", "controller"}
 
 def _values_file(tmp: Path) -> Path:
     f = tmp / "values.yaml"
-    f.write_text(yaml.safe_dump({
-        "imagePullSecrets": [{"name": "regcred"}],
-        "redis": {"persistence": {"enabled": False}, "auth": {"enabled": False}},
-        "networkPolicy": {"functionsFromController": True,
-                          "apiFrom": [{"namespaceSelector": {"matchLabels": {
-                              "kubernetes.io/metadata.name": "ingress-nginx"}}}]},
-        "gateway": {"pdb": {"minAvailable": "50%"}, "extraArgs": ["--log-level=debug"],
-                    "extraEnv": [{"name": "EXTRA", "value": "1"}]},
-    }))
+    f.write_text(
+        yaml.safe_dump(
+            {
+                "imagePullSecrets": [{"name": "regcred"}],
+                "redis": {"persistence": {"enabled": False}, "auth": {"enabled": False}},
+                "networkPolicy": {
+                    "functionsFromController": True,
+                    "apiFrom": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
+                            }
+                        }
+                    ],
+                },
+                "gateway": {
+                    "pdb": {"minAvailable": "50%"},
+                    "extraArgs": ["--log-level=debug"],
+                    "extraEnv": [{"name": "EXTRA", "value": "1"}],
+                },
+            }
+        )
+    )
     return f
 
 
@@ -61,12 +75,31 @@ VALUE_SETS: dict[str, list[str]] = {
     "external-redis-secret": ["--set", "redis.existingSecret=redis-url"],
     "ingress-disabled": ["--set", "ingress.enabled=false"],
     "hpa-disabled": ["--set", "gateway.autoscaling.enabled=false", "--set", "gateway.replicas=3"],
-    "custom-domain": ["--set", "domain=fn.acme.example", "--set", "ingress.className=nginx",
-                      "--set", "ingress.tls.enabled=true", "--set", "ingress.tls.secretName=wildcard"],
-    "existing-secret": ["--set", "api.existingSecret=my-token", "--set", "api.existingSecretKey=bearer"],
+    "custom-domain": [
+        "--set",
+        "domain=fn.acme.example",
+        "--set",
+        "ingress.className=nginx",
+        "--set",
+        "ingress.tls.enabled=true",
+        "--set",
+        "ingress.tls.secretName=wildcard",
+    ],
+    "existing-secret": [
+        "--set",
+        "api.existingSecret=my-token",
+        "--set",
+        "api.existingSecretKey=bearer",
+    ],
     "release-prod": ["--release", "prod", "--namespace", "functions"],
-    "no-ids": ["--set", "podSecurity.runAsUser=null", "--set", "podSecurity.runAsGroup=null",
-               "--set", "podSecurity.fsGroup=null"],
+    "no-ids": [
+        "--set",
+        "podSecurity.runAsUser=null",
+        "--set",
+        "podSecurity.runAsGroup=null",
+        "--set",
+        "podSecurity.fsGroup=null",
+    ],
     "values-file": ["-f", "<values-file>"],
     "no-networkpolicy": ["--set", "networkPolicy.enabled=false"],
 }
@@ -75,8 +108,10 @@ VALUE_SETS: dict[str, list[str]] = {
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Doc]]:
     vf = _values_file(tmp_path_factory.mktemp("values"))
-    return {name: render(*[str(vf) if a == "<values-file>" else a for a in args])
-            for name, args in VALUE_SETS.items()}
+    return {
+        name: render(*[str(vf) if a == "<values-file>" else a for a in args])
+        for name, args in VALUE_SETS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +128,26 @@ def container(docs: list[Doc], component: str, prefix: str = "torpor") -> Doc:
 
 
 def pods_labels(docs: list[Doc]) -> dict[str, dict[str, str]]:
-    return {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)}
+    return {
+        w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)
+    }
 
 
 # -- schema ---------------------------------------------------------------------------
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_every_document_validates_strictly_against_kubernetes_1_30(
-        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     docs = rendered[value_set]
     assert len(docs) >= 10
     for d in docs:
         try:
             kubernetes_validate.validate(d, KUBE, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{value_set}: {d['kind']}/{d['metadata']['name']}: {e.message} at "
-                        f"{'.'.join(map(str, e.path))}")
+            pytest.fail(
+                f"{value_set}: {d['kind']}/{d['metadata']['name']}: {e.message} at "
+                f"{'.'.join(map(str, e.path))}"
+            )
 
 
 def test_strict_validation_rejects_an_unknown_field(docs: list[Doc]) -> None:
@@ -120,46 +160,78 @@ def test_strict_validation_rejects_an_unknown_field(docs: list[Doc]) -> None:
 
 def test_defaults_render_every_part(docs: list[Doc]) -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for expected in [("Deployment", "torpor-gateway"), ("Deployment", "torpor-api"),
-                     ("Deployment", "torpor-controller"), ("StatefulSet", "torpor-redis"),
-                     ("Service", "torpor-gateway"), ("Service", "torpor-api"), ("Service", "torpor-redis"),
-                     ("HorizontalPodAutoscaler", "torpor-gateway"), ("PodDisruptionBudget", "torpor-gateway"),
-                     ("Ingress", "torpor-gateway"), ("Secret", "torpor-api"), ("Secret", "torpor-redis"),
-                     ("ServiceAccount", "torpor"), ("Role", "torpor-controller"),
-                     ("RoleBinding", "torpor-controller"), ("NetworkPolicy", "torpor-functions"),
-                     ("NetworkPolicy", "torpor-redis"), ("NetworkPolicy", "torpor-api")]:
+    for expected in [
+        ("Deployment", "torpor-gateway"),
+        ("Deployment", "torpor-api"),
+        ("Deployment", "torpor-controller"),
+        ("StatefulSet", "torpor-redis"),
+        ("Service", "torpor-gateway"),
+        ("Service", "torpor-api"),
+        ("Service", "torpor-redis"),
+        ("HorizontalPodAutoscaler", "torpor-gateway"),
+        ("PodDisruptionBudget", "torpor-gateway"),
+        ("Ingress", "torpor-gateway"),
+        ("Secret", "torpor-api"),
+        ("Secret", "torpor-redis"),
+        ("ServiceAccount", "torpor"),
+        ("Role", "torpor-controller"),
+        ("RoleBinding", "torpor-controller"),
+        ("NetworkPolicy", "torpor-functions"),
+        ("NetworkPolicy", "torpor-redis"),
+        ("NetworkPolicy", "torpor-api"),
+    ]:
         assert expected in kinds
     assert all(d["metadata"]["namespace"] == "default" for d in docs)
 
 
-@pytest.mark.parametrize("value_set,prefix", [("defaults", "torpor"), ("release-prod", "prod-torpor")])
+@pytest.mark.parametrize(
+    "value_set,prefix", [("defaults", "torpor"), ("release-prod", "prod-torpor")]
+)
 def test_the_three_deployments_are_named_gateway_api_controller(
-        rendered: dict[str, list[Doc]], value_set: str, prefix: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str, prefix: str
+) -> None:
     names = {d["metadata"]["name"] for d in of_kind(rendered[value_set], "Deployment")}
     assert names == {f"{prefix}-{c}" for c in DEPLOYMENTS}
 
 
-def test_controller_runs_two_replicas_in_its_namespace_with_the_runtime_image(docs: list[Doc]) -> None:
+def test_controller_runs_two_replicas_in_its_namespace_with_the_runtime_image(
+    docs: list[Doc],
+) -> None:
     assert deployment(docs, "controller")["spec"]["replicas"] == 2
     env = env_of(container(docs, "controller"))
-    assert env["TORPOR_K8S_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["TORPOR_K8S_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
     assert env["TORPOR_RUNTIME_IMAGE"]["value"] == f"torpor/runtime:{APP_VERSION}"
     assert env["TORPOR_DRIVER"]["value"] == "kubernetes"
-    assert env["TORPOR_ARCHIVE_URL_BASE"]["value"] == "http://torpor-api.default.svc:8081/v1/archives"
+    assert (
+        env["TORPOR_ARCHIVE_URL_BASE"]["value"] == "http://torpor-api.default.svc:8081/v1/archives"
+    )
     assert env["TORPOR_K8S_READINESS"]["value"] == "kubelet"
 
 
 def test_images_default_to_the_app_version_and_follow_values() -> None:
     docs = render()
     assert {container(docs, c)["image"] for c in DEPLOYMENTS} == {f"torpor/torpor:{APP_VERSION}"}
-    docs = render("--set", "image.repository=reg.example/torpor", "--set", "image.tag=1.2.3",
-                  "--set", "runtime.image.tag=1.2.3")
+    docs = render(
+        "--set",
+        "image.repository=reg.example/torpor",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "runtime.image.tag=1.2.3",
+    )
     assert {container(docs, c)["image"] for c in DEPLOYMENTS} == {"reg.example/torpor:1.2.3"}
-    assert env_of(container(docs, "controller"))["TORPOR_RUNTIME_IMAGE"]["value"] == "torpor/runtime:1.2.3"
+    assert (
+        env_of(container(docs, "controller"))["TORPOR_RUNTIME_IMAGE"]["value"]
+        == "torpor/runtime:1.2.3"
+    )
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "values-file", "external-redis"])
-def test_container_args_are_flags_the_torpor_cli_accepts(rendered: dict[str, list[Doc]], value_set: str) -> None:
+def test_container_args_are_flags_the_torpor_cli_accepts(
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     docs = rendered[value_set]
     for component in DEPLOYMENTS:
         c = container(docs, component)
@@ -187,18 +259,23 @@ HEALTH_CONTRACT = {"TORPOR_HEALTH_PORT"}
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_every_torpor_env_var_the_chart_sets_is_one_the_code_reads(
-        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     """No drift between the chart and the code: each TORPOR_* name a chart container gets
     is read by platform/ or gateway/ (parsed from the source, the runtime left out: it runs
     in function Pods, not in the chart's)."""
-    read = env_names_read(ROOT / "platform", ROOT / "gateway", exclude=(ROOT / "platform" / "runtime",))
+    read = env_names_read(
+        ROOT / "platform", ROOT / "gateway", exclude=(ROOT / "platform" / "runtime",)
+    )
     assert {"TORPOR_REDIS", "TORPOR_DRIVER", "TORPOR_PUBLIC_URL"} <= read  # the scan itself works
     prefix = "prod-torpor" if value_set == "release-prod" else "torpor"
     for component in DEPLOYMENTS:
         c = container(rendered[value_set], component, prefix)
         names = {e["name"] for e in c["env"] if e["name"].startswith("TORPOR_")}
         unknown = names - read - set(NOT_READ_BY_CODE) - HEALTH_CONTRACT
-        assert not unknown, f"{value_set}: {component} gets {sorted(unknown)}, which no Torpor code reads"
+        assert not unknown, (
+            f"{value_set}: {component} gets {sorted(unknown)}, which no Torpor code reads"
+        )
 
 
 def test_the_controller_serves_the_health_contract_its_probes_use(docs: list[Doc]) -> None:
@@ -209,12 +286,17 @@ def test_the_controller_serves_the_health_contract_its_probes_use(docs: list[Doc
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     # a standby controller is ready too (/readyz: store reachable and synced, leader or not):
     # no Service routes to the controller, so readiness only gates rollouts of the Deployment
-    assert not [s for s in of_kind(docs, "Service") if selects(
-        {"matchLabels": s["spec"]["selector"]}, pods_labels(docs)["torpor-controller"])]
+    assert not [
+        s
+        for s in of_kind(docs, "Service")
+        if selects({"matchLabels": s["spec"]["selector"]}, pods_labels(docs)["torpor-controller"])
+    ]
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "release-prod"])
-def test_function_pods_reach_the_api_at_the_archive_url(rendered: dict[str, list[Doc]], value_set: str) -> None:
+def test_function_pods_reach_the_api_at_the_archive_url(
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     """The archive URL the driver gives function Pods names the API Service and port; the
     API answers to that Host (it refuses unknown names) and its NetworkPolicy admits
     function Pods on that port."""
@@ -233,30 +315,41 @@ def test_function_pods_reach_the_api_at_the_archive_url(rendered: dict[str, list
     env = env_of(api)
     hosts = HostPolicy("0.0.0.0", env["TORPOR_API_ALLOWED_HOSTS"]["value"].split(","))
     assert hosts.allows(f"{host}:{port}") and hosts.allows(f"{prefix}-api:{port}")
-    assert not hosts.allows("evil.example") and not hosts.allows(f"{prefix}-api.{ns}.svc.evil.example")
+    assert not hosts.allows("evil.example") and not hosts.allows(
+        f"{prefix}-api.{ns}.svc.evil.example"
+    )
     pol = one(docs, "NetworkPolicy", f"{prefix}-api")
     assert _peers_allow(pol, FUNCTION_POD)
     assert [p["port"] for p in pol["spec"]["ingress"][0]["ports"]] == [svc_port["targetPort"]]
 
 
 def test_the_public_url_is_one_the_api_accepts(rendered: dict[str, list[Doc]]) -> None:
-    for value_set, shown in (("defaults", "http://hello.torpor.example.com/"),
-                             ("custom-domain", "https://hello.fn.acme.example/")):
+    for value_set, shown in (
+        ("defaults", "http://hello.torpor.example.com/"),
+        ("custom-domain", "https://hello.fn.acme.example/"),
+    ):
         env = env_of(container(rendered[value_set], "api"))
         url = check_public_url(env["TORPOR_PUBLIC_URL"]["value"])
-        cfg = ApiConfig(state_dir=Path("unused"), token="t" * 20, gateway_url=url,
-                        domain=env["TORPOR_DOMAIN"]["value"])
+        cfg = ApiConfig(
+            state_dir=Path("unused"),
+            token="t" * 20,
+            gateway_url=url,
+            domain=env["TORPOR_DOMAIN"]["value"],
+        )
         assert function_url(cfg, "hello") == shown
 
 
 # -- hardening ------------------------------------------------------------------------
 def _port_names(c: Doc) -> set[object]:
-    return {p.get("name") for p in c.get("ports", [])} | {p["containerPort"] for p in c.get("ports", [])}
+    return {p.get("name") for p in c.get("ports", [])} | {
+        p["containerPort"] for p in c.get("ports", [])
+    }
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_every_container_is_hardened_with_resources_and_probes(
-        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     docs = rendered[value_set]
     assert workloads(docs)
     for w in workloads(docs):
@@ -279,17 +372,23 @@ def test_every_container_is_hardened_with_resources_and_probes(
                 p = c[probe]
                 handler = p.get("httpGet") or p.get("tcpSocket")
                 if handler is not None:  # the probe's port is one the container declares
-                    assert handler["port"] in _port_names(c), f"{where}: {probe} port {handler['port']}"
+                    assert handler["port"] in _port_names(c), (
+                        f"{where}: {probe} port {handler['port']}"
+                    )
                 else:
                     assert p["exec"]["command"], where
 
 
 def test_uids_are_set_by_default_and_can_be_dropped_without_losing_the_hardening(
-        rendered: dict[str, list[Doc]]) -> None:
+    rendered: dict[str, list[Doc]],
+) -> None:
     gw = container(rendered["defaults"], "gateway")["securityContext"]
     assert (gw["runAsUser"], gw["runAsGroup"]) == (10001, 10001)
     redis = pod_spec(one(rendered["defaults"], "StatefulSet", "torpor-redis"))
-    assert (redis["securityContext"]["runAsUser"], redis["securityContext"]["fsGroup"]) == (999, 999)
+    assert (redis["securityContext"]["runAsUser"], redis["securityContext"]["fsGroup"]) == (
+        999,
+        999,
+    )
     for c in DEPLOYMENTS:
         sc = container(rendered["no-ids"], c)["securityContext"]
         assert "runAsUser" not in sc and "runAsGroup" not in sc
@@ -305,23 +404,29 @@ def test_only_the_controller_mounts_a_service_account_token(rendered: dict[str, 
         for w in workloads(docs):
             spec = pod_spec(w)
             assert spec["serviceAccountName"] == "torpor"
-            assert spec["automountServiceAccountToken"] is (w["metadata"]["name"] == "torpor-controller")
+            assert spec["automountServiceAccountToken"] is (
+                w["metadata"]["name"] == "torpor-controller"
+            )
 
 
 # -- RBAC -----------------------------------------------------------------------------
 # tests/integration/test_kubernetes_driver.py checks these against the requests the driver makes
-EXPECTED_RULES = sorted([
-    ("", "pods", ("create", "delete", "get", "list", "watch")),
-    ("", "pods/log", ("get",)),
-    ("", "configmaps", ("create", "delete", "get", "watch")),
-])
+EXPECTED_RULES = sorted(
+    [
+        ("", "pods", ("create", "delete", "get", "list", "watch")),
+        ("", "pods/log", ("get",)),
+        ("", "configmaps", ("create", "delete", "get", "watch")),
+    ]
+)
 
 
 def test_role_grants_exactly_what_the_driver_uses(docs: list[Doc]) -> None:
     role = one(docs, "Role", "torpor-controller")
     got = []
     for rule in role["rules"]:
-        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule  # no resourceNames/nonResourceURLs
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, (
+            rule
+        )  # no resourceNames/nonResourceURLs
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 got.append((group, resource, tuple(sorted(rule["verbs"]))))
@@ -329,7 +434,9 @@ def test_role_grants_exactly_what_the_driver_uses(docs: list[Doc]) -> None:
 
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
-def test_no_cluster_wide_access_and_no_wildcards(rendered: dict[str, list[Doc]], value_set: str) -> None:
+def test_no_cluster_wide_access_and_no_wildcards(
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     docs = rendered[value_set]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     for role in of_kind(docs, "Role"):
@@ -342,22 +449,35 @@ def test_no_cluster_wide_access_and_no_wildcards(rendered: dict[str, list[Doc]],
 
 @pytest.mark.parametrize("value_set,ns", [("defaults", "default"), ("release-prod", "functions")])
 def test_rolebinding_binds_the_role_to_the_controllers_service_account(
-        rendered: dict[str, list[Doc]], value_set: str, ns: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str, ns: str
+) -> None:
     docs = rendered[value_set]
     (binding,) = of_kind(docs, "RoleBinding")
     (role,) = of_kind(docs, "Role")
     (sa,) = of_kind(docs, "ServiceAccount")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}
+    ]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == ns
-    ctl = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-controller"))
+    ctl = next(
+        d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-controller")
+    )
     assert pod_spec(ctl)["serviceAccountName"] == sa["metadata"]["name"]
 
 
 # -- network --------------------------------------------------------------------------
-FUNCTION_POD = {"torpor.managed": "true", "torpor.function": "hello", "torpor.revision": "hello-00001",
-                "torpor.replica": "hello-00001-abc", "torpor.instance": "torpor"}
+FUNCTION_POD = {
+    "torpor.managed": "true",
+    "torpor.function": "hello",
+    "torpor.revision": "hello-00001",
+    "torpor.replica": "hello-00001-abc",
+    "torpor.instance": "torpor",
+}
 
 
 def _peers_allow(policy: Doc, labels: dict[str, str]) -> bool:
@@ -385,11 +505,15 @@ def test_function_pods_accept_traffic_only_from_gateways(docs: list[Doc]) -> Non
     assert not _peers_allow(pol, other_release)
 
 
-def test_function_pods_can_also_admit_the_controller_when_asked(rendered: dict[str, list[Doc]]) -> None:
+def test_function_pods_can_also_admit_the_controller_when_asked(
+    rendered: dict[str, list[Doc]],
+) -> None:
     docs = rendered["values-file"]
     pol = one(docs, "NetworkPolicy", "torpor-functions")
     labels = pods_labels(docs)
-    assert _peers_allow(pol, labels["torpor-controller"]) and _peers_allow(pol, labels["torpor-gateway"])
+    assert _peers_allow(pol, labels["torpor-controller"]) and _peers_allow(
+        pol, labels["torpor-gateway"]
+    )
     assert not _peers_allow(pol, labels["torpor-api"])
     # ...and only then does the controller connect to function Pods (its own probes)
     assert env_of(container(docs, "controller"))["TORPOR_K8S_READINESS"]["value"] == "direct"
@@ -397,7 +521,8 @@ def test_function_pods_can_also_admit_the_controller_when_asked(rendered: dict[s
 
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_the_controller_connects_to_function_pods_only_where_the_policy_lets_it(
-        rendered: dict[str, list[Doc]], value_set: str) -> None:
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     """The default works under its own NetworkPolicy: with readiness from the kubelet the
     controller needs no connection to function Pods (the driver watches their Ready
     condition through the API server; kubelet probes come from the node, which
@@ -406,11 +531,15 @@ def test_the_controller_connects_to_function_pods_only_where_the_policy_lets_it(
     prefix = "prod-torpor" if value_set == "release-prod" else "torpor"
     readiness = env_of(container(docs, "controller", prefix))["TORPOR_K8S_READINESS"]["value"]
     assert readiness in ("kubelet", "direct")
-    pols = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{prefix}-functions"]
+    pols = [
+        p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == f"{prefix}-functions"
+    ]
     if readiness == "direct" and pols:
         assert _peers_allow(pols[0], pods_labels(docs)[f"{prefix}-controller"]), value_set
     if value_set == "defaults":
-        assert readiness == "kubelet" and not _peers_allow(pols[0], pods_labels(docs)["torpor-controller"])
+        assert readiness == "kubelet" and not _peers_allow(
+            pols[0], pods_labels(docs)["torpor-controller"]
+        )
 
 
 def test_redis_accepts_only_torpor_components(docs: list[Doc]) -> None:
@@ -425,7 +554,9 @@ def test_redis_accepts_only_torpor_components(docs: list[Doc]) -> None:
     assert [p["port"] for p in pol["spec"]["ingress"][0]["ports"]] == ["redis"]
 
 
-def test_api_accepts_function_pods_and_configured_peers_only(rendered: dict[str, list[Doc]]) -> None:
+def test_api_accepts_function_pods_and_configured_peers_only(
+    rendered: dict[str, list[Doc]],
+) -> None:
     docs = rendered["defaults"]
     pol = one(docs, "NetworkPolicy", "torpor-api")
     labels = pods_labels(docs)
@@ -433,15 +564,23 @@ def test_api_accepts_function_pods_and_configured_peers_only(rendered: dict[str,
     assert _peers_allow(pol, FUNCTION_POD)
     assert not _peers_allow(pol, {"app": "something-else"})
     assert len(pol["spec"]["ingress"][0]["from"]) == 1
-    extra = one(rendered["values-file"], "NetworkPolicy", "torpor-api")["spec"]["ingress"][0]["from"]
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}} in extra
+    extra = one(rendered["values-file"], "NetworkPolicy", "torpor-api")["spec"]["ingress"][0][
+        "from"
+    ]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    } in extra
     ctl = one(docs, "NetworkPolicy", "torpor-controller")
-    assert ctl["spec"]["ingress"] == [] and selects(ctl["spec"]["podSelector"], labels["torpor-controller"])
+    assert ctl["spec"]["ingress"] == [] and selects(
+        ctl["spec"]["podSelector"], labels["torpor-controller"]
+    )
 
 
 def test_network_policies_can_be_turned_off(rendered: dict[str, list[Doc]]) -> None:
     assert not of_kind(rendered["no-networkpolicy"], "NetworkPolicy")
-    assert run_render("--set", "networkPolicy.enabled=false", "--notes").stdout.count("WARNING") == 1
+    assert (
+        run_render("--set", "networkPolicy.enabled=false", "--notes").stdout.count("WARNING") == 1
+    )
 
 
 # -- Redis ----------------------------------------------------------------------------
@@ -460,13 +599,22 @@ def test_bundled_redis_is_a_persistent_appendonly_statefulset(docs: list[Doc]) -
     args = c["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--dir") + 1] == "/data"
-    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"  # refuse writes, never drop state
+    assert (
+        args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    )  # refuse writes, never drop state
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    assert env_of(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "torpor-redis", "key": "password"}
-    assert re.fullmatch(r"[A-Za-z0-9]{40}", secret_value(one(docs, "Secret", "torpor-redis"), "password"))
+    assert env_of(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "torpor-redis",
+        "key": "password",
+    }
+    assert re.fullmatch(
+        r"[A-Za-z0-9]{40}", secret_value(one(docs, "Secret", "torpor-redis"), "password")
+    )
     svc = one(docs, "Service", "torpor-redis")
     assert sts["spec"]["serviceName"] == "torpor-redis"
-    assert selects({"matchLabels": svc["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"])
+    assert selects(
+        {"matchLabels": svc["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"]
+    )
 
 
 def test_components_reach_the_bundled_redis_with_its_password(docs: list[Doc]) -> None:
@@ -475,8 +623,13 @@ def test_components_reach_the_bundled_redis_with_its_password(docs: list[Doc]) -
         # the password is defined before the URL that refers to it (kubelet expands in order)
         assert names.index("TORPOR_REDIS_PASSWORD") < names.index("TORPOR_REDIS"), component
         by = env_of({"env": env})
-        assert by["TORPOR_REDIS"]["value"] == "redis://:$(TORPOR_REDIS_PASSWORD)@torpor-redis:6379/0"
-        assert by["TORPOR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "torpor-redis", "key": "password"}
+        assert (
+            by["TORPOR_REDIS"]["value"] == "redis://:$(TORPOR_REDIS_PASSWORD)@torpor-redis:6379/0"
+        )
+        assert by["TORPOR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "torpor-redis",
+            "key": "password",
+        }
 
 
 def test_redis_without_persistence_or_auth(rendered: dict[str, list[Doc]]) -> None:
@@ -495,14 +648,19 @@ def test_redis_url_renders_no_redis_at_all(rendered: dict[str, list[Doc]], value
     docs = rendered[value_set]
     assert not of_kind(docs, "StatefulSet")
     assert not [d for d in docs if "redis" in d["metadata"]["name"]]
-    assert not [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
+    assert not [
+        d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"
+    ]
     for component, env in _store_env(docs).items():
         by = env_of({"env": env})
         assert "TORPOR_REDIS_PASSWORD" not in by, component
         if value_set == "external-redis":
             assert by["TORPOR_REDIS"] == {"name": "TORPOR_REDIS", "value": EXTERNAL}, component
         else:
-            assert by["TORPOR_REDIS"]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
+            assert by["TORPOR_REDIS"]["valueFrom"]["secretKeyRef"] == {
+                "name": "redis-url",
+                "key": "url",
+            }
 
 
 # -- API token ------------------------------------------------------------------------
@@ -510,8 +668,10 @@ def test_api_token_comes_from_a_generated_secret(docs: list[Doc]) -> None:
     token = secret_value(one(docs, "Secret", "torpor-api"), "token")
     assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
     env = env_of(container(docs, "api"))
-    assert env["TORPOR_TOKEN"] == {"name": "TORPOR_TOKEN", "valueFrom": {"secretKeyRef": {
-        "name": "torpor-api", "key": "token"}}}
+    assert env["TORPOR_TOKEN"] == {
+        "name": "TORPOR_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "torpor-api", "key": "token"}},
+    }
     for component in ("gateway", "controller"):
         assert "TORPOR_TOKEN" not in env_of(container(docs, component))
     assert token not in yaml.safe_dump([deployment(docs, c) for c in DEPLOYMENTS])
@@ -522,7 +682,9 @@ def test_api_token_from_an_existing_secret(rendered: dict[str, list[Doc]]) -> No
     assert not [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == "torpor-api"]
     ref = env_of(container(docs, "api"))["TORPOR_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "my-token", "key": "bearer"}
-    notes = run_render("--set", "api.existingSecret=my-token", "--set", "api.existingSecretKey=bearer", "--notes")
+    notes = run_render(
+        "--set", "api.existingSecret=my-token", "--set", "api.existingSecretKey=bearer", "--notes"
+    )
     assert "get secret my-token -o jsonpath='{.data.bearer}'" in notes.stdout
 
 
@@ -539,10 +701,17 @@ def test_gateway_autoscales_on_cpu_and_keeps_a_disruption_budget(docs: list[Doc]
     gw = deployment(docs, "gateway")
     assert "replicas" not in gw["spec"]  # the HPA owns the count
     hpa = one(docs, "HorizontalPodAutoscaler", "torpor-gateway")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "torpor-gateway"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "torpor-gateway",
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
     (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["averageUtilization"] == 70
+    assert (
+        metric["resource"]["name"] == "cpu"
+        and metric["resource"]["target"]["averageUtilization"] == 70
+    )
     pdb = one(docs, "PodDisruptionBudget", "torpor-gateway")
     assert pdb["spec"]["minAvailable"] == 1
     labels = pods_labels(docs)
@@ -554,14 +723,25 @@ def test_hpa_disabled_pins_the_replica_count(rendered: dict[str, list[Doc]]) -> 
     docs = rendered["hpa-disabled"]
     assert not of_kind(docs, "HorizontalPodAutoscaler")
     assert deployment(docs, "gateway")["spec"]["replicas"] == 3
-    out = run_render("--set", "gateway.autoscaling.minReplicas=5", "--set", "gateway.autoscaling.maxReplicas=3")
+    out = run_render(
+        "--set", "gateway.autoscaling.minReplicas=5", "--set", "gateway.autoscaling.maxReplicas=3"
+    )
     assert out.returncode != 0 and "minReplicas (5) is above maxReplicas (3)" in out.stderr
 
 
 def _ingress_rules(ing: Doc) -> dict[str, list[tuple[str, str, str, object]]]:
-    return {r["host"]: [(p["path"], p["pathType"], p["backend"]["service"]["name"],
-                         p["backend"]["service"]["port"]["name"]) for p in r["http"]["paths"]]
-            for r in ing["spec"]["rules"]}
+    return {
+        r["host"]: [
+            (
+                p["path"],
+                p["pathType"],
+                p["backend"]["service"]["name"],
+                p["backend"]["service"]["port"]["name"],
+            )
+            for p in r["http"]["paths"]
+        ]
+        for r in ing["spec"]["rules"]
+    }
 
 
 def test_ingress_serves_wildcard_hosts_and_the_function_path(docs: list[Doc]) -> None:
@@ -576,11 +756,15 @@ def test_ingress_serves_wildcard_hosts_and_the_function_path(docs: list[Doc]) ->
     assert selects({"matchLabels": svc["spec"]["selector"]}, pods_labels(docs)["torpor-gateway"])
 
 
-def test_custom_domain_reaches_the_ingress_and_every_component(rendered: dict[str, list[Doc]]) -> None:
+def test_custom_domain_reaches_the_ingress_and_every_component(
+    rendered: dict[str, list[Doc]],
+) -> None:
     docs = rendered["custom-domain"]
     ing = one(docs, "Ingress", "torpor-gateway")
     assert set(_ingress_rules(ing)) == {"*.fn.acme.example", "fn.acme.example"}
-    assert ing["spec"]["tls"] == [{"hosts": ["*.fn.acme.example", "fn.acme.example"], "secretName": "wildcard"}]
+    assert ing["spec"]["tls"] == [
+        {"hosts": ["*.fn.acme.example", "fn.acme.example"], "secretName": "wildcard"}
+    ]
     assert ing["spec"]["ingressClassName"] == "nginx"
     for c in DEPLOYMENTS:
         assert env_of(container(docs, c))["TORPOR_DOMAIN"]["value"] == "fn.acme.example"
@@ -594,7 +778,9 @@ def test_ingress_disabled(rendered: dict[str, list[Doc]]) -> None:
 
 # -- labels and wiring ----------------------------------------------------------------
 @pytest.mark.parametrize("value_set,release", [("defaults", "torpor"), ("release-prod", "prod")])
-def test_recommended_labels_everywhere(rendered: dict[str, list[Doc]], value_set: str, release: str) -> None:
+def test_recommended_labels_everywhere(
+    rendered: dict[str, list[Doc]], value_set: str, release: str
+) -> None:
     docs = rendered[value_set]
     for d in docs:
         labels = d["metadata"]["labels"]
@@ -606,17 +792,28 @@ def test_recommended_labels_everywhere(rendered: dict[str, list[Doc]], value_set
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
         assert component in DEPLOYMENTS | {"redis"}
         selector = w["spec"]["selector"]["matchLabels"]
-        assert selector == {"app.kubernetes.io/name": "torpor", "app.kubernetes.io/instance": release,
-                            "app.kubernetes.io/component": component}
+        assert selector == {
+            "app.kubernetes.io/name": "torpor",
+            "app.kubernetes.io/instance": release,
+            "app.kubernetes.io/component": component,
+        }
         assert selects(w["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "release-prod"])
-def test_each_service_selects_exactly_its_workload_and_ports(rendered: dict[str, list[Doc]], value_set: str) -> None:
+def test_each_service_selects_exactly_its_workload_and_ports(
+    rendered: dict[str, list[Doc]], value_set: str
+) -> None:
     docs = rendered[value_set]
     for svc in of_kind(docs, "Service"):
-        matched = [w for w in workloads(docs)
-                   if selects({"matchLabels": svc["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"])]
+        matched = [
+            w
+            for w in workloads(docs)
+            if selects(
+                {"matchLabels": svc["spec"]["selector"]},
+                w["spec"]["template"]["metadata"]["labels"],
+            )
+        ]
         assert len(matched) == 1, svc["metadata"]["name"]
         assert matched[0]["metadata"]["name"] == svc["metadata"]["name"]
         ports = {p["name"] for c in containers(matched[0]) for p in c.get("ports", [])}
@@ -631,9 +828,14 @@ def test_notes_say_how_to_reach_the_gateway_and_the_api() -> None:
     assert "kubectl -n default port-forward svc/torpor-gateway 8080:80" in notes
     assert "kubectl -n default port-forward svc/torpor-api 8081:8081" in notes
     assert "get secret torpor-api -o jsonpath='{.data.token}'" in notes
-    assert "http://NAME.torpor.example.com/" in notes and "http://torpor.example.com/function/NAME/" in notes
+    assert (
+        "http://NAME.torpor.example.com/" in notes
+        and "http://torpor.example.com/function/NAME/" in notes
+    )
     assert "StatefulSet torpor-redis" in notes
-    external = run_render("--notes", "--set", f"redis.url={EXTERNAL}", "--set", "ingress.enabled=false").stdout
+    external = run_render(
+        "--notes", "--set", f"redis.url={EXTERNAL}", "--set", "ingress.enabled=false"
+    ).stdout
     assert "External Redis" in external and "Ingress is disabled" in external
 
 
@@ -645,6 +847,8 @@ def test_values_yaml_documents_every_section() -> None:
     assert len(starts) >= 15
     for n, i in enumerate(starts):
         end = starts[n + 1] if n + 1 < len(starts) else len(lines)
-        documented = lines[i - 1].startswith("#") or any(x.lstrip().startswith("# ") for x in lines[i:end])
+        documented = lines[i - 1].startswith("#") or any(
+            x.lstrip().startswith("# ") for x in lines[i:end]
+        )
         assert documented, f"values.yaml: {lines[i]} has no comment"
     assert "renders no Redis" in text

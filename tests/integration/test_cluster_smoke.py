@@ -34,7 +34,9 @@ def _torpor_calls() -> list[list[str]]:
 def test_shellcheck_finds_nothing() -> None:
     if shutil.which("shellcheck") is None:
         pytest.fail("shellcheck is not installed (apt-get install shellcheck)", pytrace=False)
-    r = subprocess.run(["shellcheck", "--severity=style", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["shellcheck", "--severity=style", str(SCRIPT)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -46,13 +48,22 @@ def test_every_torpor_command_in_it_parses() -> None:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit:
-            pytest.fail(f"`torpor {' '.join(argv)}` in {SCRIPT.name} is not a command the CLI accepts")
+            pytest.fail(
+                f"`torpor {' '.join(argv)}` in {SCRIPT.name} is not a command the CLI accepts"
+            )
         assert args.cmd == argv[0]
 
 
 def test_it_covers_install_deploy_wake_burst_canary_and_uninstall() -> None:
-    for step in ("helm install", "torpor deploy functions/hello", "scale to zero", "burst", "--canary 20",
-                 "helm uninstall", "function Pods to be garbage-collected"):
+    for step in (
+        "helm install",
+        "torpor deploy functions/hello",
+        "scale to zero",
+        "burst",
+        "--canary 20",
+        "helm uninstall",
+        "function Pods to be garbage-collected",
+    ):
         assert step in TEXT, step
     assert "NOT RUN IN CI" in TEXT and "KUBECONFIG" in TEXT
 

@@ -28,14 +28,19 @@ def set_secret(up: Torpor, name: str, value: str, tmp_path: Path) -> None:
     up.cli("secret", "set", name, "--from-file", str(f))
 
 
-def test_openfaas_python3_http_stack_deploys_and_runs_as_the_template_does(up: Torpor, tmp_path: Path) -> None:
+def test_openfaas_python3_http_stack_deploys_and_runs_as_the_template_does(
+    up: Torpor, tmp_path: Path
+) -> None:
     # the stack's secret does not exist yet: refused with its name, nothing deployed
     refused = up.cli("deploy", str(STACK), "--filter", "hello-py", check=False)
     assert refused.returncode != 0
     assert "api-key" in refused.stderr and "torpor secret set" in refused.stderr, refused.stderr
     # every unsupported key was named before the upload
-    for named in ("functions.hello-py.annotations.topic", "functions.hello-py.constraints",
-                  "/var/openfaas/secrets/api-key"):
+    for named in (
+        "functions.hello-py.annotations.topic",
+        "functions.hello-py.constraints",
+        "/var/openfaas/secrets/api-key",
+    ):
         assert named in refused.stderr, refused.stderr
     set_secret(up, "api-key", "s3cret", tmp_path)
     r = up.cli("deploy", str(STACK), "--filter", "hello-py")
@@ -46,8 +51,17 @@ def test_openfaas_python3_http_stack_deploys_and_runs_as_the_template_does(up: T
     assert r.headers["x-handler"] == "openfaas"
     assert r.headers["content-type"] == "application/json"
     got = r.json()
-    assert got == {"method": "GET", "path": "/items", "name": "a", "all": ["a", "b"], "agent": "compat-test",
-                   "body": "", "hostname": "localhost", "greeting": "HI", "six": True}
+    assert got == {
+        "method": "GET",
+        "path": "/items",
+        "name": "a",
+        "all": ["a", "b"],
+        "agent": "compat-test",
+        "body": "",
+        "hostname": "localhost",
+        "greeting": "HI",
+        "six": True,
+    }
     r = up.request("hello-py", "/", "POST", content=b"payload")
     assert r.json()["body"] == "payload" and r.json()["method"] == "POST"
     r = up.request("hello-py", "/plain")
@@ -63,7 +77,11 @@ def test_openfaas_python3_http_stack_deploys_and_runs_as_the_template_does(up: T
     assert env["PORT"] and int(env["PORT"]) > 0
     assert env["REGION"] == "eu-west" and env["API_KEY"] == "s3cret"
     spec = up.function("hello-py")["revisions"][0]["spec"]
-    assert spec["handler_style"] == "openfaas" and spec["scale"]["min"] == 0 and spec["scale"]["max"] == 4
+    assert (
+        spec["handler_style"] == "openfaas"
+        and spec["scale"]["min"] == 0
+        and spec["scale"]["max"] == 4
+    )
 
     # going back out: the stack entry and a Knative Service
     stack = yaml.safe_load(up.cli("export", "hello-py", "--format", "openfaas").stdout)

@@ -18,10 +18,14 @@ pytestmark = pytest.mark.slow
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "torpor.cli.main", *args], stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "torpor.cli.main", *args], stdout=f, stderr=subprocess.STDOUT
+        )
 
 
-def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], log: Path, timeout: float = 30) -> None:
+def _wait_http(
+    url: str, procs: list[subprocess.Popen[bytes]], log: Path, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -46,14 +50,33 @@ def test_controller_api_and_two_gateways_share_redis(tmp_path: Path, redis_url: 
     ]
     try:
         api = f"http://127.0.0.1:{api_port}"
-        for url in (f"{api}/healthz", f"http://127.0.0.1:{gw1}/healthz", f"http://127.0.0.1:{gw2}/healthz"):
+        for url in (
+            f"{api}/healthz",
+            f"http://127.0.0.1:{gw1}/healthz",
+            f"http://127.0.0.1:{gw2}/healthz",
+        ):
             _wait_http(url, procs, log)
         # the API wrote its token to STATE_DIR/token before answering /healthz
         auth = {"Authorization": f"Bearer {(state / 'token').read_text().strip()}"}
-        folder = function_copy(tmp_path, "slow", scale={"idle": "2s"}, env={"SLEEP_MS": "1", "FAIL_RATE": "0"})
-        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "--state-dir", str(state),
-                              "deploy", str(folder)],
-                             capture_output=True, text=True, timeout=120)
+        folder = function_copy(
+            tmp_path, "slow", scale={"idle": "2s"}, env={"SLEEP_MS": "1", "FAIL_RATE": "0"}
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torpor.cli.main",
+                "--api",
+                api,
+                "--state-dir",
+                str(state),
+                "deploy",
+                str(folder),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         headers = {"Host": f"slow.{DOMAIN}"}
         for port in (gw1, gw2):
@@ -67,13 +90,28 @@ def test_controller_api_and_two_gateways_share_redis(tmp_path: Path, redis_url: 
         r = httpx.get(f"http://127.0.0.1:{gw2}/", headers=headers, timeout=30)
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
         # replica logs: the API process has no driver; it asks the controller over Redis
-        r = httpx.get(f"{api}/v1/functions/slow/logs", params={"tail": "50"}, headers=auth, timeout=30)
+        r = httpx.get(
+            f"{api}/v1/functions/slow/logs", params={"tail": "50"}, headers=auth, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert "torpor-runtime: serving handler:handle" in r.text
         assert all(line.startswith("[slow-00001-") for line in r.text.splitlines()), r.text
-        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", api, "--state-dir", str(state),
-                              "logs", "slow"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torpor.cli.main",
+                "--api",
+                api,
+                "--state-dir",
+                str(state),
+                "logs",
+                "slow",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0 and "serving handler:handle" in out.stdout, out.stderr
         # one gateway goes away; the other keeps serving
         procs[2].terminate()

@@ -26,7 +26,7 @@ IMAGE = "torpor-test/knative-hello:1"  # the name the Knative samples use
 OPENFAAS_IMAGE = "torpor-test/openfaas-resizer:1"  # the stack's `lang: dockerfile` function
 
 # A container written for Knative: serves HTTP on $PORT, knows nothing of Torpor.
-SERVE = r'''
+SERVE = r"""
 import http.server, json, os, select, signal, sys, tempfile
 
 args = sys.argv[1:]
@@ -93,7 +93,7 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 print("serving on", os.environ["PORT"], flush=True)
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,10 @@ def engine():
 @pytest.fixture(scope="module")
 def images(engine):
     base = "torpor/python-base:bookworm"
-    dockerfile = (f"FROM {base}\nCOPY serve.py /app/serve.py\nUSER 65534:65534\nEXPOSE 8080\n"
-                  'CMD ["python3", "/app/serve.py"]\n')
+    dockerfile = (
+        f"FROM {base}\nCOPY serve.py /app/serve.py\nUSER 65534:65534\nEXPOSE 8080\n"
+        'CMD ["python3", "/app/serve.py"]\n'
+    )
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, text in (("Dockerfile", dockerfile), ("serve.py", SERVE)):
@@ -117,8 +119,9 @@ def images(engine):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     buf.seek(0)
-    image, _ = engine.images.build(fileobj=buf, custom_context=True, tag=IMAGE, labels={"torpor.test": "1"},
-                                   rm=True)
+    image, _ = engine.images.build(
+        fileobj=buf, custom_context=True, tag=IMAGE, labels={"torpor.test": "1"}, rm=True
+    )
     image.tag(OPENFAAS_IMAGE)
     yield IMAGE
     for tag in (IMAGE, OPENFAAS_IMAGE):
@@ -134,7 +137,9 @@ def up(tmp_path: Path, engine, images):
         yield t
     from torpor.drivers.docker import INSTANCE, instance_id
 
-    for c in engine.containers.list(all=True, filters={"label": f"{INSTANCE}={instance_id(tmp_path / 'state')}"}):
+    for c in engine.containers.list(
+        all=True, filters={"label": f"{INSTANCE}={instance_id(tmp_path / 'state')}"}
+    ):
         c.remove(force=True)
 
 
@@ -144,12 +149,17 @@ def set_secret(up: Torpor, name: str, value: str, tmp_path: Path) -> None:
     up.cli("secret", "set", name, "--from-file", str(f))
 
 
-def test_a_knative_service_runs_unchanged_with_the_runtime_contract(up: Torpor, tmp_path: Path, engine) -> None:
+def test_a_knative_service_runs_unchanged_with_the_runtime_contract(
+    up: Torpor, tmp_path: Path, engine
+) -> None:
     set_secret(up, "db-password", "hunter2", tmp_path)
     r = up.cli("deploy", str(SAMPLES / "knative" / "hello.yaml"))
     assert r.stdout.strip() == f"http://hello.torpor.localhost:{up.port}/"
-    for named in ("spec.template.spec.nodeSelector: scheduling field, ignored", "spec.template.spec.tolerations",
-                  "containers[0].readinessProbe"):
+    for named in (
+        "spec.template.spec.nodeSelector: scheduling field, ignored",
+        "spec.template.spec.tolerations",
+        "containers[0].readinessProbe",
+    ):
         assert named in r.stderr, r.stderr
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     host = f"hello.torpor.localhost:{up.port}"
@@ -157,35 +167,59 @@ def test_a_knative_service_runs_unchanged_with_the_runtime_contract(up: Torpor, 
     assert resp.status_code == 200, resp.text
     got = resp.json()
     assert got["argv"] == ["/app/serve.py", "--greeting", "Hello"]  # command + args
-    assert got["env"] == {"PORT": "8081", "K_SERVICE": "hello", "K_CONFIGURATION": "hello",
-                          "K_REVISION": "hello-00001", "TARGET": "World", "DB_PASSWORD": "hunter2"}
+    assert got["env"] == {
+        "PORT": "8081",
+        "K_SERVICE": "hello",
+        "K_CONFIGURATION": "hello",
+        "K_REVISION": "hello-00001",
+        "TARGET": "World",
+        "DB_PASSWORD": "hunter2",
+    }
     h = got["headers"]
     assert h["host"] == host  # the client's Host
     assert h["traceparent"] == trace
     assert h["x-forwarded-proto"] == "http" and h["x-forwarded-for"] == "127.0.0.1"
-    assert "for=" in h["forwarded"] and "proto=http" in h["forwarded"] and f'host="{host}"' in h["forwarded"]
+    assert (
+        "for=" in h["forwarded"]
+        and "proto=http" in h["forwarded"]
+        and f'host="{host}"' in h["forwarded"]
+    )
     assert got["tmp_writable"] is True and got["stdin"] == "eof"
     cg = got["cgroup"]
     assert cg["memory"] == str(128 * 2**20)  # resources.limits.memory
     assert int(cg["cpu_quota"]) == int(cg["cpu_period"])  # limits.cpu "1"
     fn = up.function("hello")
     spec = fn["revisions"][0]["spec"]
-    assert spec["scale"]["max"] == 5 and spec["scale"]["concurrency"] == 50 and spec["labels"]["team"] == "web"
-    [c] = [c for c in engine.containers.list(filters={"label": ["torpor.function=hello",
-                                                                "torpor.revision=hello-00001"]})]
+    assert (
+        spec["scale"]["max"] == 5
+        and spec["scale"]["concurrency"] == 50
+        and spec["labels"]["team"] == "web"
+    )
+    [c] = [
+        c
+        for c in engine.containers.list(
+            filters={"label": ["torpor.function=hello", "torpor.revision=hello-00001"]}
+        )
+    ]
     assert c.labels["team"] == "web" and c.labels["app"] == "hello"
     out = yaml.safe_load(up.cli("export", "hello", "--format", "knative").stdout)
     container = out["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == IMAGE and container["args"] == ["--greeting", "Hello"]
-    assert {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db-password", "key": "db-password"}}} \
-        in container["env"]
+    assert {
+        "name": "DB_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "db-password", "key": "db-password"}},
+    } in container["env"]
 
 
-def test_knative_traffic_blocks_and_a_container_that_never_becomes_ready(up: Torpor, tmp_path: Path) -> None:
+def test_knative_traffic_blocks_and_a_container_that_never_becomes_ready(
+    up: Torpor, tmp_path: Path
+) -> None:
     # two Services in one file; greeter's traffic names a revision Torpor does not have: nothing is deployed
     r = up.cli("deploy", str(SAMPLES / "knative" / "two-services.yaml"), check=False)
     assert r.returncode != 0
-    assert "spec.traffic names revision 'greeter-00001', which Torpor does not have" in r.stderr, r.stderr
+    assert "spec.traffic names revision 'greeter-00001', which Torpor does not have" in r.stderr, (
+        r.stderr
+    )
     assert up.api_call("GET", "/v1/functions/echo").status_code == 404
     # split: a first revision, then the file's 80/20 split with a tag on the new one
     doc = yaml.safe_load((SAMPLES / "knative" / "split.yaml").read_text())
@@ -193,20 +227,40 @@ def test_knative_traffic_blocks_and_a_container_that_never_becomes_ready(up: Tor
     (tmp_path / "first.yaml").write_text(yaml.safe_dump(first))
     up.cli("deploy", str(tmp_path / "first.yaml"))
     up.cli("deploy", str(SAMPLES / "knative" / "split.yaml"))
-    assert up.function("split")["traffic"] == [{"revision": "split-00001", "percent": 80, "tag": None},
-                                               {"revision": "split-00002", "percent": 20, "tag": "blue"}]
+    assert up.function("split")["traffic"] == [
+        {"revision": "split-00001", "percent": 80, "tag": None},
+        {"revision": "split-00002", "percent": 20, "tag": "blue"},
+    ]
     assert up.request("split", "/", tag="blue").headers["x-torpor-revision"] == "split-00002"
     # a container that exits before it ever serves: the revision fails with the reason, traffic stays
     crash = dict(first)
-    crash["spec"] = {"template": {"spec": {"containers": [{
-        "image": IMAGE, "command": ["python3", "-c", "import sys; print('no port for you'); sys.exit(3)"]}]}}}
+    crash["spec"] = {
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "image": IMAGE,
+                        "command": [
+                            "python3",
+                            "-c",
+                            "import sys; print('no port for you'); sys.exit(3)",
+                        ],
+                    }
+                ]
+            }
+        }
+    }
     (tmp_path / "crash.yaml").write_text(yaml.safe_dump(crash))
     r = up.cli("deploy", str(tmp_path / "crash.yaml"), check=False)
     assert r.returncode != 0 and "split-00003 failed" in r.stderr, r.stderr
     rev = up.function("split")["revisions"][2]
     assert rev["status"] == "failed"
     assert "exited before becoming ready" in rev["reason"] and "no port for you" in rev["reason"]
-    assert up.function("split")["traffic"][0] == {"revision": "split-00001", "percent": 80, "tag": None}
+    assert up.function("split")["traffic"][0] == {
+        "revision": "split-00001",
+        "percent": 80,
+        "tag": None,
+    }
 
 
 def test_openfaas_dockerfile_function_runs_its_image(up: Torpor) -> None:
@@ -222,9 +276,18 @@ async def test_sigterm_then_the_grace_period_then_sigkill(tmp_path: Path, engine
     """An image that ignores SIGTERM is killed once the grace period is over."""
     driver = DockerDriver(tmp_path / "state")
     name = f"term-{uuid.uuid4().hex[:6]}"
-    rev = Revision(name=f"{name}-00001", function=name, number=1,
-                   spec=Spec(name=name, handler=None, image=IMAGE, command=["python3", "/app/serve.py"],
-                             args=["--ignore-term"]))
+    rev = Revision(
+        name=f"{name}-00001",
+        function=name,
+        number=1,
+        spec=Spec(
+            name=name,
+            handler=None,
+            image=IMAGE,
+            command=["python3", "/app/serve.py"],
+            args=["--ignore-term"],
+        ),
+    )
     try:
         rev = await driver.prepare(rev)
         running = await driver.start(rev, f"{rev.name}-r1")
@@ -234,7 +297,9 @@ async def test_sigterm_then_the_grace_period_then_sigkill(tmp_path: Path, engine
                 break
             await asyncio.sleep(0.05)
         stop = asyncio.create_task(driver.stop(running, grace=5))
-        for _ in range(200):  # SIGTERM arrived and was ignored: still running inside the grace period
+        for _ in range(
+            200
+        ):  # SIGTERM arrived and was ignored: still running inside the grace period
             if b"SIGTERM received" in container.logs():
                 break
             await asyncio.sleep(0.05)

@@ -347,10 +347,14 @@ async def test_drivers_on_other_state_dirs_do_not_see_each_other(env: Env, tmp_p
         await other.close()
 
 
-async def test_two_installations_build_the_same_revision_into_their_own_images(env: Env, tmp_path: Path) -> None:
+async def test_two_installations_build_the_same_revision_into_their_own_images(
+    env: Env, tmp_path: Path
+) -> None:
     rev = await env.prepare(env.revision())
     other = DockerDriver(tmp_path / "other-state")
-    twin = Revision(name=rev.name, function=rev.function, number=1, spec=rev.spec, source=rev.source)
+    twin = Revision(
+        name=rev.name, function=rev.function, number=1, spec=rev.spec, source=rev.source
+    )
     try:
         await other.prepare(twin, progress=lambda _line: None)
         assert twin.image and rev.image and twin.image != rev.image

@@ -95,7 +95,9 @@ class Env:
         return running
 
     def networks(self) -> list[dict[str, Any]]:
-        return list(self.engine.api.networks(filters={"label": [f"torpor.instance={self.driver.instance}"]}))
+        return list(
+            self.engine.api.networks(filters={"label": [f"torpor.instance={self.driver.instance}"]})
+        )
 
     async def cleanup(self) -> None:
         for d in self.drivers:
@@ -125,7 +127,9 @@ async def wait_healthy(endpoint: str, timeout: float = 30.0) -> None:
     async with httpx.AsyncClient(trust_env=False) as client:
         while loop.time() < deadline:
             try:
-                if (await client.get(f"http://{endpoint}/_torpor/health", timeout=2.0)).status_code == 200:
+                if (
+                    await client.get(f"http://{endpoint}/_torpor/health", timeout=2.0)
+                ).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -143,10 +147,13 @@ def addresses(engine: docker.DockerClient, running: Running) -> tuple[str, str]:
 
 async def probe(engine: docker.DockerClient, running: Running, host: str, port: int) -> str:
     """Connect from inside ``running`` to ``host:port``; CONNECTED or FAILED <why>."""
+
     def run() -> str:
         result = engine.containers.get(running.driver_id).exec_run(
-            ["python3", "-c", PROBE, host, str(port), str(PROBE_TIMEOUT)])
+            ["python3", "-c", PROBE, host, str(port), str(PROBE_TIMEOUT)]
+        )
         return str(result.output.decode(errors="replace").strip())
+
     return await asyncio.wait_for(asyncio.to_thread(run), PROBE_TIMEOUT + 20)
 
 
@@ -189,8 +196,9 @@ def _host_connects(host: str, port: int) -> bool:
 
 
 @pytest.mark.security
-async def test_a_replica_connects_to_another_functions_replica(env: Env, engine: docker.DockerClient,
-                                                               attack: Any) -> None:
+async def test_a_replica_connects_to_another_functions_replica(
+    env: Env, engine: docker.DockerClient, attack: Any
+) -> None:
     """Replica of function A connects to replica B's container IP:port"""
     a = await env.up(await env.revision())
     b = await env.up(await env.revision())
@@ -209,15 +217,18 @@ async def test_a_replica_connects_to_another_functions_replica(env: Env, engine:
 
 
 @pytest.mark.security
-async def test_a_replica_connects_to_a_host_service_on_all_interfaces(env: Env, engine: docker.DockerClient,
-                                                                     host_listener: int, attack: Any) -> None:
+async def test_a_replica_connects_to_a_host_service_on_all_interfaces(
+    env: Env, engine: docker.DockerClient, host_listener: int, attack: Any
+) -> None:
     """Replica connects to a host port bound to 0.0.0.0 (API, Redis) via the bridge gateway"""
     a = await env.up(await env.revision())
     _, gateway = addresses(engine, a)
     ipam = engine.api.inspect_network("bridge")["IPAM"]["Config"][0]  # docker0, another bridge
     default_gateway = ipam.get("Gateway") or str(ipaddress.ip_network(ipam["Subnet"])[1])
     assert _host_connects("127.0.0.1", host_listener), "the listener does not answer on the host"
-    assert _host_connects(gateway, host_listener), "the listener does not answer on the bridge address"
+    assert _host_connects(gateway, host_listener), (
+        "the listener does not answer on the bridge address"
+    )
     seen = {ip: await probe(engine, a, ip, host_listener) for ip in (gateway, default_gateway)}
     attack.ended(f"{seen}")
     assert all(v.startswith("FAILED") for v in seen.values()), seen
@@ -226,15 +237,19 @@ async def test_a_replica_connects_to_a_host_service_on_all_interfaces(env: Env, 
         assert (await client.get(f"http://{a.endpoint}/", timeout=10)).text == "hello from /"
 
 
-async def test_replicas_of_one_function_share_a_labelled_network_without_icc(env: Env,
-                                                                            engine: docker.DockerClient) -> None:
+async def test_replicas_of_one_function_share_a_labelled_network_without_icc(
+    env: Env, engine: docker.DockerClient
+) -> None:
     rev = await env.revision()
     one = await env.up(rev)
     two = await env.up(rev)
     name = network_name(env.driver.instance, rev.function)
     net = engine.api.inspect_network(name)
-    assert net["Labels"] == {"torpor.managed": "true", "torpor.instance": env.driver.instance,
-                             "torpor.function": rev.function}
+    assert net["Labels"] == {
+        "torpor.managed": "true",
+        "torpor.instance": env.driver.instance,
+        "torpor.function": rev.function,
+    }
     assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert net["Options"]["com.docker.network.bridge.name"].startswith("torpor")
     assert not net["Internal"]  # egress is kept
@@ -245,7 +260,9 @@ async def test_replicas_of_one_function_share_a_labelled_network_without_icc(env
     assert (await probe(engine, one, two_ip, 8080)).startswith("FAILED")  # no ICC, even within
 
 
-async def test_the_network_is_adopted_after_a_restart_and_removed_with_the_function(env: Env) -> None:
+async def test_the_network_is_adopted_after_a_restart_and_removed_with_the_function(
+    env: Env,
+) -> None:
     rev = await env.revision()
     first = await env.up(rev)
     name = network_name(env.driver.instance, rev.function)
@@ -264,11 +281,15 @@ async def test_the_network_is_adopted_after_a_restart_and_removed_with_the_funct
     assert env.networks() == []
 
 
-async def test_a_start_recreates_a_network_removed_under_the_driver(env: Env, engine: docker.DockerClient) -> None:
+async def test_a_start_recreates_a_network_removed_under_the_driver(
+    env: Env, engine: docker.DockerClient
+) -> None:
     rev = await env.revision()
     first = await env.up(rev)
     await env.driver.stop(first, grace=0)
-    engine.api.remove_network(network_name(env.driver.instance, rev.function))  # e.g. `docker network prune`
+    engine.api.remove_network(
+        network_name(env.driver.instance, rev.function)
+    )  # e.g. `docker network prune`
     again = await env.up(rev)  # the driver still has the old network cached
     async with httpx.AsyncClient(trust_env=False) as client:
         assert (await client.get(f"http://{again.endpoint}/", timeout=10)).text == "hello from /"
@@ -287,8 +308,12 @@ async def test_the_host_firewall_rule_is_installed(env: Env) -> None:
     """Root with iptables (as here and in CI): the INPUT and the link-local rules are in
     place after a start (the metadata address itself is never probed: not ours)."""
     await env.up(await env.revision())
-    r = subprocess.run(["iptables", "-w", "5", "-C", "INPUT", *FIREWALL_RULE], capture_output=True, text=True)
+    r = subprocess.run(
+        ["iptables", "-w", "5", "-C", "INPUT", *FIREWALL_RULE], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["iptables", "-w", "5", "-C", "DOCKER-USER", *METADATA_RULE], capture_output=True, text=True)
+    r = subprocess.run(
+        ["iptables", "-w", "5", "-C", "DOCKER-USER", *METADATA_RULE], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert env.driver.networks.firewall_problem is None

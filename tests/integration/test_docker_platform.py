@@ -49,7 +49,9 @@ def plain_image(engine):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     buf.seek(0)
-    engine.images.build(fileobj=buf, custom_context=True, tag=IMAGE_FN_TAG, labels={"torpor.test": "1"}, rm=True)
+    engine.images.build(
+        fileobj=buf, custom_context=True, tag=IMAGE_FN_TAG, labels={"torpor.test": "1"}, rm=True
+    )
     yield IMAGE_FN_TAG
     try:
         engine.images.remove(IMAGE_FN_TAG, force=True)
@@ -90,13 +92,21 @@ def containers(engine, function: str, state: Path) -> list:
     raise AssertionError("unreachable")
 
 
-def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path, engine, plain_image) -> None:
+def test_source_and_image_functions_run_as_locked_down_containers(
+    tmp_path: Path, engine, plain_image
+) -> None:
     with torpor_up(tmp_path / "state", driver="docker") as t:
         assert "driver=docker" in t.log.read_text()
-        t.deploy(function_copy(tmp_path, "hello", scale={"idle": "3s"}, resources={"cpu": 0.5, "memory": "128Mi"}))
+        t.deploy(
+            function_copy(
+                tmp_path, "hello", scale={"idle": "3s"}, resources={"cpu": 0.5, "memory": "128Mi"}
+            )
+        )
         img_dir = tmp_path / "plain"
         img_dir.mkdir()
-        (img_dir / "torpor.yaml").write_text(f"name: plain\nimage: {plain_image}\nscale: {{idle: 3s}}\n")
+        (img_dir / "torpor.yaml").write_text(
+            f"name: plain\nimage: {plain_image}\nscale: {{idle: 3s}}\n"
+        )
         t.deploy(img_dir)
         for name, body in (("hello", "hello, world!\n"), ("plain", "plain image says hi\n")):
             r = t.request(name)
@@ -114,9 +124,18 @@ def test_source_and_image_functions_run_as_locked_down_containers(tmp_path: Path
                 assert all(b["HostIp"] == "127.0.0.1" for b in binding)
             mounts = [m.get("Source", "") for m in c.attrs.get("Mounts", [])]
             assert not any("docker.sock" in m for m in mounts)
-        assert engine.containers.get(containers(engine, "hello", t.state_dir)[0].id).attrs["HostConfig"]["Memory"] == 128 * 2**20
+        assert (
+            engine.containers.get(containers(engine, "hello", t.state_dir)[0].id).attrs[
+                "HostConfig"
+            ]["Memory"]
+            == 128 * 2**20
+        )
         # idle -> no container; the next request cold-starts one
-        t.wait_for(lambda: not [c for c in containers(engine, "hello", t.state_dir)], 40, "hello containers gone after idle")
+        t.wait_for(
+            lambda: not [c for c in containers(engine, "hello", t.state_dir)],
+            40,
+            "hello containers gone after idle",
+        )
         r = t.request("hello", "/?name=again")
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
         logs = t.cli("logs", "hello").stdout
@@ -134,14 +153,18 @@ def test_kill_9_then_restart_keeps_exactly_the_expected_containers(tmp_path: Pat
         assert len(before) == 2
     finally:
         t.stop(signal.SIGKILL)
-    assert len(containers(engine, "hello", state)) == 2, "containers must outlive a kill -9 of torpor up"
+    assert len(containers(engine, "hello", state)) == 2, (
+        "containers must outlive a kill -9 of torpor up"
+    )
     with torpor_up(state, driver="docker") as t2:
         t2.wait_for(lambda: len(t2.ready_replicas("hello")) == 2, 60, "adopted replicas ready")
         time.sleep(2)  # a few reconcile passes: nothing new may start
         after = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello", state))
         assert after == before
         assert t2.request("hello").status_code == 200
-    assert containers(engine, "hello", state) == [], "torpor up's clean shutdown leaves no container"
+    assert containers(engine, "hello", state) == [], (
+        "torpor up's clean shutdown leaves no container"
+    )
 
 
 def test_broken_build_leaves_previous_revision_serving(tmp_path: Path, engine) -> None:

@@ -46,21 +46,35 @@ def test_new_then_deploy_answers_get_slash_with_200(up: Torpor, tmp_path: Path) 
     assert resp.status_code == 200 and resp.json() == {"received": {"a": 1}}
 
 
-def test_quiet_prints_only_the_url_and_events_keep_one_line_per_build(up: Torpor, tmp_path: Path) -> None:
+def test_quiet_prints_only_the_url_and_events_keep_one_line_per_build(
+    up: Torpor, tmp_path: Path
+) -> None:
     folder = function_copy(tmp_path, "hello")
     r = up.cli("deploy", str(folder), "-q")
     assert r.stdout == f"http://hello.torpor.localhost:{up.port}/\n" and r.stderr == ""
     up.cli("deploy", str(folder), "-q")
-    events = up.api_call("GET", "/v1/functions/hello/events", params={"limit": 200}).json()["events"]
+    events = up.api_call("GET", "/v1/functions/hello/events", params={"limit": 200}).json()[
+        "events"
+    ]
     builds = [e for e in events if e["kind"] == "build"]
     assert [e["message"].split(":")[0] for e in builds] == ["hello-00001"] * 2 + ["hello-00002"] * 2
-    assert [("started" in e["message"], "built in" in e["message"]) for e in builds] == \
-        [(True, False), (False, True)] * 2
-    assert all("log" not in e["data"] and "log_lines" in e["data"] for e in builds if "built in" in e["message"])
+    assert [("started" in e["message"], "built in" in e["message"]) for e in builds] == [
+        (True, False),
+        (False, True),
+    ] * 2
+    assert all(
+        "log" not in e["data"] and "log_lines" in e["data"]
+        for e in builds
+        if "built in" in e["message"]
+    )
     log = up.cli("logs", "hello", "--build").stdout
     assert log.strip().splitlines()[-1].startswith("hello-00002: built in ")
-    assert up.cli("logs", "hello", "--build", "hello-00001").stdout.strip().splitlines()[-1].startswith(
-        "hello-00001: built in ")
+    assert (
+        up.cli("logs", "hello", "--build", "hello-00001")
+        .stdout.strip()
+        .splitlines()[-1]
+        .startswith("hello-00001: built in ")
+    )
     missing = up.cli("logs", "hello", "--build", "hello-00042", check=False)
     assert missing.returncode == 3 and "no revision" in missing.stderr
 
@@ -72,7 +86,9 @@ def test_a_failed_build_shows_its_failing_lines_without_v(up: Torpor, tmp_path: 
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == ""
     assert "hello-00001: build failed after" in r.stderr
-    assert "torpor-surely-no-such-package-4b1d" in r.stderr, r.stderr  # pip's own words, not just "failed"
+    assert "torpor-surely-no-such-package-4b1d" in r.stderr, (
+        r.stderr
+    )  # pip's own words, not just "failed"
     assert len(r.stderr.splitlines()) <= 14
     log = up.cli("logs", "hello", "--build").stdout
     assert "build failed" in log
@@ -137,8 +153,14 @@ def test_docker_deploy_of_hello_prints_at_most_ten_lines(tmp_path: Path) -> None
         assert "image " in built and " MB" in built and "cached" in built, built
         assert up.request("hello", "/?name=docker").text == "hello, docker!\n"
         verbose = up.cli("deploy", str(FUNCTIONS / "hello"), "-v", timeout=600)
-        assert any("Step " in line for line in verbose.stderr.splitlines()), verbose.stderr  # the whole log
-        again = next(line for line in verbose.stderr.splitlines() if line.startswith("hello-00002: built in "))
+        assert any("Step " in line for line in verbose.stderr.splitlines()), (
+            verbose.stderr
+        )  # the whole log
+        again = next(
+            line
+            for line in verbose.stderr.splitlines()
+            if line.startswith("hello-00002: built in ")
+        )
         assert again.endswith(", cached"), again  # same folder: every COPY/RUN layer reused
         log = up.cli("logs", "hello", "--build", "hello-00001").stdout
         assert "Step 1/" in log and log.strip().splitlines()[-1] == built
@@ -146,8 +168,13 @@ def test_docker_deploy_of_hello_prints_at_most_ten_lines(tmp_path: Path) -> None
         assert "Step " not in describe
         folder = tmp_path / "fresh"
         folder.mkdir()
-        new = subprocess.run([sys.executable, "-m", "torpor.cli.main", "new", "fresh-fn", "--dir", str(folder)],
-                             capture_output=True, text=True, timeout=60, env=up.env)
+        new = subprocess.run(
+            [sys.executable, "-m", "torpor.cli.main", "new", "fresh-fn", "--dir", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=up.env,
+        )
         assert new.returncode == 0, new.stderr
         up.cli("deploy", str(folder / "fresh-fn"), "-q", timeout=600)
         assert up.request("fresh-fn", "/").status_code == 200
@@ -170,7 +197,9 @@ def test_the_dashboard_feed_counts_a_burst_over_redis(tmp_path: Path, redis_url:
             browser.cookies.clear()
             best = 0.0
             with browser.stream("GET", "/v1/ui/stream", headers={"Cookie": session}) as feed:
-                assert feed.status_code == 200 and feed.headers["content-type"].startswith("text/event-stream")
+                assert feed.status_code == 200 and feed.headers["content-type"].startswith(
+                    "text/event-stream"
+                )
                 sent = 0
                 deadline = time.monotonic() + 30
                 for line in feed.iter_lines():

@@ -36,8 +36,11 @@ import redis
 from helpers import free_port
 from platform_proc import DOMAIN, function_copy
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow,
-              pytest.mark.skipif(isolated.available() is not None, reason=str(isolated.available()))]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.slow,
+    pytest.mark.skipif(isolated.available() is not None, reason=str(isolated.available())),
+]
 
 TTL = 3.0  # --lease-ttl of both controllers
 TOKEN = "failover-drill-token-0123456789"
@@ -72,9 +75,27 @@ class Redis:
     def start(self) -> None:
         with open(self.dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.dir),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         client = redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=1)
         try:
             _wait(lambda: self._ping(client), 10, "redis-server to answer PING")
@@ -110,18 +131,33 @@ class Cluster:
         """A component in its own mount namespace over a private tmpfs state dir (as on a host
         of its own: no component can read another's state dir)."""
         state = self.dir / f"state-{name}"
-        proc = isolated.spawn(state, [*args, "--redis", self.redis, "--log-level", "warning"], self.log, self.env)
+        proc = isolated.spawn(
+            state, [*args, "--redis", self.redis, "--log-level", "warning"], self.log, self.env
+        )
         self.procs[name] = proc
         return proc
 
     def controller(self, name: str) -> str:
         """Start controller ``name``; returns its health URL once it answers /readyz."""
         port = free_port()
-        self._start(name, "controller", "--driver", "docker", "--lease-ttl", str(TTL), "--health-port", str(port),
-                    "--health-host", "127.0.0.1")
+        self._start(
+            name,
+            "controller",
+            "--driver",
+            "docker",
+            "--lease-ttl",
+            str(TTL),
+            "--health-port",
+            str(port),
+            "--health-host",
+            "127.0.0.1",
+        )
         url = f"http://127.0.0.1:{port}"
-        _wait(lambda: self._alive(name) and httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 60,
-              f"controller {name} ready")
+        _wait(
+            lambda: self._alive(name) and httpx.get(f"{url}/readyz", timeout=1).status_code == 200,
+            60,
+            f"controller {name} ready",
+        )
         return url
 
     def _alive(self, name: str) -> bool:
@@ -133,10 +169,18 @@ class Cluster:
         self._start("api", "api", "--api-port", str(self.api_port), "--port", gw_ports[0])
         for i, port in enumerate(gw_ports):
             self._start(f"gw{i + 1}", "gateway", "--port", port)
-        for name, url in (("api", f"{self.api}/healthz"), ("gw1", f"{self.gateways[0]}/healthz"),
-                          ("gw2", f"{self.gateways[1]}/healthz")):
-            _wait(lambda url=url, name=name: self._alive(name) and httpx.get(url, timeout=1).status_code == 200,
-                  30, f"{name} to answer")
+        for name, url in (
+            ("api", f"{self.api}/healthz"),
+            ("gw1", f"{self.gateways[0]}/healthz"),
+            ("gw2", f"{self.gateways[1]}/healthz"),
+        ):
+            _wait(
+                lambda url=url, name=name: (
+                    self._alive(name) and httpx.get(url, timeout=1).status_code == 200
+                ),
+                30,
+                f"{name} to answer",
+            )
 
     def kill9(self, name: str) -> float:
         proc = self.procs.pop(name)
@@ -155,8 +199,13 @@ class Cluster:
                 p.kill()
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.api + path, headers={"Authorization": f"Bearer {TOKEN}"},
-                             timeout=kw.pop("timeout", 10), **kw)
+        return httpx.request(
+            method,
+            self.api + path,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=kw.pop("timeout", 10),
+            **kw,
+        )
 
     def status(self) -> dict[str, Any]:
         r = self.call("GET", "/v1/status")
@@ -169,13 +218,22 @@ class Cluster:
         return list(r.json()["replicas"])
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", self.api, *args], env=self.env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"torpor {' '.join(args)}: {out.stderr}\n{self.log.read_text()[-3000:]}"
+        out = subprocess.run(
+            [sys.executable, "-m", "torpor.cli.main", "--api", self.api, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, (
+            f"torpor {' '.join(args)}: {out.stderr}\n{self.log.read_text()[-3000:]}"
+        )
         return out.stdout
 
     def get(self, gateway: int, path: str = "/?ms=20", timeout: float = 60) -> httpx.Response:
-        return httpx.get(self.gateways[gateway] + path, headers={"Host": f"{FN}.{DOMAIN}"}, timeout=timeout)
+        return httpx.get(
+            self.gateways[gateway] + path, headers={"Host": f"{FN}.{DOMAIN}"}, timeout=timeout
+        )
 
 
 class Traffic:
@@ -187,7 +245,9 @@ class Traffic:
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)
+        ]
 
     def _run(self, i: int) -> None:
         n = 0
@@ -196,7 +256,9 @@ class Traffic:
                 gw = (i + n) % 2
                 n += 1
                 try:
-                    r = client.get(self.cluster.gateways[gw] + "/?ms=20", headers={"Host": f"{FN}.{DOMAIN}"})
+                    r = client.get(
+                        self.cluster.gateways[gw] + "/?ms=20", headers={"Host": f"{FN}.{DOMAIN}"}
+                    )
                     outcome = str(r.status_code)
                 except httpx.HTTPError as e:
                     outcome = f"{type(e).__name__}"
@@ -230,7 +292,9 @@ def engine() -> Iterator[docker.DockerClient]:
     client.close()
 
 
-def _containers(engine: docker.DockerClient, instance: str | None = None, running: bool = False) -> list[Any]:
+def _containers(
+    engine: docker.DockerClient, instance: str | None = None, running: bool = False
+) -> list[Any]:
     labels = [f"torpor.function={FN}"] + ([f"torpor.instance={instance}"] if instance else [])
     return list(engine.containers.list(all=not running, filters={"label": labels}))
 
@@ -267,8 +331,12 @@ def cluster(tmp_path: Path, engine: docker.DockerClient) -> Iterator[tuple[Clust
 
 
 def _deploy(c: Cluster, tmp_path: Path) -> None:
-    folder = function_copy(tmp_path, FN, scale={"idle": "3s", "window": "6s", "target": 5},
-                           env={"SLEEP_MS": "1", "FAIL_RATE": "0"})
+    folder = function_copy(
+        tmp_path,
+        FN,
+        scale={"idle": "3s", "window": "6s", "target": 5},
+        env={"SLEEP_MS": "1", "FAIL_RATE": "0"},
+    )
     c.cli("deploy", str(folder))
 
 
@@ -293,8 +361,9 @@ def _at_zero_and_nothing_runs(c: Cluster, engine: docker.DockerClient, instance:
     assert not running, f"the API reports zero replicas but {[x.name for x in running]} run"
 
 
-def test_kill_9_each_controller_in_turn_during_a_burst(tmp_path: Path, cluster: tuple[Cluster, Redis],
-                                                       engine: docker.DockerClient) -> None:
+def test_kill_9_each_controller_in_turn_during_a_burst(
+    tmp_path: Path, cluster: tuple[Cluster, Redis], engine: docker.DockerClient
+) -> None:
     c, _ = cluster
     c.controller("c1")
     c.start_rest()
@@ -315,26 +384,43 @@ def test_kill_9_each_controller_in_turn_during_a_burst(tmp_path: Path, cluster: 
         with Traffic(c, workers=6) as traffic:
             _wait(lambda: traffic.count() >= 50, 30, "the burst to be under way")
             killed_at = c.kill9(victim)
-            new = _wait(functools.partial(_new_leader, c, lead), TTL * 4, f"a new leader after killing {victim}")
-            _wait(functools.partial(_more, traffic, traffic.count() + 50), 30, "the burst to go on after the takeover")
+            new = _wait(
+                functools.partial(_new_leader, c, lead),
+                TTL * 4,
+                f"a new leader after killing {victim}",
+            )
+            _wait(
+                functools.partial(_more, traffic, traffic.count() + 50),
+                30,
+                "the burst to go on after the takeover",
+            )
         # takeover within the TTL, as the status endpoint tells it (both processes on this host)
         assert new["token"] > lead["token"]
         assert new["pid"] == c.procs[spare[victim]].pid
         assert new["since"] - killed_at <= TTL + 0.25, (new, killed_at)
-        print(f"round {round_}: killed {victim}; {new['id']} leads {new['since'] - killed_at:.2f}s later "
-              f"(ttl {TTL:g}s); burst {dict(traffic.results)}")
-        assert not traffic.failures, f"round {round_}: {Counter(traffic.failures)} of {dict(traffic.results)}"
+        print(
+            f"round {round_}: killed {victim}; {new['id']} leads {new['since'] - killed_at:.2f}s later "
+            f"(ttl {TTL:g}s); burst {dict(traffic.results)}"
+        )
+        assert not traffic.failures, (
+            f"round {round_}: {Counter(traffic.failures)} of {dict(traffic.results)}"
+        )
         assert traffic.results["200"] >= 100
         # the killed one comes back as the standby
         c.controller(victim)
         roles = {x["pid"]: x["role"] for x in c.status()["controllers"]}
-        assert roles.get(c.procs[victim].pid) == "standby" and roles.get(new["pid"]) == "leader", roles
+        assert roles.get(c.procs[victim].pid) == "standby" and roles.get(new["pid"]) == "leader", (
+            roles
+        )
         # one installation identity on every container of the function
         assert {ct.labels.get("torpor.instance") for ct in _containers(engine)} <= {instance}
         # at zero nothing runs; a wake from zero works through either gateway
         _at_zero_and_nothing_runs(c, engine, instance)
         r = c.get(wake_through)
-        assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true", (r.status_code, r.headers)
+        assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true", (
+            r.status_code,
+            r.headers,
+        )
         r = c.get(1 - wake_through)
         assert r.status_code == 200
         lead = new
@@ -343,8 +429,9 @@ def test_kill_9_each_controller_in_turn_during_a_burst(tmp_path: Path, cluster: 
     _at_zero_and_nothing_runs(c, engine, instance)
 
 
-def test_redis_restart_while_warm_traffic_flows(tmp_path: Path, cluster: tuple[Cluster, Redis],
-                                                engine: docker.DockerClient) -> None:
+def test_redis_restart_while_warm_traffic_flows(
+    tmp_path: Path, cluster: tuple[Cluster, Redis], engine: docker.DockerClient
+) -> None:
     c, rs = cluster
     c.controller("c1")
     c.start_rest()
@@ -361,8 +448,11 @@ def test_redis_restart_while_warm_traffic_flows(tmp_path: Path, cluster: tuple[C
         rs.stop()
         down, down_at = traffic.count(), time.monotonic()
         # down for longer than the lease: the leader must give way and a leader sync afresh after
-        _wait(lambda: traffic.count() >= down + 50 and time.monotonic() - down_at > TTL + 1, 30,
-              "the gateways to serve on while Redis is down")
+        _wait(
+            lambda: traffic.count() >= down + 50 and time.monotonic() - down_at > TTL + 1,
+            30,
+            "the gateways to serve on while Redis is down",
+        )
         served_while_down = traffic.count() - down
         rs.start()
         # the API's first call after the restart succeeds
@@ -377,8 +467,17 @@ def test_redis_restart_while_warm_traffic_flows(tmp_path: Path, cluster: tuple[C
     assert [r["name"] for r in fn_after["revisions"]] == [r["name"] for r in fn_before["revisions"]]
     assert fn_after["traffic"] == fn_before["traffic"]
     # a leader again, with both controllers and both gateways heartbeating
-    st = _wait(lambda: (lambda s: s if s["leader"] and len(s["controllers"]) == 2 and len(s["gateways"]) == 2
-                        else None)(c.status()), TTL * 4, "every component back in the status")
+    st = _wait(
+        lambda: (
+            lambda s: (
+                s
+                if s["leader"] and len(s["controllers"]) == 2 and len(s["gateways"]) == 2
+                else None
+            )
+        )(c.status()),
+        TTL * 4,
+        "every component back in the status",
+    )
     assert st["instance"] == instance
     # scale-to-zero resumes, and nothing is duplicated: no container runs once the API says zero
     _at_zero_and_nothing_runs(c, engine, instance)

@@ -30,18 +30,34 @@ def kill_replica(t: Torpor, replica: str) -> None:
     """SIGKILL a replica behind the platform's back: the pid the process driver recorded
     (its state file), or the container (named ``torpor-REPLICA``)."""
     if t.driver == "process":
-        os.kill(int(json.loads((t.state_dir / "replicas" / f"{replica}.json").read_text())["pid"]), signal.SIGKILL)
+        os.kill(
+            int(json.loads((t.state_dir / "replicas" / f"{replica}.json").read_text())["pid"]),
+            signal.SIGKILL,
+        )
     else:
-        subprocess.run(["docker", "kill", f"torpor-{replica}"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["docker", "kill", f"torpor-{replica}"], check=True, capture_output=True, timeout=30
+        )
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(tmp_path: Path, driver: str) -> None:
+def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(
+    tmp_path: Path, driver: str
+) -> None:
     with torpor_up(tmp_path / "state", driver=driver) as t:
-        t.deploy(function_copy(tmp_path, "slow", env={"SLEEP_MS": "20", "FAIL_RATE": "0"},
-                               scale={"min": 2, "max": 2}))
-        before = t.wait_for(lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"), 15,
-                            "2 ready replicas")
+        t.deploy(
+            function_copy(
+                tmp_path,
+                "slow",
+                env={"SLEEP_MS": "20", "FAIL_RATE": "0"},
+                scale={"min": 2, "max": 2},
+            )
+        )
+        before = t.wait_for(
+            lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"),
+            15,
+            "2 ready replicas",
+        )
         victim = before[0]["name"]
 
         outcomes: list[tuple[int, str, str | None]] = []  # (status, replica or error, retry-after)
@@ -49,7 +65,9 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(tmp_path: 
         stop = threading.Event()
 
         def client() -> None:
-            with httpx.Client(base_url=t.gateway, headers={"Host": f"slow.{DOMAIN}"}, timeout=30) as c:
+            with httpx.Client(
+                base_url=t.gateway, headers={"Host": f"slow.{DOMAIN}"}, timeout=30
+            ) as c:
                 while not stop.is_set():
                     try:
                         r = c.get("/")
@@ -82,11 +100,16 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(tmp_path: 
         # container) is repeated on the survivor, and the victim leaves the gateway's rotation
         assert failed == [], f"{len(failed)} of {len(outcomes)} failed: {failed[:3]}"
         after_kill = outcomes[served_before_kill:]
-        assert sum(1 for s, _, _ in after_kill if s == 200) > 20, "the survivor did not keep serving"
+        assert sum(1 for s, _, _ in after_kill if s == 200) > 20, (
+            "the survivor did not keep serving"
+        )
 
         # the controller notices the death and replaces the replica
-        now = t.wait_for(lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"), 30,
-                         "a replacement replica")
+        now = t.wait_for(
+            lambda: len(t.ready_replicas("slow")) == 2 and t.ready_replicas("slow"),
+            30,
+            "a replacement replica",
+        )
         assert victim not in {r["name"] for r in now}
         events = [e["message"] for e in t.function("slow")["events"]]
         assert any(victim in m and ("exited" in m or "vanished" in m) for m in events), events
@@ -106,25 +129,33 @@ def handle(request):
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_a_crash_looping_replica_is_restarted_with_exponential_backoff(tmp_path: Path, driver: str) -> None:
+def test_a_crash_looping_replica_is_restarted_with_exponential_backoff(
+    tmp_path: Path, driver: str
+) -> None:
     with torpor_up(tmp_path / "state", driver=driver) as t:
         # a healthy revision first, so the crash-looping one is not refused at verification
-        fn = function_copy(tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1},
-                           env={"LIVE_S": "600"})
+        fn = function_copy(
+            tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1}, env={"LIVE_S": "600"}
+        )
         (fn / "handler.py").write_text(CRASHY)
         t.deploy(fn)
         t.wait_for(lambda: t.ready_replicas("crashy"), 30, "a ready replica")
         # now every replica lives ~1 s after import, then exits with code 3
-        fn2 = function_copy(tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1},
-                            env={"LIVE_S": "1.0"})
+        fn2 = function_copy(
+            tmp_path, "hello", name="crashy", scale={"min": 1, "max": 1}, env={"LIVE_S": "1.0"}
+        )
         (fn2 / "handler.py").write_text(CRASHY)
         t.deploy(fn2)
         started = time.monotonic()
 
         def delays() -> list[float]:
             msgs = [e["message"] for e in t.function("crashy")["events"] if e["kind"] == "replica"]
-            return [float(m) for msg in msgs if "exited (code 3)" in msg
-                    for m in re.findall(r"next start in ([0-9.]+)s", msg)]
+            return [
+                float(m)
+                for msg in msgs
+                if "exited (code 3)" in msg
+                for m in re.findall(r"next start in ([0-9.]+)s", msg)
+            ]
 
         got = t.wait_for(lambda: len(delays()) >= 4 and delays(), 60, "four crash events")
         elapsed = time.monotonic() - started
@@ -137,7 +168,9 @@ def test_a_crash_looping_replica_is_restarted_with_exponential_backoff(tmp_path:
         assert len(got) <= 6, f"too many restarts in {elapsed:.1f}s: {got}"
 
 
-def test_a_revision_that_dies_at_import_fails_and_the_previous_one_keeps_serving(tmp_path: Path) -> None:
+def test_a_revision_that_dies_at_import_fails_and_the_previous_one_keeps_serving(
+    tmp_path: Path,
+) -> None:
     """The process driver's side of the Docker test of the same name: the verification
     replica of a revision whose handler raises at import exits, the revision is marked
     failed with the error, and traffic never leaves the previous revision."""
@@ -157,7 +190,12 @@ def test_a_revision_that_dies_at_import_fails_and_the_previous_one_keeps_serving
         # its replica shows as failed for a while, then goes; a failed revision is not retried
         failed = [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"]
         assert all(x["state"] == "failed" for x in failed), failed
-        t.wait_for(lambda: not [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"],
-                   15, "the failed replica's record to go")
+        t.wait_for(
+            lambda: (
+                not [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"]
+            ),
+            15,
+            "the failed replica's record to go",
+        )
         time.sleep(1.5)
         assert not [x for x in t.function("hello")["replicas"] if x["revision"] == "hello-00002"]

@@ -38,21 +38,41 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path, url: str, sha: str, **extra: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TORPOR_ARCHIVE_URL": url, "TORPOR_ARCHIVE_SHA256": sha,
-            "TORPOR_FETCH_DIR": str(tmp / "fn"), "TORPOR_HOST": "127.0.0.1", "PORT": str(_free_port()),
-            "TORPOR_FETCH_TIMEOUT": "10", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TORPOR_ARCHIVE_URL": url,
+        "TORPOR_ARCHIVE_SHA256": sha,
+        "TORPOR_FETCH_DIR": str(tmp / "fn"),
+        "TORPOR_HOST": "127.0.0.1",
+        "PORT": str(_free_port()),
+        "TORPOR_FETCH_TIMEOUT": "10",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        **extra,
+    }
 
 
 def run_fetch(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run the fetcher to its end (for archives it must refuse)."""
-    return subprocess.run([sys.executable, "-s", fetch.__file__], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-s", fetch.__file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     """Start the fetcher; returns it and the body of GET / once the runtime answers."""
-    proc = subprocess.Popen([sys.executable, "-s", fetch.__file__], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-s", fetch.__file__],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -86,14 +106,18 @@ def fn_folder(tmp: Path, handler: str = HANDLER) -> Path:
     return src
 
 
-def test_a_good_archive_is_fetched_checked_extracted_and_served(tmp_path: Path, archives: ArchiveServer) -> None:
+def test_a_good_archive_is_fetched_checked_extracted_and_served(
+    tmp_path: Path, archives: ArchiveServer
+) -> None:
     sha = archives.add_folder(fn_folder(tmp_path))
     proc, body = serve(_env(tmp_path, archives.url(sha), sha))
     try:
         assert body == "200 fetched <no token>"
         fn = tmp_path / "fn"
         assert (fn / "handler.py").read_text() == HANDLER
-        assert (fn / "lib" / "data.txt").stat().st_mode & 0o777 == 0o444  # read-only, as /fn on Docker
+        assert (
+            fn / "lib" / "data.txt"
+        ).stat().st_mode & 0o777 == 0o444  # read-only, as /fn on Docker
         assert fn.stat().st_mode & 0o777 == 0o555
         assert not list(tmp_path.glob("fn.archive-*")) and not list(tmp_path.glob("fn.partial-*"))
     finally:
@@ -101,7 +125,9 @@ def test_a_good_archive_is_fetched_checked_extracted_and_served(tmp_path: Path, 
     assert f"torpor-fetch: sha256:{sha[:12]} ok, 2 files" in out
 
 
-def test_the_download_is_retried_while_the_server_answers_503(tmp_path: Path, archives: ArchiveServer) -> None:
+def test_the_download_is_retried_while_the_server_answers_503(
+    tmp_path: Path, archives: ArchiveServer
+) -> None:
     sha = archives.add_folder(fn_folder(tmp_path))
     archives.fail_first = 2
     proc, body = serve(_env(tmp_path, archives.url(sha), sha))
@@ -110,7 +136,9 @@ def test_the_download_is_retried_while_the_server_answers_503(tmp_path: Path, ar
     assert out.count("HTTP 503") == 2 and len(archives.requests) == 3
 
 
-def test_an_unknown_archive_fails_at_once_with_the_servers_answer(tmp_path: Path, archives: ArchiveServer) -> None:
+def test_an_unknown_archive_fails_at_once_with_the_servers_answer(
+    tmp_path: Path, archives: ArchiveServer
+) -> None:
     sha = "ab" * 32
     r = run_fetch(_env(tmp_path, archives.url(sha), sha))
     assert r.returncode == fetch.EXIT_DOWNLOAD
@@ -134,7 +162,9 @@ def test_the_token_authorises_the_download(tmp_path: Path) -> None:
         sha = srv.add_folder(fn_folder(tmp_path))
         r = run_fetch(_env(tmp_path, srv.url(sha), sha))  # no token: 401, not retried
         assert r.returncode == fetch.EXIT_DOWNLOAD and "HTTP 401" in r.stderr
-        proc, body = serve(_env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789"))
+        proc, body = serve(
+            _env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789")
+        )
         stop(proc)
         assert body.startswith("200 ")
         assert srv.requests[-1][1] == "Bearer archive-token-0123456789"
@@ -143,7 +173,9 @@ def test_the_token_authorises_the_download(tmp_path: Path) -> None:
 
 
 # -- attacks ---------------------------------------------------------------------------------
-def _refused(tmp: Path, archives: ArchiveServer, data: bytes, **extra: str) -> subprocess.CompletedProcess[str]:
+def _refused(
+    tmp: Path, archives: ArchiveServer, data: bytes, **extra: str
+) -> subprocess.CompletedProcess[str]:
     sha = archives.add(data)
     r = run_fetch(_env(tmp, archives.url(sha), sha, **extra))
     assert r.returncode == fetch.EXIT_REFUSED, (r.returncode, r.stdout, r.stderr)
@@ -165,7 +197,9 @@ def _special(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo,
 
 
 @pytest.mark.security
-def test_tampered_archive_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_tampered_archive_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Serve an archive whose content is not the one its hash names (a tampered store)"""
     good = archives.add_folder(fn_folder(tmp_path))
     evil_src = tmp_path / "evil"
@@ -181,7 +215,9 @@ def test_tampered_archive_is_refused(tmp_path: Path, archives: ArchiveServer, at
 
 
 @pytest.mark.security
-def test_member_with_dotdot_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_member_with_dotdot_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch an archive whose member is ../../escaped.py"""
     r = _refused(tmp_path, archives, tar_bytes([_reg("handler.py"), _reg("../../escaped.py")]))
     assert "leaves the target folder" in r.stderr
@@ -190,7 +226,9 @@ def test_member_with_dotdot_is_refused(tmp_path: Path, archives: ArchiveServer, 
 
 
 @pytest.mark.security
-def test_member_with_absolute_name_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_member_with_absolute_name_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch an archive whose member has an absolute name (/tmp/.../abs.py)"""
     target = tmp_path / "abs.py"
     r = _refused(tmp_path, archives, tar_bytes([_reg(str(target))]))
@@ -203,16 +241,23 @@ def test_symlink_member_is_refused(tmp_path: Path, archives: ArchiveServer, atta
     """Fetch an archive with a symlink to a folder outside, then a file written through it"""
     outside = tmp_path / "outside"
     outside.mkdir()
-    r = _refused(tmp_path, archives, tar_bytes([_special("link", tarfile.SYMTYPE, str(outside)),
-                                                _reg("link/planted.py")]))
+    r = _refused(
+        tmp_path,
+        archives,
+        tar_bytes([_special("link", tarfile.SYMTYPE, str(outside)), _reg("link/planted.py")]),
+    )
     assert "is a symlink" in r.stderr and not (outside / "planted.py").exists()
     attack.ended(f"exit 8: {r.stderr.strip()[:120]}")  # type: ignore[attr-defined]
 
 
 @pytest.mark.security
-def test_hardlink_member_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_hardlink_member_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch an archive with a hard link to a file outside the target (/etc/passwd)"""
-    r = _refused(tmp_path, archives, tar_bytes([_special("passwd", tarfile.LNKTYPE, "/etc/passwd")]))
+    r = _refused(
+        tmp_path, archives, tar_bytes([_special("passwd", tarfile.LNKTYPE, "/etc/passwd")])
+    )
     assert "is a hard link" in r.stderr
     attack.ended(f"exit 8: {r.stderr.strip()[:120]}")  # type: ignore[attr-defined]
 
@@ -228,7 +273,9 @@ def test_device_member_is_refused(tmp_path: Path, archives: ArchiveServer, attac
 
 
 @pytest.mark.security
-def test_decompression_bomb_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_decompression_bomb_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch a small gzip that expands to 64 MiB of zeros, over a 16 MiB size cap"""
     data = tar_bytes([_reg("zeros.bin", bytes(64 * 1024 * 1024))])
     assert len(data) < 1024 * 1024
@@ -238,16 +285,22 @@ def test_decompression_bomb_is_refused(tmp_path: Path, archives: ArchiveServer, 
 
 
 @pytest.mark.security
-def test_long_header_bomb_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_long_header_bomb_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch a tar whose pax header (a 32 MiB file name) would be read into memory whole"""
     data = tar_bytes([_reg("a" * (32 * 1024 * 1024))])
-    r = _refused(tmp_path, archives, data, TORPOR_ARCHIVE_MAX_SIZE="1Mi", TORPOR_ARCHIVE_MAX_MEMBERS="10")
+    r = _refused(
+        tmp_path, archives, data, TORPOR_ARCHIVE_MAX_SIZE="1Mi", TORPOR_ARCHIVE_MAX_MEMBERS="10"
+    )
     assert "size cap" in r.stderr
     attack.ended(f"exit 8: {r.stderr.strip()[:120]}")  # type: ignore[attr-defined]
 
 
 @pytest.mark.security
-def test_too_many_members_are_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_too_many_members_are_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch an archive of 2,000 empty files against a cap of 1,000 members (inode exhaustion)"""
     data = tar_bytes([_reg(f"f{i}", b"") for i in range(2000)])
     r = _refused(tmp_path, archives, data, TORPOR_ARCHIVE_MAX_MEMBERS="1000")
@@ -256,7 +309,9 @@ def test_too_many_members_are_refused(tmp_path: Path, archives: ArchiveServer, a
 
 
 @pytest.mark.security
-def test_oversized_download_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_oversized_download_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Serve an archive of 3 MiB against a 1 MiB download cap"""
     data = tar_bytes([_reg("blob.bin", os.urandom(3 * 1024 * 1024))])
     r = _refused(tmp_path, archives, data, TORPOR_ARCHIVE_MAX_DOWNLOAD="1Mi")
@@ -265,9 +320,15 @@ def test_oversized_download_is_refused(tmp_path: Path, archives: ArchiveServer, 
 
 
 @pytest.mark.security
-def test_duplicate_member_is_refused(tmp_path: Path, archives: ArchiveServer, attack: object) -> None:
+def test_duplicate_member_is_refused(
+    tmp_path: Path, archives: ArchiveServer, attack: object
+) -> None:
     """Fetch an archive with handler.py twice (a second, different copy after the reviewed one)"""
-    r = _refused(tmp_path, archives, tar_bytes([_reg("handler.py", b"ok = 1\n"), _reg("handler.py", b"evil = 1\n")]))
+    r = _refused(
+        tmp_path,
+        archives,
+        tar_bytes([_reg("handler.py", b"ok = 1\n"), _reg("handler.py", b"evil = 1\n")]),
+    )
     assert "appears twice" in r.stderr
     attack.ended(f"exit 8: {r.stderr.strip()[:120]}")  # type: ignore[attr-defined]
 
@@ -278,7 +339,9 @@ def test_the_function_cannot_read_the_download_token(tmp_path: Path, attack: obj
     srv = ArchiveServer(token="archive-token-0123456789").start()
     try:
         sha = srv.add_folder(fn_folder(tmp_path))
-        proc, body = serve(_env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789"))
+        proc, body = serve(
+            _env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789")
+        )
         stop(proc)
     finally:
         srv.stop()
@@ -294,10 +357,14 @@ def test_a_redirect_does_not_carry_the_token_away(tmp_path: Path, attack: object
     try:
         sha = srv.add_folder(fn_folder(tmp_path))
         srv.redirect_to = collector.url(sha)
-        r = run_fetch(_env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789"))
+        r = run_fetch(
+            _env(tmp_path, srv.url(sha), sha, TORPOR_ARCHIVE_TOKEN="archive-token-0123456789")
+        )
     finally:
         srv.stop()
         collector.stop()
-    assert r.returncode == fetch.EXIT_DOWNLOAD and "redirected" in r.stderr and "refused" in r.stderr
+    assert (
+        r.returncode == fetch.EXIT_DOWNLOAD and "redirected" in r.stderr and "refused" in r.stderr
+    )
     assert collector.requests == []  # never followed: no token sent elsewhere
     attack.ended(f"exit 6: {r.stderr.strip()[:120]}")  # type: ignore[attr-defined]

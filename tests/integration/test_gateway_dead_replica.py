@@ -40,11 +40,16 @@ async def dead_behind_a_proxy() -> AsyncIterator[tuple[str, list[bytes]]]:
 
 async def test_gets_reach_the_live_replica_and_the_dead_one_leaves_rotation() -> None:
     async with gateway() as env, dead_behind_a_proxy() as (dead, seen):
-        await env.store.put_replica(Replica(name=f"{REV}-dead", function="fn", revision=REV, state="ready",
-                                            endpoint=dead))
+        await env.store.put_replica(
+            Replica(name=f"{REV}-dead", function="fn", revision=REV, state="ready", endpoint=dead)
+        )
         await until(lambda: len(env.rr.balancer.backends) == 2, "both replicas in the routes")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env.port}", headers={"Host": HOST.decode()},
-                                     timeout=TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{env.port}",
+            headers={"Host": HOST.decode()},
+            timeout=TIMEOUT,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as http:
             rs = await asyncio.gather(*(http.get(f"/n{i}") for i in range(12)))
         assert [r.status_code for r in rs] == [200] * 12
         # the dead replica saw at most the requests sent before it left rotation, and
@@ -56,11 +61,15 @@ async def test_gets_reach_the_live_replica_and_the_dead_one_leaves_rotation() ->
 
 async def test_a_post_it_swallowed_is_a_503_not_repeated_and_the_next_goes_elsewhere() -> None:
     async with gateway(ready=False) as env, dead_behind_a_proxy() as (dead, seen):
-        await env.store.put_replica(Replica(name=f"{REV}-dead", function="fn", revision=REV, state="ready",
-                                            endpoint=dead))
+        await env.store.put_replica(
+            Replica(name=f"{REV}-dead", function="fn", revision=REV, state="ready", endpoint=dead)
+        )
         await until(lambda: env.rr.balancer.backends, "the dead replica in the routes")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env.port}", headers={"Host": HOST.decode()},
-                                     timeout=TIMEOUT) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{env.port}",
+            headers={"Host": HOST.decode()},
+            timeout=TIMEOUT,
+        ) as http:
             r = await http.post("/order", content=b"once only")
             assert r.status_code == 503 and r.headers["retry-after"]
             assert len(seen) == 1  # not repeated: a POST may have been acted on
@@ -71,7 +80,9 @@ async def test_a_post_it_swallowed_is_a_503_not_repeated_and_the_next_goes_elsew
         assert len(seen) == 1 and env.replica.calls[-1]["len"] == len(b"second")
 
 
-async def test_an_ejected_replica_still_listed_ready_returns_after_the_ejection(monkeypatch) -> None:
+async def test_an_ejected_replica_still_listed_ready_returns_after_the_ejection(
+    monkeypatch,
+) -> None:
     """One dropped connection must not cost a healthy replica its traffic for good."""
     monkeypatch.setattr("torpor.gateway.routes.EJECT_S", 0.2)
     async with gateway() as env:
@@ -79,6 +90,9 @@ async def test_an_ejected_replica_still_listed_ready_returns_after_the_ejection(
         env.gateway.table.eject(env.rr, b)
         assert env.rr.balancer.backends == []
         await until(lambda: env.rr.balancer.backends, "the replica back in rotation")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{env.port}", headers={"Host": HOST.decode()},
-                                     timeout=TIMEOUT) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{env.port}",
+            headers={"Host": HOST.decode()},
+            timeout=TIMEOUT,
+        ) as http:
             assert (await http.get("/")).status_code == 200

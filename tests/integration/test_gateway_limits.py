@@ -83,12 +83,22 @@ class Recorder:
         self.calls.append(seen)
         if scope["path"] == "/big":
             size = 32 * MiB
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", str(size).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", str(size).encode())],
+                }
+            )
             block = b"x" * (256 * 1024)
             for i in range(size // len(block)):
-                await send({"type": "http.response.body", "body": block,
-                            "more_body": i < size // len(block) - 1})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": block,
+                        "more_body": i < size // len(block) - 1,
+                    }
+                )
             return
         await reply(send, 200, json.dumps(seen).encode())
 
@@ -191,29 +201,50 @@ class Env:
         return self.server.port
 
     async def add_replica(self) -> None:
-        await self.store.put_replica(Replica(name=f"{REV}-r1", function="fn", revision=REV, state="ready",
-                                             endpoint=f"127.0.0.1:{self.replica_port}"))
+        await self.store.put_replica(
+            Replica(
+                name=f"{REV}-r1",
+                function="fn",
+                revision=REV,
+                state="ready",
+                endpoint=f"127.0.0.1:{self.replica_port}",
+            )
+        )
         await until(lambda: self.rr.balancer.backends, "the replica in the gateway's routes")
 
 
 @contextlib.asynccontextmanager
-async def gateway(spec: Spec | None = None, *, ready: bool = True, gateway_kw: dict[str, Any] | None = None,
-                  **server_kw: Any) -> AsyncIterator[Env]:
+async def gateway(
+    spec: Spec | None = None,
+    *,
+    ready: bool = True,
+    gateway_kw: dict[str, Any] | None = None,
+    **server_kw: Any,
+) -> AsyncIterator[Env]:
     """A Gateway on a real Server, routing fn.torpor.localhost to one revision whose
     replica (a Recorder) is ready, or not yet (``ready=False``: the function is at zero)."""
     store = EmbeddedStore(None)
     replica = Recorder()
     async with running(replica) as upstream:
-        fn = Function(name="fn", revisions=[Revision(name=REV, function="fn", number=1,
-                                                     spec=spec or Spec(name="fn"), status="ready")],
-                      traffic=[TrafficTarget(revision=REV, percent=100)], next_number=2)
+        fn = Function(
+            name="fn",
+            revisions=[
+                Revision(
+                    name=REV, function="fn", number=1, spec=spec or Spec(name="fn"), status="ready"
+                )
+            ],
+            traffic=[TrafficTarget(revision=REV, percent=100)],
+            next_number=2,
+        )
         await store.update_function("fn", lambda cur: fn)
         gw = Gateway(store, **(gateway_kw or {}))
         pokes: list[int] = []
         real_poke = gw.table.poke
+
         def poke(function: str, revision: str, queued: int) -> None:  # noqa: E306
             pokes.append(queued)
             real_poke(function, revision, queued)
+
         gw.table.poke = poke  # before the routes exist: each activator pokes through it
         await gw.start()
         env = Env(store, gw, None, replica, upstream.port, pokes)  # type: ignore[arg-type]
@@ -268,8 +299,10 @@ async def test_stalled_body_gets_408_without_reaching_the_replica(attack: Any) -
     """Stalled upload: send a head and part of the body, then nothing, to hold a replica slot"""
     async with gateway(body_timeout=0.4) as env:
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 100\r\n\r\n"
-                       + b"x" * 10)
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 100\r\n\r\n"
+            + b"x" * 10
+        )
         await until(lambda: env.server.in_flight == 1, "the request at the gateway")
         # while it stalls: nothing at the replica, nothing the autoscaler would see
         assert env.replica.calls == [] and env.rr.in_flight == 0 and len(env.rr.activator) == 0
@@ -278,7 +311,9 @@ async def test_stalled_body_gets_408_without_reaching_the_replica(attack: Any) -
         assert await raw.closed_by_server()
         assert env.replica.calls == [] and env.rr.stats.requests == 0 and env.gateway.buffered == 0
         await raw.close()
-    attack.ended(f"{status} {json.loads(body)['error']} after body_timeout; the replica never saw it")
+    attack.ended(
+        f"{status} {json.loads(body)['error']} after body_timeout; the replica never saw it"
+    )
 
 
 @pytest.mark.security
@@ -286,7 +321,9 @@ async def test_dribbled_body_holds_no_replica_slot_and_no_concurrency(attack: An
     """Slow upload: dribble a body within every idle deadline to hold a replica slot and inflate the autoscaler"""
     async with gateway(body_timeout=5) as env:
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 30\r\n\r\n")
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 30\r\n\r\n"
+        )
         for _ in range(20):
             await raw.send(b"y")
             await asyncio.sleep(0.02)
@@ -298,7 +335,9 @@ async def test_dribbled_body_holds_no_replica_slot_and_no_concurrency(attack: An
         assert status == 200 and json.loads(body)["len"] == 30
         assert [c["path"] for c in env.replica.calls] == ["/up"]
         await raw.close()
-    attack.ended("the body was buffered whole: 0 in flight while it dribbled, then dispatched (200)")
+    attack.ended(
+        "the body was buffered whole: 0 in flight while it dribbled, then dispatched (200)"
+    )
 
 
 @pytest.mark.security
@@ -325,7 +364,9 @@ async def test_huge_head_pipelined_behind_a_tiny_request_gets_431(attack: Any) -
     app = Counter()
     async with running(app, max_head=4096) as server:
         raw = await Raw.connect(server.port)
-        await raw.send(get("/a", b"t") + b"GET /b HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 16000 + b"\r\n\r\n")
+        await raw.send(
+            get("/a", b"t") + b"GET /b HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 16000 + b"\r\n\r\n"
+        )
         first = await raw.response()
         second = await raw.response()
         assert first[0] == 200 and second[0] == 431
@@ -365,8 +406,10 @@ async def test_oversized_content_length_is_413_and_wakes_nothing(attack: Any) ->
     """Announce a 20 MiB body to a function at zero, to wake it and fill the gateway"""
     async with gateway(ready=False) as env:  # max_body: 10Mi by default
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n"
-                       b"Expect: 100-continue\r\n\r\n" % (20 * MiB))
+        await raw.send(
+            b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n"
+            b"Expect: 100-continue\r\n\r\n" % (20 * MiB)
+        )
         status, headers, body = await raw.response()  # not a 100 Continue
         assert status == 413 and headers[b"connection"] == b"close"
         err = json.loads(body)
@@ -384,8 +427,15 @@ async def test_chunked_body_over_max_body_is_413_and_never_reaches_the_replica(a
     spec = Spec(name="fn", max_body=1000)
     async with gateway(spec) as env:
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       + b"258\r\n" + b"c" * 600 + b"\r\n" + b"258\r\n" + b"c" * 600 + b"\r\n")
+        await raw.send(
+            b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"258\r\n"
+            + b"c" * 600
+            + b"\r\n"
+            + b"258\r\n"
+            + b"c" * 600
+            + b"\r\n"
+        )
         status, headers, body = await raw.response()
         assert status == 413 and headers[b"connection"] == b"close"
         assert json.loads(body)["field"] == "max_body"
@@ -394,11 +444,14 @@ async def test_chunked_body_over_max_body_is_413_and_never_reaches_the_replica(a
         await raw.close()
         # a chunked body within the limit goes through
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+
             async def small() -> AsyncIterator[bytes]:
                 yield b"a" * 500
                 yield b"b" * 500
-            r = await client.post(f"http://127.0.0.1:{env.port}/", headers={"Host": HOST.decode()},
-                                  content=small())
+
+            r = await client.post(
+                f"http://127.0.0.1:{env.port}/", headers={"Host": HOST.decode()}, content=small()
+            )
         assert r.status_code == 200 and r.json()["len"] == 1000
     attack.ended("413 once the body passed max_body (1000 B); the replica never saw it")
 
@@ -410,12 +463,17 @@ async def test_a_413_reaches_a_client_that_sends_its_body_regardless() -> None:
     async with gateway(Spec(name="fn", max_body=1000)) as env:
         for _ in range(3):
             raw = await Raw.connect(env.port)
-            raw.writer.write(b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n"
-                             % (4 * MiB) + b"x" * (4 * MiB))
+            raw.writer.write(
+                b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n"
+                % (4 * MiB)
+                + b"x" * (4 * MiB)
+            )
             status, headers, _ = await raw.response()
             assert status == 413 and headers[b"connection"] == b"close"
             with contextlib.suppress(ConnectionError):
-                await asyncio.wait_for(raw.writer.drain(), TIMEOUT)  # the server reads and drops the rest
+                await asyncio.wait_for(
+                    raw.writer.drain(), TIMEOUT
+                )  # the server reads and drops the rest
             assert await raw.closed_by_server()
             await raw.close()
         assert env.replica.calls == []
@@ -425,8 +483,10 @@ async def test_a_413_reaches_a_client_that_sends_its_body_regardless() -> None:
 async def test_oversized_chunked_body_at_zero_wakes_nothing() -> None:
     async with gateway(Spec(name="fn", max_body=100), ready=False) as env:
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       b"c8\r\n" + b"c" * 200 + b"\r\n")
+        await raw.send(
+            b"POST / HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"c8\r\n" + b"c" * 200 + b"\r\n"
+        )
         assert (await raw.response())[0] == 413
         assert env.pokes == [] and len(env.rr.activator) == 0
         await raw.close()
@@ -437,12 +497,20 @@ async def test_concurrent_uploads_past_the_gateway_buffer_get_503(attack: Any) -
     """Open many large uploads at once, to exhaust the gateway's memory with buffered bodies"""
     async with gateway(gateway_kw={"max_buffered": 1000}) as env:
         a = await Raw.connect(env.port)
-        await a.send(b"POST /a HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 800\r\n\r\n" + b"a" * 10)
+        await a.send(
+            b"POST /a HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 800\r\n\r\n"
+            + b"a" * 10
+        )
         await until(lambda: env.gateway.buffered == 800, "the first upload holding its 800 bytes")
         b = await Raw.connect(env.port)
-        await b.send(b"POST /b HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 800\r\n\r\n" + b"b" * 800)
+        await b.send(
+            b"POST /b HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 800\r\n\r\n"
+            + b"b" * 800
+        )
         status, headers, body = await b.response()
-        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        assert (
+            status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        )
         await b.close()
         await a.send(b"a" * 790)  # the first completes and is served
         assert (await a.response())[0] == 200
@@ -450,7 +518,9 @@ async def test_concurrent_uploads_past_the_gateway_buffer_get_503(attack: Any) -
         await until(lambda: env.gateway.buffered == 0, "the buffer released")
         # past the whole buffer: never fits, so 413 rather than "retry"
         c = await Raw.connect(env.port)
-        await c.send(b"POST /c HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 1001\r\n\r\n")
+        await c.send(
+            b"POST /c HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: 1001\r\n\r\n"
+        )
         assert (await c.response())[0] == 413
         await a.close()
         await c.close()
@@ -471,7 +541,9 @@ async def test_connections_past_the_cap_get_503_retry_after(attack: Any) -> None
         extra = await Raw.connect(server.port)
         await extra.send(get("/", b"t"))
         status, headers, body = await extra.response()
-        assert status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        assert (
+            status == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        )
         assert await extra.closed_by_server()
         assert app.calls == 0
         await extra.close()
@@ -501,9 +573,13 @@ async def test_client_leaving_the_activator_queue_is_not_run_later(attack: Any) 
         await until(lambda: len(env.rr.activator) == 0, "the queue emptied", timeout=5)
         await env.add_replica()
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            r = await client.get(f"http://127.0.0.1:{env.port}/sentinel", headers={"Host": HOST.decode()})
+            r = await client.get(
+                f"http://127.0.0.1:{env.port}/sentinel", headers={"Host": HOST.decode()}
+            )
         assert r.status_code == 200
-        assert [c["path"] for c in env.replica.calls] == ["/sentinel"]  # the abandoned one never ran
+        assert [c["path"] for c in env.replica.calls] == [
+            "/sentinel"
+        ]  # the abandoned one never ran
         assert env.rr.stats.requests == 1 and env.gateway.in_flight == 0
     attack.ended("left the queue at once (length 0); never sent to the replica, not counted")
 
@@ -516,9 +592,16 @@ async def test_client_leaving_the_activator_queue_is_not_run_later(attack: Any) 
 async def test_spoofed_forwarding_headers_are_replaced(attack: Any) -> None:
     """Send X-Forwarded-For: 1.2.3.4 (and Forwarded, -Host, -Proto) to pose as another client"""
     async with gateway() as env, httpx.AsyncClient(timeout=TIMEOUT) as client:
-        r = await client.get(f"http://127.0.0.1:{env.port}/who", headers={
-            "Host": HOST.decode(), "X-Forwarded-For": "1.2.3.4", "Forwarded": "for=1.2.3.4;proto=https",
-            "X-Forwarded-Host": "bank.example", "X-Forwarded-Proto": "https"})
+        r = await client.get(
+            f"http://127.0.0.1:{env.port}/who",
+            headers={
+                "Host": HOST.decode(),
+                "X-Forwarded-For": "1.2.3.4",
+                "Forwarded": "for=1.2.3.4;proto=https",
+                "X-Forwarded-Host": "bank.example",
+                "X-Forwarded-Proto": "https",
+            },
+        )
         seen = r.json()["headers"]
         assert seen["x-forwarded-for"] == ["127.0.0.1"]
         assert seen["forwarded"] == ['for=127.0.0.1;host="fn.torpor.localhost";proto=http']
@@ -529,15 +612,28 @@ async def test_spoofed_forwarding_headers_are_replaced(attack: Any) -> None:
 
 async def test_a_trusted_proxy_is_appended_to() -> None:
     trusted = parse_trusted_proxies("10.0.0.0/8, 127.0.0.1")
-    async with gateway(gateway_kw={"trusted_proxies": trusted}) as env, \
-            httpx.AsyncClient(timeout=TIMEOUT) as client:
-        r = await client.get(f"http://127.0.0.1:{env.port}/who", headers={
-            "Host": HOST.decode(), "X-Forwarded-For": "1.2.3.4", "Forwarded": "for=1.2.3.4;proto=https",
-            "X-Forwarded-Host": "fn.example.com", "X-Forwarded-Proto": "https"})
+    async with (
+        gateway(gateway_kw={"trusted_proxies": trusted}) as env,
+        httpx.AsyncClient(timeout=TIMEOUT) as client,
+    ):
+        r = await client.get(
+            f"http://127.0.0.1:{env.port}/who",
+            headers={
+                "Host": HOST.decode(),
+                "X-Forwarded-For": "1.2.3.4",
+                "Forwarded": "for=1.2.3.4;proto=https",
+                "X-Forwarded-Host": "fn.example.com",
+                "X-Forwarded-Proto": "https",
+            },
+        )
         seen = r.json()["headers"]
         assert seen["x-forwarded-for"] == ["1.2.3.4, 127.0.0.1"]
-        assert seen["forwarded"] == ['for=1.2.3.4;proto=https, for=127.0.0.1;host="fn.torpor.localhost";proto=http']
-        assert seen["x-forwarded-host"] == ["fn.example.com"] and seen["x-forwarded-proto"] == ["https"]
+        assert seen["forwarded"] == [
+            'for=1.2.3.4;proto=https, for=127.0.0.1;host="fn.torpor.localhost";proto=http'
+        ]
+        assert seen["x-forwarded-host"] == ["fn.example.com"] and seen["x-forwarded-proto"] == [
+            "https"
+        ]
         # a trusted proxy that sent none: ours
         r = await client.get(f"http://127.0.0.1:{env.port}/who", headers={"Host": HOST.decode()})
         seen = r.json()["headers"]
@@ -551,4 +647,3 @@ async def test_path_routing_forwards_the_host_the_client_used() -> None:
         host = f"127.0.0.1:{env.port}"
         assert seen["forwarded"] == [f'for=127.0.0.1;host="{host}";proto=http']
         assert seen["x-forwarded-host"] == [host] and r.json()["path"] == "/who"
-

@@ -55,7 +55,13 @@ class StreamingReplica:
             return
         if scope["path"] == "/late":
             await asyncio.sleep(float(q["wait"]))
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"2")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"ok"})
             return
         self.got = 0
@@ -69,18 +75,29 @@ class StreamingReplica:
             if not msg.get("more_body"):
                 break
         body = json.dumps({"bytes": self.got}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.asynccontextmanager
-async def stream_gateway(spec: Spec, ready: bool = True) -> AsyncIterator[tuple[Env, StreamingReplica]]:
+async def stream_gateway(
+    spec: Spec, ready: bool = True
+) -> AsyncIterator[tuple[Env, StreamingReplica]]:
     app = StreamingReplica()
     store = EmbeddedStore(None)
     async with running(app) as upstream:
-        fn = Function(name="fn", revisions=[Revision(name=REV, function="fn", number=1, spec=spec, status="ready")],
-                      traffic=[TrafficTarget(revision=REV, percent=100)], next_number=2)
+        fn = Function(
+            name="fn",
+            revisions=[Revision(name=REV, function="fn", number=1, spec=spec, status="ready")],
+            traffic=[TrafficTarget(revision=REV, percent=100)],
+            next_number=2,
+        )
         await store.update_function("fn", lambda cur: fn)
         gw = Gateway(store)
         app.gw = gw
@@ -140,7 +157,9 @@ async def test_a_large_upload_streams_holding_only_its_first_mib(chunked: bool) 
         size = 20 * MiB
         raw = await Raw.connect(env.port)
         framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
-        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\n" + framing + b"\r\n\r\n")
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\n" + framing + b"\r\n\r\n"
+        )
         block = b"u" * (256 * 1024)
         for _ in range(size // len(block)):
             await raw.send(b"%x\r\n%b\r\n" % (len(block), block) if chunked else block)
@@ -159,7 +178,9 @@ async def test_a_large_upload_to_a_function_at_zero_waits_whole_for_its_replica(
     async with stream_gateway(Spec(name="fn", max_body=64 * MiB), ready=False) as (env, replica):
         size = 6 * MiB
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n" % size)
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nContent-Length: %d\r\n\r\n" % size
+        )
         await raw.send(b"w" * (2 * MiB))  # past STREAM_ABOVE: dispatched, queued at the activator
         await until(lambda: len(env.rr.activator) == 1, "the upload queued for a replica")
         await env.add_replica()
@@ -174,7 +195,9 @@ async def test_a_streamed_chunked_upload_is_cut_at_max_body(attack: Any) -> None
     """Stream a chunked upload far past max_body once bodies are no longer buffered whole"""
     async with stream_gateway(Spec(name="fn", max_body=3 * MiB)) as (env, replica):
         raw = await Raw.connect(env.port)
-        await raw.send(b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: fn.torpor.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         block = b"v" * (256 * 1024)
         status = 0
         with contextlib.suppress(ConnectionError):
@@ -183,6 +206,8 @@ async def test_a_streamed_chunked_upload_is_cut_at_max_body(attack: Any) -> None
         status, headers, body = await raw.response()
         assert status == 413 and json.loads(body)["field"] == "max_body"
         assert replica.got <= 3 * MiB  # never more than max_body reached the replica
-        await until(lambda: env.rr.in_flight == 0 and env.gateway.buffered == 0, "slot and buffer released")
+        await until(
+            lambda: env.rr.in_flight == 0 and env.gateway.buffered == 0, "slot and buffer released"
+        )
         await raw.close()
     attack.ended(f"{status} max_body mid-stream; the replica saw <= 3 MiB")

@@ -20,8 +20,10 @@ from torpor.gateway.server import Server
 from torpor.model import Function, Revision, Scale, Spec, TrafficTarget
 from torpor.store.embedded import EmbeddedStore
 
-UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: fn.torpor.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: fn.torpor.localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
 
 
 class FakeReplica:
@@ -38,8 +40,10 @@ class FakeReplica:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.heads.append(head)
                 if head.startswith(b"GET /ws ") and b"upgrade: websocket" in head.lower():
-                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                 b"Connection: Upgrade\r\n\r\nwelcome;")
+                    writer.write(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        b"Connection: Upgrade\r\n\r\nwelcome;"
+                    )
                     self.open += 1
                     try:
                         while data := await reader.read(65536):
@@ -50,10 +54,15 @@ class FakeReplica:
                     return
                 if b"upgrade:" in head.lower():
                     body = b'{"error": "upgrade required"}'
-                    writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                    writer.write(
+                        b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: %d\r\n\r\n%b"
+                        % (len(body), body)
+                    )
                 else:
                     body = json.dumps({"head": head.decode("latin-1")}).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+                    )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -62,14 +71,23 @@ class FakeReplica:
 
 
 @contextlib.asynccontextmanager
-async def ws_gateway(spec: Spec | None = None, ready: bool = True) -> AsyncIterator[tuple[Env, FakeReplica]]:
+async def ws_gateway(
+    spec: Spec | None = None, ready: bool = True
+) -> AsyncIterator[tuple[Env, FakeReplica]]:
     fake = FakeReplica()
     upstream = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     port = upstream.sockets[0].getsockname()[1]
     store = EmbeddedStore(None)
-    fn = Function(name="fn", revisions=[Revision(name=REV, function="fn", number=1,
-                                                 spec=spec or Spec(name="fn"), status="ready")],
-                  traffic=[TrafficTarget(revision=REV, percent=100)], next_number=2)
+    fn = Function(
+        name="fn",
+        revisions=[
+            Revision(
+                name=REV, function="fn", number=1, spec=spec or Spec(name="fn"), status="ready"
+            )
+        ],
+        traffic=[TrafficTarget(revision=REV, percent=100)],
+        next_number=2,
+    )
     await store.update_function("fn", lambda cur: fn)
     gw = Gateway(store)
     await gw.start()
@@ -110,14 +128,20 @@ async def test_upgrade_is_piped_both_ways_and_holds_one_slot_until_close() -> No
         # the replica saw the upgrade headers and the gateway's forwarding headers
         seen = fake.heads[-1].lower()
         assert b"upgrade: websocket" in seen and b"connection: upgrade" in seen
-        assert b"sec-websocket-key: dghlihnhbxbszsbub25jzq==" in seen and b"x-forwarded-for:" in seen
+        assert (
+            b"sec-websocket-key: dghlihnhbxbszsbub25jzq==" in seen and b"x-forwarded-for:" in seen
+        )
         for size in (1, 70_000, 3 * 1024 * 1024):
             data = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
             assert await echo(raw, data) == data
         assert env.rr.in_flight == 1 and env.gateway.in_flight == 1
-        assert env.rr.stats.requests == 1 and env.rr.stats.by_class[1] == 1  # counted once, as a 101
+        assert (
+            env.rr.stats.requests == 1 and env.rr.stats.by_class[1] == 1
+        )  # counted once, as a 101
         await raw.close()
-        await until(lambda: env.rr.in_flight == 0 and env.gateway.in_flight == 0, "the slot released")
+        await until(
+            lambda: env.rr.in_flight == 0 and env.gateway.in_flight == 0, "the slot released"
+        )
         await until(lambda: fake.open == 0, "the replica side closed")
         assert env.rr.stats.requests == 1
 
@@ -125,8 +149,12 @@ async def test_upgrade_is_piped_both_ways_and_holds_one_slot_until_close() -> No
 async def test_upgrade_by_path_routing() -> None:
     async with ws_gateway() as (env, fake):
         raw = await Raw.connect(env.port)
-        await raw.send(UPGRADE.replace(b"GET /ws ", b"GET /function/fn/ws ").replace(
-            b"Host: fn.torpor.localhost", b"Host: 127.0.0.1") + b"\r\n")
+        await raw.send(
+            UPGRADE.replace(b"GET /ws ", b"GET /function/fn/ws ").replace(
+                b"Host: fn.torpor.localhost", b"Host: 127.0.0.1"
+            )
+            + b"\r\n"
+        )
         head = await asyncio.wait_for(raw.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 101 ") and fake.heads[-1].startswith(b"GET /ws ")
         assert await asyncio.wait_for(raw.reader.readexactly(8), TIMEOUT) == b"welcome;"
@@ -199,7 +227,9 @@ async def test_an_upgrade_with_a_body_is_refused(attack: Any) -> None:
 async def test_other_upgrades_are_plain_requests() -> None:
     async with ws_gateway() as (env, fake):
         raw = await Raw.connect(env.port)
-        await raw.send(b"GET /h2 HTTP/1.1\r\nHost: fn.torpor.localhost\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+        await raw.send(
+            b"GET /h2 HTTP/1.1\r\nHost: fn.torpor.localhost\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        )
         status, _, body = await raw.response()
         assert status == 200
         seen = json.loads(body)["head"].lower()

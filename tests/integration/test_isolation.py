@@ -23,7 +23,9 @@ def _errors(t: Any, name: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.security
-def test_a_poisoned_function_does_not_stop_others_waking_from_zero(tmp_path: Path, attack: Any) -> None:
+def test_a_poisoned_function_does_not_stop_others_waking_from_zero(
+    tmp_path: Path, attack: Any
+) -> None:
     """A function whose stored scale target is NaN stalls the controller's pass, so no other function wakes from zero"""
     state = tmp_path / "state"
     with torpor_up(state) as t:

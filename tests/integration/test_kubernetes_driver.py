@@ -41,20 +41,33 @@ HANDLER = "def handle(request):\n    print('served', request.path, flush=True)\n
 class Env:
     def __init__(self, tmp: Path, **sim_kw: Any) -> None:
         self.tmp = tmp
-        self.sim = SimCluster((NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}, **sim_kw).start()
-        self.archives = ArchiveServer(key=ARCHIVE_KEY).start()  # each Pod must bring its archive's own token
+        self.sim = SimCluster(
+            (NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}, **sim_kw
+        ).start()
+        self.archives = ArchiveServer(
+            key=ARCHIVE_KEY
+        ).start()  # each Pod must bring its archive's own token
         self.config = KubeConfig.from_dict(self.sim.kubeconfig())
         self.drivers: list[KubernetesDriver] = []
         self._n = 0
 
     def driver(self, instance: str = "inst-a", **kw: Any) -> KubernetesDriver:
-        d = KubernetesDriver(instance, NS, self.config, runtime_image=IMAGE, archive_url_base=self.archives.base,
-                             trust_env=False, **kw)
+        d = KubernetesDriver(
+            instance,
+            NS,
+            self.config,
+            runtime_image=IMAGE,
+            archive_url_base=self.archives.base,
+            trust_env=False,
+            **kw,
+        )
         d.use_archive_key(ARCHIVE_KEY)  # as the controller does at start
         self.drivers.append(d)
         return d
 
-    def revision(self, fn: str = "hello", number: int = 1, handler: str = HANDLER, **spec_kw: Any) -> Revision:
+    def revision(
+        self, fn: str = "hello", number: int = 1, handler: str = HANDLER, **spec_kw: Any
+    ) -> Revision:
         self._n += 1
         src = self.tmp / f"src{self._n}"
         src.mkdir()
@@ -63,8 +76,14 @@ class Env:
             s.bind(("0.0.0.0", 0))
             port = int(s.getsockname()[1])
         spec = Spec(name=fn, port=port, **spec_kw)
-        return Revision(name=f"{fn}-{number:05d}", function=fn, number=number, spec=spec, source=str(src),
-                        source_sha256=self.archives.add_folder(src))
+        return Revision(
+            name=f"{fn}-{number:05d}",
+            function=fn,
+            number=number,
+            spec=spec,
+            source=str(src),
+            source_sha256=self.archives.add_folder(src),
+        )
 
     async def close(self) -> None:
         for d in self.drivers:
@@ -119,7 +138,10 @@ async def test_removing_a_revision_lets_the_garbage_collector_delete_its_pods(en
     assert cm is not None
     for r in (a, b):
         pod = env.sim.get("pods", NS, pod_name(r.replica))
-        assert pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == cm["metadata"]["uid"]
+        assert (
+            pod is not None
+            and pod["metadata"]["ownerReferences"][0]["uid"] == cm["metadata"]["uid"]
+        )
     await until(lambda: serving(a.endpoint), what="replica a serving")
     await d.remove(rev)  # no stop(): the cluster's garbage collector does it
     assert env.sim.get("configmaps", NS, owner_name(rev.name)) is None
@@ -133,7 +155,9 @@ async def test_starting_a_replica_that_exists_adopts_it(env: Env) -> None:
     d = env.driver()
     rev = await d.prepare(env.revision())
     first = await d.start(rev, f"{rev.name}-aaaaaa")
-    again = await d.start(rev, f"{rev.name}-aaaaaa")  # e.g. a create retried after a lost answer: 409
+    again = await d.start(
+        rev, f"{rev.name}-aaaaaa"
+    )  # e.g. a create retried after a lost answer: 409
     assert again.driver_id == first.driver_id and again.endpoint == first.endpoint
     assert len(env.sim.objects_of("pods", NS)) == 1
 
@@ -180,12 +204,16 @@ async def test_stopping_a_gone_pod_or_a_namesake_does_nothing(env: Env) -> None:
     assert [x.driver_id for x in await d.list()] == [again.driver_id]
 
 
-async def test_a_stale_owner_left_by_an_earlier_function_of_the_same_name_is_replaced(env: Env) -> None:
+async def test_a_stale_owner_left_by_an_earlier_function_of_the_same_name_is_replaced(
+    env: Env,
+) -> None:
     d = env.driver()
     old = await d.prepare(env.revision())
     leftover = await d.start(old, f"{old.name}-aaaaaa")
     cm_old = env.sim.get("configmaps", NS, owner_name(old.name))
-    fresh = env.revision()  # same name hello-00001, created later: the function was deleted and made again
+    fresh = (
+        env.revision()
+    )  # same name hello-00001, created later: the function was deleted and made again
     fresh.created = old.created + 100
     d2 = env.driver()
     await d2.prepare(fresh)
@@ -205,12 +233,20 @@ async def test_a_source_revision_without_an_archive_hash_fails_to_prepare(env: E
     rev.source_sha256 = None
     with pytest.raises(BuildError, match="no archive hash"):
         await d.prepare(rev)
-    nobase = KubernetesDriver("inst-a", NS, env.config, runtime_image=IMAGE, archive_url_base="", trust_env=False)
+    nobase = KubernetesDriver(
+        "inst-a", NS, env.config, runtime_image=IMAGE, archive_url_base="", trust_env=False
+    )
     env.drivers.append(nobase)
     with pytest.raises(BuildError, match="TORPOR_ARCHIVE_URL_BASE"):
         await nobase.prepare(env.revision())
-    nokey = KubernetesDriver("inst-a", NS, env.config, runtime_image=IMAGE, archive_url_base=env.archives.base,
-                             trust_env=False)
+    nokey = KubernetesDriver(
+        "inst-a",
+        NS,
+        env.config,
+        runtime_image=IMAGE,
+        archive_url_base=env.archives.base,
+        trust_env=False,
+    )
     env.drivers.append(nokey)
     with pytest.raises(BuildError, match="no archive key"):
         await nokey.prepare(env.revision())
@@ -218,7 +254,12 @@ async def test_a_source_revision_without_an_archive_hash_fails_to_prepare(env: E
 
 async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
     d = env.driver()
-    rev = Revision(name="img-00001", function="img", number=1, spec=Spec(name="img", image="example.invalid/nope:1"))
+    rev = Revision(
+        name="img-00001",
+        function="img",
+        number=1,
+        spec=Spec(name="img", image="example.invalid/nope:1"),
+    )
     rev = await d.prepare(rev)
     assert rev.image == "example.invalid/nope:1"
     r = await d.start(rev, "img-00001-aaaaaa")
@@ -235,8 +276,14 @@ async def test_an_image_that_cannot_be_pulled_is_reported(env: Env) -> None:
 
 
 async def test_a_missing_namespace_is_a_clear_error(env: Env) -> None:
-    d = KubernetesDriver("inst-a", "no-such-ns", env.config, runtime_image=IMAGE,
-                         archive_url_base=env.archives.base, trust_env=False)
+    d = KubernetesDriver(
+        "inst-a",
+        "no-such-ns",
+        env.config,
+        runtime_image=IMAGE,
+        archive_url_base=env.archives.base,
+        trust_env=False,
+    )
     d.use_archive_key(ARCHIVE_KEY)
     try:
         with pytest.raises(KubernetesError, match="does namespace no-such-ns exist"):
@@ -258,11 +305,15 @@ async def test_waiting_for_the_ip_resumes_a_cut_watch_from_its_version(tmp_path:
         await asyncio.sleep(0.3)  # the Pod is scheduled (a MODIFIED event) but has no IP yet
         e.sim.cut_watches()  # as an API server restart would
         running = await asyncio.wait_for(start, 20)
-        assert running.endpoint.startswith("127.") and running.endpoint.endswith(f":{rev.spec.port}")
+        assert running.endpoint.startswith("127.") and running.endpoint.endswith(
+            f":{rev.spec.port}"
+        )
         watches = e.sim.watch_requests("pods")
         assert len(watches) >= 2
         resumed = watches[1].get("resourceVersion")
-        assert resumed is not None and int(resumed) >= created_rv  # resumed, not re-listed from scratch
+        assert (
+            resumed is not None and int(resumed) >= created_rv
+        )  # resumed, not re-listed from scratch
         assert await until(lambda: serving(running.endpoint), what="the Pod serving")
     finally:
         await e.close()
@@ -276,7 +327,9 @@ async def test_waiting_for_the_ip_after_410_gone_rereads_the_pod(tmp_path: Path)
         start = asyncio.create_task(d.start(rev, f"{rev.name}-aaaaaa"))
         await until(lambda: e.sim.watch_requests("pods"), what="the driver watching its Pod")
         await asyncio.sleep(0.3)
-        e.sim.create("configmaps", NS, {"metadata": {"name": "unrelated"}})  # the version moves on unseen
+        e.sim.create(
+            "configmaps", NS, {"metadata": {"name": "unrelated"}}
+        )  # the version moves on unseen
         e.sim.compact()  # and the driver's is now too old to resume from
         e.sim.cut_watches()
         running = await asyncio.wait_for(start, 20)
@@ -288,7 +341,9 @@ async def test_waiting_for_the_ip_after_410_gone_rereads_the_pod(tmp_path: Path)
         await e.close()
 
 
-async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(env: Env, tmp_path: Path) -> None:
+async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(
+    env: Env, tmp_path: Path
+) -> None:
     """End to end with the real controller: build (prepare), a replica whose IP comes after
     start() returned (ip_timeout=0), readiness probed at the Pod IP, adoption by a new
     controller, and deletion through the owner."""
@@ -300,13 +355,18 @@ async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(
     await store.put_blob(rev.source_sha256, env.archives.archives[rev.source_sha256])
     rev.source = None  # nothing but the hash travels
     env.archives.key = await store.archive_key()
-    fn = Function(name="hello", revisions=[rev], traffic=[TrafficTarget(revision=rev.name, percent=100)],
-                  next_number=2)
+    fn = Function(
+        name="hello",
+        revisions=[rev],
+        traffic=[TrafficTarget(revision=rev.name, percent=100)],
+        next_number=2,
+    )
     await store.update_function("hello", lambda _cur: fn)
     settings = Settings(tick=0.1, startup_timeout=30, drain_grace=2)
     ctl = Controller(store, env.driver(ip_timeout=0.0), settings=settings)
     await ctl.start()
     try:
+
         async def ready() -> Any:
             reps = [r for r in await store.list_replicas("hello") if r.state == "ready"]
             return reps[0] if reps else None
@@ -326,8 +386,11 @@ async def test_the_controller_runs_adopts_and_deletes_a_revision_on_the_cluster(
         assert (rep2.name, rep2.endpoint) == (rep.name, rep.endpoint)
         assert len(env.sim.objects_of("pods", NS)) == 1  # adopted, not started again
         await store.delete_function("hello")
-        await until(lambda: env.sim.get("configmaps", NS, owner_name(rev.name)) is None, timeout=30,
-                    what="the owner ConfigMap deleted")
+        await until(
+            lambda: env.sim.get("configmaps", NS, owner_name(rev.name)) is None,
+            timeout=30,
+            what="the owner ConfigMap deleted",
+        )
         await until(lambda: not env.sim.objects_of("pods", NS), what="no Pods left")
     finally:
         await ctl2.stop()
@@ -342,23 +405,37 @@ def test_torpor_up_runs_the_kubernetes_driver_from_a_kubeconfig(tmp_path: Path) 
     sim = SimCluster((NS,), images={IMAGE: [sys.executable, "-s", fetch.__file__]}).start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps(sim.kubeconfig()))  # JSON is YAML
-    t = Torpor(tmp_path / "state", driver="kubernetes", extra=["--namespace", NS],
-               env={"KUBECONFIG": str(kubeconfig), "TORPOR_RUNTIME_IMAGE": IMAGE})
+    t = Torpor(
+        tmp_path / "state",
+        driver="kubernetes",
+        extra=["--namespace", NS],
+        env={"KUBECONFIG": str(kubeconfig), "TORPOR_RUNTIME_IMAGE": IMAGE},
+    )
     t.env["TORPOR_ARCHIVE_URL_BASE"] = f"{t.api}/v1/archives"
     try:
         t.start()
 
         def listed() -> bool:
-            return any(m == "GET" and p == f"/api/v1/namespaces/{NS}/pods"
-                       and "torpor.managed=true" in q.get("labelSelector", "")
-                       and "torpor.instance=" in q.get("labelSelector", "") for m, p, q in list(sim.requests))
+            return any(
+                m == "GET"
+                and p == f"/api/v1/namespaces/{NS}/pods"
+                and "torpor.managed=true" in q.get("labelSelector", "")
+                and "torpor.instance=" in q.get("labelSelector", "")
+                for m, p, q in list(sim.requests)
+            )
 
         t.wait_for(listed, 15, "the controller listing its Pods in the namespace")
         with socket.socket() as s:
             s.bind(("0.0.0.0", 0))
-            port = int(s.getsockname()[1])  # free on every address: each Pod listens on it at its own IP
-        t.cli("deploy", str(function_copy(tmp_path, "hello", port=port, env={"GREETING": "from a pod"})),
-              "--wait", "60")
+            port = int(
+                s.getsockname()[1]
+            )  # free on every address: each Pod listens on it at its own IP
+        t.cli(
+            "deploy",
+            str(function_copy(tmp_path, "hello", port=port, env={"GREETING": "from a pod"})),
+            "--wait",
+            "60",
+        )
         r = t.request("hello", "/?name=cluster", timeout=30)
         assert r.status_code == 200 and r.text == "from a pod, cluster!\n", r.text
         sha = t.function("hello")["revisions"][0]["source_sha256"]
@@ -367,9 +444,13 @@ def test_torpor_up_runs_the_kubernetes_driver_from_a_kubeconfig(tmp_path: Path) 
         token = pod["TORPOR_ARCHIVE_TOKEN"]
         assert token.startswith("tpa1.") and token != t.api_headers["Authorization"].split()[1]
         # the Pod's token fetches its own archive and nothing else of the API
-        got = httpx.get(f"{t.api}/v1/archives/{sha}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        got = httpx.get(
+            f"{t.api}/v1/archives/{sha}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
         assert got.status_code == 200
-        other = httpx.get(f"{t.api}/v1/functions", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        other = httpx.get(
+            f"{t.api}/v1/functions", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
         assert other.status_code == 401
         assert "driver=kubernetes" in t.log.read_text()
     finally:
@@ -389,9 +470,26 @@ def env_of_pods(sim: SimCluster) -> list[dict[str, str]]:
 def test_torpor_up_without_a_cluster_configuration_says_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", "up", "--driver", "kubernetes", "--state-dir",
-                        str(tmp_path / "state"), "--port", "0", "--api-port", "0"], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "up",
+            "--driver",
+            "kubernetes",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "--driver kubernetes: no Kubernetes configuration" in r.stderr
 
@@ -409,7 +507,9 @@ async def test_names_too_long_for_labels_still_fit_the_clusters_rules(env: Env) 
     assert await until(lambda: serving(r.endpoint), what="the Pod serving")
 
 
-async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_new_owner(env: Env) -> None:
+async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_new_owner(
+    env: Env,
+) -> None:
     d = env.driver()
     rev = await d.prepare(env.revision())
     old = env.sim.get("configmaps", NS, owner_name(rev.name))
@@ -418,7 +518,9 @@ async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_
     new = env.sim.get("configmaps", NS, owner_name(rev.name))
     assert old is not None and new is not None and new["metadata"]["uid"] != old["metadata"]["uid"]
     pod = env.sim.get("pods", NS, pod_name(r.replica))
-    assert pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == new["metadata"]["uid"]
+    assert (
+        pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == new["metadata"]["uid"]
+    )
     assert await until(lambda: serving(r.endpoint), what="the replica serving")
     await asyncio.sleep(0.3)  # several garbage-collector sweeps: a Pod with a live owner stays
     assert [x.driver_id for x in await d.list()] == [r.driver_id]
@@ -437,23 +539,31 @@ class _NoDirectProbe:
         return False
 
 
-async def _one_replica(env: Env, tmp_path: Path, driver: KubernetesDriver, rev: Revision,
-                       startup_timeout: float = 30.0) -> tuple[Any, Controller]:
+async def _one_replica(
+    env: Env, tmp_path: Path, driver: KubernetesDriver, rev: Revision, startup_timeout: float = 30.0
+) -> tuple[Any, Controller]:
     store = open_store(state_dir=tmp_path / f"store-{rev.name}-{len(env.drivers)}")
     if rev.source_sha256 is not None:  # as the API does on deploy: only the hash travels
         await store.put_blob(rev.source_sha256, env.archives.archives[rev.source_sha256])
         rev.source = None
         env.archives.key = await store.archive_key()
-    fn = Function(name=rev.function, revisions=[rev], traffic=[TrafficTarget(revision=rev.name, percent=100)],
-                  next_number=rev.number + 1)
+    fn = Function(
+        name=rev.function,
+        revisions=[rev],
+        traffic=[TrafficTarget(revision=rev.name, percent=100)],
+        next_number=rev.number + 1,
+    )
     await store.update_function(rev.function, lambda _cur: fn)
-    ctl = Controller(store, driver, settings=Settings(tick=0.1, startup_timeout=startup_timeout, drain_grace=1))
+    ctl = Controller(
+        store, driver, settings=Settings(tick=0.1, startup_timeout=startup_timeout, drain_grace=1)
+    )
     await ctl.start()
     return store, ctl
 
 
 async def test_the_controller_takes_readiness_from_the_pods_ready_condition_and_never_connects_to_it(
-        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The chart's default NetworkPolicy lets only gateways reach function Pods: the
     controller must judge a replica ready from the kubelet's Ready condition, read through
     the API server, without a connection of its own to the Pod."""
@@ -464,6 +574,7 @@ async def test_the_controller_takes_readiness_from_the_pods_ready_condition_and_
     rev = env.revision(scale=Scale(min=1))
     store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)
     try:
+
         async def ready() -> Any:
             reps = [r for r in await store.list_replicas("hello") if r.state == "ready"]
             return reps[0] if reps else None
@@ -473,18 +584,24 @@ async def test_the_controller_takes_readiness_from_the_pods_ready_condition_and_
         assert pod is not None
         assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "True"
         assert rep.endpoint == f"{pod['status']['podIP']}:{rev.spec.port}"
-        assert (await get(rep.endpoint, "/x")).text == "hello from a pod"  # the "gateway" reaches it
+        assert (
+            await get(rep.endpoint, "/x")
+        ).text == "hello from a pod"  # the "gateway" reaches it
         assert probe.calls == []
         # the driver watched the Pod (from a resourceVersion) rather than polling it
-        assert any(f"metadata.name={pod_name(rep.name)}" in q.get("fieldSelector", "") and q.get("resourceVersion")
-                   for q in env.sim.watch_requests())
+        assert any(
+            f"metadata.name={pod_name(rep.name)}" in q.get("fieldSelector", "")
+            and q.get("resourceVersion")
+            for q in env.sim.watch_requests()
+        )
     finally:
         await ctl.stop()
         await store.close()
 
 
 async def test_a_running_pod_that_never_turns_ready_fails_its_revision(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Running is not ready: an image whose port never answers keeps the Pod's Ready
     condition False, and the revision fails on the startup timeout."""
     import torpor.controller.reconcile as reconcile
@@ -497,6 +614,7 @@ async def test_a_running_pod_that_never_turns_ready_fails_its_revision(
         rev = Revision(name="sleepy-00001", function="sleepy", number=1, spec=spec)
         store, ctl = await _one_replica(e, tmp_path, e.driver(), rev, startup_timeout=3.0)
         try:
+
             async def failed() -> Any:
                 fn = await store.get_function("sleepy")
                 return fn is not None and fn.revisions[0].status == "failed" and fn.revisions[0]
@@ -512,7 +630,8 @@ async def test_a_running_pod_that_never_turns_ready_fails_its_revision(
 
 
 async def test_direct_readiness_lets_the_controller_probe_pod_ips_itself(
-        env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """TORPOR_K8S_READINESS=direct (with networkPolicy.functionsFromController): the driver
     leaves readiness to the controller's own probe of the Pod IP."""
     import torpor.controller.reconcile as reconcile
@@ -529,6 +648,7 @@ async def test_direct_readiness_lets_the_controller_probe_pod_ips_itself(
     rev = env.revision(scale=Scale(min=1))
     store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)
     try:
+
         async def ready() -> Any:
             reps = [r for r in await store.list_replicas("hello") if r.state == "ready"]
             return reps[0] if reps else None
@@ -540,7 +660,9 @@ async def test_direct_readiness_lets_the_controller_probe_pod_ips_itself(
         await store.close()
 
 
-def test_readiness_and_pull_settings_from_the_env_are_checked(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readiness_and_pull_settings_from_the_env_are_checked(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORPOR_K8S_READINESS", "sometimes")
     with pytest.raises(KubernetesError, match="TORPOR_K8S_READINESS='sometimes'"):
         env.driver()
@@ -559,7 +681,9 @@ def test_readiness_and_pull_settings_from_the_env_are_checked(env: Env, monkeypa
 
 
 # -- RBAC: the chart's Role is exactly what the driver does --------------------------------
-_SIM_PATH = re.compile(r"^/api/v1/namespaces/[^/]+/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?$")
+_SIM_PATH = re.compile(
+    r"^/api/v1/namespaces/[^/]+/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?$"
+)
 
 
 def _verbs_used(requests: list[tuple[str, str, dict[str, str]]]) -> set[tuple[str, str, str]]:
@@ -570,7 +694,9 @@ def _verbs_used(requests: list[tuple[str, str, dict[str, str]]]) -> set[tuple[st
         assert m, f"a request outside the namespaced core API: {method} {path}"
         resource = m["plural"] + (f"/{m['sub']}" if m["sub"] else "")
         if method == "GET":
-            verb = "watch" if query.get("watch") in ("true", "1") else "get" if m["name"] else "list"
+            verb = (
+                "watch" if query.get("watch") in ("true", "1") else "get" if m["name"] else "list"
+            )
         else:
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
         used.add(("", resource, verb))
@@ -598,7 +724,14 @@ async def test_the_charts_role_grants_exactly_the_verbs_the_driver_uses(env: Env
     used = _verbs_used(list(env.sim.requests))
 
     role = one(render(), "Role", "torpor-controller")
-    granted = {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"]
-               for v in rule["verbs"]}
-    assert used == granted, f"used but not granted: {sorted(used - granted)}; granted but unused: " \
-                            f"{sorted(granted - used)}"
+    granted = {
+        (g, res, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for res in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert used == granted, (
+        f"used but not granted: {sorted(used - granted)}; granted but unused: "
+        f"{sorted(granted - used)}"
+    )

@@ -60,8 +60,9 @@ def test_scale_pins_holds_at_zero_and_releases(tmp_path: Path) -> None:
         ({"replicas": 2, "min": 1}, "replicas"),
     ],
 )
-def test_bad_scale_input_is_refused_and_changes_nothing(tmp_path: Path, body: dict, field: str,
-                                                        shared_up: Torpor) -> None:
+def test_bad_scale_input_is_refused_and_changes_nothing(
+    tmp_path: Path, body: dict, field: str, shared_up: Torpor
+) -> None:
     t = shared_up
     before = t.function("hello")["scale"]
     r = t.api_call("PATCH", "/v1/functions/hello/scale", json=body, timeout=10)
@@ -89,7 +90,9 @@ def test_scale_unknown_function_is_404(shared_up: Torpor) -> None:
 def test_api_beyond_loopback_requires_a_token(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    with torpor_up(tmp_path / "state", api_host="0.0.0.0", extra=["--token-file", str(token_file)]) as t:
+    with torpor_up(
+        tmp_path / "state", api_host="0.0.0.0", extra=["--token-file", str(token_file)]
+    ) as t:
         url = f"{t.api}/v1/functions"
         assert httpx.get(f"{t.api}/healthz", timeout=5).status_code == 200
         assert httpx.get(f"{t.api}/readyz", timeout=5).status_code == 200
@@ -113,9 +116,26 @@ def test_api_beyond_loopback_requires_a_token(tmp_path: Path) -> None:
 
 
 def test_api_beyond_loopback_without_token_refuses_to_start(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", "up", "--api-host", "0.0.0.0", "--state-dir",
-                        str(tmp_path / "s"), "--port", "0", "--api-port", "0"],
-                       capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "up",
+            "--api-host",
+            "0.0.0.0",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "token" in lines[0]

@@ -20,7 +20,11 @@ def _state(pid: int) -> str:
 @pytest.mark.parametrize("driver", ["process", pytest.param("docker", marks=pytest.mark.docker)])
 def test_idle_replica_is_paused_then_woken_then_removed(tmp_path: Path, driver: str) -> None:
     with torpor_up(tmp_path / "state", driver=driver, extra=["--pause-idle", "6"]) as t:
-        t.deploy(function_copy(tmp_path, "slow", scale={"idle": "1s"}, env={"SLEEP_MS": "1", "FAIL_RATE": "0"}))
+        t.deploy(
+            function_copy(
+                tmp_path, "slow", scale={"idle": "1s"}, env={"SLEEP_MS": "1", "FAIL_RATE": "0"}
+            )
+        )
         first = t.request("slow").json()
         t.wait_for(lambda: not t.function("slow")["replicas"], 20, "scaled to zero (paused)")
         events = [e["message"] for e in t.function("slow")["events"]]
@@ -38,10 +42,15 @@ def test_idle_replica_is_paused_then_woken_then_removed(tmp_path: Path, driver: 
             assert c.status == "paused"
         r = t.request("slow")
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"
-        assert r.json()["replica"] == first["replica"], "the paused replica was woken, not a new one"
+        assert r.json()["replica"] == first["replica"], (
+            "the paused replica was woken, not a new one"
+        )
         # idle again, and past the pause period: removed for good
         t.wait_for(lambda: not t.function("slow")["replicas"], 20, "scaled to zero again")
-        t.wait_for(lambda: any("paused too long" in e["message"] for e in t.function("slow")["events"]), 30,
-                   "paused replica removed after --pause-idle")
+        t.wait_for(
+            lambda: any("paused too long" in e["message"] for e in t.function("slow")["events"]),
+            30,
+            "paused replica removed after --pause-idle",
+        )
         if driver == "process":
             assert not os.path.exists(f"/proc/{first['pid']}") or _state(first["pid"]) == "Z"

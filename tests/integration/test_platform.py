@@ -69,7 +69,9 @@ def test_two_mib_post_body_arrives_intact(up: Torpor, tmp_path: Path) -> None:
     assert got["method"] == "POST" and got["path"] == "/upload" and got["query"] == {"x": "1"}
     # path routing keeps the percent-encoding of what follows the function name
     r = httpx.post(f"{up.gateway}/function/echo/a%20b/c%2Fd?q=1", content=b"x", timeout=30)
-    assert r.status_code == 200 and r.json()["path"] == "/a b/c/d" and r.json()["query"] == {"q": "1"}
+    assert (
+        r.status_code == 200 and r.json()["path"] == "/a b/c/d" and r.json()["query"] == {"q": "1"}
+    )
 
     def chunks():
         for i in range(0, len(body), 65536):
@@ -87,8 +89,13 @@ def test_bad_spec_is_refused_with_its_field_named(up: Torpor, tmp_path: Path) ->
     # the API refuses it too (a client that skips the CLI's own check)
     from torpor.cli.main import pack
 
-    resp = up.api_call("POST", "/v1/functions", content=pack(folder), headers={"Content-Type": "application/gzip"},
-                       timeout=10)
+    resp = up.api_call(
+        "POST",
+        "/v1/functions",
+        content=pack(folder),
+        headers={"Content-Type": "application/gzip"},
+        timeout=10,
+    )
     assert resp.status_code == 400
     assert resp.json()["field"] == "scale.max"
     assert "bad-one" not in up.cli("ls").stdout
@@ -110,7 +117,11 @@ def test_idle_scales_to_zero_and_the_next_request_cold_starts(up: Torpor, tmp_pa
 
 
 def test_forty_concurrent_requests_at_zero_all_succeed(up: Torpor, tmp_path: Path) -> None:
-    up.deploy(function_copy(tmp_path, "slow", scale={"idle": "2s"}, env={"SLEEP_MS": "50", "FAIL_RATE": "0"}))
+    up.deploy(
+        function_copy(
+            tmp_path, "slow", scale={"idle": "2s"}, env={"SLEEP_MS": "50", "FAIL_RATE": "0"}
+        )
+    )
     up.wait_for(lambda: not up.function("slow")["replicas"], 30, "scale to zero")
     with cf.ThreadPoolExecutor(40) as pool:
         results = list(pool.map(lambda i: up.request("slow", f"/?i={i}"), range(40)))
@@ -157,8 +168,11 @@ def test_kill_9_then_restart_adopts_replicas_without_duplicates(tmp_path: Path) 
 def _in_flight(t: Torpor, function: str) -> float:
     """The gateway's own gauge of requests being proxied now for ``function``."""
     text = httpx.get(t.gateway + "/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("torpor_in_flight_requests{") and f'function="{function}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("torpor_in_flight_requests{") and f'function="{function}"' in line
+    )
 
 
 def test_sigterm_drains_in_flight_requests_before_replicas_stop(tmp_path: Path) -> None:
@@ -168,12 +182,16 @@ def test_sigterm_drains_in_flight_requests_before_replicas_stop(tmp_path: Path) 
         assert t.request("slow").status_code == 200
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [pool.submit(t.request, "slow", "/?ms=1500") for _ in range(4)]
-            t.wait_for(lambda: _in_flight(t, "slow") == 4, 10, "4 requests in flight on the replica")
+            t.wait_for(
+                lambda: _in_flight(t, "slow") == 4, 10, "4 requests in flight on the replica"
+            )
             code = t.stop(signal.SIGTERM)
             results = [f.result(timeout=30) for f in futs]
         assert [r.status_code for r in results] == [200] * 4
         assert code == 0
-        assert list((t.state_dir / "replicas").glob("*.json")) == [], "replicas left running after shutdown"
+        assert list((t.state_dir / "replicas").glob("*.json")) == [], (
+            "replicas left running after shutdown"
+        )
     finally:
         t.stop(signal.SIGKILL)
 
@@ -183,7 +201,9 @@ def test_delete_removes_function_and_replicas(up: Torpor, tmp_path: Path) -> Non
     assert up.request("hello").status_code == 200
     up.cli("delete", "hello")
     assert up.request("hello").status_code == 404
-    up.wait_for(lambda: not list((up.state_dir / "replicas").glob("*.json")), 20, "replicas stopped")
+    up.wait_for(
+        lambda: not list((up.state_dir / "replicas").glob("*.json")), 20, "replicas stopped"
+    )
     assert up.api_call("GET", "/v1/functions/hello", timeout=5).status_code == 404
 
 
@@ -193,20 +213,28 @@ def test_redis_store_end_to_end(tmp_path: Path, redis_url: str) -> None:
         assert t.request("hello").text == "hello, world!\n"
     with torpor_up(tmp_path / "state2", redis=redis_url) as t:
         # desired state lives in Redis: a fresh state dir still knows the function
-        assert [f["name"] for f in t.api_call("GET", "/v1/functions").json()["functions"]] == ["hello"]
+        assert [f["name"] for f in t.api_call("GET", "/v1/functions").json()["functions"]] == [
+            "hello"
+        ]
 
 
 def test_logs_show_replica_output_and_follow_streams_new_lines(up: Torpor, tmp_path: Path) -> None:
     folder = function_copy(tmp_path, "echo")
     (folder / "handler.py").write_text(
-        "def handle(request):\n    print('handled', request.query.get('n'), flush=True)\n    return 'ok'\n")
+        "def handle(request):\n    print('handled', request.query.get('n'), flush=True)\n    return 'ok'\n"
+    )
     up.deploy(folder)
     assert up.request("echo", "/?n=first").status_code == 200
     out = up.cli("logs", "echo").stdout
     assert "torpor-runtime: serving" in out and "handled first" in out
     lines: list[str] = []
-    with httpx.stream("GET", f"{up.api}/v1/functions/echo/logs", params={"follow": "1", "tail": "0"},
-                      headers=up.api_headers, timeout=10) as r:
+    with httpx.stream(
+        "GET",
+        f"{up.api}/v1/functions/echo/logs",
+        params={"follow": "1", "tail": "0"},
+        headers=up.api_headers,
+        timeout=10,
+    ) as r:
         assert r.status_code == 200
         up.request("echo", "/?n=second")
         for line in r.iter_lines():

@@ -111,8 +111,12 @@ class Drv:
         src = self.tmp / fn
         src.mkdir()
         (src / "handler.py").write_text(HANDLER)
-        spec = Spec(name=fn, handler="handler:handle", env=dict(env or {}),
-                    resources=Resources(memory=memory))
+        spec = Spec(
+            name=fn,
+            handler="handler:handle",
+            env=dict(env or {}),
+            resources=Resources(memory=memory),
+        )
         return Revision(name=f"{fn}-00001", function=fn, number=1, spec=spec, source=str(src))
 
     async def up(self, rev: Revision) -> Any:
@@ -139,7 +143,9 @@ async def wait_healthy(endpoint: str, timeout: float = 30.0) -> None:
     async with httpx.AsyncClient(trust_env=False) as client:
         while loop.time() < deadline:
             try:
-                if (await client.get(f"http://{endpoint}/_torpor/health", timeout=2.0)).status_code == 200:
+                if (
+                    await client.get(f"http://{endpoint}/_torpor/health", timeout=2.0)
+                ).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -154,10 +160,15 @@ async def get(endpoint: str, path: str) -> httpx.Response:
 
 # -- environment ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("drv", [pytest.param(True, id="zygote", marks=pytest.mark.security),
-                                 pytest.param(False, id="spawn")], indirect=True)
-async def test_a_replica_reads_the_drivers_environment(drv: Drv, monkeypatch: pytest.MonkeyPatch,
-                                                      attack: Any) -> None:
+
+@pytest.mark.parametrize(
+    "drv",
+    [pytest.param(True, id="zygote", marks=pytest.mark.security), pytest.param(False, id="spawn")],
+    indirect=True,
+)
+async def test_a_replica_reads_the_drivers_environment(
+    drv: Drv, monkeypatch: pytest.MonkeyPatch, attack: Any
+) -> None:
     """Handler reads os.environ, /proc/{self,zygote}/environ for host keys"""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
     monkeypatch.setenv("TORPOR_TOKEN", TOKEN)
@@ -166,22 +177,42 @@ async def test_a_replica_reads_the_drivers_environment(drv: Drv, monkeypatch: py
     env = seen["os_environ"]
     if drv.driver.use_zygote:
         assert "zygote.py" in seen["parent_cmdline"], "the replica was not forked from the zygote"
-    leaks = {where: _has_secret(seen[where], [TOKEN, AWS_SECRET])
-             for where in ("os_environ", "proc_self", "proc_parent")}
-    attack.ended(f"none of the driver's keys seen: {leaks}" if not any(leaks.values()) else f"leaked: {leaks}")
+    leaks = {
+        where: _has_secret(seen[where], [TOKEN, AWS_SECRET])
+        for where in ("os_environ", "proc_self", "proc_parent")
+    }
+    attack.ended(
+        f"none of the driver's keys seen: {leaks}"
+        if not any(leaks.values())
+        else f"leaked: {leaks}"
+    )
     assert not any(leaks.values()), leaks
     # exactly its own environment: the spec's env, the runtime's variables, PATH/LANG/HOME
     assert env["GREETING"] == "hi"
     assert env["TORPOR_FUNCTION"] == running.function
-    allowed = {"PATH", "LANG", "HOME", "TMPDIR", "GREETING", "PORT", "PYTHONDONTWRITEBYTECODE",
-               "PYTHONUNBUFFERED", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}  # K_*: Knative's contract
+    allowed = {
+        "PATH",
+        "LANG",
+        "HOME",
+        "TMPDIR",
+        "GREETING",
+        "PORT",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "K_SERVICE",
+        "K_CONFIGURATION",
+        "K_REVISION",
+    }  # K_*: Knative's contract
     assert {k for k in env if not k.startswith("TORPOR_")} <= allowed, sorted(env)
-    assert {k for k in seen["proc_self"] if not k.startswith("TORPOR_")} <= allowed, sorted(seen["proc_self"])
+    assert {k for k in seen["proc_self"] if not k.startswith("TORPOR_")} <= allowed, sorted(
+        seen["proc_self"]
+    )
 
 
 @pytest.mark.security
-def test_a_replica_of_torpor_up_reads_the_platforms_secrets(tmp_path: Path, redis_url: str,
-                                                            attack: Any) -> None:
+def test_a_replica_of_torpor_up_reads_the_platforms_secrets(
+    tmp_path: Path, redis_url: str, attack: Any
+) -> None:
     """Function on torpor up reads TORPOR_TOKEN, TORPOR_REDIS, AWS key"""
     fn = f"peek-{uuid.uuid4().hex[:6]}"
     src = tmp_path / fn
@@ -196,9 +227,15 @@ def test_a_replica_of_torpor_up_reads_the_platforms_secrets(tmp_path: Path, redi
         assert r.status_code == 200, r.text
         seen = r.json()
     assert "zygote.py" in seen["parent_cmdline"], "the replica was not forked from the zygote"
-    leaks = {where: _has_secret(seen[where], secrets) for where in ("os_environ", "proc_self", "proc_parent")}
-    attack.ended(f"none seen in os.environ, /proc/self/environ, /proc/<zygote>/environ: {leaks}"
-                 if not any(leaks.values()) else f"leaked: {leaks}")
+    leaks = {
+        where: _has_secret(seen[where], secrets)
+        for where in ("os_environ", "proc_self", "proc_parent")
+    }
+    attack.ended(
+        f"none seen in os.environ, /proc/self/environ, /proc/<zygote>/environ: {leaks}"
+        if not any(leaks.values())
+        else f"leaked: {leaks}"
+    )
     assert not any(leaks.values()), leaks
     assert seen["proc_parent"], "the zygote's environ was not readable: nothing was checked"
     assert "PATH" in seen["proc_parent"]
@@ -233,6 +270,7 @@ async def test_a_replica_has_a_private_empty_home_removed_when_it_stops(drv: Drv
 
 # -- rlimits ----------------------------------------------------------------------------------
 
+
 @pytest.mark.security
 async def test_a_replica_allocates_far_beyond_its_memory(drv: Drv, attack: Any) -> None:
     """A handler of a 64Mi function allocates 4 GiB at once"""
@@ -241,11 +279,16 @@ async def test_a_replica_allocates_far_beyond_its_memory(drv: Drv, attack: Any) 
     limits = (await get(running.endpoint, "/limits")).json()
     data = memory + 64 * _thread_stack() + BASE_DATA
     assert limits["RLIMIT_DATA"] == [data, data]
-    assert limits["RLIMIT_NOFILE"][0] <= NOFILE and limits["RLIMIT_NOFILE"][0] == limits["RLIMIT_NOFILE"][1]
+    assert (
+        limits["RLIMIT_NOFILE"][0] <= NOFILE
+        and limits["RLIMIT_NOFILE"][0] == limits["RLIMIT_NOFILE"][1]
+    )
     assert limits["RLIMIT_CORE"] == [0, 0]
     pid = (await get(running.endpoint, "/env")).json()["pid"]
     r = await get(running.endpoint, f"/alloc?bytes={4 << 30}")
-    attack.ended(f"{r.status_code} {r.text} (RLIMIT_DATA {data // MiB} MiB); the replica keeps serving")
+    attack.ended(
+        f"{r.status_code} {r.text} (RLIMIT_DATA {data // MiB} MiB); the replica keeps serving"
+    )
     assert r.text == "MemoryError"
     # the replica was not killed: the same process answers the next requests
     assert (await get(running.endpoint, "/alloc?bytes=1048576")).text == "allocated 1048576"

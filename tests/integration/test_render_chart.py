@@ -132,13 +132,22 @@ def values_of(chart: Path, *args: str) -> dict:
 def test_output_is_helm_template_shaped(chart: Path) -> None:
     text = render_text("--release", "r1", chart=chart)
     assert text.startswith("---\n# Source: demo/templates/")
-    sources = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("# Source: ")]
+    sources = [
+        line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("# Source: ")
+    ]
     kinds = [d["kind"] for d in yaml.safe_load_all(text) if d]
     # install order: Namespace first, Services before Deployments; ConfigMaps by file path
     assert kinds == ["Namespace", "ConfigMap", "ConfigMap", "Service", "Deployment"]
-    assert sources == ["demo/templates/ns.yaml", "demo/templates/objects.yaml", "demo/templates/values.yaml",
-                       "demo/templates/order.yaml", "demo/templates/order.yaml"]
-    assert "_helpers" not in text and "notes for" not in text  # partials and NOTES.txt are not output
+    assert sources == [
+        "demo/templates/ns.yaml",
+        "demo/templates/objects.yaml",
+        "demo/templates/values.yaml",
+        "demo/templates/order.yaml",
+        "demo/templates/order.yaml",
+    ]
+    assert (
+        "_helpers" not in text and "notes for" not in text
+    )  # partials and NOTES.txt are not output
     assert "<no value>" not in text
     assert len(text.split("---\n")) == 6  # empty documents and the empty file are dropped
 
@@ -174,9 +183,23 @@ def test_values_files_merge_and_yaml_numbers_are_floats(chart: Path, tmp_path: P
 
 
 def test_set_follows_helm_type_inference(chart: Path) -> None:
-    v = values_of(chart, "--set", "a.b=2,a.new=true,s=007,f=1.5,n=null,z=0,neg=-3,txt=hello world",
-                  "--set", "list[1]=9", "--set", "drop=null", "--set", "l2={x,2,false}",
-                  "--set-string", "str=5", "--set", r"esc=a\,b", "--set", r"dotted\.key=1")
+    v = values_of(
+        chart,
+        "--set",
+        "a.b=2,a.new=true,s=007,f=1.5,n=null,z=0,neg=-3,txt=hello world",
+        "--set",
+        "list[1]=9",
+        "--set",
+        "drop=null",
+        "--set",
+        "l2={x,2,false}",
+        "--set-string",
+        "str=5",
+        "--set",
+        r"esc=a\,b",
+        "--set",
+        r"dotted\.key=1",
+    )
     assert v["a"]["b"] == 2 and v["a"]["new"] is True and v["a"]["c"] == "x"
     assert v["s"] == "007" and v["f"] == "1.5" and v["z"] == 0 and v["neg"] == -3
     assert v["txt"] == "hello world"
@@ -202,14 +225,20 @@ def test_notes_render_on_request(chart: Path) -> None:
     assert out.stdout.strip() == "notes for r2 in ns2"
 
 
-@pytest.mark.parametrize("template,message", [
-    ('{{ required "need .Values.must" .Values.must }}', "need .Values.must"),
-    ('{{ fail "broken on purpose" }}', "broken on purpose"),
-    ("{{ .Values.a.b | badFunction }}", "badFunction"),
-    ('{{ env "HOME" }}', "env"),
-    ("{{ .Values.nothing.here }}", "nil pointer evaluating interface {}.here"),  # as in Helm  # Helm removes sprig's env and expandenv
-    ("kind: [unclosed", "YAML parse error on demo/templates/bad.yaml"),
-])
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ('{{ required "need .Values.must" .Values.must }}', "need .Values.must"),
+        ('{{ fail "broken on purpose" }}', "broken on purpose"),
+        ("{{ .Values.a.b | badFunction }}", "badFunction"),
+        ('{{ env "HOME" }}', "env"),
+        (
+            "{{ .Values.nothing.here }}",
+            "nil pointer evaluating interface {}.here",
+        ),  # as in Helm  # Helm removes sprig's env and expandenv
+        ("kind: [unclosed", "YAML parse error on demo/templates/bad.yaml"),
+    ],
+)
 def test_errors_fail_the_render_with_the_reason(chart: Path, template: str, message: str) -> None:
     require_renderer()
     (chart / "templates" / "bad.yaml").write_text(template + "\n")
@@ -237,7 +266,9 @@ def test_bad_arguments_are_refused(chart: Path) -> None:
     assert out.returncode != 0 and "no Chart.yaml" in out.stderr
 
 
-def subprocess_run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def subprocess_run(
+    argv: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -277,11 +308,39 @@ def test_helm_is_preferred_when_installed(chart: Path, tmp_path: Path) -> None:
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
     env.pop("TORPOR_RENDERER", None)
-    out = subprocess_run([str(RENDER), str(chart), "--set", "a.b=2", "-f", "v.yaml", "--release", "r",
-                          "--namespace", "ns", "--set-string", "s=1"], env=env)
+    out = subprocess_run(
+        [
+            str(RENDER),
+            str(chart),
+            "--set",
+            "a.b=2",
+            "-f",
+            "v.yaml",
+            "--release",
+            "r",
+            "--namespace",
+            "ns",
+            "--set-string",
+            "s=1",
+        ],
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["template", "r", str(chart), "--namespace", "ns", "--kube-version", "1.30.0",
-                                       "--set", "a.b=2", "-f", "v.yaml", "--set-string", "s=1"]
+    assert out.stdout.splitlines() == [
+        "template",
+        "r",
+        str(chart),
+        "--namespace",
+        "ns",
+        "--kube-version",
+        "1.30.0",
+        "--set",
+        "a.b=2",
+        "-f",
+        "v.yaml",
+        "--set-string",
+        "s=1",
+    ]
 
 
 def test_shell_scripts_parse_and_pass_shellcheck() -> None:

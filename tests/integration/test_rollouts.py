@@ -79,8 +79,14 @@ class Load:
                     continue
                 try:
                     r = c.get(self.gateway + "/")
-                    self.results.append(Result(time.monotonic(), r.status_code, r.headers.get("x-torpor-revision"),
-                                               r.text[:300]))
+                    self.results.append(
+                        Result(
+                            time.monotonic(),
+                            r.status_code,
+                            r.headers.get("x-torpor-revision"),
+                            r.text[:300],
+                        )
+                    )
                 except httpx.HTTPError as e:
                     self.results.append(Result(time.monotonic(), 0, None, repr(e)))
                     time.sleep(0.05)
@@ -109,8 +115,9 @@ def rollout_of(t: Torpor, name: str) -> dict[str, Any]:
 
 
 def rollout_events(t: Torpor, name: str, since: float = 0.0) -> list[str]:
-    ev = t.api_call("GET", f"/v1/functions/{name}/events", params={"limit": 200, "since": since},
-                    timeout=10).json()["events"]
+    ev = t.api_call(
+        "GET", f"/v1/functions/{name}/events", params={"limit": 200, "since": since}, timeout=10
+    ).json()["events"]
     return [e["message"] for e in ev if e["kind"] == "rollout"]
 
 
@@ -118,8 +125,14 @@ def traffic(t: Torpor, name: str) -> list[tuple[str, int, str | None]]:
     return [(x["revision"], x["percent"], x["tag"]) for x in t.function(name)["traffic"]]
 
 
-def deploy_slow(t: Torpor, tmp: Path, *args: str, fail: str = "0", version: str = "1",
-                rollout: dict[str, Any] | None = None) -> None:
+def deploy_slow(
+    t: Torpor,
+    tmp: Path,
+    *args: str,
+    fail: str = "0",
+    version: str = "1",
+    rollout: dict[str, Any] | None = None,
+) -> None:
     spec: dict[str, Any] = {"env": {"SLEEP_MS": "20", "FAIL_RATE": fail, "VERSION": version}}
     if rollout is not None:
         spec["rollout"] = rollout
@@ -128,11 +141,16 @@ def deploy_slow(t: Torpor, tmp: Path, *args: str, fail: str = "0", version: str 
 
 # -- splits and tags -----------------------------------------------------------------------------
 @pytest.mark.parametrize("split", [(90, 10), (50, 50)], ids=["90-10", "50-50"])
-def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path: Path, split: tuple[int, int]) -> None:
+def test_weighted_split_is_exact_over_ten_thousand_requests(
+    up: Torpor, tmp_path: Path, split: tuple[int, int]
+) -> None:
     up.deploy(function_copy(tmp_path, "hello", env={"GREETING": "one"}))
     up.deploy(function_copy(tmp_path, "hello", env={"GREETING": "two"}), "--no-traffic")
     fn = up.function("hello")
-    assert [(r["name"], r["status"]) for r in fn["revisions"]] == [("hello-00001", "ready"), ("hello-00002", "ready")]
+    assert [(r["name"], r["status"]) for r in fn["revisions"]] == [
+        ("hello-00001", "ready"),
+        ("hello-00002", "ready"),
+    ]
     assert traffic(up, "hello") == [("hello-00001", 100, None)]  # --no-traffic: not routed
     assert count_revisions(up.gateway, "hello", 200) == {"hello-00001": 200}
 
@@ -140,7 +158,11 @@ def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path
     assert f"hello-00001={split[0]}%" in out
     up.wait_for(lambda: traffic(up, "hello")[0][1] == split[0], 10, "traffic applied")
     # the gateway applies the change feed: wait until it routes to the new revision
-    up.wait_for(lambda: "hello-00002" in count_revisions(up.gateway, "hello", 20, threads=1), 10, "split in the gateway")
+    up.wait_for(
+        lambda: "hello-00002" in count_revisions(up.gateway, "hello", 20, threads=1),
+        10,
+        "split in the gateway",
+    )
     got = count_revisions(up.gateway, "hello", 10_000)
     assert sum(got.values()) == 10_000
     for rev, pct in zip(("hello-00001", "hello-00002"), split, strict=True):
@@ -152,26 +174,50 @@ def test_weighted_split_is_exact_over_ten_thousand_requests(up: Torpor, tmp_path
     bad = up.cli("traffic", "hello", "hello-00009=100", check=False)
     assert bad.returncode != 0 and "hello-00009" in bad.stderr
     desc = up.cli("describe", "hello").stdout
-    assert re.search(rf"hello-00002\s+ready\s+{split[1]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc), desc
-    assert re.search(rf"hello-00001\s+ready\s+{split[0]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc), desc
+    assert re.search(
+        rf"hello-00002\s+ready\s+{split[1]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc
+    ), desc
+    assert re.search(
+        rf"hello-00001\s+ready\s+{split[0]}%\s+age\s+\S+\s+replicas [1-9]\d*/[1-9]", desc
+    ), desc
 
 
 def test_tags_reach_their_revision_even_at_zero_percent(up: Torpor, tmp_path: Path) -> None:
     up.deploy(function_copy(tmp_path, "hello", env={"GREETING": "stable"}))
-    up.deploy(function_copy(tmp_path, "hello", env={"GREETING": "canary"}), "--no-traffic", "--tag", "canary")
+    up.deploy(
+        function_copy(tmp_path, "hello", env={"GREETING": "canary"}),
+        "--no-traffic",
+        "--tag",
+        "canary",
+    )
     assert traffic(up, "hello") == [("hello-00001", 100, None), ("hello-00002", 0, "canary")]
     for _ in range(20):
         r = up.request("hello")
         assert r.status_code == 200 and r.headers["x-torpor-revision"] == "hello-00001"
         assert r.text == "stable, world!\n"
     r = up.request("hello", tag="canary")
-    assert r.status_code == 200 and r.headers["x-torpor-revision"] == "hello-00002" and r.text == "canary, world!\n"
+    assert (
+        r.status_code == 200
+        and r.headers["x-torpor-revision"] == "hello-00002"
+        and r.text == "canary, world!\n"
+    )
     assert up.cli("invoke", "hello", "--tag", "canary").stdout == "canary, world!\n"
     # a tag given by hand, on the revision with all the traffic and on the one without
-    up.cli("traffic", "hello", "hello-00001=100", "--tag", "hello-00001=prod", "--tag", "hello-00002=beta")
+    up.cli(
+        "traffic",
+        "hello",
+        "hello-00001=100",
+        "--tag",
+        "hello-00001=prod",
+        "--tag",
+        "hello-00002=beta",
+    )
     up.wait_for(lambda: ("hello-00002", 0, "beta") in traffic(up, "hello"), 10, "tags applied")
-    up.wait_for(lambda: up.request("hello", tag="beta").headers.get("x-torpor-revision") == "hello-00002", 10,
-                "the gateway routes the new tag")
+    up.wait_for(
+        lambda: up.request("hello", tag="beta").headers.get("x-torpor-revision") == "hello-00002",
+        10,
+        "the gateway routes the new tag",
+    )
     assert up.request("hello", tag="beta").headers["x-torpor-revision"] == "hello-00002"
     assert up.request("hello", tag="prod").headers["x-torpor-revision"] == "hello-00001"
     gone = up.request("hello", tag="canary")  # the old tag no longer exists
@@ -180,22 +226,51 @@ def test_tags_reach_their_revision_even_at_zero_percent(up: Torpor, tmp_path: Pa
 
 # -- rollouts --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["deploy-canary", "rollout-to-cold"])
-def test_healthy_canary_promotes_itself_without_a_failed_request(up: Torpor, tmp_path: Path, how: str) -> None:
+def test_healthy_canary_promotes_itself_without_a_failed_request(
+    up: Torpor, tmp_path: Path, how: str
+) -> None:
     deploy_slow(up, tmp_path, version="1")
-    if how == "rollout-to-cold":  # the candidate waits at zero replicas: its cold start must not count against it
+    if (
+        how == "rollout-to-cold"
+    ):  # the candidate waits at zero replicas: its cold start must not count against it
         deploy_slow(up, tmp_path, "--no-traffic", version="2")
-        up.wait_for(lambda: all(r["revision"] == "slow-00001" for r in up.function("slow")["replicas"]), 20,
-                    "the candidate at zero")
+        up.wait_for(
+            lambda: all(r["revision"] == "slow-00001" for r in up.function("slow")["replicas"]),
+            20,
+            "the candidate at zero",
+        )
     with Load(up.gateway, "slow") as load:
         up.wait_for(lambda: len(load.results) > 50, 20, "load flowing")
         if how == "deploy-canary":
             # the revision's torpor.yaml carries the rollout policy; deploy --canary watches it to the end
-            r = up.cli("deploy", str(function_copy(tmp_path, "slow", env={"SLEEP_MS": "20", "FAIL_RATE": "0",
-                                                                             "VERSION": "2"}, rollout=ROLLOUT)),
-                       "--canary", "25", timeout=60)
+            r = up.cli(
+                "deploy",
+                str(
+                    function_copy(
+                        tmp_path,
+                        "slow",
+                        env={"SLEEP_MS": "20", "FAIL_RATE": "0", "VERSION": "2"},
+                        rollout=ROLLOUT,
+                    )
+                ),
+                "--canary",
+                "25",
+                timeout=60,
+            )
         else:
-            r = up.cli("rollout", "slow", "--to", "slow-00002", "--steps", "25,50,100", "--interval", "2s",
-                       "--min-requests", "20", timeout=60)
+            r = up.cli(
+                "rollout",
+                "slow",
+                "--to",
+                "slow-00002",
+                "--steps",
+                "25,50,100",
+                "--interval",
+                "2s",
+                "--min-requests",
+                "20",
+                timeout=60,
+            )
         time.sleep(1.0)
     out = r.stderr
     assert "step 1/3: slow-00002 at 25%" in out, out
@@ -214,14 +289,28 @@ def test_healthy_canary_promotes_itself_without_a_failed_request(up: Torpor, tmp
     assert any("promoted slow-00002" in m for m in events), events
 
 
-def test_failing_canary_rolls_back_at_the_first_step_and_stable_keeps_serving(up: Torpor, tmp_path: Path) -> None:
+def test_failing_canary_rolls_back_at_the_first_step_and_stable_keeps_serving(
+    up: Torpor, tmp_path: Path
+) -> None:
     deploy_slow(up, tmp_path, version="1")
     deploy_slow(up, tmp_path, "--no-traffic", fail="0.3", version="2")
     with Load(up.gateway, "slow") as load:
         up.wait_for(lambda: len(load.results) > 50, 20, "load flowing")
         start = len(load.results)
-        r = up.cli("rollout", "slow", "--to", "slow-00002", "--steps", "25,50,100", "--interval", "2s",
-                   "--min-requests", "20", check=False, timeout=60)
+        r = up.cli(
+            "rollout",
+            "slow",
+            "--to",
+            "slow-00002",
+            "--steps",
+            "25,50,100",
+            "--interval",
+            "2s",
+            "--min-requests",
+            "20",
+            check=False,
+            timeout=60,
+        )
         rolled_back_at = len(load.results)
         up.wait_for(lambda: len(load.results) > rolled_back_at + 100, 20, "load after the rollback")
     assert r.returncode == 4, (r.stdout, r.stderr)  # refused by the rollout judgement
@@ -240,7 +329,7 @@ def test_failing_canary_rolls_back_at_the_first_step_and_stable_keeps_serving(up
         assert '"failed": true' in f.body, f
     assert load.by_revision()["slow-00002"] > 0 and start < rolled_back_at
     # the stable revision keeps serving, alone
-    after = load.results[rolled_back_at + 20:]
+    after = load.results[rolled_back_at + 20 :]
     assert after and all(x.status == 200 and x.revision == "slow-00001" for x in after)
 
 
@@ -252,7 +341,11 @@ def test_a_rollout_survives_a_controller_restart_and_then_promotes(tmp_path: Pat
         deploy_slow(t, tmp_path, version="1")
         deploy_slow(t, tmp_path, "--canary", "25", "--no-watch", version="2", rollout=slow_rollout)
         with Load(t.gateway, "slow") as load:
-            t.wait_for(lambda: rollout_of(t, "slow")["rollout"]["state"] == "running", 10, "rollout running")
+            t.wait_for(
+                lambda: rollout_of(t, "slow")["rollout"]["state"] == "running",
+                10,
+                "rollout running",
+            )
             t.wait_for(lambda: load.by_revision()["slow-00002"] >= 10, 20, "canary serving")
             load.paused.set()
             before = rollout_of(t, "slow")["rollout"]
@@ -274,26 +367,42 @@ def test_a_rollout_survives_a_controller_restart_and_then_promotes(tmp_path: Pat
         assert final["rollout"]["state"] == "promoted"
         assert final["traffic"] == [{"revision": "slow-00002", "percent": 100, "tag": None}]
         assert load2.failures() == [], load2.failures()[:5]
-        events = rollout_events(t2, "slow", since=restarted)  # the restarted controller picked it up
+        events = rollout_events(
+            t2, "slow", since=restarted
+        )  # the restarted controller picked it up
         assert any(f"measuring step {after['step'] + 1}/3" in m for m in events), events
         assert any("promoted slow-00002" in m for m in events), events
     finally:
         t2.stop()
 
 
-def test_rollout_controls_pause_resume_promote_abort_and_rollback(up: Torpor, tmp_path: Path) -> None:
+def test_rollout_controls_pause_resume_promote_abort_and_rollback(
+    up: Torpor, tmp_path: Path
+) -> None:
     deploy_slow(up, tmp_path, version="1")
     deploy_slow(up, tmp_path, "--no-traffic", version="2")
     deploy_slow(up, tmp_path, "--no-traffic", version="3")
     # nothing to control yet
     bad = up.cli("rollout", "slow", "--pause", check=False)
     assert bad.returncode != 0 and "no running or paused rollout" in bad.stderr
-    bad = up.cli("rollout", "slow", "--to", "slow-00002", "--steps", "10,50", "--no-watch", check=False)
+    bad = up.cli(
+        "rollout", "slow", "--to", "slow-00002", "--steps", "10,50", "--no-watch", check=False
+    )
     assert bad.returncode != 0 and "ending with 100" in bad.stderr
     bad = up.cli("rollout", "slow", "--to", "slow-00001", "--no-watch", check=False)
     assert bad.returncode != 0 and "already serves all traffic" in bad.stderr
     # no traffic flows: the rollout waits at its first step until told otherwise
-    up.cli("rollout", "slow", "--to", "slow-00002", "--steps", "10,100", "--interval", "1s", "--no-watch")
+    up.cli(
+        "rollout",
+        "slow",
+        "--to",
+        "slow-00002",
+        "--steps",
+        "10,100",
+        "--interval",
+        "1s",
+        "--no-watch",
+    )
     assert traffic(up, "slow") == [("slow-00002", 10, None), ("slow-00001", 90, None)]
     busy = up.cli("rollout", "slow", "--to", "slow-00003", "--no-watch", check=False)
     assert busy.returncode != 0 and "abort it first" in busy.stderr
@@ -323,28 +432,48 @@ def test_rollout_controls_pause_resume_promote_abort_and_rollback(up: Torpor, tm
     assert traffic(up, "slow") == [("slow-00001", 100, None)]
     assert up.cli("rollback", "slow", check=False).returncode != 0  # nothing older than slow-00001
     spec = up.api_call("GET", "/v1/openapi.json", timeout=5).json()
-    assert "/v1/functions/{name}/rollout" in spec["paths"] and "/v1/functions/{name}/rollback" in spec["paths"]
+    assert (
+        "/v1/functions/{name}/rollout" in spec["paths"]
+        and "/v1/functions/{name}/rollback" in spec["paths"]
+    )
 
 
 def test_retired_revisions_are_garbage_collected_beyond_the_retention(tmp_path: Path) -> None:
-    with torpor_up(tmp_path / "state", extra=["--keep-revisions", "1"], env={"TORPOR_ARCHIVE_GRACE": "1"}) as t:
+    with torpor_up(
+        tmp_path / "state", extra=["--keep-revisions", "1"], env={"TORPOR_ARCHIVE_GRACE": "1"}
+    ) as t:
         for v in range(1, 5):
             tag = ["--tag", "pinned"] if v == 1 else []  # the tag stays with hello-00001 at 0%
-            t.deploy(function_copy(tmp_path, "hello", env={"GREETING": f"v{v}"}, scale={"idle": "1s"}), *tag)
+            t.deploy(
+                function_copy(tmp_path, "hello", env={"GREETING": f"v{v}"}, scale={"idle": "1s"}),
+                *tag,
+            )
         assert traffic(t, "hello") == [("hello-00004", 100, None), ("hello-00001", 0, "pinned")]
 
         def names() -> list[str]:
             return [r["name"] for r in t.function("hello")["revisions"]]
 
         # 4 serves, 1 is tagged; of the retired 2 and 3, only the newest (3) is kept
-        t.wait_for(lambda: names() == ["hello-00001", "hello-00003", "hello-00004"], 30, "hello-00002 collected")
+        t.wait_for(
+            lambda: names() == ["hello-00001", "hello-00003", "hello-00004"],
+            30,
+            "hello-00002 collected",
+        )
         shas = {r["source_sha256"] for r in t.function("hello")["revisions"]}
         assert len(shas) == 3
         # the collected revision's archive leaves the store and the controller's cache
-        t.wait_for(lambda: {p.name for p in (tmp_path / "state" / "blobs").iterdir()} == shas, 30,
-                   "hello-00002's archive removed")
-        t.wait_for(lambda: {p.name for p in (tmp_path / "state" / "sources-cache").iterdir()} == shas, 30,
-                   "hello-00002's unpacked copy removed")
-        events = t.api_call("GET", "/v1/functions/hello/events", params={"limit": 200}, timeout=5).json()["events"]
+        t.wait_for(
+            lambda: {p.name for p in (tmp_path / "state" / "blobs").iterdir()} == shas,
+            30,
+            "hello-00002's archive removed",
+        )
+        t.wait_for(
+            lambda: {p.name for p in (tmp_path / "state" / "sources-cache").iterdir()} == shas,
+            30,
+            "hello-00002's unpacked copy removed",
+        )
+        events = t.api_call(
+            "GET", "/v1/functions/hello/events", params={"limit": 200}, timeout=5
+        ).json()["events"]
         assert any(e["kind"] == "gc" and "hello-00002" in e["message"] for e in events)
         assert t.request("hello", tag="pinned").text == "v1, world!\n"

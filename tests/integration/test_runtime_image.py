@@ -37,16 +37,21 @@ def runtime_image() -> Iterator[str]:
     except BaseImageError as e:
         pytest.fail(f"base image unavailable: {e}")
     tag = f"torpor/runtime:test-{uuid.uuid4().hex[:8]}"
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", "images", "build-runtime", "--tag", tag],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "torpor.cli.main", "images", "build-runtime", "--tag", tag],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == tag
     yield tag
     docker("rmi", "-f", tag)
 
 
-def test_the_runtime_image_fetches_and_serves_a_function_under_pod_hardening(tmp_path: Path,
-                                                                               runtime_image: str) -> None:
+def test_the_runtime_image_fetches_and_serves_a_function_under_pod_hardening(
+    tmp_path: Path, runtime_image: str
+) -> None:
     archives = ArchiveServer(token="archive-token-0123456789").start()
     src = tmp_path / "fn"
     src.mkdir()
@@ -54,11 +59,34 @@ def test_the_runtime_image_fetches_and_serves_a_function_under_pod_hardening(tmp
     sha = archives.add_folder(src)
     port = free_port()
     name = f"torpor-runtime-test-{uuid.uuid4().hex[:8]}"
-    run = docker("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m",
-                 "--user", "65534:65534", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-                 "-e", f"TORPOR_ARCHIVE_URL={archives.url(sha)}", "-e", f"TORPOR_ARCHIVE_SHA256={sha}",
-                 "-e", "TORPOR_ARCHIVE_TOKEN=archive-token-0123456789",
-                 "-e", f"PORT={port}", "-e", "TORPOR_HOST=127.0.0.1", runtime_image)
+    run = docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,size=64m",
+        "--user",
+        "65534:65534",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "-e",
+        f"TORPOR_ARCHIVE_URL={archives.url(sha)}",
+        "-e",
+        f"TORPOR_ARCHIVE_SHA256={sha}",
+        "-e",
+        "TORPOR_ARCHIVE_TOKEN=archive-token-0123456789",
+        "-e",
+        f"PORT={port}",
+        "-e",
+        "TORPOR_HOST=127.0.0.1",
+        runtime_image,
+    )
     try:
         assert run.returncode == 0, run.stderr
         deadline = time.monotonic() + 60
@@ -91,9 +119,25 @@ def test_a_tampered_archive_stops_the_container(tmp_path: Path, runtime_image: s
     archives.archives[sha] = data[:-1] + bytes([data[-1] ^ 1])  # one bit of the served copy flipped
     name = f"torpor-runtime-test-{uuid.uuid4().hex[:8]}"
     try:
-        r = docker("run", "--rm", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=64m",
-                   "-e", f"TORPOR_ARCHIVE_URL={archives.url(sha)}", "-e", f"TORPOR_ARCHIVE_SHA256={sha}",
-                   "-e", f"PORT={free_port()}", runtime_image, timeout=60)
+        r = docker(
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp:rw,size=64m",
+            "-e",
+            f"TORPOR_ARCHIVE_URL={archives.url(sha)}",
+            "-e",
+            f"TORPOR_ARCHIVE_SHA256={sha}",
+            "-e",
+            f"PORT={free_port()}",
+            runtime_image,
+            timeout=60,
+        )
     finally:
         docker("rm", "-f", name)
         archives.stop()

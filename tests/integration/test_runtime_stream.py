@@ -24,7 +24,7 @@ from torpor.runtime.server import ws_frame, ws_mask
 
 MiB = 1024 * 1024
 
-HANDLER = '''
+HANDLER = """
 import asyncio, hashlib, time
 from torpor_runtime import Response, sse
 
@@ -100,7 +100,7 @@ def secho(ws):
 def wsboom(ws):
     ws.receive()
     raise RuntimeError("socket handler failed")
-'''
+"""
 
 
 @pytest.fixture
@@ -162,7 +162,9 @@ def test_head_of_a_stream_sends_no_body(start: Start, fn: Path) -> None:
     assert status == 200 and body == b""
 
 
-def test_an_exception_mid_stream_terminates_the_chunked_body_and_is_logged(start: Start, fn: Path) -> None:
+def test_an_exception_mid_stream_terminates_the_chunked_body_and_is_logged(
+    start: Start, fn: Path
+) -> None:
     rep = start(fn)
     with rep.socket() as s:
         s.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -210,7 +212,9 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _upload(rep: Replica, path: str, size: int, chunked: bool = False) -> tuple[int, bytes, str, list[int]]:
+def _upload(
+    rep: Replica, path: str, size: int, chunked: bool = False
+) -> tuple[int, bytes, str, list[int]]:
     """Send ``size`` random-ish bytes; -> status, body, their sha256, RSS samples (KiB)."""
     block = os.urandom(MiB)
     digest = hashlib.sha256()
@@ -267,7 +271,9 @@ def test_a_sync_handler_reads_a_streamed_body_whole_through_body(start: Start, f
     assert status == 200 and hashlib.sha256(payload).hexdigest().encode() in body
 
 
-def test_an_async_handler_gets_a_clear_error_for_body_and_can_read_it(start: Start, fn: Path) -> None:
+def test_an_async_handler_gets_a_clear_error_for_body_and_can_read_it(
+    start: Start, fn: Path
+) -> None:
     rep = start(fn, {"TORPOR_HANDLER": "handler:ahandle", "TORPOR_BODY_BUFFER": "64Ki"})
     payload = b"y" * (MiB + 5)
     status, _, body = rep.request("POST", "/body", body=payload)
@@ -336,7 +342,9 @@ def test_open_sync_sockets_do_not_take_the_http_handlers_threads(start: Start, f
 
     async def talk() -> int:
         async with contextlib.AsyncExitStack() as stack:
-            socks = [await stack.enter_async_context(websockets.connect(ws_url(rep))) for _ in range(5)]
+            socks = [
+                await stack.enter_async_context(websockets.connect(ws_url(rep))) for _ in range(5)
+            ]
             for i, ws in enumerate(socks):
                 await ws.send(f"s{i}")
                 assert await ws.recv() == f"s{i}"
@@ -347,7 +355,9 @@ def test_open_sync_sockets_do_not_take_the_http_handlers_threads(start: Start, f
     assert asyncio.run(talk()) == 201
 
 
-def test_websocket_handler_sees_the_request_and_closes_with_its_code(start: Start, fn: Path) -> None:
+def test_websocket_handler_sees_the_request_and_closes_with_its_code(
+    start: Start, fn: Path
+) -> None:
     rep = start(fn, {"TORPOR_WEBSOCKET": "handler:aecho"})
 
     async def talk() -> tuple[int | None, str | None]:
@@ -436,16 +446,24 @@ def test_websocket_bad_utf8_and_oversized_messages_are_closed(start: Start, fn: 
 
 def test_websocket_handshake_refusals(start: Start, fn: Path) -> None:
     rep = start(fn, {"TORPOR_WEBSOCKET": "handler:aecho"})
-    base = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    base = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
     status, headers, _ = rep.request("GET", "/", headers={**base, "Sec-WebSocket-Version": "8"})
     assert status == 426 and headers["Sec-WebSocket-Version"] == "13"
-    status, _, _ = rep.request("GET", "/", headers={**base, "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "x"})
+    status, _, _ = rep.request(
+        "GET", "/", headers={**base, "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "x"}
+    )
     assert status == 400
 
 
 def test_without_a_websocket_handler_an_upgrade_is_a_plain_request(start: Start, fn: Path) -> None:
     rep = start(fn)
-    status, _, body = rep.request("GET", "/bytes-body", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    status, _, body = rep.request(
+        "GET", "/bytes-body", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+    )
     assert (status, body) == (201, b"abc")
 
 

@@ -36,20 +36,30 @@ def sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def secret_cli(t: Torpor, *args: str, stdin: bytes = b"", check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def secret_cli(
+    t: Torpor, *args: str, stdin: bytes = b"", check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
     """`torpor ARGS` with ``stdin`` piped in (t.cli has no stdin)."""
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=t.env, input=stdin,
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "torpor.cli.main", *args],
+        env=t.env,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"torpor {' '.join(args)} exited {r.returncode}:\n{r.stderr.decode()}")
     return r
 
 
-def function_dir(tmp: Path, name: str, secrets: str = "{DB_PASSWORD: db-password}", extra: str = "") -> Path:
+def function_dir(
+    tmp: Path, name: str, secrets: str = "{DB_PASSWORD: db-password}", extra: str = ""
+) -> Path:
     d = tmp / f"{name}-{os.urandom(3).hex()}"
     d.mkdir()
     (d / "torpor.yaml").write_text(
-        f"name: {name}\nhandler: handler:handle\nenv: {{GREETING: hello}}\nsecrets: {secrets}\n{extra}")
+        f"name: {name}\nhandler: handler:handle\nenv: {{GREETING: hello}}\nsecrets: {secrets}\n{extra}"
+    )
     (d / "handler.py").write_text(HANDLER)
     return d
 
@@ -60,14 +70,21 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Torpor]:
         yield t
 
 
-def test_replicas_get_the_secret_as_env_and_new_replicas_get_a_new_value(up: Torpor, tmp_path: Path) -> None:
+def test_replicas_get_the_secret_as_env_and_new_replicas_get_a_new_value(
+    up: Torpor, tmp_path: Path
+) -> None:
     first, second = "first-Secret-value-1", "second-Secret-value-2"
-    out = secret_cli(up, "secret", "set", "db-password", stdin=first.encode() + b"\n")  # `echo v | ...`
+    out = secret_cli(
+        up, "secret", "set", "db-password", stdin=first.encode() + b"\n"
+    )  # `echo v | ...`
     assert b"secret db-password created" in out.stderr
     up.deploy(function_dir(tmp_path, "sec"))
     r = up.request("sec")
     assert r.status_code == 200, r.text
-    assert r.json() == {"sha256": sha(first), "greeting": "hello"}  # one trailing newline was dropped
+    assert r.json() == {
+        "sha256": sha(first),
+        "greeting": "hello",
+    }  # one trailing newline was dropped
 
     ls = up.cli("secret", "ls").stdout
     assert [line.split()[0::3] for line in ls.splitlines()[1:]] == [["db-password", "sec"]]
@@ -84,7 +101,9 @@ def test_replicas_get_the_secret_as_env_and_new_replicas_get_a_new_value(up: Tor
     up.cli("scale", "sec", "--replicas", "0")
     up.wait_for(lambda: not up.function("sec")["replicas"], 60, "sec at zero")
     refused = up.cli("secret", "rm", "db-password", check=False)
-    assert refused.returncode != 0 and "used by sec" in refused.stderr and "HTTP 409" in refused.stderr
+    assert (
+        refused.returncode != 0 and "used by sec" in refused.stderr and "HTTP 409" in refused.stderr
+    )
     up.cli("secret", "rm", "db-password", "--force")
     up.cli("scale", "sec", "--min", "0", "--max", "5")
     try:
@@ -95,8 +114,14 @@ def test_replicas_get_the_secret_as_env_and_new_replicas_get_a_new_value(up: Tor
 
     def failed_start() -> str | None:
         events = up.api_call("GET", "/v1/functions/sec/events").json()["events"]
-        return next((e["message"] for e in events
-                     if "secret 'db-password' (for DB_PASSWORD) does not exist" in e["message"]), None)
+        return next(
+            (
+                e["message"]
+                for e in events
+                if "secret 'db-password' (for DB_PASSWORD) does not exist" in e["message"]
+            ),
+            None,
+        )
 
     message = up.wait_for(failed_start, 30, "a start failed for the missing secret")
     assert first not in message and second not in message
@@ -116,25 +141,53 @@ def test_a_secret_value_is_never_shown_back(up: Torpor, tmp_path: Path, attack) 
     assert up.request("leak").json()["sha256"] == sha(value)
     # bad requests that carry the value: refused without quoting it
     bad = [
-        up.api_call("PUT", "/v1/secrets/api-token", content=value.encode(), headers={"content-type": "text/plain"}),
-        up.api_call("PUT", "/v1/secrets/api-token", content=value.encode() + b"\x00",
-                    headers={"content-type": "application/octet-stream"}),
-        up.api_call("PUT", "/v1/secrets/API_TOKEN", content=value.encode(),
-                    headers={"content-type": "application/octet-stream"}),
+        up.api_call(
+            "PUT",
+            "/v1/secrets/api-token",
+            content=value.encode(),
+            headers={"content-type": "text/plain"},
+        ),
+        up.api_call(
+            "PUT",
+            "/v1/secrets/api-token",
+            content=value.encode() + b"\x00",
+            headers={"content-type": "application/octet-stream"},
+        ),
+        up.api_call(
+            "PUT",
+            "/v1/secrets/API_TOKEN",
+            content=value.encode(),
+            headers={"content-type": "application/octet-stream"},
+        ),
     ]
     assert [r.status_code for r in bad] == [415, 400, 400]
-    pasted = function_dir(tmp_path, "leak", secrets="{DB_PASSWORD: " + value + "}")  # a value where a name belongs
+    pasted = function_dir(
+        tmp_path, "leak", secrets="{DB_PASSWORD: " + value + "}"
+    )  # a value where a name belongs
     r = up.cli("deploy", str(pasted), check=False)
     assert r.returncode != 0 and "secrets.DB_PASSWORD" in r.stderr
     shown += [r.stdout.encode(), r.stderr.encode()] + [b.content for b in bad]
-    for path in ("/v1/functions", "/v1/functions/leak", "/v1/functions/leak/revisions",
-                 "/v1/functions/leak/revisions/leak-00001", "/v1/functions/leak/events?limit=200",
-                 "/v1/secrets", "/v1/secrets/api-token"):
+    for path in (
+        "/v1/functions",
+        "/v1/functions/leak",
+        "/v1/functions/leak/revisions",
+        "/v1/functions/leak/revisions/leak-00001",
+        "/v1/functions/leak/events?limit=200",
+        "/v1/secrets",
+        "/v1/secrets/api-token",
+    ):
         resp = up.api_call("GET", path)
         assert resp.status_code == 200, path
         shown.append(resp.content)
-    for args in (("describe", "leak"), ("describe", "leak", "--json"), ("ls",), ("ls", "--json"),
-                 ("secret", "ls"), ("secret", "ls", "--json"), ("logs", "leak")):
+    for args in (
+        ("describe", "leak"),
+        ("describe", "leak", "--json"),
+        ("ls",),
+        ("ls", "--json"),
+        ("secret", "ls"),
+        ("secret", "ls", "--json"),
+        ("logs", "leak"),
+    ):
         r = up.cli(*args)
         shown += [r.stdout.encode(), r.stderr.encode()]
     assert "DB_PASSWORD <- api-token" in up.cli("describe", "leak").stdout
@@ -145,35 +198,51 @@ def test_a_secret_value_is_never_shown_back(up: Torpor, tmp_path: Path, attack) 
 
 
 @pytest.mark.security
-def test_deploying_a_spec_that_names_an_unknown_secret_is_refused(up: Torpor, tmp_path: Path, attack) -> None:
+def test_deploying_a_spec_that_names_an_unknown_secret_is_refused(
+    up: Torpor, tmp_path: Path, attack
+) -> None:
     """Deploy a function whose spec names a secret that does not exist"""
     d = function_dir(tmp_path, "ghost", secrets="{DB_PASSWORD: no-such-secret}")
     r = up.cli("deploy", str(d), check=False)
     assert r.returncode != 0
-    assert "secrets.DB_PASSWORD: no secret named 'no-such-secret'" in r.stderr and "HTTP 400" in r.stderr
+    assert (
+        "secrets.DB_PASSWORD: no secret named 'no-such-secret'" in r.stderr
+        and "HTTP 400" in r.stderr
+    )
     resp = up.api_call("GET", "/v1/functions/ghost")
     assert resp.status_code == 404  # nothing was created
     attack.ended("400 unknown secret: secrets.DB_PASSWORD: no secret named 'no-such-secret'")
 
 
-def test_a_crashing_replica_that_prints_its_secret_is_redacted_in_events(up: Torpor, tmp_path: Path) -> None:
+def test_a_crashing_replica_that_prints_its_secret_is_redacted_in_events(
+    up: Torpor, tmp_path: Path
+) -> None:
     value = "Printed-at-import-" + os.urandom(4).hex()
     secret_cli(up, "secret", "set", "crash-pw", stdin=value.encode())
     d = function_dir(tmp_path, "crash", secrets="{DB_PASSWORD: crash-pw}")
     (d / "handler.py").write_text(
         "import os\nprint('connecting with password=' + os.environ['DB_PASSWORD'], flush=True)\n"
-        "raise RuntimeError('db refused password ' + os.environ['DB_PASSWORD'])\n")
+        "raise RuntimeError('db refused password ' + os.environ['DB_PASSWORD'])\n"
+    )
     r = up.cli("deploy", str(d), check=False)
     assert r.returncode != 0 and "failed" in r.stderr
     rev = up.function("crash")["revisions"][0]
     assert rev["status"] == "failed"
     assert "RuntimeError: db refused password ***" in rev["reason"]
-    shown = (r.stderr + rev["reason"] + up.api_call("GET", "/v1/functions/crash/events?limit=200").text
-             + up.cli("describe", "crash").stdout)
-    assert value not in shown  # (the replica's own log file is the function's output, kept as printed)
+    shown = (
+        r.stderr
+        + rev["reason"]
+        + up.api_call("GET", "/v1/functions/crash/events?limit=200").text
+        + up.cli("describe", "crash").stdout
+    )
+    assert (
+        value not in shown
+    )  # (the replica's own log file is the function's output, kept as printed)
 
 
-def test_on_redis_the_value_is_under_its_own_key_and_replicas_see_it(tmp_path: Path, redis_url: str) -> None:
+def test_on_redis_the_value_is_under_its_own_key_and_replicas_see_it(
+    tmp_path: Path, redis_url: str
+) -> None:
     import redis
 
     value = "redis-Secret-value-" + os.urandom(4).hex()
@@ -211,7 +280,11 @@ def test_docker_replicas_get_the_secret_as_env(tmp_path: Path) -> None:
             t.deploy(function_dir(tmp_path, "dsec"))
             r = t.request("dsec")
             assert r.status_code == 200 and r.json() == {"sha256": sha(value), "greeting": "hello"}
-            [c] = [c for c in engine.containers.list(filters=mine) if c.labels["torpor.function"] == "dsec"]
+            [c] = [
+                c
+                for c in engine.containers.list(filters=mine)
+                if c.labels["torpor.function"] == "dsec"
+            ]
             # env is the channel, so `docker inspect` shows it (as with Kubernetes env from a Secret) ...
             assert f"DB_PASSWORD={value}" in c.attrs["Config"]["Env"]
             # ... but no label, no image layer and no platform output holds it

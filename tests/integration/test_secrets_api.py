@@ -23,8 +23,11 @@ TOKEN = "secrets-api-test-token-0123456789"
 
 @pytest.fixture(params=["embedded", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (EmbeddedStore(tmp_path / "state") if request.param == "embedded"
-                else RedisStore(request.getfixturevalue("redis_url")))
+    s: Store = (
+        EmbeddedStore(tmp_path / "state")
+        if request.param == "embedded"
+        else RedisStore(request.getfixturevalue("redis_url"))
+    )
     try:
         yield s
     finally:
@@ -34,12 +37,17 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 async def api(store: Store, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(store, ApiConfig(state_dir=tmp_path / "api", token=TOKEN))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
-                                 headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://127.0.0.1",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as c:
         yield c
 
 
-def folder(tmp_path: Path, name: str = "hello", secrets: dict[str, str] | None = None, **top: Any) -> Path:
+def folder(
+    tmp_path: Path, name: str = "hello", secrets: dict[str, str] | None = None, **top: Any
+) -> Path:
     d = tmp_path / f"fn-{name}-{len(list(tmp_path.iterdir()))}"
     d.mkdir()
     lines = [f"name: {name}", "handler: handler:handle"]
@@ -52,17 +60,23 @@ def folder(tmp_path: Path, name: str = "hello", secrets: dict[str, str] | None =
 
 
 async def deploy(api: httpx.AsyncClient, d: Path) -> httpx.Response:
-    return await api.post("/v1/functions", content=pack(d), headers={"content-type": "application/gzip"})
+    return await api.post(
+        "/v1/functions", content=pack(d), headers={"content-type": "application/gzip"}
+    )
 
 
 async def test_set_replace_get_list(api: httpx.AsyncClient) -> None:
     r = await api.put("/v1/secrets/db-password", content=VALUE.encode(), headers=OCTET)
     assert r.status_code == 201, r.text
-    assert r.json()["name"] == "db-password" and r.json()["version"] == 1 and r.json()["used_by"] == []
+    assert (
+        r.json()["name"] == "db-password" and r.json()["version"] == 1 and r.json()["used_by"] == []
+    )
     r = await api.put("/v1/secrets/db-password", content=b"another-value", headers=OCTET)
     assert r.status_code == 200 and r.json()["version"] == 2
     r = await api.get("/v1/secrets")
-    assert [(s["name"], s["version"], s["used_by"]) for s in r.json()["secrets"]] == [("db-password", 2, [])]
+    assert [(s["name"], s["version"], s["used_by"]) for s in r.json()["secrets"]] == [
+        ("db-password", 2, [])
+    ]
     assert set(r.json()["secrets"][0]) == {"name", "version", "updated", "used_by"}
     r = await api.get("/v1/secrets/db-password")
     assert r.status_code == 200 and set(r.json()) == {"name", "version", "updated", "used_by"}
@@ -73,9 +87,20 @@ async def test_set_replace_get_list(api: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "headers", "status", "error"),
     [
-        ("/v1/secrets/db-password", VALUE.encode(), {"content-type": "text/plain"}, 415, "unsupported media type"),
-        ("/v1/secrets/db-password", VALUE.encode(), {"content-type": "application/json"}, 415,
-         "unsupported media type"),
+        (
+            "/v1/secrets/db-password",
+            VALUE.encode(),
+            {"content-type": "text/plain"},
+            415,
+            "unsupported media type",
+        ),
+        (
+            "/v1/secrets/db-password",
+            VALUE.encode(),
+            {"content-type": "application/json"},
+            415,
+            "unsupported media type",
+        ),
         ("/v1/secrets/db-password", b"", OCTET, 400, "invalid secret value"),
         ("/v1/secrets/db-password", VALUE.encode() + b"\x00", OCTET, 400, "invalid secret value"),
         ("/v1/secrets/db-password", VALUE.encode() + b"\xff", OCTET, 400, "invalid secret value"),
@@ -85,8 +110,14 @@ async def test_set_replace_get_list(api: httpx.AsyncClient) -> None:
     ],
 )
 async def test_bad_puts_are_refused_and_never_quote_the_value(
-        api: httpx.AsyncClient, store: Store, path: str, body: bytes, headers: dict[str, str], status: int,
-        error: str) -> None:
+    api: httpx.AsyncClient,
+    store: Store,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    error: str,
+) -> None:
     r = await api.put(path, content=body, headers=headers)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error and r.json()["detail"]
@@ -95,7 +126,8 @@ async def test_bad_puts_are_refused_and_never_quote_the_value(
 
 
 async def test_deploy_naming_an_unknown_secret_is_a_400_naming_it(
-        api: httpx.AsyncClient, tmp_path: Path, store: Store) -> None:
+    api: httpx.AsyncClient, tmp_path: Path, store: Store
+) -> None:
     d = folder(tmp_path, secrets={"DB_PASSWORD": "db-password", "API_KEY": "api-key"})
     r = await deploy(api, d)
     assert r.status_code == 400, r.text
@@ -113,11 +145,16 @@ async def test_deploy_naming_an_unknown_secret_is_a_400_naming_it(
 
 
 async def test_users_events_and_a_delete_refused_while_in_use(
-        api: httpx.AsyncClient, tmp_path: Path, store: Store) -> None:
+    api: httpx.AsyncClient, tmp_path: Path, store: Store
+) -> None:
     await api.put("/v1/secrets/db-password", content=VALUE.encode(), headers=OCTET)
     await api.put("/v1/secrets/unused", content=b"u-u-u-u", headers=OCTET)
-    assert (await deploy(api, folder(tmp_path, "hello", secrets={"DB_PASSWORD": "db-password"}))).status_code == 201
-    assert (await deploy(api, folder(tmp_path, "web", secrets={"PW": "db-password"}))).status_code == 201
+    assert (
+        await deploy(api, folder(tmp_path, "hello", secrets={"DB_PASSWORD": "db-password"}))
+    ).status_code == 201
+    assert (
+        await deploy(api, folder(tmp_path, "web", secrets={"PW": "db-password"}))
+    ).status_code == 201
     listed = {s["name"]: s["used_by"] for s in (await api.get("/v1/secrets")).json()["secrets"]}
     assert listed == {"db-password": ["hello", "web"], "unused": []}
 
@@ -127,7 +164,10 @@ async def test_users_events_and_a_delete_refused_while_in_use(
     r = await api.put("/v1/secrets/db-password", content=b"rotated-value", headers=OCTET)
     assert r.json()["used_by"] == ["hello", "web"]
     events = (await api.get("/v1/functions/hello/events")).json()["events"]
-    assert any(e["kind"] == "secret" and "secret db-password set (version 2)" in e["message"] for e in events)
+    assert any(
+        e["kind"] == "secret" and "secret db-password set (version 2)" in e["message"]
+        for e in events
+    )
 
     r = await api.delete("/v1/secrets/db-password")
     assert r.status_code == 409, r.text
@@ -146,14 +186,25 @@ async def test_users_events_and_a_delete_refused_while_in_use(
 
 async def test_no_route_returns_a_value(api: httpx.AsyncClient, tmp_path: Path) -> None:
     await api.put("/v1/secrets/db-password", content=VALUE.encode(), headers=OCTET)
-    await deploy(api, folder(tmp_path, "hello", secrets={"DB_PASSWORD": "db-password"}, env="{GREETING: hi}"))
+    await deploy(
+        api, folder(tmp_path, "hello", secrets={"DB_PASSWORD": "db-password"}, env="{GREETING: hi}")
+    )
     seen = []
-    for path in ("/v1/secrets", "/v1/secrets/db-password", "/v1/functions", "/v1/functions/hello",
-                 "/v1/functions/hello/revisions", "/v1/functions/hello/revisions/hello-00001",
-                 "/v1/functions/hello/events", "/v1/openapi.json"):
+    for path in (
+        "/v1/secrets",
+        "/v1/secrets/db-password",
+        "/v1/functions",
+        "/v1/functions/hello",
+        "/v1/functions/hello/revisions",
+        "/v1/functions/hello/revisions/hello-00001",
+        "/v1/functions/hello/events",
+        "/v1/openapi.json",
+    ):
         r = await api.get(path)
         assert r.status_code == 200, (path, r.text)
         seen.append(r.text)
     assert all(VALUE not in text for text in seen)
     fn = (await api.get("/v1/functions/hello")).json()
-    assert fn["revisions"][0]["spec"]["env"] == {"GREETING": "hi"}  # plain env stays visible: it is config
+    assert fn["revisions"][0]["spec"]["env"] == {
+        "GREETING": "hi"
+    }  # plain env stays visible: it is config

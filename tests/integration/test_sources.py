@@ -28,8 +28,10 @@ import redis
 from helpers import free_port
 from platform_proc import DOMAIN, function_copy
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(isolated.available() is not None, reason=str(isolated.available()))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(isolated.available() is not None, reason=str(isolated.available())),
+]
 
 TOKEN = "sources-drill-token-0123456789"
 
@@ -51,12 +53,24 @@ class Spread:
 
     def start(self) -> Spread:
         common = ["--redis", self.redis_url, "--log-level", "warning"]
-        self.procs["controller"] = isolated.spawn(self.states["controller"],
-                                                  ["controller", *common, "--driver", self.driver], self.log, self.env)
-        self.procs["api"] = isolated.spawn(self.states["api"], ["api", *common, "--api-port", str(self.api_port),
-                                                                "--port", str(self.gw_port)], self.log, self.env)
-        self.procs["gateway"] = isolated.spawn(self.states["gateway"], ["gateway", *common, "--port",
-                                                                        str(self.gw_port)], self.log, self.env)
+        self.procs["controller"] = isolated.spawn(
+            self.states["controller"],
+            ["controller", *common, "--driver", self.driver],
+            self.log,
+            self.env,
+        )
+        self.procs["api"] = isolated.spawn(
+            self.states["api"],
+            ["api", *common, "--api-port", str(self.api_port), "--port", str(self.gw_port)],
+            self.log,
+            self.env,
+        )
+        self.procs["gateway"] = isolated.spawn(
+            self.states["gateway"],
+            ["gateway", *common, "--port", str(self.gw_port)],
+            self.log,
+            self.env,
+        )
         for url in (f"{self.api}/healthz", f"{self.gateway}/healthz"):
             self._wait_http(url)
         return self
@@ -74,7 +88,9 @@ class Spread:
 
     def check_alive(self) -> None:
         for name, p in self.procs.items():
-            assert p.poll() is None, f"{name} exited {p.returncode}:\n{self.log.read_text()[-3000:]}"
+            assert p.poll() is None, (
+                f"{name} exited {p.returncode}:\n{self.log.read_text()[-3000:]}"
+            )
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -85,13 +101,18 @@ class Spread:
         return Path(f"/proc/{self.procs[component].pid}/root") / path.relative_to("/")
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "torpor.cli.main", "--api", self.api, *args],
-                              env={**self.env, "TORPOR_GATEWAY": self.gateway}, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "torpor.cli.main", "--api", self.api, *args],
+            env={**self.env, "TORPOR_GATEWAY": self.gateway},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def call(self, method: str, path: str, **kw: object) -> httpx.Response:
-        return httpx.request(method, self.api + path, headers={"Authorization": f"Bearer {TOKEN}"},
-                             timeout=10, **kw)  # type: ignore[arg-type]
+        return httpx.request(
+            method, self.api + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10, **kw
+        )  # type: ignore[arg-type]
 
     def wait_for(self, what: str, predicate: object, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -100,7 +121,9 @@ class Spread:
                 return
             self.check_alive()
             time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}:\n{self.log.read_text()[-3000:]}"
+        )
 
 
 @pytest.fixture
@@ -113,9 +136,13 @@ def spread(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> It
 
 
 def _drill(s: Spread, tmp: Path) -> None:
-    folder = function_copy(tmp, "hello", env={"GREETING": f"isolated {s.driver}"}, scale={"idle": "5s"})
+    folder = function_copy(
+        tmp, "hello", env={"GREETING": f"isolated {s.driver}"}, scale={"idle": "5s"}
+    )
     out = s.cli("deploy", str(folder), "--wait", "240")
-    assert out.returncode == 0, f"deploy failed: {out.stderr}\n{out.stdout}\n{s.log.read_text()[-3000:]}"
+    assert out.returncode == 0, (
+        f"deploy failed: {out.stderr}\n{out.stdout}\n{s.log.read_text()[-3000:]}"
+    )
     r = httpx.get(f"{s.gateway}/?name=drill", headers={"Host": f"hello.{DOMAIN}"}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.text == f"isolated {s.driver}, drill!\n"
@@ -127,7 +154,9 @@ def _drill(s: Spread, tmp: Path) -> None:
     db = redis.Redis.from_url(s.redis_url)
     try:
         doc = db.get("torpor:fn:hello") or b""
-        assert b'"source": null' in doc and sha.encode() in doc  # the stored revision names no folder
+        assert (
+            b'"source": null' in doc and sha.encode() in doc
+        )  # the stored revision names no folder
         blob = db.get(f"torpor:blob:{sha}") or b""
         assert hashlib.sha256(blob).hexdigest() == sha
     finally:
@@ -139,9 +168,13 @@ def _drill(s: Spread, tmp: Path) -> None:
     cached = s.seen_by("controller", s.states["controller"] / "sources-cache" / sha)
     assert (cached / "handler.py").read_bytes() == (folder / "handler.py").read_bytes()
     assert list(s.seen_by("api", s.states["controller"]).iterdir()) == []  # the API cannot see it
-    assert list(s.seen_by("controller", s.states["api"]).iterdir()) == []  # nor the controller the API's
+    assert (
+        list(s.seen_by("controller", s.states["api"]).iterdir()) == []
+    )  # nor the controller the API's
     api_state = s.seen_by("api", s.states["api"])
-    assert not (api_state / "sources").exists()  # the API keeps no folder once the archive is stored
+    assert not (
+        api_state / "sources"
+    ).exists()  # the API keeps no folder once the archive is stored
     assert list((api_state / "uploads").iterdir()) == []
 
     # deleting the function takes its archive out of the store and the controller's cache;
@@ -155,7 +188,9 @@ def _drill(s: Spread, tmp: Path) -> None:
         db.hset("torpor:blobs", orphan_sha, repr(time.time()))
         assert s.call("DELETE", "/v1/functions/hello").status_code == 200
         s.wait_for("the archive removed from Redis", lambda: not db.exists(f"torpor:blob:{sha}"))
-        s.wait_for("the orphan archive removed", lambda: not db.exists(f"torpor:blob:{orphan_sha}"), 90)
+        s.wait_for(
+            "the orphan archive removed", lambda: not db.exists(f"torpor:blob:{orphan_sha}"), 90
+        )
         assert db.hkeys("torpor:blobs") == []
     finally:
         db.close()
@@ -163,11 +198,15 @@ def _drill(s: Spread, tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("spread", ["process"], indirect=True)
-def test_a_source_function_runs_with_no_shared_disk_process_driver(spread: Spread, tmp_path: Path) -> None:
+def test_a_source_function_runs_with_no_shared_disk_process_driver(
+    spread: Spread, tmp_path: Path
+) -> None:
     _drill(spread, tmp_path)
 
 
 @pytest.mark.docker
 @pytest.mark.parametrize("spread", ["docker"], indirect=True)
-def test_a_source_function_runs_with_no_shared_disk_docker_driver(spread: Spread, tmp_path: Path) -> None:
+def test_a_source_function_runs_with_no_shared_disk_docker_driver(
+    spread: Spread, tmp_path: Path
+) -> None:
     _drill(spread, tmp_path)

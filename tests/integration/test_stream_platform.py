@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
 
-HANDLER = '''
+HANDLER = """
 import asyncio, hashlib, os, resource, time
 from torpor_runtime import sse
 
@@ -59,15 +59,21 @@ async def ws(sock):
             await sock.send(VERSION)
         else:
             await sock.send(message)
-'''
+"""
 
 
 def make_fn(tmp: Path, name: str = "streamy", version: str = "1", **spec: Any) -> Path:
     folder = tmp / f"{name}-{version}-{os.urandom(2).hex()}"
     folder.mkdir()
     (folder / "handler.py").write_text(HANDLER)
-    doc = {"name": name, "handler": "handler:handle", "websocket": "handler:ws",
-           "env": {"VERSION": version}, "scale": {"idle": "2s"}, **spec}
+    doc = {
+        "name": name,
+        "handler": "handler:handle",
+        "websocket": "handler:ws",
+        "env": {"VERSION": version},
+        "scale": {"idle": "2s"},
+        **spec,
+    }
     (folder / "torpor.yaml").write_text(yaml.safe_dump(doc))
     return folder
 
@@ -80,17 +86,22 @@ def up(tmp_path: Path) -> Iterator[Torpor]:
 
 def ws_connect(t: Torpor, name: str, path: str = "/", **kw: Any) -> Any:
     """A websockets client connection to ``name`` by Host through the gateway."""
-    return websockets.connect(f"ws://{name}.{DOMAIN}:{t.port}{path}", host="127.0.0.1", port=t.port,
-                              open_timeout=60, **kw)
+    return websockets.connect(
+        f"ws://{name}.{DOMAIN}:{t.port}{path}", host="127.0.0.1", port=t.port, open_timeout=60, **kw
+    )
 
 
 def at_zero(t: Torpor, name: str, timeout: float = 60) -> None:
     t.wait_for(lambda: not t.function(name)["replicas"], timeout, f"{name} at zero replicas")
 
 
-def lines_in_time(t: Torpor, name: str, path: str) -> tuple[httpx.Response, list[tuple[float, str]]]:
+def lines_in_time(
+    t: Torpor, name: str, path: str
+) -> tuple[httpx.Response, list[tuple[float, str]]]:
     out = []
-    with httpx.stream("GET", t.gateway + path, headers={"Host": f"{name}.{DOMAIN}"}, timeout=60) as r:
+    with httpx.stream(
+        "GET", t.gateway + path, headers={"Host": f"{name}.{DOMAIN}"}, timeout=60
+    ) as r:
         t0 = time.monotonic()
         for line in r.iter_lines():
             out.append((time.monotonic() - t0, line))
@@ -112,7 +123,9 @@ def test_generator_events_arrive_spread_out_from_zero(up: Torpor, tmp_path: Path
     assert r.headers["content-type"].startswith("text/event-stream") and r.text.count("data: ") == 3
 
 
-def test_stream_idle_ends_a_silent_stream_and_timeout_bounds_the_first_byte(up: Torpor, tmp_path: Path) -> None:
+def test_stream_idle_ends_a_silent_stream_and_timeout_bounds_the_first_byte(
+    up: Torpor, tmp_path: Path
+) -> None:
     up.deploy(make_fn(tmp_path, stream_idle="1s", timeout="2s"))
     # a stream with pauses under stream_idle runs past `timeout` (it only bounds the first byte)
     r, lines = lines_in_time(up, "streamy", "/ticks?n=5&every=0.6")
@@ -121,14 +134,20 @@ def test_stream_idle_ends_a_silent_stream_and_timeout_bounds_the_first_byte(up: 
     got: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("GET", up.gateway + "/ticks?n=2&every=4", headers={"Host": f"streamy.{DOMAIN}"},
-                          timeout=30) as resp:
+        with httpx.stream(
+            "GET",
+            up.gateway + "/ticks?n=2&every=4",
+            headers={"Host": f"streamy.{DOMAIN}"},
+            timeout=30,
+        ) as resp:
             for line in resp.iter_lines():
                 got.append(line)
     assert len(got) == 1 and time.monotonic() - t0 < 3.5
 
 
-def test_a_stream_counts_in_flight_and_keeps_its_replica_past_idle(up: Torpor, tmp_path: Path) -> None:
+def test_a_stream_counts_in_flight_and_keeps_its_replica_past_idle(
+    up: Torpor, tmp_path: Path
+) -> None:
     up.deploy(make_fn(tmp_path, scale={"idle": "1s"}))
     r, lines = lines_in_time(up, "streamy", "/ticks?n=7&every=0.8")  # ~5 s, idle is 1 s
     assert r.status_code == 200 and len(lines) == 7  # not cut by a scale-down
@@ -139,8 +158,12 @@ def test_scale_down_drains_a_stream_in_progress(up: Torpor, tmp_path: Path) -> N
     up.deploy(make_fn(tmp_path, scale={"idle": "30s"}))
     assert up.request("streamy", "/").status_code == 200
     got: list[str] = []
-    with httpx.stream("GET", up.gateway + "/ticks?n=6&every=0.5", headers={"Host": f"streamy.{DOMAIN}"},
-                      timeout=60) as r:
+    with httpx.stream(
+        "GET",
+        up.gateway + "/ticks?n=6&every=0.5",
+        headers={"Host": f"streamy.{DOMAIN}"},
+        timeout=60,
+    ) as r:
         for line in r.iter_lines():
             got.append(line)
             if len(got) == 1:  # mid-stream: take the function to zero by hand
@@ -167,7 +190,9 @@ def _gen_upload(size: int, digest: Any, rss: list[int], t: Torpor) -> Iterator[b
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_a_100_mib_upload_streams_through_gateway_and_replica(up: Torpor, tmp_path: Path, chunked: bool) -> None:
+def test_a_100_mib_upload_streams_through_gateway_and_replica(
+    up: Torpor, tmp_path: Path, chunked: bool
+) -> None:
     up.deploy(make_fn(tmp_path, max_body="200Mi", scale={"idle": "30s"}))
     before = up.request("streamy", "/").json()["peak_kib"]
     digest = hashlib.sha256()
@@ -176,7 +201,12 @@ def test_a_100_mib_upload_streams_through_gateway_and_replica(up: Torpor, tmp_pa
     headers = {"Host": f"streamy.{DOMAIN}"}
     if not chunked:
         headers["Content-Length"] = str(size)
-    r = httpx.post(up.gateway + "/upload", content=_gen_upload(size, digest, rss, up), headers=headers, timeout=120)
+    r = httpx.post(
+        up.gateway + "/upload",
+        content=_gen_upload(size, digest, rss, up),
+        headers=headers,
+        timeout=120,
+    )
     rss.append(_gateway_rss_kib(up))
     assert r.status_code == 200, r.text
     got = r.json()
@@ -187,7 +217,9 @@ def test_a_100_mib_upload_streams_through_gateway_and_replica(up: Torpor, tmp_pa
 
 
 @pytest.mark.security
-def test_a_chunked_upload_past_max_body_is_cut_at_the_gateway(up: Torpor, tmp_path: Path, attack: Any) -> None:
+def test_a_chunked_upload_past_max_body_is_cut_at_the_gateway(
+    up: Torpor, tmp_path: Path, attack: Any
+) -> None:
     """Stream a chunked upload past max_body, now that large bodies are not buffered whole"""
     up.deploy(make_fn(tmp_path, max_body="3Mi"))
 
@@ -196,7 +228,12 @@ def test_a_chunked_upload_past_max_body_is_cut_at_the_gateway(up: Torpor, tmp_pa
             yield b"x" * MiB
 
     try:
-        r = httpx.post(up.gateway + "/upload", content=body(), headers={"Host": f"streamy.{DOMAIN}"}, timeout=60)
+        r = httpx.post(
+            up.gateway + "/upload",
+            content=body(),
+            headers={"Host": f"streamy.{DOMAIN}"},
+            timeout=60,
+        )
         status, detail = r.status_code, r.json()
     except httpx.HTTPError as exc:  # the gateway may close while the client still sends
         status, detail = 0, {"error": type(exc).__name__}
@@ -224,14 +261,18 @@ def test_a_websocket_wakes_a_function_from_zero_and_echoes(up: Torpor, tmp_path:
             await ws.send(b"\x00" * 300_000)
             assert await ws.recv() == b"\x00" * 300_000
         # by path routing too
-        async with websockets.connect(f"ws://127.0.0.1:{up.port}/function/streamy/chat", open_timeout=60) as ws:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{up.port}/function/streamy/chat", open_timeout=60
+        ) as ws:
             await ws.send("by path")
             assert await ws.recv() == "by path"
 
     asyncio.run(talk())
 
 
-def test_an_open_socket_keeps_its_replica_past_idle_then_it_scales_to_zero(up: Torpor, tmp_path: Path) -> None:
+def test_an_open_socket_keeps_its_replica_past_idle_then_it_scales_to_zero(
+    up: Torpor, tmp_path: Path
+) -> None:
     up.deploy(make_fn(tmp_path, scale={"idle": "1s"}))
 
     async def hold() -> None:
@@ -316,8 +357,14 @@ def test_scale_concurrency_counts_an_open_socket(up: Torpor, tmp_path: Path) -> 
 
 def test_invoke_ws_sends_stdin_lines_and_prints_replies(up: Torpor, tmp_path: Path) -> None:
     up.deploy(make_fn(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", "invoke", "streamy", "--ws", "--path", "/x"],
-                       input="one\nversion\n", env=up.env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "torpor.cli.main", "invoke", "streamy", "--ws", "--path", "/x"],
+        input="one\nversion\n",
+        env=up.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "one\n1\n"
     assert "closed: 1000" in r.stderr
@@ -327,15 +374,33 @@ def test_invoke_ws_sends_stdin_lines_and_prints_replies(up: Torpor, tmp_path: Pa
     (plain / "handler.py").write_text("def handle(request):\n    return 'plain'\n")
     (plain / "torpor.yaml").write_text("name: plain\nhandler: handler:handle\n")
     up.deploy(plain)
-    r = subprocess.run([sys.executable, "-m", "torpor.cli.main", "invoke", "plain", "--ws"],
-                       input="", env=up.env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "torpor.cli.main", "invoke", "plain", "--ws"],
+        input="",
+        env=up.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "HTTP 200" in r.stderr
 
 
 def test_streamed_invoke_prints_as_it_comes(up: Torpor, tmp_path: Path) -> None:
     up.deploy(make_fn(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "invoke", "streamy", "--path",
-                             "/ticks?n=3&every=1"], env=up.env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torpor.cli.main",
+            "invoke",
+            "streamy",
+            "--path",
+            "/ticks?n=3&every=1",
+        ],
+        env=up.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline()
     t_first = time.monotonic()
@@ -369,7 +434,11 @@ def test_docker_websocket_from_zero_and_streamed_response(tmp_path: Path) -> Non
         r, lines = lines_in_time(t, "streamy", "/ticks?n=4&every=0.5")
         assert r.status_code == 200 and len(lines) == 4
         assert lines[-1][0] - lines[0][0] >= 1.0
-        r = httpx.post(t.gateway + "/upload", content=b"z" * (3 * MiB), headers={"Host": f"streamy.{DOMAIN}"},
-                       timeout=60)
+        r = httpx.post(
+            t.gateway + "/upload",
+            content=b"z" * (3 * MiB),
+            headers={"Host": f"streamy.{DOMAIN}"},
+            timeout=60,
+        )
         assert r.json()["bytes"] == 3 * MiB
         assert json.loads(t.cli("describe", "streamy", "--json").stdout)["name"] == "streamy"

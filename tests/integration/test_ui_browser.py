@@ -23,7 +23,9 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (the test extra)"
+    )
     if not Path(CHROMIUM).exists():
         pytest.skip("no chromium: apt-get install -y chromium (scripts/test.sh does)")
     with sync_api.sync_playwright() as p:
@@ -55,8 +57,12 @@ def test_dashboard_shows_deploys_bursts_and_aborts_a_rollout(tmp_path: Path, bro
         url = up.cli("ui", "--no-open").stdout.strip()
         page = browser.new_page(viewport={"width": 1360, "height": 760})
         page.goto(url)
-        assert page.url == f"{up.api}/ui"  # the code was exchanged for the cookie; it is gone from the URL
-        page.wait_for_function("() => document.querySelector('#conn').textContent === 'live'", timeout=15000)
+        assert (
+            page.url == f"{up.api}/ui"
+        )  # the code was exchanged for the cookie; it is gone from the URL
+        page.wait_for_function(
+            "() => document.querySelector('#conn').textContent === 'live'", timeout=15000
+        )
         assert page.locator("article.fn").count() == 0
 
         slow = function_copy(tmp_path, "slow", env={"SLEEP_MS": "40", "FAIL_RATE": "0"})
@@ -69,23 +75,38 @@ def test_dashboard_shows_deploys_bursts_and_aborts_a_rollout(tmp_path: Path, bro
         page.locator('article.fn[data-function="hello"]').wait_for(timeout=15000)
 
         up.cli("deploy", str(slow), "--no-traffic", "-q")
-        up.cli("rollout", "slow", "--to", "slow-00002", "--steps", "50,100", "--interval", "10m",
-               "--no-watch")
-        page.wait_for_function("""() => {
+        up.cli(
+            "rollout",
+            "slow",
+            "--to",
+            "slow-00002",
+            "--steps",
+            "50,100",
+            "--interval",
+            "10m",
+            "--no-watch",
+        )
+        page.wait_for_function(
+            """() => {
             const bars = document.querySelectorAll('article.fn[data-function="slow"] .traffic div');
             return bars.length === 2 && [...bars].every(b => b.dataset.percent === '50');
-        }""", timeout=15000)
+        }""",
+            timeout=15000,
+        )
         assert "step 1/2 (50%)" in card.locator(".ro-line").inner_text()
 
         baseline = card.locator(".s-rps").get_attribute("data-max")
         with cf.ThreadPoolExecutor(1) as pool:
             sent = pool.submit(burst, up, "slow", 6.0)
-            page.wait_for_function("""() => {
+            page.wait_for_function(
+                """() => {
                 const c = document.querySelector('article.fn[data-function="slow"]');
                 return Number(c.querySelector('.s-rps').dataset.max) >= 5
                     && Number(c.querySelector('.s-inflight').dataset.max) > 0
                     && c.querySelector('.v-p95').textContent.endsWith('ms');
-            }""", timeout=20000)  # a burst moves the graph
+            }""",
+                timeout=20000,
+            )  # a burst moves the graph
             assert sent.result(timeout=60) > 50
         assert float(baseline or 0) < 5
         points = card.locator(".s-rps polyline").get_attribute("points") or ""
@@ -99,11 +120,16 @@ def test_dashboard_shows_deploys_bursts_and_aborts_a_rollout(tmp_path: Path, bro
             shutil.copyfile(shot, os.environ["TORPOR_UI_SCREENSHOT"])
 
         card.locator('button[data-action="abort"]').click()  # through the guarded API, as the CLI
-        page.wait_for_function("""() => document.querySelector(
-            'article.fn[data-function="slow"] .rollout').dataset.state === 'aborted'""", timeout=15000)
+        page.wait_for_function(
+            """() => document.querySelector(
+            'article.fn[data-function="slow"] .rollout').dataset.state === 'aborted'""",
+            timeout=15000,
+        )
         ro = up.api_call("GET", "/v1/functions/slow/rollout").json()
         assert ro["rollout"]["state"] == "aborted"
-        assert [(t["revision"], t["percent"]) for t in ro["traffic"] if t["percent"]] == [("slow-00001", 100)]
+        assert [(t["revision"], t["percent"]) for t in ro["traffic"] if t["percent"]] == [
+            ("slow-00001", 100)
+        ]
         assert card.locator(".ro-msg").inner_text() == "abort: done"
         assert card.locator('button[data-action="abort"]').is_disabled()
 
@@ -112,6 +138,8 @@ def test_dashboard_shows_deploys_bursts_and_aborts_a_rollout(tmp_path: Path, bro
         other.goto(url)
         assert "expired" in other.content()
         other.goto(f"{up.api}/ui")
-        other.wait_for_function("() => document.querySelector('#conn').textContent.includes('not signed in')",
-                                timeout=15000)
+        other.wait_for_function(
+            "() => document.querySelector('#conn').textContent.includes('not signed in')",
+            timeout=15000,
+        )
         assert other.locator("article.fn").count() == 0

@@ -25,8 +25,12 @@ from torpor.drivers.base import BuildError
 from torpor.drivers.process import ProcessDriver
 from torpor.model import Revision, Spec
 
-CAPS = {"TORPOR_MAX_UPLOAD": "256Ki", "TORPOR_MAX_UNPACKED": "1Mi", "TORPOR_MAX_MEMBERS": "50",
-        "TORPOR_MAX_DEPTH": "8"}
+CAPS = {
+    "TORPOR_MAX_UPLOAD": "256Ki",
+    "TORPOR_MAX_UNPACKED": "1Mi",
+    "TORPOR_MAX_MEMBERS": "50",
+    "TORPOR_MAX_DEPTH": "8",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +44,19 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Torpor]:
 
 def snapshot(root: Path) -> dict[str, int]:
     """Every path under ``root`` with its size (-1 for a directory)."""
-    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")
+    }
 
 
 def post(t: Torpor, body: bytes | object, **headers: str) -> httpx.Response:
-    return t.api_call("POST", "/v1/functions", content=body, timeout=60,
-                      headers={"content-type": "application/gzip", **headers})
+    return t.api_call(
+        "POST",
+        "/v1/functions",
+        content=body,
+        timeout=60,
+        headers={"content-type": "application/gzip", **headers},
+    )
 
 
 def attempt(t: Torpor, body: bytes | object, status: int, *fragments: str) -> dict[str, str]:
@@ -60,7 +71,11 @@ def attempt(t: Torpor, body: bytes | object, status: int, *fragments: str) -> di
     after = snapshot(t.state_dir)
     assert after == before, f"the state directory changed: {set(after) ^ set(before)}"
     uploads = t.state_dir / "uploads"
-    leftovers = [p.name for p in uploads.iterdir() if p.name.startswith(".upload-")] if uploads.exists() else []
+    leftovers = (
+        [p.name for p in uploads.iterdir() if p.name.startswith(".upload-")]
+        if uploads.exists()
+        else []
+    )
     assert leftovers == [], f"temporary upload folders left: {leftovers}"
     assert t.api_call("GET", "/v1/functions").json()["functions"] == []
     return dict(err)
@@ -83,16 +98,24 @@ def test_cve_2025_4517_chain_writes_nothing_beside_the_upload(up: Torpor, attack
 @pytest.mark.security
 def test_a_symlink_inside_the_upload_is_refused(up: Torpor, attack) -> None:
     """POST a tar with a symlink member pointing at a file of the upload."""
-    err = attempt(up, function(M("config.py", kind="symlink", link="handler.py")), 400,
-                  "'config.py' is a symbolic link")
+    err = attempt(
+        up,
+        function(M("config.py", kind="symlink", link="handler.py")),
+        400,
+        "'config.py' is a symbolic link",
+    )
     ended(attack, err, 400)
 
 
 @pytest.mark.security
 def test_a_hardlink_is_refused(up: Torpor, attack) -> None:
     """POST a tar with a hard link member."""
-    err = attempt(up, function(M("copy.py", kind="hardlink", link="handler.py")), 400,
-                  "'copy.py' is a hard link")
+    err = attempt(
+        up,
+        function(M("copy.py", kind="hardlink", link="handler.py")),
+        400,
+        "'copy.py' is a hard link",
+    )
     ended(attack, err, 400)
 
 
@@ -126,8 +149,13 @@ def test_too_many_members_is_a_413(up: Torpor, attack) -> None:
 @pytest.mark.security
 def test_too_deep_a_path_is_a_413(up: Torpor, attack) -> None:
     """POST a tar whose member name has 12 components (the cap is 8)."""
-    err = attempt(up, function(M("/".join("d" * 11) + "/x.py", data=b"")), 413, "12 levels deep",
-                  "cap of 8 levels")
+    err = attempt(
+        up,
+        function(M("/".join("d" * 11) + "/x.py", data=b"")),
+        413,
+        "12 levels deep",
+        "cap of 8 levels",
+    )
     ended(attack, err, 413)
 
 
@@ -142,6 +170,7 @@ def test_an_upload_over_the_cap_is_a_413_before_it_is_read(up: Torpor, attack) -
 @pytest.mark.security
 def test_a_chunked_upload_is_cut_at_the_cap(up: Torpor, attack) -> None:
     """POST 4 MiB of chunked body with no Content-Length (the cap is 256 KiB)."""
+
     def chunks() -> Iterator[bytes]:
         for _ in range(64):
             yield os.urandom(64 << 10)
@@ -151,12 +180,15 @@ def test_a_chunked_upload_is_cut_at_the_cap(up: Torpor, attack) -> None:
 
 
 @pytest.mark.security
-def test_requirements_naming_an_archive_of_the_upload_are_refused_at_deploy(up: Torpor, tmp_path: Path,
-                                                                         attack) -> None:
+def test_requirements_naming_an_archive_of_the_upload_are_refused_at_deploy(
+    up: Torpor, tmp_path: Path, attack
+) -> None:
     """POST a function whose requirements.txt names p-1.0.tar.gz, an sdist shipped in the upload."""
     marker = tmp_path / "built-on-host"
-    body = function(M("p-1.0.tar.gz", data=sdist(str(marker))),
-                    M("requirements.txt", data=b"six\np-1.0.tar.gz\n"))
+    body = function(
+        M("p-1.0.tar.gz", data=sdist(str(marker))),
+        M("requirements.txt", data=b"six\np-1.0.tar.gz\n"),
+    )
     err = attempt(up, body, 400, "requirements.txt:2: 'p-1.0.tar.gz'", "a file name")
     assert err["error"] == "invalid requirements" and err["field"] == "requirements.txt:2"
     assert not marker.exists()
@@ -173,9 +205,15 @@ def test_a_clean_upload_still_deploys_and_the_spool_leaves_nothing(up: Torpor) -
     blob = (up.state_dir / "blobs" / sha).read_bytes()
     assert hashlib.sha256(blob).hexdigest() == sha
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["handler.py", "lib/util.py", "torpor.yaml"]
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == [
+            "handler.py",
+            "lib/util.py",
+            "torpor.yaml",
+        ]
     up.api_call("DELETE", "/v1/functions/evil")
-    up.wait_for(lambda: up.api_call("GET", "/v1/functions").json()["functions"] == [], 30, "evil deleted")
+    up.wait_for(
+        lambda: up.api_call("GET", "/v1/functions").json()["functions"] == [], 30, "evil deleted"
+    )
 
 
 # -- the process driver: requirements never build anything of the upload ------------------
@@ -187,7 +225,9 @@ def revision(src: Path, requirements: str) -> Revision:
 
 
 @pytest.mark.security
-async def test_process_driver_never_builds_an_sdist_shipped_in_the_upload(tmp_path: Path, attack) -> None:
+async def test_process_driver_never_builds_an_sdist_shipped_in_the_upload(
+    tmp_path: Path, attack
+) -> None:
     """Deploy (process driver) with requirements.txt naming an sdist of the upload by path."""
     marker = tmp_path / "built-on-host"
     src = tmp_path / "src"
@@ -195,8 +235,13 @@ async def test_process_driver_never_builds_an_sdist_shipped_in_the_upload(tmp_pa
     (src / "p-1.0.tar.gz").write_bytes(sdist(str(marker)))
     driver = ProcessDriver(tmp_path / "state")
     try:
-        for line in (str(src / "p-1.0.tar.gz"), "p-1.0.tar.gz", "./p-1.0.tar.gz",
-                     f"p @ file://{src / 'p-1.0.tar.gz'}", "-e ."):
+        for line in (
+            str(src / "p-1.0.tar.gz"),
+            "p-1.0.tar.gz",
+            "./p-1.0.tar.gz",
+            f"p @ file://{src / 'p-1.0.tar.gz'}",
+            "-e .",
+        ):
             with pytest.raises(BuildError) as err:
                 await driver.prepare(revision(src, f"{line}\n"))
             assert str(err.value).startswith("requirements.txt:1: "), err.value
@@ -208,8 +253,9 @@ async def test_process_driver_never_builds_an_sdist_shipped_in_the_upload(tmp_pa
 
 
 @pytest.mark.security
-async def test_process_driver_expands_no_variable_into_build_messages(tmp_path: Path, monkeypatch,
-                                                                      attack) -> None:
+async def test_process_driver_expands_no_variable_into_build_messages(
+    tmp_path: Path, monkeypatch, attack
+) -> None:
     """Deploy (process driver) with requirements.txt six==${SECRET} to read the platform's env."""
     monkeypatch.setenv("TORPOR_TEST_SECRET", "s3cr3t-value-of-the-platform")
     src = tmp_path / "src"
@@ -225,8 +271,9 @@ async def test_process_driver_expands_no_variable_into_build_messages(tmp_path: 
     attack.ended(f"BuildError {str(err.value)[:120]}")
 
 
-async def test_process_driver_installs_wheels_whatever_pip_settings_the_host_has(tmp_path: Path,
-                                                                              monkeypatch) -> None:
+async def test_process_driver_installs_wheels_whatever_pip_settings_the_host_has(
+    tmp_path: Path, monkeypatch
+) -> None:
     # pip settings of the platform's environment are not read (--isolated): a dead index here
     # would fail the install if they were.
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")

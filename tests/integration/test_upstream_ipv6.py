@@ -48,10 +48,20 @@ async def test_a_bracketed_ipv6_endpoint_is_proxied() -> None:
     async def send(msg: dict[str, Any]) -> None:
         sent.append(msg)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/x", "raw_path": b"/x", "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"hello.torpor.localhost")], "client": ("127.0.0.1", 50000),
-             "server": ("127.0.0.1", 8080)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/x",
+        "raw_path": b"/x",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"hello.torpor.localhost")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
     try:
         status = await asyncio.wait_for(proxy(pool, scope, receive, send, timeout=5.0), TIMEOUT)
     finally:

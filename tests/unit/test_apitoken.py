@@ -70,22 +70,32 @@ def test_concurrent_first_starts_agree_on_one_token(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "token").read_text().strip() == values.pop()
 
 
-def test_torpor_token_overrides_the_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torpor_token_overrides_the_token_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     f = tmp_path / "f"
     f.write_text("from-the-file-0123456789\n")
     monkeypatch.delenv("TORPOR_TOKEN", raising=False)
     tok = given_token(str(f))
-    assert tok is not None and tok.value == "from-the-file-0123456789" and tok.source == f"--token-file {f}"
+    assert (
+        tok is not None
+        and tok.value == "from-the-file-0123456789"
+        and tok.source == f"--token-file {f}"
+    )
     assert given_token(None) is None
     monkeypatch.setenv("TORPOR_TOKEN", "from-the-env-0123456789")
     tok = given_token(str(f))
-    assert tok is not None and tok.value == "from-the-env-0123456789" and tok.source == "TORPOR_TOKEN"
+    assert (
+        tok is not None and tok.value == "from-the-env-0123456789" and tok.source == "TORPOR_TOKEN"
+    )
     monkeypatch.setenv("TORPOR_TOKEN", "short")
     with pytest.raises(TokenError, match="at least 16"):
         given_token(None)
 
 
-def test_state_dir_default_honours_torpor_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_state_dir_default_honours_torpor_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORPOR_STATE_DIR", str(tmp_path / "st"))
     assert default_state_dir() == tmp_path / "st"
     monkeypatch.delenv("TORPOR_STATE_DIR")
@@ -94,7 +104,8 @@ def test_state_dir_default_honours_torpor_state_dir(tmp_path: Path, monkeypatch:
 
 
 def test_the_cli_sends_the_env_token_else_the_file_and_the_file_only_to_loopback(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("TORPOR_TOKEN", raising=False)
     assert client_token(tmp_path) is None
     token, hint = api_token("http://127.0.0.1:8081", tmp_path)

@@ -36,11 +36,16 @@ def refused(tmp_path: Path, data: bytes, limits: ArchiveLimits = SMALL) -> Archi
 
 # -- what is accepted -----------------------------------------------------------------------
 def test_a_function_folder_round_trips_with_safe_modes(tmp_path: Path) -> None:
-    data = tar([
-        M("torpor.yaml", data=SPEC), M("handler.py", data=HANDLER, mode=0o6777),
-        M("./lib//", kind="dir", mode=0o777), M("lib/util.py", data=b"x = 1\n", mode=0o600),
-        M("lib/deep/er/mod.py", data=b""), M("bin/run", data=b"#!/bin/sh\n", mode=0o700),
-    ])
+    data = tar(
+        [
+            M("torpor.yaml", data=SPEC),
+            M("handler.py", data=HANDLER, mode=0o6777),
+            M("./lib//", kind="dir", mode=0o777),
+            M("lib/util.py", data=b"x = 1\n", mode=0o600),
+            M("lib/deep/er/mod.py", data=b""),
+            M("bin/run", data=b"#!/bin/sh\n", mode=0o700),
+        ]
+    )
     got = extract(io.BytesIO(data), tmp_path / "out", ArchiveLimits())
     out = tmp_path / "out"
     assert got == Extracted(files=5, dirs=4, bytes=len(SPEC) + len(HANDLER) + 6 + 10)
@@ -51,7 +56,9 @@ def test_a_function_folder_round_trips_with_safe_modes(tmp_path: Path) -> None:
     assert modes["lib"] == 0o755 and modes["lib/deep"] == 0o755
     assert modes["lib/util.py"] == 0o644 and modes["torpor.yaml"] == 0o644
     assert modes["bin/run"] == 0o755
-    assert not any(m & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH | stat.S_IWGRP) for m in modes.values())
+    assert not any(
+        m & (stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH | stat.S_IWGRP) for m in modes.values()
+    )
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
@@ -80,7 +87,9 @@ def test_bzip2_and_xz_and_a_path_source(tmp_path: Path) -> None:
 
 
 def test_the_root_entry_and_repeated_directories_are_fine(tmp_path: Path) -> None:
-    data = tar([M(".", kind="dir"), M("./a", kind="dir"), M("a/", kind="dir"), M("./a/f", data=b"1")])
+    data = tar(
+        [M(".", kind="dir"), M("./a", kind="dir"), M("a/", kind="dir"), M("./a/f", data=b"1")]
+    )
     assert extract(io.BytesIO(data), tmp_path / "out").files == 1
     assert (tmp_path / "out" / "a" / "f").read_text() == "1"
 
@@ -142,7 +151,9 @@ def test_a_hardlink_is_refused(tmp_path: Path, attack, link: str) -> None:
 
 
 @pytest.mark.security
-@pytest.mark.parametrize("kind,what", [("chr", "character device"), ("blk", "block device"), ("fifo", "FIFO")])
+@pytest.mark.parametrize(
+    "kind,what", [("chr", "character device"), ("blk", "block device"), ("fifo", "FIFO")]
+)
 def test_devices_and_fifos_are_refused(tmp_path: Path, attack, kind: str, what: str) -> None:
     """Upload a tar with a device or FIFO member."""
     err = refused(tmp_path, function(M("dev", kind=kind)))
@@ -171,13 +182,19 @@ def test_absolute_names_are_refused(tmp_path: Path, attack) -> None:
 
 
 @pytest.mark.security
-@pytest.mark.parametrize("members,why", [
-    ([M("a", kind="dir"), M("a", data=b"x")], "would replace a directory"),
-    ([M("a", data=b"x"), M("a", kind="dir")], "would replace a file"),
-    ([M("a", data=b"x"), M("a", data=b"y")], "appears twice"),
-    ([M("a", data=b"x"), M("a/b", data=b"y")], "which is a file"),
-], ids=["file-over-dir", "dir-over-file", "file-twice", "file-under-file"])
-def test_members_that_overwrite_each_other_are_refused(tmp_path: Path, attack, members: list[M], why: str) -> None:
+@pytest.mark.parametrize(
+    "members,why",
+    [
+        ([M("a", kind="dir"), M("a", data=b"x")], "would replace a directory"),
+        ([M("a", data=b"x"), M("a", kind="dir")], "would replace a file"),
+        ([M("a", data=b"x"), M("a", data=b"y")], "appears twice"),
+        ([M("a", data=b"x"), M("a/b", data=b"y")], "which is a file"),
+    ],
+    ids=["file-over-dir", "dir-over-file", "file-twice", "file-under-file"],
+)
+def test_members_that_overwrite_each_other_are_refused(
+    tmp_path: Path, attack, members: list[M], why: str
+) -> None:
     """Upload a tar whose members overwrite each other (a file over a directory...)."""
     err = refused(tmp_path, function(*members))
     assert err.status == 400 and why in err.reason
@@ -190,7 +207,11 @@ def test_a_gzip_bomb_is_stopped_before_it_expands(tmp_path: Path, attack) -> Non
     bomb = gzip_bomb(64 << 20)
     assert len(bomb) < 128 << 10
     err = refused(tmp_path, bomb)
-    assert err.status == 413 and "'big.bin' (64 MiB)" in err.reason and "cap of 1 MiB unpacked" in err.reason
+    assert (
+        err.status == 413
+        and "'big.bin' (64 MiB)" in err.reason
+        and "cap of 1 MiB unpacked" in err.reason
+    )
     assert not (tmp_path / "out" / "big.bin").exists()  # refused from its header, nothing written
     attack.ended(f"{err.status} {err.reason}")
 
@@ -227,8 +248,11 @@ def test_too_deep_a_path_is_refused(tmp_path: Path, attack) -> None:
 def test_the_compressed_size_is_capped_while_reading(tmp_path: Path, attack) -> None:
     """Hand the extractor a 2 MiB archive with a 1 MiB cap on compressed bytes."""
     noise = os.urandom(2 << 20)  # incompressible
-    err = refused(tmp_path, function(M("noise.bin", data=noise)),
-                  ArchiveLimits(max_upload=1 << 20, max_unpacked=8 << 20))
+    err = refused(
+        tmp_path,
+        function(M("noise.bin", data=noise)),
+        ArchiveLimits(max_upload=1 << 20, max_unpacked=8 << 20),
+    )
     assert err.status == 413 and "cap on compressed size" in err.reason
     attack.ended(f"{err.status} {err.reason}")
 
@@ -246,12 +270,16 @@ def test_a_huge_pax_header_is_refused_before_it_is_read(tmp_path: Path, attack) 
 
 
 @pytest.mark.security
-@pytest.mark.parametrize("data,why", [
-    (b"this is not a tar archive at all" * 40, "not a tar archive"),
-    (b"\x1f\x8b\x08\x00garbage-after-the-gzip-magic" * 10, "not a valid gzip stream"),
-    (function(gz=False)[:700], "truncated"),
-    (function()[:-12], "not a valid gzip stream"),
-], ids=["not-tar", "bad-gzip", "truncated-tar", "truncated-gzip"])
+@pytest.mark.parametrize(
+    "data,why",
+    [
+        (b"this is not a tar archive at all" * 40, "not a tar archive"),
+        (b"\x1f\x8b\x08\x00garbage-after-the-gzip-magic" * 10, "not a valid gzip stream"),
+        (function(gz=False)[:700], "truncated"),
+        (function()[:-12], "not a valid gzip stream"),
+    ],
+    ids=["not-tar", "bad-gzip", "truncated-tar", "truncated-gzip"],
+)
 def test_malformed_uploads_are_a_400(tmp_path: Path, attack, data: bytes, why: str) -> None:
     """Upload bytes that are not a (complete) tar.gz."""
     err = refused(tmp_path, data, ArchiveLimits())

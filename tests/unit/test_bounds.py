@@ -134,7 +134,9 @@ BAD_NUMBERS: list[tuple[dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("data", "path"), BAD_NUMBERS)
-def test_out_of_range_and_non_finite_numbers_name_the_field(data: dict[str, Any], path: str) -> None:
+def test_out_of_range_and_non_finite_numbers_name_the_field(
+    data: dict[str, Any], path: str
+) -> None:
     err = spec_error(data)
     assert err.path == path
     assert str(err).startswith(f"{path}: ")
@@ -183,7 +185,9 @@ def test_scale_max_above_the_cap_is_refused_naming_the_cap() -> None:
 def test_scale_min_above_the_cap_is_refused_naming_the_cap() -> None:
     err = spec_error({"scale": {"min": 11, "max": 11}}, max_replicas=10)
     assert err.path == "scale.min" and "cap of 10" in str(err)
-    err = spec_error({"scale": {"min": 15}}, max_replicas=10)  # max omitted: the default, within the cap
+    err = spec_error(
+        {"scale": {"min": 15}}, max_replicas=10
+    )  # max omitted: the default, within the cap
     assert err.path == "scale.min" and "cap of 10" in str(err)
 
 
@@ -198,11 +202,28 @@ def test_an_omitted_max_is_the_default_within_the_cap() -> None:
 # --- PATCH /scale ------------------------------------------------------------------------------
 
 
-def _fn(name: str = "f", scale: ScaleOverride | None = None, traffic: list[TrafficTarget] | None = None,
-        revisions: int = 1, status: str = "ready", tag: str | None = None) -> Function:
-    revs = [Revision(name=f"{name}-{i:05d}", function=name, number=i, spec=Spec(name=name), status=status,  # type: ignore[arg-type]
-                     tag=tag) for i in range(1, revisions + 1)]
-    return Function(name=name, revisions=revs, traffic=traffic or [], scale=scale or ScaleOverride())
+def _fn(
+    name: str = "f",
+    scale: ScaleOverride | None = None,
+    traffic: list[TrafficTarget] | None = None,
+    revisions: int = 1,
+    status: str = "ready",
+    tag: str | None = None,
+) -> Function:
+    revs = [
+        Revision(
+            name=f"{name}-{i:05d}",
+            function=name,
+            number=i,
+            spec=Spec(name=name),
+            status=status,  # type: ignore[arg-type]
+            tag=tag,
+        )
+        for i in range(1, revisions + 1)
+    ]
+    return Function(
+        name=name, revisions=revs, traffic=traffic or [], scale=scale or ScaleOverride()
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,7 +252,9 @@ def _fn(name: str = "f", scale: ScaleOverride | None = None, traffic: list[Traff
         ({"min": True}, "min"),
     ],
 )
-def test_scale_patch_refuses_out_of_range_naming_the_field(body: dict[str, Any], field: str) -> None:
+def test_scale_patch_refuses_out_of_range_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
     with pytest.raises(ApiError) as info:
         parse_scale_patch(_fn(), body, cap=10)
     assert info.value.status == 400
@@ -294,9 +317,17 @@ def test_rollout_policy_bounds(body: dict[str, Any], field: str) -> None:
 
 
 def test_rollout_policy_accepts_the_bounds() -> None:
-    out = parse_policy(RolloutPolicy(), {"max_p95_ratio": 1000, "min_requests": 10**6, "interval": "24h",
-                                         "max_error_ratio": 1}, ApiError)
-    assert (out.max_p95_ratio, out.min_requests, out.interval, out.max_error_ratio) == (1000.0, 10**6, 86400.0, 1.0)
+    out = parse_policy(
+        RolloutPolicy(),
+        {"max_p95_ratio": 1000, "min_requests": 10**6, "interval": "24h", "max_error_ratio": 1},
+        ApiError,
+    )
+    assert (out.max_p95_ratio, out.min_requests, out.interval, out.max_error_ratio) == (
+        1000.0,
+        10**6,
+        86400.0,
+        1.0,
+    )
 
 
 # --- JSON in and out --------------------------------------------------------------------------
@@ -312,11 +343,17 @@ def test_rollout_policy_accepts_the_bounds() -> None:
         ('{"max": -1e999}', "max", "-1e999"),
         ('{"traffic": [{"revision": "a", "percent": NaN}]}', "traffic[0].percent", "NaN"),
         ('{"a": {"b": [1, 2, Infinity]}}', "a.b[2]", "Infinity"),
-        ('{"n": ' + "9" * (MAX_INT_DIGITS + 1) + "}", "n", f"an integer of {MAX_INT_DIGITS + 1} digits"),
+        (
+            '{"n": ' + "9" * (MAX_INT_DIGITS + 1) + "}",
+            "n",
+            f"an integer of {MAX_INT_DIGITS + 1} digits",
+        ),
         ('{"n": -' + "9" * 5000 + "}", "n", "an integer of 5000 digits"),
     ],
 )
-def test_json_non_standard_and_out_of_range_numbers_are_refused_by_path(raw: str, field: str, shown: str) -> None:
+def test_json_non_standard_and_out_of_range_numbers_are_refused_by_path(
+    raw: str, field: str, shown: str
+) -> None:
     with pytest.raises(BadJson) as info:
         loads(raw)
     assert info.value.field == field
@@ -334,7 +371,9 @@ def test_json_top_level_nan_and_broken_documents() -> None:
 
 
 def test_json_valid_documents_parse_as_json_does() -> None:
-    raw = '{"a": 1, "b": 2.5, "c": [true, null, "x", -0.0, 1e300], "d": ' + "9" * MAX_INT_DIGITS + "}"
+    raw = (
+        '{"a": 1, "b": 2.5, "c": [true, null, "x", -0.0, 1e300], "d": ' + "9" * MAX_INT_DIGITS + "}"
+    )
     assert loads(raw) == json.loads(raw)
     assert loads(b'{"max": 5}') == {"max": 5}
 
@@ -342,7 +381,10 @@ def test_json_valid_documents_parse_as_json_does() -> None:
 def test_views_render_a_stored_nan_as_null_and_say_where() -> None:
     doc = {"scale": {"target": math.nan, "max": 3}, "revisions": [{"spec": {"timeout": math.inf}}]}
     assert non_finite(doc) == ["revisions[0].spec.timeout: inf", "scale.target: nan"]
-    assert finite(doc) == {"scale": {"target": None, "max": 3}, "revisions": [{"spec": {"timeout": None}}]}
+    assert finite(doc) == {
+        "scale": {"target": None, "max": 3},
+        "revisions": [{"spec": {"timeout": None}}],
+    }
     body = SafeJSONResponse(doc).body
     assert json.loads(body) == finite(doc)
     assert SafeJSONResponse({"ok": 1.5}).body == b'{"ok":1.5}'
@@ -355,7 +397,10 @@ def test_a_new_function_named_like_another_functions_tag_host_is_refused() -> No
     hello = _fn("hello", traffic=[TrafficTarget("hello-00001", 100, "canary")])
     clash = hosts.deploy_clash([hello], "canary-hello", None, "torpor.localhost")
     assert clash is not None and clash.field == "name"
-    assert "canary-hello.torpor.localhost" in clash.message and "tag 'canary' of function hello" in clash.message
+    assert (
+        "canary-hello.torpor.localhost" in clash.message
+        and "tag 'canary' of function hello" in clash.message
+    )
     assert hosts.deploy_clash([hello], "other", None, "d") is None
     # a function that exists already (a clash from before the check) may still be redeployed
     old = _fn("canary-hello")
@@ -364,8 +409,16 @@ def test_a_new_function_named_like_another_functions_tag_host_is_refused() -> No
 
 def test_a_tag_still_waiting_for_its_revision_counts() -> None:
     hello = _fn("hello", traffic=[TrafficTarget("hello-00001", 100)], revisions=1)
-    hello.revisions.append(Revision(name="hello-00002", function="hello", number=2, spec=Spec(name="hello"),
-                                    status="building", tag="canary"))
+    hello.revisions.append(
+        Revision(
+            name="hello-00002",
+            function="hello",
+            number=2,
+            spec=Spec(name="hello"),
+            status="building",
+            tag="canary",
+        )
+    )
     clash = hosts.deploy_clash([hello], "canary-hello", None, "d")
     assert clash is not None and "once ready" in clash.message
 
@@ -383,7 +436,10 @@ def test_a_tag_whose_host_is_another_function_is_refused_at_deploy_and_traffic()
     c = _fn("c", traffic=[TrafficTarget("c-00001", 100)])
     clash = hosts.traffic_clash([bc, c], c, [TrafficTarget("c-00001", 100, "a-b")], "d")
     assert clash is not None and "tag 'a' of function b-c" in clash.message
-    assert hosts.traffic_clash([hello, other], hello, [TrafficTarget("hello-00001", 100, "beta")], "d") is None
+    assert (
+        hosts.traffic_clash([hello, other], hello, [TrafficTarget("hello-00001", 100, "beta")], "d")
+        is None
+    )
 
 
 def test_a_function_keeps_a_tag_it_already_has() -> None:
@@ -422,7 +478,9 @@ def test_gateway_prefers_the_function_over_a_tag_host_in_any_order(order: tuple[
 
 
 @pytest.mark.parametrize("order", [("b-c", "c"), ("c", "b-c")])
-def test_gateway_two_tags_on_one_host_resolve_to_the_first_function_by_name(order: tuple[str, str]) -> None:
+def test_gateway_two_tags_on_one_host_resolve_to_the_first_function_by_name(
+    order: tuple[str, str],
+) -> None:
     table = RouteTable(Pools(), lambda f, r, q: None)
     fns = {"b-c": _routed("b-c", "a"), "c": _routed("c", "a-b")}  # both a-b-c
     for name in order:

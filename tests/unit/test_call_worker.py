@@ -25,14 +25,19 @@ class FakeGateway:
         self.script = list(script)
         self.seen: list[dict[str, str]] = []
         spec = Spec(name="f", async_calls=policy)
-        fn = Function(name="f", revisions=[Revision(name="f-00001", function="f", number=1, spec=spec)],
-                      traffic=[TrafficTarget("f-00001", 100)])
+        fn = Function(
+            name="f",
+            revisions=[Revision(name="f-00001", function="f", number=1, spec=spec)],
+            traffic=[TrafficTarget("f-00001", 100)],
+        )
 
         async def get_function(name: str) -> Function | None:
             return fn if name == "f" else None
 
         self.store = SimpleNamespace(get_function=get_function)
-        self.table = SimpleNamespace(functions={"f": SimpleNamespace(slots=[SimpleNamespace(held_at_zero=False)])})
+        self.table = SimpleNamespace(
+            functions={"f": SimpleNamespace(slots=[SimpleNamespace(held_at_zero=False)])}
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.seen.append({k.decode(): v.decode() for k, v in scope["headers"]})

@@ -16,21 +16,40 @@ from torpor.spec import SpecError, parse_spec
 def test_backoff_doubles_from_the_base_up_to_the_cap() -> None:
     assert [backoff(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     assert (BACKOFF_BASE, BACKOFF_CAP) == (0.5, 10.0)
-    assert backoff(10 ** 9) == BACKOFF_CAP  # no overflow for absurd counts
+    assert backoff(10**9) == BACKOFF_CAP  # no overflow for absurd counts
 
 
 def test_only_5xx_is_retried() -> None:
-    assert [retryable(s) for s in (200, 302, 404, 429, 499, 500, 503, 504)] == \
-        [False, False, False, False, False, True, True, True]
+    assert [retryable(s) for s in (200, 302, 404, 429, 499, 500, 503, 504)] == [
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_call_round_trips_and_its_view_hides_the_request() -> None:
-    c = Call(id=new_id(), function="hello", headers=[("x-a", "1")], body=b"\x00secret", callback="http://127.0.0.1/")
+    c = Call(
+        id=new_id(),
+        function="hello",
+        headers=[("x-a", "1")],
+        body=b"\x00secret",
+        callback="http://127.0.0.1/",
+    )
     assert valid_id(c.id) and not valid_id("../etc") and not valid_id(c.id.upper())
     assert Call.from_dict(c.to_dict()) == c
     v = c.view()
     assert v["state"] == "queued" and "body" not in v and "headers" not in v
-    c.state, c.status, c.result_body, c.result_headers = "done", 200, b"\xff\xfe", [("content-type", "x/y")]
+    c.state, c.status, c.result_body, c.result_headers = (
+        "done",
+        200,
+        b"\xff\xfe",
+        [("content-type", "x/y")],
+    )
     v = c.view()
     assert (v["body_encoding"], v["headers"]) == ("base64", {"content-type": "x/y"})
     c.result_body = "héllo".encode()
@@ -48,12 +67,19 @@ def test_async_section_of_the_spec() -> None:
     assert Spec.from_dict(old).async_calls.concurrency == 10
 
 
-@pytest.mark.parametrize(("section", "path"), [
-    ({"concurrency": 0}, "async.concurrency"), ({"concurrency": 1001}, "async.concurrency"),
-    ({"concurrency": "x"}, "async.concurrency"), ({"max_attempts": 0}, "async.max_attempts"),
-    ({"max_attempts": 21}, "async.max_attempts"), ({"max_attempts": 2.5}, "async.max_attempts"),
-    ({"retries": 3}, "async.retries"), ("fast", "async"),
-])
+@pytest.mark.parametrize(
+    ("section", "path"),
+    [
+        ({"concurrency": 0}, "async.concurrency"),
+        ({"concurrency": 1001}, "async.concurrency"),
+        ({"concurrency": "x"}, "async.concurrency"),
+        ({"max_attempts": 0}, "async.max_attempts"),
+        ({"max_attempts": 21}, "async.max_attempts"),
+        ({"max_attempts": 2.5}, "async.max_attempts"),
+        ({"retries": 3}, "async.retries"),
+        ("fast", "async"),
+    ],
+)
 def test_async_bounds_are_refused_by_path(section: object, path: str) -> None:
     with pytest.raises(SpecError) as e:
         parse_spec({"name": "a", "async": section})
@@ -64,20 +90,39 @@ LOOP = Allow.parse(None)
 
 
 def test_default_allow_list_is_loopback_only() -> None:
-    assert LOOP.allows(ipaddress.ip_address("127.0.0.1")) and LOOP.allows(ipaddress.ip_address("127.9.9.9"))
-    assert LOOP.allows(ipaddress.ip_address("::1")) and LOOP.allows(ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert LOOP.allows(ipaddress.ip_address("127.0.0.1")) and LOOP.allows(
+        ipaddress.ip_address("127.9.9.9")
+    )
+    assert LOOP.allows(ipaddress.ip_address("::1")) and LOOP.allows(
+        ipaddress.ip_address("::ffff:127.0.0.1")
+    )
     assert not LOOP.allows(ipaddress.ip_address("10.0.0.1"))
     assert not LOOP.allows(ipaddress.ip_address("::ffff:10.0.0.1"))
     with pytest.raises(ValueError):
         Allow.parse("10.0.0.0/8,not a host")
 
 
-@pytest.mark.parametrize("url", [
-    "", "http://10.0.0.1/", "https://127.0.0.1/", "gopher://127.0.0.1/", "http://u@127.0.0.1/",
-    "http://127.0.0.1:0/", "http://127.0.0.1:70000/", "http://2130706433/", "http://127.1/", "http://0x7f.1/",
-    "http://[::ffff:192.168.0.1]/", "http:///x", "http://127.0.0.1/\r\nX: y", "http://a_b.example/",
-    "http://" + "a" * 2048 + "/", "http://127.0.0.1/é",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "http://10.0.0.1/",
+        "https://127.0.0.1/",
+        "gopher://127.0.0.1/",
+        "http://u@127.0.0.1/",
+        "http://127.0.0.1:0/",
+        "http://127.0.0.1:70000/",
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0x7f.1/",
+        "http://[::ffff:192.168.0.1]/",
+        "http:///x",
+        "http://127.0.0.1/\r\nX: y",
+        "http://a_b.example/",
+        "http://" + "a" * 2048 + "/",
+        "http://127.0.0.1/é",
+    ],
+)
 @pytest.mark.security
 def test_hostile_callback_urls_are_refused(url: str, attack: object) -> None:
     """Point a callback where it must not go: other networks, schemes, user info, numeric host spellings, header injection"""

@@ -36,11 +36,17 @@ def test_pack_skips_links_and_special_files_with_a_warning(tmp_path: Path) -> No
     out = tmp_path / "out"
     got = extract(io.BytesIO(data), out, ArchiveLimits())  # what the server accepts
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
-        "handler.py", "lib", "lib/util.py", "torpor.yaml"]
+        "handler.py",
+        "lib",
+        "lib/util.py",
+        "torpor.yaml",
+    ]
     assert got.files == 3
     assert len(warnings) == 3
-    assert any(w.startswith("skipping symlink leak.txt -> ") and "regular files and folders only" in w
-               for w in warnings)
+    assert any(
+        w.startswith("skipping symlink leak.txt -> ") and "regular files and folders only" in w
+        for w in warnings
+    )
     assert any(w.startswith("skipping symlink lib/shared -> ") for w in warnings)
     assert any(w == "skipping pipe: not a regular file or folder" for w in warnings)
 
@@ -56,7 +62,9 @@ def test_deploy_sends_the_archive_as_application_gzip(tmp_path: Path, capsys) ->
             return httpx.Response(200, json={"events": []})
         if "/revisions/" in request.url.path:
             return httpx.Response(200, json={"status": "ready"})
-        return httpx.Response(200, json={"url": "http://packed.torpor.localhost:8080/", "traffic": []})
+        return httpx.Response(
+            200, json={"url": "http://packed.torpor.localhost:8080/", "traffic": []}
+        )
 
     api = cli.Api("http://api.invalid", None)
     api.client = httpx.Client(base_url="http://api.invalid", transport=httpx.MockTransport(answer))
@@ -73,10 +81,26 @@ def test_deploy_sends_the_archive_as_application_gzip(tmp_path: Path, capsys) ->
 @pytest.mark.parametrize("cmd", ["up", "api"])
 def test_upload_caps_are_flags_with_defaults(cmd: str) -> None:
     args = cli.build_parser().parse_args([cmd])
-    assert cli.upload_limits(args) == ArchiveLimits() == ArchiveLimits(
-        max_upload=64 << 20, max_unpacked=256 << 20, max_members=10_000, max_depth=32)
-    args = cli.build_parser().parse_args([cmd, "--max-upload", "1Mi", "--max-unpacked", "512Ki",
-                                          "--max-members", "7", "--max-depth", "3"])
+    assert (
+        cli.upload_limits(args)
+        == ArchiveLimits()
+        == ArchiveLimits(
+            max_upload=64 << 20, max_unpacked=256 << 20, max_members=10_000, max_depth=32
+        )
+    )
+    args = cli.build_parser().parse_args(
+        [
+            cmd,
+            "--max-upload",
+            "1Mi",
+            "--max-unpacked",
+            "512Ki",
+            "--max-members",
+            "7",
+            "--max-depth",
+            "3",
+        ]
+    )
     assert cli.upload_limits(args) == ArchiveLimits(1 << 20, 512 << 10, 7, 3)
 
 
@@ -91,12 +115,15 @@ def test_upload_caps_from_the_environment(monkeypatch) -> None:
     assert cli.upload_limits(args).max_members == 5
 
 
-@pytest.mark.parametrize("argv,why", [
-    (["--max-upload", "lots"], "expected a size such as 64Mi"),
-    (["--max-unpacked", "0"], "at least 1 byte"),
-    (["--max-members", "-1"], "whole number >= 1"),
-    (["--max-depth", "2.5"], "whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,why",
+    [
+        (["--max-upload", "lots"], "expected a size such as 64Mi"),
+        (["--max-unpacked", "0"], "at least 1 byte"),
+        (["--max-members", "-1"], "whole number >= 1"),
+        (["--max-depth", "2.5"], "whole number >= 1"),
+    ],
+)
 def test_bad_caps_are_refused_naming_the_flag(argv: list[str], why: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.build_parser().parse_args(["up", *argv])

@@ -20,7 +20,10 @@ def _parser(monkeypatch: pytest.MonkeyPatch, **env: str) -> argparse.ArgumentPar
 
 
 def test_the_driver_comes_from_torpor_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _parser(monkeypatch, TORPOR_DRIVER="kubernetes").parse_args(["controller"]).driver == "kubernetes"
+    assert (
+        _parser(monkeypatch, TORPOR_DRIVER="kubernetes").parse_args(["controller"]).driver
+        == "kubernetes"
+    )
     monkeypatch.delenv("TORPOR_DRIVER")
     assert _parser(monkeypatch).parse_args(["controller"]).driver == "auto"
     # a flag still wins over the env
@@ -35,25 +38,31 @@ def test_the_public_url_comes_from_torpor_public_url(monkeypatch: pytest.MonkeyP
     assert _parser(monkeypatch).parse_args(["api"]).public_url is None
 
 
-@pytest.mark.parametrize("url,expected", [
-    ("https://fn.example.com", "https://fn.example.com"),
-    ("https://fn.example.com/", "https://fn.example.com"),
-    ("http://fn.example.com:8080", "http://fn.example.com:8080"),
-    ("http://[fd00::1]:8080", "http://[fd00::1]:8080"),
-])
+@pytest.mark.parametrize(
+    "url,expected",
+    [
+        ("https://fn.example.com", "https://fn.example.com"),
+        ("https://fn.example.com/", "https://fn.example.com"),
+        ("http://fn.example.com:8080", "http://fn.example.com:8080"),
+        ("http://[fd00::1]:8080", "http://[fd00::1]:8080"),
+    ],
+)
 def test_good_public_urls(url: str, expected: str) -> None:
     assert check_public_url(url) == expected
 
 
-@pytest.mark.parametrize("url,why", [
-    ("fn.example.com", "expected http:// or https://"),
-    ("ftp://fn.example.com", "expected http:// or https://"),
-    ("https://", "expected http:// or https://"),
-    ("https://user:pw@fn.example.com", "credentials"),
-    ("https://fn.example.com/app", "scheme://host[:port] only"),
-    ("https://fn.example.com?x=1", "scheme://host[:port] only"),
-    ("https://fn.example.com:99999", "port"),
-])
+@pytest.mark.parametrize(
+    "url,why",
+    [
+        ("fn.example.com", "expected http:// or https://"),
+        ("ftp://fn.example.com", "expected http:// or https://"),
+        ("https://", "expected http:// or https://"),
+        ("https://user:pw@fn.example.com", "credentials"),
+        ("https://fn.example.com/app", "scheme://host[:port] only"),
+        ("https://fn.example.com?x=1", "scheme://host[:port] only"),
+        ("https://fn.example.com:99999", "port"),
+    ],
+)
 def test_bad_public_urls_are_refused_naming_the_flag(url: str, why: str) -> None:
     with pytest.raises(UpError, match="--public-url") as e:
         check_public_url(url)
@@ -64,5 +73,7 @@ def test_function_urls_follow_the_public_url() -> None:
     cfg = UpConfig(public_url="https://fn.example.com/", token="t" * 20, api_host="0.0.0.0")
     check_config(cfg)
     assert cfg.public_url == "https://fn.example.com"
-    api = ApiConfig(state_dir=cfg.state_dir, token="t" * 20, gateway_url=cfg.public_url, domain="fn.example.com")
+    api = ApiConfig(
+        state_dir=cfg.state_dir, token="t" * 20, gateway_url=cfg.public_url, domain="fn.example.com"
+    )
     assert function_url(api, "hello") == "https://hello.fn.example.com/"

@@ -23,15 +23,22 @@ class RecordingDriver(NullDriver):
     def __init__(self) -> None:
         self.started: list[str] = []
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         self.started.append(revision.name)
         raise RuntimeError("no engine here")
 
 
 def _ready_fn(name: str, scale: ScaleOverride) -> Function:
-    rev = Revision(name=f"{name}-00001", function=name, number=1, spec=Spec(name=name), status="ready",
-                   image="img")
+    rev = Revision(
+        name=f"{name}-00001",
+        function=name,
+        number=1,
+        spec=Spec(name=name),
+        status="ready",
+        image="img",
+    )
     return Function(name=name, revisions=[rev], traffic=[TrafficTarget(rev.name, 100)], scale=scale)
 
 
@@ -55,7 +62,9 @@ async def test_one_poisoned_function_does_not_stop_the_pass_for_the_others() -> 
         await ctl.reconcile()
         clock.now += 1.0
     await asyncio.sleep(0.05)  # the start tasks and event writes run
-    assert "good-00001" in driver.started, "the function after the poisoned one was never reconciled"
+    assert "good-00001" in driver.started, (
+        "the function after the poisoned one was never reconciled"
+    )
     assert "abad-00001" not in driver.started
     errors = await _events(store, "abad", "error")
     assert len(errors) == 1, errors  # five failing passes, one event
@@ -83,7 +92,9 @@ async def test_one_poisoned_function_does_not_stop_the_pass_for_the_others() -> 
     await store.close()
 
 
-async def test_a_poke_for_a_poisoned_function_is_reported_and_stats_for_others_still_count() -> None:
+async def test_a_poke_for_a_poisoned_function_is_reported_and_stats_for_others_still_count() -> (
+    None
+):
     store = EmbeddedStore(None)
     ctl = Controller(store, RecordingDriver(), clock=Clock())  # type: ignore[arg-type]
     ctl.functions = {
@@ -95,18 +106,37 @@ async def test_a_poke_for_a_poisoned_function_is_reported_and_stats_for_others_s
     errors = await _events(store, "abad", "error")
     assert len(errors) == 1 and errors[0].startswith("controller: waking abad failed: ValueError")
     # one gateway report carrying both: the good revision is still recorded
-    report = {"gateway": "g", "revisions": {
-        "abad-00001": {"concurrency": 3.0, "requests": 3},
-        "good-00001": {"concurrency": 2.0, "requests": 2}}}
+    report = {
+        "gateway": "g",
+        "revisions": {
+            "abad-00001": {"concurrency": 3.0, "requests": 3},
+            "good-00001": {"concurrency": 2.0, "requests": 2},
+        },
+    }
     ctl._on_stats(report)
     assert "good-00001" in ctl.autoscaler.fresh and "abad-00001" not in ctl.autoscaler.fresh
     await store.close()
 
 
-@pytest.mark.parametrize("bad", [{"concurrency": "x", "requests": 1}, {"requests": 1}, {"concurrency": 1.0, "requests": "many"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"concurrency": "x", "requests": 1},
+        {"requests": 1},
+        {"concurrency": 1.0, "requests": "many"},
+    ],
+)
 def test_a_malformed_report_entry_is_skipped_alone(bad: dict[str, object]) -> None:
     ctl = Controller(EmbeddedStore(None), RecordingDriver(), clock=Clock())  # type: ignore[arg-type]
-    ctl.functions = {"good": _ready_fn("good", ScaleOverride()), "other": _ready_fn("other", ScaleOverride())}
-    ctl.autoscaler.observe({"gateway": "g", "revisions": {
-        "other-00001": bad, "good-00001": {"concurrency": 1.0, "requests": 1}}}, ctl._scale_of)
+    ctl.functions = {
+        "good": _ready_fn("good", ScaleOverride()),
+        "other": _ready_fn("other", ScaleOverride()),
+    }
+    ctl.autoscaler.observe(
+        {
+            "gateway": "g",
+            "revisions": {"other-00001": bad, "good-00001": {"concurrency": 1.0, "requests": 1}},
+        },
+        ctl._scale_of,
+    )
     assert ctl.autoscaler.fresh == {"good-00001"}

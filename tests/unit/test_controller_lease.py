@@ -37,10 +37,14 @@ class FakeDriver:
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
         return revision
 
-    async def start(self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         self.engine.log.append((self.who, "start", replica))
         await asyncio.sleep(self.start_delay)
-        r = Running(replica, revision.function, revision.name, f"id-{replica}", self.engine.endpoint)
+        r = Running(
+            replica, revision.function, revision.name, f"id-{replica}", self.engine.endpoint
+        )
         self.engine.running[replica] = r
         return r
 
@@ -49,9 +53,14 @@ class FakeDriver:
         self.engine.running.pop(running.replica, None)
 
     async def list(self) -> list[Running]:
-        return [Running(r.replica, r.function, r.revision, r.driver_id, r.endpoint) for r in self.engine.running.values()]
+        return [
+            Running(r.replica, r.function, r.revision, r.driver_id, r.endpoint)
+            for r in self.engine.running.values()
+        ]
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         if False:
             yield ""
 
@@ -84,17 +93,32 @@ async def _until(pred: object, timeout: float = 5.0) -> None:
 
 
 async def _function(store: EmbeddedStore, replicas: int = 1) -> None:
-    rev = Revision(name="hello-00001", function="hello", number=1, spec=Spec(name="hello"), status="ready",
-                   image="img")
-    fn = Function(name="hello", revisions=[rev], traffic=[TrafficTarget(rev.name, 100)],
-                  scale=ScaleOverride(min=replicas, max=replicas))
+    rev = Revision(
+        name="hello-00001",
+        function="hello",
+        number=1,
+        spec=Spec(name="hello"),
+        status="ready",
+        image="img",
+    )
+    fn = Function(
+        name="hello",
+        revisions=[rev],
+        traffic=[TrafficTarget(rev.name, 100)],
+        scale=ScaleOverride(min=replicas, max=replicas),
+    )
     await store.update_function("hello", lambda _: fn)
 
 
-def _controller(store: EmbeddedStore, engine: Engine, lease: MemoryLease, who: str,
-                start_delay: float = 0.0) -> Controller:
-    return Controller(store, FakeDriver(engine, who, start_delay), settings=Settings(tick=0.05),  # type: ignore[arg-type]
-                      leadership=Leadership(lease, who, ttl=TTL, renew_every=0.1, poll=0.02))
+def _controller(
+    store: EmbeddedStore, engine: Engine, lease: MemoryLease, who: str, start_delay: float = 0.0
+) -> Controller:
+    return Controller(
+        store,
+        FakeDriver(engine, who, start_delay),
+        settings=Settings(tick=0.05),  # type: ignore[arg-type]
+        leadership=Leadership(lease, who, ttl=TTL, renew_every=0.1, poll=0.02),
+    )
 
 
 async def test_standby_never_acts_and_the_next_leader_adopts_without_duplicates() -> None:
@@ -104,8 +128,13 @@ async def test_standby_never_acts_and_the_next_leader_adopts_without_duplicates(
     a = _controller(store, engine, lease, "a")
     await a.start()
     assert a.role == "leader"
-    await _until(lambda: len(engine.running) == 2 and len(a.tracked) == 2
-                 and all(t.replica.state == "ready" for t in a.tracked.values()))
+    await _until(
+        lambda: (
+            len(engine.running) == 2
+            and len(a.tracked) == 2
+            and all(t.replica.state == "ready" for t in a.tracked.values())
+        )
+    )
     b = _controller(store, engine, lease, "b")
     await b.start()
     assert b.role == "standby" and b.ready() and not b.synced.is_set()

@@ -30,29 +30,47 @@ class RecordingDriver(NullDriver):
         self.prepared.append((revision.name, revision.source))
         return revision
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
         self.started.append((revision.name, revision.source))
         assert revision.source is not None
         self.seen_files.append((Path(revision.source) / "handler.py").read_text())
         raise RuntimeError("no engine here")  # all the test needs is what start() was given
 
 
-async def _setup(tmp: Path, status: str = "ready", image: str | None = "") -> tuple[
-        EmbeddedStore, RecordingDriver, Controller, str]:
+async def _setup(
+    tmp: Path, status: str = "ready", image: str | None = ""
+) -> tuple[EmbeddedStore, RecordingDriver, Controller, str]:
     src = tmp / "src"
     src.mkdir()
     (src / "handler.py").write_text("def handle(request):\n    return 'from the archive'\n")
     packed = pack(src)
     store = EmbeddedStore(tmp / "store")
     await store.put_blob(packed.sha256, packed.data)
-    rev = Revision(name="hello-00001", function="hello", number=1, spec=Spec(name="hello"), status=status,  # type: ignore[arg-type]
-                   image=image, source_sha256=packed.sha256)
-    fn = Function(name="hello", revisions=[rev], traffic=[TrafficTarget(rev.name, 100)], scale=ScaleOverride(min=1))
+    rev = Revision(
+        name="hello-00001",
+        function="hello",
+        number=1,
+        spec=Spec(name="hello"),
+        status=status,  # type: ignore[arg-type]
+        image=image,
+        source_sha256=packed.sha256,
+    )
+    fn = Function(
+        name="hello",
+        revisions=[rev],
+        traffic=[TrafficTarget(rev.name, 100)],
+        scale=ScaleOverride(min=1),
+    )
     await store.update_function("hello", lambda _cur: fn)
     driver = RecordingDriver()
-    ctl = Controller(store, driver, settings=Settings(backoff_base=1000.0, source_cache=tmp / "cache"),  # type: ignore[arg-type]
-                     clock=Clock())
+    ctl = Controller(
+        store,
+        driver,
+        settings=Settings(backoff_base=1000.0, source_cache=tmp / "cache"),  # type: ignore[arg-type]
+        clock=Clock(),
+    )
     ctl.functions = {"hello": fn}
     ctl.synced.set()
     return store, driver, ctl, packed.sha256
@@ -67,7 +85,9 @@ async def _settle(ctl: Controller, until: Any) -> None:
     raise AssertionError("the controller did not get there")
 
 
-async def test_a_start_gets_the_controllers_own_copy_and_a_new_copy_is_prepared_again(tmp_path: Path) -> None:
+async def test_a_start_gets_the_controllers_own_copy_and_a_new_copy_is_prepared_again(
+    tmp_path: Path,
+) -> None:
     store, driver, ctl, sha = await _setup(tmp_path)
     await _settle(ctl, lambda: driver.started)
     cached = str(tmp_path / "cache" / sha)
@@ -91,7 +111,9 @@ async def test_a_build_is_prepared_on_the_cached_copy(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_an_archive_missing_from_the_store_fails_the_build_with_a_reason(tmp_path: Path) -> None:
+async def test_an_archive_missing_from_the_store_fails_the_build_with_a_reason(
+    tmp_path: Path,
+) -> None:
     store, driver, ctl, sha = await _setup(tmp_path, status="building", image=None)
     await store.delete_blob(sha)
 
@@ -116,7 +138,9 @@ async def test_an_archive_changed_in_the_store_is_never_run(tmp_path: Path, atta
     store, driver, ctl, sha = await _setup(tmp_path, status="building", image=None)
     evil = tmp_path / "evil"
     evil.mkdir()
-    (evil / "handler.py").write_text("import os\ndef handle(request):\n    return str(os.environ)\n")
+    (evil / "handler.py").write_text(
+        "import os\ndef handle(request):\n    return str(os.environ)\n"
+    )
     (tmp_path / "store" / "blobs" / sha).write_bytes(pack(evil).data)  # behind the store's back
 
     for _ in range(200):

@@ -32,7 +32,9 @@ class Scenario:
     name: str
     checks: list[Check]
     samples: list[Sample] | list[SourcedSample] = field(default_factory=list)
-    pokes: list[float] | list[tuple[float, float, str]] = field(default_factory=list)  # t or (t, queued, gateway)
+    pokes: list[float] | list[tuple[float, float, str]] = field(
+        default_factory=list
+    )  # t or (t, queued, gateway)
     scale: dict[str, Any] = field(default_factory=dict)
     reason: dict[float, str] = field(default_factory=dict)  # t -> substring of the reason
 

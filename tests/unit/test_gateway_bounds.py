@@ -48,7 +48,9 @@ def test_trusted_proxies_parse() -> None:
     nets = parse_trusted_proxies(" 10.0.0.0/8, 192.168.1.7 ,::1,")
     assert [str(n) for n in nets] == ["10.0.0.0/8", "192.168.1.7/32", "::1/128"]
     assert parse_trusted_proxies("") == () and parse_trusted_proxies(None) == ()
-    assert [str(n) for n in parse_trusted_proxies("10.1.2.3/8")] == ["10.0.0.0/8"]  # host bits allowed
+    assert [str(n) for n in parse_trusted_proxies("10.1.2.3/8")] == [
+        "10.0.0.0/8"
+    ]  # host bits allowed
 
 
 @pytest.mark.parametrize("bad", ["10.0.0.0/33", "localhost", "1.2.3", "*"])
@@ -64,8 +66,12 @@ def _scope(peer: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[
     return {"client": (peer, 5555), "headers": headers or []}
 
 
-SPOOF = [(b"x-forwarded-for", b"6.6.6.6"), (b"forwarded", b"for=6.6.6.6"),
-         (b"x-forwarded-host", b"evil"), (b"x-forwarded-proto", b"https")]
+SPOOF = [
+    (b"x-forwarded-for", b"6.6.6.6"),
+    (b"forwarded", b"for=6.6.6.6"),
+    (b"x-forwarded-host", b"evil"),
+    (b"x-forwarded-proto", b"https"),
+]
 
 
 def test_untrusted_peer_gets_our_view_only() -> None:
@@ -79,14 +85,23 @@ def test_untrusted_peer_gets_our_view_only() -> None:
 
 
 def test_loopback_is_not_trusted_unless_listed() -> None:
-    assert dict(Forwarding(parse_trusted_proxies("10.0.0.0/8")).headers(
-        _scope("127.0.0.1", SPOOF), b"h"))[b"x-forwarded-for"] == b"127.0.0.1"
+    assert (
+        dict(
+            Forwarding(parse_trusted_proxies("10.0.0.0/8")).headers(
+                _scope("127.0.0.1", SPOOF), b"h"
+            )
+        )[b"x-forwarded-for"]
+        == b"127.0.0.1"
+    )
 
 
 def test_ipv6_peers_are_quoted_and_mapped_ipv4_is_ipv4() -> None:
     fwd = Forwarding(parse_trusted_proxies("10.0.0.0/8"))
     out = dict(fwd.headers(_scope("::1"), b"h"))
-    assert out[b"forwarded"] == b'for="[::1]";host="h";proto=http' and out[b"x-forwarded-for"] == b"::1"
+    assert (
+        out[b"forwarded"] == b'for="[::1]";host="h";proto=http'
+        and out[b"x-forwarded-for"] == b"::1"
+    )
     mapped = dict(fwd.headers(_scope("::ffff:10.1.2.3", SPOOF), b"h"))
     assert mapped[b"x-forwarded-for"] == b"6.6.6.6, 10.1.2.3"  # judged as 10.1.2.3: trusted
     assert mapped[b"forwarded"] == b'for=6.6.6.6, for=10.1.2.3;host="h";proto=http'
@@ -94,8 +109,12 @@ def test_ipv6_peers_are_quoted_and_mapped_ipv4_is_ipv4() -> None:
 
 def test_trusted_peer_chain_is_appended_in_order() -> None:
     fwd = Forwarding(parse_trusted_proxies("10.0.0.0/8"))
-    headers = [(b"x-forwarded-for", b"1.1.1.1"), (b"x-forwarded-for", b"2.2.2.2, 3.3.3.3"),
-               (b"forwarded", b"for=1.1.1.1"), (b"x-forwarded-proto", b"https")]
+    headers = [
+        (b"x-forwarded-for", b"1.1.1.1"),
+        (b"x-forwarded-for", b"2.2.2.2, 3.3.3.3"),
+        (b"forwarded", b"for=1.1.1.1"),
+        (b"x-forwarded-proto", b"https"),
+    ]
     out = dict(fwd.headers(_scope("10.9.9.9", headers), b"h"))
     assert out[b"x-forwarded-for"] == b"1.1.1.1, 2.2.2.2, 3.3.3.3, 10.9.9.9"
     assert out[b"forwarded"] == b'for=1.1.1.1, for=10.9.9.9;host="h";proto=http'
@@ -159,9 +178,15 @@ async def test_a_backend_handed_as_the_client_leaves_is_given_back() -> None:
 def test_lines_encode_the_headers_and_memoise_untrusted_peers_only() -> None:
     fwd = Forwarding(parse_trusted_proxies("10.0.0.0/8"))
     lines = fwd.lines(_scope("127.0.0.1", SPOOF), b"h")
-    assert lines == b"".join(n + b": " + v + b"\r\n" for n, v in fwd.headers(_scope("127.0.0.1"), b"h"))
-    assert fwd.lines(_scope("127.0.0.1"), b"h") is lines  # memoised: the client's headers play no part
+    assert lines == b"".join(
+        n + b": " + v + b"\r\n" for n, v in fwd.headers(_scope("127.0.0.1"), b"h")
+    )
+    assert (
+        fwd.lines(_scope("127.0.0.1"), b"h") is lines
+    )  # memoised: the client's headers play no part
     first = fwd.lines(_scope("10.0.0.1", [(b"x-forwarded-for", b"1.1.1.1")]), b"h")
     second = fwd.lines(_scope("10.0.0.1", [(b"x-forwarded-for", b"2.2.2.2")]), b"h")
     assert b"x-forwarded-for: 1.1.1.1, 10.0.0.1\r\n" in first
-    assert b"x-forwarded-for: 2.2.2.2, 10.0.0.1\r\n" in second  # a trusted peer's chain: per request
+    assert (
+        b"x-forwarded-for: 2.2.2.2, 10.0.0.1\r\n" in second
+    )  # a trusted peer's chain: per request

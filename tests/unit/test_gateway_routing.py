@@ -14,8 +14,16 @@ from torpor.gateway.upstream import Pools
 from torpor.model import Function, Replica, Revision, ScaleOverride, Spec, TrafficTarget
 
 
-@pytest.mark.parametrize("weights", [[("a", 90), ("b", 10)], [("a", 50), ("b", 50)], [("a", 1), ("b", 99)],
-                                     [("a", 33), ("b", 33), ("c", 34)], [("a", 100)]])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [("a", 90), ("b", 10)],
+        [("a", 50), ("b", 50)],
+        [("a", 1), ("b", 99)],
+        [("a", 33), ("b", 33), ("c", 34)],
+        [("a", 100)],
+    ],
+)
 def test_weighted_slots_are_exact_and_interleaved(weights: list[tuple[str, int]]) -> None:
     slots = weighted_slots(weights)
     assert len(slots) == 100
@@ -31,21 +39,36 @@ def test_zero_weights_take_no_slot() -> None:
 
 
 def _fn(traffic: list[TrafficTarget], n: int = 2, scale: ScaleOverride | None = None) -> Function:
-    revs = [Revision(name=f"f-{i:05d}", function="f", number=i, spec=Spec(name="f"), status="ready")
-            for i in range(1, n + 1)]
+    revs = [
+        Revision(name=f"f-{i:05d}", function="f", number=i, spec=Spec(name="f"), status="ready")
+        for i in range(1, n + 1)
+    ]
     return Function(name="f", revisions=revs, traffic=traffic, scale=scale or ScaleOverride())
 
 
 def _ready(rev: str, i: int) -> Replica:
-    return Replica(name=f"{rev}-r{i}", function="f", revision=rev, state="ready", endpoint=f"127.0.0.1:{9000 + i}")
+    return Replica(
+        name=f"{rev}-r{i}",
+        function="f",
+        revision=rev,
+        state="ready",
+        endpoint=f"127.0.0.1:{9000 + i}",
+    )
 
 
 def test_route_table_split_tags_and_backends() -> None:
     pokes: list[tuple[str, str]] = []
     table = RouteTable(Pools(), lambda f, r, q: pokes.append((f, r)))
     fn = _fn([TrafficTarget("f-00001", 90), TrafficTarget("f-00002", 10, "canary")])
-    table.apply("f", fn, [_ready("f-00001", 1), _ready("f-00002", 2),
-                          Replica(name="x", function="f", revision="f-00001", state="starting")])
+    table.apply(
+        "f",
+        fn,
+        [
+            _ready("f-00001", 1),
+            _ready("f-00002", 2),
+            Replica(name="x", function="f", revision="f-00001", state="starting"),
+        ],
+    )
     fr, rr = table.hosts["f"]
     assert rr is None
     picks = Counter(fr.pick().name for _ in range(10_000))  # type: ignore[union-attr]

@@ -41,8 +41,11 @@ def test_the_gateway_imports_no_control_plane_code(path: Path) -> None:
     assert {m for m in torpor_imports(path) if not m.startswith(allowed)} == set()
 
 
-@pytest.mark.parametrize("path", [p for p in files("platform") if p.name != "up.py" and "runtime" not in p.parts],
-                         ids=lambda p: str(p.relative_to(ROOT / "platform")))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in files("platform") if p.name != "up.py" and "runtime" not in p.parts],
+    ids=lambda p: str(p.relative_to(ROOT / "platform")),
+)
 def test_the_control_plane_imports_no_gateway_code(path: Path) -> None:
     assert {m for m in torpor_imports(path) if m.startswith("torpor.gateway")} == set()
 
@@ -50,8 +53,13 @@ def test_the_control_plane_imports_no_gateway_code(path: Path) -> None:
 @pytest.mark.parametrize("path", files("platform/runtime"), ids=lambda p: p.name)
 def test_the_runtime_is_standard_library_only(path: Path) -> None:
     tree = ast.parse(path.read_text(), str(path))
-    tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    tops |= {n.module.split(".")[0] for n in ast.walk(tree)
-             if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    tops = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    tops |= {
+        n.module.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module and n.level == 0
+    }
     siblings = {p.stem for p in files("platform/runtime")}  # copied beside each other into images
     assert {t for t in tops if t not in sys.stdlib_module_names and t not in siblings} == set()

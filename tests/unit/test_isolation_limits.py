@@ -24,7 +24,9 @@ def test_no_memory_size_means_no_data_limit_but_the_others() -> None:
     limits = replica_rlimits(0)
     assert "RLIMIT_DATA" not in limits
     assert limits["RLIMIT_CORE"] == (0, 0)
-    assert "RLIMIT_AS" not in limits and "RLIMIT_NPROC" not in limits and "RLIMIT_FSIZE" not in limits
+    assert (
+        "RLIMIT_AS" not in limits and "RLIMIT_NPROC" not in limits and "RLIMIT_FSIZE" not in limits
+    )
 
 
 def test_open_files_never_exceed_the_inherited_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,14 +49,20 @@ def test_thread_count_comes_from_torpor_threads() -> None:
 
 
 def test_bridge_names_fit_ifnamsiz_and_differ_per_function_and_installation() -> None:
-    names = {bridge_name(inst, fn) for inst in ("a" * 12, "b" * 12) for fn in ("hello", "echo", "x" * 63)}
+    names = {
+        bridge_name(inst, fn) for inst in ("a" * 12, "b" * 12) for fn in ("hello", "echo", "x" * 63)
+    }
     assert len(names) == 6
     assert all(len(n) <= 15 and n.startswith("torpor") for n in names)
-    assert bridge_name("a" * 12, "hello") == bridge_name("a" * 12, "hello")  # stable across restarts
+    assert bridge_name("a" * 12, "hello") == bridge_name(
+        "a" * 12, "hello"
+    )  # stable across restarts
     assert network_name("0123456789ab", "hello") == "torpor-01234567-hello"
 
 
-def test_without_root_the_firewall_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_root_the_firewall_is_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(dockernet.os, "geteuid", lambda: 1000)
     assert dockernet.ensure_host_firewall("/bin/true") == "the platform does not run as root"
     nets = dockernet.Networks(lambda: None, "0123456789ab")  # type: ignore[arg-type, return-value]

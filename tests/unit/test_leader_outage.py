@@ -58,7 +58,9 @@ async def test_a_short_outage_within_the_lease_does_not_depose_the_leader() -> N
     await _until(a.valid)
     lease.down = True
     asked = lease.asked
-    await asyncio.sleep(TTL * 0.5)  # shorter than what is left of the lease (0.8 ttl after a renewal)
+    await asyncio.sleep(
+        TTL * 0.5
+    )  # shorter than what is left of the lease (0.8 ttl after a renewal)
     assert lease.asked >= asked + 2  # it kept asking
     lease.down = False
     await asyncio.sleep(TTL)
@@ -91,7 +93,9 @@ async def test_a_standby_takes_over_right_when_a_dead_leaders_lease_runs_out() -
     assert info is not None
     ends_at = time.monotonic() + info.expires_in
     log: list[str] = []
-    b = Leadership(lease, "b", ttl=TTL, renew_every=0.1, poll=10.0)  # a poll far longer than the ttl
+    b = Leadership(
+        lease, "b", ttl=TTL, renew_every=0.1, poll=10.0
+    )  # a poll far longer than the ttl
     task = await _run(b, log)
     await _until(b.valid, timeout=TTL * 2)
     assert time.monotonic() >= ends_at  # not before the lease ran out

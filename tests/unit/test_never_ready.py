@@ -28,10 +28,16 @@ class SilentDriver:
         revision.image = revision.spec.image
         return revision
 
-    async def start(self, revision: Revision, replica: str,
-                    secret_env: Mapping[str, str] | None = None) -> Running:
-        r = Running(replica=replica, function=revision.function, revision=revision.name, driver_id=replica,
-                    endpoint=f"127.0.0.1:{free_port()}")
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
+        r = Running(
+            replica=replica,
+            function=revision.function,
+            revision=revision.name,
+            driver_id=replica,
+            endpoint=f"127.0.0.1:{free_port()}",
+        )
         self.running[replica] = r
         return r
 
@@ -42,7 +48,9 @@ class SilentDriver:
     async def list(self) -> list[Running]:
         return list(self.running.values())
 
-    async def logs(self, running: Running, follow: bool = False, tail: int = 200) -> AsyncIterator[str]:
+    async def logs(
+        self, running: Running, follow: bool = False, tail: int = 200
+    ) -> AsyncIterator[str]:
         yield "listening on the wrong port"
 
     async def remove(self, revision: Revision) -> None:
@@ -54,11 +62,26 @@ class SilentDriver:
 
 async def test_a_revision_that_never_answers_fails_with_the_reason() -> None:
     store = EmbeddedStore(None)
-    good = Revision(name="app-00001", function="app", number=1, spec=Spec(name="app", handler=None, image="i:1"),
-                    status="ready", image="i:1")
-    new = Revision(name="app-00002", function="app", number=2, spec=Spec(name="app", handler=None, image="i:2"))
-    await store.update_function("app", lambda _: Function(name="app", revisions=[good, new], next_number=3,
-                                                          traffic=[TrafficTarget(good.name, 100)]))
+    good = Revision(
+        name="app-00001",
+        function="app",
+        number=1,
+        spec=Spec(name="app", handler=None, image="i:1"),
+        status="ready",
+        image="i:1",
+    )
+    new = Revision(
+        name="app-00002", function="app", number=2, spec=Spec(name="app", handler=None, image="i:2")
+    )
+    await store.update_function(
+        "app",
+        lambda _: Function(
+            name="app",
+            revisions=[good, new],
+            next_number=3,
+            traffic=[TrafficTarget(good.name, 100)],
+        ),
+    )
     driver = SilentDriver()
     ctl = Controller(store, driver, settings=Settings(startup_timeout=1.0, tick=0.05))  # type: ignore[arg-type]
     await ctl.start()
@@ -75,7 +98,9 @@ async def test_a_revision_that_never_answers_fails_with_the_reason() -> None:
         assert rev.reason.startswith("replica not ready within 1s"), rev.reason
         assert "listening on the wrong port" in rev.reason  # the log's tail comes with it
         fn = await store.get_function("app")
-        assert fn is not None and [(t.revision, t.percent) for t in fn.traffic] == [("app-00001", 100)]
+        assert fn is not None and [(t.revision, t.percent) for t in fn.traffic] == [
+            ("app-00001", 100)
+        ]
         assert driver.stopped  # the silent replica was stopped
     finally:
         await ctl.stop()

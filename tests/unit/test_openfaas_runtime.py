@@ -14,7 +14,9 @@ from torpor.runtime.server import Headers, Request, _render, styled
 
 def call(handle: Any, request: Request | None = None) -> tuple[int, dict[str, str], bytes]:
     fn = styled(handle, "openfaas")
-    req = request or Request("GET", "/a%20b", "x=1&x=2&y=", Headers([("User-Agent", "t"), ("X-A", "1")]), b"hi")
+    req = request or Request(
+        "GET", "/a%20b", "x=1&x=2&y=", Headers([("User-Agent", "t"), ("X-A", "1")]), b"hi"
+    )
     result = asyncio.run(fn(req)) if asyncio.iscoroutinefunction(fn) else fn(req)
     status, headers, body = _render(result)
     return status, {k.lower(): v for k, v in headers}, body
@@ -24,31 +26,58 @@ def test_the_event_is_what_the_template_hands_over() -> None:
     seen: dict[str, Any] = {}
 
     def handle(event: Any, context: Any) -> Any:
-        seen.update(body=event.body, method=event.method, path=event.path, first=event.query.get("x"),
-                    every=event.query.getlist("x"), y=event.query["y"], missing=event.query.get("z", "d"),
-                    agent=event.headers.get("user-agent"), keys=sorted(event.query), hostname=context.hostname)
+        seen.update(
+            body=event.body,
+            method=event.method,
+            path=event.path,
+            first=event.query.get("x"),
+            every=event.query.getlist("x"),
+            y=event.query["y"],
+            missing=event.query.get("z", "d"),
+            agent=event.headers.get("user-agent"),
+            keys=sorted(event.query),
+            hostname=context.hostname,
+        )
         return {"body": "ok"}
 
     assert call(handle)[0] == 200
-    assert seen == {"body": b"hi", "method": "GET", "path": "/a b", "first": "1", "every": ["1", "2"], "y": "",
-                    "missing": "d", "agent": "t", "keys": ["x", "y"], "hostname": seen["hostname"]}
+    assert seen == {
+        "body": b"hi",
+        "method": "GET",
+        "path": "/a b",
+        "first": "1",
+        "every": ["1", "2"],
+        "y": "",
+        "missing": "d",
+        "agent": "t",
+        "keys": ["x", "y"],
+        "hostname": seen["hostname"],
+    }
 
 
-@pytest.mark.parametrize("result, status, ctype, body", [
-    ({"statusCode": 201, "body": {"a": 1}}, 201, "application/json", b'{"a": 1}'),
-    ({"body": "text"}, 200, "text/html; charset=utf-8", b"text"),
-    ({"statusCode": 204}, 204, None, b""),
-    ({"body": 42, "headers": {"Content-Type": "text/plain"}}, 200, "text/plain", b"42"),
-    ({"body": b"\x00\x01", "headers": [("Content-Type", "application/octet-stream")]}, 200,
-     "application/octet-stream", b"\x00\x01"),
-    ("plain", 200, "text/html; charset=utf-8", b"plain"),
-    (None, 200, "text/html; charset=utf-8", b""),
-    (("made", 202), 202, "text/html; charset=utf-8", b"made"),
-    (("made", 202, {"X-B": "2"}), 202, "text/html; charset=utf-8", b"made"),
-    ([1, 2], 200, "application/json", b"[1, 2]"),
-])
-def test_return_values_become_responses_as_in_the_template(result: Any, status: int, ctype: str | None,
-                                                           body: bytes) -> None:
+@pytest.mark.parametrize(
+    "result, status, ctype, body",
+    [
+        ({"statusCode": 201, "body": {"a": 1}}, 201, "application/json", b'{"a": 1}'),
+        ({"body": "text"}, 200, "text/html; charset=utf-8", b"text"),
+        ({"statusCode": 204}, 204, None, b""),
+        ({"body": 42, "headers": {"Content-Type": "text/plain"}}, 200, "text/plain", b"42"),
+        (
+            {"body": b"\x00\x01", "headers": [("Content-Type", "application/octet-stream")]},
+            200,
+            "application/octet-stream",
+            b"\x00\x01",
+        ),
+        ("plain", 200, "text/html; charset=utf-8", b"plain"),
+        (None, 200, "text/html; charset=utf-8", b""),
+        (("made", 202), 202, "text/html; charset=utf-8", b"made"),
+        (("made", 202, {"X-B": "2"}), 202, "text/html; charset=utf-8", b"made"),
+        ([1, 2], 200, "application/json", b"[1, 2]"),
+    ],
+)
+def test_return_values_become_responses_as_in_the_template(
+    result: Any, status: int, ctype: str | None, body: bytes
+) -> None:
     got_status, headers, got_body = call(lambda event, context: result)
     assert (got_status, got_body) == (status, body)
     assert headers.get("content-type") == ctype

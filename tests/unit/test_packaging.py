@@ -28,8 +28,16 @@ def test_import_platform_is_the_standard_library() -> None:
 def test_import_platform_from_the_repository_root_is_the_standard_library() -> None:
     # `python -c` puts the current directory first on sys.path: the worst case.
     out = subprocess.run(
-        [sys.executable, "-c", "import platform; print(platform.__file__); print(platform.system())"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import platform; print(platform.__file__); print(platform.system())",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.splitlines()
     assert Path(out[0]).resolve().parent == STDLIB
     assert out[1]

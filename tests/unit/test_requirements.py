@@ -26,8 +26,10 @@ ACCEPTED = [
     ("zope.interface~=6.0", "zope.interface~=6.0"),
     ("Foo_Bar.baz-qux", "Foo_Bar.baz-qux"),
     ("six  # pinned later", "six"),
-    ('pywin32; sys_platform == "win32" and platform_machine != "x86-64"',
-     'pywin32; sys_platform == "win32" and platform_machine != "x86-64"'),
+    (
+        'pywin32; sys_platform == "win32" and platform_machine != "x86-64"',
+        'pywin32; sys_platform == "win32" and platform_machine != "x86-64"',
+    ),
 ]
 
 REFUSED = [
@@ -49,7 +51,10 @@ REFUSED = [
     ("-c constraints.txt", "pip options are not accepted (-c)"),
     ("--index-url http://127.0.0.1:9/simple", "pip options are not accepted (--index-url)"),
     ("-i http://127.0.0.1:9/simple", "pip options are not accepted (-i)"),
-    ("--extra-index-url=http://127.0.0.1:9/simple", "pip options are not accepted (--extra-index-url)"),
+    (
+        "--extra-index-url=http://127.0.0.1:9/simple",
+        "pip options are not accepted (--extra-index-url)",
+    ),
     ("--find-links .", "pip options are not accepted (--find-links)"),
     ("--no-binary :all:", "pip options are not accepted (--no-binary)"),
     ("six --hash=sha256:" + "0" * 64, "pip options are not accepted (--hash)"),
@@ -80,7 +85,7 @@ def test_requirements_beyond_the_index_are_refused(attack, line: str, why: str) 
         parse_requirements(f"six\n\n# a comment\n{line}\n")
     msg = str(err.value)
     assert msg.startswith(f"requirements.txt:4: {line.strip()[:77]!r}"[:40]), msg
-    assert why in msg and msg.endswith("python_version >= \"3.10\""), msg
+    assert why in msg and msg.endswith('python_version >= "3.10"'), msg
     assert err.value.line == 4 and err.value.field == "requirements.txt:4"
     assert isinstance(err.value, BuildError)
     attack.ended(f"400 {msg[:150]}")
@@ -89,7 +94,9 @@ def test_requirements_beyond_the_index_are_refused(attack, line: str, why: str) 
 def test_continuations_and_comments() -> None:
     text = "# header\nsix \\\n  ==1.16.0  # pinned\n\n   \nidna\n"
     assert parse_requirements(text) == ["six==1.16.0", "idna"]
-    with pytest.raises(RequirementsError, match=r"^requirements\.txt:2: .*pip options are not accepted \(--hash\)"):
+    with pytest.raises(
+        RequirementsError, match=r"^requirements\.txt:2: .*pip options are not accepted \(--hash\)"
+    ):
         parse_requirements("six\nidna \\\n  --hash=sha256:00\n")
 
 
@@ -125,7 +132,7 @@ def test_pip_reads_no_configuration_and_builds_nothing(tmp_path: Path, monkeypat
     cmd = pip_command(["six==1.16.0", 'idna; python_version >= "3"'], tmp_path / "t")
     assert cmd[1:5] == ["-I", "-m", "pip", "install"]
     assert "--isolated" in cmd and "--only-binary=:all:" in cmd
-    assert cmd[cmd.index("--") + 1:] == ["six==1.16.0", 'idna; python_version >= "3"']
+    assert cmd[cmd.index("--") + 1 :] == ["six==1.16.0", 'idna; python_version >= "3"']
     assert not any(a.startswith(("-r", "--requirement")) for a in cmd)
     env = pip_env(tmp_path / "home")
     assert not any(k.startswith(("PIP_", "PYTHON", "TORPOR")) for k in env)

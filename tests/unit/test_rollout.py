@@ -25,7 +25,9 @@ def bucket_of(seconds: float) -> int:
     return len(LATENCY_BUCKETS)
 
 
-def stats(requests: int, errors: int = 0, at: float = 0.04, slow: int = 0, slow_at: float = 1.5) -> StepStats:
+def stats(
+    requests: int, errors: int = 0, at: float = 0.04, slow: int = 0, slow_at: float = 1.5
+) -> StepStats:
     """``requests`` requests, ``slow`` of them at ``slow_at`` seconds, the rest at ``at``."""
     lat = [0] * NB
     lat[bucket_of(at)] += requests - slow
@@ -33,7 +35,9 @@ def stats(requests: int, errors: int = 0, at: float = 0.04, slow: int = 0, slow_
     return StepStats(requests=requests, errors=errors, latency=lat)
 
 
-POLICY = RolloutPolicy(steps=[10, 50, 100], interval=30.0, max_error_ratio=0.05, max_p95_ratio=2.0, min_requests=20)
+POLICY = RolloutPolicy(
+    steps=[10, 50, 100], interval=30.0, max_error_ratio=0.05, max_p95_ratio=2.0, min_requests=20
+)
 
 
 @dataclass
@@ -49,35 +53,155 @@ class Row:
 
 ROWS = [
     Row("no canary requests yet", stats(0), stats(500), 100, "wait", "0/20 canary requests"),
-    Row("too few canary requests, even with errors", stats(19, errors=19), stats(500), 100, "wait", "19/20"),
-    Row("healthy but interval not over", stats(40), stats(400), 10, "wait", "20s of the interval left"),
+    Row(
+        "too few canary requests, even with errors",
+        stats(19, errors=19),
+        stats(500),
+        100,
+        "wait",
+        "19/20",
+    ),
+    Row(
+        "healthy but interval not over",
+        stats(40),
+        stats(400),
+        10,
+        "wait",
+        "20s of the interval left",
+    ),
     Row("healthy and interval over", stats(40), stats(400), 30, "advance", "5xx 0.0% of 40"),
-    Row("errors at the limit are healthy", stats(100, errors=5), stats(400), 31, "advance", "5xx 5.0%"),
-    Row("errors above the limit roll back at once", stats(100, errors=6), stats(400), 1, "rollback",
-        "5xx ratio 6.0% > 5.0% (6 of 100"),
-    Row("30% failures roll back as soon as min_requests are in", stats(20, errors=6), stats(100), 0.5,
-        "rollback", "5xx ratio 30.0%"),
-    Row("slow canary rolls back before the interval", stats(100, slow=10), stats(400), 2, "rollback",
-        "x stable p95"),
-    Row("a few slow canary requests (under 5%) are fine", stats(100, slow=4), stats(400), 30, "advance", "p95"),
-    Row("slow stable and slow canary alike are fine", stats(100, at=1.5), stats(400, at=1.5), 30, "advance", ""),
-    Row("canary one bucket slower, within a ratio of 2.5", stats(100, at=0.08), stats(400, at=0.04), 30,
-        "advance", "", RolloutPolicy(max_p95_ratio=2.5, min_requests=20, interval=30)),
-    Row("canary much slower than the ratio allows", stats(100, at=0.4), stats(400, at=0.04), 30, "rollback",
-        "p95 "),
-    Row("sub-floor latencies never breach", stats(100, at=0.009), stats(400, at=0.001), 30, "advance", ""),
-    Row("no stable baseline: no latency verdict, wait", stats(100, at=5.0), stats(5), 30, "wait",
-        "5/20 stable requests"),
-    Row("no stable baseline but errors: roll back anyway", stats(100, errors=50), stats(0), 1, "rollback", "5xx"),
-    Row("cold canary: enough requests, too few timed", StepStats(40, 0, stats(5).latency), stats(400), 30,
-        "wait", "5/20 canary requests timed (warming up)"),
-    Row("cold canary with errors rolls back", StepStats(40, 10, [0] * NB), stats(400), 1, "rollback", "25.0%"),
-    Row("min_requests 0 still needs one request", stats(0), stats(0), 100, "wait", "0/1",
-        RolloutPolicy(min_requests=0, interval=1)),
-    Row("zero error budget: one 5xx rolls back", stats(20, errors=1), stats(100), 0, "rollback", "5.0% > 0.0%",
-        RolloutPolicy(max_error_ratio=0.0, min_requests=20)),
-    Row("error budget 1.0 never rolls back on errors", stats(20, errors=20), stats(100), 30, "advance", "100.0%",
-        RolloutPolicy(max_error_ratio=1.0, min_requests=20, interval=30)),
+    Row(
+        "errors at the limit are healthy",
+        stats(100, errors=5),
+        stats(400),
+        31,
+        "advance",
+        "5xx 5.0%",
+    ),
+    Row(
+        "errors above the limit roll back at once",
+        stats(100, errors=6),
+        stats(400),
+        1,
+        "rollback",
+        "5xx ratio 6.0% > 5.0% (6 of 100",
+    ),
+    Row(
+        "30% failures roll back as soon as min_requests are in",
+        stats(20, errors=6),
+        stats(100),
+        0.5,
+        "rollback",
+        "5xx ratio 30.0%",
+    ),
+    Row(
+        "slow canary rolls back before the interval",
+        stats(100, slow=10),
+        stats(400),
+        2,
+        "rollback",
+        "x stable p95",
+    ),
+    Row(
+        "a few slow canary requests (under 5%) are fine",
+        stats(100, slow=4),
+        stats(400),
+        30,
+        "advance",
+        "p95",
+    ),
+    Row(
+        "slow stable and slow canary alike are fine",
+        stats(100, at=1.5),
+        stats(400, at=1.5),
+        30,
+        "advance",
+        "",
+    ),
+    Row(
+        "canary one bucket slower, within a ratio of 2.5",
+        stats(100, at=0.08),
+        stats(400, at=0.04),
+        30,
+        "advance",
+        "",
+        RolloutPolicy(max_p95_ratio=2.5, min_requests=20, interval=30),
+    ),
+    Row(
+        "canary much slower than the ratio allows",
+        stats(100, at=0.4),
+        stats(400, at=0.04),
+        30,
+        "rollback",
+        "p95 ",
+    ),
+    Row(
+        "sub-floor latencies never breach",
+        stats(100, at=0.009),
+        stats(400, at=0.001),
+        30,
+        "advance",
+        "",
+    ),
+    Row(
+        "no stable baseline: no latency verdict, wait",
+        stats(100, at=5.0),
+        stats(5),
+        30,
+        "wait",
+        "5/20 stable requests",
+    ),
+    Row(
+        "no stable baseline but errors: roll back anyway",
+        stats(100, errors=50),
+        stats(0),
+        1,
+        "rollback",
+        "5xx",
+    ),
+    Row(
+        "cold canary: enough requests, too few timed",
+        StepStats(40, 0, stats(5).latency),
+        stats(400),
+        30,
+        "wait",
+        "5/20 canary requests timed (warming up)",
+    ),
+    Row(
+        "cold canary with errors rolls back",
+        StepStats(40, 10, [0] * NB),
+        stats(400),
+        1,
+        "rollback",
+        "25.0%",
+    ),
+    Row(
+        "min_requests 0 still needs one request",
+        stats(0),
+        stats(0),
+        100,
+        "wait",
+        "0/1",
+        RolloutPolicy(min_requests=0, interval=1),
+    ),
+    Row(
+        "zero error budget: one 5xx rolls back",
+        stats(20, errors=1),
+        stats(100),
+        0,
+        "rollback",
+        "5.0% > 0.0%",
+        RolloutPolicy(max_error_ratio=0.0, min_requests=20),
+    ),
+    Row(
+        "error budget 1.0 never rolls back on errors",
+        stats(20, errors=20),
+        stats(100),
+        30,
+        "advance",
+        "100.0%",
+        RolloutPolicy(max_error_ratio=1.0, min_requests=20, interval=30),
+    ),
 ]
 
 
@@ -128,18 +252,30 @@ def test_step_stats_add_and_ratio() -> None:
 
 # -- the shell -------------------------------------------------------------------------------
 def rev(n: int, name: str = "fn") -> Revision:
-    return Revision(name=f"{name}-{n:05d}", function=name, number=n, spec=Spec(name=name), status="ready")
+    return Revision(
+        name=f"{name}-{n:05d}", function=name, number=n, spec=Spec(name=name), status="ready"
+    )
 
 
-def report(revisions: dict[str, tuple[int, int, float]], ready: int | dict[str, int] = 1,
-           gateway: str = "gw-1") -> dict[str, object]:
+def report(
+    revisions: dict[str, tuple[int, int, float]],
+    ready: int | dict[str, int] = 1,
+    gateway: str = "gw-1",
+) -> dict[str, object]:
     out = {}
     for name, (req, err, at) in revisions.items():
         lat = [0] * NB
         lat[bucket_of(at)] = req
         n = ready.get(name, 1) if isinstance(ready, dict) else ready
-        out[name] = {"function": "fn", "requests": req, "errors": err, "latency": lat, "concurrency": 1.0,
-                     "ready": n, "queued": 0}
+        out[name] = {
+            "function": "fn",
+            "requests": req,
+            "errors": err,
+            "latency": lat,
+            "concurrency": 1.0,
+            "ready": n,
+            "queued": 0,
+        }
     return {"gateway": gateway, "time": 0.0, "revisions": out}
 
 
@@ -155,7 +291,12 @@ async def setup(policy: RolloutPolicy, wall: Clock) -> tuple[EmbeddedStore, Roll
     store = EmbeddedStore()
 
     def create(cur: Function | None) -> Function:
-        fn = Function(name="fn", revisions=[rev(1), rev(2)], traffic=[TrafficTarget("fn-00001", 100)], next_number=3)
+        fn = Function(
+            name="fn",
+            revisions=[rev(1), rev(2)],
+            traffic=[TrafficTarget("fn-00001", 100)],
+            next_number=3,
+        )
         start_rollout(fn, "fn-00002", policy, wall())
         return fn
 
@@ -190,7 +331,9 @@ async def test_healthy_rollout_steps_then_promotes() -> None:
     wall.t += 5
     await ro.reconcile(fn)
     assert (await current(store)).rollout.step == 1  # type: ignore[union-attr]
-    ro.observe(report({"fn-00002": (10, 0, 0.04), "fn-00001": (10, 0, 0.04), "other-00001": (99, 99, 9.0)}))
+    ro.observe(
+        report({"fn-00002": (10, 0, 0.04), "fn-00001": (10, 0, 0.04), "other-00001": (99, 99, 9.0)})
+    )
     await ro.reconcile(fn)
     fn = await current(store)
     assert fn.rollout is not None and fn.rollout.state == "promoted"
@@ -215,7 +358,11 @@ async def test_failing_canary_rolls_back_before_the_interval() -> None:
     assert "5xx ratio 36.0%" in fn.rollout.reason and "step 1" in fn.rollout.reason
     assert [(t.revision, t.percent) for t in fn.traffic] == [("fn-00001", 100)]
     last = (await store.list_events("fn"))[-1]
-    assert last.kind == "rollout" and "rolled back to fn-00001" in last.message and "5xx ratio" in last.message
+    assert (
+        last.kind == "rollout"
+        and "rolled back to fn-00001" in last.message
+        and "5xx ratio" in last.message
+    )
 
 
 async def test_paused_rollout_waits_and_a_restart_measures_the_step_afresh() -> None:
@@ -234,6 +381,7 @@ async def test_paused_rollout_waits_and_a_restart_measures_the_step_afresh() -> 
     wall.t += 100
     await ro.reconcile(await current(store))
     assert (await current(store)).rollout.step == 0  # type: ignore[union-attr]
+
     # a new controller (restart): nothing measured yet, so it waits even though the step is old
     def resume(cur: Function | None) -> Function | None:
         assert cur is not None and cur.rollout is not None
@@ -273,13 +421,17 @@ async def test_a_rollout_changed_by_hand_is_left_alone() -> None:
 
 async def test_cold_start_latency_is_not_judged_but_its_errors_are() -> None:
     wall = Clock()
-    store, ro = await setup(RolloutPolicy(steps=[25, 100], interval=0, min_requests=10, max_p95_ratio=2), wall)
+    store, ro = await setup(
+        RolloutPolicy(steps=[25, 100], interval=0, min_requests=10, max_p95_ratio=2), wall
+    )
     fn = await current(store)
     await ro.reconcile(fn)
     # the canary wakes from zero: its first reports are slow, the stable one is warm
     ro.observe(report({"fn-00001": (30, 0, 0.04)}))
     ro.observe(report({"fn-00002": (10, 0, 2.0), "fn-00001": (30, 0, 0.04)}, ready={"fn-00002": 0}))
-    ro.observe(report({"fn-00002": (10, 0, 0.9), "fn-00001": (30, 0, 0.04)}))  # became ready within this one
+    ro.observe(
+        report({"fn-00002": (10, 0, 0.9), "fn-00001": (30, 0, 0.04)})
+    )  # became ready within this one
     assert ro.stats["fn-00002"].requests == 20 and ro.stats["fn-00002"].samples == 0
     await ro.reconcile(fn)
     assert ro.last["fn"].action == "wait" and "warming up" in ro.last["fn"].reason
@@ -294,7 +446,11 @@ async def test_cold_start_latency_is_not_judged_but_its_errors_are() -> None:
         ro.observe(report({"fn-00002": (5, 5, 5.0)}, ready=0))
     await ro.reconcile(fn)
     fn = await current(store)
-    assert fn.rollout is not None and fn.rollout.state == "rolled_back" and "5xx ratio 100.0%" in fn.rollout.reason
+    assert (
+        fn.rollout is not None
+        and fn.rollout.state == "rolled_back"
+        and "5xx ratio 100.0%" in fn.rollout.reason
+    )
 
 
 async def test_warmth_is_per_gateway() -> None:
@@ -317,36 +473,71 @@ async def test_rollout_api_validates_and_acts(tmp_path: Path) -> None:
     store = EmbeddedStore()
 
     def create(cur: Function | None) -> Function:
-        return Function(name="fn", revisions=[rev(1), rev(2), rev(3)], traffic=[TrafficTarget("fn-00001", 100)],
-                        next_number=4)
+        return Function(
+            name="fn",
+            revisions=[rev(1), rev(2), rev(3)],
+            traffic=[TrafficTarget("fn-00001", 100)],
+            next_number=4,
+        )
 
     await store.update_function("fn", create)
     app = create_app(store, ApiConfig(state_dir=tmp_path, token="unit-test-token-0123456789"))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
-                                 headers={"Authorization": "Bearer unit-test-token-0123456789"}) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://127.0.0.1",
+        headers={"Authorization": "Bearer unit-test-token-0123456789"},
+    ) as c:
         url = "/v1/functions/fn/rollout"
-        assert (await c.get(url)).json() == {"rollout": None, "traffic": [
-            {"revision": "fn-00001", "percent": 100, "tag": None}]}
-        for body, field_name in [({"to": "fn-00009"}, "to"), ({"to": "fn-00002", "steps": [10, 50]}, "steps"),
-                                 ({"to": "fn-00002", "interval": "soon"}, "interval"),
-                                 ({"to": "fn-00002", "interval": 0}, "interval"),
-                                 ({"to": "fn-00002", "max_error_ratio": 2}, "max_error_ratio"),
-                                 ({"to": "fn-00002", "max_p95_ratio": 0.5}, "max_p95_ratio"),
-                                 ({"to": "fn-00002", "min_requests": -1}, "min_requests"),
-                                 ({"to": "fn-00002", "min_requests": True}, "min_requests"),
-                                 ({"to": "fn-00002", "color": "red"}, "color")]:
+        assert (await c.get(url)).json() == {
+            "rollout": None,
+            "traffic": [{"revision": "fn-00001", "percent": 100, "tag": None}],
+        }
+        for body, field_name in [
+            ({"to": "fn-00009"}, "to"),
+            ({"to": "fn-00002", "steps": [10, 50]}, "steps"),
+            ({"to": "fn-00002", "interval": "soon"}, "interval"),
+            ({"to": "fn-00002", "interval": 0}, "interval"),
+            ({"to": "fn-00002", "max_error_ratio": 2}, "max_error_ratio"),
+            ({"to": "fn-00002", "max_p95_ratio": 0.5}, "max_p95_ratio"),
+            ({"to": "fn-00002", "min_requests": -1}, "min_requests"),
+            ({"to": "fn-00002", "min_requests": True}, "min_requests"),
+            ({"to": "fn-00002", "color": "red"}, "color"),
+        ]:
             r = await c.post(url, json=body)
             assert r.status_code == 400 and r.json()["field"] == field_name, (body, r.text)
-        assert (await c.post(url, content=b"[1]", headers={"Content-Type": "application/json"})).status_code == 400
-        assert (await c.post(url, json={"to": "fn-00001"})).status_code == 409  # already has all traffic
+        assert (
+            await c.post(url, content=b"[1]", headers={"Content-Type": "application/json"})
+        ).status_code == 400
+        assert (
+            await c.post(url, json={"to": "fn-00001"})
+        ).status_code == 409  # already has all traffic
         assert (await c.post(url + "/pause")).status_code == 409  # nothing to pause
-        r = await c.post(url, json={"to": "fn-00002", "steps": [20, 100], "interval": "1m30s", "min_requests": 7,
-                                    "max_error_ratio": 0.1, "max_p95_ratio": 3})
+        r = await c.post(
+            url,
+            json={
+                "to": "fn-00002",
+                "steps": [20, 100],
+                "interval": "1m30s",
+                "min_requests": 7,
+                "max_error_ratio": 0.1,
+                "max_p95_ratio": 3,
+            },
+        )
         assert r.status_code == 201, r.text
         ro = r.json()["rollout"]
-        assert (ro["to"], ro["stable"], ro["steps"], ro["state"]) == ("fn-00002", "fn-00001", [20, 100], "running")
-        assert ro["policy"] == {"steps": [20, 100], "interval": 90.0, "max_error_ratio": 0.1, "max_p95_ratio": 3.0,
-                                "min_requests": 7}
+        assert (ro["to"], ro["stable"], ro["steps"], ro["state"]) == (
+            "fn-00002",
+            "fn-00001",
+            [20, 100],
+            "running",
+        )
+        assert ro["policy"] == {
+            "steps": [20, 100],
+            "interval": 90.0,
+            "max_error_ratio": 0.1,
+            "max_p95_ratio": 3.0,
+            "min_requests": 7,
+        }
         assert (await c.post(url, json={"to": "fn-00003"})).status_code == 409  # one at a time
         assert (await c.post(url + "/pause")).json()["rollout"]["state"] == "paused"
         assert (await c.post(url + "/pause")).status_code == 409
@@ -366,4 +557,6 @@ async def test_rollout_api_validates_and_acts(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["revision"] == "fn-00001"
         assert (await c.post("/v1/functions/nope/rollback")).status_code == 404
         kinds = [e.message for e in await store.list_events("fn") if e.kind == "rollout"]
-        assert any("started" in m for m in kinds) and any("rolled back to fn-00001 by hand" in m for m in kinds)
+        assert any("started" in m for m in kinds) and any(
+            "rolled back to fn-00001 by hand" in m for m in kinds
+        )

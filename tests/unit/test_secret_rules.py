@@ -23,8 +23,13 @@ def refused(**top: Any) -> SpecError:
 
 
 def test_secrets_map_env_names_to_secret_names() -> None:
-    spec = parse_spec({"name": "hello", "env": {"GREETING": "hi"},
-                       "secrets": {"DB_PASSWORD": "db-password", "api_key": "2fa-seed"}})
+    spec = parse_spec(
+        {
+            "name": "hello",
+            "env": {"GREETING": "hi"},
+            "secrets": {"DB_PASSWORD": "db-password", "api_key": "2fa-seed"},
+        }
+    )
     assert spec.secrets == {"DB_PASSWORD": "db-password", "api_key": "2fa-seed"}
     assert spec.env == {"GREETING": "hi"}
     assert parse_spec({"name": "hello"}).secrets == {}
@@ -111,24 +116,44 @@ def test_bad_values_are_refused_without_quoting_them(value: bytes, words: str) -
 
 def test_a_missing_secret_names_the_secret_and_the_variable() -> None:
     assert str(MissingSecret("DB_PASSWORD", "db-password")) == (
-        "secret 'db-password' (for DB_PASSWORD) does not exist; set it with `torpor secret set db-password`")
+        "secret 'db-password' (for DB_PASSWORD) does not exist; set it with `torpor secret set db-password`"
+    )
 
 
 # --- who uses a secret ----------------------------------------------------------------------
 
 
-def _fn(name: str, specs: list[dict[str, str]], traffic: dict[int, tuple[int, str | None]]) -> Function:
-    revs = [Revision(name=f"{name}-{i:05d}", function=name, number=i, status="ready",
-                     spec=Spec(name=name, secrets=s)) for i, s in enumerate(specs, 1)]
-    return Function(name=name, revisions=revs,
-                    traffic=[TrafficTarget(f"{name}-{i:05d}", pct, tag) for i, (pct, tag) in traffic.items()])
+def _fn(
+    name: str, specs: list[dict[str, str]], traffic: dict[int, tuple[int, str | None]]
+) -> Function:
+    revs = [
+        Revision(
+            name=f"{name}-{i:05d}",
+            function=name,
+            number=i,
+            status="ready",
+            spec=Spec(name=name, secrets=s),
+        )
+        for i, s in enumerate(specs, 1)
+    ]
+    return Function(
+        name=name,
+        revisions=revs,
+        traffic=[TrafficTarget(f"{name}-{i:05d}", pct, tag) for i, (pct, tag) in traffic.items()],
+    )
 
 
 def test_users_are_the_newest_and_the_routed_revisions() -> None:
     fns = [
-        _fn("a", [{"X": "old"}, {"X": "new"}], {1: (100, None)}),  # newest not routed yet: both count
-        _fn("b", [{"X": "gone"}, {"X": "new"}], {2: (100, None)}),  # rev 1 out of traffic: no longer a user
-        _fn("c", [{"X": "tagged"}, {}], {1: (0, "old"), 2: (100, None)}),  # a tag keeps it reachable
+        _fn(
+            "a", [{"X": "old"}, {"X": "new"}], {1: (100, None)}
+        ),  # newest not routed yet: both count
+        _fn(
+            "b", [{"X": "gone"}, {"X": "new"}], {2: (100, None)}
+        ),  # rev 1 out of traffic: no longer a user
+        _fn(
+            "c", [{"X": "tagged"}, {}], {1: (0, "old"), 2: (100, None)}
+        ),  # a tag keeps it reachable
         _fn("d", [], {}),
     ]
     assert users(fns) == {"old": ["a"], "new": ["a", "b"], "tagged": ["c"]}
@@ -139,6 +164,11 @@ def test_users_are_the_newest_and_the_routed_revisions() -> None:
 
 def test_redact_replaces_every_value_longest_first() -> None:
     text = "connect failed: password=hunter2hunter2 (retry with hunter2)"
-    assert redact(text, ["hunter2", "hunter2hunter2"]) == "connect failed: password=*** (retry with ***)"
-    assert redact("a b c", ["a", "abc"]) == "a b c"  # values under 4 characters would match anywhere
+    assert (
+        redact(text, ["hunter2", "hunter2hunter2"])
+        == "connect failed: password=*** (retry with ***)"
+    )
+    assert (
+        redact("a b c", ["a", "abc"]) == "a b c"
+    )  # values under 4 characters would match anywhere
     assert redact("nothing here", []) == "nothing here"

@@ -9,7 +9,9 @@ pytest_plugins = ["pytester"]
 
 
 def test_table_lists_attacks_and_how_they_ended(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest((__import__("pathlib").Path(__file__).parent.parent / "conftest.py").read_text())
+    pytester.makeconftest(
+        (__import__("pathlib").Path(__file__).parent.parent / "conftest.py").read_text()
+    )
     pytester.makeini("[pytest]\nmarkers =\n    security: x\n")
     pytester.makepyfile(
         """
@@ -26,4 +28,6 @@ def test_table_lists_attacks_and_how_they_ended(pytester: pytest.Pytester) -> No
     )
     result = pytester.runpytest("-m", "security", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, deselected=1)
-    result.stdout.fnmatch_lines(["attacks tried*", "*passed*Upload a tar whose member is ../../etc/x.*400 bad upload*"])
+    result.stdout.fnmatch_lines(
+        ["attacks tried*", "*passed*Upload a tar whose member is ../../etc/x.*400 bad upload*"]
+    )

@@ -50,8 +50,11 @@ def _tree(root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        out[rel] = ("d", stat.S_IMODE(p.stat().st_mode)) if p.is_dir() else (
-            p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+        out[rel] = (
+            ("d", stat.S_IMODE(p.stat().st_mode))
+            if p.is_dir()
+            else (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+        )
     return out
 
 
@@ -115,7 +118,9 @@ def test_a_blob_that_does_not_match_its_hash_is_never_unpacked(tmp_path: Path, a
 
 
 @pytest.mark.security
-def test_a_hostile_archive_with_a_matching_hash_is_still_refused(tmp_path: Path, attack: Any) -> None:
+def test_a_hostile_archive_with_a_matching_hash_is_still_refused(
+    tmp_path: Path, attack: Any
+) -> None:
     """Plant a symlink archive in the store under its own (correct) hash"""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -169,7 +174,11 @@ def test_archive_tokens_are_per_archive_and_per_key(attack: Any) -> None:
     assert token_matches(key, a, tok)
     assert not token_matches(key, b, tok)
     assert not token_matches(other_key, a, tok)
-    assert not token_matches(key, a, tok[:-1]) and not token_matches(key, a, "") and not token_matches(key, a, "é")
+    assert (
+        not token_matches(key, a, tok[:-1])
+        and not token_matches(key, a, "")
+        and not token_matches(key, a, "é")
+    )
     for bad in ("", "A" * 64, "a" * 63, "../" + "a" * 61, None, 5):
         with pytest.raises(ValueError):
             check_sha(bad)
@@ -177,7 +186,9 @@ def test_archive_tokens_are_per_archive_and_per_key(attack: Any) -> None:
 
 
 def _rev(fn: str, n: int, sha: str | None) -> Revision:
-    return Revision(name=f"{fn}-{n:05d}", function=fn, number=n, spec=Spec(name=fn), source_sha256=sha)
+    return Revision(
+        name=f"{fn}-{n:05d}", function=fn, number=n, spec=Spec(name=fn), source_sha256=sha
+    )
 
 
 async def test_the_sweep_removes_unreferenced_archives_after_the_grace() -> None:
@@ -187,8 +198,12 @@ async def test_the_sweep_removes_unreferenced_archives_after_the_grace() -> None
         sha = hashlib.sha256(text).hexdigest()
         await store.put_blob(sha, text)
         blobs[text] = sha
-    await store.update_function("hello", lambda cur: Function(
-        name="hello", revisions=[_rev("hello", 1, blobs[b"kept"]), _rev("hello", 2, None)]))
+    await store.update_function(
+        "hello",
+        lambda cur: Function(
+            name="hello", revisions=[_rev("hello", 1, blobs[b"kept"]), _rev("hello", 2, None)]
+        ),
+    )
     assert referenced(await store.list_functions()) == {blobs[b"kept"]}
     times = await store.list_blobs()
     # at the time of the puts: everything is within the grace, nothing goes
@@ -201,6 +216,7 @@ async def test_the_sweep_removes_unreferenced_archives_after_the_grace() -> None
     assert sorted(await store.list_blobs()) == sorted([blobs[b"kept"], blobs[b"orphan-new"]])
     await store.delete_function("hello")
     assert sorted((await sweep(store, grace=60, now=max(times.values()) + 1000)).gone) == sorted(
-        [blobs[b"kept"], blobs[b"orphan-new"]])
+        [blobs[b"kept"], blobs[b"orphan-new"]]
+    )
     assert await store.list_blobs() == {}
     await store.close()

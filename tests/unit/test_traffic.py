@@ -24,16 +24,31 @@ from torpor.model import Function, Revision, Rollout, RolloutPolicy, Spec, Traff
 from torpor.model import TrafficTarget as T
 
 
-def rev(n: int, status: str = "ready", on_ready: str = "promote", tag: str | None = None) -> Revision:
-    r = Revision(name=f"fn-{n:05d}", function="fn", number=n, spec=Spec(name="fn"), on_ready=on_ready, tag=tag)
+def rev(
+    n: int, status: str = "ready", on_ready: str = "promote", tag: str | None = None
+) -> Revision:
+    r = Revision(
+        name=f"fn-{n:05d}",
+        function="fn",
+        number=n,
+        spec=Spec(name="fn"),
+        on_ready=on_ready,
+        tag=tag,
+    )
     r.status = status  # type: ignore[assignment]
     return r
 
 
-def fn_with(n: int, traffic: list[TrafficTarget], statuses: dict[int, str] | None = None) -> Function:
+def fn_with(
+    n: int, traffic: list[TrafficTarget], statuses: dict[int, str] | None = None
+) -> Function:
     statuses = statuses or {}
-    return Function(name="fn", revisions=[rev(i, statuses.get(i, "ready")) for i in range(1, n + 1)],
-                    traffic=traffic, next_number=n + 1)
+    return Function(
+        name="fn",
+        revisions=[rev(i, statuses.get(i, "ready")) for i in range(1, n + 1)],
+        traffic=traffic,
+        next_number=n + 1,
+    )
 
 
 def table(fn: Function) -> list[tuple[str, int, str | None]]:
@@ -41,7 +56,9 @@ def table(fn: Function) -> list[tuple[str, int, str | None]]:
 
 
 # -- step math ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("steps", [[10, 25, 50, 100], [1, 100], [50, 100], [100], [5, 10, 20, 40, 80, 99, 100]])
+@pytest.mark.parametrize(
+    "steps", [[10, 25, 50, 100], [1, 100], [50, 100], [100], [5, 10, 20, 40, 80, 99, 100]]
+)
 def test_each_step_splits_canary_and_stable_to_100(steps: list[int]) -> None:
     for pct in steps:
         w = dict(step_weights("fn-00002", "fn-00001", pct))
@@ -70,12 +87,24 @@ def test_a_rollout_walks_its_steps_then_promotes() -> None:
 
 def test_promote_and_rollback_keep_tags_at_zero() -> None:
     fn = fn_with(3, [T("fn-00001", 100, "stable"), T("fn-00003", 0, "next")])
-    ro = start_rollout(fn, "fn-00002", RolloutPolicy(), now=0, steps=[25, 100], tags={"fn-00002": "canary"})
-    assert table(fn) == [("fn-00002", 25, "canary"), ("fn-00001", 75, "stable"), ("fn-00003", 0, "next")]
+    ro = start_rollout(
+        fn, "fn-00002", RolloutPolicy(), now=0, steps=[25, 100], tags={"fn-00002": "canary"}
+    )
+    assert table(fn) == [
+        ("fn-00002", 25, "canary"),
+        ("fn-00001", 75, "stable"),
+        ("fn-00003", 0, "next"),
+    ]
     advance(fn, ro, now=1, reason="ok")
-    assert table(fn) == [("fn-00002", 100, "canary"), ("fn-00001", 0, "stable"), ("fn-00003", 0, "next")]
+    assert table(fn) == [
+        ("fn-00002", 100, "canary"),
+        ("fn-00001", 0, "stable"),
+        ("fn-00003", 0, "next"),
+    ]
     fn2 = fn_with(3, [T("fn-00001", 100, "stable")])
-    ro2 = start_rollout(fn2, "fn-00002", RolloutPolicy(), now=0, steps=[25, 100], tags={"fn-00002": "canary"})
+    ro2 = start_rollout(
+        fn2, "fn-00002", RolloutPolicy(), now=0, steps=[25, 100], tags={"fn-00002": "canary"}
+    )
     roll_back(fn2, ro2, "5xx")
     assert ro2.state == "rolled_back" and ro2.reason == "5xx"
     assert table(fn2) == [("fn-00001", 100, "stable"), ("fn-00002", 0, "canary")]
@@ -84,9 +113,15 @@ def test_promote_and_rollback_keep_tags_at_zero() -> None:
 def test_split_moves_an_explicit_tag_and_drops_untagged_zeros() -> None:
     cur = [T("fn-00001", 60), T("fn-00002", 40, "canary"), T("fn-00003", 0, "old")]
     out = split(cur, [("fn-00004", 100)], {"fn-00004": "canary"})
-    assert [(t.revision, t.percent, t.tag) for t in out] == [("fn-00004", 100, "canary"), ("fn-00003", 0, "old")]
+    assert [(t.revision, t.percent, t.tag) for t in out] == [
+        ("fn-00004", 100, "canary"),
+        ("fn-00003", 0, "old"),
+    ]
     out = split(cur, [("fn-00001", 0), ("fn-00002", 100)])
-    assert [(t.revision, t.percent, t.tag) for t in out] == [("fn-00002", 100, "canary"), ("fn-00003", 0, "old")]
+    assert [(t.revision, t.percent, t.tag) for t in out] == [
+        ("fn-00002", 100, "canary"),
+        ("fn-00003", 0, "old"),
+    ]
 
 
 def test_start_rollout_refusals_and_stable_choice() -> None:
@@ -122,11 +157,23 @@ def test_a_first_step_of_100_promotes_at_once() -> None:
     assert ro.state == "promoted" and table(fn) == [("fn-00002", 100, None)]
 
 
-@pytest.mark.parametrize(("steps", "ok"), [
-    ([10, 25, 50, 100], True), ([100], True), ([1, 2, 3, 100], True),
-    ([], False), ([50, 25, 100], False), ([10, 10, 100], False), ([0, 100], False), ([10, 50], False),
-    ([10, 101], False), ([10.5, 100], False), ([True, 100], False), ("10,100", False),
-])
+@pytest.mark.parametrize(
+    ("steps", "ok"),
+    [
+        ([10, 25, 50, 100], True),
+        ([100], True),
+        ([1, 2, 3, 100], True),
+        ([], False),
+        ([50, 25, 100], False),
+        ([10, 10, 100], False),
+        ([0, 100], False),
+        ([10, 50], False),
+        ([10, 101], False),
+        ([10.5, 100], False),
+        ([True, 100], False),
+        ("10,100", False),
+    ],
+)
 def test_validate_steps(steps: object, ok: bool) -> None:
     assert (validate_steps(steps) is None) == ok
 
@@ -165,7 +212,11 @@ def test_canary_deploy_starts_a_rollout_from_its_policy() -> None:
     ro = fn.rollout
     assert ro is not None and ro.state == "running" and ro.step == 0 and ro.step_started == 123.0
     assert (ro.to, ro.stable, ro.steps) == ("fn-00002", "fn-00001", [20, 25, 50, 100])
-    assert ro.policy.interval == 7 and ro.policy.min_requests == 3 and ro.policy.steps == [20, 25, 50, 100]
+    assert (
+        ro.policy.interval == 7
+        and ro.policy.min_requests == 3
+        and ro.policy.steps == [20, 25, 50, 100]
+    )
     assert table(fn) == [("fn-00002", 20, "canary"), ("fn-00001", 80, None)]
     # the rollout round-trips through the store's JSON
     again = Function.from_dict(fn.to_dict())
@@ -193,7 +244,9 @@ def test_rollback_target() -> None:
     ro = start_rollout(fn, "fn-00003", RolloutPolicy(), now=0, steps=[10, 100])
     assert rollback_target(fn) == "fn-00001"  # running: its stable
     advance(fn, ro, now=1, reason="ok")
-    assert ro.state == "promoted" and rollback_target(fn) == "fn-00001"  # promoted: still its stable
+    assert (
+        ro.state == "promoted" and rollback_target(fn) == "fn-00001"
+    )  # promoted: still its stable
     assert rollback_target(fn_with(1, [T("fn-00001", 100)])) is None
     assert main_revision(fn_with(2, [T("fn-00001", 50), T("fn-00002", 50)])) == "fn-00002"
 
@@ -204,7 +257,14 @@ def test_collectable_keeps_routed_latest_rollout_and_newest_retired() -> None:
     # routed: 8 (traffic), 2 (tag); latest: 9; retired: 1, 3, 4, 5, 6, 7
     assert collectable(fn, keep=5) == ["fn-00001"]
     assert collectable(fn, keep=2) == ["fn-00001", "fn-00003", "fn-00004", "fn-00005"]
-    assert collectable(fn, keep=0) == ["fn-00001", "fn-00003", "fn-00004", "fn-00005", "fn-00006", "fn-00007"]
+    assert collectable(fn, keep=0) == [
+        "fn-00001",
+        "fn-00003",
+        "fn-00004",
+        "fn-00005",
+        "fn-00006",
+        "fn-00007",
+    ]
     assert collectable(fn, keep=10) == []
 
 

@@ -70,20 +70,38 @@ def test_codes_and_sessions_are_bounded() -> None:
 
 async def test_the_page_and_its_files_are_served_with_a_strict_policy(tmp_path: Path) -> None:
     async with client(tmp_path) as c:
-        for path, kind in (("/ui", "text/html"), ("/ui/static/app.js", "text/javascript"),
-                           ("/ui/static/style.css", "text/css")):
+        for path, kind in (
+            ("/ui", "text/html"),
+            ("/ui/static/app.js", "text/javascript"),
+            ("/ui/static/style.css", "text/css"),
+        ):
             r = await c.get(path)
             assert r.status_code == 200 and r.headers["content-type"].startswith(kind), path
             csp = r.headers["content-security-policy"]
-            assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+            assert (
+                "default-src 'none'" in csp
+                and "script-src 'self'" in csp
+                and "frame-ancestors 'none'" in csp
+            )
             assert r.headers["x-frame-options"] == "DENY"
         page = (await c.get("/ui")).text
-        assert "http://" not in page and "https://" not in page  # no CDN: every file is Torpor's own
+        assert (
+            "http://" not in page and "https://" not in page
+        )  # no CDN: every file is Torpor's own
 
 
 @pytest.mark.security
-@pytest.mark.parametrize("path", ["/ui/static/../app.py", "/ui/static/%2e%2e/ui.py", "/ui/static/ui.py",
-                                  "/ui/static/", "/ui/static/index.html/x", "/ui/other"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/static/../app.py",
+        "/ui/static/%2e%2e/ui.py",
+        "/ui/static/ui.py",
+        "/ui/static/",
+        "/ui/static/index.html/x",
+        "/ui/other",
+    ],
+)
 async def test_only_the_page_files_are_served(tmp_path: Path, path: str, attack) -> None:
     """A browser asks the dashboard's file route for a file beside the page (path traversal)."""
     async with client(tmp_path) as c:
@@ -115,33 +133,56 @@ async def test_the_session_cookie_reaches_the_api_through_the_guard(tmp_path: Pa
         r = await c.get("/v1/functions", headers=jar)
         assert r.status_code == 200 and r.json() == {"functions": []}
         # the page's own POST (Origin = this API, Sec-Fetch-Site: same-origin) passes the guard
-        r = await c.post("/v1/functions/nope/rollout/abort", headers={**jar, **SAME,
-                                                                       "Content-Type": "application/json"},
-                         content=b"{}")
+        r = await c.post(
+            "/v1/functions/nope/rollout/abort",
+            headers={**jar, **SAME, "Content-Type": "application/json"},
+            content=b"{}",
+        )
         assert r.status_code == 404 and r.json()["error"] == "function not found"
         r = await c.get("/v1/functions", headers={"Cookie": "torpor_ui=forged-session-value"})
         assert r.status_code == 401
 
 
 @pytest.mark.security
-async def test_the_cookie_does_not_carry_a_foreign_page_past_the_guard(tmp_path: Path, attack) -> None:
+async def test_the_cookie_does_not_carry_a_foreign_page_past_the_guard(
+    tmp_path: Path, attack
+) -> None:
     """A page on another origin (or a function's page on the gateway's port) rides the session cookie."""
     async with client(tmp_path) as c:
         jar = {"Cookie": f"torpor_ui={await signed_in(c)}"}
         json_type = {"Content-Type": "application/json"}
-        for origin, site in (("http://evil.example", "cross-site"), ("http://127.0.0.1:8080", "same-site"),
-                             ("http://127.0.0.1:8080", "same-origin"), ("http://127.0.0.1:8081", "cross-site")):
-            r = await c.post("/v1/functions/x/rollout/abort", content=b"{}",
-                             headers={**jar, **json_type, "Origin": origin, "Sec-Fetch-Site": site})
-            assert r.status_code == 403 and r.json()["error"] == "cross-origin request", (origin, site)
-        r = await c.get("/v1/functions", headers={**jar, "Sec-Fetch-Site": "same-site"})  # <img>, no Origin
+        for origin, site in (
+            ("http://evil.example", "cross-site"),
+            ("http://127.0.0.1:8080", "same-site"),
+            ("http://127.0.0.1:8080", "same-origin"),
+            ("http://127.0.0.1:8081", "cross-site"),
+        ):
+            r = await c.post(
+                "/v1/functions/x/rollout/abort",
+                content=b"{}",
+                headers={**jar, **json_type, "Origin": origin, "Sec-Fetch-Site": site},
+            )
+            assert r.status_code == 403 and r.json()["error"] == "cross-origin request", (
+                origin,
+                site,
+            )
+        r = await c.get(
+            "/v1/functions", headers={**jar, "Sec-Fetch-Site": "same-site"}
+        )  # <img>, no Origin
         assert r.status_code == 403
-        r = await c.post("/v1/functions/x/rollout/abort", content=b"{}",
-                         headers={**jar, **SAME, "Content-Type": "text/plain"})  # no preflight needed for that
+        r = await c.post(
+            "/v1/functions/x/rollout/abort",
+            content=b"{}",
+            headers={**jar, **SAME, "Content-Type": "text/plain"},
+        )  # no preflight needed for that
         assert r.status_code == 415
-        r = await c.get("/v1/functions", headers={**jar, "Host": "evil.example:8081"})  # DNS rebinding
+        r = await c.get(
+            "/v1/functions", headers={**jar, "Host": "evil.example:8081"}
+        )  # DNS rebinding
         assert r.status_code == 421
-        r = await c.post("/v1/ui/code", headers={**jar, **SAME})  # a session cannot mint more sign-ins
+        r = await c.post(
+            "/v1/ui/code", headers={**jar, **SAME}
+        )  # a session cannot mint more sign-ins
         assert r.status_code == 403
     attack.ended("403 cross-origin request / 415 / 421; the cookie mints no code")
 
@@ -151,12 +192,31 @@ def test_stats_sum_gateways_per_function() -> None:
     lat = [0] * 14
     lat[4] = 100  # (0.05, 0.1] s
     for gw in ("a", "b"):
-        st.add({"gateway": gw, "revisions": {"fn-00001": {"function": "fn", "concurrency": 2.5, "requests": 50,
-                                                           "errors": 1, "latency": lat, "queued": 1}}})
+        st.add(
+            {
+                "gateway": gw,
+                "revisions": {
+                    "fn-00001": {
+                        "function": "fn",
+                        "concurrency": 2.5,
+                        "requests": 50,
+                        "errors": 1,
+                        "latency": lat,
+                        "queued": 1,
+                    }
+                },
+            }
+        )
     st.add({"gateway": "bad", "revisions": "not a dict"})
-    st.add({"gateway": "worse", "revisions": {"x": {"function": "fn", "requests": "many"}}})  # skipped whole
+    st.add(
+        {"gateway": "worse", "revisions": {"x": {"function": "fn", "requests": "many"}}}
+    )  # skipped whole
     frame = st.frame(1.0)
-    assert frame["fn"]["in_flight"] == 5.0 and frame["fn"]["rps"] == 100.0 and frame["fn"]["errors"] == 2
+    assert (
+        frame["fn"]["in_flight"] == 5.0
+        and frame["fn"]["rps"] == 100.0
+        and frame["fn"]["errors"] == 2
+    )
     assert frame["fn"]["queued"] == 2 and 50 < frame["fn"]["p95_ms"] <= 100
     assert st.frame(1.0) == {}  # each frame starts afresh
 

@@ -7,8 +7,9 @@ from handler import handle
 
 
 def request(method="GET", path="/", body=b""):
-    return SimpleNamespace(method=method, path=path, query={}, headers={}, body=body,
-                           json=lambda: json.loads(body))
+    return SimpleNamespace(
+        method=method, path=path, query={}, headers={}, body=body, json=lambda: json.loads(body)
+    )
 
 
 def test_get_answers_a_message():
