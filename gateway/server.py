@@ -43,7 +43,8 @@ What it does, and what it leaves out on purpose (the gateway does not need it):
 - Deadlines (checked by one sweeper per server, which runs every second, or every
   quarter of the shortest deadline when that is less; nothing per request):
   ``head_timeout`` (10 s) for a request head to arrive whole, counted from its first
-  byte (a new connection that sends nothing closes after it too): then 408 and close;
+  byte (a new connection that sends nothing closes after it too): then 408 and a
+  lingering close (FIN, input dropped for at most 2 s, so the 408 is not reset away);
   ``body_timeout`` (30 s) of silence while a request body is still coming and this
   server is reading: then 408 if no byte of the response went out (the app's
   ``receive()`` returns ``http.disconnect``), else close; ``write_timeout`` (30 s)
@@ -828,8 +829,11 @@ class _Conn(WriteFlow, asyncio.Protocol):
         elif self.active is None:
             if self.head_since:
                 if now - self.head_since >= server.head_timeout:
+                    # The client may still be dribbling its head: close() lingers (FIN
+                    # after the 408, input dropped, at most _LINGER s), else the bytes
+                    # left unread would turn the close into a reset that can destroy
+                    # the 408 before the client reads it.
                     self.stop_reading()
-                    self.head_since = 0.0  # no linger: the client is slow, not busy
                     self.write(_408)
                     self.close()
             elif now - self.idle_since >= self.idle_limit:

@@ -282,9 +282,45 @@ async def test_slowloris_head_gets_408_and_close(attack: Any) -> None:
             task.cancel()
         assert status == 408 and headers[b"connection"] == b"close"
         assert await raw.closed_by_server()
-        assert app.calls == 0 and not server.conns
+        assert app.calls == 0
         await raw.close()
+        await until(lambda: not server.conns, "the server to let the connection go")
     attack.ended(f"{status} {json.loads(body)['error']}, connection closed (head_timeout)")
+
+
+@pytest.mark.security
+async def test_head_timeout_408_survives_a_client_that_keeps_sending(attack: Any) -> None:
+    """Slowloris that never pauses: bytes keep arriving while the 408 goes out"""
+    app = Counter()
+    async with running(app, head_timeout=0.3) as server:
+        for _ in range(3):
+            raw = await Raw.connect(server.port)
+            stop = asyncio.Event()
+
+            async def dribble(raw: Raw = raw, stop: asyncio.Event = stop) -> None:
+                raw.writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+                while not stop.is_set():  # written after the server closed, too
+                    with contextlib.suppress(ConnectionError):
+                        raw.writer.write(b"a" * 64)
+                    await asyncio.sleep(0.005)
+
+            task = asyncio.create_task(dribble())
+            try:
+                # A client slow to read (a loaded machine): it reads only after the head
+                # timeout, still sending. A server that closes with input unread answers
+                # those bytes with a reset, and the reset destroys the 408 unread.
+                await asyncio.sleep(0.3 + 0.3)
+                status, headers, body = await raw.response()
+                assert status == 408 and headers[b"connection"] == b"close"
+                # a FIN, not a reset, while bytes still arrive
+                assert await asyncio.wait_for(raw.reader.read(1), TIMEOUT) == b""
+            finally:
+                stop.set()
+                await task
+            await raw.close()
+        await until(lambda: not server.conns, "the server to let the connections go")
+        assert app.calls == 0
+    attack.ended(f"{status} {json.loads(body)['error']} each time, then FIN (lingering close)")
 
 
 async def test_silent_new_connection_closes_after_head_timeout() -> None:
