@@ -146,7 +146,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if "security" not in report.keywords:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        ended = "; ".join(v for k, v in report.user_properties if k == "attack_ended")
+        ended = "; ".join(str(v) for k, v in report.user_properties if k == "attack_ended")
         _security_rows.append((report.nodeid, report.outcome, ended))
 
 

@@ -881,7 +881,8 @@ async def test_redis_blob_keys_and_a_shared_archive_key(redis_url: str) -> None:
     try:
         assert r.get(f"tp:blob:{sha}") == data
         assert set(r.hkeys("tp:blobs")) == {sha.encode()}
-        assert len(bytes.fromhex((r.get("tp:archivekey") or b"").decode())) == 32
+        key = r.get("tp:archivekey")
+        assert isinstance(key, bytes) and len(bytes.fromhex(key.decode())) == 32
     finally:
         r.close()
 

@@ -118,7 +118,7 @@ async def read_chunked(raw: Raw) -> tuple[int, list[bytes], bool]:
     """-> status, the chunks, whether the body ended with its last chunk (else: cut)."""
     head = await asyncio.wait_for(raw.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     status = int(head.split(b" ", 2)[1])
-    chunks = []
+    chunks: list[bytes] = []
     try:
         while True:
             size = int((await asyncio.wait_for(raw.reader.readuntil(b"\r\n"), TIMEOUT))[:-2], 16)

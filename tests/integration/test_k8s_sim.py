@@ -125,7 +125,7 @@ def test_invalid_names_and_labels_are_422(api: httpx.Client) -> None:
 
 def test_objects_that_the_schema_refuses_are_422(api: httpx.Client) -> None:
     """As the API server does: an unknown field or a wrong type is refused by the schema."""
-    pod = {
+    pod: dict[str, Any] = {
         "metadata": {"name": "p"},
         "spec": {
             "restartPolicy": "Never",

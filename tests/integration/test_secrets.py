@@ -256,7 +256,8 @@ def test_on_redis_the_value_is_under_its_own_key_and_replicas_see_it(
     try:
         doc = json.loads(client.get("torpor:fn:rsec") or b"")
         assert doc["revisions"][0]["spec"]["secrets"] == {"DB_PASSWORD": "db-password"}
-        assert value.encode() not in client.get("torpor:fn:rsec")
+        raw = client.get("torpor:fn:rsec")
+        assert isinstance(raw, bytes) and value.encode() not in raw
         stored = client.hgetall("torpor:secret:db-password")
         assert base64.b64decode(stored[b"value"]) == value.encode() and stored[b"version"] == b"1"
     finally:

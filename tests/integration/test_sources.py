@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import isolated
@@ -109,10 +110,10 @@ class Spread:
             timeout=timeout,
         )
 
-    def call(self, method: str, path: str, **kw: object) -> httpx.Response:
+    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         return httpx.request(
             method, self.api + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10, **kw
-        )  # type: ignore[arg-type]
+        )
 
     def wait_for(self, what: str, predicate: object, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -157,8 +158,8 @@ def _drill(s: Spread, tmp: Path) -> None:
         assert (
             b'"source": null' in doc and sha.encode() in doc
         )  # the stored revision names no folder
-        blob = db.get(f"torpor:blob:{sha}") or b""
-        assert hashlib.sha256(blob).hexdigest() == sha
+        blob = db.get(f"torpor:blob:{sha}")
+        assert isinstance(blob, bytes) and hashlib.sha256(blob).hexdigest() == sha
     finally:
         db.close()
 

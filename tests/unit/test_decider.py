@@ -32,7 +32,7 @@ class Scenario:
     name: str
     checks: list[Check]
     samples: list[Sample] | list[SourcedSample] = field(default_factory=list)
-    pokes: list[float] | list[tuple[float, float, str]] = field(
+    pokes: list[float | tuple[float, float, str]] = field(
         default_factory=list
     )  # t or (t, queued, gateway)
     scale: dict[str, Any] = field(default_factory=dict)

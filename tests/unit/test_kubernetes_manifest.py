@@ -362,7 +362,7 @@ def test_a_pod_is_ready_only_alive_with_its_ready_condition_true() -> None:
             if deleting
             else {"name": "p"}
         )
-        return Pod.from_dict(
+        pod = Pod.from_dict(
             {
                 "metadata": meta,
                 "status": {
@@ -375,6 +375,8 @@ def test_a_pod_is_ready_only_alive_with_its_ready_condition_true() -> None:
                 },
             }
         )
+        assert isinstance(pod, Pod)
+        return pod
 
     assert is_ready(status("Running", "True"))
     assert not is_ready(status("Running", "False"))

@@ -52,7 +52,7 @@ async def _run(lead: Leadership, log: list[str]) -> asyncio.Task[None]:
 
 
 async def test_a_short_outage_within_the_lease_does_not_depose_the_leader() -> None:
-    lease, log = FlakyLease(), []
+    lease, log = FlakyLease(), list[str]()
     a = Leadership(lease, "a", ttl=TTL, renew_every=0.1, poll=0.02)
     task = await _run(a, log)
     await _until(a.valid)
@@ -71,7 +71,7 @@ async def test_a_short_outage_within_the_lease_does_not_depose_the_leader() -> N
 
 
 async def test_a_long_outage_deposes_the_leader_before_its_lease_could_be_taken() -> None:
-    lease, log = FlakyLease(), []
+    lease, log = FlakyLease(), list[str]()
     a = Leadership(lease, "a", ttl=TTL, renew_every=0.1, poll=0.02)
     task = await _run(a, log)
     await _until(a.valid)
