@@ -6,6 +6,8 @@
 #   renderer behind scripts/render-chart when helm is absent), shellcheck (script
 #   lint), chromium (the dashboard's browser tests, driven by Playwright), the project
 #   itself with its test extras.
+# Then the static gates (ruff check, ruff format --check, mypy platform gateway tests);
+# any finding fails the run before pytest starts.
 # Runs as root on Debian/Ubuntu; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,21 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# The static gates, before any test: silent when clean; otherwise their findings and
+# which gate stopped the run, and no tests.
+gate() {
+    local out
+    if ! out=$("$PYTHON" -m "$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        echo "test.sh: FAILED gate: python -m $* (fix it, then run again; no tests were run)" >&2
+        exit 1
+    fi
+}
+gate ruff check --quiet .
+gate ruff format --check --quiet .
+gate mypy platform gateway tests
+
 PYTHON="$PYTHON" bash .ci/install-docker.sh
 
 exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
