@@ -317,6 +317,35 @@ async def test_bus_does_not_replay_earlier_messages_nor_other_channels(store: St
     assert await recv(sub) == {"x": "after"}
 
 
+@pytest.fixture
+async def elsewhere(store: Store, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A publisher on ``store``'s bus that shares nothing else with it: for Redis another
+    RedisStore (its own connections; its publishes do not wait for ``store``'s
+    subscriptions), for the in-process embedded bus the store itself."""
+    if isinstance(store, RedisStore):
+        other = RedisStore(request.getfixturevalue("redis_url"), prefix=store.prefix)
+        try:
+            yield other
+        finally:
+            await other.close()
+    else:
+        yield store
+
+
+async def test_bus_ready_means_a_publisher_elsewhere_is_seen(
+    store: Store, elsewhere: Store
+) -> None:
+    # each round a fresh subscription, then at once a publish from the other side: without
+    # ready() the SUBSCRIBE of a Redis subscription would still be on its way
+    for i in range(20):
+        sub = store.subscribe("stats")
+        await asyncio.wait_for(sub.ready(), WAIT)
+        await elsewhere.publish("stats", {"round": i})
+        assert await recv(sub) == {"round": i}
+        await asyncio.wait_for(sub.ready(), WAIT)  # once ready, it stays ready
+        await sub.aclose()
+
+
 async def test_bus_subscription_ends_on_aclose_and_on_store_close(store: Store) -> None:
     closed_by_hand = store.subscribe("stats")
     until_store_closes = store.subscribe("stats")
