@@ -1,8 +1,8 @@
 """torpor.gateway.server.Server on real loopback sockets.
 
 Each test starts a Server on port 0 inside its own event loop and talks to it with
-httpx or raw sockets (asyncio streams). The scenarios that matter most also run under
-uvloop (``test_under_uvloop``), the loop the gateway uses in production.
+httpx or raw sockets (asyncio streams). Every test runs twice, on the standard asyncio
+loop and on uvloop, the loop the gateway uses in production (``event_loop_policy``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ MiB = 1024 * 1024
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every async test here runs on both loops (the gateway runs on uvloop)."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
 
 
 # ---------------------------------------------------------------------------
@@ -263,10 +272,10 @@ class Raw:
 
 
 # ---------------------------------------------------------------------------
-# Scenarios (each runs under asyncio below; the main ones under uvloop too).
+# The tests (each runs on both loops, see event_loop_policy).
 
 
-async def scenario_round_trip() -> None:
+async def test_get_post_round_trip() -> None:
     async with running(App()) as server, httpx.AsyncClient(timeout=TIMEOUT) as client:
         r = await client.get(url(server, "/echo/a%20b/c?x=1&y=%20"))
         assert r.status_code == 200
@@ -294,7 +303,7 @@ async def scenario_round_trip() -> None:
         assert r.status_code == 404 and r.content == b"no such route"
 
 
-async def scenario_big_request_body() -> None:
+async def test_streamed_request_body_2mib() -> None:
     payload = bytes(range(256)) * (8 * 1024)  # 2 MiB
     async with running(App()) as server, httpx.AsyncClient(timeout=TIMEOUT) as client:
         r = await client.post(url(server, "/echo"), content=payload)
@@ -305,7 +314,7 @@ async def scenario_big_request_body() -> None:
         assert d["messages"] > 1
 
 
-async def scenario_chunked_request_body() -> None:
+async def test_chunked_request_body() -> None:
     pieces = [bytes([i]) * (10_000 + i) for i in range(40)]
     payload = b"".join(pieces)
 
@@ -322,7 +331,7 @@ async def scenario_chunked_request_body() -> None:
         assert d["sha256"] == hashlib.sha256(payload).hexdigest()
 
 
-async def scenario_big_response() -> None:
+async def test_streamed_response_2mib() -> None:
     async with running(App()) as server, httpx.AsyncClient(timeout=TIMEOUT) as client:
         h = hashlib.sha256()
         n = 0
@@ -339,7 +348,7 @@ async def scenario_big_response() -> None:
         assert r2.status_code == 200
 
 
-async def scenario_chunked_response() -> None:
+async def test_chunked_response_without_length() -> None:
     async with running(App()) as server:
         raw = await Raw.connect(server)
         try:
@@ -360,7 +369,7 @@ async def scenario_chunked_response() -> None:
             assert r.content == b"part0;part1;part2;end"
 
 
-async def scenario_streamed_head_and_big_chunks() -> None:
+async def test_streamed_head_not_held_back_and_big_chunks() -> None:
     app = App()
     async with running(app) as server:
         raw = await Raw.connect(server)
@@ -381,7 +390,7 @@ async def scenario_streamed_head_and_big_chunks() -> None:
             await raw.close()
 
 
-async def scenario_request_body_flow_control() -> None:
+async def test_request_body_flow_control() -> None:
     app = App()
     payload = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than socket buffers hold
     async with running(app) as server:
@@ -409,7 +418,7 @@ async def scenario_request_body_flow_control() -> None:
             await raw.close()
 
 
-async def scenario_response_flow_control() -> None:
+async def test_response_flow_control() -> None:
     app = App()
     async with running(app) as server:
         raw = await Raw.connect(server)
@@ -434,7 +443,7 @@ async def scenario_response_flow_control() -> None:
             await raw.close()
 
 
-async def scenario_keep_alive_and_head() -> None:
+async def test_keep_alive_head_and_204() -> None:
     async with running(App()) as server:
         raw = await Raw.connect(server)
         try:
@@ -468,7 +477,7 @@ async def scenario_keep_alive_and_head() -> None:
         assert a == b
 
 
-async def scenario_connection_close() -> None:
+async def test_connection_close_honoured() -> None:
     async with running(App()) as server:
         # the client asks
         raw = await Raw.connect(server)
@@ -499,7 +508,7 @@ async def scenario_connection_close() -> None:
             await raw.close()
 
 
-async def scenario_expect_continue() -> None:
+async def test_expect_100_continue() -> None:
     async with running(App()) as server:
         raw = await Raw.connect(server)
         try:
@@ -516,7 +525,7 @@ async def scenario_expect_continue() -> None:
             await raw.close()
 
 
-async def scenario_pipelining() -> None:
+async def test_pipelined_requests_answered_in_order() -> None:
     async with running(App()) as server:
         raw = await Raw.connect(server)
         try:
@@ -537,7 +546,7 @@ async def scenario_pipelining() -> None:
             await raw.close()
 
 
-async def scenario_errors() -> None:
+async def test_errors_400_431_500() -> None:
     async with running(App(), max_head=4096) as server:
         raw = await Raw.connect(server)
         try:
@@ -570,7 +579,7 @@ async def scenario_errors() -> None:
             assert (await client.get(url(server, "/echo"))).status_code == 200
 
 
-async def scenario_client_disconnect() -> None:
+async def test_client_disconnect_mid_response() -> None:
     app = App()
     async with running(app) as server:
         raw = await Raw.connect(server)
@@ -584,7 +593,7 @@ async def scenario_client_disconnect() -> None:
         assert app.seen["hold-send-after-disconnect"] == "returned"
 
 
-async def scenario_graceful_shutdown() -> None:
+async def test_graceful_shutdown() -> None:
     app = App()
     server = Server(app, "127.0.0.1", 0)
     serve = asyncio.create_task(server.serve())
@@ -610,7 +619,7 @@ async def scenario_graceful_shutdown() -> None:
     await idle.close()
 
 
-async def scenario_graceful_timeout() -> None:
+async def test_graceful_timeout_cancels_stragglers() -> None:
     app = App()
     server = Server(app, "127.0.0.1", 0, graceful_timeout=0.2)
     serve = asyncio.create_task(server.serve())
@@ -627,7 +636,7 @@ async def scenario_graceful_timeout() -> None:
     await raw.close()
 
 
-async def scenario_idle_timeout() -> None:
+async def test_idle_keep_alive_connection_closed() -> None:
     async with running(App(), keep_alive=0.2) as server:
         raw = await Raw.connect(server)
         try:
@@ -642,7 +651,7 @@ async def scenario_idle_timeout() -> None:
 # The real gateway app on this server.
 
 
-async def scenario_gateway_app() -> None:
+async def test_gateway_app() -> None:
     from torpor.gateway.app import Gateway
     from torpor.model import Function, Replica, Revision, Spec, TrafficTarget
     from torpor.store.embedded import EmbeddedStore
@@ -700,115 +709,9 @@ async def scenario_gateway_app() -> None:
             await store.close()
 
 
-# ---------------------------------------------------------------------------
-# The tests.
-
-
-async def test_get_post_round_trip() -> None:
-    await scenario_round_trip()
-
-
-async def test_streamed_request_body_2mib() -> None:
-    await scenario_big_request_body()
-
-
-async def test_chunked_request_body() -> None:
-    await scenario_chunked_request_body()
-
-
-async def test_streamed_response_2mib() -> None:
-    await scenario_big_response()
-
-
-async def test_chunked_response_without_length() -> None:
-    await scenario_chunked_response()
-
-
-async def test_streamed_head_not_held_back_and_big_chunks() -> None:
-    await scenario_streamed_head_and_big_chunks()
-
-
-async def test_request_body_flow_control() -> None:
-    await scenario_request_body_flow_control()
-
-
-async def test_response_flow_control() -> None:
-    await scenario_response_flow_control()
-
-
-async def test_keep_alive_head_and_204() -> None:
-    await scenario_keep_alive_and_head()
-
-
-async def test_connection_close_honoured() -> None:
-    await scenario_connection_close()
-
-
-async def test_expect_100_continue() -> None:
-    await scenario_expect_continue()
-
-
-async def test_pipelined_requests_answered_in_order() -> None:
-    await scenario_pipelining()
-
-
-async def test_errors_400_431_500() -> None:
-    await scenario_errors()
-
-
-async def test_client_disconnect_mid_response() -> None:
-    await scenario_client_disconnect()
-
-
-async def test_graceful_shutdown() -> None:
-    await scenario_graceful_shutdown()
-
-
-async def test_graceful_timeout_cancels_stragglers() -> None:
-    await scenario_graceful_timeout()
-
-
-async def test_idle_keep_alive_connection_closed() -> None:
-    await scenario_idle_timeout()
-
-
-async def test_gateway_app() -> None:
-    await scenario_gateway_app()
-
-
 async def test_bind_failure_raises() -> None:
     async with running(App()) as server:
         other = Server(App(), "127.0.0.1", server.port)
         with pytest.raises(OSError):
             await asyncio.wait_for(other.serve(), TIMEOUT)
         assert not other.started
-
-
-UVLOOP_SCENARIOS = [
-    scenario_round_trip,
-    scenario_big_request_body,
-    scenario_chunked_request_body,
-    scenario_big_response,
-    scenario_chunked_response,
-    scenario_streamed_head_and_big_chunks,
-    scenario_request_body_flow_control,
-    scenario_response_flow_control,
-    scenario_keep_alive_and_head,
-    scenario_connection_close,
-    scenario_expect_continue,
-    scenario_pipelining,
-    scenario_errors,
-    scenario_client_disconnect,
-    scenario_graceful_shutdown,
-    scenario_gateway_app,
-]
-
-
-@pytest.mark.parametrize("scenario", UVLOOP_SCENARIOS, ids=lambda f: f.__name__[9:])
-def test_under_uvloop(scenario: Callable[[], Awaitable[None]]) -> None:
-    uvloop = pytest.importorskip("uvloop")
-
-    async def bounded() -> None:
-        await asyncio.wait_for(scenario(), 3 * TIMEOUT)
-
-    uvloop.run(bounded())
