@@ -205,6 +205,17 @@ def url(server: Server, path: str) -> str:
     return f"http://127.0.0.1:{server.port}{path}"
 
 
+async def until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (got := predicate()):
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+    return got
+
+
 class Raw:
     """A raw HTTP/1.1 client connection (asyncio streams)."""
 
@@ -402,8 +413,11 @@ async def test_request_body_flow_control() -> None:
             )
             raw.writer.write(payload)
             drain = asyncio.create_task(raw.writer.drain())
-            await asyncio.sleep(0.3)
-            # The app reads nothing yet: the server stopped reading instead of buffering.
+            # The app reads nothing yet: the server stops reading instead of buffering.
+            await until(
+                lambda: len(server.conns) == 1 and next(iter(server.conns)).read_paused,
+                "the server to stop reading",
+            )
             (conn,) = server.conns
             assert conn.read_paused
             assert conn.active is not None and conn.active.buffered <= 2 * MiB
@@ -424,7 +438,11 @@ async def test_response_flow_control() -> None:
         raw = await Raw.connect(server)
         try:
             await raw.send(b"GET /firehose HTTP/1.1\r\nHost: t\r\n\r\n")
-            await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+            # the client reads nothing meanwhile: the server stops writing instead of buffering
+            await until(
+                lambda: len(server.conns) == 1 and next(iter(server.conns)).write_paused,
+                "the server to stop writing",
+            )
             (conn,) = server.conns
             assert conn.write_paused
             assert conn.transport.get_write_buffer_size() <= 2 * MiB
@@ -606,7 +624,7 @@ async def test_graceful_shutdown() -> None:
         slow = asyncio.create_task(client.get(f"http://127.0.0.1:{port}/slow?0.5"))
         await asyncio.wait_for(app.event("slow-started").wait(), TIMEOUT)
         server.should_exit = True
-        await asyncio.sleep(0.1)
+        await until(lambda: server.stopping, "the server to begin its shutdown")
         assert not serve.done()  # still waiting for the slow request
         with pytest.raises(OSError):  # new connections are refused
             _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
