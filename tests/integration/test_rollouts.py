@@ -271,7 +271,12 @@ def test_healthy_canary_promotes_itself_without_a_failed_request(
                 "20",
                 timeout=60,
             )
-        time.sleep(1.0)
+        # the gateway applies the promotion from the change feed: the load moves over
+        up.wait_for(
+            lambda: {x.revision for x in load.results[-20:]} == {"slow-00002"},
+            20,
+            "the load served by slow-00002 alone",
+        )
     out = r.stderr
     assert "step 1/3: slow-00002 at 25%" in out, out
     assert "step 2/3: slow-00002 at 50%" in out, out
