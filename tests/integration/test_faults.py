@@ -77,14 +77,28 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(
                     who = r.json().get("replica", "") if r.status_code == 200 else r.text
                     outcomes.append((r.status_code, who, r.headers.get("retry-after")))
 
+        def death_noticed() -> bool:
+            events = [e["message"] for e in t.function("slow")["events"]]
+            return any(victim in m and ("exited" in m or "vanished" in m) for m in events)
+
         threads = [threading.Thread(target=client) for _ in range(8)]
         for th in threads:
             th.start()
+
         try:
-            time.sleep(1.0)
+            t.wait_for(lambda: len(outcomes) > 20, 30, "the load going")
             served_before_kill = len(outcomes)
             kill_replica(t, victim)
-            time.sleep(3.0)
+            # the load runs on through the whole window in which the victim can still be
+            # picked: until the controller has noticed the death and 20 more were served
+            t.wait_for(
+                lambda: (
+                    sum(1 for s, _, _ in outcomes[served_before_kill:] if s == 200) > 20
+                    and death_noticed()
+                ),
+                30,
+                "the death noticed while the survivor serves",
+            )
         finally:
             stop.set()
             for th in threads:
