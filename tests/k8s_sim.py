@@ -265,6 +265,7 @@ class SimCluster:
             tuple[str, str, dict[str, str]]
         ] = []  # (method, path, query) as received
         self._cut = 0  # generation: open watches whose generation is older are cut
+        self.gc_sweeps = 0  # passes of the garbage collector so far (tests wait for some)
         self._closing = False
         self._root = Path(tempfile.mkdtemp(prefix="k8s-sim-"))
         self._net = (pysecrets.randbelow(150) + 100, pysecrets.randbelow(250) + 1)
@@ -1052,6 +1053,14 @@ class SimCluster:
                         self.delete(plural, ns, name)
                     except ApiFailure:
                         pass
+                self.gc_sweeps += 1
+
+    def sweeps_after(self, n: int) -> Callable[[], bool]:
+        """A predicate for polling: true once ``n`` garbage-collector passes begun after
+        this call have run (a pass holds the lock, so none is half done now)."""
+        with self.lock:
+            target = self.gc_sweeps + n
+        return lambda: self.gc_sweeps >= target
 
 
 class _Cut(Exception):

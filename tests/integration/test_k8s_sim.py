@@ -188,7 +188,10 @@ def test_a_live_watch_sees_changes_and_ends_on_its_timeout(
 
     t = threading.Thread(target=watch)
     t.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not sim.watch_requests("configmaps"):  # the watch has reached the API
+        assert time.monotonic() < deadline, "the watch never reached the API"
+        time.sleep(0.01)
     api.post("/configmaps", json=cm("live"))
     t.join(10)
     assert not t.is_alive(), "timeoutSeconds ends the watch"
@@ -233,7 +236,11 @@ def test_the_garbage_collector_follows_owner_references(api: httpx.Client, sim: 
     owner = api.post("/configmaps", json=cm("owner")).json()
     api.post("/configmaps", json=cm("kept", owner=owner))
     api.delete("/configmaps/owner", params={"propagationPolicy": "Orphan"})
-    time.sleep(0.3)  # several GC sweeps: an orphan must survive them
+    swept = sim.sweeps_after(3)  # an orphan must survive several GC sweeps
+    deadline = time.monotonic() + 10
+    while not swept():
+        assert time.monotonic() < deadline, "the garbage collector stopped sweeping"
+        time.sleep(0.01)
     kept = api.get("/configmaps/kept").json()
     assert kept["metadata"].get("ownerReferences") == []
 

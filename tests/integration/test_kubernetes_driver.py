@@ -294,6 +294,13 @@ async def test_a_missing_namespace_is_a_clear_error(env: Env) -> None:
         await d.close()
 
 
+def scheduled(sim: SimCluster, rev: Revision) -> bool:
+    """Whether the sim has scheduled the Pod of replica ``REV-aaaaaa`` (its IP follows
+    ``ip_delay`` seconds later)."""
+    pod = sim.get("pods", NS, pod_name(f"{rev.name}-aaaaaa"))
+    return pod is not None and (pod.get("spec") or {}).get("nodeName") == "sim-node"
+
+
 async def test_waiting_for_the_ip_resumes_a_cut_watch_from_its_version(tmp_path: Path) -> None:
     e = Env(tmp_path, ip_delay=1.5)
     try:
@@ -302,7 +309,8 @@ async def test_waiting_for_the_ip_resumes_a_cut_watch_from_its_version(tmp_path:
         start = asyncio.create_task(d.start(rev, f"{rev.name}-aaaaaa"))
         await until(lambda: e.sim.watch_requests("pods"), what="the driver watching its Pod")
         created_rv = int(e.sim.watch_requests("pods")[0]["resourceVersion"])
-        await asyncio.sleep(0.3)  # the Pod is scheduled (a MODIFIED event) but has no IP yet
+        # the Pod is scheduled (a MODIFIED event) but has no IP yet
+        await until(lambda: scheduled(e.sim, rev), what="the Pod scheduled")
         e.sim.cut_watches()  # as an API server restart would
         running = await asyncio.wait_for(start, 20)
         assert running.endpoint.startswith("127.") and running.endpoint.endswith(
@@ -326,7 +334,7 @@ async def test_waiting_for_the_ip_after_410_gone_rereads_the_pod(tmp_path: Path)
         rev = await d.prepare(e.revision())
         start = asyncio.create_task(d.start(rev, f"{rev.name}-aaaaaa"))
         await until(lambda: e.sim.watch_requests("pods"), what="the driver watching its Pod")
-        await asyncio.sleep(0.3)
+        await until(lambda: scheduled(e.sim, rev), what="the Pod scheduled")
         e.sim.create(
             "configmaps", NS, {"metadata": {"name": "unrelated"}}
         )  # the version moves on unseen
@@ -522,7 +530,8 @@ async def test_a_replica_whose_owner_was_deleted_behind_the_drivers_back_gets_a_
         pod is not None and pod["metadata"]["ownerReferences"][0]["uid"] == new["metadata"]["uid"]
     )
     assert await until(lambda: serving(r.endpoint), what="the replica serving")
-    await asyncio.sleep(0.3)  # several garbage-collector sweeps: a Pod with a live owner stays
+    # several garbage-collector sweeps: a Pod with a live owner stays
+    await until(env.sim.sweeps_after(3), what="3 garbage-collector sweeps")
     assert [x.driver_id for x in await d.list()] == [r.driver_id]
 
 
