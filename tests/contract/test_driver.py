@@ -386,8 +386,8 @@ async def test_a_new_driver_adopts_what_the_first_started(h: Harness) -> None:
 async def test_logs_tail_and_follow(h: Harness) -> None:
     _, running = await h.up()
 
-    async def collect(follow: bool, until: str) -> list[str]:
-        lines: list[str] = []
+    async def collect(follow: bool, until: str, into: list[str] | None = None) -> list[str]:
+        lines: list[str] = [] if into is None else into
         gen = h.driver.logs(running, follow=follow, tail=50)
         try:
             async for line in gen:
@@ -401,8 +401,14 @@ async def test_logs_tail_and_follow(h: Harness) -> None:
     lines = await asyncio.wait_for(collect(False, "handler imported"), 15)
     assert any("torpor-test: handler imported" in line for line in lines)
 
-    follower = asyncio.create_task(collect(True, "logged a line"))
-    await asyncio.sleep(0.3)
+    followed: list[str] = []
+    follower = asyncio.create_task(collect(True, "logged a line", followed))
+    # the follower is attached once it has the tail; the next line must reach it live
+    deadline = asyncio.get_running_loop().time() + 15
+    while not any("handler imported" in line for line in followed):
+        assert asyncio.get_running_loop().time() < deadline, "the follower got no tail"
+        assert not follower.done(), follower
+        await asyncio.sleep(0.01)
     assert (await get(running.endpoint, "/log")).text == "logged"
     lines = await asyncio.wait_for(follower, 15)
     assert any("torpor-test: logged a line" in line for line in lines)
