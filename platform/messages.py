@@ -30,6 +30,7 @@ from typing import TypedDict
 from torpor.model import LATENCY_BUCKETS
 
 __all__ = [
+    "LATENCY_SLOTS",
     "MAX_COUNT",
     "NAME_MAX",
     "Poke",
