@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from torpor.gateway.routes import RouteTable
+from torpor.gateway.routes import RevisionStats, RouteTable
 from torpor.messages import RevisionReport
 from torpor.model import LATENCY_BUCKETS
 
@@ -27,7 +27,8 @@ REPORT_EVERY = 1.0
 class Sampler:
     def __init__(self, table: RouteTable) -> None:
         self.table = table
-        self._last: dict[str, tuple[int, int, list[int]]] = {}
+        # revision -> (its stats, requests, errors, latency counts) at the last report
+        self._last: dict[str, tuple[RevisionStats, int, int, list[int]]] = {}
         self._reported: set[str] = set()  # revisions active in the last report
 
     async def run(self, publish: Callable[[dict[str, RevisionReport]], Awaitable[None]]) -> None:
@@ -67,9 +68,11 @@ class Sampler:
         self._reported = set()
         for name, rr in self.table.revisions.items():
             st = rr.stats
-            prev_req, prev_err, prev_lat = self._last.get(
-                name, (0, 0, [0] * len(st.latency_counts))
-            )
+            prev = self._last.get(name)
+            if prev is not None and prev[0] is st:
+                _, prev_req, prev_err, prev_lat = prev
+            else:  # new, or routed again (new counters) since the last report: from zero
+                prev_req, prev_err, prev_lat = 0, 0, [0] * len(st.latency_counts)
             requests = st.requests - prev_req
             active = requests or name in sums or rr.balancer.backends or len(rr.activator)
             # one trailing report after a revision goes quiet, so that the autoscaler's last
@@ -78,7 +81,7 @@ class Sampler:
                 continue
             if active:
                 self._reported.add(name)
-            self._last[name] = (st.requests, st.by_class[5], list(st.latency_counts))
+            self._last[name] = (st, st.requests, st.by_class[5], list(st.latency_counts))
             out[name] = RevisionReport(
                 function=rr.function,
                 concurrency=sums.get(name, 0.0) / samples,
