@@ -2,8 +2,8 @@
 
 Hot path: one dict lookup for the host, an O(1) weighted pick, a least-in-flight scan of
 the revision's replicas, then the pooled upstream proxy. No logging, no regex, no
-control-plane round trip. The route table is kept current by ``sync()`` (store change
-feed); ``report()`` sends concurrency stats to the autoscaler once a second.
+control-plane round trip. The route table is kept current by ``_sync()`` (store change
+feed); ``_report()`` sends concurrency stats to the autoscaler once a second.
 
 Request bodies up to ``STREAM_ABOVE`` (1 MiB) are read whole before the request counts
 anywhere. A ``Content-Length`` over the revision's ``max_body`` is answered 413 at once;
@@ -50,6 +50,7 @@ from torpor.gateway.asgi import Message, Receive, Scope, Send
 from torpor.gateway.balancer import Backend
 from torpor.gateway.calls import PREFIX as ASYNC_PREFIX
 from torpor.gateway.calls import CallWorker
+from torpor.gateway.errors import Refused as _Refused
 from torpor.gateway.errors import send_json
 from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
@@ -107,13 +108,6 @@ async def _until_disconnect(receive: Receive) -> None:
         if (await receive())["type"] == "http.disconnect":
             return
     await asyncio.get_running_loop().create_future()  # a server that never says: wait on
-
-
-class _Refused(Exception):
-    """A request body the gateway will not take: answer ``status`` with ``body`` instead."""
-
-    def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
-        self.status, self.body, self.retry_after = status, body, retry_after
 
 
 def _over_max_body(rr: RevisionRoute, what: str) -> _Refused:

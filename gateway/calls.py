@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from torpor.gateway.asgi import Message, Receive, Scope, Send
 from torpor.gateway.callback import Allow, CallbackRefused, check_url, deliver
-from torpor.gateway.errors import send_json
+from torpor.gateway.errors import Refused, send_json
 from torpor.gateway.tasks import cancelled
 from torpor.messages import Poke
 from torpor.model import MAX_AGE, MAX_HEADERS, RESULT_CAP, AsyncPolicy, Call, Function, new_id
@@ -186,11 +186,9 @@ class CallWorker:
         """The whole request body and the bytes it holds of the gateway's body buffer
         (the caller gives them back); None when it was refused (answered here) or the
         client left. A body over the streaming threshold is read whole: a call keeps it."""
-        from torpor.gateway.app import _Refused
-
         try:
             first, held, upload = await self.gw._read_body(rr, length, receive)
-        except _Refused as r:
+        except Refused as r:
             await send_json(send, r.status, r.body, r.retry_after, close=True)
             return None
         if first is None:

@@ -6,6 +6,7 @@ phrase), usually ``detail`` (for a person) and sometimes ``field``.
   tunnel, the call intake): ``Content-Type: application/json``, ``Content-Length``,
   then ``Retry-After`` when given, ``Connection: close`` when ``close`` (the rest of the
   request body is not read), then any ``headers`` of the caller.
+- ``Refused`` carries such an answer out of code that cannot send (reading a body).
 - ``raw_response`` is the same answer as bytes on the wire, for the HTTP server's own
   answers written before any app runs (400, 408, 431, 503): it always closes.
 
@@ -22,10 +23,20 @@ from typing import Any
 
 from torpor.gateway.asgi import Send
 
-__all__ = ["json_body", "raw_response", "send_json"]
+__all__ = ["Refused", "json_body", "raw_response", "send_json"]
 
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
+
+
+class Refused(Exception):
+    """A request the gateway will not take (a body too large, a full body buffer, a bad
+    length): the caller answers ``status`` with ``body`` through ``send_json``, then
+    closes (the rest of the body is not read)."""
+
+    def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
+        super().__init__(status, body.get("error"))
+        self.status, self.body, self.retry_after = status, body, retry_after
 
 
 def json_body(body: Mapping[str, Any]) -> bytes:
