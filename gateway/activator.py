@@ -1,12 +1,15 @@
 """The activator: a bounded per-revision queue for requests that find no replica with room.
 
 A waiting request is handed a backend directly when one frees up or becomes ready, in
-arrival order. The first waiter at zero replicas pokes the control plane ("I need a
-replica of revision R now"), with the queue's length; while no replica is ready it
-pokes again every half second, and at once each time the queue has doubled since the
-last poke, so that a burst arriving at zero is sized in milliseconds, not at the next
-stats report (Knative's activator likewise reports at once on a cold start). The queue
-length also counts toward the observed concurrency of the periodic reports.
+arrival order. A waiter that finds no ready replica pokes the control plane ("I need a
+replica of revision R now", through the ``poke`` callback) with the queue's length: the
+first one at once, a later one at once when the queue has doubled since the last poke,
+so that a burst arriving at zero is sized in milliseconds, not at the next stats report
+(Knative's activator likewise reports at once on a cold start). While none is ready,
+every waiter looks again once a second and pokes if the last poke is more than half a
+second old, so that a lost poke does not strand the queue. A queue behind replicas that
+are ready but full pokes nothing: the periodic reports speak for it, as the queue
+length counts toward the observed concurrency they carry.
 
 A waiter whose client leaves (``gone`` completes) leaves the queue at once: it is not
 handed a backend later, and it no longer counts in the queue length that pokes and

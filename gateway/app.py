@@ -2,8 +2,8 @@
 
 Hot path: one dict lookup for the host, an O(1) weighted pick, a least-in-flight scan of
 the revision's replicas, then the pooled upstream proxy. No logging, no regex, no
-control-plane round trip. The route table is kept current by ``sync()`` (store change
-feed); ``report()`` sends concurrency stats to the autoscaler once a second.
+control-plane round trip. The route table is kept current by ``_sync()`` (store change
+feed); ``_report()`` sends concurrency stats to the autoscaler once a second.
 
 Request bodies up to ``STREAM_ABOVE`` (1 MiB) are read whole before the request counts
 anywhere. A ``Content-Length`` over the revision's ``max_body`` is answered 413 at once;
@@ -36,7 +36,6 @@ through this same app.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -47,14 +46,19 @@ from typing import Any
 from urllib.parse import quote
 
 from torpor.gateway.activator import ClientGone, QueueFull
+from torpor.gateway.asgi import Message, Receive, Scope, Send
 from torpor.gateway.balancer import Backend
 from torpor.gateway.calls import PREFIX as ASYNC_PREFIX
 from torpor.gateway.calls import CallWorker
+from torpor.gateway.errors import Refused as _Refused
+from torpor.gateway.errors import send_json
 from torpor.gateway.forwarded import Forwarding, Network
 from torpor.gateway.routes import FunctionRoute, RevisionRoute, RouteTable
 from torpor.gateway.stats import Sampler, metrics_text
+from torpor.gateway.tasks import Tasks, cancelled
 from torpor.gateway.tunnel import Accept, tunnel, wants_websocket
 from torpor.gateway.upstream import NotSent, Pools, proxy
+from torpor.messages import Poke, RevisionReport, StatsReport
 from torpor.model import MiB
 from torpor.spec import format_size
 from torpor.store.base import CHANGES, POKES, STATS, Store
@@ -62,7 +66,7 @@ from torpor.store.callq import open_queue
 
 log = logging.getLogger("torpor.gateway")
 
-Scope = dict[str, Any]
+__all__ = ["MAX_BUFFERED", "STREAM_ABOVE", "Gateway", "send_json"]
 
 H_REVISION = b"x-torpor-revision"
 H_COLD = b"x-torpor-cold-start"
@@ -82,13 +86,13 @@ class _Upload:
 
     __slots__ = ("_receive", "limit", "got", "over")
 
-    def __init__(self, receive: Any, limit: int, got: int) -> None:
+    def __init__(self, receive: Receive, limit: int, got: int) -> None:
         self._receive, self.limit, self.got, self.over = receive, limit, got, False
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> Message:
         if self.over:
             return {"type": "http.disconnect"}
-        msg: dict[str, Any] = await self._receive()
+        msg = await self._receive()
         if msg["type"] == "http.request":
             self.got += len(msg.get("body", b""))
             if self.got > self.limit:
@@ -97,38 +101,13 @@ class _Upload:
         return msg
 
 
-async def send_json(
-    send: Any,
-    status: int,
-    body: dict[str, Any],
-    retry_after: int | None = None,
-    close: bool = False,
-) -> int:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
-    return status
-
-
-async def _until_disconnect(receive: Any) -> None:
+async def _until_disconnect(receive: Receive) -> None:
     """Return once the client has gone. Called with the body already read, ``receive()``
     blocks until then (a body-less request still gives one empty ``http.request``)."""
     for _ in range(2):
         if (await receive())["type"] == "http.disconnect":
             return
     await asyncio.get_running_loop().create_future()  # a server that never says: wait on
-
-
-class _Refused(Exception):
-    """A request body the gateway will not take: answer ``status`` with ``body`` instead."""
-
-    def __init__(self, status: int, body: dict[str, Any], retry_after: int | None = None) -> None:
-        self.status, self.body, self.retry_after = status, body, retry_after
 
 
 def _over_max_body(rr: RevisionRoute, what: str) -> _Refused:
@@ -146,6 +125,26 @@ def _buffer_full() -> _Refused:
     return _Refused(
         503, {"error": "overloaded", "detail": "the gateway's request body buffer is full"}, 1
     )
+
+
+# What a Host or /function/NAME/ finds: the function, and the revision a tag names
+# (None: pick one by the traffic split).
+_Found = tuple[FunctionRoute, RevisionRoute | None]
+
+
+async def _not_found(send: Send, detail: str) -> None:
+    await send_json(send, 404, {"error": "function not found", "detail": detail})
+
+
+def _held_at_zero(rr: RevisionRoute) -> dict[str, Any]:
+    return {
+        "error": "scaled to zero",
+        "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)",
+    }
+
+
+def _no_traffic(function: str) -> dict[str, Any]:
+    return {"error": "no traffic", "detail": f"function {function} has no revision with traffic"}
 
 
 class Gateway:
@@ -167,6 +166,7 @@ class Gateway:
         self.sampler = Sampler(self.table)
         self.synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._background = Tasks(log, "gateway")  # pokes, pool closes: ended by stop()
         self.in_flight = 0
         self._labels: dict[bytes, str] = {}  # Host header -> label (memo)
         self.max_buffered = max_buffered
@@ -176,12 +176,8 @@ class Gateway:
 
     # -- control-plane side ---------------------------------------------------------------
     def _poke(self, function: str, revision: str, queued: int) -> None:
-        asyncio.ensure_future(
-            self.store.publish(
-                POKES,
-                {"function": function, "revision": revision, "queued": queued, "gateway": self.id},
-            )
-        )
+        poke = Poke(function=function, revision=revision, queued=queued, gateway=self.id)
+        self._background.spawn(self.store.publish(POKES, dict(poke)), name="gateway-poke")
 
     async def start(self) -> None:
         self._tasks = [
@@ -203,13 +199,14 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.close()
         await self.pools.close()
 
     async def refresh(self, name: str) -> None:
         fn = await self.store.get_function(name)
         replicas = await self.store.list_replicas(name) if fn else []
         for endpoint in self.table.apply(name, fn, replicas):
-            asyncio.ensure_future(self.pools.discard(endpoint))
+            self._background.spawn(self.pools.discard(endpoint), name="gateway-pool-close")
 
     async def _sync(self) -> None:
         while True:
@@ -237,13 +234,12 @@ class Gateway:
                 log.exception("gateway: stats reporting failed; retrying")
                 await asyncio.sleep(1)
 
-    async def _publish_stats(self, revisions: dict[str, dict[str, Any]]) -> None:
-        await self.store.publish(
-            STATS, {"gateway": self.id, "time": time.time(), "revisions": revisions}
-        )
+    async def _publish_stats(self, revisions: dict[str, RevisionReport]) -> None:
+        report = StatsReport(gateway=self.id, time=time.time(), revisions=revisions)
+        await self.store.publish(STATS, dict(report))
 
     # -- data plane --------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 await self._lifespan(receive, send)
@@ -266,90 +262,30 @@ class Gateway:
         if label:
             found = self.table.hosts.get(label)
             if found is None:
-                await send_json(
-                    send,
-                    404,
-                    {"error": "function not found", "detail": f"no function or tag {label[:63]!r}"},
-                )
+                await _not_found(send, f"no function or tag {label[:63]!r}")
+                return
+        elif scope["path"].startswith("/function/"):
+            found, scope = self._by_path(scope)
+            if found is None:
+                name = scope["path"][10:].partition("/")[0]
+                await _not_found(send, f"no function {name[:63]!r}")
                 return
         else:
-            path: str = scope["path"]
-            if path.startswith("/function/"):
-                name, _, rest = path[10:].partition("/")
-                found = self.table.hosts.get(name)
-                if found is None:
-                    await send_json(
-                        send,
-                        404,
-                        {"error": "function not found", "detail": f"no function {name[:63]!r}"},
-                    )
-                    return
-                scope = dict(scope)
-                scope["path"] = "/" + rest
-                # strip the prefix from the raw (still percent-encoded) path: re-encoding the
-                # decoded one would send spaces or %2F as-is to the replica
-                raw: bytes = scope.get("raw_path") or path.encode()
-                prefix = b"/function/" + name.encode()
-                scope["raw_path"] = (
-                    (raw[len(prefix) :] or b"/")
-                    if raw.startswith(prefix)
-                    else quote("/" + rest).encode()
-                )
-            elif path.startswith(ASYNC_PREFIX):
-                await self.calls.accept(scope, receive, send, length, chunked)
-                return
-            elif path in ("/healthz", "/readyz"):
-                await send_json(send, 200, {"status": "ok"})
-                return
-            elif path == "/metrics":
-                body = (metrics_text(self.table) + self.calls.metrics_text()).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-            else:
-                await send_json(
-                    send,
-                    404,
-                    {
-                        "error": "function not found",
-                        "detail": f"use Host: NAME{self.suffix} or /function/NAME/",
-                    },
-                )
-                return
+            await self._own(scope, receive, send, length, chunked)
+            return
         fr, rr = found
         if rr is None:
             rr = fr.pick()
             if rr is None:
-                await send_json(
-                    send,
-                    503,
-                    {
-                        "error": "no traffic",
-                        "detail": f"function {fr.name} has no revision with traffic",
-                    },
-                    5,
-                )
+                await send_json(send, 503, _no_traffic(fr.name), 5)
                 return
-        first: dict[str, Any] | None = None
+        first: Message | None = None
         held = 0  # body bytes this request holds of max_buffered
         upload: _Upload | None = None
         accept = wants_websocket(scope) if "extensions" in scope else None
         if accept is not None and (length is not None or chunked):
-            await send_json(
-                send,
-                400,
-                {"error": "bad request", "detail": "a WebSocket upgrade has no body"},
-                close=True,
-            )
+            body = {"error": "bad request", "detail": "a WebSocket upgrade has no body"}
+            await send_json(send, 400, body, close=True)
             return
         try:
             if length is not None or chunked:
@@ -380,9 +316,54 @@ class Gateway:
             if held:
                 self.buffered -= held
 
+    def _by_path(self, scope: Scope) -> tuple[_Found | None, Scope]:
+        """``/function/NAME[/rest]``: the route of NAME (None: no such function) and the
+        scope the replica sees, its path ``/rest``."""
+        path: str = scope["path"]
+        name, _, rest = path[10:].partition("/")
+        found = self.table.hosts.get(name)
+        if found is None:
+            return None, scope
+        scope = dict(scope)
+        scope["path"] = "/" + rest
+        # strip the prefix from the raw (still percent-encoded) path: re-encoding the
+        # decoded one would send spaces or %2F as-is to the replica
+        raw: bytes = scope.get("raw_path") or path.encode()
+        prefix = b"/function/" + name.encode()
+        scope["raw_path"] = (
+            (raw[len(prefix) :] or b"/") if raw.startswith(prefix) else quote("/" + rest).encode()
+        )
+        return found, scope
+
+    async def _own(
+        self, scope: Scope, receive: Receive, send: Send, length: bytes | None, chunked: bool
+    ) -> None:
+        """A path of the gateway itself (a Host outside the function domain):
+        ``/async-function/``, health, metrics; anything else is 404."""
+        path: str = scope["path"]
+        if path.startswith(ASYNC_PREFIX):
+            await self.calls.accept(scope, receive, send, length, chunked)
+        elif path in ("/healthz", "/readyz"):
+            await send_json(send, 200, {"status": "ok"})
+        elif path == "/metrics":
+            body = (metrics_text(self.table) + self.calls.metrics_text()).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        else:
+            await _not_found(send, f"use Host: NAME{self.suffix} or /function/NAME/")
+
     async def _read_body(
-        self, rr: RevisionRoute, length: bytes | None, receive: Any
-    ) -> tuple[dict[str, Any] | None, int, _Upload | None]:
+        self, rr: RevisionRoute, length: bytes | None, receive: Receive
+    ) -> tuple[Message | None, int, _Upload | None]:
         """The body as one ``http.request`` message (None: the client left), the bytes it
         holds of ``max_buffered``, and for a body over ``STREAM_ABOVE`` the _Upload that
         streams the rest (the message then has ``more_body``); raises _Refused."""
@@ -459,12 +440,15 @@ class Gateway:
         rr: RevisionRoute,
         tagged: bool,
         scope: Scope,
-        receive: Any,
-        send: Any,
+        receive: Receive,
+        send: Send,
         host: bytes,
-        first_chunk: dict[str, Any] | None,
+        first_chunk: Message | None,
         accept: Accept | None = None,
     ) -> int:
+        """Send the request to a replica of ``rr`` (through the activator when none has
+        room), trying another replica when one refuses it unsent (at most MAX_ATTEMPTS);
+        returns the status to count (``_NOT_COUNTED``: none)."""
         cold = False
         forwarding = self.forwarding.lines(scope, host)
         b = rr.balancer.pick()
@@ -472,58 +456,24 @@ class Gateway:
         for _attempt in range(MAX_ATTEMPTS):
             if b is None:
                 if rr.held_at_zero:
-                    return await send_json(
-                        send,
-                        503,
-                        {
-                            "error": "scaled to zero",
-                            "detail": f"{rr.function} is held at zero replicas by hand (torpor scale --replicas 0)",
-                        },
-                        30,
-                    )
+                    return await send_json(send, 503, _held_at_zero(rr), 30)
                 cold = cold or not rr.balancer.backends
-                self.table.hot.add(rr.name)
-                # (a body still streaming must stay unread until a replica takes it: then a
-                # client that leaves is noticed only when the queue hands the request over)
-                streaming = first_chunk is not None and first_chunk.get("more_body", False)
-                gone = None if streaming else asyncio.ensure_future(_until_disconnect(receive))
-                try:
-                    b = await rr.activator.wait(max(deadline - time.monotonic(), 0.001), gone)
-                except ClientGone:
-                    return _NOT_COUNTED  # left the queue: not sent, not counted
-                except QueueFull:
-                    return await send_json(
-                        send,
-                        503,
-                        {"error": "overloaded", "detail": f"activator queue for {rr.name} is full"},
-                        1,
-                    )
-                except TimeoutError:
-                    return await send_json(
-                        send,
-                        504,
-                        {
-                            "error": "no replica ready in time",
-                            "detail": f"{rr.name} had no ready replica within {rr.timeout:g}s",
-                        },
-                        1,
-                    )
-                except LookupError as e:
+                got = await self._queue(rr, receive, send, first_chunk, deadline)
+                if isinstance(got, LookupError):
                     # the revision left the traffic table while we queued (rollback, promote):
                     # re-pick from the function's current table rather than fail
                     current = self.table.functions.get(fr.name)
                     nxt = current.pick() if current is not None and not tagged else None
-                    if nxt is None or nxt is rr:
-                        return await send_json(
-                            send, 503, {"error": "revision gone", "detail": str(e)}, 1
-                        )
-                    fr, rr = current, nxt  # type: ignore[assignment]
+                    if current is None or nxt is None or nxt is rr:
+                        body = {"error": "revision gone", "detail": str(got)}
+                        return await send_json(send, 503, body, 1)
+                    fr, rr = current, nxt
                     b = rr.balancer.pick()
                     cold = False
                     continue
-                finally:
-                    if gone is not None:
-                        gone.cancel()
+                if not isinstance(got, Backend):
+                    return got  # answered, or _NOT_COUNTED
+                b = got
             if cold:
                 rr.stats.cold_starts += 1
             try:
@@ -560,22 +510,54 @@ class Gateway:
                 self.table.eject(rr, b)
             rr.activator.release(b)
             return status
-        return await send_json(
-            send,
-            503,
-            {
-                "error": "no replica answered",
-                "detail": f"{rr.name}: replicas refused the connection",
-            },
-            1,
-        )
+        body = {
+            "error": "no replica answered",
+            "detail": f"{rr.name}: replicas refused the connection",
+        }
+        return await send_json(send, 503, body, 1)
+
+    async def _queue(
+        self,
+        rr: RevisionRoute,
+        receive: Receive,
+        send: Send,
+        first_chunk: Message | None,
+        deadline: float,
+    ) -> Backend | int | LookupError:
+        """Wait in ``rr``'s activator for a replica with room: the backend it hands over;
+        else the status answered (503 queue full, 504 none in time) or ``_NOT_COUNTED``
+        (the client left the queue: not sent, not counted); or the ``LookupError`` when
+        the revision left the traffic table meanwhile (nothing answered yet)."""
+        self.table.hot.add(rr.name)
+        # (a body still streaming must stay unread until a replica takes it: then a
+        # client that leaves is noticed only when the queue hands the request over)
+        streaming = first_chunk is not None and first_chunk.get("more_body", False)
+        gone = None if streaming else asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            return await rr.activator.wait(max(deadline - time.monotonic(), 0.001), gone)
+        except ClientGone:
+            return _NOT_COUNTED
+        except QueueFull:
+            body = {"error": "overloaded", "detail": f"activator queue for {rr.name} is full"}
+            return await send_json(send, 503, body, 1)
+        except TimeoutError:
+            body = {
+                "error": "no replica ready in time",
+                "detail": f"{rr.name} had no ready replica within {rr.timeout:g}s",
+            }
+            return await send_json(send, 504, body, 1)
+        except LookupError as e:
+            return e
+        finally:
+            if gone is not None:
+                await cancelled(gone)
 
     async def _tunnel(
         self,
         rr: RevisionRoute,
         b: Backend,
         scope: Scope,
-        send: Any,
+        send: Send,
         accept: Accept,
         deadline: float,
         forwarding: bytes,
@@ -597,7 +579,7 @@ class Gateway:
         )
         return _NOT_COUNTED if status == 101 else status
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":

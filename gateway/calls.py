@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -50,13 +49,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from torpor.gateway.asgi import Message, Receive, Scope, Send
 from torpor.gateway.callback import Allow, CallbackRefused, check_url, deliver
+from torpor.gateway.errors import Refused, send_json
+from torpor.gateway.tasks import cancelled
+from torpor.messages import Poke
 from torpor.model import MAX_AGE, MAX_HEADERS, RESULT_CAP, AsyncPolicy, Call, Function, new_id
 from torpor.store.base import POKES
 from torpor.store.callq import CallQueue, QueueFull
 
 if TYPE_CHECKING:
     from torpor.gateway.app import Gateway
+    from torpor.gateway.routes import RevisionRoute
 
 log = logging.getLogger("torpor.gateway.calls")
 
@@ -123,101 +127,42 @@ class CallWorker:
 
     # -- accepting -------------------------------------------------------------------------
     async def accept(
-        self, scope: dict[str, Any], receive: Any, send: Any, length: bytes | None, chunked: bool
+        self, scope: Scope, receive: Receive, send: Send, length: bytes | None, chunked: bool
     ) -> None:
-        from torpor.gateway.app import _Refused, send_json
-
+        """Answer one request on ``/async-function/NAME[/path]``: 202 once the call is
+        stored; 404, 503 or 400 (a refused callback) before anything is read; a refused
+        body as ``_read_body`` answers it."""
         path: str = scope["path"]
         name, _, _ = path[len(PREFIX) :].partition("/")
         fr = self.gw.table.functions.get(name)
         if fr is None:
-            await send_json(
-                send,
-                404,
-                {"error": "function not found", "detail": f"no function {name[:63]!r}"},
-                close=bool(length and length != b"0") or chunked,
-            )
+            missing = {"error": "function not found", "detail": f"no function {name[:63]!r}"}
+            await send_json(send, 404, missing, close=bool(length and length != b"0") or chunked)
             return
         rr = fr.pick()
         if rr is None:
-            await send_json(
-                send,
-                503,
-                {
-                    "error": "no traffic",
-                    "detail": f"function {fr.name} has no revision with traffic",
-                },
-                5,
-                close=True,
-            )
+            idle = {
+                "error": "no traffic",
+                "detail": f"function {fr.name} has no revision with traffic",
+            }
+            await send_json(send, 503, idle, 5, close=True)
             return
-        callback = None
-        stored: list[tuple[str, str]] = []
-        for k, v in scope["headers"]:
-            if k == b"x-callback-url":
-                callback = v.decode("latin-1")
-            elif k not in _DROP and len(stored) < MAX_HEADERS:
-                stored.append((k.decode("latin-1"), v.decode("latin-1")))
+        callback, stored = _kept_headers(scope["headers"])
         if callback is not None:
             try:
                 check_url(callback, self.allow)
             except CallbackRefused as e:
-                await send_json(
-                    send,
-                    400,
-                    {"error": "callback refused", "field": "X-Callback-Url", "detail": str(e)},
-                    close=True,
-                )
+                refused = {"error": "callback refused", "field": "X-Callback-Url", "detail": str(e)}
+                await send_json(send, 400, refused, close=True)
                 return
-        body = b""
-        held = 0
+        body, held = b"", 0
+        if length is not None or chunked:
+            got = await self._read_whole(rr, name, length, receive, send)
+            if got is None:
+                return  # answered, or the client left during its upload: nothing accepted
+            body, held = got
         try:
-            if length is not None or chunked:
-                try:
-                    first, held, upload = await self.gw._read_body(rr, length, receive)
-                except _Refused as r:
-                    await send_json(send, r.status, r.body, r.retry_after, close=True)
-                    return
-                if first is None:
-                    return  # the client left during its upload: nothing accepted
-                body = first["body"]
-                if (
-                    upload is not None
-                ):  # over the gateway's streaming threshold: a call keeps it whole
-                    parts, more = [body], bool(first.get("more_body"))
-                    while more:
-                        msg = await upload.receive()
-                        if msg["type"] != "http.request":
-                            if upload.over:
-                                await send_json(
-                                    send,
-                                    413,
-                                    {
-                                        "error": "request body too large",
-                                        "field": "max_body",
-                                        "detail": f"the body is over {name}'s max_body",
-                                    },
-                                    close=True,
-                                )
-                            return
-                        parts.append(msg.get("body", b""))
-                        more = bool(msg.get("more_body"))
-                    body = b"".join(parts)
-            raw: bytes = scope.get("raw_path") or path.encode()
-            prefix = (PREFIX + name).encode()
-            rest = raw[len(prefix) :] if raw.startswith(prefix) else b"/"
-            client = scope.get("client")
-            call = Call(
-                id=new_id(),
-                function=name,
-                method=scope["method"],
-                path=(rest or b"/").decode("latin-1"),
-                query=scope.get("query_string", b"").decode("latin-1"),
-                headers=stored,
-                body=body,
-                callback=callback,
-                client=client[0] if client else "",
-            )
+            call = _call_of(scope, name, stored, body, callback)
             try:
                 await self.queue.put(call)
             except QueueFull as e:
@@ -227,26 +172,50 @@ class CallWorker:
             if held:
                 self.gw.buffered -= held
         self._wake.set()
-        data = json.dumps(
-            {
-                "id": call.id,
-                "function": name,
-                "state": "queued",
-                "status_url": f"/v1/calls/{call.id}",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 202,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                    (b"x-call-id", call.id.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+        accepted = {
+            "id": call.id,
+            "function": name,
+            "state": "queued",
+            "status_url": f"/v1/calls/{call.id}",
+        }
+        await send_json(send, 202, accepted, headers=[(b"x-call-id", call.id.encode())])
+
+    async def _read_whole(
+        self, rr: RevisionRoute, name: str, length: bytes | None, receive: Receive, send: Send
+    ) -> tuple[bytes, int] | None:
+        """The whole request body and the bytes it holds of the gateway's body buffer
+        (the caller gives them back); None when it was refused (answered here) or the
+        client left. A body over the streaming threshold is read whole: a call keeps it."""
+        try:
+            first, held, upload = await self.gw._read_body(rr, length, receive)
+        except Refused as r:
+            await send_json(send, r.status, r.body, r.retry_after, close=True)
+            return None
+        if first is None:
+            return None
+        body = first["body"]
+        if upload is None:
+            return body, held
+        try:
+            parts, more = [body], bool(first.get("more_body"))
+            while more:
+                msg = await upload.receive()
+                if msg["type"] != "http.request":
+                    if upload.over:
+                        over = {
+                            "error": "request body too large",
+                            "field": "max_body",
+                            "detail": f"the body is over {name}'s max_body",
+                        }
+                        await send_json(send, 413, over, close=True)
+                    self.gw.buffered -= held
+                    return None
+                parts.append(msg.get("body", b""))
+                more = bool(msg.get("more_body"))
+        except BaseException:
+            self.gw.buffered -= held
+            raise
+        return b"".join(parts), held
 
     # -- the worker loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -307,8 +276,8 @@ class CallWorker:
             try:
                 await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                waiter.cancel()
-                woken.cancel()
+                await cancelled(waiter)
+                await cancelled(woken)
             self._wake.clear()
             await asyncio.sleep(LOOP_PAUSE)  # a burst of accepts or ends: one look per pause
 
@@ -363,15 +332,8 @@ class CallWorker:
             rr = max(
                 fr.slots, key=lambda r: sum(1 for s in fr.slots if s is r)
             )  # the main revision
-            await self.gw.store.publish(
-                POKES,
-                {
-                    "function": name,
-                    "revision": rr.name,
-                    "queued": waiting,
-                    "gateway": DEMAND_SOURCE,
-                },
-            )
+            poke = Poke(function=name, revision=rr.name, queued=waiting, gateway=DEMAND_SOURCE)
+            await self.gw.store.publish(POKES, dict(poke))
 
     # -- one call ----------------------------------------------------------------------------
     async def _run_call(self, call: Call) -> None:
@@ -477,7 +439,7 @@ class CallWorker:
         done = asyncio.Event()
         sent_body = False
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             nonlocal sent_body
             if not sent_body:
                 sent_body = True
@@ -492,7 +454,7 @@ class CallWorker:
         truncated = False
         delivered = False
 
-        async def send(msg: dict[str, Any]) -> None:
+        async def send(msg: Message) -> None:
             nonlocal status, size, truncated, delivered
             if msg["type"] == "http.response.start":
                 status = int(msg["status"])
@@ -530,6 +492,42 @@ class CallWorker:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
         return generate_latest(registry).decode()
+
+
+def _kept_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """The ``X-Callback-Url`` (None: none) and the headers a call keeps: at most
+    ``MAX_HEADERS``, hop-by-hop, framing and the gateway's own left out."""
+    callback = None
+    stored: list[tuple[str, str]] = []
+    for k, v in headers:
+        if k == b"x-callback-url":
+            callback = v.decode("latin-1")
+        elif k not in _DROP and len(stored) < MAX_HEADERS:
+            stored.append((k.decode("latin-1"), v.decode("latin-1")))
+    return callback, stored
+
+
+def _call_of(
+    scope: Scope, name: str, headers: list[tuple[str, str]], body: bytes, callback: str | None
+) -> Call:
+    """The call to store for an accepted request to ``/async-function/NAME[/rest]``."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    prefix = (PREFIX + name).encode()
+    rest = raw[len(prefix) :] if raw.startswith(prefix) else b"/"
+    client = scope.get("client")
+    return Call(
+        id=new_id(),
+        function=name,
+        method=scope["method"],
+        path=(rest or b"/").decode("latin-1"),
+        query=scope.get("query_string", b"").decode("latin-1"),
+        headers=headers,
+        body=body,
+        callback=callback,
+        client=client[0] if client else "",
+    )
 
 
 def _reclaim_idle() -> float:

@@ -27,13 +27,13 @@ per (peer, Host), bounded.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
+
+from torpor.gateway.asgi import Headers, Scope
 
 __all__ = ["FORWARDING_HEADERS", "Forwarding", "Network", "parse_trusted_proxies"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Headers = list[tuple[bytes, bytes]]
 
 FORWARDED = b"forwarded"
 XFF = b"x-forwarded-for"
@@ -91,7 +91,7 @@ class Forwarding:
         self._peers: dict[str, _Peer] = {}
         self._lines: dict[tuple[str, bytes], bytes] = {}  # untrusted (peer, host) -> lines
 
-    def lines(self, scope: MutableMapping[str, Any], host: bytes) -> bytes:
+    def lines(self, scope: Scope, host: bytes) -> bytes:
         """``headers(scope, host)`` as header lines, each ending in CRLF."""
         client = scope.get("client")
         key = (client[0] if client else "", host)
@@ -124,7 +124,7 @@ class Forwarding:
         self._peers[host] = peer
         return peer
 
-    def headers(self, scope: MutableMapping[str, Any], host: bytes) -> Headers:
+    def headers(self, scope: Scope, host: bytes) -> Headers:
         """The four headers to add to the upstream request of ``scope``."""
         client = scope.get("client")
         ip = client[0] if client else ""

@@ -87,10 +87,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import http
-import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
@@ -102,17 +100,13 @@ from httptools import (
     parse_url,
 )
 
+from torpor.gateway.asgi import ASGIApp, Message, Scope
+from torpor.gateway.errors import raw_response, send_json
 from torpor.gateway.flow import WriteFlow
 
 __all__ = ["Server"]
 
 log = logging.getLogger("torpor.gateway.server")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class Pipe(Protocol):
@@ -154,27 +148,10 @@ _LINGER = 2.0  # seconds to read and drop a request body the answer did not need
 _REJECT_MARGIN = 1024  # connections past max_connections that still get their 503
 
 
-def _error_response(status: int, error: str, extra: bytes = b"") -> bytes:
-    body = json.dumps({"error": error}).encode()
-    return b"".join(
-        [
-            _STATUS[status],
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            extra,
-            _CLOSE,
-            _CRLF,
-            body,
-        ]
-    )
-
-
-_400 = _error_response(400, "bad request")
-_408 = _error_response(408, "request timeout")
-_431 = _error_response(431, "request header fields too large")
-_503 = _error_response(503, "too many connections", b"retry-after: 1\r\n")
-_500_HEADERS = [(b"content-type", b"application/json"), (b"connection", b"close")]
-_500_BODY = json.dumps({"error": "internal server error"}).encode()
+_400 = raw_response(400, "bad request")
+_408 = raw_response(408, "request timeout")
+_431 = raw_response(431, "request header fields too large")
+_503 = raw_response(503, "too many connections", b"retry-after: 1\r\n")
 
 
 # ---------------------------------------------------------------------------
@@ -306,8 +283,7 @@ class _Cycle:
         self.started = False
         self.complete = False
         self.keep_alive = False
-        await self.send({"type": "http.response.start", "status": 500, "headers": _500_HEADERS})
-        await self.send({"type": "http.response.body", "body": _500_BODY})
+        await send_json(self.send, 500, {"error": "internal server error"}, close=True)
 
     # -- ASGI receive -------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The per-request cost is a few integer increments (RevisionStats.observe); sampling runs
 at 10 Hz in the background and the report goes out once a second through one narrow
-interface: ``publish({revision: {...}})``.
+interface: ``publish({revision: RevisionReport})`` (the payload's shape is
+``torpor.messages``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from torpor.gateway.routes import RouteTable
+from torpor.gateway.routes import RevisionStats, RouteTable
+from torpor.messages import RevisionReport
 from torpor.model import LATENCY_BUCKETS
 
 SAMPLE_EVERY = 0.1
@@ -25,10 +27,11 @@ REPORT_EVERY = 1.0
 class Sampler:
     def __init__(self, table: RouteTable) -> None:
         self.table = table
-        self._last: dict[str, tuple[int, int, list[int]]] = {}
+        # revision -> (its stats, requests, errors, latency counts) at the last report
+        self._last: dict[str, tuple[RevisionStats, int, int, list[int]]] = {}
         self._reported: set[str] = set()  # revisions active in the last report
 
-    async def run(self, publish: Callable[[dict[str, dict[str, Any]]], Awaitable[None]]) -> None:
+    async def run(self, publish: Callable[[dict[str, RevisionReport]], Awaitable[None]]) -> None:
         per_report = round(REPORT_EVERY / SAMPLE_EVERY)
         loop = asyncio.get_running_loop()
         while True:
@@ -58,16 +61,18 @@ class Sampler:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
             await publish(self.collect(sums, per_report))
 
-    def collect(self, sums: dict[str, float], samples: int) -> dict[str, dict[str, Any]]:
+    def collect(self, sums: dict[str, float], samples: int) -> dict[str, RevisionReport]:
         """One report: every revision with replicas, queue or traffic since the last one."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, RevisionReport] = {}
         reported = self._reported
         self._reported = set()
         for name, rr in self.table.revisions.items():
             st = rr.stats
-            prev_req, prev_err, prev_lat = self._last.get(
-                name, (0, 0, [0] * len(st.latency_counts))
-            )
+            prev = self._last.get(name)
+            if prev is not None and prev[0] is st:
+                _, prev_req, prev_err, prev_lat = prev
+            else:  # new, or routed again (new counters) since the last report: from zero
+                prev_req, prev_err, prev_lat = 0, 0, [0] * len(st.latency_counts)
             requests = st.requests - prev_req
             active = requests or name in sums or rr.balancer.backends or len(rr.activator)
             # one trailing report after a revision goes quiet, so that the autoscaler's last
@@ -76,16 +81,16 @@ class Sampler:
                 continue
             if active:
                 self._reported.add(name)
-            self._last[name] = (st.requests, st.by_class[5], list(st.latency_counts))
-            out[name] = {
-                "function": rr.function,
-                "concurrency": sums.get(name, 0.0) / samples,
-                "requests": requests,
-                "errors": st.by_class[5] - prev_err,
-                "latency": [a - b for a, b in zip(st.latency_counts, prev_lat, strict=True)],
-                "ready": len(rr.balancer.backends),
-                "queued": len(rr.activator),
-            }
+            self._last[name] = (st, st.requests, st.by_class[5], list(st.latency_counts))
+            out[name] = RevisionReport(
+                function=rr.function,
+                concurrency=sums.get(name, 0.0) / samples,
+                requests=requests,
+                errors=st.by_class[5] - prev_err,
+                latency=[a - b for a, b in zip(st.latency_counts, prev_lat, strict=True)],
+                ready=len(rr.balancer.backends),
+                queued=len(rr.activator),
+            )
         for gone in set(self._last) - set(self.table.revisions):
             del self._last[gone]
         return out

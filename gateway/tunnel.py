@@ -24,17 +24,16 @@ frames: the gateway only moves bytes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from torpor.gateway.asgi import Scope, Send
 from torpor.gateway.upstream import NotSent, UpstreamPool, _request_head, _send_error
 
 __all__ = ["tunnel", "wants_websocket"]
 
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 Accept = Callable[[Any], asyncio.Transport]
 
 MAX_HEAD = 64 * 1024  # a response head larger than this is a failed replica
@@ -53,7 +52,7 @@ _HOP = frozenset(
 )
 
 
-def wants_websocket(scope: MutableMapping[str, Any]) -> Accept | None:
+def wants_websocket(scope: Scope) -> Accept | None:
     """The server's ``accept`` for a ``GET`` with ``Upgrade: websocket`` (and Connection:
     upgrade, which the server checked), else None: other upgrades are plain requests."""
     ext = scope.get("extensions")
@@ -218,7 +217,7 @@ async def _relay_refusal(
 
 async def tunnel(
     pool: UpstreamPool,
-    scope: MutableMapping[str, Any],
+    scope: Scope,
     send: Send,
     accept: Accept,
     *,

@@ -46,30 +46,28 @@ directions. The client's forwarding headers (``Forwarded``, ``X-Forwarded-For``,
 are skipped; on 204/304 ``Content-Length`` is dropped (there is no body to match it).
 Trailers of chunked responses are dropped.
 
-The gateway's uvicorn should run with ``server_header=False, date_header=False`` so
-that the replica's own ``Server``/``Date`` headers are not duplicated.
+The replica's own ``Server`` and ``Date`` headers pass through; the gateway's server
+(``torpor.gateway.server``) adds neither, so they are not duplicated (under another
+ASGI server, such as uvicorn, turn its own off: ``server_header=False,
+date_header=False``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from typing import Any, cast
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from torpor.gateway.asgi import Headers, Message, Receive, Scope, Send
+from torpor.gateway.errors import send_json
 from torpor.gateway.flow import WriteFlow
 from torpor.gateway.forwarded import FORWARDING_HEADERS
+from torpor.gateway.tasks import cancelled
 
 __all__ = ["NotSent", "Pools", "UpstreamPool", "proxy"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 
 class NotSent(Exception):
@@ -120,12 +118,6 @@ _BIG_WRITE = 64 * 1024  # above this, head and body go out as two writes (no cop
 _CLIENT_GONE = 499
 _TICK = 0.05  # timeout resolution: a timeout fires within _TICK s after it is due
 
-_JSON_HEADERS: Headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-
-
-def _json_error(status: int, error: str, detail: str) -> tuple[int, bytes]:
-    return status, json.dumps({"error": error, "detail": detail}).encode()
-
 
 # ---------------------------------------------------------------------------
 # The connection: an asyncio protocol that parses responses with httptools.
@@ -161,6 +153,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         # per request
         "body_done",
         "client_gone",
+        "pump",
     )
 
     def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
@@ -176,6 +169,7 @@ class _Conn(WriteFlow, asyncio.Protocol):
         self.read_paused = False
         self.deadline = 0.0  # loop.time() at which the wait times out; 0 = none
         self.parser_dirty = False
+        self.pump: asyncio.Task[None] | None = None  # handed from phase 2 to phase 3 of proxy
         self.reset()
 
     def reset(self) -> None:
@@ -606,11 +600,8 @@ def _request_head(
 async def _send_error(
     send: Send, status: int, error: str, detail: str, add: Iterable[tuple[bytes, bytes]]
 ) -> int:
-    status, body = _json_error(status, error, detail)
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *add]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    return status
+    """The gateway's answer for a replica that failed (503) or timed out (504)."""
+    return await send_json(send, status, {"error": error, "detail": detail}, 1, headers=add)
 
 
 async def _pump_body(conn: _Conn, receive: Receive, chunked: bool, timeout: float) -> None:
@@ -696,20 +687,51 @@ async def proxy(
     Returns the status sent to the client (499 if the client left before anything was
     sent). Raises ``NotSent`` (nothing sent anywhere: retry elsewhere) and, after the
     response head was sent, ``ConnectionResetError`` when the upstream fails mid-body.
-    """
-    method: str = scope["method"]
-    parts, has_length, has_te = _request_head(scope, pool, add_request_headers, add_request_lines)
 
+    Three phases: encode the request (``_request_head``, ``_frame``), send it and wait
+    for the response head with the retries of the failure contract
+    (``_send_until_head``), stream the response (``_stream_response``).
+    """
+    parts, has_length, has_te = _request_head(scope, pool, add_request_headers, add_request_lines)
     # The first body message decides the framing.
-    body = b""
-    more = False
     if first_chunk is None and (has_length or has_te):
         first_chunk = await receive()
-    if first_chunk is not None:
-        if first_chunk["type"] != "http.request":
-            return _CLIENT_GONE
-        body = first_chunk.get("body", b"")
-        more = first_chunk.get("more_body", False)
+    if first_chunk is not None and first_chunk["type"] != "http.request":
+        return _CLIENT_GONE
+    framed = _frame(parts, has_length, has_te, first_chunk)
+    conn = await _send_until_head(
+        pool, scope["method"], framed, first_chunk, receive, send, timeout, add_response_headers
+    )
+    if isinstance(conn, int):
+        return conn  # answered (503/504) or 499: no response head came
+    return await _stream_response(
+        pool,
+        conn,
+        receive,
+        send,
+        timeout if idle_timeout is None else idle_timeout,
+        add_response_headers,
+    )
+
+
+# (head, body, more, chunked, has_body): the encoded request as _frame leaves it
+_Framed = tuple[bytes, bytes, bool, bool, bool]
+
+
+def _frame(parts: list[bytes], has_length: bool, has_te: bool, first: Message | None) -> _Framed:
+    """Phase 1: add the framing to the encoded head ``parts`` and the first body message.
+
+    Returns ``(head, body, more, chunked, has_body)``: ``head`` ends with the blank line
+    and carries a body of up to ``_BIG_WRITE`` bytes (one write); ``body`` is what goes
+    out in a second write; ``more`` when the rest of the body is still to come from
+    ``receive`` (``chunked``: framed as chunks, the client gave no length);
+    ``has_body`` when the request has a body at all.
+    """
+    body = b""
+    more = False
+    if first is not None:
+        body = first.get("body", b"")
+        more = first.get("more_body", False)
     has_body = bool(body) or more
     chunked = False
     if not has_length:
@@ -724,7 +746,27 @@ async def proxy(
     head = b"".join(parts)
     if len(body) <= _BIG_WRITE:
         head, body = head + body, b""
+    return head, body, more, chunked, has_body
 
+
+async def _send_until_head(
+    pool: UpstreamPool,
+    method: str,
+    framed: _Framed,
+    first_chunk: Message | None,
+    receive: Receive,
+    send: Send,
+    timeout: float,
+    add_response_headers: Iterable[tuple[bytes, bytes]],
+) -> _Conn | int:
+    """Phase 2: write the request on a pooled (or new) connection and wait for the
+    response head, retrying once on a fresh connection when the failure contract allows.
+
+    Returns the connection with its head parsed (``conn.pump``: the task still
+    streaming the request body, if any), or the status already answered to the client
+    (503, 504) or 499 when the client left. Raises ``NotSent``.
+    """
+    head, body, more, chunked, has_body = framed
     retried = False
     while True:
         conn = None if retried else pool._take()  # a retry always gets a fresh connection
@@ -749,19 +791,26 @@ async def proxy(
             retried = True
             continue
         pump: asyncio.Task[None] | None = None
-        if more:
-            conn.body_done = False
-            pump = conn.loop.create_task(_pump_body(conn, receive, chunked, timeout))
-        else:
-            conn.arm(timeout)
-        while not conn.head_done and conn.alive and not conn.timed_out and conn.error is None:
-            conn.waiter = fut = conn.loop.create_future()  # (conn.wait(), inlined)
-            await fut
+        try:
+            if more:
+                conn.body_done = False
+                pump = conn.loop.create_task(_pump_body(conn, receive, chunked, timeout))
+            else:
+                conn.arm(timeout)
+            while not conn.head_done and conn.alive and not conn.timed_out and conn.error is None:
+                conn.waiter = fut = conn.loop.create_future()  # (conn.wait(), inlined)
+                await fut
+        except BaseException:  # cancelled while waiting: nothing of it may linger
+            pool._release(conn)
+            if pump is not None:
+                await cancelled(pump)
+            raise
         if conn.head_done:
-            break
+            conn.pump = pump
+            return conn
         # No response head.
         if pump is not None:
-            pump.cancel()
+            await cancelled(pump)
         client_gone = conn.client_gone
         timed_out = conn.timed_out
         got_bytes = conn.got_bytes
@@ -791,13 +840,26 @@ async def proxy(
                 )
         return await _send_error(send, 503, "replica failed", error, add_response_headers)
 
+
+async def _stream_response(
+    pool: UpstreamPool,
+    conn: _Conn,
+    receive: Receive,
+    send: Send,
+    idle: float,
+    add_response_headers: Iterable[tuple[bytes, bytes]],
+) -> int:
+    """Phase 3: send the head and stream the body to the client, each silence of the
+    upstream bounded by ``idle`` s; the connection goes back to the pool (or is closed)
+    and every task this request started has ended when this returns. Returns the
+    status; raises ``ConnectionResetError`` when the upstream fails mid-body."""
+    watcher, conn.pump = conn.pump, None
     conn.disarm()
     status = conn.status
     headers = conn.headers
     if add_response_headers:
         headers.extend(add_response_headers)
     ok = False
-    watcher = pump
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         while True:
@@ -808,7 +870,6 @@ async def proxy(
                 conn.chunks = []
                 if watcher is not None:
                     watcher.cancel()
-                    watcher = None
                 pool._release(conn)
                 ok = True
                 await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -831,7 +892,6 @@ async def proxy(
                     f"replica failed mid-response: {conn.error or 'connection closed'}"
                 )
             conn.timed_out = False
-            idle = timeout if idle_timeout is None else idle_timeout
             conn.expire_in(idle)
             try:
                 await conn.wait()
@@ -840,7 +900,7 @@ async def proxy(
             if conn.timed_out and not conn.chunks and not conn.complete:
                 raise ConnectionResetError(f"replica sent nothing for {idle:g} s mid-response")
     finally:
-        if watcher is not None:
-            watcher.cancel()
         if not ok:
             pool._release(conn)
+        if watcher is not None:
+            await cancelled(watcher)

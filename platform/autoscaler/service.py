@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from torpor.autoscaler.decider import Decision, RevisionScaler
+from torpor.messages import parse_stats
 from torpor.model import Scale
 
 log = logging.getLogger("torpor.autoscaler")
@@ -34,24 +34,26 @@ class Autoscaler:
             self._scales[revision] = scale
         return s
 
-    def observe(self, report: dict[str, Any], scale_of: Callable[[str], Scale | None]) -> None:
-        """One gateway stats report (see torpor.gateway.stats.Sampler.collect).
+    def observe(self, payload: object, scale_of: Callable[[str], Scale | None]) -> None:
+        """One gateway stats report off the bus (``torpor.messages.StatsReport``).
 
-        Each revision's entry stands alone: one the decider refuses (a scale stored before
-        it was validated, a malformed entry) is skipped, and the others are still recorded.
-        The controller reports the refused scale when it decides on that revision.
+        Parsed by ``parse_stats``: a malformed report is dropped, a malformed entry of it
+        too. Each revision's entry stands alone: one the decider refuses (a scale stored
+        before it was validated) is skipped, and the others are still recorded. The
+        controller reports the refused scale when it decides on that revision.
         """
+        report = parse_stats(payload)
+        if report is None:
+            return
         now = self.clock()
-        source = str(report.get("gateway", ""))
-        for rev, r in report.get("revisions", {}).items():
+        source = report["gateway"]
+        for rev, r in report["revisions"].items():
             try:
                 scale = scale_of(rev)
                 if scale is None:
                     continue
-                self._scaler(rev, scale).record(
-                    now, float(r["concurrency"]), int(r["requests"]), source
-                )
-            except (ValueError, TypeError, KeyError, OverflowError) as e:
+                self._scaler(rev, scale).record(now, r["concurrency"], r["requests"], source)
+            except (ValueError, TypeError, OverflowError) as e:
                 log.debug("autoscaler: skipping %s in a report: %s", rev, e)
                 continue
             self.fresh.add(rev)

@@ -50,6 +50,7 @@ from torpor.controller.retention import collectable
 from torpor.controller.rollout import Rollouts
 from torpor.controller.traffic import apply_on_ready
 from torpor.drivers.base import BuildError, Driver, Running
+from torpor.messages import parse_poke
 from torpor.model import Event, Function, Replica, Revision, Scale
 from torpor.secret import MissingSecret, SecretValueError, redact, resolve
 from torpor.sources import SourceCache, SourceError
@@ -430,18 +431,15 @@ class Controller:
         self.wake()
 
     def _on_poke(self, msg: dict[str, Any]) -> None:
-        fn = self.functions.get(msg.get("function", ""))
-        rev = fn.revision(msg.get("revision", "")) if fn else None
+        poke = parse_poke(msg)  # a malformed one is dropped, with a log line
+        if poke is None:
+            return
+        fn = self.functions.get(poke["function"])
+        rev = fn.revision(poke["revision"]) if fn else None
         if fn is None or rev is None:
             return
         try:
-            queued = float(msg.get("queued") or 0)
-        except (TypeError, ValueError):
-            queued = 0.0
-        try:
-            self.autoscaler.poke(
-                rev.name, fn.effective_scale(rev), queued, str(msg.get("gateway", ""))
-            )
+            self.autoscaler.poke(rev.name, fn.effective_scale(rev), poke["queued"], poke["gateway"])
         except (
             Exception
         ) as e:  # e.g. a scale stored before it was validated: this function's problem alone

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torpor.controller import traffic
+from torpor.messages import parse_stats
 from torpor.model import LATENCY_BUCKETS, Event, Function, Rollout, RolloutPolicy
 from torpor.store.base import Store
 
@@ -61,7 +62,7 @@ class StepStats:
     errors: int = 0  # 5xx, the gateway's own 503/504 included
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
-    def add(self, report: dict[str, Any], latency: bool = True) -> None:
+    def add(self, report: Mapping[str, Any], latency: bool = True) -> None:
         """One revision's entry of a gateway report (``Sampler.collect``); its latency
         buckets only if ``latency`` (not a cold-start period)."""
         self.requests += int(report.get("requests", 0) or 0)
@@ -192,19 +193,23 @@ class Rollouts:
             tuple[str, str], bool
         ] = {}  # (gateway, revision) -> had a ready replica last report
 
-    def observe(self, report: dict[str, Any]) -> None:
-        """One gateway stats report (torpor.gateway.stats.Sampler.collect)."""
-        revisions = report.get("revisions")
-        if not isinstance(revisions, dict) or not self.stats:
+    def observe(self, payload: object) -> None:
+        """One gateway stats report off the bus (``torpor.messages.StatsReport``), parsed
+        by ``parse_stats``: a malformed one, or a malformed entry of it, is dropped."""
+        if not self.stats:
             return
-        gateway = str(report.get("gateway", ""))
+        report = parse_stats(payload)
+        if report is None:
+            return
+        revisions = report["revisions"]
+        gateway = report["gateway"]
         for k in [k for k in self.warm if k[0] == gateway and k[1] not in revisions]:
             del self.warm[k]  # no entry: no replica, no traffic at that gateway
         for name, entry in revisions.items():
             st = self.stats.get(name)
-            if st is None or not isinstance(entry, dict):
+            if st is None:
                 continue
-            ready = bool(entry.get("ready"))
+            ready = entry["ready"] > 0
             st.add(entry, latency=ready and self.warm.get((gateway, name), False))
             self.warm[(gateway, name)] = ready
 

@@ -917,6 +917,45 @@ async def test_client_disconnect_during_body_upload_returns_499() -> None:
         await p.close()
 
 
+async def test_cancelled_while_waiting_for_the_head_leaves_nothing_behind() -> None:
+    """A proxy cancelled (the gateway shutting down) while the replica computes: the
+    task streaming the request body has ended and the upstream connection is closed
+    by the time the proxy's task is done."""
+    got_head = asyncio.Event()
+    upstream_saw_eof = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got_head.set()
+        await reader.read()  # never answers; returns at the gateway's close
+        upstream_saw_eof.set()
+
+    pump_ended = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:  # the rest of the body never comes
+        try:
+            await asyncio.Event().wait()
+        finally:
+            pump_ended.set()
+        raise AssertionError("unreachable")
+
+    first = {"type": "http.request", "body": b"x" * 10, "more_body": True}
+    async with raw_server(handler) as ep:
+        p = UpstreamPool(ep)
+        scope = make_scope("POST", "/", headers=[(b"content-length", b"100")])
+        task = asyncio.ensure_future(
+            proxy(p, scope, receive, Client().send, timeout=60, first_chunk=first)
+        )
+        await asyncio.wait_for(got_head.wait(), TIMEOUT)
+        task.cancel()
+        await asyncio.wait({task}, timeout=TIMEOUT)
+        assert task.cancelled()
+        assert pump_ended.is_set()  # ended before the proxy's task was done
+        await asyncio.wait_for(upstream_saw_eof.wait(), TIMEOUT)
+        assert p.idle == 0
+        await p.close()
+
+
 # ---------------------------------------------------------------------------
 # End to end: a uvicorn gateway whose whole logic is proxy(), on uvloop when it is
 # installed (as in production), so the protocol is exercised on both loops.

@@ -161,3 +161,25 @@ def test_sampler_sends_one_trailing_zero_report_after_a_revision_goes_quiet() ->
     trailing = sampler.collect({}, 10)
     assert trailing["f-00001"]["concurrency"] == 0.0 and trailing["f-00001"]["ready"] == 0
     assert "f-00001" not in sampler.collect({}, 10)  # then silence: no report for an idle revision
+
+
+def test_sampler_counts_a_revision_routed_again_from_zero() -> None:
+    """A revision that leaves the traffic and comes back within one report period has
+    new counters: its next report counts them, never a negative difference."""
+    from torpor.gateway.stats import Sampler
+    from torpor.messages import parse_stats
+
+    table = RouteTable(Pools(), lambda f, r, q: None)
+    both = _fn([TrafficTarget("f-00001", 50), TrafficTarget("f-00002", 50)])
+    table.apply("f", both, [_ready("f-00001", 1), _ready("f-00002", 2)])
+    sampler = Sampler(table)
+    for _ in range(5):
+        table.revisions["f-00002"].stats.observe(503, 0.02)
+    assert sampler.collect({}, 10)["f-00002"]["requests"] == 5
+    table.apply("f", _fn([TrafficTarget("f-00001", 100)]), [_ready("f-00001", 1)])  # rollback
+    table.apply("f", both, [_ready("f-00001", 1), _ready("f-00002", 2)])  # and again
+    table.revisions["f-00002"].stats.observe(200, 0.02)
+    entry = sampler.collect({}, 10)["f-00002"]
+    assert (entry["requests"], entry["errors"], sum(entry["latency"])) == (1, 0, 1)
+    parsed = parse_stats({"gateway": "g", "revisions": {"f-00002": entry}})
+    assert parsed is not None and "f-00002" in parsed["revisions"]
