@@ -30,7 +30,7 @@ async def _forever(started: asyncio.Event, ended: list[str], name: str) -> None:
 
 async def test_a_spawned_task_is_held_until_it_ends_and_close_cancels_and_awaits() -> None:
     tasks = Tasks(log, "test")
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
     tasks.spawn(_forever(started, ended, "a"), name="a")
     gc.collect()  # the loop holds tasks weakly: only the Tasks keeps it alive
     await asyncio.wait_for(started.wait(), TIMEOUT)
@@ -57,7 +57,7 @@ async def test_a_finished_task_is_let_go_and_its_failure_logged(
 
 async def test_close_also_ends_a_task_spawned_while_closing() -> None:
     tasks = Tasks(log, "test")
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
 
     async def respawn() -> None:
         try:
@@ -72,7 +72,7 @@ async def test_close_also_ends_a_task_spawned_while_closing() -> None:
 
 
 async def test_cancelled_returns_once_the_task_has_ended() -> None:
-    started, ended = asyncio.Event(), []
+    started, ended = asyncio.Event(), list[str]()
     task = asyncio.ensure_future(_forever(started, ended, "t"))
     await asyncio.wait_for(started.wait(), TIMEOUT)
     await cancelled(task)
