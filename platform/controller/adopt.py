@@ -90,8 +90,8 @@ class Adoption(Replicas):
             await self._sweep_orphans(listed_at, listing)
         seen = {r.replica: r for r in listing}
         for tr in list(self.tracked.values()):
-            if tr.running is None or tr.replica.state != "ready" or tr.started_at > listed_at:
-                continue  # not ready, or started after the listing began: judged next time
+            if tr.running is None or tr.replica.state != "ready" or tr.started_at >= listed_at:
+                continue  # not ready, or started after (or as) the listing began: judged next time
             r = seen.get(tr.replica.name)
             if r is None or not r.alive:
                 code = r.exit_code if r else None

@@ -146,12 +146,12 @@ class Replicas(Builds):
         """driver.list(), shared by concurrent callers and reused for 0.2 s: many replicas
         starting at once must not queue one listing each in front of their own starts.
         Returns when the listing was asked for with what it found. A listing asked for
-        before ``since`` is not reused: a replica started after it began may be missing
-        from it, which must not read as "vanished"."""
+        before ``since`` (or at that very instant: a coarse clock) is not reused: a replica
+        started after it began may be missing from it, which must not read as "vanished"."""
         now = self.clock()
         if (
             self._listing is None
-            or self._listed_at < since
+            or (since > 0 and self._listed_at <= since)
             or (self._listing.done() and now - self._listed_at >= 0.2)
         ):
             self._listed_at = now
