@@ -1,7 +1,7 @@
 """What a controller knows, and the writes every part of it shares.
 
 ``ControllerState`` holds the state of one controller (desired state as last synced,
-the replicas it tracks, per-revision backoff, its in-flight work) and the small helpers
+the replicas it tracks, per-revision backoff, its in-flight work) and the small pieces
 the parts of the controller share: events, revision status writes, spawning work it keeps
 a reference to. The parts are mixins over it, one concept each (Knative splits its
 reconcilers the same way):
@@ -127,7 +127,7 @@ class FunctionTable(dict[str, Function]):
 
 
 class ControllerState:
-    """The state and shared helpers of one controller (see the module's docstring)."""
+    """The state and shared pieces of one controller (see the module's docstring)."""
 
     # assigned by the parts too (declared here, so that every part sees one type)
     _acting: asyncio.Task[None] | None
