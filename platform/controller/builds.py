@@ -131,15 +131,15 @@ class Builds(ControllerState):
         blog = BuildLog(rev.name)
         loop = asyncio.get_running_loop()
 
+        def publish(kept: str) -> None:
+            if not self._stopping:  # a build thread may outlive a stopped controller
+                line = {"function": fn_name, "revision": rev.name, "line": kept}
+                self._spawn(self._publish_quietly(BUILD_LOG, line))
+
         def progress(line: str) -> None:  # from the loop or a driver's build thread
             kept = blog.add(line)
-            loop.call_soon_threadsafe(
-                lambda: self._spawn(
-                    self._publish_quietly(
-                        BUILD_LOG, {"function": fn_name, "revision": rev.name, "line": kept}
-                    )
-                )
-            )
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(publish, kept)
 
         try:
             await self._event(

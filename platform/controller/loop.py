@@ -151,20 +151,12 @@ class Controller(Adoption):
         self._forget_term()
 
     async def _cancel_term(self) -> None:
-        tasks: list[asyncio.Future[Any]] = []
+        """Cancel this term's acting task and all its work (builds, starts and the driver
+        calls under them, drains, listings, the archive sweep: all in ``_work``)."""
+        tasks: list[asyncio.Future[Any]] = list(self._work)
         if self._acting is not None:
             tasks.append(self._acting)
             self._acting = None
-        tasks += list(self._work)
-        if self._sweeping is not None and not self._sweeping.done():
-            tasks.append(self._sweeping)
-        tasks += list(self.building.values())
-        tasks += [tr.task for tr in self.tracked.values() if tr.task is not None]
-        tasks += [
-            tr.starting
-            for tr in self.tracked.values()
-            if tr.starting is not None and not tr.starting.done()
-        ]
         for t in tasks:
             t.cancel()
         if tasks:
