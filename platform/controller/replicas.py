@@ -20,6 +20,9 @@ from torpor.secret import MissingSecret, SecretValueError, redact, resolve
 
 
 async def probe_once(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether ``host:port`` answers an HTTP request for the health path (any status
+    line will do). Looked up in this module at each probe, so a test may replace it
+    (``monkeypatch.setattr(replicas, "probe_once", ...)``)."""
     host, _, port = endpoint.rpartition(":")
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
@@ -44,6 +47,8 @@ class Replicas(Builds):
     _listed_at: float
 
     def _spawn_start(self, fn: Function, rev: Revision) -> None:
+        """One more replica of ``rev``: the most recently paused one if any, else a new one
+        (tracked at once as ``starting``; the driver's start runs in its own task)."""
         paused = [p for p in self.paused.values() if p[0].replica.revision == rev.name]
         if paused:
             tr = max(paused, key=lambda p: p[1])[0]
@@ -58,6 +63,8 @@ class Replicas(Builds):
         tr.task = self._spawn(self._start(tr, rev), name=f"ctl-start-{name}")
 
     async def _start(self, tr: Tracked, rev: Revision) -> None:
+        """Secrets, the local copy of the source, ``driver.start``, then await ready; any
+        failure on the way is ``_replica_failed`` (with its backoff)."""
         try:
             # read at each start: a changed secret reaches the replicas started after it
             secret_env = await resolve(self.store, rev.spec) if rev.spec.secrets else None
@@ -169,6 +176,10 @@ class Replicas(Builds):
         return False
 
     async def _replica_failed(self, tr: Tracked, reason: str) -> None:
+        """The replica failed (start, readiness, crash): stop it, record it ``failed``
+        (forgotten a few seconds later), hold the revision's next start back by
+        ``backoff_base * 2 ** (failures - 1)`` s up to ``backoff_max``, and say so in an
+        event with the log's tail (secrets redacted). A revision still building fails."""
         rep = tr.replica
         st = self.revs.setdefault(rep.revision, RevisionState())
         st.failures += 1
