@@ -4,7 +4,8 @@ A leader's view of the platform is wrapped so that a deposed leader that wakes u
 (SIGSTOP, a long pause, a partition) cannot act:
 
 - ``FencedDriver`` asks ``check()`` (the leadership's local validity) before every driver
-  action (prepare, start, stop, pause, unpause, remove). Reads (list, logs) pass.
+  action (prepare, start, stop, pause, unpause, remove; pause and unpause exist only when
+  the driver has them, so that ``hasattr`` still tells). Reads (list, logs) pass.
 - ``FencedStore`` asks ``check()`` before every write, and on a Redis store writes
   through ``RedisStore.fenced(lease key, token)``, so Redis itself refuses a write whose
   token is not the lease's current one (``FencedError``), even if the local check passed
@@ -15,6 +16,7 @@ Both raise ``FencedError``; the controller treats it as "I no longer lead".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -42,7 +44,14 @@ class FencedDriver:
         self.busy: set[str] = set()  # replicas being started or stopped right now
 
     def __getattr__(self, name: str) -> Any:  # anything else of the driver (ping, instance...)
+        if name in ("pause", "unpause"):  # only a driver that can (``drivers.base.Pausable``)
+            action = getattr(self.inner, name)  # AttributeError: this one cannot
+            return functools.partial(self._fenced, name, action)
         return getattr(self.inner, name)
+
+    async def _fenced(self, what: str, action: Any, running: Running) -> None:
+        _require(self.check, f"{what} of {running.replica}")
+        await action(running)
 
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
         _require(self.check, f"build of {revision.name}")
@@ -65,14 +74,6 @@ class FencedDriver:
             await self.inner.stop(running, grace=grace)
         finally:
             self.busy.discard(running.replica)
-
-    async def pause(self, running: Running) -> None:
-        _require(self.check, f"pause of {running.replica}")
-        await self.inner.pause(running)  # type: ignore[attr-defined]
-
-    async def unpause(self, running: Running) -> None:
-        _require(self.check, f"unpause of {running.replica}")
-        await self.inner.unpause(running)  # type: ignore[attr-defined]
 
     async def remove(self, revision: Revision) -> None:
         _require(self.check, f"removal of {revision.name}")

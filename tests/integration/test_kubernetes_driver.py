@@ -576,10 +576,10 @@ async def test_the_controller_takes_readiness_from_the_pods_ready_condition_and_
     """The chart's default NetworkPolicy lets only gateways reach function Pods: the
     controller must judge a replica ready from the kubelet's Ready condition, read through
     the API server, without a connection of its own to the Pod."""
-    import torpor.controller.reconcile as reconcile
+    import torpor.controller.replicas as replicas  # where the controller probes
 
     probe = _NoDirectProbe()
-    monkeypatch.setattr(reconcile, "probe_once", probe)
+    monkeypatch.setattr(replicas, "probe_once", probe)
     rev = env.revision(scale=Scale(min=1))
     store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)
     try:
@@ -613,9 +613,9 @@ async def test_a_running_pod_that_never_turns_ready_fails_its_revision(
 ) -> None:
     """Running is not ready: an image whose port never answers keeps the Pod's Ready
     condition False, and the revision fails on the startup timeout."""
-    import torpor.controller.reconcile as reconcile
+    import torpor.controller.replicas as replicas  # where the controller probes
 
-    monkeypatch.setattr(reconcile, "probe_once", _NoDirectProbe())
+    monkeypatch.setattr(replicas, "probe_once", _NoDirectProbe())
     e = Env(tmp_path)
     e.sim.images["sleeper:1"] = [sys.executable, "-c", "import time; time.sleep(120)"]
     try:
@@ -643,16 +643,16 @@ async def test_direct_readiness_lets_the_controller_probe_pod_ips_itself(
 ) -> None:
     """TORPOR_K8S_READINESS=direct (with networkPolicy.functionsFromController): the driver
     leaves readiness to the controller's own probe of the Pod IP."""
-    import torpor.controller.reconcile as reconcile
+    import torpor.controller.replicas as replicas  # where the controller probes
 
-    real = reconcile.probe_once
+    real = replicas.probe_once
     seen: list[str] = []
 
     async def recording(endpoint: str, timeout: float = 1.0) -> bool:
         seen.append(endpoint)
         return await real(endpoint, timeout)
 
-    monkeypatch.setattr(reconcile, "probe_once", recording)
+    monkeypatch.setattr(replicas, "probe_once", recording)
     monkeypatch.setenv("TORPOR_K8S_READINESS", "direct")
     rev = env.revision(scale=Scale(min=1))
     store, ctl = await _one_replica(env, tmp_path, env.driver(), rev)

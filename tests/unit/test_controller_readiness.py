@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fakes import NullDriver
 
-import torpor.controller.reconcile as reconcile
+import torpor.controller.replicas as replicas
 from torpor.controller.reconcile import Controller
 from torpor.drivers.base import Running
 from torpor.model import Revision
@@ -53,7 +53,7 @@ def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(endpoint)
         return True
 
-    monkeypatch.setattr(reconcile, "probe_once", probe)
+    monkeypatch.setattr(replicas, "probe_once", probe)
     return seen
 
 
