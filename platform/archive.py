@@ -39,7 +39,7 @@ import lzma
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, BinaryIO
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -66,6 +66,39 @@ _REFUSED_TYPES = {
     b"M": "a multi-volume continuation",
     b"V": "a volume label",
 }
+
+# Names left out of every function folder that is packed or copied: the CLI's upload
+# (``torpor deploy``, ``deploy FILE``) and the Docker build context. Tool caches and local
+# environments never belong in a function, and shipping them would only waste bytes.
+SKIP_NAMES: frozenset[str] = frozenset(
+    {
+        ".git",
+        "__pycache__",
+        ".deps",
+        ".venv",
+        "venv",
+        "node_modules",
+        ".mypy_cache",
+        ".pytest_cache",
+    }
+)
+
+
+def skipped(name: str) -> bool:
+    """True if a file or folder called ``name`` is left out when a function folder is
+    packed or copied: a name in ``SKIP_NAMES`` or compiled bytecode (``*.pyc``)."""
+    return name in SKIP_NAMES or name.endswith(".pyc")
+
+
+def skipped_path(rel: PurePath) -> bool:
+    """True if any component of the relative path ``rel`` is :func:`skipped` (a file
+    inside ``node_modules/`` is left out with its folder)."""
+    return any(skipped(part) for part in rel.parts)
+
+
+def ignore_skipped(_directory: str, names: list[str]) -> list[str]:
+    """The :func:`skipped` ones of ``names``: an ``ignore`` for :func:`shutil.copytree`."""
+    return [n for n in names if skipped(n)]
 
 
 @dataclass(frozen=True)

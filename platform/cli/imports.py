@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from torpor.cli.main import SKIP, Api, CliError, deploy_params, die, upload
+from torpor.archive import skipped_path
+from torpor.cli.main import Api, CliError, deploy_params, die, upload
 from torpor.importers import Imported, ImportRefused, detect, knative, load_documents, openfaas
 from torpor.importers.export import to_knative, to_openfaas
 
@@ -66,7 +67,7 @@ def pack_imported(imp: Imported) -> bytes:
                 tar.addfile(dir_info)
             for path in sorted(imp.source.rglob("*")):
                 rel = path.relative_to(imp.source)
-                if any(part in SKIP for part in rel.parts):
+                if skipped_path(rel):
                     continue
                 if not imp.package and rel.parts[0] in (
                     "torpor.yaml",

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import httpx
 
 from torpor.apitoken import client_token, default_state_dir, token_path
+from torpor.archive import skipped_path
 from torpor.cli.calls import add_parsers as add_call_parsers
 from torpor.cli.calls import invoke_async
 from torpor.cli.completion import SHELLS, completion_script
@@ -32,7 +33,6 @@ from torpor.cli.ui import add_parser as add_ui_parser
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-SKIP = {".git", "__pycache__", ".deps", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 
 
 class CliError(Exception):
@@ -112,13 +112,14 @@ def pack(folder: Path, warn: Callable[[str], None] | None = None) -> bytes:
 
     Symbolic links and special files (FIFOs, sockets, devices) are left out, each with a
     warning through ``warn``: the platform refuses them, and shipping a link's target
-    instead could upload files from outside the folder. Folders in ``SKIP`` are left out
-    silently."""
+    instead could upload files from outside the folder. What
+    ``torpor.archive.skipped_path`` names (tool caches, local environments, ``*.pyc``) is
+    left out silently."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if any(part in SKIP for part in rel.parts):
+            if skipped_path(rel):
                 continue
             if path.is_symlink():
                 if warn:

@@ -40,6 +40,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from torpor.archive import ignore_skipped
 from torpor.drivers import pip
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
@@ -53,8 +54,6 @@ INSTANCE = "torpor.instance"
 USER = "65534:65534"
 PIDS_LIMIT = 256
 TMPFS = {"/tmp": "rw,size=64m"}
-# Never copied from a function folder into its image.
-_SKIP = {".git", "__pycache__", ".deps", ".venv", "venv", ".mypy_cache", ".pytest_cache"}
 
 # The image of a source function. ``{...}`` are filled in by ``dockerfile()``.
 DOCKERFILE = """\
@@ -303,7 +302,7 @@ class DockerDriver:
             src,
             ctx / "fn",
             symlinks=True,  # never dereference a link to a host file
-            ignore=lambda _d, names: [n for n in names if n in _SKIP or n.endswith(".pyc")],
+            ignore=ignore_skipped,
         )
         requirements = pip.read_requirements(
             src
