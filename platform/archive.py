@@ -482,74 +482,98 @@ def extract(
 
 
 def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
-    reader = _Reader(_Counting(raw, limits.max_upload))
-    writer = _Writer(dest)
-    unpacked = 0  # file data + extension headers
-    data_bytes = 0
-    members = 0
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    extensions = 0
+    return _Extraction(raw, dest, limits).run()
 
-    def budget(n: int, what: str, name: str | None) -> None:
-        nonlocal unpacked
-        if unpacked + n > limits.max_unpacked:
+
+_EXTENSION_TYPES = _PAX_TYPES | {_PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK}
+
+
+class _Extraction:
+    """One pass over one archive: the reader, the writer and the running counts.
+
+    ``run`` reads header after header; an extension header (pax, GNU long name) is
+    checked, counted against the unpacked budget and kept for the member that follows;
+    a member is counted, its type checked, its name cleaned, then written. The order of
+    the checks is part of the contract (the error a hostile archive gets names the first
+    rule it breaks)."""
+
+    def __init__(self, raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> None:
+        self.reader = _Reader(_Counting(raw, limits.max_upload))
+        self.writer = _Writer(dest)
+        self.limits = limits
+        self.unpacked = 0  # file data + extension headers
+        self.data_bytes = 0
+        self.members = 0
+        self.pax: dict[str, str] = {}
+        self.long_name: str | None = None
+        self.extensions = 0
+
+    def run(self) -> Extracted:
+        while True:
+            offset = self.reader.offset
+            block = self.reader.read_block_or_eof()
+            if block is None:
+                break
+            header = _parse_header(block, offset)
+            if header is None:  # end-of-archive marker
+                break
+            if header.type in _EXTENSION_TYPES:
+                self._extension(header, offset)
+            else:
+                self._member(header)
+        self._drain()
+        w = self.writer
+        return Extracted(files=w.files, dirs=w.dirs, bytes=self.data_bytes)
+
+    def _budget(self, n: int, what: str, name: str | None) -> None:
+        """Count ``n`` more unpacked bytes, refusing (413) what would pass the cap."""
+        if self.unpacked + n > self.limits.max_unpacked:
             raise ArchiveError(
                 413,
                 f"{what} ({human_size(n)}) takes the archive over the cap of "
-                f"{human_size(limits.max_unpacked)} unpacked (after "
-                f"{human_size(unpacked)})",
+                f"{human_size(self.limits.max_unpacked)} unpacked (after "
+                f"{human_size(self.unpacked)})",
                 name,
             )
-        unpacked += n
+        self.unpacked += n
 
-    while True:
-        offset = reader.offset
-        block = reader.read_block_or_eof()
-        if block is None:
-            break
-        header = _parse_header(block, offset)
-        if header is None:  # end-of-archive marker
-            break
-        padded = -header.size % BLOCK
-
-        if (
-            header.type in _PAX_TYPES
-            or header.type == _PAX_GLOBAL
-            or header.type in (_GNU_LONGNAME, _GNU_LONGLINK)
-        ):
-            extensions += 1
-            if extensions > MAX_EXTENSIONS_PER_MEMBER:
+    def _extension(self, header: _Header, offset: int) -> None:
+        """Read a pax or GNU extension header and keep what it says for the next member."""
+        self.extensions += 1
+        if self.extensions > MAX_EXTENSIONS_PER_MEMBER:
+            raise ArchiveError(
+                400,
+                f"more than {MAX_EXTENSIONS_PER_MEMBER} extension headers in a row "
+                f"at byte {offset}",
+            )
+        if header.size > MAX_EXTENSION_HEADER:
+            raise ArchiveError(
+                400,
+                f"extension header of {human_size(header.size)} at byte {offset} "
+                f"(at most {human_size(MAX_EXTENSION_HEADER)})",
+            )
+        self._budget(header.size, "an extension header", None)
+        data = self.reader.read(header.size, None)
+        self.reader.read(-header.size % BLOCK, None)
+        if header.type == _PAX_GLOBAL:
+            return  # e.g. git archive's commit id; applies to no name we use
+        if header.type == _GNU_LONGNAME:
+            self.long_name = _text(data, "long member name", offset)
+        elif header.type in _PAX_TYPES:
+            records = _pax_records(data, offset)
+            if any(k.startswith("GNU.sparse.") for k in records):
                 raise ArchiveError(
                     400,
-                    f"more than {MAX_EXTENSIONS_PER_MEMBER} extension headers in a row "
-                    f"at byte {offset}",
+                    f"sparse file at byte {offset}: only regular files and "
+                    "directories are accepted",
                 )
-            if header.size > MAX_EXTENSION_HEADER:
-                raise ArchiveError(
-                    400,
-                    f"extension header of {human_size(header.size)} at byte {offset} "
-                    f"(at most {human_size(MAX_EXTENSION_HEADER)})",
-                )
-            budget(header.size, "an extension header", None)
-            data = reader.read(header.size, None)
-            reader.read(padded, None)
-            if header.type == _PAX_GLOBAL:
-                continue  # e.g. git archive's commit id; applies to no name we use
-            if header.type == _GNU_LONGNAME:
-                long_name = _text(data, "long member name", offset)
-            elif header.type in _PAX_TYPES:
-                records = _pax_records(data, offset)
-                if any(k.startswith("GNU.sparse.") for k in records):
-                    raise ArchiveError(
-                        400,
-                        f"sparse file at byte {offset}: only regular files and "
-                        "directories are accepted",
-                    )
-                pax.update(records)
-            continue
+            self.pax.update(records)
 
-        name = pax.get("path", long_name if long_name is not None else header.name)
+    def _name_and_size(self, header: _Header) -> tuple[str, int]:
+        """The member's name and data size, the extension headers before it applied
+        (then forgotten: they describe one member only)."""
+        pax = self.pax
+        name = pax.get("path", self.long_name if self.long_name is not None else header.name)
         size = header.size
         if "size" in pax:
             try:
@@ -560,14 +584,18 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
                 raise ArchiveError(
                     400, f"bad pax size {pax['size'][:20]!r} for member {_show(name)}", name
                 )
-            padded = -size % BLOCK
-        pax, long_name, extensions = {}, None, 0
+        self.pax, self.long_name, self.extensions = {}, None, 0
+        return name, size
 
-        members += 1
-        if members > limits.max_members:
+    def _check_member(self, header: _Header, name: str) -> None:
+        """Count the member against the cap (413), then refuse any type but a regular
+        file or a directory (400)."""
+        self.members += 1
+        if self.members > self.limits.max_members:
             raise ArchiveError(
                 413,
-                f"more than {limits.max_members} members: the cap was reached at {_show(name)}",
+                f"more than {self.limits.max_members} members: the cap was reached at "
+                f"{_show(name)}",
                 name,
             )
         if header.type in _REFUSED_TYPES:
@@ -584,31 +612,38 @@ def _extract(raw: IO[bytes], dest: Path, limits: ArchiveLimits) -> Extracted:
                 "regular files and directories are accepted",
                 name,
             )
-        parts = clean_name(name, limits)
 
+    def _member(self, header: _Header) -> None:
+        """Check and write one directory or regular file member."""
+        name, size = self._name_and_size(header)
+        self._check_member(header, name)
+        parts = clean_name(name, self.limits)
         if header.type == _DIR_TYPE:
             if size:
                 raise ArchiveError(400, f"directory member {_show(name)} carries data", name)
-            writer.directory(parts, name)
-            continue
+            self.writer.directory(parts, name)
+            return
+        self._budget(size, f"member {_show(name)}", name)
+        self._write(self.writer.open_file(parts, name, header.mode), size, name)
+        self.reader.read(-size % BLOCK, name)
 
-        budget(size, f"member {_show(name)}", name)
-        fd = writer.open_file(parts, name, header.mode)
+    def _write(self, fd: int, size: int, name: str) -> None:
+        """Copy ``size`` bytes of member data from the archive to ``fd``, then close it."""
         try:
             left = size
             while left:
-                chunk = reader.read(min(CHUNK, left), name)
+                chunk = self.reader.read(min(CHUNK, left), name)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
                 left -= len(chunk)
-                data_bytes += len(chunk)
+                self.data_bytes += len(chunk)
         finally:
             os.close(fd)
-        reader.read(padded, name)
 
-    # Read on to the end of the stream, so the gzip/bzip2/xz checksum is verified; what
-    # follows the end-of-archive blocks (tar pads to 10 KiB records) counts as unpacked.
-    while chunk := reader.read_some(CHUNK):
-        budget(len(chunk), "data after the end of the archive", None)
-    return Extracted(files=writer.files, dirs=writer.dirs, bytes=data_bytes)
+    def _drain(self) -> None:
+        """Read on to the end of the stream, so the gzip/bzip2/xz checksum is verified;
+        what follows the end-of-archive blocks (tar pads to 10 KiB records) counts as
+        unpacked."""
+        while chunk := self.reader.read_some(CHUNK):
+            self._budget(len(chunk), "data after the end of the archive", None)
