@@ -638,6 +638,9 @@ def _gateway_limits(sp: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``torpor`` argument parser: global flags, then one sub-command each, in the
+    order ``torpor --help`` lists them. Registers the API commands of the sub-modules in
+    ``API_COMMANDS``."""
     p = argparse.ArgumentParser(
         prog="torpor",
         description="Scale-to-zero functions.",
@@ -656,7 +659,25 @@ def build_parser() -> argparse.ArgumentParser:
         "unset (env TORPOR_STATE_DIR; default ~/.local/share/torpor)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_server_commands(sub)
+    _add_deploy(sub)
+    _add_invoke(sub)
+    _add_read_commands(sub)
+    _add_change_commands(sub)
+    _add_images(sub)
+    API_COMMANDS.update(add_parsers(sub))
+    API_COMMANDS.update(add_secret_parsers(sub))
+    API_COMMANDS.update(add_call_parsers(sub))
+    add_new_parser(sub)
+    API_COMMANDS.update(add_ui_parser(sub))
+    cp = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish")
+    cp.add_argument("shell", choices=SHELLS)
+    return p
 
+
+def _add_server_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``up``, ``gateway``, ``controller``, ``api``: the platform's processes, each with
+    the flags of the parts it runs."""
     up = sub.add_parser("up", help="run the platform in the foreground")
     gw = sub.add_parser("gateway", help="run one gateway (distributed mode: needs --redis)")
     ctl = sub.add_parser(
@@ -664,88 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap = sub.add_parser("api", help="run the control API (distributed mode: needs --redis)")
     for sp in (up, gw, ctl, ap):
-        sp.add_argument(
-            "--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)"
-        )
-        sp.add_argument(
-            "--state-dir",
-            help="where state persists (env TORPOR_STATE_DIR; default ~/.local/share/torpor)",
-        )
-        sp.add_argument("--log-level", default="warning")
-        sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
+        _add_store_flags(sp)
     for sp in (up, ctl):
-        sp.add_argument(
-            "--driver",
-            default=os.environ.get("TORPOR_DRIVER") or "auto",
-            choices=["auto", "process", "docker", "kubernetes"],
-            help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)",
-        )
-        sp.add_argument(
-            "--namespace",
-            default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
-            help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
-            "controller's own namespace in a cluster, else the kubeconfig's, else default)",
-        )
-        sp.add_argument(
-            "--max-replicas", type=int, default=100, help="platform cap on replicas per revision"
-        )
-        sp.add_argument(
-            "--keep-revisions",
-            type=int,
-            default=5,
-            help="retired revisions kept before garbage collection",
-        )
-        sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
-        sp.add_argument(
-            "--pause-idle",
-            type=finite_float,
-            default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
-            metavar="SECONDS",
-            help="keep a replica scaled to zero paused (no CPU, memory kept) this "
-            "long for a fast wake before removing it; 0 = off",
-        )
-        sp.add_argument(
-            "--lease-ttl",
-            type=finite_float,
-            default=os.environ.get("TORPOR_LEASE_TTL", "5"),
-            metavar="SECONDS",
-            help="controller lease: only its holder acts; a standby takes over "
-            "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)",
-        )
+        _add_controller_flags(sp)
     for sp in (up, gw, ap):
         sp.add_argument("--host", default="127.0.0.1", help="gateway bind address")
         sp.add_argument("--port", type=int, default=8080, help="gateway port")
     for sp in (up, gw):
         _gateway_limits(sp)
     for sp in (up, ap):
-        sp.add_argument("--api-host", default="127.0.0.1")
-        sp.add_argument("--api-port", type=int, default=8081)
-        sp.add_argument(
-            "--token-file",
-            help="file holding the API bearer token (env TORPOR_TOKEN overrides; "
-            "default STATE_DIR/token, generated at first start)",
-        )
-        sp.add_argument(
-            "--api-allowed-hosts",
-            metavar="NAMES",
-            help="comma-separated extra Host names the API answers to, name or name:port; * = any "
-            "(env TORPOR_API_ALLOWED_HOSTS)",
-        )
-        sp.add_argument(
-            "--api-allowed-origins",
-            metavar="ORIGINS",
-            help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
-            "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)",
-        )
-        sp.add_argument(
-            "--public-url",
-            default=os.environ.get("TORPOR_PUBLIC_URL") or None,
-            metavar="URL",
-            help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
-            "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
-            "gateway's own address)",
-        )
-        add_upload_limits(sp)
+        _add_api_flags(sp)
     add_upload_limits(ctl)  # the same caps apply when a controller unpacks a source archive
     ap.add_argument(
         "--max-replicas", type=int, default=100, help="platform cap on replicas per revision"
@@ -763,6 +712,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the health endpoint (env TORPOR_HEALTH_HOST; default 0.0.0.0)",
     )
 
+
+def _add_store_flags(sp: argparse.ArgumentParser) -> None:
+    """Where state lives, logging and the domain: every platform process has them."""
+    sp.add_argument(
+        "--redis", default=os.environ.get("TORPOR_REDIS"), help="Redis URL (shared store)"
+    )
+    sp.add_argument(
+        "--state-dir",
+        help="where state persists (env TORPOR_STATE_DIR; default ~/.local/share/torpor)",
+    )
+    sp.add_argument("--log-level", default="warning")
+    sp.add_argument("--domain", default=os.environ.get("TORPOR_DOMAIN", "torpor.localhost"))
+
+
+def _add_controller_flags(sp: argparse.ArgumentParser) -> None:
+    """The driver, caps, retention, pausing and the lease: what a controller runs with."""
+    sp.add_argument(
+        "--driver",
+        default=os.environ.get("TORPOR_DRIVER") or "auto",
+        choices=["auto", "process", "docker", "kubernetes"],
+        help="where replicas run (env TORPOR_DRIVER; default auto: docker if an engine answers)",
+    )
+    sp.add_argument(
+        "--namespace",
+        default=os.environ.get("TORPOR_K8S_NAMESPACE") or None,
+        help="kubernetes driver: namespace of the Pods (env TORPOR_K8S_NAMESPACE; default: the "
+        "controller's own namespace in a cluster, else the kubeconfig's, else default)",
+    )
+    sp.add_argument(
+        "--max-replicas", type=int, default=100, help="platform cap on replicas per revision"
+    )
+    sp.add_argument(
+        "--keep-revisions",
+        type=int,
+        default=5,
+        help="retired revisions kept before garbage collection",
+    )
+    sp.add_argument("--base-image", default=os.environ.get("TORPOR_BASE_IMAGE"))
+    sp.add_argument(
+        "--pause-idle",
+        type=finite_float,
+        default=os.environ.get("TORPOR_PAUSE_IDLE", "0"),
+        metavar="SECONDS",
+        help="keep a replica scaled to zero paused (no CPU, memory kept) this "
+        "long for a fast wake before removing it; 0 = off",
+    )
+    sp.add_argument(
+        "--lease-ttl",
+        type=finite_float,
+        default=os.environ.get("TORPOR_LEASE_TTL", "5"),
+        metavar="SECONDS",
+        help="controller lease: only its holder acts; a standby takes over "
+        "within this long of the leader's end (env TORPOR_LEASE_TTL; default 5)",
+    )
+
+
+def _add_api_flags(sp: argparse.ArgumentParser) -> None:
+    """The API's address, token, allowed Hosts and Origins, public URL and upload caps."""
+    sp.add_argument("--api-host", default="127.0.0.1")
+    sp.add_argument("--api-port", type=int, default=8081)
+    sp.add_argument(
+        "--token-file",
+        help="file holding the API bearer token (env TORPOR_TOKEN overrides; "
+        "default STATE_DIR/token, generated at first start)",
+    )
+    sp.add_argument(
+        "--api-allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated extra Host names the API answers to, name or name:port; * = any "
+        "(env TORPOR_API_ALLOWED_HOSTS)",
+    )
+    sp.add_argument(
+        "--api-allowed-origins",
+        metavar="ORIGINS",
+        help="comma-separated browser Origins (scheme://host:port) allowed to call the API, "
+        "with CORS; default none (env TORPOR_API_ALLOWED_ORIGINS)",
+    )
+    sp.add_argument(
+        "--public-url",
+        default=os.environ.get("TORPOR_PUBLIC_URL") or None,
+        metavar="URL",
+        help="where users reach the gateway, scheme://host[:port] (e.g. an Ingress for *.DOMAIN): "
+        "the function URLs the API shows are built from it (env TORPOR_PUBLIC_URL; default the "
+        "gateway's own address)",
+    )
+    add_upload_limits(sp)
+
+
+def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``deploy``: a folder, a Knative service.yaml or an OpenFaaS stack.yml."""
     d = sub.add_parser(
         "deploy",
         help="build, create a revision, route traffic (a folder, a Knative service.yaml "
@@ -786,6 +825,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true", help="stream the whole build log")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the URL")
 
+
+def _add_invoke(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``invoke``: one call through the gateway (plain, ``--async`` or ``--ws``)."""
     i = sub.add_parser("invoke", help="call a function through the gateway")
     i.add_argument("name")
     i.add_argument("-d", help="request body (@file reads a file)")
@@ -805,6 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="open a WebSocket: stdin lines are sent, messages are printed",
     )
 
+
+def _add_read_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``status``, ``ls``, ``describe``, ``export``, ``delete``, ``logs``."""
     stp = sub.add_parser(
         "status", help="which controller leads, standbys and gateways seen, counts"
     )
@@ -832,6 +877,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REVISION",
         help="the last build log (of REVISION, default the newest build) instead of replica logs",
     )
+
+
+def _add_change_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``traffic``, ``scale`` and ``top``: steering a function and watching it."""
     tr = sub.add_parser("traffic", help="set the traffic split: REV=PCT ...")
     tr.add_argument("name")
     tr.add_argument("split", nargs="+", metavar="REV=PCT")
@@ -848,6 +897,10 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true")
     top.add_argument("--gateway")
     add_output(top)
+
+
+def _add_images(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``images build-base`` and ``images build-runtime``."""
     im = sub.add_parser("images", help="images for the docker and kubernetes drivers")
     im_sub = im.add_subparsers(dest="images_cmd", required=True)
     bb = im_sub.add_parser("build-base", help="build the Python base image locally (debootstrap)")
@@ -863,14 +916,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--base",
         help="base image with python3 (default TORPOR_BASE_IMAGE or torpor/python-base:bookworm)",
     )
-    API_COMMANDS.update(add_parsers(sub))
-    API_COMMANDS.update(add_secret_parsers(sub))
-    API_COMMANDS.update(add_call_parsers(sub))
-    add_new_parser(sub)
-    API_COMMANDS.update(add_ui_parser(sub))
-    cp = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish")
-    cp.add_argument("shell", choices=SHELLS)
-    return p
 
 
 API_COMMANDS: dict[str, Any] = {
