@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,202 +95,268 @@ def import_stack(doc: Any, stack: Path, only: str | None = None) -> list[Importe
     return out
 
 
+HANDLED_KEYS = (
+    "lang",
+    "handler",
+    "image",
+    "environment",
+    "environment_file",
+    "secrets",
+    "labels",
+    "annotations",
+    "limits",
+    "requests",
+)
+
+
+@dataclass
+class _Function:
+    """One stack entry being mapped: where it is (for messages) and what is collected
+    along the way (warnings in the order the keys are read, spec field -> source field)."""
+
+    name: str
+    stack: Path
+    warnings: list[str] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.stack.name
+
+    @property
+    def base(self) -> Path:
+        return self.stack.parent
+
+    @property
+    def where(self) -> str:
+        return f"functions.{self.name}"
+
+    def warn(self, key: str, what: str) -> None:
+        self.warnings.append(f"{self.source}: {self.where}.{key}: {what}")
+
+    def refuse(self, key: str, what: str) -> ImportRefused:
+        return ImportRefused(self.source, f"{self.where}.{key}" if key else self.where, what)
+
+
 def import_function(name: str, body: Mapping[Any, Any], stack: Path) -> Imported:
-    source = stack.name
-    base = stack.parent
-    where = f"functions.{name}"
-    warnings: list[str] = []
-    origin: dict[str, str] = {"name": where}
-
-    def warn(key: str, what: str) -> None:
-        warnings.append(f"{source}: {where}.{key}: {what}")
-
-    def refuse(key: str, what: str) -> ImportRefused:
-        return ImportRefused(source, f"{where}.{key}" if key else where, what)
-
+    """One ``functions.NAME`` entry of the stack ``stack`` as a Torpor function: the
+    spec, the folder and requirements to ship (``lang: python3-http``) and a warning for
+    every key that maps loosely or not at all. Raises ImportRefused naming the key."""
+    fn = _Function(name, stack)
+    fn.origin["name"] = fn.where
     spec: dict[str, Any] = {"name": name}
-    lang = body.get("lang")
-    if isinstance(lang, str) and lang.lower() == "dockerfile":
-        lang = "dockerfile"  # old stack files say `Dockerfile`
-    image = body.get("image")
-    folder: Path | None = None
-    requirements: Path | None = None
-    if lang is not None and lang not in PYTHON_LANGS + IMAGE_LANGS:
-        raise refuse(
-            "lang",
-            f"{describe(lang)}: Torpor builds {', '.join(PYTHON_LANGS)} from source and runs "
-            "images (lang: dockerfile, or image: without lang); other templates are not supported",
-        )
-    if lang in PYTHON_LANGS:
-        handler = body.get("handler")
-        if not isinstance(handler, str) or not handler:
-            raise refuse("handler", "required with lang python3-http: the folder of handler.py")
-        folder = (base / handler).resolve()
-        if not (folder / "handler.py").is_file():
-            raise refuse("handler", f"{handler!r}: no handler.py in {folder}")
-        spec["handler"] = "function.handler:handle"
-        spec["handler_style"] = "openfaas"
-        origin["handler"] = f"{where}.handler"
-        if (folder / "requirements.txt").is_file():
-            requirements = folder / "requirements.txt"
-        if image is not None:
-            warn(
-                "image",
-                "the tag OpenFaaS pushes its build to; Torpor builds from the handler folder itself",
-            )
-    else:
-        if not isinstance(image, str) or not image:
-            raise refuse(
-                "image", "required: the image to run (or lang: python3-http to build from source)"
-            )
-        spec["image"] = image
-        origin["image"] = f"{where}.image"
-        if lang == "dockerfile":
-            warn(
-                "lang",
-                f"dockerfile: Torpor runs the image {image}, it does not build it; build it first "
-                f"(docker build -t {image} {body.get('handler') or '.'})",
-            )
-        elif "handler" in body:
-            warn("handler", "ignored without lang (the image runs)")
-
-    env: dict[str, Any] = {}
-    for i, item in enumerate(
-        _list(body.get("environment_file"), source, f"{where}.environment_file")
-    ):
-        env.update(
-            _env_file(
-                base,
-                text(item, source, f"{where}.environment_file[{i}]"),
-                source,
-                f"{where}.environment_file[{i}]",
-            )
-        )
-        origin.setdefault("env", f"{where}.environment_file[{i}]")
-    inline = mapping(body.get("environment"), source, f"{where}.environment")
-    if inline:
-        origin["env"] = f"{where}.environment"
-    env.update(inline)
-    for key in env:
-        origin[f"env.{key}"] = f"{where}.environment.{key}"
-    timeout = env.get("exec_timeout") or env.get("write_timeout")
-    if timeout is not None:
-        key = "exec_timeout" if env.get("exec_timeout") else "write_timeout"
-        try:
-            spec["timeout"] = parse_duration(str(timeout), key)
-        except SpecError:
-            warn(
-                f"environment.{key}",
-                f"{describe(timeout)} is not a duration Torpor reads; timeout left at 30s",
-            )
-        else:
-            origin["timeout"] = f"{where}.environment.{key}"
-
+    folder, requirements = _code(fn, body, spec)
+    env = _environment(fn, body)
+    _timeout(fn, env, spec)
     scale: dict[str, Any] = {}
     if "max_inflight" in env:  # of-watchdog's hard in-flight limit
         scale["concurrency"] = int(
-            number(env["max_inflight"], source, f"{where}.environment.max_inflight", integer=True)
+            number(
+                env["max_inflight"], fn.source, f"{fn.where}.environment.max_inflight", integer=True
+            )
         )
-        origin["scale.concurrency"] = f"{where}.environment.max_inflight"
-    secrets: dict[str, str] = {}
-    for i, raw in enumerate(_list(body.get("secrets"), source, f"{where}.secrets")):
-        path = f"secrets[{i}]"
-        secret = text(raw, source, f"{where}.{path}")
-        try:
-            validate_secret_name(secret, "secret")
-        except SpecError as e:
-            raise refuse(path, str(e).split(": ", 1)[-1]) from None
-        var = secret_env_name(secret)
-        if var in env or var in secrets:
-            raise refuse(path, f"{secret!r} becomes the variable {var}, which is already set")
-        secrets[var] = secret
-        origin[f"secrets.{var}"] = f"{where}.{path}"
-        warn(
-            path,
-            f"OpenFaaS mounts it as the file /var/openfaas/secrets/{secret}; Torpor sets it in the "
-            f"environment as {var} (read os.environ[{var!r}])",
-        )
-
+        fn.origin["scale.concurrency"] = f"{fn.where}.environment.max_inflight"
+    secrets = _secrets(fn, body, env)
     labels: dict[str, str] = {}
     _labels(
-        mapping(body.get("labels"), source, f"{where}.labels"),
-        source,
-        where,
+        mapping(body.get("labels"), fn.source, f"{fn.where}.labels"),
+        fn.source,
+        fn.where,
         scale,
         labels,
-        origin,
-        warn,
-        refuse,
+        fn.origin,
+        fn.warn,
+        fn.refuse,
     )
-    for key, value in mapping(body.get("annotations"), source, f"{where}.annotations").items():
-        warn(f"annotations.{key}", f"{describe(value)}: not supported, ignored")
-    resources: dict[str, Any] = {}
-    limits = mapping(body.get("limits"), source, f"{where}.limits")
-    requests = mapping(body.get("requests"), source, f"{where}.requests")
-    for kind in ("memory", "cpu"):
-        if kind in limits:
-            resources[kind] = limits[kind]
-            origin[f"resources.{kind}"] = f"{where}.limits.{kind}"
-            if kind in requests:
-                warn(
-                    f"requests.{kind}", "Torpor reserves nothing ahead; it enforces the limit only"
-                )
-        elif kind in requests:
-            resources[kind] = requests[kind]
-            origin[f"resources.{kind}"] = f"{where}.requests.{kind}"
-            warn(f"requests.{kind}", "no limit given: Torpor enforces this request as the limit")
-    for section, values in (("limits", limits), ("requests", requests)):
-        for key in values:
-            if key not in ("memory", "cpu"):
-                warn(f"{section}.{key}", "not supported, ignored")
-
-    for key, value in body.items():
-        if key in (
-            "lang",
-            "handler",
-            "image",
-            "environment",
-            "environment_file",
-            "secrets",
-            "labels",
-            "annotations",
-            "limits",
-            "requests",
-        ):
-            continue
-        if key == "constraints":
-            warn(key, "scheduling constraints, ignored (Torpor places replicas itself)")
-        elif key == "readonly_root_filesystem":
-            if value is not True:
-                warn(
-                    key,
-                    "Torpor always runs replicas with a read-only root file system (writable /tmp)",
-                )
-        elif key in IGNORED_KEYS:
-            warn(key, "a build or deploy option of faas-cli, ignored")
-        else:
-            warn(key, "not supported, ignored")
-    if env:
-        spec["env"] = env
-    if secrets:
-        spec["secrets"] = secrets
-    if scale:
-        spec["scale"] = scale
-    if resources:
-        spec["resources"] = resources
+    for key, value in mapping(
+        body.get("annotations"), fn.source, f"{fn.where}.annotations"
+    ).items():
+        fn.warn(f"annotations.{key}", f"{describe(value)}: not supported, ignored")
+    resources = _resources(fn, body)
+    _other_keys(fn, body)
+    for key, part in (
+        ("env", env),
+        ("secrets", secrets),
+        ("scale", scale),
+        ("resources", resources),
+        ("labels", labels),
+    ):
+        if part:
+            spec[key] = part
     if labels:
-        spec["labels"] = labels
-        origin["labels"] = f"{where}.labels"
+        fn.origin["labels"] = f"{fn.where}.labels"
     return Imported(
         name=name,
         spec=spec,
         source=folder,
         package="function" if folder else None,
         requirements=requirements,
-        warnings=warnings,
-        origin=origin,
+        warnings=fn.warnings,
+        origin=fn.origin,
         secrets_needed={s: f"secrets ({v})" for v, s in secrets.items()},
     )
+
+
+def _code(
+    fn: _Function, body: Mapping[Any, Any], spec: dict[str, Any]
+) -> tuple[Path | None, Path | None]:
+    """``lang``, ``handler``, ``image``: what runs. Sets ``spec``'s handler or image and
+    returns (handler folder, its requirements.txt), both None for an image."""
+    lang = body.get("lang")
+    if isinstance(lang, str) and lang.lower() == "dockerfile":
+        lang = "dockerfile"  # old stack files say `Dockerfile`
+    image = body.get("image")
+    if lang is not None and lang not in PYTHON_LANGS + IMAGE_LANGS:
+        raise fn.refuse(
+            "lang",
+            f"{describe(lang)}: Torpor builds {', '.join(PYTHON_LANGS)} from source and runs "
+            "images (lang: dockerfile, or image: without lang); other templates are not supported",
+        )
+    if lang in PYTHON_LANGS:
+        return _python_code(fn, body, spec)
+    if not isinstance(image, str) or not image:
+        raise fn.refuse(
+            "image", "required: the image to run (or lang: python3-http to build from source)"
+        )
+    spec["image"] = image
+    fn.origin["image"] = f"{fn.where}.image"
+    if lang == "dockerfile":
+        fn.warn(
+            "lang",
+            f"dockerfile: Torpor runs the image {image}, it does not build it; build it first "
+            f"(docker build -t {image} {body.get('handler') or '.'})",
+        )
+    elif "handler" in body:
+        fn.warn("handler", "ignored without lang (the image runs)")
+    return None, None
+
+
+def _python_code(
+    fn: _Function, body: Mapping[Any, Any], spec: dict[str, Any]
+) -> tuple[Path, Path | None]:
+    """``lang: python3-http``: the handler folder (which must hold handler.py), run in
+    the ``openfaas`` handler style, and its requirements.txt if it has one."""
+    handler = body.get("handler")
+    if not isinstance(handler, str) or not handler:
+        raise fn.refuse("handler", "required with lang python3-http: the folder of handler.py")
+    folder = (fn.base / handler).resolve()
+    if not (folder / "handler.py").is_file():
+        raise fn.refuse("handler", f"{handler!r}: no handler.py in {folder}")
+    spec["handler"] = "function.handler:handle"
+    spec["handler_style"] = "openfaas"
+    fn.origin["handler"] = f"{fn.where}.handler"
+    requirements = folder / "requirements.txt"
+    if body.get("image") is not None:
+        fn.warn(
+            "image",
+            "the tag OpenFaaS pushes its build to; Torpor builds from the handler folder itself",
+        )
+    return folder, requirements if requirements.is_file() else None
+
+
+def _environment(fn: _Function, body: Mapping[Any, Any]) -> dict[str, Any]:
+    """``environment_file`` entries in order, then ``environment`` over them."""
+    where = fn.where
+    env: dict[str, Any] = {}
+    for i, item in enumerate(
+        _list(body.get("environment_file"), fn.source, f"{where}.environment_file")
+    ):
+        at = f"{where}.environment_file[{i}]"
+        env.update(_env_file(fn.base, text(item, fn.source, at), fn.source, at))
+        fn.origin.setdefault("env", at)
+    inline = mapping(body.get("environment"), fn.source, f"{where}.environment")
+    if inline:
+        fn.origin["env"] = f"{where}.environment"
+    env.update(inline)
+    for key in env:
+        fn.origin[f"env.{key}"] = f"{where}.environment.{key}"
+    return env
+
+
+def _timeout(fn: _Function, env: Mapping[str, Any], spec: dict[str, Any]) -> None:
+    """of-watchdog's ``exec_timeout`` (else ``write_timeout``) -> ``timeout``; a value
+    Torpor cannot read is warned about and the default kept."""
+    timeout = env.get("exec_timeout") or env.get("write_timeout")
+    if timeout is None:
+        return
+    key = "exec_timeout" if env.get("exec_timeout") else "write_timeout"
+    try:
+        spec["timeout"] = parse_duration(str(timeout), key)
+    except SpecError:
+        fn.warn(
+            f"environment.{key}",
+            f"{describe(timeout)} is not a duration Torpor reads; timeout left at 30s",
+        )
+    else:
+        fn.origin["timeout"] = f"{fn.where}.environment.{key}"
+
+
+def _secrets(fn: _Function, body: Mapping[Any, Any], env: Mapping[str, Any]) -> dict[str, str]:
+    """``secrets`` -> {environment variable: Torpor secret}; a name that would collide
+    with an environment variable or another secret's is refused."""
+    secrets: dict[str, str] = {}
+    for i, raw in enumerate(_list(body.get("secrets"), fn.source, f"{fn.where}.secrets")):
+        path = f"secrets[{i}]"
+        secret = text(raw, fn.source, f"{fn.where}.{path}")
+        try:
+            validate_secret_name(secret, "secret")
+        except SpecError as e:
+            raise fn.refuse(path, str(e).split(": ", 1)[-1]) from None
+        var = secret_env_name(secret)
+        if var in env or var in secrets:
+            raise fn.refuse(path, f"{secret!r} becomes the variable {var}, which is already set")
+        secrets[var] = secret
+        fn.origin[f"secrets.{var}"] = f"{fn.where}.{path}"
+        fn.warn(
+            path,
+            f"OpenFaaS mounts it as the file /var/openfaas/secrets/{secret}; Torpor sets it in the "
+            f"environment as {var} (read os.environ[{var!r}])",
+        )
+    return secrets
+
+
+def _resources(fn: _Function, body: Mapping[Any, Any]) -> dict[str, Any]:
+    """``limits`` (else ``requests``) memory and cpu -> ``resources``: Torpor enforces a
+    limit and reserves nothing."""
+    resources: dict[str, Any] = {}
+    limits = mapping(body.get("limits"), fn.source, f"{fn.where}.limits")
+    requests = mapping(body.get("requests"), fn.source, f"{fn.where}.requests")
+    for kind in ("memory", "cpu"):
+        if kind in limits:
+            resources[kind] = limits[kind]
+            fn.origin[f"resources.{kind}"] = f"{fn.where}.limits.{kind}"
+            if kind in requests:
+                fn.warn(
+                    f"requests.{kind}", "Torpor reserves nothing ahead; it enforces the limit only"
+                )
+        elif kind in requests:
+            resources[kind] = requests[kind]
+            fn.origin[f"resources.{kind}"] = f"{fn.where}.requests.{kind}"
+            fn.warn(f"requests.{kind}", "no limit given: Torpor enforces this request as the limit")
+    for section, values in (("limits", limits), ("requests", requests)):
+        for key in values:
+            if key not in ("memory", "cpu"):
+                fn.warn(f"{section}.{key}", "not supported, ignored")
+    return resources
+
+
+def _other_keys(fn: _Function, body: Mapping[Any, Any]) -> None:
+    """A warning for every key of the entry not mapped above."""
+    for key, value in body.items():
+        if key in HANDLED_KEYS:
+            continue
+        if key == "constraints":
+            fn.warn(key, "scheduling constraints, ignored (Torpor places replicas itself)")
+        elif key == "readonly_root_filesystem":
+            if value is not True:
+                fn.warn(
+                    key,
+                    "Torpor always runs replicas with a read-only root file system (writable /tmp)",
+                )
+        elif key in IGNORED_KEYS:
+            fn.warn(key, "a build or deploy option of faas-cli, ignored")
+        else:
+            fn.warn(key, "not supported, ignored")
 
 
 def _list(value: Any, source: str, where: str) -> list[Any]:
