@@ -292,39 +292,69 @@ def pod_manifest(
             tcpSocket=TCPSocketAction(port=spec.port)
         )  # the user's image may not serve /_torpor/
     else:
-        if not revision.source_sha256:
-            raise BuildError(
-                f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
-                "driver runs source functions from content-addressed archives; deploy it again"
-            )
-        if not settings.archive_url_base:
-            raise BuildError(
-                "no archive URL for source functions: set TORPOR_ARCHIVE_URL_BASE "
-                "(the API's /v1/archives as Pods reach it)"
-            )
-        if not settings.archive_key:
-            raise BuildError(
-                "no archive key: the controller passes the installation's key to the driver "
-                "(use_archive_key) before it starts source functions"
-            )
+        env.update(_source_env(revision, settings))
         image = revision.image or settings.runtime_image
-        env.update(
-            {
-                "TORPOR_HANDLER": spec.handler or "handler:handle",
-                "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
-                "TORPOR_ARCHIVE_URL": archive_url(
-                    settings.archive_url_base, revision.source_sha256
-                ),
-                "TORPOR_ARCHIVE_SHA256": revision.source_sha256,
-                # read-only, this archive only (an HMAC of its hash): never the API's admin token
-                "TORPOR_ARCHIVE_TOKEN": archive_token(settings.archive_key, revision.source_sha256),
-                "TORPOR_FETCH_DIR": FETCH_DIR,
-                "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
-            }
-        )
         probe = Probe(httpGet=HTTPGetAction(path=HEALTH_PATH, port=spec.port))
     # 1 s, the shortest period Kubernetes allows: a cold start waits at most that long for the kubelet
     probe.periodSeconds, probe.timeoutSeconds, probe.failureThreshold = 1, 1, 3
+    return Pod(
+        metadata=ObjectMeta(
+            name=pod_name(replica),
+            namespace=settings.namespace,
+            labels={**spec.labels, **labels},
+            annotations=dict(full),
+            ownerReferences=[
+                OwnerReference(
+                    apiVersion="v1",
+                    kind="ConfigMap",
+                    name=owner_name(revision.name),
+                    uid=owner_uid,
+                    controller=False,
+                    blockOwnerDeletion=False,
+                )
+            ],
+        ),
+        spec=_pod_spec(spec, settings, _container(spec, settings, image, env, probe)),
+    )
+
+
+def _source_env(revision: Revision, settings: PodSettings) -> dict[str, str]:
+    """What the runtime image needs to fetch and run a source function: the handler, the
+    archive's URL, hash and read-only token. Raises BuildError when the revision has no
+    archive hash or the driver lacks the archive URL base or key."""
+    spec = revision.spec
+    if not revision.source_sha256:
+        raise BuildError(
+            f"revision {revision.name} has no archive hash (source_sha256): the kubernetes "
+            "driver runs source functions from content-addressed archives; deploy it again"
+        )
+    if not settings.archive_url_base:
+        raise BuildError(
+            "no archive URL for source functions: set TORPOR_ARCHIVE_URL_BASE "
+            "(the API's /v1/archives as Pods reach it)"
+        )
+    if not settings.archive_key:
+        raise BuildError(
+            "no archive key: the controller passes the installation's key to the driver "
+            "(use_archive_key) before it starts source functions"
+        )
+    return {
+        "TORPOR_HANDLER": spec.handler or "handler:handle",
+        "TORPOR_HOST": "0.0.0.0",  # the Pod's own network namespace: its IP
+        "TORPOR_ARCHIVE_URL": archive_url(settings.archive_url_base, revision.source_sha256),
+        "TORPOR_ARCHIVE_SHA256": revision.source_sha256,
+        # read-only, this archive only (an HMAC of its hash): never the API's admin token
+        "TORPOR_ARCHIVE_TOKEN": archive_token(settings.archive_key, revision.source_sha256),
+        "TORPOR_FETCH_DIR": FETCH_DIR,
+        "TORPOR_DRAIN_TIMEOUT": str(max(DRAIN_FLOOR, math.ceil(spec.timeout))),
+    }
+
+
+def _container(
+    spec: Spec, settings: PodSettings, image: str, env: Mapping[str, str], probe: Probe
+) -> Container:
+    """The replica's one container: unprivileged, read-only root, all capabilities
+    dropped, requests equal to limits, a writable ``/tmp``."""
     quantities: dict[str, str] = {}
     if spec.resources.cpu > 0:
         quantities["cpu"] = cpu_quantity(spec.resources.cpu)
@@ -353,42 +383,28 @@ def pod_manifest(
     if spec.image:  # Knative's `command` / `args`: the image's ENTRYPOINT / CMD replaced
         container.command = list(spec.command) if spec.command is not None else None
         container.args = list(spec.args) if spec.args is not None else None
-    return Pod(
-        metadata=ObjectMeta(
-            name=pod_name(replica),
-            namespace=settings.namespace,
-            labels={**spec.labels, **labels},
-            annotations=dict(full),
-            ownerReferences=[
-                OwnerReference(
-                    apiVersion="v1",
-                    kind="ConfigMap",
-                    name=owner_name(revision.name),
-                    uid=owner_uid,
-                    controller=False,
-                    blockOwnerDeletion=False,
-                )
-            ],
+    return container
+
+
+def _pod_spec(spec: Spec, settings: PodSettings, container: Container) -> PodSpec:
+    """The Pod around ``container``: never restarted, no service account token or
+    service links, unprivileged, its ``/tmp`` an emptyDir of ``settings.tmp_size``."""
+    return PodSpec(
+        containers=[container],
+        restartPolicy="Never",
+        automountServiceAccountToken=False,
+        enableServiceLinks=False,
+        terminationGracePeriodSeconds=grace_seconds(spec),
+        securityContext=PodSecurityContext(
+            runAsNonRoot=True,
+            runAsUser=USER_ID,
+            runAsGroup=USER_ID,
+            fsGroup=USER_ID,
+            seccompProfile=SeccompProfile(type="RuntimeDefault"),
         ),
-        spec=PodSpec(
-            containers=[container],
-            restartPolicy="Never",
-            automountServiceAccountToken=False,
-            enableServiceLinks=False,
-            terminationGracePeriodSeconds=grace_seconds(spec),
-            securityContext=PodSecurityContext(
-                runAsNonRoot=True,
-                runAsUser=USER_ID,
-                runAsGroup=USER_ID,
-                fsGroup=USER_ID,
-                seccompProfile=SeccompProfile(type="RuntimeDefault"),
-            ),
-            volumes=[
-                Volume(name="tmp", emptyDir=EmptyDirVolumeSource(sizeLimit=settings.tmp_size))
-            ],
-            imagePullSecrets=[LocalObjectReference(name=n) for n in settings.image_pull_secrets]
-            or None,
-        ),
+        volumes=[Volume(name="tmp", emptyDir=EmptyDirVolumeSource(sizeLimit=settings.tmp_size))],
+        imagePullSecrets=[LocalObjectReference(name=n) for n in settings.image_pull_secrets]
+        or None,
     )
 
 
