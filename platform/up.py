@@ -341,97 +341,113 @@ class Platform:
             lease_for(self.store) if components & {"controller", "api"} else None
         )
         if "controller" in components:
-            assert self.lease is not None
-            self.driver = make_driver(cfg)
-            ttl = cfg.lease_ttl
-            leadership = Leadership(
-                self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10)
-            )
-            self.controller = Controller(
-                self.store,
-                self.driver,
-                settings=Settings(
-                    max_replicas=cfg.max_replicas,
-                    pause_for=cfg.pause_idle,
-                    source_root=cfg.state_dir / "sources",
-                    source_cache=cfg.state_dir / "sources-cache",
-                    source_limits=cfg.limits,
-                    blob_grace=cfg.archive_grace,
-                    drain_grace=cfg.drain,
-                    keep_revisions=max(cfg.keep_revisions, 0),
-                ),
-                leadership=leadership,
-                lease_key=getattr(self.lease, "key", None),
-                info={
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "driver": self.driver.name,
-                    "store": self.store_kind,
-                    "version": version(),
-                },
-            )
-            if cfg.health_port is not None:
-                ctl = self.controller
-                app = health_app(ctl.alive, ctl.ready, lambda: ctl.role)
-                self.servers.append(
-                    (
-                        "health",
-                        _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
-                        f"{cfg.health_host}:{cfg.health_port}",
-                    )
-                )
+            self._add_controller()
         if "gateway" in components:
-            self.gateway = Gateway(
-                self.store,
-                domain=cfg.domain,
-                max_buffered=cfg.max_buffered,
-                trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies),
-            )
-            server = GatewayServer(
-                self.gateway,
-                cfg.host,
-                cfg.port,
-                head_timeout=cfg.head_timeout,
-                body_timeout=cfg.body_timeout,
-                write_timeout=cfg.write_timeout,
-                max_connections=cfg.max_connections,
-                graceful_timeout=cfg.graceful_timeout,
-            )
-            self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
+            self._add_gateway()
         if "api" in components:
-            gateway_url = (
-                cfg.public_url
-                or f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
-            )
-            ready = self.controller.ready if self.controller else (lambda: True)
-            token, self.token_source = api_token(cfg)  # written before the API listens
-            api = create_app(
-                self.store,
-                ApiConfig(
-                    state_dir=cfg.state_dir,
-                    token=token,
-                    gateway_url=gateway_url,
-                    domain=cfg.domain,
-                    max_replicas=cfg.max_replicas,
-                    bind_host=cfg.api_host,
-                    allowed_hosts=cfg.api_allowed_hosts,
-                    allowed_origins=cfg.api_allowed_origins,
-                    ready=ready,
-                    logs=self._log_reader(),
-                    limits=cfg.limits,
-                    lease=self.lease,
-                    store_kind=self.store_kind,
-                ),
-            )
-            self.servers.append(
-                (
-                    "api",
-                    _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level, cfg.graceful_timeout),
-                    f"{cfg.api_host}:{cfg.api_port}",
-                )
-            )
+            self._add_api()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
+
+    def _add_controller(self) -> None:
+        """The driver, the controller (leader-elected on ``self.lease``) and, with
+        ``health_port``, its health endpoint."""
+        cfg = self.cfg
+        assert self.lease is not None
+        self.driver = make_driver(cfg)
+        ttl = cfg.lease_ttl
+        leadership = Leadership(
+            self.lease, ttl=ttl, renew_every=min(1.0, ttl / 4), poll=min(0.25, ttl / 10)
+        )
+        self.controller = Controller(
+            self.store,
+            self.driver,
+            settings=Settings(
+                max_replicas=cfg.max_replicas,
+                pause_for=cfg.pause_idle,
+                source_root=cfg.state_dir / "sources",
+                source_cache=cfg.state_dir / "sources-cache",
+                source_limits=cfg.limits,
+                blob_grace=cfg.archive_grace,
+                drain_grace=cfg.drain,
+                keep_revisions=max(cfg.keep_revisions, 0),
+            ),
+            leadership=leadership,
+            lease_key=getattr(self.lease, "key", None),
+            info={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "driver": self.driver.name,
+                "store": self.store_kind,
+                "version": version(),
+            },
+        )
+        if cfg.health_port is not None:
+            ctl = self.controller
+            app = health_app(ctl.alive, ctl.ready, lambda: ctl.role)
+            self.servers.append(
+                (
+                    "health",
+                    _uvicorn(app, cfg.health_host, cfg.health_port, cfg.log_level, 1.0),
+                    f"{cfg.health_host}:{cfg.health_port}",
+                )
+            )
+
+    def _add_gateway(self) -> None:
+        """The gateway and its HTTP server."""
+        cfg = self.cfg
+        self.gateway = Gateway(
+            self.store,
+            domain=cfg.domain,
+            max_buffered=cfg.max_buffered,
+            trusted_proxies=parse_trusted_proxies(cfg.trusted_proxies),
+        )
+        server = GatewayServer(
+            self.gateway,
+            cfg.host,
+            cfg.port,
+            head_timeout=cfg.head_timeout,
+            body_timeout=cfg.body_timeout,
+            write_timeout=cfg.write_timeout,
+            max_connections=cfg.max_connections,
+            graceful_timeout=cfg.graceful_timeout,
+        )
+        self.servers.append(("gateway", server, f"{cfg.host}:{cfg.port}"))
+
+    def _add_api(self) -> None:
+        """The control API (its token written before it listens) and its server."""
+        cfg = self.cfg
+        gateway_url = (
+            cfg.public_url
+            or f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+        )
+        ready = self.controller.ready if self.controller else (lambda: True)
+        token, self.token_source = api_token(cfg)  # written before the API listens
+        api = create_app(
+            self.store,
+            ApiConfig(
+                state_dir=cfg.state_dir,
+                token=token,
+                gateway_url=gateway_url,
+                domain=cfg.domain,
+                max_replicas=cfg.max_replicas,
+                bind_host=cfg.api_host,
+                allowed_hosts=cfg.api_allowed_hosts,
+                allowed_origins=cfg.api_allowed_origins,
+                ready=ready,
+                logs=self._log_reader(),
+                limits=cfg.limits,
+                lease=self.lease,
+                store_kind=self.store_kind,
+            ),
+        )
+        self.servers.append(
+            (
+                "api",
+                _uvicorn(api, cfg.api_host, cfg.api_port, cfg.log_level, cfg.graceful_timeout),
+                f"{cfg.api_host}:{cfg.api_port}",
+            )
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
