@@ -74,7 +74,7 @@ import re
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import yaml
 
@@ -167,6 +167,7 @@ ROLLOUT_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_re
 
 _MAX_SHOWN = 60
 _MISSING: Any = object()
+_N = TypeVar("_N", int, float)
 
 
 class SpecError(ValueError):
@@ -276,6 +277,58 @@ def _as_float(value: Any, path: str, expected: str) -> float:
     if not math.isfinite(result):
         raise SpecError(path, expected, value)
     return result
+
+
+def _within(
+    number: _N, value: Any, path: str, words: str, low: float, high: float, *, above: bool = False
+) -> _N:
+    """``number`` (read from the user's ``value``) if ``low <= number <= high`` (``low <
+    number`` with ``above``); else SpecError naming ``path``, the bound in ``words`` and the
+    value. NaN is outside every bound."""
+    inside_low = low < number if above else low <= number
+    if not (inside_low and number <= high):
+        raise SpecError(path, words, value)
+    return number
+
+
+@overload
+def _bounded(
+    value: Any,
+    path: str,
+    words: str,
+    low: float,
+    high: float,
+    *,
+    integer: Literal[True],
+    above: bool = False,
+) -> int: ...
+@overload
+def _bounded(
+    value: Any,
+    path: str,
+    words: str,
+    low: float,
+    high: float,
+    *,
+    integer: Literal[False] = False,
+    above: bool = False,
+) -> float: ...
+def _bounded(
+    value: Any,
+    path: str,
+    words: str,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
+    above: bool = False,
+) -> float:
+    """A number from the hostile ``value``, bounded: an integer (a whole float such as
+    ``2.0`` counts) with ``integer``, else a finite number; then :func:`_within` the
+    bounds. Booleans, strings, NaN, infinity and out-of-range values are refused with the
+    same ``words``, which say the bound."""
+    number = _as_int(value, path, words) if integer else _as_float(value, path, words)
+    return _within(number, value, path, words, low, high, above=above)
 
 
 # --- durations --------------------------------------------------------------------------
@@ -646,32 +699,23 @@ def _parse_scale(value: Any, cap: int = MAX_SCALE) -> Scale:
             raise SpecError("scale.min", f"an integer <= scale.max ({where})", out.min)
     if (v := _get(sec, "target")) is not _MISSING:
         words = f"a number > 0 and <= {MAX_TARGET:g} (in-flight requests per replica)"
-        out.target = _as_float(v, "scale.target", words)
-        if not 0 < out.target <= MAX_TARGET:
-            raise SpecError("scale.target", words, v)
+        out.target = _bounded(v, "scale.target", words, 0, MAX_TARGET, above=True)
     if (v := _get(sec, "concurrency")) is not _MISSING:
         words = f"an integer from 0 to {MAX_CONCURRENCY} (0 = no limit)"
-        out.concurrency = _as_int(v, "scale.concurrency", words)
-        if not 0 <= out.concurrency <= MAX_CONCURRENCY:
-            raise SpecError("scale.concurrency", words, v)
+        out.concurrency = _bounded(v, "scale.concurrency", words, 0, MAX_CONCURRENCY, integer=True)
     if (v := _get(sec, "idle")) is not _MISSING:
-        out.idle = parse_duration(v, "scale.idle")
-        if out.idle > MAX_IDLE:
-            raise SpecError("scale.idle", "a duration from 0 to 24h", v)
+        idle = parse_duration(v, "scale.idle")
+        out.idle = _within(idle, v, "scale.idle", "a duration from 0 to 24h", 0, MAX_IDLE)
     if (v := _get(sec, "window")) is not _MISSING:
-        out.window = parse_duration(v, "scale.window")
-        if not MIN_WINDOW <= out.window <= MAX_WINDOW:
-            raise SpecError("scale.window", "a duration from 6s to 1h", v)
+        window = parse_duration(v, "scale.window")
+        words = "a duration from 6s to 1h"
+        out.window = _within(window, v, "scale.window", words, MIN_WINDOW, MAX_WINDOW)
     if (v := _get(sec, "panic_window")) is not _MISSING:
         words = "a percent of scale.window from 1 to 100"
-        out.panic_window = _as_float(v, "scale.panic_window", words)
-        if not 1 <= out.panic_window <= 100:
-            raise SpecError("scale.panic_window", words, v)
+        out.panic_window = _bounded(v, "scale.panic_window", words, 1, 100)
     if (v := _get(sec, "panic_threshold")) is not _MISSING:
         words = "a percent of the ready replicas from 110 to 1000"
-        out.panic_threshold = _as_float(v, "scale.panic_threshold", words)
-        if not 110 <= out.panic_threshold <= 1000:
-            raise SpecError("scale.panic_threshold", words, v)
+        out.panic_threshold = _bounded(v, "scale.panic_threshold", words, 110, 1000)
     return out
 
 
@@ -681,9 +725,9 @@ def _parse_resources(value: Any) -> Resources:
     if (v := _get(sec, "cpu")) is not _MISSING:
         out.cpu = _parse_cpu(v, "resources.cpu")
     if (v := _get(sec, "memory")) is not _MISSING:
-        out.memory = parse_size(v, "resources.memory")
-        if not MIN_MEMORY <= out.memory <= MAX_MEMORY:
-            raise SpecError("resources.memory", 'a size from "16Mi" to "64Gi"', v)
+        memory = parse_size(v, "resources.memory")
+        words = 'a size from "16Mi" to "64Gi"'
+        out.memory = _within(memory, v, "resources.memory", words, MIN_MEMORY, MAX_MEMORY)
     return out
 
 
@@ -693,24 +737,20 @@ def _parse_rollout(value: Any) -> RolloutPolicy:
     if (v := _get(sec, "steps")) is not _MISSING:
         out.steps = _parse_steps(v, "rollout.steps")
     if (v := _get(sec, "interval")) is not _MISSING:
-        out.interval = parse_duration(v, "rollout.interval")
-        if not 0 < out.interval <= MAX_INTERVAL:
-            raise SpecError("rollout.interval", "a duration > 0 and <= 24h", v)
+        interval = parse_duration(v, "rollout.interval")
+        words = "a duration > 0 and <= 24h"
+        out.interval = _within(interval, v, "rollout.interval", words, 0, MAX_INTERVAL, above=True)
     if (v := _get(sec, "max_error_ratio")) is not _MISSING:
         words = "a number from 0 to 1 (share of canary requests that may fail)"
-        out.max_error_ratio = _as_float(v, "rollout.max_error_ratio", words)
-        if not 0 <= out.max_error_ratio <= 1:
-            raise SpecError("rollout.max_error_ratio", words, v)
+        out.max_error_ratio = _bounded(v, "rollout.max_error_ratio", words, 0, 1)
     if (v := _get(sec, "max_p95_ratio")) is not _MISSING:
         words = f"a number from 1 to {MAX_P95_RATIO:g} (canary p95 / stable p95)"
-        out.max_p95_ratio = _as_float(v, "rollout.max_p95_ratio", words)
-        if not 1 <= out.max_p95_ratio <= MAX_P95_RATIO:
-            raise SpecError("rollout.max_p95_ratio", words, v)
+        out.max_p95_ratio = _bounded(v, "rollout.max_p95_ratio", words, 1, MAX_P95_RATIO)
     if (v := _get(sec, "min_requests")) is not _MISSING:
         words = f"an integer from 0 to {MAX_MIN_REQUESTS}"
-        out.min_requests = _as_int(v, "rollout.min_requests", words)
-        if not 0 <= out.min_requests <= MAX_MIN_REQUESTS:
-            raise SpecError("rollout.min_requests", words, v)
+        out.min_requests = _bounded(
+            v, "rollout.min_requests", words, 0, MAX_MIN_REQUESTS, integer=True
+        )
     return out
 
 
@@ -719,14 +759,14 @@ def _parse_async(value: Any) -> AsyncPolicy:
     out = AsyncPolicy()
     if (v := _get(sec, "concurrency")) is not _MISSING:
         words = f"an integer from 1 to {MAX_ASYNC_CONCURRENCY} (calls running at once)"
-        out.concurrency = _as_int(v, "async.concurrency", words)
-        if not 1 <= out.concurrency <= MAX_ASYNC_CONCURRENCY:
-            raise SpecError("async.concurrency", words, v)
+        out.concurrency = _bounded(
+            v, "async.concurrency", words, 1, MAX_ASYNC_CONCURRENCY, integer=True
+        )
     if (v := _get(sec, "max_attempts")) is not _MISSING:
         words = f"an integer from 1 to {MAX_ASYNC_ATTEMPTS}"
-        out.max_attempts = _as_int(v, "async.max_attempts", words)
-        if not 1 <= out.max_attempts <= MAX_ASYNC_ATTEMPTS:
-            raise SpecError("async.max_attempts", words, v)
+        out.max_attempts = _bounded(
+            v, "async.max_attempts", words, 1, MAX_ASYNC_ATTEMPTS, integer=True
+        )
     return out
 
 
@@ -737,9 +777,7 @@ def _parse_steps(value: Any, path: str) -> list[int]:
     steps: list[int] = []
     for i, raw in enumerate(value):
         item_path = f"{path}[{i}]"
-        step = _as_int(raw, item_path, "an integer percent from 1 to 100")
-        if not 1 <= step <= 100:
-            raise SpecError(item_path, "an integer percent from 1 to 100", raw)
+        step = _bounded(raw, item_path, "an integer percent from 1 to 100", 1, 100, integer=True)
         if steps and step <= steps[-1]:
             raise SpecError(item_path, f"a percent > {steps[-1]} (steps strictly increase)", raw)
         steps.append(step)
@@ -795,25 +833,24 @@ def _parse_spec(data: Any, cap: int) -> Spec:
     if "env" in top:
         spec.env = _parse_env(top["env"], "env")
     if (v := _get(top, "port")) is not _MISSING:
-        spec.port = _as_int(v, "port", "an integer from 1 to 65535")
-        if not 1 <= spec.port <= 65535:
-            raise SpecError("port", "an integer from 1 to 65535", v)
+        spec.port = _bounded(v, "port", "an integer from 1 to 65535", 1, 65535, integer=True)
     if (v := _get(top, "timeout")) is not _MISSING:
-        spec.timeout = parse_duration(v, "timeout")
-        if not 0 < spec.timeout <= MAX_TIMEOUT:
-            raise SpecError("timeout", "a duration > 0 and <= 600s", v)
+        timeout = parse_duration(v, "timeout")
+        words = "a duration > 0 and <= 600s"
+        spec.timeout = _within(timeout, v, "timeout", words, 0, MAX_TIMEOUT, above=True)
     if (v := _get(top, "max_body")) is not _MISSING:
-        spec.max_body = parse_size(v, "max_body")
-        if not 1 <= spec.max_body <= MAX_BODY:
-            raise SpecError("max_body", 'a size from 1 byte to "1Gi"', v)
+        max_body = parse_size(v, "max_body")
+        spec.max_body = _within(max_body, v, "max_body", 'a size from 1 byte to "1Gi"', 1, MAX_BODY)
     if (v := _get(top, "stream_idle")) is not _MISSING:
-        spec.stream_idle = parse_duration(v, "stream_idle")
-        if not 0 < spec.stream_idle <= MAX_STREAM_IDLE:
-            raise SpecError("stream_idle", "a duration > 0 and <= 1h", v)
+        idle = parse_duration(v, "stream_idle")
+        words = "a duration > 0 and <= 1h"
+        spec.stream_idle = _within(idle, v, "stream_idle", words, 0, MAX_STREAM_IDLE, above=True)
     if (v := _get(top, "max_connection")) is not _MISSING:
-        spec.max_connection = parse_duration(v, "max_connection")
-        if not 0 < spec.max_connection <= MAX_CONNECTION:
-            raise SpecError("max_connection", "a duration > 0 and <= 24h", v)
+        most = parse_duration(v, "max_connection")
+        words = "a duration > 0 and <= 24h"
+        spec.max_connection = _within(
+            most, v, "max_connection", words, 0, MAX_CONNECTION, above=True
+        )
     if (v := _get(top, "websocket")) is not _MISSING:
         if spec.image is not None:
             raise SpecError(
