@@ -441,6 +441,23 @@ def _resources(
             d.warn(f"{where}.{section}.{key}", "not supported, ignored")
 
 
+_KNOWN_AUTOSCALING = frozenset(
+    {
+        "class",
+        "metric",
+        "min-scale",
+        "max-scale",
+        "initial-scale",
+        "target",
+        "target-utilization-percentage",
+        "window",
+        "panic-window-percentage",
+        "panic-threshold-percentage",
+        "scale-to-zero-pod-retention-period",
+    }
+)
+
+
 def _autoscaling(
     d: _Doc,
     ann: dict[str, tuple[str, str]],
@@ -448,11 +465,38 @@ def _autoscaling(
     scale: dict[str, Any],
     origin: dict[str, str],
 ) -> None:
-    def num(key: str, integer: bool = False) -> float | None:
-        if key not in ann:
-            return None
-        return number(ann[key][0], d.source, ann[key][1], integer=integer)
+    """The ``autoscaling.knative.dev/*`` annotations (``ann``: key -> (value, path)) ->
+    ``scale`` fields, with ``origin`` for each; ``concurrency`` is the container's
+    hard limit (containerConcurrency), which caps the target as in Knative."""
+    _check_autoscaler(d, ann)
+    _replica_bounds(d, ann, scale, origin)
+    _target(d, ann, concurrency, scale, origin)
+    if "window" in ann:
+        scale["window"] = ann["window"][0]
+        origin["scale.window"] = ann["window"][1]
+    if (v := _annotation_number(d, ann, "panic-window-percentage")) is not None:
+        scale["panic_window"] = v
+        origin["scale.panic_window"] = ann["panic-window-percentage"][1]
+    if (v := _annotation_number(d, ann, "panic-threshold-percentage")) is not None:
+        scale["panic_threshold"] = v
+        origin["scale.panic_threshold"] = ann["panic-threshold-percentage"][1]
+    if "scale-to-zero-pod-retention-period" in ann:
+        scale["idle"] = ann["scale-to-zero-pod-retention-period"][0]
+        origin["scale.idle"] = ann["scale-to-zero-pod-retention-period"][1]
 
+
+def _annotation_number(
+    d: _Doc, ann: dict[str, tuple[str, str]], key: str, integer: bool = False
+) -> float | None:
+    """The number annotation ``key`` says (None if absent); ImportRefused if it is none."""
+    if key not in ann:
+        return None
+    return number(ann[key][0], d.source, ann[key][1], integer=integer)
+
+
+def _check_autoscaler(d: _Doc, ann: dict[str, tuple[str, str]]) -> None:
+    """Refuse another autoscaler class or a metric but concurrency; warn about every
+    annotation Torpor does not read."""
     for key, (value, path) in ann.items():
         if key == "class" and value not in ("kpa.autoscaling.knative.dev", "kpa"):
             raise d.refuse(
@@ -468,26 +512,20 @@ def _autoscaling(
                     "use metric concurrency with a target",
                 )
             raise d.refuse(path, f"{value!r}: Torpor scales on concurrency only")
-    known = {
-        "class",
-        "metric",
-        "min-scale",
-        "max-scale",
-        "initial-scale",
-        "target",
-        "target-utilization-percentage",
-        "window",
-        "panic-window-percentage",
-        "panic-threshold-percentage",
-        "scale-to-zero-pod-retention-period",
-    }
     for key, (_, path) in ann.items():
-        if key not in known:
+        if key not in _KNOWN_AUTOSCALING:
             d.warn(path, "not supported, ignored")
-    if (v := num("min-scale", True)) is not None:
+
+
+def _replica_bounds(
+    d: _Doc, ann: dict[str, tuple[str, str]], scale: dict[str, Any], origin: dict[str, str]
+) -> None:
+    """``min-scale`` / ``max-scale`` (0, unbounded in Knative, keeps Torpor's default);
+    an ``initial-scale`` other than 1 is warned about."""
+    if (v := _annotation_number(d, ann, "min-scale", True)) is not None:
         scale["min"] = int(v)
         origin["scale.min"] = ann["min-scale"][1]
-    if (v := num("max-scale", True)) is not None:
+    if (v := _annotation_number(d, ann, "max-scale", True)) is not None:
         if v == 0:
             d.warn(
                 ann["max-scale"][1],
@@ -497,14 +535,25 @@ def _autoscaling(
         else:
             scale["max"] = int(v)
             origin["scale.max"] = ann["max-scale"][1]
-    if (v := num("initial-scale", True)) is not None and v != 1:
+    if (v := _annotation_number(d, ann, "initial-scale", True)) is not None and v != 1:
         d.warn(
             ann["initial-scale"][1],
             f"{v:g}: Torpor starts one replica to verify a revision, then follows "
             "the load (as initial-scale 1)",
         )
-    target = num("target")
-    util = num("target-utilization-percentage")
+
+
+def _target(
+    d: _Doc,
+    ann: dict[str, tuple[str, str]],
+    concurrency: int | None,
+    scale: dict[str, Any],
+    origin: dict[str, str],
+) -> None:
+    """Knative's effective target: ``target`` (else the hard limit, else Knative's
+    default), capped at the hard limit, times the utilisation percentage."""
+    target = _annotation_number(d, ann, "target")
+    util = _annotation_number(d, ann, "target-utilization-percentage")
     # Knative's rule, with Knative's defaults for what is not given
     base = target if target is not None else (concurrency if concurrency else KNATIVE_TARGET)
     if concurrency and base > concurrency:
@@ -527,18 +576,6 @@ def _autoscaling(
             f"applies ({KNATIVE_TARGET:g} x {util if util is not None else KNATIVE_UTILIZATION:g} % = "
             f"{effective:g} in-flight requests per replica; Torpor's own default is 10)",
         )
-    if "window" in ann:
-        scale["window"] = ann["window"][0]
-        origin["scale.window"] = ann["window"][1]
-    if (v := num("panic-window-percentage")) is not None:
-        scale["panic_window"] = v
-        origin["scale.panic_window"] = ann["panic-window-percentage"][1]
-    if (v := num("panic-threshold-percentage")) is not None:
-        scale["panic_threshold"] = v
-        origin["scale.panic_threshold"] = ann["panic-threshold-percentage"][1]
-    if "scale-to-zero-pod-retention-period" in ann:
-        scale["idle"] = ann["scale-to-zero-pod-retention-period"][0]
-        origin["scale.idle"] = ann["scale-to-zero-pod-retention-period"][1]
 
 
 def _traffic(d: _Doc, value: Any, template_name: str | None) -> list[TrafficEntry] | None:
