@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULT_BASE_IMAGE = os.environ.get("TORPOR_BASE_IMAGE") or "torpor/python-base:bookworm"
 SUITE = "bookworm"
@@ -133,73 +134,94 @@ def build_base_image(
         tmp = Path(tempfile.mkdtemp(prefix="torpor-rootfs-"))
         root = tmp / "root"
         try:
-            progress(f"debootstrap {SUITE} (minbase + python3) from {mirror}")
-            cmd = [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=python3",
-                SUITE,
-                str(root),
-                mirror,
-            ]
-            tail: list[str] = []
-            with subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            ) as proc:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    line = line.rstrip()
-                    tail = (tail + [line])[-15:]
-                    progress(line)
-            if proc.returncode != 0:
-                raise BaseImageError(
-                    f"debootstrap failed (exit {proc.returncode}):\n" + "\n".join(tail)
-                )
-            for rel in _PRUNE:
-                p = root / rel
-                if p.is_dir():
-                    for child in p.iterdir():
-                        if child.is_dir() and not child.is_symlink():
-                            shutil.rmtree(child, ignore_errors=True)
-                        elif child.name != "lock":
-                            child.unlink(missing_ok=True)
+            _debootstrap(root, mirror, progress)
+            prune_rootfs(root)
             progress(f"docker import -> {name}")
-            repo, _, tag = name.rpartition(":")
-            if not repo or "/" in tag:
-                repo, tag = name, "latest"
-            with subprocess.Popen(
-                ["tar", "--numeric-owner", "-C", str(root), "-c", "."],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            ) as tar:
-                assert tar.stdout is not None
-                try:
-                    client.api.import_image(
-                        src=tar.stdout,
-                        repository=repo,
-                        tag=tag,
-                        changes=[
-                            'CMD ["python3"]',
-                            "ENV LANG=C.UTF-8",
-                            f"LABEL {BASE_LABEL}={SUITE}",
-                        ],
-                        stream_src=True,
-                    )
-                finally:
-                    tar.stdout.close()
-                    err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
-            if tar.returncode != 0:
-                raise BaseImageError(f"tar of the root file system failed: {err.strip()}")
-            try:
-                client.images.get(name)
-            except Exception as e:
-                raise BaseImageError(f"docker import did not produce {name}: {e}") from e
+            _docker_import(client, root, name)
             progress(f"built {name} in {time.monotonic() - t0:.1f}s")
             return name
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         client.close()
+
+
+def _debootstrap(root: Path, mirror: str, progress: Callable[[str], None]) -> None:
+    """A minimal Debian ``SUITE`` with python3 in ``root``, each output line to
+    ``progress``; BaseImageError with the last lines if debootstrap fails."""
+    progress(f"debootstrap {SUITE} (minbase + python3) from {mirror}")
+    cmd = [
+        "debootstrap",
+        "--variant=minbase",
+        "--include=python3",
+        SUITE,
+        str(root),
+        mirror,
+    ]
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-15:]
+            progress(line)
+    if proc.returncode != 0:
+        raise BaseImageError(f"debootstrap failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def prune_rootfs(root: Path) -> None:
+    """Empty the caches and docs of ``_PRUNE`` under ``root`` (their folders stay; apt's
+    ``lock`` files stay; a link is removed, never followed)."""
+    for rel in _PRUNE:
+        p = root / rel
+        if p.is_dir():
+            for child in p.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                elif child.name != "lock":
+                    child.unlink(missing_ok=True)
+
+
+def repo_and_tag(name: str) -> tuple[str, str]:
+    """``REPO:TAG`` split for ``docker import``; a name without a tag (or whose last
+    ``:`` is a registry port) gets ``latest``."""
+    repo, _, tag = name.rpartition(":")
+    if not repo or "/" in tag:
+        repo, tag = name, "latest"
+    return repo, tag
+
+
+def _docker_import(client: Any, root: Path, name: str) -> None:
+    """``root`` as the image ``name`` (tar streamed into ``docker import``); BaseImageError
+    if tar fails or the image is not there afterwards."""
+    repo, tag = repo_and_tag(name)
+    with subprocess.Popen(
+        ["tar", "--numeric-owner", "-C", str(root), "-c", "."],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as tar:
+        assert tar.stdout is not None
+        try:
+            client.api.import_image(
+                src=tar.stdout,
+                repository=repo,
+                tag=tag,
+                changes=[
+                    'CMD ["python3"]',
+                    "ENV LANG=C.UTF-8",
+                    f"LABEL {BASE_LABEL}={SUITE}",
+                ],
+                stream_src=True,
+            )
+        finally:
+            tar.stdout.close()
+            err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+    if tar.returncode != 0:
+        raise BaseImageError(f"tar of the root file system failed: {err.strip()}")
+    try:
+        client.images.get(name)
+    except Exception as e:
+        raise BaseImageError(f"docker import did not produce {name}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
