@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torpor.drivers import pip
@@ -108,6 +109,39 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
+@dataclass
+class _Report:
+    """A forked replica's readiness report: the line it writes on the zygote connection it
+    holds once it listens (zygote.py). ``ready`` resolves True on that line (for the
+    replica's own port), None when the connection closes without it."""
+
+    port: int
+    ready: asyncio.Future[bool | None]
+    pid: int = 0
+    start_time: str | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _ready_line(msg: object, port: int) -> bool:
+    return isinstance(msg, dict) and type(msg.get("ready")) is int and msg["ready"] == port
+
+
+async def _read_report(
+    rep: _Report, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Wait for the replica's ready line (or the connection's end) and resolve ``rep``."""
+    result: bool | None = None
+    try:
+        line = await reader.readline()
+        result = True if line and _ready_line(json.loads(line), rep.port) else None
+    except (OSError, ValueError):  # ValueError: not JSON, or a line past the reader's limit
+        result = None
+    finally:
+        if not rep.ready.done():
+            rep.ready.set_result(result)
+        writer.close()
+
+
 class ProcessDriver:
     name = "process"
 
@@ -129,6 +163,7 @@ class ProcessDriver:
         # short path: AF_UNIX paths are limited to ~107 bytes
         self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
         self.homes = Path(state_dir) / "homes"  # a private, empty HOME per replica
+        self._reports: dict[str, _Report] = {}  # replica -> its readiness report (forked ones)
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -202,7 +237,7 @@ class ProcessDriver:
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         pid = None
         if self.use_zygote:
-            pid = await self._spawn_forked(replica, revision.source, env, log_path, limits)
+            pid = await self._spawn_forked(replica, revision.source, env, log_path, limits, port)
         if pid is None:
             pid = self._spawn(revision.source, env, log_path, limits)
         record = {
@@ -217,7 +252,30 @@ class ProcessDriver:
         tmp = self.dir / f".{replica}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.dir / f"{replica}.json")
+        report = self._reports.get(replica)
+        if report is not None:
+            report.pid, report.start_time = pid, record["start_time"]  # type: ignore[assignment]
         return self._running(record)
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """The replica's own word (see :class:`~torpor.drivers.base.ReportsReadiness`): a
+        replica forked from the zygote reports the moment it listens with its handler
+        loaded, so the controller learns it without a probe's round trips. True once it
+        has reported and still runs; False while it has not (waits up to ``timeout`` s), or
+        once it has died; None when there is nothing to wait for (a plain spawn, a replica
+        adopted from an earlier run, or a connection that closed without the report): the
+        controller then probes the endpoint, as before."""
+        rep = self._reports.get(running.replica)
+        if rep is None:
+            return None
+        if not rep.ready.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(rep.ready), max(0.0, timeout))
+            except TimeoutError:
+                return False
+        if rep.ready.result() is None:
+            return None
+        return rep.start_time is not None and _proc_start_time(rep.pid) == rep.start_time
 
     def _home(self, replica: str) -> str:
         """A fresh, empty, private directory for the replica's HOME and TMPDIR."""
@@ -299,8 +357,10 @@ class ProcessDriver:
         env: dict[str, str],
         log_path: Path,
         limits: dict[str, tuple[int, int]],
+        port: int,
     ) -> int | None:
-        """Fork the replica from the zygote; None if the zygote is unavailable."""
+        """Fork the replica from the zygote; None if the zygote is unavailable. The
+        connection stays open for the replica's readiness report (``self._reports``)."""
         if not await self._ensure_zygote():
             return None
         req = {
@@ -310,17 +370,40 @@ class ProcessDriver:
             "log": str(log_path),
             "exit": str(self.dir / f"{replica}.exit"),
             "limits": limits,
+            "report": True,
         }
         try:
             reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
+        except OSError:
+            return None
+        rep = _Report(port=port, ready=asyncio.get_running_loop().create_future())
+        try:
             writer.write(json.dumps(req).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 5)
+            pid = None
+            while pid is None:  # the pid line, and a report that may come before it (a spare)
+                reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
+                if isinstance(reply, dict) and "ready" in reply and not rep.ready.done():
+                    rep.ready.set_result(True if _ready_line(reply, port) else None)
+                else:
+                    pid = int(reply["pid"])
+        except (OSError, ValueError, KeyError, TypeError, TimeoutError):
             writer.close()
-            reply = json.loads(line)
-            return int(reply["pid"])
-        except (OSError, ValueError, KeyError, TimeoutError):
             return None
+        self._drop_report(replica)
+        self._reports[replica] = rep
+        if rep.ready.done():
+            writer.close()
+        else:
+            rep.task = asyncio.create_task(
+                _read_report(rep, reader, writer), name=f"ready-{replica}"
+            )
+        return pid
+
+    def _drop_report(self, replica: str) -> None:
+        rep = self._reports.pop(replica, None)
+        if rep is not None and rep.task is not None:
+            rep.task.cancel()
 
     def _running(self, data: dict[str, object]) -> Running:
         alive = self._alive(data)
@@ -358,6 +441,7 @@ class ProcessDriver:
         return start is not None and start == data.get("start_time")
 
     def _forget(self, replica: str) -> None:
+        self._drop_report(replica)
         (self.dir / f"{replica}.json").unlink(missing_ok=True)
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         shutil.rmtree(self.homes / replica, ignore_errors=True)
@@ -439,6 +523,8 @@ class ProcessDriver:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        for replica in list(self._reports):
+            self._drop_report(replica)
         for child in self._children.values():
             child.poll()
         if self._zygote is not None and self._zygote.poll() is None:

@@ -1,12 +1,28 @@
 """A fork server for the process driver: imports the runtime (and asyncio) once, then
 forks a replica per request, so a cold start skips the interpreter start and the
-imports (~3-12 ms to ready instead of ~50-80 ms).
+imports (a few ms to ready instead of ~50-80 ms).
 
 Standard library only, like server.py beside it. Run as ``python3 zygote.py SOCKET``.
 Protocol: one JSON line per connection on the Unix socket
-``{"replica", "cwd", "env", "log", "exit", "limits"}`` -> ``{"pid": N}`` (or
+``{"replica", "cwd", "env", "log", "exit", "limits", "report"}`` -> ``{"pid": N}`` (or
 ``{"error": ...}``); ``limits`` is ``{"RLIMIT_X": [soft, hard]}``, set in the child
 right after the fork, before the runtime imports the handler.
+
+Readiness report (``"report": true``): after the pid line the connection stays open,
+held by the child alone (the zygote closes its copy). The child writes
+``{"ready": PORT, "t": MONOTONIC}`` once it listens with its handler loaded, the moment it
+can answer, and closes it. The connection closing without that line means the child
+exited (or closed it) first: no word, the driver probes instead. The report is the
+function's own word, as an answer to a probe is: its code runs in the child and could
+fake either.
+
+The spare: the zygote keeps one child forked ahead, waiting on a socket pair, so that a
+request finds its process already there (the fork, ~1-2 ms of copying page tables, is
+off the request's path). The zygote hands the spare the request and the report
+connection (``SCM_RIGHTS``) and forks the next spare once no request has come for
+``REFILL_AFTER`` seconds (a burst is forked directly, as without a spare). Until its
+request the spare holds nothing of any function: the zygote's own environment block,
+no cwd of a function, no limits; it exits when the zygote goes away.
 
 The driver starts the zygote with a minimal environment: a forked child's
 ``/proc/self/environ`` is the zygote's start-up block whatever ``os.environ`` says, so
@@ -20,6 +36,7 @@ the zygote (and ``torpor up``), and are adopted by the next run like any replica
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -27,12 +44,17 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import server  # noqa: E402  (the runtime, and asyncio with it)
 
-_children: dict[int, str] = {}  # pid -> exit-code file
+REFILL_AFTER = 0.05  # s without a request before the next spare is forked
+MAX_REQUEST = 16 * 1024 * 1024  # bytes of one request (env, paths); the driver sends far less
+
+_children: dict[int, str] = {}  # pid -> exit-code file ("" for the spare: nothing to write)
+_spare: tuple[int, socket.socket] | None = None  # (pid, the zygote's end of its socket pair)
 
 
 def _warm() -> None:
@@ -44,6 +66,64 @@ def _warm() -> None:
     loop = asyncio.new_event_loop()  # selectors, the default policy
     loop.close()
     asyncio.set_event_loop(None)
+    try:
+        _warm_requests()
+    except Exception as e:  # noqa: BLE001 - a colder zygote still forks replicas
+        print(f"torpor-zygote: warm-up failed: {e!r}", file=sys.stderr, flush=True)
+    asyncio.set_event_loop(None)
+
+
+WARM_REQUESTS = (
+    b"GET /?name=warm HTTP/1.1\r\nHost: torpor-warm\r\nConnection: close\r\n\r\n",
+    b"POST /json HTTP/1.1\r\nHost: torpor-warm\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 16\r\nConnection: close\r\n\r\n{"name": "warm"}',
+)
+
+
+def _warm_handler(request: server.Request) -> object:
+    if request.body:
+        return {"hello": request.json().get("name")}
+    return f"hello, {request.query.get('name')}!\n"
+
+
+def _warm_requests() -> None:
+    """Serve a few requests through the runtime itself, here, before any fork: the code a
+    replica runs on its way to its first answer (the listener, accept, parsing, the handler
+    thread, rendering) has then run once in the zygote, its bytecode specialised and its
+    lazy imports done in memory every child shares, instead of again in each child.
+    Loopback, an ephemeral port, a built-in handler; no listener, loop or thread is left
+    (the handler threads are joined: the zygote forks single-threaded)."""
+    import asyncio
+    import contextlib
+    import io
+    import threading
+
+    cfg = server.load_config(
+        {"PORT": "0", "TORPOR_HOST": "127.0.0.1", "TORPOR_DIR": os.getcwd(), "TORPOR_THREADS": "2"}
+    )
+
+    async def client(port: int) -> None:
+        try:
+            for raw in WARM_REQUESTS:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(raw)
+                await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the runtime's own drain, then it returns
+
+    tasks = []
+
+    def listening(port: int) -> None:
+        tasks.append(asyncio.get_running_loop().create_task(client(port)))
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        server.run(cfg, _warm_handler, None, None, listening)
+    for t in threading.enumerate():
+        if t is not threading.main_thread():
+            t.join(5)
+    if threading.active_count() > 1:
+        raise RuntimeError("handler threads still running")
 
 
 def _reap(signum: int = 0, frame: object = None) -> None:
@@ -79,25 +159,51 @@ def _limit(limits: object) -> None:
             print(f"torpor-zygote: {name}={value!r} not set: {e}", file=sys.stderr, flush=True)
 
 
-def _child(req: dict[str, object], t0: float) -> None:
+def _detach() -> None:
+    """What every child does first, before it knows its function: default SIGCHLD, its own
+    session (the driver signals the process group), stdin from /dev/null."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
-    log = os.open(str(req["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
     os.close(null)
-    _limit(req.get("limits"))
-    env = req["env"]
-    assert isinstance(env, dict)
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in env.items()})
-    os.chdir(str(req["cwd"]))
+
+
+def _reporter(conn: socket.socket | None) -> Callable[[int], None] | None:
+    """``on_listening`` for the runtime: one ready line on the report connection, then
+    close it (the handler's code keeps no way to write on it)."""
+    if conn is None:
+        return None
+
+    def report(port: int) -> None:
+        try:
+            conn.sendall(json.dumps({"ready": port, "t": time.monotonic()}).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    return report
+
+
+def _child(req: dict[str, object], t0: float, conn: socket.socket | None) -> None:
+    """Become the replica ``req`` asks for (after :func:`_detach`); never returns."""
     code = 1
     try:
-        code = server.main(t0)
+        log = os.open(str(req["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        _limit(req.get("limits"))
+        env = req["env"]
+        assert isinstance(env, dict)
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        os.chdir(str(req["cwd"]))
+        report = _reporter(conn if req.get("report") is True else None)
+        if report is None and conn is not None:
+            conn.close()
+        code = server.main(t0, report)
     finally:
         try:
             sys.stdout.flush()
@@ -106,8 +212,105 @@ def _child(req: dict[str, object], t0: float) -> None:
             os._exit(code)
 
 
-def serve(path: str) -> None:
+def _spare_main(sock: socket.socket) -> None:
+    """The spare's life: wait for a request (one byte with the report connection's fd, then
+    the JSON of ``{"t0", "req"}`` up to EOF), then become that replica. EOF first: the
+    zygote is gone or stopping, exit."""
+    code = 0
+    try:
+        _detach()
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        if not msg:
+            os._exit(0)
+        conn = socket.socket(fileno=fds[0]) if fds else None
+        chunks, size = [], 0
+        while size <= MAX_REQUEST:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        sock.close()
+        payload = json.loads(b"".join(chunks))
+        _child(payload["req"], float(payload["t0"]), conn)
+    except SystemExit:  # SIGTERM while waiting
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - a spare must never return into the zygote's loop
+        print(f"torpor-zygote: spare failed: {e!r}", file=sys.stderr, flush=True)
+        code = 1
+    os._exit(code)
+
+
+def _fork_spare(listener: socket.socket) -> None:
+    global _spare
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            listener.close()
+            ours.close()
+            _spare_main(theirs)
+        _children[pid] = ""
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    theirs.close()
+    _spare = (pid, ours)
+
+
+def _drop_spare() -> None:
+    global _spare
+    if _spare is not None:
+        _spare[1].close()  # the spare reads EOF and exits
+        _spare = None
+
+
+def _hand_to_spare(req: dict[str, object], t0: float, conn: socket.socket) -> int | None:
+    """Give ``req`` to the spare -> its pid, or None (no spare, or it died: fork instead).
+    Called with SIGCHLD blocked, so the spare's exit code goes to ``req["exit"]`` even if
+    it dies right after."""
+    global _spare
+    if _spare is None:
+        return None
+    pid, sock = _spare
+    _spare = None
+    if pid not in _children:  # reaped already
+        sock.close()
+        return None
+    try:
+        socket.send_fds(sock, [b"\0"], [conn.fileno()])
+        sock.sendall(json.dumps({"t0": t0, "req": req}).encode())
+    except OSError:
+        sock.close()
+        return None
+    sock.close()
+    _children[pid] = str(req["exit"])
+    return pid
+
+
+def _fork_child(
+    req: dict[str, object], t0: float, conn: socket.socket, listener: socket.socket
+) -> int:
+    """Fork ``req``'s replica directly (no spare at hand). Called with SIGCHLD blocked."""
+    pid = os.fork()
+    if pid == 0:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        listener.close()
+        _drop_spare()
+        try:
+            _detach()
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+        _child(req, t0, conn)
+    _children[pid] = str(req["exit"])
+    return pid
+
+
+def serve(path: str, spare: bool = True) -> None:
     _warm()
+    gc.collect()
+    gc.freeze()  # what is imported stays shared with the children: no collection touches it
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if os.path.exists(path):
@@ -116,21 +319,28 @@ def serve(path: str) -> None:
     listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(64)
+    if spare:
+        _fork_spare(listener)
     print(f"torpor-zygote: ready on {path}", flush=True)
     parent = os.getppid()
-    listener.settimeout(1.0)
     while True:
+        listener.settimeout(REFILL_AFTER if spare and _spare is None else 1.0)
         try:
             conn, _ = listener.accept()
         except TimeoutError:
             if os.getppid() != parent:  # the driver died (kill -9): don't linger
+                _drop_spare()
                 return
+            if spare and _spare is None:
+                _fork_spare(listener)
             continue
         conn.settimeout(None)
         with conn:
             try:
-                line = conn.makefile("rb").readline()
+                line = conn.makefile("rb").readline(MAX_REQUEST)
                 req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
             except (OSError, ValueError) as e:
                 conn.sendall(json.dumps({"error": f"bad request: {e}"}).encode() + b"\n")
                 continue
@@ -139,14 +349,12 @@ def serve(path: str) -> None:
             sys.stderr.flush()
             # no reaping between fork and bookkeeping: a child that dies at once keeps its code
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-            pid = os.fork()
-            if pid == 0:
+            try:
+                pid = _hand_to_spare(req, t0, conn)
+                if pid is None:
+                    pid = _fork_child(req, t0, conn, listener)
+            finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                listener.close()
-                conn.close()
-                _child(req, t0)
-            _children[pid] = str(req["exit"])
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             try:
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             except OSError:
