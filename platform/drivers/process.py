@@ -29,10 +29,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from torpor.drivers import pip
+from torpor.drivers import pip, zygoteclient
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.model import MiB, Revision
 
@@ -109,39 +108,6 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-@dataclass
-class _Report:
-    """A forked replica's readiness report: the line it writes on the zygote connection it
-    holds once it listens (zygote.py). ``ready`` resolves True on that line (for the
-    replica's own port), None when the connection closes without it."""
-
-    port: int
-    ready: asyncio.Future[bool | None]
-    pid: int = 0
-    start_time: str | None = None
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-def _ready_line(msg: object, port: int) -> bool:
-    return isinstance(msg, dict) and type(msg.get("ready")) is int and msg["ready"] == port
-
-
-async def _read_report(
-    rep: _Report, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """Wait for the replica's ready line (or the connection's end) and resolve ``rep``."""
-    result: bool | None = None
-    try:
-        line = await reader.readline()
-        result = True if line and _ready_line(json.loads(line), rep.port) else None
-    except (OSError, ValueError):  # ValueError: not JSON, or a line past the reader's limit
-        result = None
-    finally:
-        if not rep.ready.done():
-            rep.ready.set_result(result)
-        writer.close()
-
-
 class ProcessDriver:
     name = "process"
 
@@ -163,7 +129,7 @@ class ProcessDriver:
         # short path: AF_UNIX paths are limited to ~107 bytes
         self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
         self.homes = Path(state_dir) / "homes"  # a private, empty HOME per replica
-        self._reports: dict[str, _Report] = {}  # replica -> its readiness report (forked ones)
+        self._reports: dict[str, zygoteclient.Report] = {}  # forked replicas' readiness reports
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -268,12 +234,9 @@ class ProcessDriver:
         rep = self._reports.get(running.replica)
         if rep is None:
             return None
-        if not rep.ready.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(rep.ready), max(0.0, timeout))
-            except TimeoutError:
-                return False
-        if rep.ready.result() is None:
+        if not await rep.wait(timeout):
+            return False
+        if rep.result is None:
             return None
         return rep.start_time is not None and _proc_start_time(rep.pid) == rep.start_time
 
@@ -372,38 +335,17 @@ class ProcessDriver:
             "limits": limits,
             "report": True,
         }
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
-        except OSError:
-            return None
-        rep = _Report(port=port, ready=asyncio.get_running_loop().create_future())
-        try:
-            writer.write(json.dumps(req).encode() + b"\n")
-            await writer.drain()
-            pid = None
-            while pid is None:  # the pid line, and a report that may come before it (a spare)
-                reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
-                if isinstance(reply, dict) and "ready" in reply and not rep.ready.done():
-                    rep.ready.set_result(True if _ready_line(reply, port) else None)
-                else:
-                    pid = int(reply["pid"])
-        except (OSError, ValueError, KeyError, TypeError, TimeoutError):
-            writer.close()
+        rep = await zygoteclient.fork(str(self._zygote_sock), req, port)
+        if rep is None:
             return None
         self._drop_report(replica)
         self._reports[replica] = rep
-        if rep.ready.done():
-            writer.close()
-        else:
-            rep.task = asyncio.create_task(
-                _read_report(rep, reader, writer), name=f"ready-{replica}"
-            )
-        return pid
+        return rep.pid
 
     def _drop_report(self, replica: str) -> None:
         rep = self._reports.pop(replica, None)
-        if rep is not None and rep.task is not None:
-            rep.task.cancel()
+        if rep is not None:
+            rep.close()
 
     def _running(self, data: dict[str, object]) -> Running:
         alive = self._alive(data)

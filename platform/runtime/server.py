@@ -1846,6 +1846,8 @@ class _Server:
         )
         if self.on_listening is not None:  # listening with the handler loaded: it can answer
             self.on_listening(port)
+        if not self.is_async:  # start a handler thread now, not on the first request's way
+            self.loop.run_in_executor(self._pool(), int)
         await self.done
         return EXIT_OK
 

@@ -346,27 +346,38 @@ def _drop_spare() -> None:
         _spare = None
 
 
-def _hand_to_spare(req: dict[str, object], t0: float, conn: socket.socket) -> int | None:
-    """Give ``req`` to the spare -> its pid, or None (no spare, or it died: fork instead).
-    Called with SIGCHLD blocked, so the spare's exit code goes to ``req["exit"]`` even if
-    it dies right after."""
+def _take_spare(exit_path: str) -> tuple[int, socket.socket] | None:
+    """The spare for a request, if it is alive (a dead one is reaped here) -> (pid, its
+    socket), its exit code now going to ``exit_path``; None: fork instead. Called with
+    SIGCHLD blocked, so an exit right after is still written to ``exit_path``."""
     global _spare
-    if _spare is None:
+    spare, _spare = _spare, None
+    if spare is None:
         return None
-    pid, sock = _spare
-    _spare = None
-    if pid not in _children:  # reaped already
+    pid, sock = spare
+    try:
+        done = os.waitpid(pid, os.WNOHANG)[0]
+    except ChildProcessError:  # reaped already
+        done = pid
+    if done == pid:
+        _children.pop(pid, None)
         sock.close()
         return None
+    _children[pid] = exit_path
+    return pid, sock
+
+
+def _hand_over(sock: socket.socket, req: dict[str, object], t0: float, conn: socket.socket) -> None:
+    """Give the spare its request and the report connection (its pid was sent already, so
+    the driver goes on while the spare starts). A spare that died meanwhile gets nothing:
+    the connection closes without a report, and the exit code file says it died."""
     try:
         socket.send_fds(sock, [b"\0"], [conn.fileno()])
         sock.sendall(json.dumps({"t0": t0, "req": req}).encode())
-    except OSError:
+    except OSError as e:
+        print(f"torpor-zygote: the spare is gone: {e}", file=sys.stderr, flush=True)
+    finally:
         sock.close()
-        return None
-    sock.close()
-    _children[pid] = str(req["exit"])
-    return pid
 
 
 def _fork_child(
@@ -430,15 +441,16 @@ def serve(path: str, spare: bool = True) -> None:
             # no reaping between fork and bookkeeping: a child that dies at once keeps its code
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:
-                pid = _hand_to_spare(req, t0, conn)
-                if pid is None:
-                    pid = _fork_child(req, t0, conn, listener)
+                spare = _take_spare(str(req["exit"]))
+                pid = spare[0] if spare else _fork_child(req, t0, conn, listener)
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            try:
+            try:  # the pid first: the driver's bookkeeping overlaps the replica's start
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             except OSError:
                 pass
+            if spare is not None:
+                _hand_over(spare[1], req, t0, conn)
 
 
 if __name__ == "__main__":

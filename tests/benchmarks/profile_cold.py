@@ -18,6 +18,7 @@ machine, so the replica's own figures line up with the platform's). The hops:
     fork_pid   driver: the zygote's reply (the child's pid) read
     listen     replica: listening, about to serve (its own report when it gives one; else
                the ``ready in`` figure of its log added to the fork request, approximate)
+    report_read driver: the report read (absent when the controller probes)
     ready      controller: readiness known (report or probe), the replica put as ready
     dispatch   gateway: the new backend is in the table, the queue drained onto it
     first_byte client: the first byte of the response
@@ -53,6 +54,7 @@ HOPS = [
     "fork_req",
     "fork_pid",
     "listen",
+    "report_read",
     "ready",
     "dispatch",
     "first_byte",
@@ -67,6 +69,7 @@ TRACE_ENV = "TORPOR_PROFILE_TRACE"
 def _install_tracing(trace_path: str) -> None:
     from torpor.controller import reconcile as rc
     from torpor.drivers import process as pd
+    from torpor.drivers import zygoteclient as zc
     from torpor.gateway import activator as act
     from torpor.store import embedded
 
@@ -128,36 +131,28 @@ def _install_tracing(trace_path: str) -> None:
 
     pd.ProcessDriver.start = traced_start  # type: ignore[method-assign]
 
-    # the fork request and its reply: around the zygote connection's write and readline
-    import asyncio
+    # the fork request and its reply, and the replica's report (its own clock)
+    fork = zc.fork
 
-    open_unix = asyncio.open_unix_connection
+    async def traced_fork(*args: Any, **kwargs: Any) -> Any:
+        mark("fork_req")
+        try:
+            return await fork(*args, **kwargs)
+        finally:
+            mark("fork_pid")
 
-    async def traced_open_unix(*args: Any, **kwargs: Any) -> Any:
-        reader, writer = await open_unix(*args, **kwargs)
-        write, readline = writer.write, reader.readline
+    zc.fork = traced_fork  # type: ignore[assignment]
 
-        def traced_write(data: bytes) -> None:
-            if b'"replica"' in data:
-                mark("fork_req")
-            write(data)
+    ready_line = zc.ready_line
 
-        async def traced_readline() -> bytes:
-            line = await readline()
-            if b'"pid"' in line:
-                mark("fork_pid")
-            elif b'"ready"' in line:
-                try:
-                    mark("listen", float(json.loads(line)["t"]))
-                except (ValueError, KeyError, TypeError):
-                    pass
-            return line
+    def traced_ready_line(line: bytes, port: int) -> bool:
+        ok = ready_line(line, port)
+        if ok:
+            mark("listen", float(json.loads(line)["t"]))
+            mark("report_read")
+        return ok
 
-        writer.write = traced_write  # type: ignore[method-assign]
-        reader.readline = traced_readline  # type: ignore[method-assign]
-        return reader, writer
-
-    asyncio.open_unix_connection = traced_open_unix  # type: ignore[assignment]
+    zc.ready_line = traced_ready_line  # type: ignore[assignment]
 
     put_replica = embedded.EmbeddedStore.put_replica
 
