@@ -441,16 +441,16 @@ def serve(path: str, spare: bool = True) -> None:
             # no reaping between fork and bookkeeping: a child that dies at once keeps its code
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:
-                spare = _take_spare(str(req["exit"]))
-                pid = spare[0] if spare else _fork_child(req, t0, conn, listener)
+                taken = _take_spare(str(req["exit"]))
+                pid = taken[0] if taken else _fork_child(req, t0, conn, listener)
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             try:  # the pid first: the driver's bookkeeping overlaps the replica's start
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             except OSError:
                 pass
-            if spare is not None:
-                _hand_over(spare[1], req, t0, conn)
+            if taken is not None:
+                _hand_over(taken[1], req, t0, conn)
 
 
 if __name__ == "__main__":
