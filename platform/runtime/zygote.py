@@ -18,11 +18,17 @@ fake either.
 
 The spare: the zygote keeps one child forked ahead, waiting on a socket pair, so that a
 request finds its process already there (the fork, ~1-2 ms of copying page tables, is
-off the request's path). The zygote hands the spare the request and the report
-connection (``SCM_RIGHTS``) and forks the next spare once no request has come for
-``REFILL_AFTER`` seconds (a burst is forked directly, as without a spare). Until its
-request the spare holds nothing of any function: the zygote's own environment block,
-no cwd of a function, no limits; it exits when the zygote goes away.
+off the request's path). The zygote sends the spare's pid, then hands the spare the
+request and the report connection (``SCM_RIGHTS``), and forks the next spare once no
+request has come for ``REFILL_AFTER`` seconds (a burst is forked directly, as without a
+spare). Until its request the spare holds nothing of any function: the zygote's own
+environment block, no cwd of a function, no limits; it exits when the zygote goes away.
+
+Warm-up, before the zygote listens: it serves a few requests through the runtime itself
+(a built-in handler on loopback, its threads joined after), so the code on a replica's
+way to its first answer has run once in memory every child shares; and a survey child
+run the same way tells which pages that writes, so that each spare breaks copy-on-write
+on those ahead (``MADV_POPULATE_WRITE``), not on the request's path.
 
 The driver starts the zygote with a minimal environment: a forked child's
 ``/proc/self/environ`` is the zygote's start-up block whatever ``os.environ`` says, so
@@ -36,6 +42,7 @@ the zygote (and ``torpor up``), and are adopted by the next run like any replica
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -178,7 +185,13 @@ def _warm_requests() -> None:
     import threading
 
     cfg = server.load_config(
-        {"PORT": "0", "TORPOR_HOST": "127.0.0.1", "TORPOR_DIR": os.getcwd(), "TORPOR_THREADS": "2"}
+        {
+            "PORT": "0",
+            "TORPOR_HOST": "127.0.0.1",
+            "TORPOR_DIR": os.getcwd(),
+            "TORPOR_THREADS": "2",
+            "TORPOR_DRAIN_TIMEOUT": "2",  # bounds the warm-up if something hangs
+        }
     )
 
     async def client(port: int) -> None:
@@ -339,6 +352,15 @@ def _fork_spare(listener: socket.socket) -> None:
     _spare = (pid, ours)
 
 
+def _refill(listener: socket.socket) -> None:
+    """Fork the next spare; a failed fork (no memory, a process limit) only means the next
+    requests fork directly."""
+    try:
+        _fork_spare(listener)
+    except OSError as e:
+        print(f"torpor-zygote: no spare: {e}", file=sys.stderr, flush=True)
+
+
 def _drop_spare() -> None:
     global _spare
     if _spare is not None:
@@ -411,7 +433,7 @@ def serve(path: str, spare: bool = True) -> None:
     os.chmod(path, 0o600)
     listener.listen(64)
     if spare:
-        _fork_spare(listener)
+        _refill(listener)
     print(f"torpor-zygote: ready on {path}", flush=True)
     parent = os.getppid()
     while True:
@@ -423,15 +445,17 @@ def serve(path: str, spare: bool = True) -> None:
                 _drop_spare()
                 return
             if spare and _spare is None:
-                _fork_spare(listener)
+                _refill(listener)
             continue
         conn.settimeout(None)
         with conn:
             try:
                 line = conn.makefile("rb").readline(MAX_REQUEST)
                 req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("not an object")
+                if not isinstance(req, dict) or not all(
+                    k in req for k in ("cwd", "env", "log", "exit")
+                ):
+                    raise ValueError("not a request")
             except (OSError, ValueError) as e:
                 conn.sendall(json.dumps({"error": f"bad request: {e}"}).encode() + b"\n")
                 continue
@@ -443,6 +467,10 @@ def serve(path: str, spare: bool = True) -> None:
             try:
                 taken = _take_spare(str(req["exit"]))
                 pid = taken[0] if taken else _fork_child(req, t0, conn, listener)
+            except OSError as e:  # fork failed: the driver spawns plainly (or reports it)
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"error": f"fork: {e}"}).encode() + b"\n")
+                continue
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             try:  # the pid first: the driver's bookkeeping overlaps the replica's start
