@@ -268,7 +268,13 @@ def main() -> int:
                 hops = sample_hops(trace, since, t.state_dir / "replicas")
                 hops["request"], hops["first_byte"] = since, since + first
                 samples.append(hops)
-                print(f"   {i + 1:2d}/{args.runs}: first byte {first * 1000:6.2f} ms", flush=True)
+                at = "  ".join(
+                    f"{h} {(hops[h] - since) * 1000:.2f}" for h in HOPS[5:-1] if h in hops
+                )
+                print(
+                    f"   {i + 1:2d}/{args.runs}: first byte {first * 1000:6.2f} ms  ({at})",
+                    flush=True,
+                )
         finally:
             if t.proc is not None:
                 t.stop()
