@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ from torpor.drivers.base import BuildError, Progress, Running, contract_env, run
 from torpor.model import MiB, Revision
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
+LEASE_AFTER = 0.2  # s after a start before the next spare is leased (not during the start)
 ZYGOTE = RUNTIME.with_name("zygote.py")
 
 # -- resource limits of a process replica ---------------------------------------------------
@@ -130,6 +132,10 @@ class ProcessDriver:
         self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
         self.homes = Path(state_dir) / "homes"  # a private, empty HOME per replica
         self._reports: dict[str, zygoteclient.Report] = {}  # forked replicas' readiness reports
+        self._lease: zygoteclient.Lease | None = None  # a spare of our own, for the next start
+        self._leasing: asyncio.Task[None] | None = None
+        self._closed = False
+        self._sweep_spare_exits()
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -202,8 +208,11 @@ class ProcessDriver:
         log_path = self.dir / f"{replica}.log"
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         pid = None
+        exit_path = self.dir / f"{replica}.exit"
         if self.use_zygote:
-            pid = await self._spawn_forked(replica, revision.source, env, log_path, limits, port)
+            forked = await self._spawn_forked(replica, revision.source, env, log_path, limits, port)
+            if forked is not None:
+                pid, exit_path = forked
         if pid is None:
             pid = self._spawn(revision.source, env, log_path, limits)
         record = {
@@ -214,6 +223,7 @@ class ProcessDriver:
             "start_time": _proc_start_time(pid),
             "endpoint": f"{self.host}:{port}",
             "started": time.time(),
+            "exit": exit_path.name,  # where the zygote writes its exit code
         }
         tmp = self.dir / f".{replica}.json.tmp"
         tmp.write_text(json.dumps(record))
@@ -306,6 +316,7 @@ class ProcessDriver:
                 log.close()
             for _ in range(500):  # ~5 s
                 if self._zygote_sock.exists():
+                    self._lease_later(LEASE_AFTER)
                     return True
                 if self._zygote.poll() is not None:
                     break
@@ -321,9 +332,11 @@ class ProcessDriver:
         log_path: Path,
         limits: dict[str, tuple[int, int]],
         port: int,
-    ) -> int | None:
-        """Fork the replica from the zygote; None if the zygote is unavailable. The
-        connection stays open for the replica's readiness report (``self._reports``)."""
+    ) -> tuple[int, Path] | None:
+        """Fork the replica from the zygote -> (pid, its exit code file); None if the
+        zygote is unavailable. The replica's readiness report is read from the same line
+        (``self._reports``). The spare leased ahead takes the request directly if there is
+        one (no zygote on the way); else the zygote forks (or hands over its own spare)."""
         if not await self._ensure_zygote():
             return None
         req = {
@@ -335,12 +348,45 @@ class ProcessDriver:
             "limits": limits,
             "report": True,
         }
-        rep = await zygoteclient.fork(str(self._zygote_sock), req, port)
+        rep, exit_path = None, self.dir / f"{replica}.exit"
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            if lease.start_time is not None and _proc_start_time(lease.pid) == lease.start_time:
+                rep = await zygoteclient.start_on(lease, req, port)
+                exit_path = Path(lease.exit)
+            else:  # the spare died while leased
+                lease.sock.close()
+                Path(lease.exit).unlink(missing_ok=True)
+        if rep is None:
+            exit_path = self.dir / f"{replica}.exit"
+            rep = await zygoteclient.fork(str(self._zygote_sock), req, port)
+        self._lease_later(LEASE_AFTER)
         if rep is None:
             return None
         self._drop_report(replica)
         self._reports[replica] = rep
-        return rep.pid
+        return rep.pid, exit_path
+
+    def _lease_later(self, delay: float) -> None:
+        """Lease the next spare in ``delay`` s (not during the start that used the last)."""
+        if self._closed or self._lease is not None or (self._leasing and not self._leasing.done()):
+            return
+
+        async def lease() -> None:
+            await asyncio.sleep(delay)
+            if self._closed or not await self._ensure_zygote():
+                return
+            exit_path = self.dir / f".spare-{secrets.token_hex(6)}.exit"
+            got = await zygoteclient.lease(str(self._zygote_sock), str(exit_path))
+            if got is None:
+                return
+            got.start_time = _proc_start_time(got.pid)
+            if self._closed or self._lease is not None:
+                got.sock.close()
+                return
+            self._lease = got
+
+        self._leasing = asyncio.create_task(lease(), name="zygote-lease")
 
     def _drop_report(self, replica: str) -> None:
         rep = self._reports.pop(replica, None)
@@ -355,7 +401,7 @@ class ProcessDriver:
             code = child.poll()
         elif not alive:
             try:
-                code = int((self.dir / f"{data['replica']}.exit").read_text())
+                code = int(self._exit_file(data).read_text())
             except (OSError, ValueError):
                 code = None
         labels = {
@@ -382,8 +428,33 @@ class ProcessDriver:
         start = _proc_start_time(pid)
         return start is not None and start == data.get("start_time")
 
+    def _sweep_spare_exits(self) -> None:
+        """Remove exit files of spares leased by an earlier run and never used."""
+        used = set()
+        for rec in self.dir.glob("*.json"):
+            try:
+                used.add(str(json.loads(rec.read_text()).get("exit") or ""))
+            except (OSError, ValueError, AttributeError):
+                continue
+        for path in self.dir.glob(".spare-*.exit"):
+            if path.name not in used:
+                path.unlink(missing_ok=True)
+
+    def _exit_file(self, data: Mapping[str, object]) -> Path:
+        """Where the zygote writes the replica's exit code (a leased spare's own name)."""
+        name = str(data.get("exit") or "")
+        if not name or "/" in name or name.startswith(".."):
+            name = f"{data['replica']}.exit"
+        return self.dir / name
+
     def _forget(self, replica: str) -> None:
         self._drop_report(replica)
+        try:
+            (self._exit_file(json.loads((self.dir / f"{replica}.json").read_text()))).unlink(
+                missing_ok=True
+            )
+        except (OSError, ValueError, KeyError):
+            pass
         (self.dir / f"{replica}.json").unlink(missing_ok=True)
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         shutil.rmtree(self.homes / replica, ignore_errors=True)
@@ -465,6 +536,12 @@ class ProcessDriver:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        self._closed = True
+        if self._leasing is not None:
+            self._leasing.cancel()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.sock.close()  # the spare ends
         for replica in list(self._reports):
             self._drop_report(replica)
         for child in self._children.values():
@@ -476,3 +553,5 @@ class ProcessDriver:
             except subprocess.TimeoutExpired:
                 self._zygote.kill()
         self._zygote_sock.unlink(missing_ok=True)
+        if lease is not None:
+            Path(lease.exit).unlink(missing_ok=True)

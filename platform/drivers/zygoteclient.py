@@ -1,6 +1,7 @@
 """The process driver's side of the zygote protocol (``runtime/zygote.py``): ask for a
 fork, read the child's pid, then wait for the child's readiness report on the same
-connection.
+connection; or, ahead of any cold start, lease a spare and later send it the request
+directly (no zygote on the cold start's path), reading its report from it.
 
 Built on the event loop's raw socket calls rather than streams: a cold start waits on
 this twice (the pid, then the report), and each stream layer adds a turn of the loop
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import time
+from dataclasses import dataclass
 from typing import Any
 
 LINE_LIMIT = 64 * 1024  # bytes a reply line may take
@@ -168,5 +172,61 @@ async def fork(
         report.finish(True if early else None)
     elif buf:
         report.feed(buf)
+    report.listen()
+    return report
+
+
+@dataclass
+class Lease:
+    """A spare replica process the zygote handed this driver: ``sock`` is its line (the
+    request goes out on it, the report comes back on it); its exit code is written to
+    ``exit``. Closing ``sock`` unused ends the spare."""
+
+    pid: int
+    sock: socket.socket
+    exit: str
+    start_time: str | None = None  # the process's start time (pid reuse check), set by the caller
+
+
+def _lease_blocking(path: str, exit_path: str, timeout: float) -> Lease | None:
+    fds: list[int] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps({"lease": True, "exit": exit_path}).encode() + b"\n")
+            msg, fds, _flags, _addr = socket.recv_fds(s, LINE_LIMIT, 1)
+            reply = json.loads(msg.partition(b"\n")[0])
+            pid = int(reply["pid"])
+            if len(fds) != 1:
+                raise ValueError("no spare attached")
+            sock = socket.socket(fileno=fds.pop())
+            sock.setblocking(False)
+            return Lease(pid, sock, exit_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        for fd in fds:
+            os.close(fd)
+        return None
+
+
+async def lease(path: str, exit_path: str, timeout: float = 5.0) -> Lease | None:
+    """Ask the zygote on ``path`` for a spare of this driver's own (in a thread: it is
+    asked ahead of any cold start, off its path) -> the :class:`Lease`, or None."""
+    return await asyncio.to_thread(_lease_blocking, path, exit_path, timeout)
+
+
+async def start_on(lease: Lease, request: dict[str, Any], port: int) -> Report | None:
+    """Send ``request`` to the leased spare itself -> its :class:`Report` (the pid known
+    already, reading the report from the same socket), or None if the spare is gone
+    (the caller forks through the zygote instead)."""
+    loop = asyncio.get_running_loop()
+    payload = {"t0": time.perf_counter(), "req": request}
+    try:
+        await loop.sock_sendall(lease.sock, json.dumps(payload).encode() + b"\n")
+    except OSError:
+        lease.sock.close()
+        return None
+    report = Report(port, lease.sock)
+    report.pid = lease.pid
     report.listen()
     return report

@@ -305,26 +305,27 @@ def _child(req: dict[str, object], t0: float, conn: socket.socket | None) -> Non
 
 
 def _spare_main(sock: socket.socket) -> None:
-    """The spare's life: wait for a request (one byte with the report connection's fd, then
-    the JSON of ``{"t0", "req"}`` up to EOF), then become that replica. EOF first: the
-    zygote is gone or stopping, exit."""
+    """The spare's life: wait for its request, the JSON line ``{"t0", "req"}``, then become
+    that replica. From the zygote the line comes after a NUL byte carrying the report
+    connection's fd; from a driver that leased the spare, alone, and the report goes back
+    on this same socket. EOF first: the zygote (or the lease) is gone, exit."""
     code = 0
     try:
         _detach()
         _prefault(_hot)
-        msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
         if not msg:
             os._exit(0)
-        conn = socket.socket(fileno=fds[0]) if fds else None
-        chunks, size = [], 0
-        while size <= MAX_REQUEST:
+        conn = socket.socket(fileno=fds[0]) if fds else sock
+        buf = msg[1:] if fds and msg[:1] == b"\0" else msg
+        while b"\n" not in buf and len(buf) <= MAX_REQUEST:
             chunk = sock.recv(65536)
             if not chunk:
                 break
-            chunks.append(chunk)
-            size += len(chunk)
-        sock.close()
-        payload = json.loads(b"".join(chunks))
+            buf += chunk
+        if conn is not sock:
+            sock.close()
+        payload = json.loads(buf.partition(b"\n")[0])
         _child(payload["req"], float(payload["t0"]), conn)
     except SystemExit:  # SIGTERM while waiting
         code = 0
@@ -395,11 +396,35 @@ def _hand_over(sock: socket.socket, req: dict[str, object], t0: float, conn: soc
     the connection closes without a report, and the exit code file says it died."""
     try:
         socket.send_fds(sock, [b"\0"], [conn.fileno()])
-        sock.sendall(json.dumps({"t0": t0, "req": req}).encode())
+        sock.sendall(json.dumps({"t0": t0, "req": req}).encode() + b"\n")
     except OSError as e:
         print(f"torpor-zygote: the spare is gone: {e}", file=sys.stderr, flush=True)
     finally:
         sock.close()
+
+
+def _lease(conn: socket.socket, exit_path: str, listener: socket.socket) -> None:
+    """Give the driver a spare of its own: ``{"pid": N}`` with the spare's socket attached
+    (``SCM_RIGHTS``); the driver then sends the request to the spare itself, and reads the
+    report from it, with no zygote on the cold start's path. Its exit code goes to
+    ``exit_path``. No spare at hand: one is forked now."""
+    if _spare is None:
+        _refill(listener)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        taken = _take_spare(exit_path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    try:
+        if taken is None:
+            conn.sendall(json.dumps({"error": "no spare"}).encode() + b"\n")
+            return
+        socket.send_fds(conn, [json.dumps({"pid": taken[0]}).encode() + b"\n"], [taken[1].fileno()])
+    except OSError:
+        pass
+    finally:
+        if taken is not None:
+            taken[1].close()  # the driver's copy is the spare's line now (or it is gone: EOF)
 
 
 def _fork_child(
@@ -452,12 +477,14 @@ def serve(path: str, spare: bool = True) -> None:
             try:
                 line = conn.makefile("rb").readline(MAX_REQUEST)
                 req = json.loads(line)
-                if not isinstance(req, dict) or not all(
-                    k in req for k in ("cwd", "env", "log", "exit")
-                ):
+                fields = ("exit",) if req.get("lease") is True else ("cwd", "env", "log", "exit")
+                if not isinstance(req, dict) or not all(k in req for k in fields):
                     raise ValueError("not a request")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, AttributeError) as e:
                 conn.sendall(json.dumps({"error": f"bad request: {e}"}).encode() + b"\n")
+                continue
+            if req.get("lease") is True:
+                _lease(conn, str(req["exit"]), listener)
                 continue
             t0 = time.perf_counter()
             sys.stdout.flush()

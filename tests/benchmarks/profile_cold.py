@@ -14,8 +14,8 @@ machine, so the replica's own figures line up with the platform's). The hops:
     reconcile  controller: the first reconcile pass after it began
     spawn      controller: replica record made, start task created
     drv_start  driver.start called
-    fork_req   driver: fork request written to the zygote
-    fork_pid   driver: the zygote's reply (the child's pid) read
+    fork_req   driver: the request sent (to the spare leased ahead, or to the zygote)
+    fork_pid   driver: sent to the leased spare (its pid known), or the zygote's pid read
     listen     replica: listening, about to serve (its own report when it gives one; else
                the ``ready in`` figure of its log added to the fork request, approximate)
     report_read driver: the report read (absent when the controller probes)
@@ -142,6 +142,17 @@ def _install_tracing(trace_path: str) -> None:
             mark("fork_pid")
 
     zc.fork = traced_fork  # type: ignore[assignment]
+
+    start_on = zc.start_on  # a spare leased ahead: the request goes to it directly
+
+    async def traced_start_on(*args: Any, **kwargs: Any) -> Any:
+        mark("fork_req")
+        try:
+            return await start_on(*args, **kwargs)
+        finally:
+            mark("fork_pid")
+
+    zc.start_on = traced_start_on  # type: ignore[assignment]
 
     ready_line = zc.ready_line
 

@@ -4,8 +4,9 @@ Against the real ProcessDriver and its zygote: a forked replica reports once it 
 with its handler loaded, and answers at once when it has; one that listens (something
 in its import binds the port) but never gets to serve, or that dies before serving, is
 never reported ready; a replica the driver cannot hear from (a plain spawn, one adopted
-by a new driver) is left to the controller's probe (None). The zygote's spare, forked
-ahead of any request, holds nothing of a function and goes away with the zygote.
+by a new driver) is left to the controller's probe (None). Each runs twice: the start
+forked by the zygote, and the start taken by a spare the driver leased ahead. The spares,
+forked ahead of any request, hold nothing of a function and go away with the driver.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Drv:
     def __init__(self, tmp: Path, zygote: bool = True) -> None:
         self.tmp = tmp
         self.driver = ProcessDriver(tmp / "state", zygote=zygote)
+        self.leased: int | None = None  # the leased spare's pid the next start must use
 
     def revision(self, source: str, env: dict[str, str] | None = None) -> Revision:
         fn = f"rdy-{uuid.uuid4().hex[:8]}"
@@ -72,16 +74,32 @@ class Drv:
 
     async def start(self, source: str, env: dict[str, str] | None = None) -> Running:
         rev = self.revision(source, env)
-        return await self.driver.start(rev, f"{rev.name}-r{uuid.uuid4().hex[:5]}")
+        running = await self.driver.start(rev, f"{rev.name}-r{uuid.uuid4().hex[:5]}")
+        if self.leased is not None:
+            assert running.driver_id == str(self.leased), "the start did not take the lease"
+            self.leased = None
+        return running
 
     async def state(self, running: Running) -> Running:
         return next(r for r in await self.driver.list() if r.replica == running.replica)
 
 
-@pytest.fixture
-async def drv(tmp_path: Path) -> AsyncIterator[Drv]:
+@pytest.fixture(params=["fork", "leased"])
+async def drv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Drv]:
+    """The driver, its next start either forked by the zygote (the first start of a
+    driver) or taken by the spare the driver leased after an earlier start."""
     d = Drv(tmp_path)
     try:
+        if request.param == "leased":
+            first = await d.start(HELLO)
+            assert await until(lambda: d.driver.wait_ready(first, 1.0), what="report") is True
+            await d.driver.stop(first, grace=2)
+
+            async def leased() -> bool:
+                return d.driver._lease is not None
+
+            await until(leased, what="a leased spare")
+            d.leased = d.driver._lease.pid  # type: ignore[union-attr]
         yield d
     finally:
         for r in await d.driver.list():
@@ -208,32 +226,36 @@ async def test_the_zygotes_spare_holds_nothing_of_a_function(drv: Drv, attack: A
     zygote = int(Path(f"/proc/{running.driver_id}/stat").read_text().split(") ")[1].split()[1])
     assert "zygote.py" in Path(f"/proc/{zygote}/cmdline").read_text()
 
-    async def spare() -> int | None:
+    async def spares() -> list[int] | None:
+        # the zygote's own spare and the one the driver leased for its next start
         others = [p for p in _children(zygote) if p != int(running.driver_id)]
-        return others[0] if len(others) == 1 else None
+        return others if len(others) == 2 else None
 
-    pid = await until(spare, what="the next spare")
-    environ = Path(f"/proc/{pid}/environ").read_bytes()
-    cwd = os.readlink(f"/proc/{pid}/cwd")
-    fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    seen = [
-        where
-        for where, blob in (("environ", environ), ("fds", str(fds).encode()))
-        if secret.encode() in blob
-    ]
+    pids = await until(spares, what="the next spares")
+    seen = []
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        seen += [
+            f"{where} of {pid}"
+            for where, blob in (("environ", environ), ("fds", str(fds).encode()))
+            if secret.encode() in blob
+        ]
+        assert b"API_KEY" not in environ and b"TORPOR_FUNCTION" not in environ
+        assert running.function not in cwd
+        assert not any(running.replica in f for f in fds)  # no replica's log
     attack.ended(
-        f"secret seen in {seen}" if seen else "the spare holds no function's env, cwd or log"
+        f"secret seen in {seen}" if seen else "the spares hold no function's env, cwd or log"
     )
     assert not seen
-    assert b"API_KEY" not in environ and b"TORPOR_FUNCTION" not in environ
-    assert running.function not in cwd
-    assert not any(running.replica in f for f in fds)  # no replica's log
-    await drv.driver.close()  # the zygote goes: the spare goes with it
+    await drv.driver.close()  # the zygote and the lease go: the spares go with them
 
     async def gone() -> bool:
-        return (
+        return all(
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+            for pid in pids
         )
 
-    await until(gone, what="the spare gone after the zygote")
+    await until(gone, what="the spares gone after the driver closed")
