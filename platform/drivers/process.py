@@ -14,6 +14,13 @@ nothing of it either. Each replica has a private, empty ``HOME`` and ``TMPDIR``
 (``state_dir/homes/NAME``, removed when it stops), and resource limits from
 :func:`replica_rlimits`. Not isolated: the user id, the file system and the network are
 the platform's own.
+
+Starting and readiness (``runtime/zygote.py``, ``zygoteclient.py``): a replica forks from
+the zygote, whose spare takes the request at once; after each start the driver leases
+the next spare for itself and sends the next request to it directly. The replica writes
+one line back once it listens with its handler loaded, and :meth:`ProcessDriver.wait_ready`
+gives that word to the controller (no probe); plain spawns and adopted replicas are
+probed as before.
 """
 
 from __future__ import annotations
@@ -350,11 +357,16 @@ class ProcessDriver:
         }
         rep, exit_path = None, self.dir / f"{replica}.exit"
         lease, self._lease = self._lease, None
+        zygote = self._zygote.pid if self._zygote is not None else 0
         if lease is not None:
-            if lease.start_time is not None and _proc_start_time(lease.pid) == lease.start_time:
+            if (
+                lease.zygote == zygote
+                and lease.start_time is not None
+                and _proc_start_time(lease.pid) == lease.start_time
+            ):
                 rep = await zygoteclient.start_on(lease, req, port)
                 exit_path = Path(lease.exit)
-            else:  # the spare died while leased
+            else:  # the spare died while leased, or its zygote did (no one to reap it)
                 lease.sock.close()
                 Path(lease.exit).unlink(missing_ok=True)
         if rep is None:
@@ -381,6 +393,7 @@ class ProcessDriver:
             if got is None:
                 return
             got.start_time = _proc_start_time(got.pid)
+            got.zygote = self._zygote.pid if self._zygote is not None else 0
             if self._closed or self._lease is not None:
                 got.sock.close()
                 return

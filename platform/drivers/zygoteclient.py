@@ -186,6 +186,7 @@ class Lease:
     sock: socket.socket
     exit: str
     start_time: str | None = None  # the process's start time (pid reuse check), set by the caller
+    zygote: int = 0  # pid of the zygote it came from (its exit code is that zygote's to write)
 
 
 def _lease_blocking(path: str, exit_path: str, timeout: float) -> Lease | None:

@@ -259,3 +259,33 @@ async def test_the_zygotes_spare_holds_nothing_of_a_function(drv: Drv, attack: A
         )
 
     await until(gone, what="the spares gone after the driver closed")
+
+
+async def test_a_spare_leased_from_a_zygote_that_died_is_not_used(tmp_path: Path) -> None:
+    d = Drv(tmp_path)
+    try:
+        first = await d.start(HELLO)
+        assert await until(lambda: d.driver.wait_ready(first, 1.0), what="report") is True
+
+        async def leased() -> bool:
+            return d.driver._lease is not None
+
+        await until(leased, what="a leased spare")
+        stale = d.driver._lease.pid  # type: ignore[union-attr]
+        zygote = d.driver._zygote
+        assert zygote is not None
+        zygote.kill()  # the next start restarts it; the spare it leased has no one to reap it
+        await asyncio.to_thread(zygote.wait, 10)
+        running = await d.start(RAISES)
+        assert running.driver_id != str(stale)
+
+        async def settled() -> bool:
+            return await d.driver.wait_ready(running, 0.5) is not False
+
+        await until(settled, what="an answer from wait_ready")
+        state = await until(lambda: _dead(d, running), what="its exit code")
+        assert state.exit_code == 3  # written by the new zygote
+    finally:
+        for r in await d.driver.list():
+            await d.driver.stop(r, grace=2)
+        await d.driver.close()
