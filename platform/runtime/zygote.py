@@ -335,7 +335,9 @@ def _spare_main(sock: socket.socket) -> None:
     os._exit(code)
 
 
-def _fork_spare(listener: socket.socket) -> None:
+def _fork_spare(listener: socket.socket, conn: socket.socket | None = None) -> None:
+    """Fork the spare; it keeps none of the zygote's sockets (``conn``: a request's
+    connection open meanwhile) but its own end of the pair."""
     global _spare
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
@@ -345,6 +347,8 @@ def _fork_spare(listener: socket.socket) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             listener.close()
             ours.close()
+            if conn is not None:
+                conn.close()
             _spare_main(theirs)
         _children[pid] = ""
     finally:
@@ -353,11 +357,11 @@ def _fork_spare(listener: socket.socket) -> None:
     _spare = (pid, ours)
 
 
-def _refill(listener: socket.socket) -> None:
+def _refill(listener: socket.socket, conn: socket.socket | None = None) -> None:
     """Fork the next spare; a failed fork (no memory, a process limit) only means the next
     requests fork directly."""
     try:
-        _fork_spare(listener)
+        _fork_spare(listener, conn)
     except OSError as e:
         print(f"torpor-zygote: no spare: {e}", file=sys.stderr, flush=True)
 
@@ -409,7 +413,7 @@ def _lease(conn: socket.socket, exit_path: str, listener: socket.socket) -> None
     report from it, with no zygote on the cold start's path. Its exit code goes to
     ``exit_path``. No spare at hand: one is forked now."""
     if _spare is None:
-        _refill(listener)
+        _refill(listener, conn)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
         taken = _take_spare(exit_path)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from torpor.drivers import zygoteclient
 from torpor.drivers.base import Running
 from torpor.drivers.process import ProcessDriver
 from torpor.model import Revision, Spec
@@ -288,4 +289,39 @@ async def test_a_spare_leased_from_a_zygote_that_died_is_not_used(tmp_path: Path
     finally:
         for r in await d.driver.list():
             await d.driver.stop(r, grace=2)
+        await d.driver.close()
+
+
+def _unix_paths(pid: int) -> list[str]:
+    """Paths of the Unix sockets ``pid`` holds (a connection accepted on a bound path
+    shows that path)."""
+    paths = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8:
+            paths[parts[6]] = parts[7]
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in paths:
+            held.append(paths[target[8:-1]])
+    return held
+
+
+async def test_spares_hold_no_connection_of_the_zygote(tmp_path: Path) -> None:
+    d = Drv(tmp_path)
+    try:
+        assert await d.driver._ensure_zygote()
+        path = str(d.driver._zygote_sock)
+        # the first takes the zygote's spare; the second has it fork one meanwhile, while
+        # the lease request's connection is open
+        leases = [await zygoteclient.lease(path, str(tmp_path / f"{i}.exit")) for i in range(2)]
+        for lease in leases:
+            assert lease is not None
+            assert path not in _unix_paths(lease.pid), f"spare {lease.pid} holds {path}"
+            lease.sock.close()
+    finally:
         await d.driver.close()
