@@ -14,6 +14,13 @@ nothing of it either. Each replica has a private, empty ``HOME`` and ``TMPDIR``
 (``state_dir/homes/NAME``, removed when it stops), and resource limits from
 :func:`replica_rlimits`. Not isolated: the user id, the file system and the network are
 the platform's own.
+
+Starting and readiness (``runtime/zygote.py``, ``zygoteclient.py``): a replica forks from
+the zygote, whose spare takes the request at once; after each start the driver leases
+the next spare for itself and sends the next request to it directly. The replica writes
+one line back once it listens with its handler loaded, and :meth:`ProcessDriver.wait_ready`
+gives that word to the controller (no probe); plain spawns and adopted replicas are
+probed as before.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import asyncio
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -31,11 +39,12 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from torpor.drivers import pip
+from torpor.drivers import pip, zygoteclient
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.model import MiB, Revision
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
+LEASE_AFTER = 0.2  # s after a start before the next spare is leased (not during the start)
 ZYGOTE = RUNTIME.with_name("zygote.py")
 
 # -- resource limits of a process replica ---------------------------------------------------
@@ -129,6 +138,11 @@ class ProcessDriver:
         # short path: AF_UNIX paths are limited to ~107 bytes
         self._zygote_sock = Path("/tmp") / f"torpor-zygote-{os.getpid()}-{id(self):x}.sock"
         self.homes = Path(state_dir) / "homes"  # a private, empty HOME per replica
+        self._reports: dict[str, zygoteclient.Report] = {}  # forked replicas' readiness reports
+        self._lease: zygoteclient.Lease | None = None  # a spare of our own, for the next start
+        self._leasing: asyncio.Task[None] | None = None
+        self._closed = False
+        self._sweep_spare_exits()
 
     # -- build ---------------------------------------------------------------------------
     async def prepare(self, revision: Revision, progress: Progress | None = None) -> Revision:
@@ -201,8 +215,11 @@ class ProcessDriver:
         log_path = self.dir / f"{replica}.log"
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         pid = None
+        exit_path = self.dir / f"{replica}.exit"
         if self.use_zygote:
-            pid = await self._spawn_forked(replica, revision.source, env, log_path, limits)
+            forked = await self._spawn_forked(replica, revision.source, env, log_path, limits, port)
+            if forked is not None:
+                pid, exit_path = forked
         if pid is None:
             pid = self._spawn(revision.source, env, log_path, limits)
         record = {
@@ -213,11 +230,32 @@ class ProcessDriver:
             "start_time": _proc_start_time(pid),
             "endpoint": f"{self.host}:{port}",
             "started": time.time(),
+            "exit": exit_path.name,  # where the zygote writes its exit code
         }
         tmp = self.dir / f".{replica}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.dir / f"{replica}.json")
+        report = self._reports.get(replica)
+        if report is not None:
+            report.pid, report.start_time = pid, record["start_time"]  # type: ignore[assignment]
         return self._running(record)
+
+    async def wait_ready(self, running: Running, timeout: float) -> bool | None:
+        """The replica's own word (see :class:`~torpor.drivers.base.ReportsReadiness`): a
+        replica forked from the zygote reports the moment it listens with its handler
+        loaded, so the controller learns it without a probe's round trips. True once it
+        has reported and still runs; False while it has not (waits up to ``timeout`` s), or
+        once it has died; None when there is nothing to wait for (a plain spawn, a replica
+        adopted from an earlier run, or a connection that closed without the report): the
+        controller then probes the endpoint, as before."""
+        rep = self._reports.get(running.replica)
+        if rep is None:
+            return None
+        if not await rep.wait(timeout):
+            return False
+        if rep.result is None:
+            return None
+        return rep.start_time is not None and _proc_start_time(rep.pid) == rep.start_time
 
     def _home(self, replica: str) -> str:
         """A fresh, empty, private directory for the replica's HOME and TMPDIR."""
@@ -285,6 +323,7 @@ class ProcessDriver:
                 log.close()
             for _ in range(500):  # ~5 s
                 if self._zygote_sock.exists():
+                    self._lease_later(LEASE_AFTER)
                     return True
                 if self._zygote.poll() is not None:
                     break
@@ -299,8 +338,12 @@ class ProcessDriver:
         env: dict[str, str],
         log_path: Path,
         limits: dict[str, tuple[int, int]],
-    ) -> int | None:
-        """Fork the replica from the zygote; None if the zygote is unavailable."""
+        port: int,
+    ) -> tuple[int, Path] | None:
+        """Fork the replica from the zygote -> (pid, its exit code file); None if the
+        zygote is unavailable. The replica's readiness report is read from the same line
+        (``self._reports``). The spare leased ahead takes the request directly if there is
+        one (no zygote on the way); else the zygote forks (or hands over its own spare)."""
         if not await self._ensure_zygote():
             return None
         req = {
@@ -310,17 +353,58 @@ class ProcessDriver:
             "log": str(log_path),
             "exit": str(self.dir / f"{replica}.exit"),
             "limits": limits,
+            "report": True,
         }
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(self._zygote_sock))
-            writer.write(json.dumps(req).encode() + b"\n")
-            await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 5)
-            writer.close()
-            reply = json.loads(line)
-            return int(reply["pid"])
-        except (OSError, ValueError, KeyError, TimeoutError):
+        rep, exit_path = None, self.dir / f"{replica}.exit"
+        lease, self._lease = self._lease, None
+        zygote = self._zygote.pid if self._zygote is not None else 0
+        if lease is not None:
+            if (
+                lease.zygote == zygote
+                and lease.start_time is not None
+                and _proc_start_time(lease.pid) == lease.start_time
+            ):
+                rep = await zygoteclient.start_on(lease, req, port)
+                exit_path = Path(lease.exit)
+            else:  # the spare died while leased, or its zygote did (no one to reap it)
+                lease.sock.close()
+                Path(lease.exit).unlink(missing_ok=True)
+        if rep is None:
+            exit_path = self.dir / f"{replica}.exit"
+            rep = await zygoteclient.fork(str(self._zygote_sock), req, port)
+        self._lease_later(LEASE_AFTER)
+        if rep is None:
             return None
+        self._drop_report(replica)
+        self._reports[replica] = rep
+        return rep.pid, exit_path
+
+    def _lease_later(self, delay: float) -> None:
+        """Lease the next spare in ``delay`` s (not during the start that used the last)."""
+        if self._closed or self._lease is not None or (self._leasing and not self._leasing.done()):
+            return
+
+        async def lease() -> None:
+            await asyncio.sleep(delay)
+            if self._closed or not await self._ensure_zygote():
+                return
+            exit_path = self.dir / f".spare-{secrets.token_hex(6)}.exit"
+            got = await zygoteclient.lease(str(self._zygote_sock), str(exit_path))
+            if got is None:
+                return
+            got.start_time = _proc_start_time(got.pid)
+            got.zygote = self._zygote.pid if self._zygote is not None else 0
+            if self._closed or self._lease is not None:
+                got.sock.close()
+                return
+            self._lease = got
+
+        self._leasing = asyncio.create_task(lease(), name="zygote-lease")
+
+    def _drop_report(self, replica: str) -> None:
+        rep = self._reports.pop(replica, None)
+        if rep is not None:
+            rep.close()
 
     def _running(self, data: dict[str, object]) -> Running:
         alive = self._alive(data)
@@ -330,7 +414,7 @@ class ProcessDriver:
             code = child.poll()
         elif not alive:
             try:
-                code = int((self.dir / f"{data['replica']}.exit").read_text())
+                code = int(self._exit_file(data).read_text())
             except (OSError, ValueError):
                 code = None
         labels = {
@@ -357,7 +441,33 @@ class ProcessDriver:
         start = _proc_start_time(pid)
         return start is not None and start == data.get("start_time")
 
+    def _sweep_spare_exits(self) -> None:
+        """Remove exit files of spares leased by an earlier run and never used."""
+        used = set()
+        for rec in self.dir.glob("*.json"):
+            try:
+                used.add(str(json.loads(rec.read_text()).get("exit") or ""))
+            except (OSError, ValueError, AttributeError):
+                continue
+        for path in self.dir.glob(".spare-*.exit"):
+            if path.name not in used:
+                path.unlink(missing_ok=True)
+
+    def _exit_file(self, data: Mapping[str, object]) -> Path:
+        """Where the zygote writes the replica's exit code (a leased spare's own name)."""
+        name = str(data.get("exit") or "")
+        if not name or "/" in name or name.startswith(".."):
+            name = f"{data['replica']}.exit"
+        return self.dir / name
+
     def _forget(self, replica: str) -> None:
+        self._drop_report(replica)
+        try:
+            (self._exit_file(json.loads((self.dir / f"{replica}.json").read_text()))).unlink(
+                missing_ok=True
+            )
+        except (OSError, ValueError, KeyError):
+            pass
         (self.dir / f"{replica}.json").unlink(missing_ok=True)
         (self.dir / f"{replica}.exit").unlink(missing_ok=True)
         shutil.rmtree(self.homes / replica, ignore_errors=True)
@@ -439,6 +549,14 @@ class ProcessDriver:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        self._closed = True
+        if self._leasing is not None:
+            self._leasing.cancel()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.sock.close()  # the spare ends
+        for replica in list(self._reports):
+            self._drop_report(replica)
         for child in self._children.values():
             child.poll()
         if self._zygote is not None and self._zygote.poll() is None:
@@ -448,3 +566,5 @@ class ProcessDriver:
             except subprocess.TimeoutExpired:
                 self._zygote.kill()
         self._zygote_sock.unlink(missing_ok=True)
+        if lease is not None:
+            Path(lease.exit).unlink(missing_ok=True)

@@ -1773,6 +1773,7 @@ class _Server:
         self.listener: asyncio.AbstractServer | None = None
         self.done: asyncio.Future[None] = loop.create_future()
         self.executor: Any = None
+        self.on_listening: Callable[[int], None] | None = None
 
     def _pool(self) -> Any:
         if self.executor is None:
@@ -1843,6 +1844,10 @@ class _Server:
         print(
             f"torpor-runtime: serving {cfg.handler} on :{port} (ready in {ms:.1f} ms)", flush=True
         )
+        if self.on_listening is not None:  # listening with the handler loaded: it can answer
+            self.on_listening(port)
+        if not self.is_async:  # start a handler thread now, not on the first request's way
+            self.loop.run_in_executor(self._pool(), int)
         await self.done
         return EXIT_OK
 
@@ -1885,12 +1890,15 @@ def run(
     handler: Callable[..., Any],
     t0: float | None = None,
     ws_handler: Callable[..., Any] | None = None,
+    on_listening: Callable[[int], None] | None = None,
 ) -> int:
     """Serve ``handler`` (and ``ws_handler`` for WebSocket upgrades) until SIGTERM/SIGINT
-    and a drain; -> exit code."""
+    and a drain; -> exit code. ``on_listening(port)`` is called once the listener is open
+    (the handler loaded, the loop about to serve), before the first connection is served."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server = _Server(cfg, handler, loop, time.perf_counter() if t0 is None else t0)
+    server.on_listening = on_listening
     if ws_handler is not None:
         server.ws_handler, server.ws_async = ws_handler, _is_async(ws_handler)
     try:
@@ -1909,11 +1917,12 @@ def run(
         loop.close()
 
 
-def main(t0: float | None = None) -> int:
+def main(t0: float | None = None, on_listening: Callable[[int], None] | None = None) -> int:
     """Configure from the environment, import the handler, serve; -> exit code.
 
     ``t0`` (a ``time.perf_counter()``) is when the start began, for the "ready in" figure;
-    by default, when this module started importing. ``python3 server.py`` compiles this
+    by default, when this module started importing. ``on_listening``: see :func:`run` (the
+    zygote's readiness report). ``python3 server.py`` compiles this
     file on every start; ``python3 -c "import server, sys; sys.exit(server.main())"``
     with server.py's directory on sys.path runs from cached bytecode instead.
     """
@@ -1955,7 +1964,7 @@ def main(t0: float | None = None) -> int:
                 flush=True,
             )
             return EXIT_IMPORT
-    return run(cfg, handler, t0, ws_handler)
+    return run(cfg, handler, t0, ws_handler, on_listening)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ every 250 ms. Prints:
 - errors: non-2xx responses and socket errors/timeouts (the bar is zero);
 - time to a steady replica count: the ready count's last change before it stays
   unchanged for 3 s, and that count (ideal: clients / target = 20);
-- a per-second timeline: ready replicas, 2xx/s, errors/s, p50 and max latency.
+- a per-second timeline: ready replicas, 2xx/s, errors/s, p50 and max latency;
+- process: the floors measured in the same run, with the same function and env (5 each,
+  p50): a fork of a warmed zygote -> the first 200, and a bare spawn -> the first 200
+  (``process_floors.py``), next to the burst's first 2xx.
 
 The client is Python (asyncio, uvloop when importable) on the same 2 cores as the
 platform; at 100 clients x ~10 requests/s it needs a fraction of a core.
@@ -44,8 +47,23 @@ from _common import (
     pct,
     platform,
 )
+from process_floors import ZygoteFloor, bare_spawn
 
 STEADY_FOR = 3.0
+FLOOR_SAMPLES = 5
+
+
+def process_floors(folder: Path, env: dict[str, str]) -> dict[str, float]:
+    """p50 seconds of a fork from a warmed zygote -> 200 and of a bare spawn -> 200."""
+    floor = ZygoteFloor()
+    try:
+        forks = sorted(floor.fork(folder, "/", env) for _ in range(FLOOR_SAMPLES))
+    finally:
+        floor.close()
+    bares = sorted(bare_spawn(folder, "/", env) for _ in range(FLOOR_SAMPLES))
+    return {"fork": forks[len(forks) // 2], "bare": bares[len(bares) // 2]}
+
+
 Record = tuple[float, float, int | str]  # (start, end) since t0, status or error name
 
 
@@ -194,10 +212,13 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
                 timeout=10,
             )
             events = [(e["time"] - wall0, e["kind"], e["message"]) for e in r.json()["events"]]
+            floors = None
+            if driver == "process":
+                floors = process_floors(folder, {"SLEEP_MS": "100", "FAIL_RATE": "0"})
         finally:
             if driver == "docker":
                 t.cli("delete", name, check=False)
-    return {"records": records, "samples": samples, "events": events}
+    return {"records": records, "samples": samples, "events": events, "floors": floors}
 
 
 def report(driver: str, res: dict[str, Any], clients: int, duration: float) -> dict[str, Any]:
@@ -259,7 +280,15 @@ def report(driver: str, res: dict[str, Any], clients: int, duration: float) -> d
             f"   {driver}: replica 'ready' events (n-th at): "
             + ", ".join(f"#{n} {ts:.2f} s" for n, ts in marks)
         )
+    floors = res.get("floors")
+    if floors:
+        print(
+            f"   {driver}: floors in this run (same function): fork from a warmed zygote -> 200 "
+            f"p50 {floors['fork'] * 1000:.0f} ms, bare spawn -> 200 p50 {floors['bare'] * 1000:.0f} ms; "
+            f"first 2xx {first_ok * 1000:.0f} ms = fork floor +{(first_ok - floors['fork']) * 1000:.0f} ms"
+        )
     return {
+        "floors": floors,
         "first_ok": first_ok,
         "errors": sum(bad.values()),
         "steady_t": st_time,
@@ -303,6 +332,13 @@ def main() -> int:
     print(
         f"   (ideal steady count: {args.clients} clients / target 5 = {args.clients // 5}; errors: target 0)"
     )
+    for d, s in summary.items():
+        if s.get("floors"):
+            f = s["floors"]
+            print(
+                f"   {d}: first 2xx {s['first_ok'] * 1000:.0f} ms vs floors fork -> 200 "
+                f"{f['fork'] * 1000:.0f} ms, bare spawn -> 200 {f['bare'] * 1000:.0f} ms (same run)"
+            )
     print(f"   load average at the end: {loadavg()}")
     return 0
 
