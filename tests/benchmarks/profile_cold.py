@@ -300,8 +300,9 @@ def main() -> int:
             print(f"   {hop:12s} {'-':>10} {'-':>12} {0:4d}")
             continue
         step = sorted((s[hop] - s[prev]) * 1000 for s in have)
-        at = sorted((s[hop] - s["request"]) * 1000 for s in have)
-        print(f"   {hop:12s} {step[len(step) // 2]:10.2f} {at[len(at) // 2]:12.2f} {len(have):4d}")
+        at_ms = sorted((s[hop] - s["request"]) * 1000 for s in have)
+        mid = at_ms[len(at_ms) // 2]
+        print(f"   {hop:12s} {step[len(step) // 2]:10.2f} {mid:12.2f} {len(have):4d}")
         prev = hop
     print(f"   load average at the end: {loadavg()}")
     return 0
