@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -321,6 +322,11 @@ async def test_spares_hold_no_connection_of_the_zygote(tmp_path: Path) -> None:
         leases = [await zygoteclient.lease(path, str(tmp_path / f"{i}.exit")) for i in range(2)]
         for lease in leases:
             assert lease is not None
+            # the pid is sent as soon as the fork returns, maybe before the child has run
+            # the closes that follow it: the spare must let go of them within moments
+            deadline = time.monotonic() + 2.0
+            while path in _unix_paths(lease.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             assert path not in _unix_paths(lease.pid), f"spare {lease.pid} holds {path}"
             lease.sock.close()
     finally:
