@@ -43,7 +43,16 @@ from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.lease import Lease
 from torpor.logs import LogReader, LogsUnavailable
-from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
+from torpor.model import (
+    Event,
+    Function,
+    OnReady,
+    Revision,
+    ScaleOverride,
+    Spec,
+    TrafficTarget,
+    format_traffic,
+)
 from torpor.sources import pack
 from torpor.spec import (
     MAX_CONCURRENCY,
@@ -355,7 +364,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                 validate_tag(tag, "tag")
             except SpecError as e:
                 raise ApiError(400, "invalid tag", str(e), field="tag") from e
-        on_ready = "promote"
+        on_ready = OnReady()
         if canary is not None:
             if (
                 not (canary.isascii() and canary.isdigit())
@@ -368,13 +377,13 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
                     f"canary: expected a percent 1..99, got {canary[:10]!r}",
                     field="canary",
                 )
-            on_ready = f"canary:{int(canary)}"
+            on_ready = OnReady.canary(int(canary))
         if no_traffic:
             if canary is not None:
                 raise ApiError(
                     400, "conflicting options", "--canary and --no-traffic exclude each other"
                 )
-            on_ready = "none"
+            on_ready = OnReady("none")
         limits = cfg.limits
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_upload:
@@ -496,10 +505,7 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
             Event(
                 function=name,
                 kind="traffic",
-                message="traffic set by hand: "
-                + ", ".join(
-                    f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in targets
-                ),
+                message="traffic set by hand: " + format_traffic(targets),
             )
         )
         return JSONResponse({"traffic": [asdict(t) for t in fn2.traffic]})
@@ -611,7 +617,12 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
 
 def _add_revision(
-    cur: Function | None, name: str, spec: Spec, sha: str | None, on_ready: str, tag: str | None
+    cur: Function | None,
+    name: str,
+    spec: Spec,
+    sha: str | None,
+    on_ready: OnReady,
+    tag: str | None,
 ) -> Function:
     fn = cur or Function(name=name)
     number = fn.next_number

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from torpor.api.jsonsafe import BadJson, loads
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
 from torpor.controller import traffic
-from torpor.model import Event, Function, Rollout, RolloutPolicy
+from torpor.model import Event, Function, Rollout, RolloutPolicy, format_traffic
 from torpor.spec import (
     MAX_INTERVAL,
     MAX_MIN_REQUESTS,
@@ -40,9 +40,7 @@ POLICY_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_req
 
 
 def _fmt(fn: Function) -> str:
-    return ", ".join(
-        f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic
-    )
+    return format_traffic(fn.traffic)
 
 
 def _view(fn: Function) -> dict[str, Any]:
