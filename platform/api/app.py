@@ -595,10 +595,10 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
     )
     routes = [
         *ROUTES,
-        *archive_routes(store, ApiError),
-        *call_routes(store, ApiError, query_int),
-        *build_log_routes(store, ApiError),
-        *ui_routes(store, cfg, ui_sessions, ApiError),
+        *archive_routes(store),
+        *call_routes(store),
+        *build_log_routes(store),
+        *ui_routes(store, cfg, ui_sessions),
     ]
     app = Starlette(
         routes=routes,
