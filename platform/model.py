@@ -10,8 +10,9 @@ import base64
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY = 10 * MiB  # Spec.max_body: largest request body the gateway takes
@@ -101,6 +102,72 @@ class Spec:
         return cls(**d)
 
 
+OnReadyKind = Literal["promote", "none", "canary"]
+ON_READY_KINDS: tuple[str, ...] = ("promote", "none", "canary")
+
+
+@dataclass(frozen=True)
+class OnReady:
+    """What a revision's traffic becomes once it is ready, as its deploy asked.
+
+    - ``promote``: 100 % to it (the default);
+    - ``none``: no percent, only its tag (``torpor deploy --no-traffic``);
+    - ``canary`` with ``percent`` 1..99: a rollout starting at that percent
+      (``torpor deploy --canary PCT``).
+
+    Any other combination raises ``ValueError``. In the store (and in events) it is
+    written as the text every version of Torpor wrote and reads, ``"promote"``,
+    ``"none"`` or ``"canary:PCT"`` (``str()`` / :meth:`parse`), so a record written by one
+    version loads in another (the API and the controller may be upgraded one at a time).
+    """
+
+    kind: OnReadyKind = "promote"
+    percent: int | None = None  # canary only
+
+    def __post_init__(self) -> None:
+        if self.kind == "canary":
+            p = self.percent
+            if not isinstance(p, int) or isinstance(p, bool) or not 1 <= p <= 99:
+                raise ValueError(f"on_ready: a canary needs a percent 1..99, got {p!r}")
+        elif self.kind in ("promote", "none"):
+            if self.percent is not None:
+                raise ValueError(f"on_ready: {self.kind} takes no percent")
+        else:
+            raise ValueError(f"on_ready: expected one of {', '.join(ON_READY_KINDS)}")
+
+    @classmethod
+    def canary(cls, percent: int) -> OnReady:
+        return cls("canary", percent)
+
+    def __str__(self) -> str:
+        return f"canary:{self.percent}" if self.kind == "canary" else self.kind
+
+    @classmethod
+    def parse(cls, text: str) -> OnReady:
+        """The text form back (``"canary:10"``); ``ValueError`` for anything else."""
+        kind, sep, pct = text.partition(":")
+        if kind == "canary" and sep:
+            if not (pct.isascii() and pct.isdigit()) or len(pct) > 2:
+                raise ValueError(f"on_ready: a canary needs a percent 1..99, got {pct[:10]!r}")
+            return cls.canary(int(pct))
+        if kind in ("promote", "none") and not sep:
+            return cls(cast(OnReadyKind, kind))
+        raise ValueError(f"on_ready: expected promote, none or canary:PCT, got {text[:20]!r}")
+
+    @classmethod
+    def from_stored(cls, raw: Any) -> OnReady:
+        """What a stored record holds, leniently: the text form; a missing or malformed
+        value is ``promote`` (what the controller always did with a value it did not know)."""
+        if isinstance(raw, OnReady):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return cls.parse(raw)
+            except ValueError:
+                pass
+        return cls()
+
+
 @dataclass
 class Revision:
     name: str  # hello-00003
@@ -115,18 +182,24 @@ class Revision:
     status: RevisionStatus = "building"
     reason: str = ""
     created: float = field(default_factory=time.time)
-    on_ready: str = "promote"  # traffic once ready: "promote" (100%), "none", "canary:PCT"
+    on_ready: OnReady = field(default_factory=OnReady)  # traffic once ready (see OnReady)
     tag: str | None = None  # tag to give it once ready
+
+    def __post_init__(self) -> None:
+        if isinstance(self.on_ready, str):  # the text form, strictly (OnReady.parse)
+            self.on_ready = OnReady.parse(self.on_ready)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spec"] = self.spec.to_dict()
+        d["on_ready"] = str(self.on_ready)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Revision:
         d = dict(d)
         d["spec"] = Spec.from_dict(d["spec"])
+        d["on_ready"] = OnReady.from_stored(d.get("on_ready"))
         return cls(**d)
 
 
@@ -135,6 +208,30 @@ class TrafficTarget:
     revision: str
     percent: int
     tag: str | None = None
+
+
+def format_traffic(
+    targets: Iterable[TrafficTarget | Mapping[str, Any]],
+    *,
+    skip_zero: bool = False,
+    tags: bool = True,
+) -> str:
+    """A traffic table as one line, ``"hello-00002=90% (stable), hello-00003=10%"``.
+
+    ``targets``: :class:`TrafficTarget` objects or the API's JSON objects
+    (``{"revision", "percent", "tag"}``, ``tag`` optional). ``skip_zero`` leaves out the
+    targets without a percent (tag-only ones); ``tags=False`` leaves out the tags.
+    """
+    parts = []
+    for t in targets:
+        if isinstance(t, TrafficTarget):
+            rev, pct, tag = t.revision, t.percent, t.tag
+        else:
+            rev, pct, tag = t["revision"], t["percent"], t.get("tag")
+        if skip_zero and not pct:
+            continue
+        parts.append(f"{rev}={pct}%" + (f" ({tag})" if tags and tag else ""))
+    return ", ".join(parts)
 
 
 @dataclass

@@ -5,12 +5,16 @@ Every request first passes :class:`~torpor.api.guard.BrowserGuard` (Host, Origin
 Content-Type checks, with the body types declared in ``REQUEST_BODIES`` below), then
 :class:`~torpor.api.auth.BearerAuth` (a bearer token on everything but /healthz and
 /readyz). There is no way to build the app without a token.
+
+Handlers are module-level functions listed in ``ROUTES`` (with those of
+``torpor.api.rollouts`` and ``torpor.api.secrets``); they find the store and the
+:class:`ApiConfig` in ``request.app.state`` (``store_of``, ``config_of``). ``create_app``
+only builds that state, the middleware and the route list.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import shutil
 import tempfile
 import time
@@ -31,19 +35,38 @@ from torpor.api.archives import archive_routes
 from torpor.api.auth import BearerAuth
 from torpor.api.buildlog import build_log_routes, public_event
 from torpor.api.calls import call_routes
+from torpor.api.common import (
+    ApiError,
+    error_response,
+    get_fn,
+    json_body,
+    query_flag,
+    query_int,
+    query_time,
+    store_of,
+)
 from torpor.api.guard import BodyRules, BrowserGuard, HostPolicy
-from torpor.api.jsonsafe import BadJson, loads, non_finite
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
+from torpor.api.jsonsafe import non_finite
 from torpor.api.openapi import JSON_TYPES, OPENAPI, SECRET_TYPES, TARBALL_TYPES
-from torpor.api.rollouts import rollout_routes
-from torpor.api.secrets import secret_routes
+from torpor.api.rollouts import ROLLOUT_ROUTES
+from torpor.api.secrets import SECRET_ROUTES
 from torpor.api.status import status
 from torpor.api.ui import UiGate, UiSessions, ui_routes
 from torpor.archive import ArchiveError, ArchiveLimits, extract, human_size
 from torpor.drivers.pip import RequirementsError, read_requirements
 from torpor.lease import Lease
 from torpor.logs import LogReader, LogsUnavailable
-from torpor.model import Event, Function, Revision, ScaleOverride, Spec, TrafficTarget
+from torpor.model import (
+    Event,
+    Function,
+    OnReady,
+    Revision,
+    ScaleOverride,
+    Spec,
+    TrafficTarget,
+    format_traffic,
+)
 from torpor.sources import pack
 from torpor.spec import (
     MAX_CONCURRENCY,
@@ -78,11 +101,6 @@ REQUEST_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str = "", **extra: Any) -> None:
-        self.status, self.error, self.detail, self.extra = status, error, detail, extra
-
-
 @dataclass
 class ApiConfig:
     state_dir: Path
@@ -100,8 +118,10 @@ class ApiConfig:
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # caps on a deploy's upload
 
 
-def _error(status: int, error: str, detail: str = "", **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+def config_of(request: Request) -> ApiConfig:
+    """The configuration the app was built with."""
+    cfg: ApiConfig = request.app.state.cfg
+    return cfg
 
 
 def function_url(cfg: ApiConfig, name: str) -> str:
@@ -163,40 +183,6 @@ def function_view(
     return out
 
 
-def query_int(request: Request, name: str, default: int, high: int) -> int:
-    """``?name=`` as an integer 0..high (ASCII digits only); 400 naming it otherwise."""
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) > high:
-        raise ApiError(
-            400,
-            "bad request",
-            f"{name}: expected an integer from 0 to {high}, got {raw[:20]!r}",
-            field=name,
-        )
-    return int(raw)
-
-
-def query_time(request: Request, name: str) -> float:
-    """``?name=`` as a Unix time (a finite number >= 0; 0 when absent)."""
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return 0.0
-    try:
-        value = float(raw) if len(raw) <= 40 else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ApiError(
-            400,
-            "bad request",
-            f"{name}: expected a Unix time (a number of seconds >= 0), got {raw[:20]!r}",
-            field=name,
-        )
-    return value
-
-
 async def _spool(request: Request, out: IO[bytes], cap: int) -> int:
     """Copy the request body to ``out``; 413 as soon as it passes ``cap`` bytes (the rest
     is never read). Holds at most ``SPOOL_BATCH`` bytes of it in memory."""
@@ -242,343 +228,378 @@ def _unpack(body: IO[bytes], dest: Path, limits: ArchiveLimits, max_replicas: in
     return spec
 
 
+async def check_secrets(store: Store, spec: Spec) -> None:
+    """400 naming each secret the spec maps that does not exist (``field``: the first)."""
+    if not spec.secrets:
+        return
+    known = {s.name for s in await store.list_secrets()}
+    missing = [
+        (env, spec.secrets[env]) for env in sorted(spec.secrets) if spec.secrets[env] not in known
+    ]
+    if missing:
+        detail = "; ".join(f"secrets.{env}: no secret named {name!r}" for env, name in missing)
+        hint = (
+            f"`torpor secret set {missing[0][1]}`"
+            if len(missing) == 1
+            else "`torpor secret set NAME`"
+        )
+        raise ApiError(
+            400,
+            "unknown secret",
+            f"{detail}; set it first with {hint}",
+            field=f"secrets.{missing[0][0]}",
+        )
+
+
+# -- health ------------------------------------------------------------------------
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    cfg = config_of(request)
+    if cfg.ready():
+        return JSONResponse({"status": "ready"})
+    return error_response(503, "not ready", "the controller has not synced yet")
+
+
+async def get_status(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    return JSONResponse(await status(store, cfg.lease, cfg.store_kind))
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
+
+
+# -- functions -----------------------------------------------------------------------
+async def list_functions(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    fns = await store.list_functions()
+    replicas = await store.list_replicas()
+    out = []
+    for fn in sorted(fns, key=lambda f: f.name):
+        mine = [r for r in replicas if r.function == fn.name]
+        latest = fn.latest()
+        out.append(
+            {
+                "name": fn.name,
+                "url": function_url(cfg, fn.name),
+                "latest": latest.name if latest else None,
+                "status": latest.status if latest else None,
+                "traffic": [asdict(t) for t in fn.traffic],
+                "replicas": sum(1 for r in mine if r.state == "ready"),
+            }
+        )
+    return JSONResponse({"functions": out})
+
+
+async def get_function(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    name = request.path_params["name"]
+    fn = await get_fn(store, name)
+    replicas = await store.list_replicas(name)
+    events = await store.list_events(name, limit=query_int(request, "events", 20, MAX_EVENTS_LIMIT))
+    return JSONResponse(function_view(cfg, fn, replicas, events))
+
+
+async def delete_function(request: Request) -> Response:
+    store = store_of(request)
+    name = request.path_params["name"]
+    await get_fn(store, name)
+    await store.delete_function(name)
+    return JSONResponse({"deleted": name})
+
+
+async def deploy(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    q = request.query_params
+    canary = q.get("canary")
+    tag = q.get("tag") or None
+    no_traffic = query_flag(request, "no_traffic")
+    if tag is not None:
+        try:
+            validate_tag(tag, "tag")
+        except SpecError as e:
+            raise ApiError(400, "invalid tag", str(e), field="tag") from e
+    on_ready = OnReady()
+    if canary is not None:
+        if (
+            not (canary.isascii() and canary.isdigit())
+            or len(canary) > 2
+            or not 1 <= int(canary) <= 99
+        ):
+            raise ApiError(
+                400,
+                "invalid canary",
+                f"canary: expected a percent 1..99, got {canary[:10]!r}",
+                field="canary",
+            )
+        on_ready = OnReady.canary(int(canary))
+    if no_traffic:
+        if canary is not None:
+            raise ApiError(
+                400, "conflicting options", "--canary and --no-traffic exclude each other"
+            )
+        on_ready = OnReady("none")
+    limits = cfg.limits
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_upload:
+        raise ApiError(
+            413,
+            "upload too large",
+            f"the upload is {human_size(int(declared))}, over the "
+            f"{human_size(limits.max_upload)} cap on compressed size",
+        )
+    uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
+    uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The body goes to an unnamed file (O_TMPFILE) and is unpacked from there in a
+    # worker thread into a private directory. Once it passed every check, the folder is
+    # packed into a normalised archive that goes into the store under its sha256: the
+    # revision names that hash, never a path, so no other component needs this disk.
+    sha: str | None = None
+    with tempfile.TemporaryFile(prefix=".upload-", dir=uploads) as body:
+        await _spool(request, body, limits.max_upload)
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
+        try:
+            spec = await asyncio.to_thread(_unpack, body, tmp, limits, cfg.max_replicas)
+            await check_secrets(store, spec)
+            name = spec.name
+            clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
+            if clash is not None:
+                raise ApiError(400, "host clash", clash.message, field=clash.field)
+            if not spec.image:  # an image function runs its image: no source to ship
+                packed = await asyncio.to_thread(pack, tmp)
+                await store.put_blob(packed.sha256, packed.data)
+                sha = packed.sha256
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+    fn = await store.update_function(
+        name, lambda cur: _add_revision(cur, name, spec, sha, on_ready, tag)
+    )
+    assert fn is not None
+    rev = fn.revisions[-1]
+    await store.add_event(
+        Event(
+            function=name,
+            kind="deploy",
+            message=f"{rev.name} created ({on_ready}{', tag ' + tag if tag else ''})",
+        )
+    )
+    return JSONResponse(
+        {
+            "function": name,
+            "revision": rev.name,
+            "status": rev.status,
+            "url": function_url(cfg, name),
+            "path_url": f"{cfg.gateway_url}/function/{name}/",
+        },
+        status_code=201,
+    )
+
+
+async def list_revisions(request: Request) -> Response:
+    store = store_of(request)
+    fn = await get_fn(store, request.path_params["name"])
+    return JSONResponse({"revisions": [revision_view(fn, r) for r in fn.revisions]})
+
+
+async def get_revision(request: Request) -> Response:
+    store = store_of(request)
+    fn = await get_fn(store, request.path_params["name"])
+    rev = fn.revision(request.path_params["revision"])
+    if rev is None:
+        raise ApiError(
+            404,
+            "revision not found",
+            f"{fn.name} has no revision {request.path_params['revision'][:80]!r}",
+        )
+    return JSONResponse(revision_view(fn, rev))
+
+
+async def list_events(request: Request) -> Response:
+    store = store_of(request)
+    name = request.path_params["name"]
+    await get_fn(store, name)
+    limit = query_int(request, "limit", 50, MAX_EVENTS_LIMIT)
+    since = query_time(request, "since")
+    events = [e for e in await store.list_events(name, limit) if e.time > since]
+    return JSONResponse({"events": [public_event(e) for e in events]})
+
+
+async def logs(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    name = request.path_params["name"]
+    await get_fn(store, name)
+    if cfg.logs is None:
+        raise ApiError(501, "logs unavailable", "this API process has no access to replica logs")
+    follow = query_flag(request, "follow")
+    tail = query_int(request, "tail", 200, MAX_LOG_TAIL)
+    try:
+        source = await cfg.logs(name, follow, tail)
+    except LogsUnavailable as e:
+        raise ApiError(503, "logs unavailable", str(e)) from None
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for line in source:
+            yield (line + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+
+
+async def set_traffic(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    name = request.path_params["name"]
+    fn = await get_fn(store, name)
+    body = await json_body(request)
+    targets = parse_traffic(fn, body.get("traffic"))
+    clash = hosts.traffic_clash(await store.list_functions(), fn, targets, cfg.domain)
+    if clash is not None:
+        raise ApiError(400, "host clash", clash.message, field=clash.field)
+
+    def mutate(cur: Function | None) -> Function | None:
+        if cur is None:
+            return None
+        cur.traffic = targets
+        if cur.rollout and cur.rollout.state in ("running", "paused"):
+            cur.rollout.state, cur.rollout.reason = "aborted", "traffic set by hand"
+        return cur
+
+    fn2 = await store.update_function(name, mutate)
+    if fn2 is None:
+        raise ApiError(404, "function not found", f"no function named {name!r}")
+    await store.add_event(
+        Event(
+            function=name,
+            kind="traffic",
+            message="traffic set by hand: " + format_traffic(targets),
+        )
+    )
+    return JSONResponse({"traffic": [asdict(t) for t in fn2.traffic]})
+
+
+async def set_scale(request: Request) -> Response:
+    store = store_of(request)
+    cfg = config_of(request)
+    name = request.path_params["name"]
+    fn = await get_fn(store, name)
+    body = await json_body(request)
+    new = parse_scale_patch(fn, body, cfg.max_replicas)
+    old = fn.scale
+
+    def mutate(cur: Function | None) -> Function | None:
+        if cur is None:
+            return None
+        cur.scale = new
+        return cur
+
+    fn2 = await store.update_function(name, mutate)
+    if fn2 is None:
+        raise ApiError(404, "function not found", f"no function named {name!r}")
+    who = request.client.host if request.client else "unknown"
+    await store.add_event(
+        Event(
+            function=name,
+            kind="scale",
+            message=(f"scale set by hand from {who}: {_fmt_override(old)} -> {_fmt_override(new)}"),
+            data={"who": who, "old": asdict(old), "new": asdict(new), "time": time.time()},
+        )
+    )
+    latest = fn2.latest()
+    return JSONResponse(
+        {
+            "name": name,
+            "scale_override": asdict(fn2.scale),
+            "scale": asdict(fn2.effective_scale(latest)) if latest else None,
+        }
+    )
+
+
+ROUTES = [
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics),
+    Route("/v1/openapi.json", openapi),
+    Route("/v1/status", get_status, methods=["GET"]),
+    Route("/v1/functions", list_functions, methods=["GET"]),
+    Route("/v1/functions", deploy, methods=["POST"]),
+    Route("/v1/functions/{name}", get_function, methods=["GET"]),
+    Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
+    Route("/v1/functions/{name}/revisions", list_revisions, methods=["GET"]),
+    Route("/v1/functions/{name}/revisions/{revision}", get_revision, methods=["GET"]),
+    Route("/v1/functions/{name}/events", list_events, methods=["GET"]),
+    Route("/v1/functions/{name}/logs", logs, methods=["GET"]),
+    Route("/v1/functions/{name}/traffic", set_traffic, methods=["PUT"]),
+    Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
+    *ROLLOUT_ROUTES,
+    *SECRET_ROUTES,
+]
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.error, exc.detail, **exc.extra)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(
+        exc.status_code,
+        "not found" if exc.status_code == 404 else "http error",
+        str(exc.detail),
+    )
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal error", type(exc).__name__)
+
+
+class RequestCounter:
+    """ASGI middleware: counts HTTP responses by method and status in ``counter``."""
+
+    def __init__(self, app: Any, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_counting(msg: Any) -> None:
+            if msg["type"] == "http.response.start":
+                self.counter.labels(scope["method"], str(msg["status"])).inc()
+            await send(msg)
+
+        await self.app(scope, receive, send_counting)
+
+
 def create_app(store: Store, cfg: ApiConfig) -> Any:
+    """The API as one ASGI app: guard -> dashboard session gate -> bearer auth -> request
+    counter -> the routes. Handlers find ``store`` and ``cfg`` in ``app.state``."""
     if not cfg.token:
         raise ValueError("the control API needs a bearer token")
-    uploads = cfg.state_dir / "uploads"  # spooled uploads and their check, removed once packed
     ui_sessions = UiSessions()
     registry = CollectorRegistry()
     api_requests = Counter(
         "torpor_api_requests", "API requests", ["method", "status"], registry=registry
     )
-
-    async def get_fn(name: str) -> Function:
-        fn = await store.get_function(name)
-        if fn is None:
-            raise ApiError(404, "function not found", f"no function named {name[:63]!r}")
-        return fn
-
-    async def json_body(request: Request) -> dict[str, Any]:
-        try:
-            body = loads(await request.body())
-        except BadJson as e:
-            extra = {"field": e.field} if e.field else {}
-            raise ApiError(400, "bad request", str(e), **extra) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "bad request", "body must be a JSON object")
-        return body
-
-    async def check_secrets(spec: Spec) -> None:
-        """400 naming each secret the spec maps that does not exist (``field``: the first)."""
-        if not spec.secrets:
-            return
-        known = {s.name for s in await store.list_secrets()}
-        missing = [
-            (env, spec.secrets[env])
-            for env in sorted(spec.secrets)
-            if spec.secrets[env] not in known
-        ]
-        if missing:
-            detail = "; ".join(f"secrets.{env}: no secret named {name!r}" for env, name in missing)
-            hint = (
-                f"`torpor secret set {missing[0][1]}`"
-                if len(missing) == 1
-                else "`torpor secret set NAME`"
-            )
-            raise ApiError(
-                400,
-                "unknown secret",
-                f"{detail}; set it first with {hint}",
-                field=f"secrets.{missing[0][0]}",
-            )
-
-    # -- health ------------------------------------------------------------------------
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        if cfg.ready():
-            return JSONResponse({"status": "ready"})
-        return _error(503, "not ready", "the controller has not synced yet")
-
-    async def get_status(request: Request) -> Response:
-        return JSONResponse(await status(store, cfg.lease, cfg.store_kind))
-
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(OPENAPI)
-
-    # -- functions -----------------------------------------------------------------------
-    async def list_functions(request: Request) -> Response:
-        fns = await store.list_functions()
-        replicas = await store.list_replicas()
-        out = []
-        for fn in sorted(fns, key=lambda f: f.name):
-            mine = [r for r in replicas if r.function == fn.name]
-            latest = fn.latest()
-            out.append(
-                {
-                    "name": fn.name,
-                    "url": function_url(cfg, fn.name),
-                    "latest": latest.name if latest else None,
-                    "status": latest.status if latest else None,
-                    "traffic": [asdict(t) for t in fn.traffic],
-                    "replicas": sum(1 for r in mine if r.state == "ready"),
-                }
-            )
-        return JSONResponse({"functions": out})
-
-    async def get_function(request: Request) -> Response:
-        name = request.path_params["name"]
-        fn = await get_fn(name)
-        replicas = await store.list_replicas(name)
-        events = await store.list_events(
-            name, limit=query_int(request, "events", 20, MAX_EVENTS_LIMIT)
-        )
-        return JSONResponse(function_view(cfg, fn, replicas, events))
-
-    async def delete_function(request: Request) -> Response:
-        name = request.path_params["name"]
-        await get_fn(name)
-        await store.delete_function(name)
-        return JSONResponse({"deleted": name})
-
-    async def deploy(request: Request) -> Response:
-        q = request.query_params
-        canary = q.get("canary")
-        tag = q.get("tag") or None
-        no_traffic = q.get("no_traffic", "").lower() in ("1", "true", "yes")
-        if tag is not None:
-            try:
-                validate_tag(tag, "tag")
-            except SpecError as e:
-                raise ApiError(400, "invalid tag", str(e), field="tag") from e
-        on_ready = "promote"
-        if canary is not None:
-            if (
-                not (canary.isascii() and canary.isdigit())
-                or len(canary) > 2
-                or not 1 <= int(canary) <= 99
-            ):
-                raise ApiError(
-                    400,
-                    "invalid canary",
-                    f"canary: expected a percent 1..99, got {canary[:10]!r}",
-                    field="canary",
-                )
-            on_ready = f"canary:{int(canary)}"
-        if no_traffic:
-            if canary is not None:
-                raise ApiError(
-                    400, "conflicting options", "--canary and --no-traffic exclude each other"
-                )
-            on_ready = "none"
-        limits = cfg.limits
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_upload:
-            raise ApiError(
-                413,
-                "upload too large",
-                f"the upload is {human_size(int(declared))}, over the "
-                f"{human_size(limits.max_upload)} cap on compressed size",
-            )
-        uploads.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The body goes to an unnamed file (O_TMPFILE) and is unpacked from there in a
-        # worker thread into a private directory. Once it passed every check, the folder is
-        # packed into a normalised archive that goes into the store under its sha256: the
-        # revision names that hash, never a path, so no other component needs this disk.
-        sha: str | None = None
-        with tempfile.TemporaryFile(prefix=".upload-", dir=uploads) as body:
-            await _spool(request, body, limits.max_upload)
-            tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
-            try:
-                spec = await asyncio.to_thread(_unpack, body, tmp, limits, cfg.max_replicas)
-                await check_secrets(spec)
-                name = spec.name
-                clash = hosts.deploy_clash(await store.list_functions(), name, tag, cfg.domain)
-                if clash is not None:
-                    raise ApiError(400, "host clash", clash.message, field=clash.field)
-                if not spec.image:  # an image function runs its image: no source to ship
-                    packed = await asyncio.to_thread(pack, tmp)
-                    await store.put_blob(packed.sha256, packed.data)
-                    sha = packed.sha256
-            finally:
-                await asyncio.to_thread(shutil.rmtree, tmp, True)
-        fn = await store.update_function(
-            name, lambda cur: _add_revision(cur, name, spec, sha, on_ready, tag)
-        )
-        assert fn is not None
-        rev = fn.revisions[-1]
-        await store.add_event(
-            Event(
-                function=name,
-                kind="deploy",
-                message=f"{rev.name} created ({on_ready}{', tag ' + tag if tag else ''})",
-            )
-        )
-        return JSONResponse(
-            {
-                "function": name,
-                "revision": rev.name,
-                "status": rev.status,
-                "url": function_url(cfg, name),
-                "path_url": f"{cfg.gateway_url}/function/{name}/",
-            },
-            status_code=201,
-        )
-
-    async def list_revisions(request: Request) -> Response:
-        fn = await get_fn(request.path_params["name"])
-        return JSONResponse({"revisions": [revision_view(fn, r) for r in fn.revisions]})
-
-    async def get_revision(request: Request) -> Response:
-        fn = await get_fn(request.path_params["name"])
-        rev = fn.revision(request.path_params["revision"])
-        if rev is None:
-            raise ApiError(
-                404,
-                "revision not found",
-                f"{fn.name} has no revision {request.path_params['revision'][:80]!r}",
-            )
-        return JSONResponse(revision_view(fn, rev))
-
-    async def list_events(request: Request) -> Response:
-        name = request.path_params["name"]
-        await get_fn(name)
-        limit = query_int(request, "limit", 50, MAX_EVENTS_LIMIT)
-        since = query_time(request, "since")
-        events = [e for e in await store.list_events(name, limit) if e.time > since]
-        return JSONResponse({"events": [public_event(e) for e in events]})
-
-    async def logs(request: Request) -> Response:
-        name = request.path_params["name"]
-        await get_fn(name)
-        if cfg.logs is None:
-            raise ApiError(
-                501, "logs unavailable", "this API process has no access to replica logs"
-            )
-        follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
-        tail = query_int(request, "tail", 200, MAX_LOG_TAIL)
-        try:
-            source = await cfg.logs(name, follow, tail)
-        except LogsUnavailable as e:
-            raise ApiError(503, "logs unavailable", str(e)) from None
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for line in source:
-                yield (line + "\n").encode()
-
-        return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
-
-    async def set_traffic(request: Request) -> Response:
-        name = request.path_params["name"]
-        fn = await get_fn(name)
-        body = await json_body(request)
-        targets = parse_traffic(fn, body.get("traffic"))
-        clash = hosts.traffic_clash(await store.list_functions(), fn, targets, cfg.domain)
-        if clash is not None:
-            raise ApiError(400, "host clash", clash.message, field=clash.field)
-
-        def mutate(cur: Function | None) -> Function | None:
-            if cur is None:
-                return None
-            cur.traffic = targets
-            if cur.rollout and cur.rollout.state in ("running", "paused"):
-                cur.rollout.state, cur.rollout.reason = "aborted", "traffic set by hand"
-            return cur
-
-        fn2 = await store.update_function(name, mutate)
-        if fn2 is None:
-            raise ApiError(404, "function not found", f"no function named {name!r}")
-        await store.add_event(
-            Event(
-                function=name,
-                kind="traffic",
-                message="traffic set by hand: "
-                + ", ".join(
-                    f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in targets
-                ),
-            )
-        )
-        return JSONResponse({"traffic": [asdict(t) for t in fn2.traffic]})
-
-    async def set_scale(request: Request) -> Response:
-        name = request.path_params["name"]
-        fn = await get_fn(name)
-        body = await json_body(request)
-        new = parse_scale_patch(fn, body, cfg.max_replicas)
-        old = fn.scale
-
-        def mutate(cur: Function | None) -> Function | None:
-            if cur is None:
-                return None
-            cur.scale = new
-            return cur
-
-        fn2 = await store.update_function(name, mutate)
-        if fn2 is None:
-            raise ApiError(404, "function not found", f"no function named {name!r}")
-        who = request.client.host if request.client else "unknown"
-        await store.add_event(
-            Event(
-                function=name,
-                kind="scale",
-                message=(
-                    f"scale set by hand from {who}: {_fmt_override(old)} -> {_fmt_override(new)}"
-                ),
-                data={"who": who, "old": asdict(old), "new": asdict(new), "time": time.time()},
-            )
-        )
-        latest = fn2.latest()
-        return JSONResponse(
-            {
-                "name": name,
-                "scale_override": asdict(fn2.scale),
-                "scale": asdict(fn2.effective_scale(latest)) if latest else None,
-            }
-        )
-
     routes = [
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-        Route("/v1/openapi.json", openapi),
-        Route("/v1/status", get_status, methods=["GET"]),
-        Route("/v1/functions", list_functions, methods=["GET"]),
-        Route("/v1/functions", deploy, methods=["POST"]),
-        Route("/v1/functions/{name}", get_function, methods=["GET"]),
-        Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
-        Route("/v1/functions/{name}/revisions", list_revisions, methods=["GET"]),
-        Route("/v1/functions/{name}/revisions/{revision}", get_revision, methods=["GET"]),
-        Route("/v1/functions/{name}/events", list_events, methods=["GET"]),
-        Route("/v1/functions/{name}/logs", logs, methods=["GET"]),
-        Route("/v1/functions/{name}/traffic", set_traffic, methods=["PUT"]),
-        Route("/v1/functions/{name}/scale", set_scale, methods=["PATCH"]),
-        *rollout_routes(store, ApiError),
-        *secret_routes(store, ApiError),
-        *archive_routes(store, ApiError),
-        *call_routes(store, ApiError, query_int),
-        *build_log_routes(store, ApiError),
-        *ui_routes(store, cfg, ui_sessions, ApiError),
+        *ROUTES,
+        *archive_routes(store),
+        *call_routes(store),
+        *build_log_routes(store),
+        *ui_routes(store, cfg, ui_sessions),
     ]
-
-    async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return _error(exc.status, exc.error, exc.detail, **exc.extra)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return _error(
-            exc.status_code,
-            "not found" if exc.status_code == 404 else "http error",
-            str(exc.detail),
-        )
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return _error(500, "internal error", type(exc).__name__)
-
     app = Starlette(
         routes=routes,
         exception_handlers={
@@ -587,23 +608,11 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
             Exception: server_error,
         },
     )
-
-    async def counted(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def send_counting(msg: Any) -> None:
-            if msg["type"] == "http.response.start":
-                api_requests.labels(scope["method"], str(msg["status"])).inc()
-            await send(msg)
-
-        await app(scope, receive, send_counting)
-
+    app.state.store, app.state.cfg, app.state.registry = store, cfg, registry
     bodies = BodyRules(REQUEST_BODIES)
     bodies.check_covers(routes)
     return BrowserGuard(
-        UiGate(BearerAuth(counted, cfg.token), cfg.token, ui_sessions),
+        UiGate(BearerAuth(RequestCounter(app, api_requests), cfg.token), cfg.token, ui_sessions),
         hosts=HostPolicy(cfg.bind_host, cfg.allowed_hosts),
         bodies=bodies,
         allowed_origins=cfg.allowed_origins,
@@ -611,7 +620,12 @@ def create_app(store: Store, cfg: ApiConfig) -> Any:
 
 
 def _add_revision(
-    cur: Function | None, name: str, spec: Spec, sha: str | None, on_ready: str, tag: str | None
+    cur: Function | None,
+    name: str,
+    spec: Spec,
+    sha: str | None,
+    on_ready: OnReady,
+    tag: str | None,
 ) -> Function:
     fn = cur or Function(name=name)
     number = fn.next_number

@@ -14,13 +14,13 @@ the archive token otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from torpor.api.common import ApiError
 from torpor.sources import SHA256, token_matches
 from torpor.store.base import Store
 
@@ -42,7 +42,7 @@ def _bearer(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def archive_routes(store: Store, api_error: Callable[..., Exception]) -> list[Route]:
+def archive_routes(store: Store) -> list[Route]:
     key_cache: list[bytes] = []
 
     async def key() -> bytes:
@@ -55,7 +55,7 @@ def archive_routes(store: Store, api_error: Callable[..., Exception]) -> list[Ro
         admin = bool(request.scope.get("torpor.admin"))
         if not SHA256.fullmatch(sha):
             # only the admin token gets this far with a malformed name (BearerAuth)
-            raise api_error(
+            raise ApiError(
                 400,
                 "bad archive name",
                 "expected the archive's sha256: 64 lowercase hex digits",
@@ -64,14 +64,14 @@ def archive_routes(store: Store, api_error: Callable[..., Exception]) -> list[Ro
         if not admin:
             token = _bearer(request)
             if not token or not token_matches(await key(), sha, token):
-                raise api_error(
+                raise ApiError(
                     401,
                     "unauthorized",
                     "missing bearer token" if not token else "wrong token for this archive",
                 )
         blob = await store.get_blob(sha)
         if blob is None:
-            raise api_error(404, "archive not found", f"no archive {sha[:12]}... in the store")
+            raise ApiError(404, "archive not found", f"no archive {sha[:12]}... in the store")
         headers: dict[str, Any] = {"cache-control": "private, no-store", "x-content-sha256": sha}
         return Response(blob, media_type="application/gzip", headers=headers)
 

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from torpor.api.common import ApiError, get_fn, query_flag
 from torpor.controller.buildlog import BUILD_LOG
 from torpor.model import Event
 from torpor.store.base import Store
@@ -56,16 +57,14 @@ def _text(e: Event) -> str:
     return "\n".join([*head, *map(str, e.data["log"]), e.message.splitlines()[0]]) + "\n"
 
 
-def build_log_routes(store: Store, error: Any) -> list[Route]:
+def build_log_routes(store: Store) -> list[Route]:
     async def build_log(request: Request) -> Response:
-        name = request.path_params["name"]
-        fn = await store.get_function(name)
-        if fn is None:
-            raise error(404, "function not found", f"no function named {name[:63]!r}")
+        fn = await get_fn(store, request.path_params["name"])
+        name = fn.name
         wanted = request.query_params.get("revision") or None
         if wanted is not None and fn.revision(wanted) is None:
-            raise error(404, "revision not found", f"{fn.name} has no revision {wanted[:80]!r}")
-        follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+            raise ApiError(404, "revision not found", f"{fn.name} has no revision {wanted[:80]!r}")
+        follow = query_flag(request, "follow")
         rev = fn.revision(wanted) if wanted else None
         if follow and rev is None and fn.revisions:
             rev = fn.revisions[-1]
@@ -76,7 +75,7 @@ def build_log_routes(store: Store, error: Any) -> list[Route]:
         )
         if found is None:
             which = f"revision {wanted}" if wanted else name
-            raise error(
+            raise ApiError(
                 404,
                 "no build log",
                 f"no build of {which} is on record (image functions are not "

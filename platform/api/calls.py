@@ -10,12 +10,11 @@ gateway at ``/async-function/NAME``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from torpor.api.common import ApiError, get_fn, query_int
 from torpor.model import LISTED, valid_id
 from torpor.store.base import Store
 from torpor.store.callq import open_queue
@@ -23,25 +22,26 @@ from torpor.store.callq import open_queue
 PATHS = ("/v1/calls/{id}", "/v1/functions/{name}/calls")
 
 
-def call_routes(store: Store, error: Any, query_int: Any) -> list[Route]:
-    """Routes for calls; ``error`` is the ApiError class, ``query_int`` the API's parser."""
+def call_routes(store: Store) -> list[Route]:
+    """Routes for calls, over ``store``'s call queue."""
     queue = open_queue(store)
 
     async def get_call(request: Request) -> Response:
         cid = request.path_params["id"]
         if not valid_id(cid):
-            raise error(400, "invalid call id", "a call id is 32 lowercase hex digits", field="id")
+            raise ApiError(
+                400, "invalid call id", "a call id is 32 lowercase hex digits", field="id"
+            )
         call = await queue.get(cid)
         if call is None:
-            raise error(
+            raise ApiError(
                 404, "call not found", f"no call {cid} (unknown, or older than its retention)"
             )
         return JSONResponse(call.view())
 
     async def list_calls(request: Request) -> Response:
         name = request.path_params["name"]
-        if await store.get_function(name) is None:
-            raise error(404, "function not found", f"no function named {name[:63]!r}")
+        await get_fn(store, name)
         limit = query_int(request, "limit", 50, LISTED)
         out = []
         for call in await queue.recent(name, limit):

@@ -13,6 +13,7 @@ The API only writes desired state; the controller judges and moves running rollo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -20,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from torpor.api.jsonsafe import BadJson, loads
+from torpor.api.common import ApiError, get_fn, json_body, store_of
 from torpor.api.jsonsafe import SafeJSONResponse as JSONResponse  # a stored NaN renders, as null
 from torpor.controller import traffic
-from torpor.model import Event, Function, Rollout, RolloutPolicy
+from torpor.model import Event, Function, Rollout, RolloutPolicy, format_traffic
 from torpor.spec import (
     MAX_INTERVAL,
     MAX_MIN_REQUESTS,
@@ -31,7 +32,6 @@ from torpor.spec import (
     SpecError,
     describe,
     parse_duration,
-    validate_name,
 )
 from torpor.store.base import Store
 
@@ -40,9 +40,7 @@ POLICY_KEYS = ("steps", "interval", "max_error_ratio", "max_p95_ratio", "min_req
 
 
 def _fmt(fn: Function) -> str:
-    return ", ".join(
-        f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "") for t in fn.traffic
-    )
+    return format_traffic(fn.traffic)
 
 
 def _view(fn: Function) -> dict[str, Any]:
@@ -52,10 +50,12 @@ def _view(fn: Function) -> dict[str, Any]:
     }
 
 
-def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> RolloutPolicy:
+def parse_policy(
+    base: RolloutPolicy, body: dict[str, Any], error: Callable[..., Exception] = ApiError
+) -> RolloutPolicy:
     """``base`` with the body's policy fields applied, validated with the bounds of
     torpor.yaml (torpor.spec): interval (0, 24h], max_error_ratio 0..1, max_p95_ratio
-    1..1000, min_requests 0..10^6."""
+    1..1000, min_requests 0..10^6. A bad field raises ``error`` (400, ``invalid rollout``)."""
     out = replace(base, steps=list(base.steps))
     if body.get("steps") is not None:
         problem = traffic.validate_steps(body["steps"])
@@ -105,197 +105,179 @@ def parse_policy(base: RolloutPolicy, body: dict[str, Any], error: Any) -> Rollo
     return out
 
 
-def rollout_routes(store: Store, error: Any) -> list[Route]:
-    """Routes under /v1/functions/{name}/rollout...; ``error`` is the ApiError class to raise."""
+async def update(store: Store, name: str, act: Any) -> Function:
+    """Run ``act(fn)`` (raises RolloutError or returns None) in a store mutator."""
+    problem: list[str] = []
 
-    async def get_fn(name: str) -> Function:
+    def mutate(cur: Function | None) -> Function | None:
+        problem.clear()
+        if cur is None:
+            problem.append("gone")
+            return None
         try:
-            validate_name(name)
-        except SpecError:
-            raise error(404, "function not found", f"no function named {name[:63]!r}") from None
-        fn = await store.get_function(name)
-        if fn is None:
-            raise error(404, "function not found", f"no function named {name[:63]!r}")
-        return fn
+            act(cur)
+        except traffic.RolloutError as e:
+            problem.append(str(e))
+            return None
+        return cur
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        try:
-            body = loads(raw)
-        except BadJson as e:
-            extra = {"field": e.field} if e.field else {}
-            raise error(400, "bad request", str(e), **extra) from None
-        if not isinstance(body, dict):
-            raise error(400, "bad request", "body must be a JSON object")
-        return body
+    fn = await store.update_function(name, mutate)
+    if problem == ["gone"] or fn is None:
+        raise ApiError(404, "function not found", f"no function named {name!r}")
+    if problem:
+        raise ApiError(409, "rollout refused", problem[0])
+    return fn
 
-    async def update(name: str, act: Any) -> Function:
-        """Run ``act(fn)`` (raises RolloutError or returns None) in a store mutator."""
-        problem: list[str] = []
 
-        def mutate(cur: Function | None) -> Function | None:
-            problem.clear()
-            if cur is None:
-                problem.append("gone")
-                return None
-            try:
-                act(cur)
-            except traffic.RolloutError as e:
-                problem.append(str(e))
-                return None
-            return cur
+async def get_rollout(request: Request) -> Response:
+    fn = await get_fn(store_of(request), request.path_params["name"])
+    return JSONResponse(_view(fn))
 
-        fn = await store.update_function(name, mutate)
-        if problem == ["gone"] or fn is None:
-            raise error(404, "function not found", f"no function named {name!r}")
-        if problem:
-            raise error(409, "rollout refused", problem[0])
-        return fn
 
-    async def get_rollout(request: Request) -> Response:
-        fn = await get_fn(request.path_params["name"])
-        return JSONResponse(_view(fn))
-
-    async def start(request: Request) -> Response:
-        name = request.path_params["name"]
-        fn = await get_fn(name)
-        body = await json_body(request)
-        unknown = set(body) - {"to", *POLICY_KEYS}
-        if unknown:
-            key = sorted(unknown)[0][:40]
-            raise error(
-                400,
-                "invalid rollout",
-                f"{key}: unknown field; expected to, {', '.join(POLICY_KEYS)}",
-                field=key,
-            )
-        to = body.get("to")
-        rev = fn.revision(to) if isinstance(to, str) else None
-        if rev is None:
-            raise error(
-                400,
-                "invalid rollout",
-                f"to: {str(to)[:80]!r} is not a revision of {name}",
-                field="to",
-            )
-        if rev.status != "ready":
-            raise error(
-                400, "invalid rollout", f"to: {rev.name} is {rev.status}, not ready", field="to"
-            )
-        policy = parse_policy(rev.spec.rollout, body, error)
-        now = time.time()
-
-        def act(cur: Function) -> None:
-            ro = cur.rollout
-            if ro is not None and ro.state in traffic.ACTIVE:
-                raise traffic.RolloutError(
-                    f"a rollout to {ro.to} is {ro.state}; promote or abort it first (torpor rollout {name} --abort)"
-                )
-            shares = {t.revision: t.percent for t in cur.traffic if t.percent}
-            if shares.get(rev.name) == 100:
-                raise traffic.RolloutError(f"{rev.name} already serves all traffic")
-            traffic.start_rollout(cur, rev.name, policy, now)
-
-        fn2 = await update(name, act)
-        ro = fn2.rollout
-        assert ro is not None
-        await store.add_event(
-            Event(
-                function=name,
-                kind="rollout",
-                message=(
-                    f"rollout {ro.stable} -> {ro.to} started: steps {','.join(map(str, ro.steps))}, every "
-                    f"{ro.policy.interval:g}s, max 5xx {ro.policy.max_error_ratio:.1%}, max p95 x{ro.policy.max_p95_ratio:g}, "
-                    f"min {ro.policy.min_requests} requests; traffic: {_fmt(fn2)}"
-                ),
-                data={"to": ro.to, "stable": ro.stable},
-            )
+async def start(request: Request) -> Response:
+    store = store_of(request)
+    name = request.path_params["name"]
+    fn = await get_fn(store, name)
+    body = await json_body(request, optional=True)
+    unknown = set(body) - {"to", *POLICY_KEYS}
+    if unknown:
+        key = sorted(unknown)[0][:40]
+        raise ApiError(
+            400,
+            "invalid rollout",
+            f"{key}: unknown field; expected to, {', '.join(POLICY_KEYS)}",
+            field=key,
         )
-        return JSONResponse(_view(fn2), status_code=201)
-
-    async def action(request: Request) -> Response:
-        name = request.path_params["name"]
-        what = request.path_params["action"]
-        if what not in ACTIONS:
-            raise error(
-                404,
-                "not found",
-                f"no rollout action {what[:20]!r}; expected one of {', '.join(ACTIONS)}",
-            )
-        await get_fn(name)
-        await json_body(request)
-        now = time.time()
-
-        def act(cur: Function) -> None:
-            ro = cur.rollout
-            if ro is None or ro.state not in traffic.ACTIVE:
-                state = f"the last one was {ro.state}" if ro else "there was none"
-                raise traffic.RolloutError(f"{name} has no running or paused rollout ({state})")
-            if what == "pause":
-                if ro.state == "paused":
-                    raise traffic.RolloutError("the rollout is already paused")
-                ro.state, ro.reason = "paused", "paused by hand"
-            elif what == "resume":
-                if ro.state == "running":
-                    raise traffic.RolloutError("the rollout is already running")
-                ro.state, ro.reason, ro.step_started = (
-                    "running",
-                    "resumed by hand",
-                    now,
-                )  # the step is measured afresh
-            elif what == "promote":
-                traffic.promote(cur, ro, "promoted by hand")
-            else:
-                traffic.roll_back(cur, ro, "aborted by hand", state="aborted")
-
-        fn2 = await update(name, act)
-        ro2: Rollout | None = fn2.rollout
-        assert ro2 is not None
-        await store.add_event(
-            Event(
-                function=name,
-                kind="rollout",
-                message=(
-                    f"rollout {ro2.stable} -> {ro2.to}: {what} by hand; state {ro2.state}; traffic: {_fmt(fn2)}"
-                ),
-            )
+    to = body.get("to")
+    rev = fn.revision(to) if isinstance(to, str) else None
+    if rev is None:
+        raise ApiError(
+            400,
+            "invalid rollout",
+            f"to: {str(to)[:80]!r} is not a revision of {name}",
+            field="to",
         )
-        return JSONResponse(_view(fn2))
-
-    async def rollback(request: Request) -> Response:
-        name = request.path_params["name"]
-        await get_fn(name)
-        await json_body(request)
-        target: list[str] = []
-
-        def act(cur: Function) -> None:
-            target.clear()
-            to = traffic.rollback_target(cur)
-            if to is None:
-                raise traffic.RolloutError(f"{name} has no earlier ready revision to roll back to")
-            target.append(to)
-            ro = cur.rollout
-            if ro is not None and ro.state in traffic.ACTIVE:
-                traffic.roll_back(cur, ro, "rolled back by hand")
-            else:
-                cur.traffic = traffic.sole_traffic(cur.traffic, to)
-
-        fn2 = await update(name, act)
-        await store.add_event(
-            Event(
-                function=name,
-                kind="rollout",
-                message=(f"rolled back to {target[0]} by hand; traffic: {_fmt(fn2)}"),
-                data={"to": target[0]},
-            )
+    if rev.status != "ready":
+        raise ApiError(
+            400, "invalid rollout", f"to: {rev.name} is {rev.status}, not ready", field="to"
         )
-        return JSONResponse({"revision": target[0], **_view(fn2)})
+    policy = parse_policy(rev.spec.rollout, body)
+    now = time.time()
 
-    return [
-        Route("/v1/functions/{name}/rollout", get_rollout, methods=["GET"]),
-        Route("/v1/functions/{name}/rollout", start, methods=["POST"]),
-        Route("/v1/functions/{name}/rollout/{action}", action, methods=["POST"]),
-        Route("/v1/functions/{name}/rollback", rollback, methods=["POST"]),
-    ]
+    def act(cur: Function) -> None:
+        ro = cur.rollout
+        if ro is not None and ro.state in traffic.ACTIVE:
+            raise traffic.RolloutError(
+                f"a rollout to {ro.to} is {ro.state}; promote or abort it first (torpor rollout {name} --abort)"
+            )
+        shares = {t.revision: t.percent for t in cur.traffic if t.percent}
+        if shares.get(rev.name) == 100:
+            raise traffic.RolloutError(f"{rev.name} already serves all traffic")
+        traffic.start_rollout(cur, rev.name, policy, now)
+
+    fn2 = await update(store, name, act)
+    ro = fn2.rollout
+    assert ro is not None
+    await store.add_event(
+        Event(
+            function=name,
+            kind="rollout",
+            message=(
+                f"rollout {ro.stable} -> {ro.to} started: steps {','.join(map(str, ro.steps))}, every "
+                f"{ro.policy.interval:g}s, max 5xx {ro.policy.max_error_ratio:.1%}, max p95 x{ro.policy.max_p95_ratio:g}, "
+                f"min {ro.policy.min_requests} requests; traffic: {_fmt(fn2)}"
+            ),
+            data={"to": ro.to, "stable": ro.stable},
+        )
+    )
+    return JSONResponse(_view(fn2), status_code=201)
+
+
+async def action(request: Request) -> Response:
+    store = store_of(request)
+    name = request.path_params["name"]
+    what = request.path_params["action"]
+    if what not in ACTIONS:
+        raise ApiError(
+            404,
+            "not found",
+            f"no rollout action {what[:20]!r}; expected one of {', '.join(ACTIONS)}",
+        )
+    await get_fn(store, name)
+    await json_body(request, optional=True)
+    now = time.time()
+
+    def act(cur: Function) -> None:
+        ro = cur.rollout
+        if ro is None or ro.state not in traffic.ACTIVE:
+            state = f"the last one was {ro.state}" if ro else "there was none"
+            raise traffic.RolloutError(f"{name} has no running or paused rollout ({state})")
+        if what == "pause":
+            if ro.state == "paused":
+                raise traffic.RolloutError("the rollout is already paused")
+            ro.state, ro.reason = "paused", "paused by hand"
+        elif what == "resume":
+            if ro.state == "running":
+                raise traffic.RolloutError("the rollout is already running")
+            ro.state, ro.reason, ro.step_started = (
+                "running",
+                "resumed by hand",
+                now,
+            )  # the step is measured afresh
+        elif what == "promote":
+            traffic.promote(cur, ro, "promoted by hand")
+        else:
+            traffic.roll_back(cur, ro, "aborted by hand", state="aborted")
+
+    fn2 = await update(store, name, act)
+    ro2: Rollout | None = fn2.rollout
+    assert ro2 is not None
+    await store.add_event(
+        Event(
+            function=name,
+            kind="rollout",
+            message=(
+                f"rollout {ro2.stable} -> {ro2.to}: {what} by hand; state {ro2.state}; traffic: {_fmt(fn2)}"
+            ),
+        )
+    )
+    return JSONResponse(_view(fn2))
+
+
+async def rollback(request: Request) -> Response:
+    store = store_of(request)
+    name = request.path_params["name"]
+    await get_fn(store, name)
+    await json_body(request, optional=True)
+    target: list[str] = []
+
+    def act(cur: Function) -> None:
+        target.clear()
+        to = traffic.rollback_target(cur)
+        if to is None:
+            raise traffic.RolloutError(f"{name} has no earlier ready revision to roll back to")
+        target.append(to)
+        ro = cur.rollout
+        if ro is not None and ro.state in traffic.ACTIVE:
+            traffic.roll_back(cur, ro, "rolled back by hand")
+        else:
+            cur.traffic = traffic.sole_traffic(cur.traffic, to)
+
+    fn2 = await update(store, name, act)
+    await store.add_event(
+        Event(
+            function=name,
+            kind="rollout",
+            message=(f"rolled back to {target[0]} by hand; traffic: {_fmt(fn2)}"),
+            data={"to": target[0]},
+        )
+    )
+    return JSONResponse({"revision": target[0], **_view(fn2)})
+
+
+ROLLOUT_ROUTES = [
+    Route("/v1/functions/{name}/rollout", get_rollout, methods=["GET"]),
+    Route("/v1/functions/{name}/rollout", start, methods=["POST"]),
+    Route("/v1/functions/{name}/rollout/{action}", action, methods=["POST"]),
+    Route("/v1/functions/{name}/rollback", rollback, methods=["POST"]),
+]

@@ -44,6 +44,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from torpor.api.buildlog import public_event
+from torpor.api.common import ApiError
 from torpor.api.jsonsafe import finite
 from torpor.controller.rollout import quantile
 from torpor.store.base import STATS, Store
@@ -360,12 +361,12 @@ async def dashboard_state(
     }
 
 
-def ui_routes(store: Store, cfg: Any, sessions: UiSessions, error: Any) -> list[Route]:
+def ui_routes(store: Store, cfg: Any, sessions: UiSessions) -> list[Route]:
     live = {"streams": 0}
 
     async def code(request: Request) -> Response:
         if request.scope.get("torpor.ui_session"):
-            raise error(
+            raise ApiError(
                 403, "forbidden", "a dashboard session cannot mint sign-in codes; use the API token"
             )
         c = sessions.issue_code()

@@ -21,15 +21,13 @@ import httpx
 from torpor.archive import human_size
 from torpor.cli.output import EXIT_FAILED, EXIT_OK
 from torpor.cli.progress import Phases
+from torpor.model import format_traffic
 
 POLL = 0.2  # s between looks at the revision
 
 
 def _traffic(fn: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
-        for t in fn["traffic"]
-    )
+    return format_traffic(fn["traffic"])
 
 
 class LogStream:

@@ -21,6 +21,7 @@ from torpor.archive import skipped_path
 from torpor.cli.main import Api, CliError, deploy_params, die, upload
 from torpor.importers import Imported, ImportRefused, detect, knative, load_documents, openfaas
 from torpor.importers.export import to_knative, to_openfaas
+from torpor.model import format_traffic
 
 
 def _say(msg: str) -> None:
@@ -124,11 +125,7 @@ def deploy_file(api: Api, path: Path, args: argparse.Namespace) -> int:
             ]
             out = api.call("PUT", f"/v1/functions/{imp.name}/traffic", json={"traffic": targets})
             print(
-                f"{rev} ready; traffic: "
-                + ", ".join(
-                    f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-                    for t in out["traffic"]
-                ),
+                f"{rev} ready; traffic: " + format_traffic(out["traffic"]),
                 file=sys.stderr,
             )
             fn = api.call("GET", f"/v1/functions/{imp.name}")

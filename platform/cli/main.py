@@ -30,6 +30,7 @@ from torpor.cli.output import EXIT_CODES, EXIT_FAILED, EXIT_NOT_FOUND, add_outpu
 from torpor.cli.rollout import add_parsers, finite_float, watch
 from torpor.cli.secret import add_parsers as add_secret_parsers
 from torpor.cli.ui import add_parser as add_ui_parser
+from torpor.model import format_traffic
 
 DEFAULT_API = "http://127.0.0.1:8081"
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -299,9 +300,7 @@ def cmd_ls(api: Api, args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<24} {'LATEST':<20} {'STATUS':<10} {'READY':>5}  TRAFFIC")
     for f in fns:
-        traffic = ", ".join(
-            f"{t['revision']}={t['percent']}%" for t in f["traffic"] if t["percent"]
-        )
+        traffic = format_traffic(f["traffic"], skip_zero=True, tags=False)
         print(
             f"{f['name']:<24} {f['latest'] or '-':<20} {f['status'] or '-':<10} {f['replicas']:>5}  {traffic}"
         )
@@ -458,12 +457,7 @@ def cmd_traffic(api: Api, args: argparse.Namespace) -> int:
         targets.append({"revision": rev, "percent": int(pct), "tag": tags.pop(rev, None)})
     targets += [{"revision": rev, "percent": 0, "tag": tag} for rev, tag in tags.items()]
     out = api.call("PUT", f"/v1/functions/{args.name}/traffic", json={"traffic": targets})
-    print(
-        ", ".join(
-            f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t["tag"] else "")
-            for t in out["traffic"]
-        )
-    )
+    print(format_traffic(out["traffic"]))
     return 0
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from torpor.cli.output import EXIT_ROLLED_BACK, add_output, emit
+from torpor.model import format_traffic
 
 ACTIVE = ("running", "paused")
 
@@ -53,10 +54,7 @@ def _steps(text: str) -> list[int]:
 
 
 def _traffic(traffic: list[dict[str, Any]]) -> str:
-    return ", ".join(
-        f"{t['revision']}={t['percent']}%" + (f" ({t['tag']})" if t.get("tag") else "")
-        for t in traffic
-    )
+    return format_traffic(traffic)
 
 
 def _step_line(ro: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from torpor.controller.leader import Leadership
 from torpor.controller.rollout import Rollouts
 from torpor.controller.traffic import apply_on_ready
 from torpor.drivers.base import Driver, Running
-from torpor.model import Event, Function, Replica
+from torpor.model import Event, Function, Replica, format_traffic
 from torpor.sources import SourceCache
 from torpor.store.base import Store
 
@@ -286,11 +286,7 @@ class ControllerState:
             await self._event(
                 fn_name,
                 "deploy",
-                f"{rev_name} is ready; traffic: "
-                + ", ".join(
-                    f"{t.revision}={t.percent}%" + (f" ({t.tag})" if t.tag else "")
-                    for t in fn.traffic
-                ),
+                f"{rev_name} is ready; traffic: {format_traffic(fn.traffic)}",
             )
 
     async def _secret_values(self, function: str, revision: str) -> list[str]:

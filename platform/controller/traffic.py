@@ -228,14 +228,15 @@ def rollback_target(fn: Function) -> str | None:
 def apply_on_ready(fn: Function, rev: Revision, now: float | None = None) -> None:
     """Route a newly ready revision as its deploy asked (pure; used in a store mutator).
 
-    ``promote`` (or no traffic yet): 100 % to it, tags kept at 0 %; a running rollout is
-    superseded. ``canary:PCT``: a rollout starts at PCT % (then the revision's policy steps
-    above PCT). ``none``: no percent; only its tag, if any, reaches it.
+    ``rev.on_ready`` (:class:`~torpor.model.OnReady`): ``promote`` (or no traffic yet):
+    100 % to it, tags kept at 0 %; a running rollout is superseded. ``canary`` PCT: a
+    rollout starts at PCT % (then the revision's policy steps above PCT). ``none``: no
+    percent; only its tag, if any, reaches it.
     """
-    intent = rev.on_ready
+    intent = rev.on_ready.kind
     tags = {rev.name: rev.tag} if rev.tag else None
-    if intent.startswith("canary:") and fn.traffic:
-        pct = int(intent.split(":", 1)[1])
+    pct = rev.on_ready.percent
+    if intent == "canary" and pct is not None and fn.traffic:
         policy = rev.spec.rollout
         try:
             start_rollout(

@@ -20,19 +20,19 @@ from torpor.controller.traffic import (
     step_weights,
     validate_steps,
 )
-from torpor.model import Function, Revision, Rollout, RolloutPolicy, Spec, TrafficTarget
+from torpor.model import Function, OnReady, Revision, Rollout, RolloutPolicy, Spec, TrafficTarget
 from torpor.model import TrafficTarget as T
 
 
 def rev(
-    n: int, status: str = "ready", on_ready: str = "promote", tag: str | None = None
+    n: int, status: str = "ready", on_ready: OnReady | None = None, tag: str | None = None
 ) -> Revision:
     r = Revision(
         name=f"fn-{n:05d}",
         function="fn",
         number=n,
         spec=Spec(name="fn"),
-        on_ready=on_ready,
+        on_ready=on_ready or OnReady(),
         tag=tag,
     )
     r.status = status  # type: ignore[assignment]
@@ -187,7 +187,7 @@ def test_canary_steps() -> None:
 
 # -- apply_on_ready -------------------------------------------------------------------------
 def test_first_revision_takes_all_traffic_whatever_it_asked() -> None:
-    for intent in ("promote", "none", "canary:10"):
+    for intent in (OnReady(), OnReady("none"), OnReady.canary(10)):
         fn = Function(name="fn", revisions=[rev(1, on_ready=intent)])
         apply_on_ready(fn, fn.revisions[0], now=0)
         assert table(fn) == [("fn-00001", 100, None)] and fn.rollout is None
@@ -206,7 +206,7 @@ def test_promote_keeps_tags_and_supersedes_a_rollout() -> None:
 def test_canary_deploy_starts_a_rollout_from_its_policy() -> None:
     fn = fn_with(2, [T("fn-00001", 100)])
     new = fn.revisions[1]
-    new.on_ready, new.tag = "canary:20", "canary"
+    new.on_ready, new.tag = OnReady.canary(20), "canary"
     new.spec.rollout = RolloutPolicy(steps=[10, 25, 50, 100], interval=7, min_requests=3)
     apply_on_ready(fn, new, now=123.0)
     ro = fn.rollout
@@ -226,7 +226,7 @@ def test_canary_deploy_starts_a_rollout_from_its_policy() -> None:
 def test_no_traffic_deploy_only_gets_its_tag() -> None:
     fn = fn_with(2, [T("fn-00001", 100, "t")])
     new = fn.revisions[1]
-    new.on_ready = "none"
+    new.on_ready = OnReady("none")
     apply_on_ready(fn, new, now=0)
     assert table(fn) == [("fn-00001", 100, "t")]
     new.tag = "t"  # takes the tag over
