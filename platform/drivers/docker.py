@@ -20,6 +20,7 @@ installations on one engine never touch each other's replicas. The Docker SDK is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -28,11 +29,13 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,11 +43,13 @@ from typing import Any
 import docker
 import docker.errors
 
-from torpor.drivers import pip
+from torpor.drivers import dockerpool, pip
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
 from torpor.drivers.dockernet import Networks
-from torpor.model import Revision
+from torpor.drivers.dockerpool import POOL_FUNCTION, POOL_LABEL, POOL_PORT, Member, Pool, PoolError
+from torpor.drivers.runtimeimage import build_context
+from torpor.model import Resources, Revision
 
 log = logging.getLogger("torpor")
 
@@ -161,7 +166,10 @@ class DockerDriver:
         base_image: str | None = None,
         host: str = "127.0.0.1",
         client: docker.DockerClient | None = None,
+        pool_size: int | None = None,
     ) -> None:
+        """``pool_size``: members of the warm pool (``dockerpool``); None reads
+        ``TORPOR_DOCKER_POOL`` (default 10), 0 is no pool."""
         self.state_dir = Path(state_dir)
         self.base_image = base_image or base_image_name()
         self.host = host
@@ -171,6 +179,15 @@ class DockerDriver:
         self._base_lock = asyncio.Lock()
         self._base_python: str | None = None
         self.networks = Networks(lambda: self.client, self.instance)
+        size = dockerpool.pool_size() if pool_size is None else pool_size
+        self.pool = Pool(size, self._create_member, self._discard)
+        self.pool_owner = secrets.token_hex(6)  # this driver's members: label torpor.pool
+        # container id -> (function, revision, replica) of specialised members: their
+        # labels cannot say (the controller's replica records are the lasting copy: recall)
+        self.served: dict[str, tuple[str, str, str]] = {}
+        self._packed: dict[tuple[str, str], Any] = {}
+        self._pool_image: str | None = None
+        self._pool_image_lock = threading.Lock()
 
     def use_instance(self, instance: str) -> None:
         """Label, tag and network what this driver makes as installation ``instance``."""
@@ -388,18 +405,14 @@ class DockerDriver:
         await asyncio.to_thread(rm)
 
     # -- replicas --------------------------------------------------------------------------
-    async def start(
-        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
-    ) -> Running:
-        image = revision.image or revision.spec.image
-        if not image:
-            raise BuildError(f"revision {revision.name} has no image: prepare it first")
+    def _env(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The env of a replica of ``revision``: spec, secrets, the runtime's settings."""
         spec = revision.spec
         env = {
             **spec.env,
-            **(
-                secret_env or {}
-            ),  # Docker keeps env in the container's config: `docker inspect` shows it
+            **(secret_env or {}),
             "PORT": str(spec.port),
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
@@ -412,11 +425,25 @@ class DockerDriver:
         }
         if not spec.image:
             env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo
+        return env
+
+    def _hardened(
+        self,
+        name: str,
+        labels: dict[str, str],
+        env: dict[str, str],
+        port: int,
+        resources: Resources,
+    ) -> dict[str, Any]:
+        """``containers.create`` arguments of every container this driver runs code in (a
+        replica, a pool member): uid 65534, no capabilities, no new privileges, read-only
+        root with a small tmpfs /tmp, pid/CPU/memory limits, the port published on
+        ``self.host`` only. The network is the caller's (``self.networks``)."""
         kwargs: dict[str, Any] = dict(
-            name=f"torpor-{replica}",
-            labels={**spec.labels, **self._labels(revision, replica)},
+            name=name,
+            labels=labels,
             environment=env,
-            ports={f"{spec.port}/tcp": (self.host, None)},
+            ports={f"{port}/tcp": (self.host, None)},
             user=USER,
             read_only=True,
             tmpfs=dict(TMPFS),
@@ -425,14 +452,38 @@ class DockerDriver:
             privileged=False,
             pids_limit=PIDS_LIMIT,
         )
+        if resources.cpu > 0:
+            kwargs["nano_cpus"] = max(1_000_000, int(resources.cpu * 1e9))
+        if resources.memory > 0:
+            kwargs["mem_limit"] = int(resources.memory)
+        return kwargs
+
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
+        image = revision.image or revision.spec.image
+        if not image:
+            raise BuildError(f"revision {revision.name} has no image: prepare it first")
+        if self.pool.size > 0:
+            self.pool.start()
+            if dockerpool.not_pooled(revision) is None:
+                running = await self._from_pool(revision, replica, secret_env)
+                if running is not None:
+                    return running
+        spec = revision.spec
+        # Docker keeps env in the container's config: `docker inspect` shows it
+        env = self._env(revision, replica, secret_env)
+        kwargs = self._hardened(
+            f"torpor-{replica}",
+            {**spec.labels, **self._labels(revision, replica)},
+            env,
+            spec.port,
+            spec.resources,
+        )
         if spec.image and spec.command is not None:
             kwargs["entrypoint"] = list(spec.command)  # Knative `command`: the image's ENTRYPOINT
         if spec.image and spec.args is not None:
             kwargs["command"] = list(spec.args)  # Knative `args`: the image's CMD
-        if spec.resources.cpu > 0:
-            kwargs["nano_cpus"] = max(1_000_000, int(spec.resources.cpu * 1e9))
-        if spec.resources.memory > 0:
-            kwargs["mem_limit"] = int(spec.resources.memory)
 
         def create() -> Any:
             # create + start rather than containers.run, which would try to pull a
@@ -474,6 +525,213 @@ class DockerDriver:
             return run_once()
 
         return await asyncio.to_thread(run)
+
+    # -- the warm pool (dockerpool) ------------------------------------------------------
+    def _ensure_pool_image(self) -> str:
+        """The pool image: the generic runtime image (``runtimeimage``) on this driver's
+        base image, tagged by the hash of its build context; built once if missing."""
+        with self._pool_image_lock:
+            if self._pool_image is not None:
+                return self._pool_image
+            work = self.state_dir / "docker-build"
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = Path(tempfile.mkdtemp(prefix="pool-", dir=work))
+            try:
+                build_context(ctx, self.base_image, "pool")
+                digest = hashlib.sha256(self.base_image.encode())
+                for p in sorted(ctx.rglob("*")):
+                    if p.is_file():
+                        digest.update(str(p.relative_to(ctx)).encode() + b"\0" + p.read_bytes())
+                tag = f"torpor/pool:{digest.hexdigest()[:16]}"
+                if not self.client.images.list(name=tag):
+                    self.client.images.get(self.base_image)  # missing: ImageNotFound, no pull
+                    for chunk in self.client.api.build(
+                        path=str(ctx), tag=tag, rm=True, forcerm=True, pull=False, decode=True
+                    ):
+                        if "error" in chunk:
+                            raise PoolError(f"docker build of {tag} failed: {chunk['error']}")
+            finally:
+                shutil.rmtree(ctx, ignore_errors=True)
+            self._pool_image = tag
+            return tag
+
+    async def _create_member(self) -> Member:
+        """One pool member, created and started hardened like a replica, waiting."""
+
+        def create() -> Member:
+            image = self._ensure_pool_image()
+            token = dockerpool.new_token()
+            env = {
+                "PORT": str(POOL_PORT),
+                "TORPOR_HOST": "0.0.0.0",
+                "TORPOR_POOL_TOKEN": token,
+                "TORPOR_FETCH_DIR": "/tmp/fn",
+            }
+            labels = {
+                MANAGED: "true",
+                INSTANCE: self.instance,
+                POOL_LABEL: self.pool_owner,
+                "torpor.function": POOL_FUNCTION,  # its network's: see dockernet.prune
+            }
+            kwargs = self._hardened(
+                f"torpor-pool-{secrets.token_hex(6)}", labels, env, POOL_PORT, Resources()
+            )
+            kwargs["command"] = [
+                "python3",
+                "-c",
+                "import sys; sys.path.insert(0, '/torpor'); import fetch; "
+                "sys.exit(fetch.pooled_main())",
+            ]
+            kwargs["network"] = self.networks.ensure(POOL_FUNCTION)
+            try:
+                container = self.client.containers.create(image, **kwargs)
+            except docker.errors.NotFound as e:
+                if "network" not in str(e).lower():
+                    raise
+                self.networks.forget(POOL_FUNCTION)
+                kwargs["network"] = self.networks.ensure(POOL_FUNCTION)
+                container = self.client.containers.create(image, **kwargs)
+            try:
+                container.start()
+                container.reload()
+            except BaseException:
+                with contextlib.suppress(docker.errors.DockerException):
+                    container.remove(force=True)
+                raise
+            endpoint = self._endpoint(container.attrs.get("NetworkSettings", {}).get("Ports"))
+            if not endpoint:
+                with contextlib.suppress(docker.errors.DockerException):
+                    container.remove(force=True)
+                raise PoolError("the pool member has no published port")
+            deadline = time.monotonic() + 60.0
+            while not dockerpool.is_waiting(endpoint):
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(docker.errors.DockerException):
+                        container.remove(force=True)
+                    raise PoolError("the pool member did not start waiting within 60 s")
+                time.sleep(0.02)
+            return Member(container_id=container.id, endpoint=endpoint, token=token)
+
+        return await asyncio.to_thread(create)
+
+    async def _discard(self, container_id: str) -> None:
+        def rm() -> None:
+            try:
+                self.client.api.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                if e.status_code not in (404, 409):
+                    raise
+
+        await asyncio.to_thread(rm)
+
+    def _archive(self, revision: Revision) -> tuple[str, bytes]:
+        """(expected sha256, archive bytes) of a source revision: the normalised archive of
+        its folder (``torpor.sources.pack``), expected to hash to ``source_sha256`` (the
+        member refuses it otherwise); kept for the next start of the same folder."""
+        from torpor.sources import pack
+
+        key = (revision.name, str(revision.source))
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = pack(Path(revision.source or ""))
+            if len(self._packed) >= 64:
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[key] = packed
+        return revision.source_sha256 or packed.sha256, packed.data
+
+    async def _from_pool(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None
+    ) -> Running | None:
+        """A replica made of a pool member, or None when none is idle (or the revision's
+        source cannot be packed): the caller then runs its image. A member that refuses
+        the archive is removed and the start fails."""
+        from torpor.sources import SourceError
+
+        try:
+            want, archive = await asyncio.to_thread(self._archive, revision)
+        except (SourceError, OSError) as e:
+            log.warning("docker pool: %s cannot use the pool: %s", revision.name, e)
+            return None
+        spec = revision.spec
+        env = {
+            **self._env(revision, replica, secret_env),
+            "TORPOR_HANDLER": spec.handler or "handler:handle",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        body = dockerpool.specialise_body(want, env, archive)
+        update = dockerpool.limits_update(spec.resources)
+        while (member := self.pool.take()) is not None:
+
+            def specialise(m: Member = member) -> Running:
+                if update:
+                    api = self.client.api  # the SDK's update_container knows no NanoCpus
+                    url = api._url("/containers/{0}/update", m.container_id)
+                    api._raise_for_status(api._post_json(url, data=update))
+                self.served[m.container_id] = (revision.function, revision.name, replica)
+                try:
+                    dockerpool.send_specialise(m, body)
+                except BaseException:
+                    self.served.pop(m.container_id, None)
+                    raise
+                return Running(
+                    replica=replica,
+                    function=revision.function,
+                    revision=revision.name,
+                    driver_id=m.container_id,
+                    endpoint=m.endpoint,
+                    labels={
+                        MANAGED: "true",
+                        INSTANCE: self.instance,
+                        POOL_LABEL: self.pool_owner,
+                        "torpor.function": revision.function,
+                        "torpor.revision": revision.name,
+                        "torpor.replica": replica,
+                    },
+                )
+
+            try:
+                return await asyncio.to_thread(specialise)
+            except PoolError as e:
+                await self._discard(member.container_id)
+                if "refused" in str(e):
+                    raise BuildError(f"{revision.name}: {e}") from None
+                log.warning("docker pool: %s", e)  # a member that died: the next one
+            except docker.errors.DockerException as e:
+                await self._discard(member.container_id)
+                log.warning("docker pool: member %s: %s", member.container_id[:12], e)
+        return None
+
+    async def recall(self, records: Iterable[tuple[str, str, str, str]]) -> None:
+        """The controller's replica records, ``(driver_id, function, revision, replica)``,
+        after a restart: pool members one names are its replicas again (their labels
+        cannot say); members no record names and this driver did not make (left by an
+        earlier run, specialised or not) are removed. Starts the pool's refill."""
+        known = {r[0]: (r[1], r[2], r[3]) for r in records if r[0]}
+
+        def sweep() -> None:
+            rows = self.client.api.containers(
+                all=True,
+                filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}", POOL_LABEL]},
+            )
+            mine = self.pool.ids()
+            for row in rows:
+                cid = row["Id"]
+                if cid in self.served or cid in mine:
+                    continue
+                if cid in known:
+                    self.served[cid] = known[cid]
+                    continue
+                if (row.get("Labels") or {}).get(POOL_LABEL) == self.pool_owner:
+                    continue  # being created by this driver right now
+                with contextlib.suppress(docker.errors.NotFound):
+                    self.client.api.remove_container(cid, force=True)
+
+        await asyncio.to_thread(sweep)
+        self.pool.start()
 
     def _remove_stale(self, name: str) -> None:
         """A container of the same name is left over: remove it if it is ours."""
@@ -522,6 +780,17 @@ class DockerDriver:
             out = []
             for row in rows:
                 labels = dict(row.get("Labels") or {})
+                if POOL_LABEL in labels:
+                    served = self.served.get(row["Id"])
+                    if served is None:
+                        continue  # a waiting member (or another run's, until recall): no replica
+                    labels.update(
+                        zip(
+                            ("torpor.function", "torpor.revision", "torpor.replica"),
+                            served,
+                            strict=True,
+                        )
+                    )
                 alive = row.get("State") == "running"
                 code = None if alive else _exit_code(row.get("Status", ""))
                 if not alive and code is None:
@@ -570,6 +839,7 @@ class DockerDriver:
                     raise
 
         await asyncio.to_thread(stop)
+        self.served.pop(running.driver_id, None)
 
     async def pause(self, running: Running) -> None:
         """Freeze the container (cgroup freezer: no CPU, memory kept)."""
@@ -674,6 +944,7 @@ class DockerDriver:
                 queue.get_nowait()
 
     async def close(self) -> None:
+        await self.pool.close()  # idle members go; specialised ones are replicas: they stay
         if self._client is not None:
             try:  # networks left empty (their replicas stopped): adopted ones stay
                 await asyncio.to_thread(self.networks.prune)
