@@ -183,8 +183,11 @@ class DockerDriver:
         self.pool = Pool(size, self._create_member, self._discard)
         self.pool_owner = secrets.token_hex(6)  # this driver's members: label torpor.pool
         # container id -> (function, revision, replica) of specialised members: their
-        # labels cannot say (the controller's replica records are the lasting copy: recall)
-        self.served: dict[str, tuple[str, str, str]] = {}
+        # labels cannot say. Kept in the state directory (an embedded store keeps no
+        # replica records over a restart) and given back by the controller's records
+        # (``recall``: a store shared by controllers on other state directories).
+        self._served_lock = threading.Lock()
+        self.served: dict[str, tuple[str, str, str]] = self._load_served()
         self._packed: dict[tuple[str, str], Any] = {}
         self._pool_image: str | None = None
         self._pool_image_lock = threading.Lock()
@@ -672,11 +675,17 @@ class DockerDriver:
                     url = api._url("/containers/{0}/update", m.container_id)
                     api._raise_for_status(api._post_json(url, data=update))
                 self.served[m.container_id] = (revision.function, revision.name, replica)
+                # named like any replica (`docker ps` shows whose it is), beside the request
+                rename = threading.Thread(target=self._rename, args=(m, replica), daemon=True)
+                rename.start()
                 try:
+                    self._save_served()
                     dockerpool.send_specialise(m, body)
                 except BaseException:
                     self.served.pop(m.container_id, None)
                     raise
+                finally:
+                    rename.join(10.0)
                 return Running(
                     replica=replica,
                     function=revision.function,
@@ -705,6 +714,49 @@ class DockerDriver:
                 log.warning("docker pool: member %s: %s", member.container_id[:12], e)
         return None
 
+    @property
+    def _served_file(self) -> Path:
+        return self.state_dir / "docker-pool-replicas.json"
+
+    def _load_served(self) -> dict[str, tuple[str, str, str]]:
+        """What an earlier run of this state directory specialised (only ever applied to
+        containers labelled ``torpor.pool`` of this installation, see ``list``)."""
+        try:
+            doc = json.loads(self._served_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, tuple[str, str, str]] = {}
+        if isinstance(doc, dict):
+            for cid, rec in doc.items():
+                if (
+                    isinstance(cid, str)
+                    and isinstance(rec, list)
+                    and len(rec) == 3
+                    and all(isinstance(x, str) for x in rec)
+                ):
+                    out[cid] = (rec[0], rec[1], rec[2])
+        return out
+
+    def _save_served(self) -> None:
+        with self._served_lock:
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self._served_file.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({k: list(v) for k, v in self.served.items()}, f)
+                os.replace(tmp, self._served_file)
+            except OSError as e:
+                log.warning("docker pool: cannot record pooled replicas: %s", e)
+
+    def _rename(self, member: Member, replica: str) -> None:
+        try:
+            self.client.api.rename(member.container_id, f"torpor-{replica}")
+        except docker.errors.DockerException as e:  # a leftover of that name: keep its own
+            log.warning(
+                "docker pool: naming %s torpor-%s: %s", member.container_id[:12], replica, e
+            )
+
     async def recall(self, records: Iterable[tuple[str, str, str, str]]) -> None:
         """The controller's replica records, ``(driver_id, function, revision, replica)``,
         after a restart: pool members one names are its replicas again (their labels
@@ -718,17 +770,25 @@ class DockerDriver:
                 filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}", POOL_LABEL]},
             )
             mine = self.pool.ids()
+            changed = False
             for row in rows:
                 cid = row["Id"]
                 if cid in self.served or cid in mine:
                     continue
                 if cid in known:
                     self.served[cid] = known[cid]
+                    changed = True
                     continue
                 if (row.get("Labels") or {}).get(POOL_LABEL) == self.pool_owner:
                     continue  # being created by this driver right now
                 with contextlib.suppress(docker.errors.NotFound):
                     self.client.api.remove_container(cid, force=True)
+            present = {row["Id"] for row in rows}
+            for cid in [c for c in self.served if c not in present]:  # gone meanwhile
+                del self.served[cid]
+                changed = True
+            if changed:
+                self._save_served()
 
         await asyncio.to_thread(sweep)
         self.pool.start()
@@ -839,7 +899,8 @@ class DockerDriver:
                     raise
 
         await asyncio.to_thread(stop)
-        self.served.pop(running.driver_id, None)
+        if self.served.pop(running.driver_id, None) is not None:
+            await asyncio.to_thread(self._save_served)
 
     async def pause(self, running: Running) -> None:
         """Freeze the container (cgroup freezer: no CPU, memory kept)."""

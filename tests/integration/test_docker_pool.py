@@ -150,6 +150,7 @@ async def test_a_pooled_replica_serves_its_function_with_its_env_and_secrets(env
     running = await up(env, rev, secrets={"API_KEY": "s3cr3t"})
     assert running.driver_id in waiting, "the start took a pool member"
     assert running.driver_id not in env.driver.pool.ids()
+    assert env.engine.containers.get(running.driver_id).name == f"torpor-{running.replica}"
 
     r = await get(running.endpoint, "/")
     assert r.status_code == 200 and r.text == f"hello from {rev.function}"
@@ -269,26 +270,33 @@ async def test_a_restarted_driver_adopts_a_pooled_replica_from_the_record(
     running = await up(env, rev)
     left_waiting = env.driver.pool.ids()
     assert left_waiting
+    want = [(running.driver_id, rev.function, rev.name, running.replica)]
     # the controller dies (no close): a new driver on the same state directory
     again = DockerDriver(tmp_path / "state", pool_size=2)
+    elsewhere = DockerDriver(tmp_path / "elsewhere", pool_size=0)  # a store shared by another
+    elsewhere.use_instance(env.driver.instance)
     try:
-        assert [r for r in await again.list() if r.driver_id == running.driver_id] == [], (
-            "without the record a pool member is no replica"
-        )
-        await again.recall([(running.driver_id, rev.function, rev.name, running.replica)])
         listed = await again.list()
-        assert [(r.driver_id, r.function, r.revision, r.replica) for r in listed] == [
-            (running.driver_id, rev.function, rev.name, running.replica)
-        ]
+        assert [(r.driver_id, r.function, r.revision, r.replica) for r in listed] == want
+        assert [r for r in await elsewhere.list() if r.driver_id == running.driver_id] == [], (
+            "without a record a pool member is no replica"
+        )
+        await elsewhere.recall(want)  # the controller's replica records
+        assert [
+            (r.driver_id, r.function, r.revision, r.replica) for r in await elsewhere.list()
+        ] == want
+        await again.recall(want)
         for cid in left_waiting:  # the dead run's waiting members are removed
             with pytest.raises(docker.errors.NotFound):
                 env.engine.containers.get(cid)
         assert (await get(listed[0].endpoint, "/")).text == f"hello from {rev.function}"
         assert await again.pool.wait_full(120)
         await again.stop(listed[0], grace=0)
+        assert await again.list() == []
     finally:
         env.driver.pool.idle.clear()  # removed above; the old driver must not count them
         await again.close()
+        await elsewhere.close()
     assert [c.id for c in env.containers() if POOL_LABEL in c.labels] == []
 
 
