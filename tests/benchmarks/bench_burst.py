@@ -46,6 +46,8 @@ from _common import (
 )
 
 STEADY_FOR = 3.0
+DOCKER_READY_N, DOCKER_READY_WITHIN = 10, 1.5  # docker with its warm pool: 10 ready by 1.5 s
+FLOOR_PATH = "/?ms=0"  # the floors time a start, not the function's 100 ms
 Record = tuple[float, float, int | str]  # (start, end) since t0, status or error name
 
 
@@ -194,10 +196,33 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
                 timeout=10,
             )
             events = [(e["time"] - wall0, e["kind"], e["message"]) for e in r.json()["events"]]
+            floors = (
+                docker_floors(t.function(name)["revisions"][-1]["image"], tmp)
+                if driver == "docker"
+                else {}
+            )
         finally:
             if driver == "docker":
                 t.cli("delete", name, check=False)
-    return {"records": records, "samples": samples, "events": events}
+    return {"records": records, "samples": samples, "events": events, "floors": floors}
+
+
+def docker_floors(image: str | None, tmp: Path, n: int = 5) -> dict[str, list[float]]:
+    """Docker's floors in the same run, after the burst: a bare ``docker run`` -> 200 and
+    ``docker unpause`` -> 200 of the function's image (bench_cold's helpers)."""
+    if not image:
+        return {}
+    from bench_cold import BarePaused, bare_docker_run
+
+    out: dict[str, list[float]] = {"run": [], "unpause": []}
+    floor = BarePaused("docker", tmp, image, path=FLOOR_PATH)
+    try:
+        for _ in range(n):
+            out["run"].append(bare_docker_run(image, path=FLOOR_PATH))
+            out["unpause"].append(floor.wake())
+    finally:
+        floor.close()
+    return out
 
 
 def report(driver: str, res: dict[str, Any], clients: int, duration: float) -> dict[str, Any]:
@@ -258,6 +283,25 @@ def report(driver: str, res: dict[str, Any], clients: int, duration: float) -> d
         print(
             f"   {driver}: replica 'ready' events (n-th at): "
             + ", ".join(f"#{n} {ts:.2f} s" for n, ts in marks)
+        )
+    floors = res.get("floors") or {}
+    if floors.get("run"):
+        nth = ready_at[DOCKER_READY_N - 1] if len(ready_at) >= DOCKER_READY_N else None
+        run_p50, unpause_p50 = pct(floors["run"], 50) * 1000, pct(floors["unpause"], 50) * 1000
+        print(
+            f"   {driver}: floors, same run: bare docker run -> 200 p50 {run_p50:.0f} ms, "
+            f"docker unpause -> 200 p50 {unpause_p50:.0f} ms ({len(floors['run'])} each)"
+        )
+        print(
+            f"   {driver}: {DOCKER_READY_N} ready at "
+            + (f"{nth:.2f} s = {nth * 1000 / run_p50:.1f}x a bare docker run" if nth else "never")
+            + f" (target <= {DOCKER_READY_WITHIN} s with 0 errors: "
+            + (
+                "met"
+                if nth is not None and nth <= DOCKER_READY_WITHIN and not sum(bad.values())
+                else "MISSED"
+            )
+            + ")"
         )
     return {
         "first_ok": first_ok,

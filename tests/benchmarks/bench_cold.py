@@ -139,7 +139,7 @@ def bare_process(folder: Path) -> float:
             proc.wait(5)
 
 
-def bare_docker_run(image: str) -> float:
+def bare_docker_run(image: str, path: str = PATH) -> float:
     port = free_port()
     t0 = time.perf_counter()
     out = subprocess.run(
@@ -163,7 +163,7 @@ def bare_docker_run(image: str) -> float:
     try:
         if out.returncode != 0:
             raise RuntimeError(f"docker run failed: {out.stderr.strip()}")
-        return poll_200(port, PATH, t0, lambda: True)
+        return poll_200(port, path, t0, lambda: True)
     finally:
         if cid:
             subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
@@ -288,8 +288,9 @@ class BarePaused:
     process group / ``docker pause``), then times thaw (SIGCONT / ``docker unpause`` through
     the SDK) -> first 200."""
 
-    def __init__(self, driver: str, folder: Path, image: str | None) -> None:
+    def __init__(self, driver: str, folder: Path, image: str | None, path: str = PATH) -> None:
         self.driver = driver
+        self.path = path
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.container: Any = None
@@ -326,7 +327,7 @@ class BarePaused:
                 labels={"torpor.managed": "bench"},
             )
             self.container.start()
-        poll_200(self.port, PATH, time.perf_counter(), lambda: True)
+        poll_200(self.port, self.path, time.perf_counter(), lambda: True)
 
     def wake(self) -> float:
         if self.proc is not None:
@@ -339,7 +340,7 @@ class BarePaused:
             time.sleep(0.2)
             t0 = time.perf_counter()
             self.container.unpause()
-        return poll_200(self.port, PATH, t0, lambda: True)
+        return poll_200(self.port, self.path, t0, lambda: True)
 
     def close(self) -> None:
         if self.proc is not None:
