@@ -15,6 +15,11 @@ Containers carry the labels ``torpor.function``, ``torpor.revision``,
 id, kept in the store: ``use_instance``; derived from the state directory until then),
 so any controller of the installation adopts what another started and two Torpor
 installations on one engine never touch each other's replicas. The Docker SDK is blocking: every call runs in a worker thread.
+
+A cold start of a source function takes a container of the warm pool (``dockerpool``:
+generic runtime containers made by the same hardened code path, ``_hardened``) and
+specialises it instead of running the revision's image, when one is waiting; such a
+replica keeps the pool's labels (``torpor.pool``) and is told apart by ``served``.
 """
 
 from __future__ import annotations
