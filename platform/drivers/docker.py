@@ -643,8 +643,14 @@ class DockerDriver:
         key = (revision.name, str(revision.source))
         packed = self._packed.get(key)
         if packed is None:
-            packed = pack(Path(revision.source or ""))
-            if len(self._packed) >= 64:
+            folder = Path(revision.source or "")
+            size = sum(
+                (Path(d) / f).lstat().st_size for d, _, files in os.walk(folder) for f in files
+            )
+            if size > dockerpool.MAX_SOURCE:
+                raise OSError(f"{size} bytes of source, over the pool's {dockerpool.MAX_SOURCE}")
+            packed = pack(folder)
+            if len(self._packed) >= 64:  # at most 64 x MAX_SOURCE (compressed) held
                 self._packed.pop(next(iter(self._packed)))
             self._packed[key] = packed
         return revision.source_sha256 or packed.sha256, packed.data

@@ -21,7 +21,8 @@ record (``Replica.driver_id``), handed back to a restarted driver with ``recall`
 Not pooled (a plain ``docker run`` of the revision's image): ``image:`` functions, and
 source functions with a ``requirements.txt`` (their dependencies are installed into the
 per-function image, as on a cluster the archive carries none), a port other than the
-pool's, or a source that cannot be packed.
+pool's, no CPU or memory limit, or a source that cannot be packed or is over
+``MAX_SOURCE`` (the function's files live in the member's tmpfs ``/tmp/fn``).
 
 ``TORPOR_DOCKER_POOL`` (default 10) is the number of members kept waiting; 0 turns the
 pool off (every start is the plain ``docker run`` of before).
@@ -50,6 +51,9 @@ POOL_PORT = 8080
 DEFAULT_SIZE = 10
 MAX_SIZE = 100
 MAX_PARALLEL = 2  # members created at once by the refill (the engine is shared with starts)
+# the largest source (unpacked) a member takes: it is extracted into the member's tmpfs
+# /tmp (64 MiB, TMPFS in docker.py), which the function also uses; larger: docker run
+MAX_SOURCE = 16 * 1024 * 1024
 QUIET = 0.5  # s after the last take before the refill creates members again
 SPECIALISE_PATH = "/_torpor/specialise"  # = torpor.runtime.fetch.SPECIALISE_PATH
 WAITING_PATH = "/_torpor/pool"  # = torpor.runtime.fetch.WAITING_PATH

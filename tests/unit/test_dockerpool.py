@@ -119,3 +119,28 @@ def test_the_container_refuses_a_bad_specialise_request(doc: object) -> None:
 def test_tokens_are_long_and_fresh() -> None:
     a, b = dockerpool.new_token(), dockerpool.new_token()
     assert a != b and len(a) >= 32
+
+
+def test_the_archive_is_the_normalised_one_expected_by_its_hash(tmp_path: Path) -> None:
+    from torpor.drivers.docker import DockerDriver
+    from torpor.sources import pack
+
+    driver = DockerDriver(tmp_path / "state", pool_size=0)  # no engine call
+    rev = _rev(tmp_path)
+    rev.source_sha256 = pack(Path(rev.source or "")).sha256
+    want, data = driver._archive(rev)
+    assert want == rev.source_sha256 == hashlib.sha256(data).hexdigest()
+    other = _rev(tmp_path)
+    other.name, other.source_sha256 = "f-00002", "ab" * 32  # the store's hash: the member checks it
+    assert driver._archive(other)[0] == "ab" * 32
+
+
+def test_a_source_too_big_for_a_members_tmpfs_is_not_pooled(tmp_path: Path) -> None:
+    from torpor.drivers.docker import DockerDriver
+
+    driver = DockerDriver(tmp_path / "state", pool_size=0)
+    rev = _rev(tmp_path)
+    with open(Path(rev.source or "", "big.bin"), "wb") as f:
+        f.truncate(dockerpool.MAX_SOURCE + 1)  # sparse: its size counts, not its blocks
+    with pytest.raises(OSError, match="over the pool"):
+        driver._archive(rev)
