@@ -636,8 +636,9 @@ class DockerDriver:
 
     def _archive(self, revision: Revision) -> tuple[str, bytes]:
         """(expected sha256, archive bytes) of a source revision: the normalised archive of
-        its folder (``torpor.sources.pack``), expected to hash to ``source_sha256`` (the
-        member refuses it otherwise); kept for the next start of the same folder."""
+        its folder (``torpor.sources.pack``), which must hash to ``source_sha256`` (else
+        OSError: no member; and a member refuses bytes that do not match the hash it is
+        given); kept for the next start of the same folder."""
         from torpor.sources import pack
 
         key = (revision.name, str(revision.source))
@@ -653,7 +654,12 @@ class DockerDriver:
             if len(self._packed) >= 64:  # at most 64 x MAX_SOURCE (compressed) held
                 self._packed.pop(next(iter(self._packed)))
             self._packed[key] = packed
-        return revision.source_sha256 or packed.sha256, packed.data
+        want = revision.source_sha256 or packed.sha256
+        if packed.sha256 != want:
+            # a folder changed since its archive was stored, or a gzip that packs otherwise
+            # on this host: the revision's own image (prepare) runs it, not a member
+            raise OSError(f"its folder packs to {packed.sha256[:12]}, not {want[:12]}")
+        return want, packed.data
 
     async def _from_pool(
         self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None

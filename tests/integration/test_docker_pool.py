@@ -249,9 +249,18 @@ async def test_a_specialised_container_takes_no_second_specialise_request(env: E
     assert (await get(running.endpoint, "/")).text == f"hello from {rev.function}"
 
 
-async def test_a_tampered_archive_is_refused_and_the_container_discarded(env: Env) -> None:
+async def test_a_tampered_archive_is_refused_and_the_container_discarded(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rev = await env.prepare(env.revision())
-    Path(rev.source or "", "handler.py").write_text("def handle(r):\n    return 'tampered'\n")
+    honest = env.driver._archive
+
+    def tampered(r: Revision) -> tuple[str, bytes]:  # bytes changed on the way, same hash
+        want, _ = honest(r)
+        evil = env.revision(handler="def handle(r):\n    return 'tampered'\n")
+        return want, pack(Path(evil.source or "")).data
+
+    monkeypatch.setattr(env.driver, "_archive", tampered)
     waiting = env.driver.pool.ids()
     with pytest.raises(BuildError, match="sha256 mismatch"):
         await env.driver.start(rev, f"{rev.name}-rbad")
@@ -260,6 +269,16 @@ async def test_a_tampered_archive_is_refused_and_the_container_discarded(env: En
     with pytest.raises(docker.errors.NotFound):
         env.engine.containers.get(gone.pop())
     assert await env.driver.list() == []
+
+
+async def test_a_folder_that_no_longer_matches_its_hash_runs_its_image(env: Env) -> None:
+    rev = await env.prepare(env.revision())
+    Path(rev.source or "", "handler.py").write_text("def handle(r):\n    return 'changed'\n")
+    waiting = env.driver.pool.ids()
+    running = await up(env, rev)
+    assert running.driver_id not in waiting and env.driver.pool.ids() == waiting
+    assert env.engine.containers.get(running.driver_id).image.tags == [rev.image]
+    assert (await get(running.endpoint, "/")).text == f"hello from {rev.function}"
 
 
 async def test_a_restarted_driver_adopts_a_pooled_replica_from_the_record(
