@@ -574,7 +574,7 @@ def pooled_main(env: dict[str, str] | None = None) -> int:
                 continue  # closed without an answer: not ready, not a replica
             listener.close()  # once only, whatever the outcome
             length = headers.get("content-length", "")
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 _reply(conn, 411, "Length Required", b'{"error": "Content-Length required"}')
                 return _fail(EXIT_CONFIG, "specialise request without a Content-Length")
             try:
