@@ -196,6 +196,7 @@ class DockerDriver:
         self._packed: dict[tuple[str, str], Any] = {}
         self._pool_image: str | None = None
         self._pool_image_lock = threading.Lock()
+        self._sweeping: asyncio.Task[None] | None = None  # recall's removal of stale members
 
     def use_instance(self, instance: str) -> None:
         """Label, tag and network what this driver makes as installation ``instance``."""
@@ -778,16 +779,18 @@ class DockerDriver:
         """The controller's replica records, ``(driver_id, function, revision, replica)``,
         after a restart: pool members one names are its replicas again (their labels
         cannot say); members no record names and this driver did not make (left by an
-        earlier run, specialised or not) are removed. Starts the pool's refill."""
+        earlier run, specialised or not) are removed, in the background. Starts the pool's
+        refill."""
         known = {r[0]: (r[1], r[2], r[3]) for r in records if r[0]}
 
-        def sweep() -> None:
+        def sweep() -> list[str]:
             rows = self.client.api.containers(
                 all=True,
                 filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}", POOL_LABEL]},
             )
             mine = self.pool.ids()
             changed = False
+            stale: list[str] = []
             for row in rows:
                 cid = row["Id"]
                 if cid in self.served or cid in mine:
@@ -798,17 +801,26 @@ class DockerDriver:
                     continue
                 if (row.get("Labels") or {}).get(POOL_LABEL) == self.pool_owner:
                     continue  # being created by this driver right now
-                with contextlib.suppress(docker.errors.NotFound):
-                    self.client.api.remove_container(cid, force=True)
+                stale.append(cid)
             present = {row["Id"] for row in rows}
             for cid in [c for c in self.served if c not in present]:  # gone meanwhile
                 del self.served[cid]
                 changed = True
             if changed:
                 self._save_served()
+            return stale
 
-        await asyncio.to_thread(sweep)
+        stale = await asyncio.to_thread(sweep)
         self.pool.start()
+        if stale:  # after adoption, not in its way (a force-remove takes ~0.1 s each)
+            self._sweeping = asyncio.get_running_loop().create_task(self._remove_all(stale))
+
+    async def _remove_all(self, ids: list[str]) -> None:
+        for cid in ids:
+            try:
+                await self._discard(cid)
+            except docker.errors.DockerException as e:
+                log.warning("docker pool: removing %s left by an earlier run: %s", cid[:12], e)
 
     def _remove_stale(self, name: str) -> None:
         """A container of the same name is left over: remove it if it is ours."""
@@ -1022,6 +1034,8 @@ class DockerDriver:
                 queue.get_nowait()
 
     async def close(self) -> None:
+        if self._sweeping is not None:
+            await self._sweeping
         await self.pool.close()  # idle members go; specialised ones are replicas: they stay
         if self._client is not None:
             try:  # networks left empty (their replicas stopped): adopted ones stay

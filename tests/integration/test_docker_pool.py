@@ -305,9 +305,22 @@ async def test_a_restarted_driver_adopts_a_pooled_replica_from_the_record(
             (r.driver_id, r.function, r.revision, r.replica) for r in await elsewhere.list()
         ] == want
         await again.recall(want)
-        for cid in left_waiting:  # the dead run's waiting members are removed
-            with pytest.raises(docker.errors.NotFound):
+        assert [
+            (r.driver_id, r.function, r.revision, r.replica) for r in await again.list()
+        ] == want
+
+        def gone(cid: str) -> bool:
+            try:
                 env.engine.containers.get(cid)
+            except docker.errors.NotFound:
+                return True
+            return False
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not all(gone(cid) for cid in left_waiting):  # removed in the background
+            assert loop.time() < deadline, "the dead run's waiting members are still there"
+            await asyncio.sleep(0.05)
         assert (await get(listed[0].endpoint, "/")).text == f"hello from {rev.function}"
         assert await again.pool.wait_full(120)
         await again.stop(listed[0], grace=0)
