@@ -21,7 +21,7 @@ record (``Replica.driver_id``), handed back to a restarted driver with ``recall`
 Not pooled (a plain ``docker run`` of the revision's image): ``image:`` functions, and
 source functions with a ``requirements.txt`` (their dependencies are installed into the
 per-function image, as on a cluster the archive carries none), a port other than the
-pool's, no CPU or memory limit, or a source that cannot be packed or is over
+pool's, ``labels:`` of its own, no CPU or memory limit, or a source that cannot be packed or is over
 ``MAX_SOURCE`` (the function's files live in the member's tmpfs ``/tmp/fn``).
 
 ``TORPOR_DOCKER_POOL`` (default 10) is the number of members kept waiting; 0 turns the
@@ -102,6 +102,8 @@ def not_pooled(revision: Revision) -> str | None:
         return "no source folder"
     if (Path(revision.source) / "requirements.txt").is_file():
         return "requirements.txt (its dependencies are in the per-function image)"
+    if spec.labels:
+        return "labels: (a member's Docker labels were fixed when it was made)"
     if spec.resources.cpu <= 0 or spec.resources.memory <= 0:
         return "no CPU or memory limit (a member's limits can be changed, not lifted)"
     return None

@@ -64,6 +64,7 @@ def test_not_pooled(tmp_path: Path) -> None:
     assert "image" in (not_pooled(_rev(tmp_path, image="nginx:1")) or "")
     assert "port" in (not_pooled(_rev(tmp_path, port=9000)) or "")
     assert "limit" in (not_pooled(_rev(tmp_path, resources=Resources(cpu=0))) or "")
+    assert "labels" in (not_pooled(_rev(tmp_path, labels={"team": "web"})) or "")
     rev = _rev(tmp_path)
     Path(rev.source or "", "requirements.txt").write_text("six\n")
     assert "requirements" in (not_pooled(rev) or "")
