@@ -204,6 +204,7 @@ class Pool:
         self.idle: list[Member] = []
         self.creating = 0
         self.failures = 0  # consecutive failed creates (backoff)
+        self.retry_at = 0.0  # loop time before which no create is tried after a failure
         self._create = create
         self._discard = discard
         self.taken_at = -float("inf")  # loop time of the last take
@@ -247,24 +248,26 @@ class Pool:
             if since < QUIET:
                 await asyncio.sleep(QUIET - since)
                 continue
+            if self.failures and loop.time() < self.retry_at:  # back off after failures
+                await asyncio.sleep(self.retry_at - loop.time())
+                continue
             for _ in range(refill_count(self.size, len(self.idle), self.creating, since)):
                 self.creating += 1
-                task = asyncio.get_running_loop().create_task(self._one())
+                task = loop.create_task(self._one())
                 self._busy.add(task)
                 task.add_done_callback(self._busy.discard)
             self._wake.clear()
-            if self.failures:
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self.failures, 6)))
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
 
     async def _one(self) -> None:
         try:
             member = await self._create()
         except Exception as e:
             self.failures += 1
-            log.warning("docker pool: creating a member failed: %s", e)
+            delay = min(30.0, 0.5 * 2 ** min(self.failures, 6))
+            self.retry_at = asyncio.get_running_loop().time() + delay
+            log.warning("docker pool: creating a member failed (again in %.0f s): %s", delay, e)
             return
         finally:
             self.creating -= 1

@@ -3,6 +3,7 @@ and the specialise request format, read back by the pooled container's own parse
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -146,3 +147,63 @@ def test_a_source_too_big_for_a_members_tmpfs_is_not_pooled(tmp_path: Path) -> N
         f.truncate(dockerpool.MAX_SOURCE + 1)  # sparse: its size counts, not its blocks
     with pytest.raises(OSError, match="over the pool"):
         driver._archive(rev)
+
+
+async def test_the_pool_fills_refills_after_a_take_and_closes_clean() -> None:
+    made: list[str] = []
+    discarded: list[str] = []
+
+    async def create() -> dockerpool.Member:
+        await asyncio.sleep(0.01)
+        made.append(f"c{len(made)}")
+        return dockerpool.Member(made[-1], "127.0.0.1:1", "t" * 40)
+
+    async def discard(cid: str) -> None:
+        discarded.append(cid)
+
+    pool = dockerpool.Pool(3, create, discard)
+    assert pool.take() is None  # not started: nothing waits, the caller runs its image
+    pool.start()
+    assert await pool.wait_full(5)
+    assert made == ["c0", "c1", "c2"]
+    taken = pool.take()
+    assert taken is not None and taken.container_id == "c0"  # the oldest first
+    assert taken.container_id not in pool.ids()
+    assert await pool.wait_full(5)  # refilled, after the quiet time
+    assert made == ["c0", "c1", "c2", "c3"] and "c0" not in pool.ids()
+    await pool.close()
+    assert sorted(discarded) == ["c1", "c2", "c3"]  # the taken one is a replica: not ours
+    assert pool.idle == []
+
+
+async def test_a_failing_create_backs_off_instead_of_spinning() -> None:
+    calls = 0
+
+    async def create() -> dockerpool.Member:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("no engine")
+
+    async def discard(cid: str) -> None:
+        raise AssertionError("nothing to discard")
+
+    pool = dockerpool.Pool(10, create, discard)
+    pool.start()
+    await asyncio.sleep(0.3)
+    assert 1 <= calls <= dockerpool.MAX_PARALLEL  # then a backoff of >= 1 s
+    assert pool.failures >= 1 and pool.idle == []
+    await pool.close()
+
+
+async def test_pool_size_zero_never_creates() -> None:
+    async def create() -> dockerpool.Member:
+        raise AssertionError("must not be called")
+
+    async def discard(cid: str) -> None:
+        raise AssertionError("must not be called")
+
+    pool = dockerpool.Pool(0, create, discard)
+    pool.start()
+    await asyncio.sleep(0.05)
+    assert pool.take() is None
+    await pool.close()
