@@ -209,7 +209,7 @@ def bench(tmp: Path, driver: str, clients: int, duration: float) -> dict[str, An
 
 def docker_floors(image: str | None, tmp: Path, n: int = 5) -> dict[str, list[float]]:
     """Docker's floors in the same run, after the burst: a bare ``docker run`` -> 200 and
-    ``docker unpause`` -> 200 of the function's image (bench_cold's helpers)."""
+    ``docker unpause`` -> 200 of the function's image (bench_cold's own functions)."""
     if not image:
         return {}
     from bench_cold import BarePaused, bare_docker_run
