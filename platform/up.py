@@ -263,7 +263,10 @@ def make_driver(cfg: UpConfig) -> Driver:
         kwargs: dict[str, Any] = {}
         if cfg.base_image:
             kwargs["base_image"] = cfg.base_image
-        return DockerDriver(cfg.state_dir, **kwargs)
+        try:
+            return DockerDriver(cfg.state_dir, **kwargs)
+        except ValueError as e:  # TORPOR_DOCKER_POOL
+            raise UpError(str(e)) from e
     if choice == "process":
         from torpor.drivers.process import ProcessDriver
 

@@ -24,6 +24,15 @@ class Adoption(Replicas):
     async def _adopt(self) -> None:
         """Adopt replicas of routed revisions that an earlier run (or leader) left; stop the rest."""
         replicas_in_store = {r.name: r for r in await self.store.list_replicas()}
+        recall = getattr(self.driver, "recall", None)
+        if recall is not None:  # the Docker pool: which revision a pooled container serves
+            await recall(
+                [
+                    (r.driver_id, r.function, r.revision, r.name)
+                    for r in replicas_in_store.values()
+                    if r.driver_id
+                ]
+            )
         for running in await self.driver.list():
             replicas_in_store.pop(running.replica, None)
             await self._adopt_one(running)

@@ -122,6 +122,8 @@ class Replicas(Builds):
         tr.replica.endpoint = endpoint
         tr.ready_since = self.clock()
         await self.store.put_replica(tr.replica)
+        if not adopted:
+            self.wake()  # replicas held back behind a head start go now, not HEAD_START later
         fn = self.functions.get(tr.replica.function)
         rev = fn.revision(tr.replica.revision) if fn else None
         if rev is not None and rev.status == "building":

@@ -15,11 +15,17 @@ Containers carry the labels ``torpor.function``, ``torpor.revision``,
 id, kept in the store: ``use_instance``; derived from the state directory until then),
 so any controller of the installation adopts what another started and two Torpor
 installations on one engine never touch each other's replicas. The Docker SDK is blocking: every call runs in a worker thread.
+
+A cold start of a source function takes a container of the warm pool (``dockerpool``:
+generic runtime containers made by the same hardened code path, ``_hardened``) and
+specialises it instead of running the revision's image, when one is waiting; such a
+replica keeps the pool's labels (``torpor.pool``) and is told apart by ``served``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -28,11 +34,13 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +49,13 @@ import docker
 import docker.errors
 
 from torpor.archive import ignore_skipped
-from torpor.drivers import pip
+from torpor.drivers import dockerpool, pip
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.drivers.baseimage import BaseImageError, base_image_name, build_base_image
 from torpor.drivers.dockernet import Networks
-from torpor.model import Revision
+from torpor.drivers.dockerpool import POOL_FUNCTION, POOL_LABEL, POOL_PORT, Member, Pool, PoolError
+from torpor.drivers.runtimeimage import build_context
+from torpor.model import Resources, Revision
 
 log = logging.getLogger("torpor")
 
@@ -160,7 +170,10 @@ class DockerDriver:
         base_image: str | None = None,
         host: str = "127.0.0.1",
         client: docker.DockerClient | None = None,
+        pool_size: int | None = None,
     ) -> None:
+        """``pool_size``: members of the warm pool (``dockerpool``); None reads
+        ``TORPOR_DOCKER_POOL`` (default 10), 0 is no pool."""
         self.state_dir = Path(state_dir)
         self.base_image = base_image or base_image_name()
         self.host = host
@@ -170,6 +183,19 @@ class DockerDriver:
         self._base_lock = asyncio.Lock()
         self._base_python: str | None = None
         self.networks = Networks(lambda: self.client, self.instance)
+        size = dockerpool.pool_size() if pool_size is None else pool_size
+        self.pool = Pool(size, self._create_member, self._discard)
+        self.pool_owner = secrets.token_hex(6)  # this driver's members: label torpor.pool
+        # container id -> (function, revision, replica) of specialised members: their
+        # labels cannot say. Kept in the state directory (an embedded store keeps no
+        # replica records over a restart) and given back by the controller's records
+        # (``recall``: a store shared by controllers on other state directories).
+        self._served_lock = threading.Lock()
+        self.served: dict[str, tuple[str, str, str]] = self._load_served()
+        self._packed: dict[tuple[str, str], Any] = {}
+        self._pool_image: str | None = None
+        self._pool_image_lock = threading.Lock()
+        self._sweeping: asyncio.Task[None] | None = None  # recall's removal of stale members
 
     def use_instance(self, instance: str) -> None:
         """Label, tag and network what this driver makes as installation ``instance``."""
@@ -387,18 +413,14 @@ class DockerDriver:
         await asyncio.to_thread(rm)
 
     # -- replicas --------------------------------------------------------------------------
-    async def start(
-        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
-    ) -> Running:
-        image = revision.image or revision.spec.image
-        if not image:
-            raise BuildError(f"revision {revision.name} has no image: prepare it first")
+    def _env(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The env of a replica of ``revision``: spec, secrets, the runtime's settings."""
         spec = revision.spec
         env = {
             **spec.env,
-            **(
-                secret_env or {}
-            ),  # Docker keeps env in the container's config: `docker inspect` shows it
+            **(secret_env or {}),
             "PORT": str(spec.port),
             "TORPOR_FUNCTION": revision.function,
             "TORPOR_REVISION": revision.name,
@@ -411,11 +433,25 @@ class DockerDriver:
         }
         if not spec.image:
             env["TORPOR_HOST"] = "0.0.0.0"  # the runtime must listen beyond the container's lo
+        return env
+
+    def _hardened(
+        self,
+        name: str,
+        labels: dict[str, str],
+        env: dict[str, str],
+        port: int,
+        resources: Resources,
+    ) -> dict[str, Any]:
+        """``containers.create`` arguments of every container this driver runs code in (a
+        replica, a pool member): uid 65534, no capabilities, no new privileges, read-only
+        root with a small tmpfs /tmp, pid/CPU/memory limits, the port published on
+        ``self.host`` only. The network is the caller's (``self.networks``)."""
         kwargs: dict[str, Any] = dict(
-            name=f"torpor-{replica}",
-            labels={**spec.labels, **self._labels(revision, replica)},
+            name=name,
+            labels=labels,
             environment=env,
-            ports={f"{spec.port}/tcp": (self.host, None)},
+            ports={f"{port}/tcp": (self.host, None)},
             user=USER,
             read_only=True,
             tmpfs=dict(TMPFS),
@@ -424,14 +460,38 @@ class DockerDriver:
             privileged=False,
             pids_limit=PIDS_LIMIT,
         )
+        if resources.cpu > 0:
+            kwargs["nano_cpus"] = max(1_000_000, int(resources.cpu * 1e9))
+        if resources.memory > 0:
+            kwargs["mem_limit"] = int(resources.memory)
+        return kwargs
+
+    async def start(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None = None
+    ) -> Running:
+        image = revision.image or revision.spec.image
+        if not image:
+            raise BuildError(f"revision {revision.name} has no image: prepare it first")
+        if self.pool.size > 0:
+            self.pool.start()
+            if dockerpool.not_pooled(revision) is None:
+                running = await self._from_pool(revision, replica, secret_env)
+                if running is not None:
+                    return running
+        spec = revision.spec
+        # Docker keeps env in the container's config: `docker inspect` shows it
+        env = self._env(revision, replica, secret_env)
+        kwargs = self._hardened(
+            f"torpor-{replica}",
+            {**spec.labels, **self._labels(revision, replica)},
+            env,
+            spec.port,
+            spec.resources,
+        )
         if spec.image and spec.command is not None:
             kwargs["entrypoint"] = list(spec.command)  # Knative `command`: the image's ENTRYPOINT
         if spec.image and spec.args is not None:
             kwargs["command"] = list(spec.args)  # Knative `args`: the image's CMD
-        if spec.resources.cpu > 0:
-            kwargs["nano_cpus"] = max(1_000_000, int(spec.resources.cpu * 1e9))
-        if spec.resources.memory > 0:
-            kwargs["mem_limit"] = int(spec.resources.memory)
 
         def create() -> Any:
             # create + start rather than containers.run, which would try to pull a
@@ -473,6 +533,293 @@ class DockerDriver:
             return run_once()
 
         return await asyncio.to_thread(run)
+
+    # -- the warm pool (dockerpool) ------------------------------------------------------
+    def _ensure_pool_image(self) -> str:
+        """The pool image: the generic runtime image (``runtimeimage``) on this driver's
+        base image, tagged by the hash of its build context; built once if missing."""
+        with self._pool_image_lock:
+            if self._pool_image is not None:
+                return self._pool_image
+            work = self.state_dir / "docker-build"
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = Path(tempfile.mkdtemp(prefix="pool-", dir=work))
+            try:
+                build_context(ctx, self.base_image, "pool")
+                digest = hashlib.sha256(self.base_image.encode())
+                for p in sorted(ctx.rglob("*")):
+                    if p.is_file():
+                        digest.update(str(p.relative_to(ctx)).encode() + b"\0" + p.read_bytes())
+                tag = f"torpor/pool:{digest.hexdigest()[:16]}"
+                if not self.client.images.list(name=tag):
+                    self.client.images.get(self.base_image)  # missing: ImageNotFound, no pull
+                    for chunk in self.client.api.build(
+                        path=str(ctx), tag=tag, rm=True, forcerm=True, pull=False, decode=True
+                    ):
+                        if "error" in chunk:
+                            raise PoolError(f"docker build of {tag} failed: {chunk['error']}")
+            finally:
+                shutil.rmtree(ctx, ignore_errors=True)
+            self._pool_image = tag
+            return tag
+
+    async def _create_member(self) -> Member:
+        """One pool member, created and started hardened like a replica, waiting."""
+
+        def create() -> Member:
+            image = self._ensure_pool_image()
+            token = dockerpool.new_token()
+            env = {
+                "PORT": str(POOL_PORT),
+                "TORPOR_HOST": "0.0.0.0",
+                "TORPOR_POOL_TOKEN": token,
+                "TORPOR_FETCH_DIR": "/tmp/fn",
+            }
+            labels = {
+                MANAGED: "true",
+                INSTANCE: self.instance,
+                POOL_LABEL: self.pool_owner,
+                "torpor.function": POOL_FUNCTION,  # its network's: see dockernet.prune
+            }
+            kwargs = self._hardened(
+                f"torpor-pool-{secrets.token_hex(6)}", labels, env, POOL_PORT, Resources()
+            )
+            kwargs["command"] = [
+                "python3",
+                "-c",
+                "import sys; sys.path.insert(0, '/torpor'); import fetch; "
+                "sys.exit(fetch.pooled_main())",
+            ]
+            kwargs["network"] = self.networks.ensure(POOL_FUNCTION)
+            try:
+                container = self.client.containers.create(image, **kwargs)
+            except docker.errors.NotFound as e:
+                if "network" not in str(e).lower():
+                    raise
+                self.networks.forget(POOL_FUNCTION)
+                kwargs["network"] = self.networks.ensure(POOL_FUNCTION)
+                container = self.client.containers.create(image, **kwargs)
+            try:
+                container.start()
+                container.reload()
+            except BaseException:
+                with contextlib.suppress(docker.errors.DockerException):
+                    container.remove(force=True)
+                raise
+            endpoint = self._endpoint(container.attrs.get("NetworkSettings", {}).get("Ports"))
+            if not endpoint:
+                with contextlib.suppress(docker.errors.DockerException):
+                    container.remove(force=True)
+                raise PoolError("the pool member has no published port")
+            deadline = time.monotonic() + 60.0
+            while not dockerpool.is_waiting(endpoint):
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(docker.errors.DockerException):
+                        container.remove(force=True)
+                    raise PoolError("the pool member did not start waiting within 60 s")
+                time.sleep(0.02)
+            return Member(container_id=container.id, endpoint=endpoint, token=token)
+
+        return await asyncio.to_thread(create)
+
+    async def _discard(self, container_id: str) -> None:
+        def rm() -> None:
+            try:
+                self.client.api.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                if e.status_code not in (404, 409):
+                    raise
+
+        await asyncio.to_thread(rm)
+
+    def _archive(self, revision: Revision) -> tuple[str, bytes]:
+        """(expected sha256, archive bytes) of a source revision: the normalised archive of
+        its folder (``torpor.sources.pack``), which must hash to ``source_sha256`` (else
+        OSError: no member; and a member refuses bytes that do not match the hash it is
+        given); kept for the next start of the same folder."""
+        from torpor.sources import pack
+
+        key = (revision.name, str(revision.source))
+        packed = self._packed.get(key)
+        if packed is None:
+            folder = Path(revision.source or "")
+            size = sum(
+                (Path(d) / f).lstat().st_size for d, _, files in os.walk(folder) for f in files
+            )
+            if size > dockerpool.MAX_SOURCE:
+                raise OSError(f"{size} bytes of source, over the pool's {dockerpool.MAX_SOURCE}")
+            packed = pack(folder)
+            if len(self._packed) >= 64:  # at most 64 x MAX_SOURCE (compressed) held
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[key] = packed
+        want = revision.source_sha256 or packed.sha256
+        if packed.sha256 != want:
+            # a folder changed since its archive was stored, or a gzip that packs otherwise
+            # on this host: the revision's own image (prepare) runs it, not a member
+            raise OSError(f"its folder packs to {packed.sha256[:12]}, not {want[:12]}")
+        return want, packed.data
+
+    async def _from_pool(
+        self, revision: Revision, replica: str, secret_env: Mapping[str, str] | None
+    ) -> Running | None:
+        """A replica made of a pool member, or None when none is idle (or the revision's
+        source cannot be packed): the caller then runs its image. A member that refuses
+        the archive is removed and the start fails."""
+        from torpor.sources import SourceError
+
+        try:
+            want, archive = await asyncio.to_thread(self._archive, revision)
+        except (SourceError, OSError) as e:
+            log.warning("docker pool: %s cannot use the pool: %s", revision.name, e)
+            return None
+        spec = revision.spec
+        env = {
+            **self._env(revision, replica, secret_env),
+            "TORPOR_HANDLER": spec.handler or "handler:handle",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        body = dockerpool.specialise_body(want, env, archive)
+        update = dockerpool.limits_update(spec.resources)
+        while (member := self.pool.take()) is not None:
+
+            def specialise(m: Member = member) -> Running:
+                if update:
+                    api = self.client.api  # the SDK's update_container knows no NanoCpus
+                    url = api._url("/containers/{0}/update", m.container_id)
+                    api._raise_for_status(api._post_json(url, data=update))
+                self.served[m.container_id] = (revision.function, revision.name, replica)
+                # named like any replica (`docker ps` shows whose it is), beside the request
+                rename = threading.Thread(target=self._rename, args=(m, replica), daemon=True)
+                rename.start()
+                try:
+                    self._save_served()
+                    dockerpool.send_specialise(m, body)
+                except BaseException:
+                    self.served.pop(m.container_id, None)
+                    raise
+                finally:
+                    rename.join(10.0)
+                return Running(
+                    replica=replica,
+                    function=revision.function,
+                    revision=revision.name,
+                    driver_id=m.container_id,
+                    endpoint=m.endpoint,
+                    labels={
+                        MANAGED: "true",
+                        INSTANCE: self.instance,
+                        POOL_LABEL: self.pool_owner,
+                        "torpor.function": revision.function,
+                        "torpor.revision": revision.name,
+                        "torpor.replica": replica,
+                    },
+                )
+
+            try:
+                return await asyncio.to_thread(specialise)
+            except PoolError as e:
+                await self._discard(member.container_id)
+                if "refused" in str(e):
+                    raise BuildError(f"{revision.name}: {e}") from None
+                log.warning("docker pool: %s", e)  # a member that died: the next one
+            except docker.errors.DockerException as e:
+                await self._discard(member.container_id)
+                log.warning("docker pool: member %s: %s", member.container_id[:12], e)
+        return None
+
+    @property
+    def _served_file(self) -> Path:
+        return self.state_dir / "docker-pool-replicas.json"
+
+    def _load_served(self) -> dict[str, tuple[str, str, str]]:
+        """What an earlier run of this state directory specialised (only ever applied to
+        containers labelled ``torpor.pool`` of this installation, see ``list``)."""
+        try:
+            doc = json.loads(self._served_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, tuple[str, str, str]] = {}
+        if isinstance(doc, dict):
+            for cid, rec in doc.items():
+                if (
+                    isinstance(cid, str)
+                    and isinstance(rec, list)
+                    and len(rec) == 3
+                    and all(isinstance(x, str) for x in rec)
+                ):
+                    out[cid] = (rec[0], rec[1], rec[2])
+        return out
+
+    def _save_served(self) -> None:
+        with self._served_lock:
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                tmp = self._served_file.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({k: list(v) for k, v in self.served.items()}, f)
+                os.replace(tmp, self._served_file)
+            except OSError as e:
+                log.warning("docker pool: cannot record pooled replicas: %s", e)
+
+    def _rename(self, member: Member, replica: str) -> None:
+        try:
+            self.client.api.rename(member.container_id, f"torpor-{replica}")
+        except docker.errors.DockerException as e:  # a leftover of that name: keep its own
+            log.warning(
+                "docker pool: naming %s torpor-%s: %s", member.container_id[:12], replica, e
+            )
+
+    async def recall(self, records: Iterable[tuple[str, str, str, str]]) -> None:
+        """The controller's replica records, ``(driver_id, function, revision, replica)``,
+        after a restart: pool members one names are its replicas again (their labels
+        cannot say); members no record names and this driver did not make (left by an
+        earlier run, specialised or not) are removed, in the background. Starts the pool's
+        refill."""
+        known = {r[0]: (r[1], r[2], r[3]) for r in records if r[0]}
+
+        def sweep() -> list[str]:
+            rows = self.client.api.containers(
+                all=True,
+                filters={"label": [f"{MANAGED}=true", f"{INSTANCE}={self.instance}", POOL_LABEL]},
+            )
+            mine = self.pool.ids()
+            changed = False
+            stale: list[str] = []
+            for row in rows:
+                cid = row["Id"]
+                if cid in self.served or cid in mine:
+                    continue
+                if cid in known:
+                    self.served[cid] = known[cid]
+                    changed = True
+                    continue
+                if (row.get("Labels") or {}).get(POOL_LABEL) == self.pool_owner:
+                    continue  # being created by this driver right now
+                stale.append(cid)
+            present = {row["Id"] for row in rows}
+            for cid in [c for c in self.served if c not in present]:  # gone meanwhile
+                del self.served[cid]
+                changed = True
+            if changed:
+                self._save_served()
+            return stale
+
+        stale = await asyncio.to_thread(sweep)
+        self.pool.start()
+        if stale:  # after adoption, not in its way (a force-remove takes ~0.1 s each)
+            self._sweeping = asyncio.get_running_loop().create_task(self._remove_all(stale))
+
+    async def _remove_all(self, ids: list[str]) -> None:
+        for cid in ids:
+            try:
+                await self._discard(cid)
+            except docker.errors.DockerException as e:
+                log.warning("docker pool: removing %s left by an earlier run: %s", cid[:12], e)
 
     def _remove_stale(self, name: str) -> None:
         """A container of the same name is left over: remove it if it is ours."""
@@ -521,6 +868,17 @@ class DockerDriver:
             out = []
             for row in rows:
                 labels = dict(row.get("Labels") or {})
+                if POOL_LABEL in labels:
+                    served = self.served.get(row["Id"])
+                    if served is None:
+                        continue  # a waiting member (or another run's, until recall): no replica
+                    labels.update(
+                        zip(
+                            ("torpor.function", "torpor.revision", "torpor.replica"),
+                            served,
+                            strict=True,
+                        )
+                    )
                 alive = row.get("State") == "running"
                 code = None if alive else _exit_code(row.get("Status", ""))
                 if not alive and code is None:
@@ -569,6 +927,8 @@ class DockerDriver:
                     raise
 
         await asyncio.to_thread(stop)
+        if self.served.pop(running.driver_id, None) is not None:
+            await asyncio.to_thread(self._save_served)
 
     async def pause(self, running: Running) -> None:
         """Freeze the container (cgroup freezer: no CPU, memory kept)."""
@@ -673,6 +1033,9 @@ class DockerDriver:
                 queue.get_nowait()
 
     async def close(self) -> None:
+        if self._sweeping is not None:
+            await self._sweeping
+        await self.pool.close()  # idle members go; specialised ones are replicas: they stay
         if self._client is not None:
             try:  # networks left empty (their replicas stopped): adopted ones stay
                 await asyncio.to_thread(self.networks.prune)

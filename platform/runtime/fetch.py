@@ -388,3 +388,210 @@ def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- a pooled container: wait for one specialise request, then become the function ------
+#
+# A container of the Docker driver's warm pool (``torpor.drivers.dockerpool``) runs
+# ``pooled_main``: it is created and started hardened like a replica, with no function in
+# it, and listens on PORT (``GET /_torpor/pool`` answers 204 while it waits: nothing else
+# does) for exactly one request ``POST /_torpor/specialise`` carrying
+# the pool token it was created with (``TORPOR_POOL_TOKEN``, removed from the environment
+# before anything of the function runs). Any other request is closed without a byte of
+# answer (so a readiness probe never mistakes a waiting container for a replica), as is a
+# specialise request with a wrong token. The first request with the right token closes the
+# listener (once only, whatever follows), and its body is a JSON line (``sha256``, ``env``)
+# and then the archive: the archive must hash to ``sha256`` (else 422, exit 7), is
+# extracted by ``extract`` above into ``TORPOR_FETCH_DIR`` (else 422, exit 8), and the
+# runtime (``server.main``) then serves the function on the same port with exactly the
+# given env. The token alone decides who may specialise; nothing in the container (there
+# is no function code yet) or on the function's network (none: the pool's own network has
+# inter-container traffic off) can choose the archive.
+
+SPECIALISE_PATH = "/_torpor/specialise"
+WAITING_PATH = "/_torpor/pool"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_HEAD = 16 * 1024
+_MAX_META = 1024 * 1024
+
+
+def _reply(conn: Any, status: int, reason: str, body: bytes) -> None:
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        conn.sendall(head + body)
+    except OSError:
+        pass
+
+
+def _read_head(conn: Any) -> tuple[str, str, dict[str, str], bytes] | None:
+    """(method, path, lower-cased headers, bytes after the head), or None if not HTTP."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return None
+        buf += chunk
+        if len(buf) > _MAX_HEAD:
+            return None
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        headers[name.strip().lower()] = value.strip()
+    return parts[0], parts[1], headers, rest
+
+
+def parse_specialise(meta: bytes) -> tuple[str, dict[str, str]]:
+    """The (sha256, env) of a specialise request's JSON line. Raises ValueError."""
+    import json
+
+    doc = json.loads(meta.decode("utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError("expected a JSON object")
+    want = doc.get("sha256")
+    if not isinstance(want, str) or _SHA256.fullmatch(want) is None:
+        raise ValueError("sha256: expected 64 lower-case hex digits")
+    env = doc.get("env")
+    if not isinstance(env, dict):
+        raise ValueError("env: expected an object")
+    for k, v in env.items():
+        if not isinstance(v, str) or _ENV_NAME.fullmatch(k) is None or "\x00" in v:
+            raise ValueError(f"env: bad entry {str(k)[:60]!r}")
+    return want, dict(env)
+
+
+def _specialise(conn: Any, rest: bytes, length: int, env: dict[str, str]) -> tuple[int, str]:
+    """Read the body, check, extract; -> (exit code, message): 0 means the function is in place."""
+    target = os.path.abspath(env.get("TORPOR_FETCH_DIR") or DEFAULT_DIR)
+    max_download = _size(
+        "TORPOR_ARCHIVE_MAX_DOWNLOAD",
+        env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD),
+    )
+    max_size = _size(
+        "TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE)
+    )
+    max_members = _size(
+        "TORPOR_ARCHIVE_MAX_MEMBERS",
+        env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS),
+    )
+    if length > max_download + _MAX_META:
+        return EXIT_REFUSED, f"the request is {length} bytes, over the cap"
+    body = bytearray(rest[:length])
+    while len(body) < length:
+        chunk = conn.recv(min(_CHUNK, length - len(body)))
+        if not chunk:
+            return EXIT_DOWNLOAD, "the request body ended early"
+        body += chunk
+    meta, sep, archive = bytes(body).partition(b"\n")
+    if not sep or len(meta) > _MAX_META:
+        return EXIT_CONFIG, "expected a JSON line, then the archive"
+    try:
+        want, fn_env = parse_specialise(meta)
+    except ValueError as e:
+        return EXIT_CONFIG, f"bad specialise request: {e}"
+    got = hashlib.sha256(archive).hexdigest()
+    if not hmac.compare_digest(got, want):
+        return EXIT_MISMATCH, f"sha256 mismatch: expected {want}, got {got}; refusing to run it"
+    if os.path.lexists(target):
+        return EXIT_CONFIG, f"TORPOR_FETCH_DIR={target!r} exists"
+    import io
+
+    partial = f"{target}.partial-{os.getpid()}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.mkdir(partial, 0o700)
+    try:
+        files, size = extract(io.BytesIO(archive), partial, max_size, max_members)
+        os.chmod(partial, 0o555)
+        os.rename(partial, target)
+    except Refused as e:
+        return EXIT_REFUSED, f"archive {want[:12]} refused: {e}"
+    except OSError as e:
+        return EXIT_REFUSED, f"extracting archive {want[:12]} into {target}: {e}"
+    finally:
+        if os.path.isdir(partial):
+            for dirpath, dirnames, _ in os.walk(partial):
+                for name in dirnames:
+                    os.chmod(os.path.join(dirpath, name), 0o700)
+            os.chmod(partial, 0o700)
+            shutil.rmtree(partial, ignore_errors=True)
+    kept = {k: os.environ[k] for k in ("HOME", "HOSTNAME") if k in os.environ}  # Docker's own
+    os.environ.clear()  # exactly the function's env from here on: nothing of the pool's
+    os.environ.update({**kept, **fn_env})
+    os.environ["TORPOR_DIR"] = target
+    return 0, f"sha256:{want[:12]} ok, {files} files, {size} bytes in {target}"
+
+
+def pooled_main(env: dict[str, str] | None = None) -> int:
+    """Wait for the one specialise request (see above), then run the runtime on it."""
+    import json
+    import socket
+
+    env = dict(os.environ if env is None else env)
+    token = env.pop("TORPOR_POOL_TOKEN", "")
+    os.environ.pop("TORPOR_POOL_TOKEN", None)
+    if len(token) < 32:
+        return _fail(EXIT_CONFIG, "TORPOR_POOL_TOKEN is not set (at least 32 characters)")
+    try:
+        port = int(env.get("PORT") or "8080")
+        listener = socket.create_server(
+            (env.get("TORPOR_HOST") or "0.0.0.0", port), backlog=64, reuse_port=False
+        )
+    except (ValueError, OSError) as e:
+        return _fail(EXIT_CONFIG, f"cannot listen: {e}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import server  # type: ignore[import-not-found]  # warm: imported before it is needed
+
+    print(f"torpor-pool: waiting on :{port}", flush=True)
+    expected = f"Bearer {token}".encode()
+    t0 = time.perf_counter()
+    while True:
+        conn, _ = listener.accept()
+        conn.settimeout(10.0)
+        try:
+            t0 = time.perf_counter()
+            got = _read_head(conn)
+            if got is None:
+                continue
+            method, path, headers, rest = got
+            if method == "GET" and path == WAITING_PATH:
+                _reply(conn, 204, "No Content", b"")  # the driver's check that it waits
+                continue
+            auth = headers.get("authorization", "").encode("utf-8", "replace")
+            if (
+                method != "POST"
+                or path != SPECIALISE_PATH
+                or not hmac.compare_digest(auth, expected)
+            ):
+                continue  # closed without an answer: not ready, not a replica
+            listener.close()  # once only, whatever the outcome
+            length = headers.get("content-length", "")
+            if not (length.isascii() and length.isdigit()):
+                _reply(conn, 411, "Length Required", b'{"error": "Content-Length required"}')
+                return _fail(EXIT_CONFIG, "specialise request without a Content-Length")
+            try:
+                code, msg = _specialise(conn, rest, int(length), env)
+            except (OSError, ValueError) as e:
+                code, msg = EXIT_DOWNLOAD, f"reading the specialise request: {e}"
+            body = json.dumps({"code": code, "detail": msg}).encode()
+            if code:
+                _reply(conn, 422, "Unprocessable Entity", body)
+                return _fail(code, msg)
+            _reply(conn, 200, "OK", body)
+            ms = (time.perf_counter() - t0) * 1000
+            print(f"torpor-pool: {msg} ({ms:.0f} ms)", flush=True)
+            break
+        except OSError:
+            continue
+        finally:
+            conn.close()
+    result: int = server.main(t0)
+    return result

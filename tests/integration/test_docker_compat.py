@@ -274,7 +274,7 @@ def test_openfaas_dockerfile_function_runs_its_image(up: Torpor) -> None:
 
 async def test_sigterm_then_the_grace_period_then_sigkill(tmp_path: Path, engine, images) -> None:
     """An image that ignores SIGTERM is killed once the grace period is over."""
-    driver = DockerDriver(tmp_path / "state")
+    driver = DockerDriver(tmp_path / "state", pool_size=0)  # an image: never pooled
     name = f"term-{uuid.uuid4().hex[:6]}"
     rev = Revision(
         name=f"{name}-00001",

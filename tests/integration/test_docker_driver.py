@@ -74,10 +74,11 @@ def engine() -> Iterator[docker.DockerClient]:
 
 
 class Env:
-    def __init__(self, tmp: Path, engine: docker.DockerClient) -> None:
+    def __init__(self, tmp: Path, engine: docker.DockerClient, pool: int = 0) -> None:
         self.tmp = tmp
         self.engine = engine
-        self.driver = DockerDriver(tmp / "state")
+        self.pool = pool  # members of the warm pool (0: every start is a docker run)
+        self.driver = DockerDriver(tmp / "state", pool_size=pool)
         self.prepared: list[Revision] = []
         self.extra_images: list[str] = []
         self._n = 0
@@ -111,7 +112,13 @@ class Env:
         return await self.driver.prepare(rev, progress=sink)
 
     async def up(self, rev: Revision) -> Running:
+        if self.pool:  # the start must take a member, not fall back to a docker run
+            self.driver.pool.start()
+            assert await self.driver.pool.wait_full(120), "the pool did not fill"
+            waiting = self.driver.pool.ids()
         running = await self.driver.start(rev, f"{rev.name}-r{uuid.uuid4().hex[:5]}")
+        if self.pool:
+            assert running.driver_id in waiting, "not a pooled replica"
         await wait_healthy(running.endpoint)
         return running
 
@@ -129,8 +136,10 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, engine: docker.DockerClient) -> AsyncIterator[Env]:
-    e = Env(tmp_path, engine)
+async def env(
+    request: pytest.FixtureRequest, tmp_path: Path, engine: docker.DockerClient
+) -> AsyncIterator[Env]:
+    e = Env(tmp_path, engine, pool=getattr(request, "param", 0))
     try:
         yield e
     finally:
@@ -160,15 +169,29 @@ async def get_json(endpoint: str, path: str) -> Any:
     return json.loads(r.text)
 
 
+POOL_ON_OFF = pytest.mark.parametrize("env", [0, 2], ids=["no-pool", "pool"], indirect=True)
+
+
+@POOL_ON_OFF
 async def test_container_is_locked_down(env: Env) -> None:
     res = Resources(cpu=0.25, memory=128 * MiB)
     rev = await env.prepare(env.revision(resources=res))
     running = await env.up(rev)
     c = env.engine.containers.get(running.driver_id)
     labels = c.labels
-    assert labels["torpor.function"] == rev.function
-    assert labels["torpor.revision"] == rev.name
-    assert labels["torpor.replica"] == running.replica
+    if env.pool:  # a pool member's labels are fixed before it knows its function
+        assert labels["torpor.pool"] and labels["torpor.function"] == "-pool"
+        assert "torpor.replica" not in labels
+        (listed,) = await env.driver.list()
+        assert (listed.function, listed.revision, listed.replica) == (
+            rev.function,
+            rev.name,
+            running.replica,
+        )
+    else:
+        assert labels["torpor.function"] == rev.function
+        assert labels["torpor.revision"] == rev.name
+        assert labels["torpor.replica"] == running.replica
     assert labels["torpor.managed"] == "true"
     assert c.name == f"torpor-{running.replica}"
 

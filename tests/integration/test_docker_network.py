@@ -67,15 +67,16 @@ def engine() -> Iterator[docker.DockerClient]:
 
 
 class Env:
-    def __init__(self, tmp: Path, engine: docker.DockerClient) -> None:
+    def __init__(self, tmp: Path, engine: docker.DockerClient, pool: int = 0) -> None:
         self.tmp = tmp
         self.engine = engine
-        self.driver = DockerDriver(tmp / "state")
+        self.pool = pool  # members of the warm pool (0: every start is a docker run)
+        self.driver = DockerDriver(tmp / "state", pool_size=pool)
         self.drivers = [self.driver]
         self.prepared: list[Revision] = []
 
     def new_driver(self) -> DockerDriver:
-        d = DockerDriver(self.tmp / "state")
+        d = DockerDriver(self.tmp / "state", pool_size=self.pool)
         self.drivers.append(d)
         return d
 
@@ -90,7 +91,14 @@ class Env:
         return await self.driver.prepare(rev, progress=lambda _line: None)
 
     async def up(self, rev: Revision, driver: DockerDriver | None = None) -> Running:
-        running = await (driver or self.driver).start(rev, f"{rev.name}-r{uuid.uuid4().hex[:5]}")
+        d = driver or self.driver
+        if self.pool:  # the start must take a member, not fall back to a docker run
+            d.pool.start()
+            assert await d.pool.wait_full(120), "the pool did not fill"
+            waiting = d.pool.ids()
+        running = await d.start(rev, f"{rev.name}-r{uuid.uuid4().hex[:5]}")
+        if self.pool:
+            assert running.driver_id in waiting, "not a pooled replica"
         await wait_healthy(running.endpoint)
         return running
 
@@ -112,8 +120,10 @@ class Env:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, engine: docker.DockerClient) -> AsyncIterator[Env]:
-    e = Env(tmp_path, engine)
+async def env(
+    request: pytest.FixtureRequest, tmp_path: Path, engine: docker.DockerClient
+) -> AsyncIterator[Env]:
+    e = Env(tmp_path, engine, pool=getattr(request, "param", 0))
     try:
         yield e
     finally:
@@ -195,6 +205,7 @@ def _host_connects(host: str, port: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("env", [0, 2], ids=["no-pool", "pool"], indirect=True)
 @pytest.mark.security
 async def test_a_replica_connects_to_another_functions_replica(
     env: Env, engine: docker.DockerClient, attack: Any
@@ -216,6 +227,7 @@ async def test_a_replica_connects_to_another_functions_replica(
             assert resp.text == "hello from /x"
 
 
+@pytest.mark.parametrize("env", [0, 2], ids=["no-pool", "pool"], indirect=True)
 @pytest.mark.security
 async def test_a_replica_connects_to_a_host_service_on_all_interfaces(
     env: Env, engine: docker.DockerClient, host_listener: int, attack: Any

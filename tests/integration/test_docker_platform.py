@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import tarfile
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 import docker
 import pytest
 from platform_proc import Torpor, function_copy, torpor_up
+
+from torpor.drivers.dockerpool import POOL_LABEL
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -83,19 +86,33 @@ def containers(engine, function: str, state: Path) -> list:
     from torpor.drivers.docker import INSTANCE, instance_id
 
     filters = {"label": [f"torpor.function={function}", f"{INSTANCE}={instance_id(state)}"]}
+    # a replica made of a pool member: labelled torpor.pool (labels cannot change), named
+    # torpor-REPLICA like every replica
+    pooled = {"label": [POOL_LABEL, f"{INSTANCE}={instance_id(state)}"]}
+    name = re.compile(rf"torpor-{re.escape(function)}-\d{{5}}-[0-9a-f]{{6}}")
     for attempt in range(5):
         try:
-            return engine.containers.list(all=True, filters=filters)
+            return engine.containers.list(all=True, filters=filters) + [
+                c
+                for c in engine.containers.list(all=True, filters=pooled)
+                if name.fullmatch(c.name)
+            ]
         except docker.errors.NotFound:
             if attempt == 4:
                 raise
     raise AssertionError("unreachable")
 
 
+def replica_of(c) -> str:
+    """The replica a container is: its label, or (a pooled one) its name."""
+    return c.labels.get("torpor.replica") or c.name.removeprefix("torpor-")
+
+
+@pytest.mark.parametrize("pool", ["0", "10"], ids=["no-pool", "pool"])
 def test_source_and_image_functions_run_as_locked_down_containers(
-    tmp_path: Path, engine, plain_image
+    tmp_path: Path, engine, plain_image, pool: str
 ) -> None:
-    with torpor_up(tmp_path / "state", driver="docker") as t:
+    with torpor_up(tmp_path / "state", driver="docker", env={"TORPOR_DOCKER_POOL": pool}) as t:
         assert "driver=docker" in t.log.read_text()
         t.deploy(
             function_copy(
@@ -113,9 +130,13 @@ def test_source_and_image_functions_run_as_locked_down_containers(
             assert r.status_code == 200 and r.text == body
             [c] = [c for c in containers(engine, name, t.state_dir) if c.status == "running"]
             labels = c.labels
-            assert labels["torpor.function"] == name
-            assert labels["torpor.revision"] == f"{name}-00001"
-            assert labels["torpor.replica"].startswith(f"{name}-00001-")
+            if pool != "0" and name == "hello":  # a source function: a pool member
+                assert POOL_LABEL in labels and labels["torpor.function"] == "-pool"
+                assert replica_of(c).startswith(f"{name}-00001-")
+            else:
+                assert labels["torpor.function"] == name
+                assert labels["torpor.revision"] == f"{name}-00001"
+                assert labels["torpor.replica"].startswith(f"{name}-00001-")
             hc = c.attrs["HostConfig"]
             assert hc["Memory"] > 0 and hc["NanoCpus"] > 0
             assert hc["ReadonlyRootfs"] is True and hc["Privileged"] is False
@@ -142,28 +163,38 @@ def test_source_and_image_functions_run_as_locked_down_containers(
         assert "torpor-runtime: serving" in logs
 
 
-def test_kill_9_then_restart_keeps_exactly_the_expected_containers(tmp_path: Path, engine) -> None:
+@pytest.mark.parametrize("pool", ["0", "10"], ids=["no-pool", "pool"])
+def test_kill_9_then_restart_keeps_exactly_the_expected_containers(
+    tmp_path: Path, engine, pool: str
+) -> None:
     state = tmp_path / "state"
-    t = Torpor(state, driver="docker").start()
+    env = {"TORPOR_DOCKER_POOL": pool}
+    t = Torpor(state, driver="docker", env=env).start()
     try:
         t.deploy(function_copy(tmp_path, "hello"))
         t.cli("scale", "hello", "--replicas", "2")
         t.wait_for(lambda: len(t.ready_replicas("hello")) == 2, 60, "2 ready replicas")
-        before = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello", state))
+        before = sorted(replica_of(c) for c in containers(engine, "hello", state))
         assert len(before) == 2
     finally:
         t.stop(signal.SIGKILL)
     assert len(containers(engine, "hello", state)) == 2, (
         "containers must outlive a kill -9 of torpor up"
     )
-    with torpor_up(state, driver="docker") as t2:
+    with torpor_up(state, driver="docker", env=env) as t2:
         t2.wait_for(lambda: len(t2.ready_replicas("hello")) == 2, 60, "adopted replicas ready")
         time.sleep(2)  # a few reconcile passes: nothing new may start
-        after = sorted(c.labels["torpor.replica"] for c in containers(engine, "hello", state))
+        after = sorted(replica_of(c) for c in containers(engine, "hello", state))
         assert after == before
         assert t2.request("hello").status_code == 200
     assert containers(engine, "hello", state) == [], (
         "torpor up's clean shutdown leaves no container"
+    )
+    from torpor.drivers.docker import INSTANCE, instance_id
+
+    mine = {"label": [POOL_LABEL, f"{INSTANCE}={instance_id(state)}"]}
+    assert engine.containers.list(all=True, filters=mine) == [], (
+        "the pool's waiting members go with a clean shutdown, the killed run's with adoption"
     )
 
 

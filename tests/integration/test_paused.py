@@ -38,7 +38,13 @@ def test_idle_replica_is_paused_then_woken_then_removed(tmp_path: Path, driver: 
 
             client = docker.from_env()
             mine = {"label": ["torpor.function=slow", f"{INSTANCE}={instance_id(t.state_dir)}"]}
-            [c] = client.containers.list(all=True, filters=mine)
+            # a Docker warm-pool replica keeps the pool's labels and is named torpor-REPLICA
+            pool = {"label": ["torpor.pool", f"{INSTANCE}={instance_id(t.state_dir)}"]}
+            [c] = client.containers.list(all=True, filters=mine) + [
+                c
+                for c in client.containers.list(all=True, filters=pool)
+                if c.name == f"torpor-{first['replica']}"
+            ]
             assert c.status == "paused"
         r = t.request("slow")
         assert r.status_code == 200 and r.headers["x-torpor-cold-start"] == "true"

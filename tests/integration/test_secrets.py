@@ -276,7 +276,9 @@ def test_docker_replicas_get_the_secret_as_env(tmp_path: Path) -> None:
     mine = {"label": f"{INSTANCE}={instance_id(state)}"}
     value = "docker-Secret-value-" + os.urandom(4).hex()
     try:
-        with torpor_up(state, driver="docker") as t:
+        # the plain docker run's channel (a warm-pool replica gets its env in the specialise
+        # request instead: tests/integration/test_docker_pool.py)
+        with torpor_up(state, driver="docker", env={"TORPOR_DOCKER_POOL": "0"}) as t:
             secret_cli(t, "secret", "set", "db-password", stdin=value.encode())
             t.deploy(function_dir(tmp_path, "dsec"))
             r = t.request("dsec")

@@ -159,6 +159,23 @@ async def test_from_zero_the_first_replica_starts_alone_until_it_is_ready() -> N
     await store.close()
 
 
+async def test_a_first_replica_ready_wakes_the_loop_for_the_ones_held_back() -> None:
+    """The loop's next pass comes at once, not at the HEAD_START timer (a Docker pool
+    member is ready in tens of ms; a burst's other replicas must not wait 0.5 s)."""
+    driver, clock = FakeDriver(), Clock()
+    driver.auto_ready = False
+    store, ctl = await _controller(driver, clock, _function(ScaleOverride(min=3, max=3)))
+    await _settle(ctl, lambda: driver.started(), "a start")
+    (first,) = driver.started()
+    await _until(lambda: ctl.tracked[first].running is not None, what="running")
+    ctl._wake.clear()  # what the loop does before each pass
+    driver.ready.add(first)
+    await _until(lambda: _state(ctl, first) == "ready", what="first ready")
+    assert ctl._wake.is_set()
+    await ctl.stop()
+    await store.close()
+
+
 async def test_the_head_start_ends_after_HEAD_START_s_of_a_running_first_replica() -> None:
     driver, clock = FakeDriver(), Clock()
     driver.auto_ready = False
