@@ -373,11 +373,17 @@ def main() -> int:
         f"   (ideal steady count: {args.clients} clients / target 5 = {args.clients // 5}; errors: target 0)"
     )
     for d, s in summary.items():
-        if s.get("floors"):
-            f = s["floors"]
+        f = s.get("floors") or {}
+        if "fork" in f:
             print(
                 f"   {d}: first 2xx {s['first_ok'] * 1000:.0f} ms vs floors fork -> 200 "
                 f"{f['fork'] * 1000:.0f} ms, bare spawn -> 200 {f['bare'] * 1000:.0f} ms (same run)"
+            )
+        elif f.get("run"):
+            print(
+                f"   {d}: first 2xx {s['first_ok'] * 1000:.0f} ms vs floors bare docker run -> 200 "
+                f"{pct(f['run'], 50) * 1000:.0f} ms, docker unpause -> 200 "
+                f"{pct(f['unpause'], 50) * 1000:.0f} ms (same run)"
             )
     print(f"   load average at the end: {loadavg()}")
     return 0
