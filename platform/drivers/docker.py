@@ -56,6 +56,7 @@ from torpor.drivers.dockernet import Networks
 from torpor.drivers.dockerpool import POOL_FUNCTION, POOL_LABEL, POOL_PORT, Member, Pool, PoolError
 from torpor.drivers.runtimeimage import build_context
 from torpor.model import Resources, Revision
+from torpor.runtime.fetch import launch_code
 
 log = logging.getLogger("torpor")
 
@@ -82,12 +83,15 @@ ENV TORPOR_DIR=/fn \\
 WORKDIR /fn
 USER {user}
 EXPOSE {port}
-CMD ["python3", "-c", "import sys; sys.path.insert(0, '/torpor'); import server; sys.exit(server.main())"]
+CMD {cmd}
 """
 
 
 def dockerfile(base: str, handler: str, port: int) -> str:
-    return DOCKERFILE.format(base=base, handler=json.dumps(handler), port=int(port), user=USER)
+    cmd = json.dumps(["python3", "-c", launch_code("/torpor/server.py")])
+    return DOCKERFILE.format(
+        base=base, handler=json.dumps(handler), port=int(port), user=USER, cmd=cmd
+    )
 
 
 def runtime_server() -> Path:

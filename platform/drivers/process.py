@@ -42,6 +42,7 @@ from pathlib import Path
 from torpor.drivers import pip, zygoteclient
 from torpor.drivers.base import BuildError, Progress, Running, contract_env, runtime_env
 from torpor.model import MiB, Revision
+from torpor.runtime.fetch import launch_code
 
 RUNTIME = Path(__file__).resolve().parent.parent / "runtime" / "server.py"
 LEASE_AFTER = 0.2  # s after a start before the next spare is leased (not during the start)
@@ -281,13 +282,13 @@ class ProcessDriver:
     def _spawn(
         self, cwd: str, env: dict[str, str], log_path: Path, limits: dict[str, tuple[int, int]]
     ) -> int:
-        """A plain ``python server.py`` with exactly ``env``; rlimits are set with
+        """A plain start of the runtime (``server.py`` as ``torpor_runtime``) with exactly ``env``; rlimits are set with
         prlimit(2) as soon as it is exec'd, before the runtime imports the handler
         (not preexec_fn: it can deadlock in a process with threads)."""
         log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
-                [self.python, "-s", str(RUNTIME)],
+                [self.python, "-s", "-c", launch_code(str(RUNTIME))],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,

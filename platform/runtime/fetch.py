@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import os
 import re
 import shutil
@@ -292,10 +293,36 @@ def _fail(code: int, msg: str) -> int:
     return code
 
 
+RUNTIME_NAME = "torpor_runtime"  # the runtime's one import name in a replica: handlers import it
+
+
+def load_runtime(path: str) -> Any:
+    """Import the runtime file at ``path`` (``server.py``) under its one name,
+    ``torpor_runtime``, in this process (from its cached bytecode when there is one)."""
+    spec = importlib.util.spec_from_file_location(RUNTIME_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no runtime at {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[RUNTIME_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch_code(path: str) -> str:
+    """``python3 -c`` code that runs the runtime file at ``path`` as ``torpor_runtime``, as
+    ``load_runtime`` does: the one way a replica starts it (image CMD, plain spawn, the
+    fetcher's exec), so a handler's ``import torpor_runtime`` is the module that serves it."""
+    return (
+        "import importlib.util as u, sys; "
+        f"s = u.spec_from_file_location({RUNTIME_NAME!r}, {path!r}); "
+        f"m = u.module_from_spec(s); sys.modules[{RUNTIME_NAME!r}] = m; "
+        "s.loader.exec_module(m); sys.exit(m.main())"
+    )
+
+
 def _runtime_argv() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
-    code = f"import sys; sys.path.insert(0, {here!r}); import server; sys.exit(server.main())"
-    return [sys.executable, "-c", code]
+    return [sys.executable, "-c", launch_code(os.path.join(here, "server.py"))]
 
 
 def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
@@ -547,8 +574,8 @@ def pooled_main(env: dict[str, str] | None = None) -> int:
         )
     except (ValueError, OSError) as e:
         return _fail(EXIT_CONFIG, f"cannot listen: {e}")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import server  # type: ignore[import-not-found]  # warm: imported before it is needed
+    # warm: the runtime imported before it is needed, under its one name
+    server = load_runtime(os.path.join(os.path.dirname(os.path.abspath(__file__)), "server.py"))
 
     print(f"torpor-pool: waiting on :{port}", flush=True)
     expected = f"Bearer {token}".encode()

@@ -1,8 +1,11 @@
 """Torpor function runtime: the HTTP server that runs inside every replica.
 
 Standalone on purpose: standard library only, nothing of Torpor. It is copied into
-every image (whose only software is Debian's python3) and run as ``python3 server.py``;
-the process driver finds it as ``torpor.runtime.server.__file__``. Its import time is
+every image (whose only software is Debian's python3). In a replica it has one import
+name, ``torpor_runtime`` (the name handlers import it by): every start loads this file
+under that name (``fetch.launch_code`` / ``fetch.load_runtime``: the image CMD, the
+process driver's plain spawn and its zygote, the fetcher). On the host it is
+``torpor.runtime.server``, aliased ``torpor_runtime`` once it prepares a function. Its import time is
 paid on every cold start, so it imports asyncio and what asyncio already loads; json,
 the thread pool and the like are imported on first use.
 
@@ -1922,9 +1925,8 @@ def main(t0: float | None = None, on_listening: Callable[[int], None] | None = N
 
     ``t0`` (a ``time.perf_counter()``) is when the start began, for the "ready in" figure;
     by default, when this module started importing. ``on_listening``: see :func:`run` (the
-    zygote's readiness report). ``python3 server.py`` compiles this
-    file on every start; ``python3 -c "import server, sys; sys.exit(server.main())"``
-    with server.py's directory on sys.path runs from cached bytecode instead.
+    zygote's readiness report). Started by ``fetch.launch_code`` (from cached bytecode,
+    as ``torpor_runtime``); ``python3 server.py`` works too but compiles on every start.
     """
     if t0 is None:
         t0 = _T0
