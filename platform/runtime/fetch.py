@@ -288,6 +288,24 @@ def extract(archive: IO[bytes], target: str, max_size: int, max_members: int) ->
     return files, size
 
 
+def _caps(env: dict[str, str]) -> tuple[int, int, int]:
+    """(largest download, largest extracted total, most members) from ``env`` or the
+    defaults; ValueError names the variable that is not a size."""
+    return (
+        _size(
+            "TORPOR_ARCHIVE_MAX_DOWNLOAD",
+            env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD),
+        ),
+        _size(
+            "TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE)
+        ),
+        _size(
+            "TORPOR_ARCHIVE_MAX_MEMBERS",
+            env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS),
+        ),
+    )
+
+
 def _fail(code: int, msg: str) -> int:
     print(f"torpor-fetch: {msg}", file=sys.stderr, flush=True)
     return code
@@ -338,17 +356,7 @@ def main(env: dict[str, str] | None = None, exec_runtime: bool = True) -> int:
             raise ValueError("TORPOR_ARCHIVE_URL is not set")
         if _SHA256.fullmatch(want) is None:
             raise ValueError(f"TORPOR_ARCHIVE_SHA256={want[:80]!r}: expected 64 hex digits")
-        max_download = _size(
-            "TORPOR_ARCHIVE_MAX_DOWNLOAD",
-            env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD),
-        )
-        max_size = _size(
-            "TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE)
-        )
-        max_members = _size(
-            "TORPOR_ARCHIVE_MAX_MEMBERS",
-            env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS),
-        )
+        max_download, max_size, max_members = _caps(env)
         timeout = float(env.get("TORPOR_FETCH_TIMEOUT") or DEFAULT_TIMEOUT)
         if os.path.lexists(target) and (
             not os.path.isdir(target) or os.path.islink(target) or os.listdir(target)
@@ -499,17 +507,7 @@ def parse_specialise(meta: bytes) -> tuple[str, dict[str, str]]:
 def _specialise(conn: Any, rest: bytes, length: int, env: dict[str, str]) -> tuple[int, str]:
     """Read the body, check, extract; -> (exit code, message): 0 means the function is in place."""
     target = os.path.abspath(env.get("TORPOR_FETCH_DIR") or DEFAULT_DIR)
-    max_download = _size(
-        "TORPOR_ARCHIVE_MAX_DOWNLOAD",
-        env.get("TORPOR_ARCHIVE_MAX_DOWNLOAD") or str(DEFAULT_MAX_DOWNLOAD),
-    )
-    max_size = _size(
-        "TORPOR_ARCHIVE_MAX_SIZE", env.get("TORPOR_ARCHIVE_MAX_SIZE") or str(DEFAULT_MAX_SIZE)
-    )
-    max_members = _size(
-        "TORPOR_ARCHIVE_MAX_MEMBERS",
-        env.get("TORPOR_ARCHIVE_MAX_MEMBERS") or str(DEFAULT_MAX_MEMBERS),
-    )
+    max_download, max_size, max_members = _caps(env)
     if length > max_download + _MAX_META:
         return EXIT_REFUSED, f"the request is {length} bytes, over the cap"
     body = bytearray(rest[:length])
